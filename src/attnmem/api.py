@@ -1,0 +1,101 @@
+"""``attnmem.attention``: validate once, then dispatch by name or automatically."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from . import registry
+from .masks import Mask, as_mask, combine
+from .registry import Inputs
+
+
+def _check_tensor(name: str, t: object) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, H, N, D), got {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t
+
+
+def validate(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None,
+             scale: float | None = None) -> Inputs:
+    """Check an attention call and return its ``Inputs``; ValueError/TypeError otherwise."""
+    q, k, v = (_check_tensor(n, t) for n, t in (("q", q), ("k", k), ("v", v)))
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    B, Hq, nq, D = q.shape
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if k.shape[0] != B:
+        raise ValueError(f"batch sizes differ: q has B={B}, k/v have B={k.shape[0]}")
+    if k.shape[3] != D:
+        raise ValueError(f"head dims differ: q has D={D}, k/v have D={k.shape[3]}")
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a multiple of key/value heads, got Hq={Hq}, Hkv={Hkv}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(D) if D > 0 else 1.0
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    user_mask: Mask | None = None
+    if mask is not None:
+        user_mask = as_mask(mask, "mask")
+        user_mask.check(B, Hq, nq, k.shape[2])
+    return Inputs(q, k, v, causal, user_mask, combine(causal, user_mask), float(scale))
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: bool = False,
+              mask: Any = None, scale: float | None = None, check_finite: bool = False,
+              **options: Any) -> Tensor:
+    """Softmax attention through any registered method.
+
+    Args:
+        q: queries (B, Hq, Nq, D).
+        k, v: keys and values (B, Hkv, Nk, D), with ``Hq % Hkv == 0`` (GQA/MQA).
+        method: "auto" or a registered name (``attnmem.methods()``).
+        causal: bottom-right aligned causal mask (``attnmem.masks`` explains the alignment).
+        mask: None, a bool tensor broadcastable to (B, Hq, Nq, Nk) (True = attend), or an
+            ``attnmem.masks.Mask``.
+        scale: multiplier of QKᵀ; default ``1/sqrt(D)``.
+        check_finite: raise ValueError if q, k or v holds NaN or ±inf. Off by default: the
+            check costs a pass over the inputs, and NaN otherwise propagates to the rows that
+            read it (which rows depends on the method and on the tiles it skips).
+        **options: the method's own options (``window=...``, ``q_tile=...``).
+
+    Returns:
+        (B, Hq, Nq, D). Rows with nothing to attend are zeros, with zero gradients.
+
+    Raises:
+        TypeError: wrong types, dtypes, or an unknown option.
+        ValueError: mismatched shapes, devices, masks, an unknown method, or a method that
+            does not support the inputs (the message lists its reasons).
+    """
+    inp = validate(q, k, v, causal=causal, mask=mask, scale=scale)
+    if check_finite:
+        for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or inf (check_finite=True)")
+    if method == "auto":
+        chosen = registry.choose(inp, options).method
+        return chosen.forward(inp, chosen.make_options(options))
+    m = registry.get(method)
+    if m.stateful:
+        raise ValueError(
+            f"method {method!r} has learned parameters or state; use "
+            f"attnmem.nn.MultiHeadAttention(..., method={method!r})"
+        )
+    opts = m.make_options(options)
+    reasons = m.not_supported_reasons(inp, opts)
+    if reasons:
+        raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
+    return m.forward(inp, opts)

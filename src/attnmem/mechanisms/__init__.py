@@ -1,0 +1,5 @@
+"""One module per method family; importing this package registers them all.
+
+Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DESIGN.md."""
+
+from . import exact  # noqa: F401

@@ -1,0 +1,1 @@
+"""Measuring and predicting memory: measure (run for real), estimate and plan (predict)."""

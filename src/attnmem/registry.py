@@ -1,0 +1,233 @@
+"""The method registry: every attention method is a small object registered by name.
+
+A method declares what it supports (``Capabilities``), its memory cost as a string, an options
+dataclass, and answers ``not_supported_reasons(inputs)``. ``attnmem.attention`` validates the
+call once into an ``Inputs`` and dispatches by name, or, for ``method="auto"``, walks
+``AUTO_PRIORITY`` and takes the first method with no reasons against it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .masks import Mask
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """One validated attention call. Shapes: q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D)."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    causal: bool
+    user_mask: Mask | None  # the mask the user gave, without causal
+    mask: Mask | None  # the effective mask: causal and user_mask together
+    scale: float
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def q_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def nq(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def nk(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def head_dim(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in (self.q, self.k, self.v))
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    causal: bool = True
+    mask: bool = True
+    backward: bool = True
+    gqa: bool = True
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """This method takes no options."""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """What ``attnmem.methods()`` returns for one method."""
+
+    name: str
+    family: str
+    exact: bool
+    supports: Capabilities
+    memory: str
+    summary: str
+    options: tuple[str, ...]
+    stateful: bool = False
+
+
+class Method:
+    """Base class of a registered attention method.
+
+    Subclasses set the class attributes and implement ``forward(inputs, options)``; they add
+    reasons in ``extra_reasons`` for what the capabilities cannot express.
+    """
+
+    name: str = ""
+    family: str = ""
+    exact: bool = True
+    memory: str = ""
+    summary: str = ""
+    caps: Capabilities = Capabilities()
+    Options: type = NoOptions
+    # Methods with learned parameters or state are reachable only through attnmem.nn.
+    stateful: bool = False
+    # True when the method always materialises an N×N tensor: never chosen by "auto".
+    quadratic: bool = False
+
+    def make_options(self, options: dict[str, Any]) -> Any:
+        """Build this method's options dataclass; TypeError naming any unknown option."""
+        names = {f.name for f in dataclasses.fields(self.Options)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            valid = ", ".join(sorted(names)) or "none"
+            raise TypeError(
+                f"method {self.name!r} got unknown option(s) {', '.join(unknown)}; valid options: {valid}"
+            )
+        return self.Options(**options)
+
+    def not_supported_reasons(self, inp: Inputs, opts: Any) -> list[str]:
+        reasons = []
+        c = self.caps
+        if inp.causal and not c.causal:
+            reasons.append("does not support causal=True")
+        if inp.user_mask is not None and not c.mask:
+            reasons.append("does not support masks")
+        if inp.needs_grad and not c.backward:
+            reasons.append("has no backward; call it under torch.no_grad()")
+        if inp.q_heads != inp.kv_heads and not c.gqa:
+            reasons.append(f"does not support GQA/MQA (Hq={inp.q_heads}, Hkv={inp.kv_heads})")
+        if inp.q.device.type not in c.devices:
+            reasons.append(f"does not run on {inp.q.device.type} (supports {', '.join(c.devices)})")
+        if inp.q.dtype not in c.dtypes:
+            reasons.append(f"does not support dtype {inp.q.dtype}")
+        return reasons + self.extra_reasons(inp, opts)
+
+    def extra_reasons(self, inp: Inputs, opts: Any) -> list[str]:
+        return []
+
+    def quadratic_reason(self, inp: Inputs) -> str | None:
+        """Why this call would build an N×N tensor, or None. "auto" skips such methods;
+        asked for by name, they still run."""
+        return "materialises the N×N score matrix" if self.quadratic else None
+
+    def forward(self, inp: Inputs, opts: Any) -> Tensor:
+        raise NotImplementedError
+
+    def info(self) -> MethodInfo:
+        return MethodInfo(
+            name=self.name,
+            family=self.family,
+            exact=self.exact,
+            supports=self.caps,
+            memory=self.memory,
+            summary=self.summary,
+            options=tuple(f.name for f in dataclasses.fields(self.Options)),
+            stateful=self.stateful,
+        )
+
+
+_REGISTRY: dict[str, Method] = {}
+
+# "auto" tries these in order; methods that are not listed are never chosen automatically.
+AUTO_PRIORITY: list[str] = ["sdpa", "chunked"]
+
+
+def register(method_cls: type[Method]) -> type[Method]:
+    """Class decorator: instantiate and register a method under its name."""
+    inst = method_cls()
+    if not inst.name:
+        raise ValueError(f"{method_cls.__name__} has no name")
+    if inst.name in _REGISTRY:
+        raise ValueError(f"method {inst.name!r} is already registered")
+    _REGISTRY[inst.name] = inst
+    return method_cls
+
+
+def get(name: str) -> Method:
+    if not isinstance(name, str):
+        raise TypeError(f"method must be a str, got {type(name).__name__}")
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        known = ", ".join(["auto", *sorted(_REGISTRY)])
+        raise ValueError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def names() -> list[str]:
+    return list(_REGISTRY)
+
+
+def methods() -> list[MethodInfo]:
+    """Every registered method's name, family, exactness, capabilities and memory cost."""
+    return [m.info() for m in _REGISTRY.values()]
+
+
+@dataclass
+class Dispatch:
+    """The outcome of "auto": the chosen method, and why each earlier one was passed over."""
+
+    method: Method
+    passed_over: dict[str, list[str]] = field(default_factory=dict)
+
+
+def choose(inp: Inputs, options: dict[str, Any]) -> Dispatch:
+    """The first method of AUTO_PRIORITY that supports ``inp`` without an N×N tensor."""
+    passed: dict[str, list[str]] = {}
+    for name in AUTO_PRIORITY:
+        m = _REGISTRY.get(name)
+        if m is None:
+            continue
+        try:
+            opts = m.make_options(options)
+        except (TypeError, ValueError) as e:
+            passed[name] = [str(e)]
+            continue
+        reasons = m.not_supported_reasons(inp, opts)
+        quadratic = m.quadratic_reason(inp)
+        if quadratic:
+            reasons.append(quadratic)
+        if not reasons:
+            return Dispatch(m, passed)
+        passed[name] = reasons
+    for name in _REGISTRY:
+        if name not in passed and name not in AUTO_PRIORITY:
+            passed[name] = ["not in the automatic priority list; ask for it by name"]
+    lines = "\n".join(f"  {n}: {'; '.join(r)}" for n, r in passed.items())
+    raise ValueError(f"method='auto' found no method for these inputs:\n{lines}")
+
+
+MethodFn = Callable[[Inputs, Any], Tensor]

@@ -1,0 +1,310 @@
+"""Exact attention in O(N) memory: the FlashAttention algorithm scheduled over block maps.
+
+For each query tile, the key tiles the block map lists are grouped into *segments*: runs of
+consecutive full tiles (no mask evaluated) and runs of partial tiles (the mask is evaluated on
+that tile only). Each segment yields a partial output and its log-sum-exp; segments merge by
+the online-softmax rule::
+
+    lse = logaddexp(lse_a, lse_b)
+    out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+
+Only the output and the per-row log-sum-exp (B, H, N) are kept for the backward, which
+recomputes each segment's probabilities from them: ``P = exp(S - lse)``, ``D = rowsum(dO ∘ O)``,
+``dS = P ∘ (dP - D)``. Empty tiles are never touched, in either pass.
+
+Two tile kernels compute a segment: ``fused`` calls PyTorch's own CPU flash-attention operator
+(``aten._scaled_dot_product_flash_attention_for_cpu`` and its backward, which accept an
+external log-sum-exp), and ``torch`` is plain matmul/exp code that runs on any device and dtype.
+Both are tested against the float64 reference.
+
+GQA/MQA never copies K/V to Hq heads: the G query heads that share one KV head are stacked
+along the sequence axis, ``(B, Hq, Tq, D) -> (B, Hkv, G·Tq, D)``, so one KV head serves them all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .masks import Mask, eval_mask
+
+KERNELS = ("auto", "fused", "torch")
+_FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+# Below this many queries a separate query tile costs more in Python than it saves.
+_MIN_Q_TILE = 16
+# Longest run of key tiles merged into one fused call. Each call's dK/dV are transient, so
+# this bounds the backward's working memory at 2·B·Hkv·_MAX_SEGMENT·D elements.
+_MAX_SEGMENT = 2048
+
+
+def _fused_available() -> bool:
+    return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
+
+
+def resolve_kernel(kernel: str, q: Tensor) -> str:
+    if kernel == "auto":
+        if q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and _fused_available():
+            return "fused"
+        return "torch"
+    return kernel
+
+
+@dataclass(frozen=True)
+class Segment:
+    """Keys ``[start, stop)`` of one query tile; ``masked`` when the mask must be evaluated."""
+
+    start: int
+    stop: int
+    masked: bool
+
+
+def plan_segments(mask: Mask | None, nq: int, nk: int, q_tile: int, kv_tile: int,
+                  batch: int, heads: int, merge: bool = True) -> list[tuple[int, int, list[Segment]]]:
+    """Per query tile ``(qa, qb, segments)``; built from the block map, never from N×N.
+
+    With ``merge``, neighbouring tiles of one kind join into one segment (for a kernel that
+    tiles internally); without it every segment is one key tile, so the kernel's working
+    memory stays O(q_tile · kv_tile).
+    """
+    if mask is None:
+        rows = [[(j, True) for j in range(math.ceil(nk / kv_tile))]] * math.ceil(nq / q_tile)
+    else:
+        rows = mask.block_map(nq, nk, q_tile, kv_tile, batch=batch, heads=heads).rows()
+    plan = []
+    for i, row in enumerate(rows):
+        qa = i * q_tile
+        segs: list[Segment] = []
+        for j, full in row:
+            ka, kb = j * kv_tile, min((j + 1) * kv_tile, nk)
+            if (merge and segs and segs[-1].stop == ka and segs[-1].masked == (not full)
+                    and kb - segs[-1].start <= max(_MAX_SEGMENT, kv_tile)):
+                segs[-1] = Segment(segs[-1].start, kb, not full)
+            else:
+                segs.append(Segment(ka, kb, not full))
+        plan.append((qa, min(qa + q_tile, nq), segs))
+    return plan
+
+
+# --- tile kernels ---------------------------------------------------------------------------
+# Shapes inside: q (B, Hkv, M, D) with M = G·Tq, k/v (B, Hkv, Tk, D), allowed (Bm, Hm, M, Tk).
+
+
+def _fused_fwd(q, k, v, allowed, scale):
+    bias = None
+    if allowed is not None:
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=bias, scale=scale
+    )
+    if allowed is not None:
+        # The operator reports lse = 0 for a row with no allowed key; make it -inf so the
+        # merge gives it no weight.
+        lse = lse.masked_fill(~allowed.any(-1).expand(lse.shape), -math.inf)
+    return out, lse
+
+
+def _fused_bwd(dout, q, k, v, out, lse, allowed, scale):
+    bias = None
+    if allowed is not None:
+        bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale
+    )
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _torch_fwd(q, k, v, allowed, scale):
+    acc = _acc_dtype(q.dtype)
+    s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)  # (B, Hkv, M, Tk)
+    if allowed is not None:
+        s.masked_fill_(~allowed, -math.inf)
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    p = s.sub_(row_max).exp_()
+    row_sum = p.sum(-1, keepdim=True)
+    out = torch.matmul(p, v.to(acc)).div_(row_sum.clamp_min(torch.finfo(acc).tiny))
+    lse = (row_max + row_sum.log()).squeeze(-1)  # -inf where nothing was allowed
+    return out.to(q.dtype), lse
+
+
+def _torch_bwd(dout, q, k, v, out, lse, allowed, scale):
+    acc = _acc_dtype(q.dtype)
+    qa, ka, va, da = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
+    s = torch.matmul(qa, ka.transpose(-1, -2)).mul_(scale)  # (B, Hkv, M, Tk)
+    if allowed is not None:
+        s.masked_fill_(~allowed, -math.inf)
+    p = s.sub_(lse.unsqueeze(-1)).exp_()
+    dv = torch.matmul(p.transpose(-1, -2), da)
+    dp = torch.matmul(da, va.transpose(-1, -2))
+    delta = (da * out.to(acc)).sum(-1, keepdim=True)
+    ds = p.mul_(dp.sub_(delta))
+    dq = torch.matmul(ds, ka).mul_(scale)
+    dk = torch.matmul(ds.transpose(-1, -2), qa).mul_(scale)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+_KERNEL_FNS = {"fused": (_fused_fwd, _fused_bwd), "torch": (_torch_fwd, _torch_bwd)}
+
+
+# --- the autograd function ------------------------------------------------------------------
+
+
+class _Ctx:
+    """Everything about one call that both passes need, computed once."""
+
+    def __init__(self, q, k, mask, scale, q_tile, kv_tile, kernel):
+        self.B, self.Hq, self.nq, self.D = q.shape
+        self.Hkv, self.nk = k.shape[1], k.shape[2]
+        self.G = self.Hq // self.Hkv
+        self.scale = scale
+        self.kernel = resolve_kernel(kernel, q)
+        self.mask = mask
+        fused = self.kernel == "fused"
+        self.single_call = mask is None and fused
+        if self.single_call:
+            # The fused operator tiles internally in O(N) memory: without a mask, one call
+            # over everything is fastest, and its outputs need no copying.
+            q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
+        self.plan = plan_segments(mask, self.nq, self.nk, q_tile, kv_tile, self.B, self.Hq,
+                                  merge=fused)
+        self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
+        self.device = q.device
+
+    def q_view(self, x: Tensor, qa: int, qb: int) -> Tensor:
+        """(B, Hq, Nq, ...) -> this tile as (B, Hkv, G·Tq, ...)."""
+        t = x[:, :, qa:qb]
+        return t.reshape(self.B, self.Hkv, self.G * (qb - qa), *x.shape[3:])
+
+    def q_store(self, dst: Tensor, qa: int, qb: int, tile: Tensor) -> None:
+        dst[:, :, qa:qb] = tile.reshape(self.B, self.Hq, qb - qa, *dst.shape[3:])
+
+    def allowed(self, qa: int, qb: int, seg: Segment) -> Tensor | None:
+        """The mask of one segment as (Bm, Hkv or 1, G·Tq, Tk) bools; None when unmasked."""
+        if not seg.masked:
+            return None
+        dev = self.device
+        b = torch.arange(self.B, device=dev)[:, None, None, None]
+        h = torch.arange(self.Hq, device=dev)[None, :, None, None]
+        qi = torch.arange(qa, qb, device=dev)[:, None]
+        ki = torch.arange(seg.start, seg.stop, device=dev)[None, :]
+        m = eval_mask(self.mask_mod, b, h, qi, ki)
+        m = m.expand(*m.shape[:2], qb - qa, seg.stop - seg.start)  # (Bm, Hm, Tq, Tk)
+        if m.shape[1] == 1:
+            return m.repeat(1, 1, self.G, 1) if self.G > 1 else m  # (Bm, 1, G·Tq, Tk)
+        m = m.expand(m.shape[0], self.Hq, *m.shape[2:])
+        return m.reshape(m.shape[0], self.Hkv, self.G * (qb - qa), m.shape[-1])
+
+
+def _merge(out_acc, lse_acc, out_s, lse_s):
+    lse = torch.logaddexp(lse_acc, lse_s)
+    # Rows with nothing allowed so far have lse -inf on both sides: give them weight 0.
+    finite = torch.isfinite(lse)
+    w_acc = torch.where(finite, torch.exp(lse_acc - lse), torch.zeros_like(lse)).unsqueeze(-1)
+    w_s = torch.where(finite, torch.exp(lse_s - lse), torch.zeros_like(lse)).unsqueeze(-1)
+    return out_acc * w_acc + out_s.to(out_acc.dtype) * w_s, lse
+
+
+def tiled_forward(c: _Ctx, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    fwd = _KERNEL_FNS[c.kernel][0]
+    acc = _acc_dtype(q.dtype)
+    if c.single_call and c.nq and c.nk:
+        out, lse = fwd(c.q_view(q, 0, c.nq), k, v, None, c.scale)  # (B, Hkv, G·Nq, ·)
+        return out.reshape(c.B, c.Hq, c.nq, c.D), lse.to(acc).reshape(c.B, c.Hq, c.nq)
+    out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
+    lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)
+    for qa, qb, segs in c.plan:
+        if not segs:
+            continue  # nothing to attend: zeros, lse -inf
+        q_t = c.q_view(q, qa, qb)  # (B, Hkv, G·Tq, D)
+        o_t = l_t = None
+        for seg in segs:
+            o_s, l_s = fwd(q_t, k[:, :, seg.start:seg.stop], v[:, :, seg.start:seg.stop],
+                           c.allowed(qa, qb, seg), c.scale)
+            l_s = l_s.to(acc)
+            if o_t is None:
+                o_t, l_t = (o_s, l_s) if len(segs) == 1 else (o_s.to(acc), l_s)
+            else:
+                o_t, l_t = _merge(o_t, l_t, o_s, l_s)
+        c.q_store(out, qa, qb, o_t.to(q.dtype))
+        c.q_store(lse, qa, qb, l_t)
+    return out, lse
+
+
+def tiled_backward(c: _Ctx, dout, q, k, v, out, lse):
+    bwd = _KERNEL_FNS[c.kernel][1]
+    # A row that attends to nothing has lse -inf; +inf makes every recomputed P exactly 0.
+    lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
+    if c.kernel == "fused":
+        lse_b = lse_b.float() if q.dtype == torch.bfloat16 else lse_b.to(q.dtype)
+    if c.single_call and c.nq and c.nk:
+        dq, dk, dv = bwd(c.q_view(dout, 0, c.nq), c.q_view(q, 0, c.nq), k, v,
+                         c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq), None, c.scale)
+        return dq.reshape(q.shape), dk, dv
+    half = q.dtype not in (torch.float32, torch.float64)
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros_like(q)
+    # Half-precision key/value gradients accumulate over query tiles in float32.
+    dk = torch.zeros(k.shape, dtype=acc if half else k.dtype, device=k.device)
+    dv = torch.zeros(v.shape, dtype=acc if half else v.dtype, device=v.device)
+    for qa, qb, segs in c.plan:
+        if not segs:
+            continue
+        q_t, do_t, o_t = c.q_view(q, qa, qb), c.q_view(dout, qa, qb), c.q_view(out, qa, qb)
+        l_t = c.q_view(lse_b, qa, qb)
+        dq_t = None
+        for seg in segs:
+            ks, vs = k[:, :, seg.start:seg.stop], v[:, :, seg.start:seg.stop]
+            dq_s, dk_s, dv_s = bwd(do_t, q_t, ks, vs, o_t, l_t, c.allowed(qa, qb, seg), c.scale)
+            dq_t = dq_s.to(acc) if dq_t is None else dq_t.add_(dq_s)
+            dk[:, :, seg.start:seg.stop] += dk_s
+            dv[:, :, seg.start:seg.stop] += dv_s
+        c.q_store(dq, qa, qb, dq_t.to(q.dtype))
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+class _TiledAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, c: _Ctx):
+        out, lse = tiled_forward(c, q, k, v)
+        ctx.c = c
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = tiled_backward(ctx.c, dout, q, k, v, out, lse)
+        return dq, dk, dv, None
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,
+                    q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
+    """Exact softmax attention over the block map of ``mask`` (None = all pairs).
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with ``Hq % Hkv == 0``.
+        mask: the effective mask (causal included), or None.
+        scale: multiplier of QKᵀ.
+        q_tile, kv_tile: tile sizes of the block map.
+        kernel: "auto", "fused" (CPU operator) or "torch" (plain PyTorch, any device).
+
+    Returns:
+        (B, Hq, Nq, D); rows with nothing to attend are zeros.
+    """
+    c = _Ctx(q, k, mask, scale, max(q_tile, _MIN_Q_TILE), kv_tile, kernel)
+    return _TiledAttention.apply(q, k, v, c)
+
+
+def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,
+                        q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto"
+                        ) -> tuple[Tensor, Tensor]:
+    """Forward only, also returning the per-row log-sum-exp (B, Hq, Nq); for ring attention
+    and other callers that merge partial results themselves."""
+    c = _Ctx(q, k, mask, scale, max(q_tile, _MIN_Q_TILE), kv_tile, kernel)
+    return tiled_forward(c, q, k, v)

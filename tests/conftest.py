@@ -1,0 +1,51 @@
+"""Shared helpers: random inputs and the float64 reference comparison."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnmem
+from attnmem.reference import reference_attention
+
+
+def rand_qkv(B=1, Hq=2, Hkv=None, Nq=16, Nk=None, D=16, dtype=torch.float64, grad=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    Hkv = Hq if Hkv is None else Hkv
+    Nk = Nq if Nk is None else Nk
+    q = torch.randn(B, Hq, Nq, D, generator=g, dtype=dtype)
+    k = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype)
+    v = torch.randn(B, Hkv, Nk, D, generator=g, dtype=dtype)
+    return tuple(t.requires_grad_(grad) for t in (q, k, v))
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    denom = b.norm().item()
+    diff = (a - b).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def compare_with_reference(method, q, k, v, *, causal=False, mask=None, scale=None, tol=1e-10,
+                           **options):
+    """Run ``method`` and the float64 reference; assert outputs and all gradients agree."""
+    out = attnmem.attention(q, k, v, method=method, causal=causal, mask=mask, scale=scale,
+                            **options)
+    inp = attnmem.validate(q, k, v, causal=causal, mask=mask, scale=scale)
+    ref = reference_attention(q, k, v, mask=inp.mask, scale=inp.scale)
+    assert out.shape == ref.shape
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    assert rel_err(out, ref) <= tol, f"output rel err {rel_err(out, ref)}"
+    if out.numel() and any(t.requires_grad for t in (q, k, v)):
+        g = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), g, allow_unused=True)
+        want = torch.autograd.grad(ref, (q, k, v), g, allow_unused=True)
+        for name, a, b in zip("qkv", got, want):
+            a = torch.zeros_like(b) if a is None else a
+            assert torch.isfinite(a).all(), f"d{name} has NaN/inf"
+            assert rel_err(a, b) <= tol, f"d{name} rel err {rel_err(a, b)}"
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
