@@ -114,3 +114,13 @@ def test_mask_errors():
         M.causal().block_map(4, 4, 0)
     with pytest.raises(TypeError, match="Mask or a bool tensor|bool tensor or an attnmem"):
         M.causal() & 3
+
+
+@pytest.mark.parametrize("tiles", [(4, 4), (8, 4), (3, 5), (16, 16)])
+def test_block_sparse(tiles):
+    mask = M.random_blocks(45, 37, 4, keep=0.5, seed=1)
+    check_block_map(mask, 45, 37, *tiles)
+    bm = mask.block_map(45, 37, 4, 4)
+    assert torch.equal(bm.dense_states() != M.EMPTY, mask.layout)  # aligned tiles are exact
+    with pytest.raises(ValueError, match="layout has shape"):
+        mask.check(1, 1, 20, 37)

@@ -1,6 +1,6 @@
 """attnmem: see, remove and compare the memory bottleneck of softmax attention."""
 
-from . import masks, mechanisms  # noqa: F401  (importing mechanisms registers every method)
+from . import masks, mechanisms, nn  # noqa: F401  (importing mechanisms registers every method)
 from .api import attention, validate
 from .memory.measure import Measurement, measure
 from .registry import MethodInfo, methods
@@ -8,6 +8,6 @@ from .registry import MethodInfo, methods
 __version__ = "0.1.0"
 
 __all__ = [
-    "attention", "validate", "methods", "MethodInfo", "masks", "measure", "Measurement",
+    "attention", "validate", "methods", "MethodInfo", "masks", "nn", "measure", "Measurement",
     "__version__",
 ]

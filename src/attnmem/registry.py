@@ -147,6 +147,13 @@ class Method:
     def forward(self, inp: Inputs, opts: Any) -> Tensor:
         raise NotImplementedError
 
+    def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: Any) -> torch.nn.Module:
+        """For stateful methods: the inner module ``attnmem.nn.MultiHeadAttention`` holds.
+
+        Its ``forward(q, k, v, *, causal, mask)`` takes and returns the (B, H, N, D) layout.
+        """
+        raise NotImplementedError(f"method {self.name!r} has no module form")
+
     def info(self) -> MethodInfo:
         return MethodInfo(
             name=self.name,

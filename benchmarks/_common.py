@@ -1,0 +1,34 @@
+"""Helpers for the benchmark scripts: run cases, append rows as they finish, print a table."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results"
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Write one finished row at once, so an interrupted run loses nothing."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -1,0 +1,167 @@
+"""One benchmark case: build inputs at a configuration, measure a method, return a row.
+
+Every row records the device, dtype, B, H, N, D, the torch version and the method's options,
+so a figure can always be traced to how it was obtained.
+"""
+
+from __future__ import annotations
+
+import platform
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from .. import masks as M
+from .. import registry
+from ..api import attention
+from ..memory.measure import MiB, measure
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
+          "float16": torch.float16}
+
+
+@dataclass
+class Case:
+    """One (method, configuration) point. Defaults are DESIGN.md's standard configuration."""
+
+    method: str
+    seq_len: int
+    batch: int = 1
+    heads: int = 8
+    head_dim: int = 64
+    kv_heads: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    causal: bool = False
+    mask: str = "none"
+    forward_only: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def key(self) -> str:
+        """Identifies a case in results files (for --resume)."""
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        return (f"{self.method}|N={self.seq_len}|B={self.batch}|H={self.heads}|Hkv={self.kv_heads}|"
+                f"D={self.head_dim}|{self.dtype}|{self.device}|causal={self.causal}|mask={self.mask}|"
+                f"fwd={self.forward_only}|{opts}")
+
+
+def floor_bytes(case: Case) -> int:
+    """q, k, v, out (+ dq, dk, dv when training): the least any exact method must hold."""
+    itemsize = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
+    hkv = case.kv_heads or case.heads
+    per_q = case.batch * case.heads * case.seq_len * case.head_dim * itemsize
+    per_kv = case.batch * hkv * case.seq_len * case.head_dim * itemsize
+    if case.forward_only:
+        return 2 * per_q + 2 * per_kv
+    return 3 * per_q + 4 * per_kv
+
+
+def parse_mask(spec: str, n: int) -> tuple[bool, Any]:
+    """``(causal, mask)`` from a spec: none, causal, window:L[:R], document:LEN,
+    random_blocks:KEEP[:BLOCK], dense_window:L (the window as a dense bool tensor)."""
+    name, *args = spec.split(":")
+    try:
+        nums = [float(a) for a in args]
+    except ValueError:
+        raise ValueError(f"mask spec {spec!r}: arguments must be numbers") from None
+    if name == "none":
+        return False, None
+    if name == "causal":
+        return True, None
+    if name == "window" and nums:
+        return False, M.sliding_window(int(nums[0]), int(nums[1] if len(nums) > 1 else nums[0]))
+    if name == "dense_window" and nums:
+        w = M.sliding_window(int(nums[0]), int(nums[1] if len(nums) > 1 else nums[0]))
+        return False, w.to_dense(n, n)[0, 0]
+    if name == "document" and nums:
+        return False, M.document(torch.arange(n) // int(nums[0]))
+    if name == "random_blocks" and nums:
+        block = int(nums[1]) if len(nums) > 1 else 256
+        return False, M.random_blocks(n, n, block, keep=nums[0], seed=0)
+    raise ValueError(
+        f"unknown mask spec {spec!r}; expected none, causal, window:L[:R], dense_window:L[:R], "
+        "document:LEN or random_blocks:KEEP[:BLOCK]"
+    )
+
+
+def environment() -> dict[str, Any]:
+    return {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def make_inputs(case: Case, seed: int = 0):
+    dtype, dev = DTYPES[case.dtype], torch.device(case.device)
+    g = torch.Generator().manual_seed(seed)
+    hkv = case.kv_heads or case.heads
+    shape_q = (case.batch, case.heads, case.seq_len, case.head_dim)
+    shape_kv = (case.batch, hkv, case.seq_len, case.head_dim)
+    q = torch.randn(shape_q, generator=g).to(dev, dtype)
+    k = torch.randn(shape_kv, generator=g).to(dev, dtype)
+    v = torch.randn(shape_kv, generator=g).to(dev, dtype)
+    if not case.forward_only:
+        for t in (q, k, v):
+            t.requires_grad_(True)
+    return q, k, v
+
+
+def case_fn(case: Case):
+    """The function a case measures: forward (+ backward), inputs passed as arguments so the
+    tracker counts them."""
+    causal, mask = parse_mask(case.mask, case.seq_len)
+    causal = causal or case.causal
+
+    def run(q, k, v):
+        if case.forward_only:
+            with torch.no_grad():
+                attention(q, k, v, method=case.method, causal=causal, mask=mask, **case.options)
+            return
+        for t in (q, k, v):
+            t.grad = None
+        out = attention(q, k, v, method=case.method, causal=causal, mask=mask, **case.options)
+        out.sum().backward()
+
+    return run
+
+
+def run_case(case: Case, *, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
+    """Measure one case. Failures (out of memory, errors) are recorded, not raised."""
+    row: dict[str, Any] = {"key": case.key(), **asdict(case), **environment()}
+    row["floor_bytes"] = floor_bytes(case)
+    try:
+        registry.get(case.method)
+        q, k, v = make_inputs(case)
+        m = measure(case_fn(case), q, k, v, repeats=repeats, warmup=warmup)
+    except (RuntimeError, MemoryError, ValueError, TypeError) as e:
+        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
+        row["traceback"] = traceback.format_exc(limit=3)
+        return row
+    row.update(status="ok", peak_bytes=m.peak_bytes, peak_mib=m.peak_bytes / MiB,
+               peak_over_floor=m.peak_bytes / row["floor_bytes"], time_s=m.time_s, times_s=m.times_s)
+    return row
+
+
+def approx_error(method: str, seq_len: int, *, heads: int = 8, head_dim: int = 64, causal: bool = False,
+                 peaked: bool = False, seed: int = 0, **options: Any) -> float:
+    """Relative Frobenius error of ``method``'s output against exact attention, same inputs.
+
+    ``peaked`` builds queries close to a few keys (sharp attention), where low-rank and kernel
+    approximations suffer most; otherwise q, k, v are standard normal.
+    """
+    g = torch.Generator().manual_seed(seed)
+    shape = (1, heads, seq_len, head_dim)
+    q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
+    if peaked:
+        # Each query is a scaled copy of one random key: attention concentrates on it.
+        idx = torch.randint(0, seq_len, (seq_len,), generator=g)
+        q = 3.0 * k[:, :, idx] + 0.1 * q
+    with torch.no_grad():
+        exact = attention(q, k, v, method="chunked", causal=causal)
+        approx = attention(q, k, v, method=method, causal=causal, **options)
+    return ((approx - exact).norm() / exact.norm()).item()

@@ -1,0 +1,86 @@
+"""``MultiHeadAttention`` with any registered method, stateless or with learned state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import registry
+from ..api import attention
+
+
+class MultiHeadAttention(nn.Module):
+    """Projections around ``attnmem.attention``; every registered method is reachable here.
+
+    Args:
+        d_model: model width; must be divisible by ``n_heads``.
+        n_heads: query heads.
+        kv_heads: key/value heads (GQA/MQA); must divide ``n_heads``. Default ``n_heads``.
+        method: "auto" or a registered name. Methods with learned parameters or state
+            (``MethodInfo.stateful``) build their own inner module here.
+        causal: apply the causal mask in every call.
+        bias: use biases in the projections.
+        **options: the method's options.
+
+    Shapes: ``forward(x)`` takes (B, N, d_model) and returns (B, N, d_model).
+
+    Raises:
+        ValueError: sizes that do not divide, or an unknown method/option.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, kv_heads: int | None = None,
+                 method: str = "auto", causal: bool = False, bias: bool = False, **options: Any):
+        super().__init__()
+        kv_heads = n_heads if kv_heads is None else kv_heads
+        for name, val in (("d_model", d_model), ("n_heads", n_heads), ("kv_heads", kv_heads)):
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
+        if n_heads % kv_heads:
+            raise ValueError(f"n_heads={n_heads} is not divisible by kv_heads={kv_heads}")
+        self.d_model, self.n_heads, self.kv_heads = d_model, n_heads, kv_heads
+        self.head_dim = d_model // n_heads
+        self.method, self.causal, self.options = method, causal, dict(options)
+        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.k_proj = nn.Linear(d_model, kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_model, kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.inner: nn.Module | None = None
+        if method != "auto":
+            m = registry.get(method)
+            opts = m.make_options(options)
+            if m.stateful:
+                self.inner = m.build_module(heads=n_heads, kv_heads=kv_heads,
+                                            head_dim=self.head_dim, opts=opts)
+
+    def split_heads(self, x: Tensor, heads: int) -> Tensor:
+        B, N, _ = x.shape
+        return x.view(B, N, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
+
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, d_model) -> q (B, Hq, N, D), k and v (B, Hkv, N, D)."""
+        return (self.split_heads(self.q_proj(x), self.n_heads),
+                self.split_heads(self.k_proj(x), self.kv_heads),
+                self.split_heads(self.v_proj(x), self.kv_heads))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any = None) -> Tensor:
+        if self.inner is not None:
+            return self.inner(q, k, v, causal=self.causal, mask=mask)
+        return attention(q, k, v, method=self.method, causal=self.causal, mask=mask, **self.options)
+
+    def forward(self, x: Tensor, *, mask: Any = None) -> Tensor:
+        if x.dim() != 3 or x.shape[-1] != self.d_model:
+            raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
+        q, k, v = self.project(x)
+        out = self.attend(q, k, v, mask)  # (B, Hq, N, D)
+        B, _, N, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(B, N, self.d_model))
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.d_model}, n_heads={self.n_heads}, kv_heads={self.kv_heads}, "
+                f"method={self.method!r}, causal={self.causal}")
+
+

@@ -1,0 +1,83 @@
+"""A small pre-norm transformer with pluggable attention and gradient checkpointing."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from .attention import MultiHeadAttention
+
+
+def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
+    """(N,) int positions -> (N, d_model) fixed sinusoidal embeddings (Vaswani et al.)."""
+    half = d_model // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / max(half, 1))
+    angle = positions.float()[:, None] * freq[None, :]  # (N, half)
+    emb = torch.cat([angle.sin(), angle.cos()], dim=-1)
+    return nn.functional.pad(emb, (0, d_model - 2 * half))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, ffn_mult: int, attn_kwargs: dict[str, Any]):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, **attn_kwargs)
+        self.ln2 = nn.LayerNorm(d_model)
+        self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.GELU(),
+                                 nn.Linear(ffn_mult * d_model, d_model))
+
+    def forward(self, x: Tensor, mask: Any = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.ffn(self.ln2(x))
+
+
+class Transformer(nn.Module):
+    """Token embedding, ``n_layers`` pre-norm blocks, final norm and a linear head.
+
+    Args:
+        vocab_size: input vocabulary.
+        d_model, n_heads, n_layers: model shape.
+        kv_heads: GQA/MQA key/value heads.
+        ffn_mult: hidden width of the feed-forward block, in multiples of d_model.
+        num_outputs: output classes per position (default: vocab_size).
+        method, causal, **options: passed to every ``MultiHeadAttention``.
+        checkpointing: recompute each block in the backward instead of storing its
+            activations (``torch.utils.checkpoint``), trading time for memory.
+
+    Shapes: ``forward(tokens)`` takes (B, N) int64 and returns logits (B, N, num_outputs).
+    """
+
+    def __init__(self, vocab_size: int, d_model: int, n_heads: int, n_layers: int, *,
+                 kv_heads: int | None = None, ffn_mult: int = 4, num_outputs: int | None = None,
+                 method: str = "auto", causal: bool = True, checkpointing: bool = False,
+                 **options: Any):
+        super().__init__()
+        for name, val in (("vocab_size", vocab_size), ("n_layers", n_layers), ("ffn_mult", ffn_mult)):
+            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        self.d_model = d_model
+        self.checkpointing = checkpointing
+        self.embed = nn.Embedding(vocab_size, d_model)
+        attn_kwargs = dict(kv_heads=kv_heads, method=method, causal=causal, **options)
+        self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_mult, attn_kwargs) for _ in range(n_layers))
+        self.ln_f = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_outputs or vocab_size)
+
+    def hidden(self, tokens: Tensor, *, mask: Any = None, position_offset: int = 0) -> Tensor:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"tokens must be an int tensor of shape (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
+        pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + sinusoidal_positions(pos, self.d_model).to(self.embed.weight.dtype)
+        for block in self.blocks:
+            if self.checkpointing and torch.is_grad_enabled():
+                x = checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
+        return self.ln_f(x)
+
+    def forward(self, tokens: Tensor, *, mask: Any = None) -> Tensor:
+        return self.head(self.hidden(tokens, mask=mask))
