@@ -13,7 +13,6 @@ import argparse
 from pathlib import Path
 
 from _common import RESULTS, append_row, load_rows, log
-
 from attnmem.bench import Case, environment, run_case
 from attnmem.memory.measure import GiB
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .masks import Mask, eval_mask
+from .masks import Mask, SlidingWindow, eval_mask
 
 KERNELS = ("auto", "fused", "torch")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -61,18 +61,22 @@ class Segment:
     masked: bool
 
 
-def plan_segments(mask: Mask | None, nq: int, nk: int, q_tile: int, kv_tile: int,
-                  batch: int, heads: int, merge: bool = True) -> list[tuple[int, int, list[Segment]]]:
-    """Per query tile ``(qa, qb, segments)``; built from the block map, never from N×N.
+def block_rows(mask: Mask | None, nq: int, nk: int, q_tile: int, kv_tile: int,
+               batch: int, heads: int) -> list[list[tuple[int, bool]]]:
+    """Per query tile, ``(kv_tile, is_full)`` of every non-empty key tile (all when unmasked)."""
+    if mask is None:
+        return [[(j, True) for j in range(math.ceil(nk / kv_tile))]] * math.ceil(nq / q_tile)
+    return mask.block_map(nq, nk, q_tile, kv_tile, batch=batch, heads=heads).rows()
+
+
+def plan_segments(rows: list[list[tuple[int, bool]]], nq: int, nk: int, q_tile: int, kv_tile: int,
+                  merge: bool = True, max_segment: int | None = None) -> list[tuple[int, int, list[Segment]]]:
+    """Per query tile ``(qa, qb, segments)`` from block rows; never from N×N.
 
     With ``merge``, neighbouring tiles of one kind join into one segment (for a kernel that
     tiles internally); without it every segment is one key tile, so the kernel's working
-    memory stays O(q_tile · kv_tile).
+    memory stays O(q_tile · kv_tile). ``max_segment`` caps the keys of a merged segment.
     """
-    if mask is None:
-        rows = [[(j, True) for j in range(math.ceil(nk / kv_tile))]] * math.ceil(nq / q_tile)
-    else:
-        rows = mask.block_map(nq, nk, q_tile, kv_tile, batch=batch, heads=heads).rows()
     plan = []
     for i, row in enumerate(rows):
         qa = i * q_tile
@@ -80,7 +84,7 @@ def plan_segments(mask: Mask | None, nq: int, nk: int, q_tile: int, kv_tile: int
         for j, full in row:
             ka, kb = j * kv_tile, min((j + 1) * kv_tile, nk)
             if (merge and segs and segs[-1].stop == ka and segs[-1].masked == (not full)
-                    and kb - segs[-1].start <= max(_MAX_SEGMENT, kv_tile)):
+                    and (max_segment is None or kb - segs[-1].start <= max(max_segment, kv_tile))):
                 segs[-1] = Segment(segs[-1].start, kb, not full)
             else:
                 segs.append(Segment(ka, kb, not full))
@@ -89,10 +93,28 @@ def plan_segments(mask: Mask | None, nq: int, nk: int, q_tile: int, kv_tile: int
 
 
 # --- tile kernels ---------------------------------------------------------------------------
-# Shapes inside: q (B, Hkv, M, D) with M = G·Tq, k/v (B, Hkv, Tk, D), allowed (Bm, Hm, M, Tk).
+# Shapes inside: q (B, Hkv, M, D) with M = G·Tq, k/v (B, Hkv, Tk, D), allowed (Bm, Hm, M, Tk),
+# None (every pair allowed) or CAUSAL_TILE.
+
+
+class _CausalTile:
+    """A square tile on the diagonal of a causal mask: the kernel's own ``is_causal`` applies,
+    so no mask tensor is built and the fused kernel skips the tile's upper half itself."""
+
+    def __repr__(self) -> str:
+        return "CAUSAL_TILE"
+
+
+CAUSAL_TILE = _CausalTile()
+
+
+def _causal_bool(q: Tensor, k: Tensor) -> Tensor:
+    return torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
 
 
 def _fused_fwd(q, k, v, allowed, scale):
+    if allowed is CAUSAL_TILE:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, scale=scale)
     bias = None
     if allowed is not None:
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
@@ -107,6 +129,10 @@ def _fused_fwd(q, k, v, allowed, scale):
 
 
 def _fused_bwd(dout, q, k, v, out, lse, allowed, scale):
+    if allowed is CAUSAL_TILE:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, True, scale=scale
+        )
     bias = None
     if allowed is not None:
         bias = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, -math.inf)
@@ -120,6 +146,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _torch_fwd(q, k, v, allowed, scale):
+    allowed = _causal_bool(q, k) if allowed is CAUSAL_TILE else allowed
     acc = _acc_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)  # (B, Hkv, M, Tk)
     if allowed is not None:
@@ -134,6 +161,7 @@ def _torch_fwd(q, k, v, allowed, scale):
 
 
 def _torch_bwd(dout, q, k, v, out, lse, allowed, scale):
+    allowed = _causal_bool(q, k) if allowed is CAUSAL_TILE else allowed
     acc = _acc_dtype(q.dtype)
     qa, ka, va, da = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     s = torch.matmul(qa, ka.transpose(-1, -2)).mul_(scale)  # (B, Hkv, M, Tk)
@@ -171,10 +199,18 @@ class _Ctx:
             # The fused operator tiles internally in O(N) memory: without a mask, one call
             # over everything is fastest, and its outputs need no copying.
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
-        self.plan = plan_segments(mask, self.nq, self.nk, q_tile, kv_tile, self.B, self.Hq,
-                                  merge=fused)
+        # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
+        # per-segment dK/dV are transient, so its segments are capped.
+        rows = block_rows(mask, self.nq, self.nk, q_tile, kv_tile, self.B, self.Hq)
+        self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused)
+        self.plan_bwd = (plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True, max_segment=_MAX_SEGMENT)
+                         if fused else self.plan)
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.device = q.device
+        # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
+        # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
+        self.pure_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
+                            and self.G == 1)
 
     def q_view(self, x: Tensor, qa: int, qb: int) -> Tensor:
         """(B, Hq, Nq, ...) -> this tile as (B, Hkv, G·Tq, ...)."""
@@ -188,6 +224,9 @@ class _Ctx:
         """The mask of one segment as (Bm, Hkv or 1, G·Tq, Tk) bools; None when unmasked."""
         if not seg.masked:
             return None
+        if (self.pure_causal and qa + self.nk - self.nq == seg.start
+                and qb - qa == seg.stop - seg.start):
+            return CAUSAL_TILE
         dev = self.device
         b = torch.arange(self.B, device=dev)[:, None, None, None]
         h = torch.arange(self.Hq, device=dev)[None, :, None, None]
@@ -252,7 +291,7 @@ def tiled_backward(c: _Ctx, dout, q, k, v, out, lse):
     # Half-precision key/value gradients accumulate over query tiles in float32.
     dk = torch.zeros(k.shape, dtype=acc if half else k.dtype, device=k.device)
     dv = torch.zeros(v.shape, dtype=acc if half else v.dtype, device=v.device)
-    for qa, qb, segs in c.plan:
+    for qa, qb, segs in c.plan_bwd:
         if not segs:
             continue
         q_t, do_t, o_t = c.q_view(q, qa, qb), c.q_view(dout, qa, qb), c.q_view(out, qa, qb)
