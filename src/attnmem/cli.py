@@ -12,8 +12,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import registry
-from .bench.cases import DTYPES, Case, floor_bytes, parse_mask, run_case
+from .bench.cases import DTYPES, Case, floor_bytes, parse_mask
+from .bench.report import write_report
+from .bench.sweep import SweepConfig, run_sweep
 from .memory.measure import MiB
+from .memory.units import available_memory, parse_bytes
 
 console = Console()
 err_console = Console(stderr=True)
@@ -92,67 +95,62 @@ def default_methods() -> list[str]:
 @click.option("--mask", "mask_spec", default="none",
               help="none, causal, window:L[:R], dense_window:L, document:LEN, random_blocks:KEEP[:BLOCK].")
 @click.option("--forward-only", is_flag=True, help="Measure the forward pass only (inference).")
-@click.option("--repeats", default=2, type=click.IntRange(min=0), help="Timed repeats per case (median).")
+@click.option("--budget", default=None, help="Memory budget, e.g. 8GiB (default: half the free memory).")
+@click.option("--repeats", default=1, type=click.IntRange(min=0), help="Timed repeats per case (median).")
 @click.option("--out", "out_dir", default="report", type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--resume", is_flag=True, help="Skip cases already in OUT/results.jsonl.")
+@click.option("--resume", is_flag=True, help="Continue OUT/results.jsonl: finished cases are not redone.")
 def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, device, causal, mask_spec,
-                forward_only, repeats, out_dir, resume) -> None:
-    """Sweep methods × sequence lengths; print peak memory, peak/floor and time per case."""
+                forward_only, budget, repeats, out_dir, resume) -> None:
+    """Sweep methods × sequence lengths: peak memory, peak/floor, time and error per case.
+
+    Cases predicted above the budget are recorded as over budget (the memory wall) instead of
+    run; failures are recorded and the sweep goes on. Every finished case is appended to
+    OUT/results.jsonl at once; the report (OUT/report.md and PNG plots) is written at the end.
+    """
+    import torch
+
     names = [m.strip() for m in methods_.split(",")] if methods_ else default_methods()
     for name in names:
-        registry.get(name)  # unknown names fail before anything runs
+        if registry.get(name).stateful:  # unknown names fail here too, before anything runs
+            raise ValueError(f"--methods: {name!r} has learned state; compare runs functional methods only")
     parse_mask(mask_spec, 1)  # so does a bad mask spec
-    if device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda: no CUDA device is available")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    if budget is None:
+        budget_bytes = (torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory()) // 2
+    else:
+        budget_bytes = parse_bytes(budget, "--budget")
+    cfg = SweepConfig(methods=names, seq_lens=seq_lens, batch=batch, heads=heads, kv_heads=kv_heads,
+                      head_dim=head_dim, dtype=dtype, device=device, causal=causal, mask=mask_spec,
+                      forward_only=forward_only, repeats=repeats, budget_bytes=budget_bytes)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    results_path = out / "results.jsonl"
-    done: dict[str, dict] = {}
-    if resume and results_path.exists():
-        for line in results_path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by an interruption
-            done[row["key"]] = row
-    elif results_path.exists():
-        results_path.unlink()
-    cases = [Case(method=n, seq_len=s, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                  dtype=dtype, device=device, causal=causal, mask=mask_spec, forward_only=forward_only)
-             for s in seq_lens for n in names]
-    rows = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as progress:
-        task = progress.add_task("compare", total=len(cases))
-        for case in cases:
-            progress.update(task, description=f"{case.method} N={case.seq_len}")
-            if case.key() in done:
-                rows.append(done[case.key()])
-            else:
-                row = run_case(case, repeats=repeats)
-                rows.append(row)
-                with results_path.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-            progress.advance(task)
+        task = progress.add_task("compare", total=len(seq_lens) * len(names))
+
+        def on_case(case, i, total):
+            progress.update(task, completed=i, description=f"{case.method} N={case.seq_len}")
+
+        rows = run_sweep(cfg, out / "results.jsonl", resume=resume, on_case=on_case)
+        progress.update(task, completed=len(rows))
     console.print(summary_table(rows))
-    console.print(f"results: {results_path}")
+    report = write_report(rows, out, budget_bytes)
+    console.print(f"results: {out / 'results.jsonl'}\nreport: {report}")
 
 
 def summary_table(rows: list[dict]) -> Table:
     table = Table(title="attnmem compare")
-    for col in ("method", "N", "peak MiB", "peak/floor", "time s", "status"):
+    for col in ("method", "N", "peak MiB", "peak/floor", "time s", "error", "status"):
         table.add_column(col, justify="right" if col not in ("method", "status") else "left")
     for r in rows:
         if r.get("status") == "ok":
+            err = r.get("approx_error")
             table.add_row(r["method"], str(r["seq_len"]), f"{r['peak_mib']:.1f}", f"{r['peak_over_floor']:.2f}",
-                          f"{r['time_s']:.3f}", "ok")
+                          f"{r['time_s']:.3f}", "" if err is None else f"{err:.2g}", "ok")
         else:
             floor = floor_bytes(Case(**{k: r[k] for k in Case.__dataclass_fields__}))
-            table.add_row(r["method"], str(r["seq_len"]), "-", "-", "-",
-                          f"{r.get('status')}: {r.get('reason', '')}"[:80] + f" (floor {floor / MiB:.0f} MiB)")
+            table.add_row(r["method"], str(r["seq_len"]), "-", "-", "-", "",
+                          f"{r.get('status')}: {r.get('reason', '')}"[:70] + f" (floor {floor / MiB:.0f} MiB)")
     return table
 
 

@@ -1,0 +1,196 @@
+"""The report of a sweep: ``report.md`` with tables, and PNG plots of the memory wall."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ..memory.units import format_bytes
+
+MiB = 2**20
+
+# One colour per family, stable across reports (matplotlib's tab10).
+FAMILY_COLOURS = {
+    "exact": "#1f77b4", "sparse": "#ff7f0e", "linear": "#2ca02c", "lowrank": "#d62728",
+    "selective": "#9467bd", "adaptive": "#8c564b", "hierarchical": "#e377c2", "memory": "#7f7f7f",
+}
+_FALLBACK = ["#bcbd22", "#17becf", "#aec7e8", "#ffbb78"]
+MARKERS = "osD^v<>pPX*h"
+
+
+def _colour(family: str) -> str:
+    if family not in FAMILY_COLOURS:
+        FAMILY_COLOURS[family] = _FALLBACK[len(FAMILY_COLOURS) % len(_FALLBACK)]
+    return FAMILY_COLOURS[family]
+
+
+def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in rows if r.get("status") == "ok"]
+
+
+def _by_method(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        out.setdefault(r["method"], []).append(r)
+    for v in out.values():
+        v.sort(key=lambda r: r["seq_len"])
+    return out
+
+
+def _config_line(rows: list[dict[str, Any]]) -> str:
+    r = rows[0]
+    pass_ = "forward only" if r.get("forward_only") else "forward + backward"
+    mask = "causal" if r.get("causal") else r.get("mask", "none")
+    hkv = r.get("kv_heads") or r["heads"]
+    return (f"device {r['device']}, {r['dtype']}, B={r['batch']}, H={r['heads']}, Hkv={hkv}, "
+            f"D={r['head_dim']}, mask {mask}, {pass_}; torch {r.get('torch')}, {r.get('cpu_threads')} CPU threads, "
+            f"{r.get('processor')}")
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | family | N | status | peak MiB | peak / floor | time s | error (random) | error (peaked) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["seq_len"], r["method"])):
+        if r.get("status") == "ok":
+            err = r.get("approx_error")
+            errp = r.get("approx_error_peaked")
+            lines.append(
+                f"| {r['method']} | {r.get('family', '')} | {r['seq_len']} | ok | {r['peak_mib']:.1f} "
+                f"| {r['peak_over_floor']:.2f} | {r['time_s']:.3f} | {'' if err is None else f'{err:.3g}'} "
+                f"| {'' if errp is None else f'{errp:.3g}'} |")
+        else:
+            lines.append(f"| {r['method']} | {r.get('family', '')} | {r['seq_len']} | {r.get('status')}: "
+                         f"{r.get('reason', '')} | | | | | |")
+    return "\n".join(lines)
+
+
+def lra_table(rows: list[dict[str, Any]], lengths=(1024, 2048, 3072, 4096)) -> str:
+    """Speed and memory relative to ``reference`` at each length, in the style of Tay et al.
+    2020 (Long Range Arena, Table 3): speed-up = reference time / time, memory = peak / reference."""
+    ok = {(r["method"], r["seq_len"]): r for r in _ok(rows)}
+    present = [n for n in lengths if ("reference", n) in ok]
+    if not present:
+        return "_No `reference` rows at N = 1K…4K in this sweep, so no relative table._"
+    methods = sorted({m for m, n in ok if n in present})
+    head = "| method | " + " | ".join(f"speed-up {n // 1024}K" for n in present) + " | " + \
+           " | ".join(f"memory {n // 1024}K" for n in present) + " |"
+    lines = [head, "|---|" + "---|" * (2 * len(present))]
+    for m in methods:
+        speed, mem = [], []
+        for n in present:
+            r, ref = ok.get((m, n)), ok[("reference", n)]
+            speed.append(f"{ref['time_s'] / r['time_s']:.2f}×" if r else "—")
+            mem.append(f"{r['peak_bytes'] / ref['peak_bytes']:.2f}×" if r else "—")
+        lines.append(f"| {m} | " + " | ".join(speed) + " | " + " | ".join(mem) + " |")
+    return "\n".join(lines)
+
+
+def _plot_vs_n(rows, key, ylabel, title, path: Path, budget: int | None = None, floor: bool = False) -> None:
+    import matplotlib
+    import matplotlib.ticker
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for i, (method, rs) in enumerate(sorted(_by_method(rows).items())):
+        ok = [r for r in rs if r.get("status") == "ok"]
+        colour = _colour(rs[0].get("family", ""))
+        if ok:
+            ax.plot([r["seq_len"] for r in ok], [key(r) for r in ok], marker=MARKERS[i % len(MARKERS)],
+                    color=colour, label=f"{method} ({rs[0].get('family', '')})")
+        over = [r for r in rs if r.get("status") == "over budget" and r.get("predicted_bytes")]
+        if over and budget is not None:
+            ax.scatter([r["seq_len"] for r in over], [r["predicted_bytes"] / MiB for r in over], marker="x",
+                       color=colour, s=60, label=f"{method}: predicted, over budget")
+    if budget:
+        ax.axhline(budget / MiB, color="black", linestyle="--", linewidth=1, label=f"budget {format_bytes(budget)}")
+    if floor:
+        lengths = sorted({r["seq_len"] for r in rows})
+        floors = {r["seq_len"]: r["floor_bytes"] / MiB for r in rows if r.get("floor_bytes")}
+        ax.plot(lengths, [floors[n] for n in lengths], color="grey", linestyle=":", label="floor (q, k, v, out, grads)")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{int(x)}"))
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length N (tokens)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_error_vs_memory(rows, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = _ok(rows)
+    exact_peak = {}
+    for r in ok:
+        if r["method"] in ("chunked", "reference"):
+            exact_peak.setdefault(r["seq_len"], {})[r["method"]] = r["peak_bytes"]
+    pts = []
+    for r in ok:
+        base = exact_peak.get(r["seq_len"], {})
+        ref = base.get("reference") or base.get("chunked")
+        if ref and r.get("approx_error") is not None:
+            pts.append((r, 1 - r["peak_bytes"] / ref))
+    if not pts:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    seen = set()
+    for r, saved in pts:
+        label = r["method"] if r["method"] not in seen else None
+        seen.add(r["method"])
+        ax.scatter(100 * saved, max(r["approx_error"], 1e-16), color=_colour(r.get("family", "")), label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("peak memory saved against the exact baseline at the same N (%)")
+    ax.set_ylabel("relative Frobenius error against exact attention (random inputs)")
+    ax.set_title("What the memory saving costs: error against memory saved")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def write_report(rows: list[dict[str, Any]], out_dir: Path, budget: int | None = None) -> Path:
+    """Write ``report.md`` and the PNG plots into ``out_dir``; return the report's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if not rows:
+        raise ValueError("no results to report")
+    _plot_vs_n(rows, lambda r: r["peak_mib"], "peak memory (MiB)",
+               "The memory wall: peak memory against sequence length", out_dir / "peak_memory.png", budget,
+               floor=True)
+    _plot_vs_n(rows, lambda r: r["time_s"], "time per forward + backward (s)",
+               "Time against sequence length", out_dir / "time.png")
+    has_err = _plot_error_vs_memory(rows, out_dir / "error_vs_memory.png")
+    over = [r for r in rows if r.get("status") == "over budget"]
+    failed = [r for r in rows if r.get("status") == "error"]
+    parts = [
+        "# attnmem compare report", "",
+        f"Configuration: {_config_line(rows)}.", "",
+        "Peak memory counts every live tensor (inputs and gradients included); the floor is q, k, v, out "
+        "(+ dq, dk, dv when training). Times are medians of repeats after a warm-up.", "",
+        "![peak memory](peak_memory.png)", "", "![time](time.png)", "",
+    ]
+    if has_err:
+        parts += ["![error against memory saved](error_vs_memory.png)", ""]
+    parts += ["## All cases", "", results_table(rows), ""]
+    parts += ["## Relative to `reference` (Long Range Arena style)", "",
+              "Speed-up and memory of each method relative to the quadratic `reference` on this machine, the "
+              "layout of Tay et al. 2020 (LRA, Table 3). Their published ratios were measured on TPUs for "
+              "whole models; they are not reproduced here because this tool cannot verify them offline.", "",
+              lra_table(rows), ""]
+    if over:
+        parts += [f"{len(over)} case(s) were predicted over the budget and not run: that is the memory wall.", ""]
+    if failed:
+        parts += ["## Failures", ""] + [f"- {r['method']} N={r['seq_len']}: {r.get('reason')}" for r in failed] + [""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(parts))
+    return path
