@@ -30,7 +30,7 @@ def test_auto_dispatch():
     assert _chosen(q, k, v, mask=M.sliding_window(2)) == "chunked"
     assert _chosen(q, k, v, mask=torch.ones(16, 16, dtype=torch.bool)) == "chunked"
     q2, k2, v2 = rand_qkv(1, 4, 2, 16, 16, 8)
-    assert _chosen(q2, k2, v2) == "chunked"  # SDPA would expand K/V to 4 heads
+    assert _chosen(q2, k2, v2) == "chunked"  # SDPA would expand K/V to 4 heads on CPU
     q3, k3, v3 = rand_qkv(1, 2, 2, 8, 16, 8)
     assert _chosen(q3, k3, v3, causal=True) == "chunked"  # bottom-right alignment
 
@@ -38,7 +38,7 @@ def test_auto_dispatch():
 def test_auto_error_lists_every_reason(monkeypatch):
     monkeypatch.setattr(registry, "AUTO_PRIORITY", ["sdpa"])
     q, k, v = rand_qkv(1, 4, 2, 16, 16, 8)
-    with pytest.raises(ValueError, match="sdpa: does not support GQA") as e:
+    with pytest.raises(ValueError, match="sdpa: would expand K/V") as e:
         attnmem.attention(q, k, v)
     assert "chunked" in str(e.value)
 
@@ -73,7 +73,7 @@ def test_bad_input_errors(bad, match, exc):
 
 def test_explicit_method_that_cannot_run_says_why():
     q, k, v = rand_qkv(1, 4, 2, 8, 8, 8)
-    with pytest.raises(ValueError, match="sdpa.*GQA"):
+    with pytest.raises(ValueError, match="sdpa.*expand K/V"):
         attnmem.attention(q, k, v, method="sdpa")
 
 

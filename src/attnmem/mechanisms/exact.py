@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from ..masks import Dense
 from ..reference import reference_attention
-from ..registry import Capabilities, Inputs, Method, register
+from ..registry import Inputs, Method, register
 from ..tiled import KERNELS, tiled_attention
 
 
@@ -35,10 +35,11 @@ class SDPA(Method):
     # A dense mask is kept for explicit use (the benchmarks' "dense mask" peer); auto never
     # passes one here because SDPA turns it into an N×N float bias.
     summary = "torch.nn.functional.scaled_dot_product_attention (fused kernels)"
-    caps = Capabilities(gqa=False)
-
     def extra_reasons(self, inp, opts):
         reasons = []
+        if inp.q_heads != inp.kv_heads and inp.q.device.type != "cuda":
+            # On CPU, enable_gqa repeats K/V to Hq heads in memory; CUDA kernels index them.
+            reasons.append(f"would expand K/V from {inp.kv_heads} to {inp.q_heads} heads on CPU")
         if inp.user_mask is not None and not isinstance(inp.user_mask, Dense):
             reasons.append(f"mask {inp.user_mask!r} would have to be materialised as an N×N tensor")
         if isinstance(inp.user_mask, Dense) and inp.causal:
@@ -56,13 +57,13 @@ class SDPA(Method):
 
     def forward(self, inp, opts):
         mask = inp.user_mask.tensor.to(inp.q.device) if isinstance(inp.user_mask, Dense) else None
+        gqa = {"enable_gqa": True} if inp.q_heads != inp.kv_heads else {}
         if mask is None or inp.nk == 0:
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 inp.q, inp.k, inp.v, attn_mask=None, is_causal=inp.causal and inp.nq > 0,
-                scale=inp.scale,
+                scale=inp.scale, **gqa,
             )
-            return out
-        out = F.scaled_dot_product_attention(inp.q, inp.k, inp.v, attn_mask=mask, scale=inp.scale)
+        out = F.scaled_dot_product_attention(inp.q, inp.k, inp.v, attn_mask=mask, scale=inp.scale, **gqa)
         # SDPA returns NaN for rows with nothing allowed; attnmem's contract is zeros.
         empty = ~mask.any(-1, keepdim=True)
         return out.masked_fill(empty, 0.0) if bool(empty.any()) else out
