@@ -7,6 +7,8 @@ so a figure can always be traced to how it was obtained.
 from __future__ import annotations
 
 import platform
+import statistics
+import time
 import traceback
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -145,6 +147,24 @@ def run_case(case: Case, *, repeats: int = 3, warmup: int = 1) -> dict[str, Any]
     row.update(status="ok", peak_bytes=m.peak_bytes, peak_mib=m.peak_bytes / MiB,
                peak_over_floor=m.peak_bytes / row["floor_bytes"], time_s=m.time_s, times_s=m.times_s)
     return row
+
+
+def time_interleaved(cases: list[Case], rounds: int = 3, warmup: int = 1) -> list[float]:
+    """Median seconds per case, running the cases in turn (A, B, A, B, ...) so that load from
+    other processes falls on all of them alike; the ratios are what to read."""
+    prepared = [(case_fn(c), make_inputs(c)) for c in cases]
+    for _ in range(warmup):
+        for fn, args in prepared:
+            fn(*args)
+    times: list[list[float]] = [[] for _ in cases]
+    for _ in range(rounds):
+        for i, (fn, args) in enumerate(prepared):
+            t0 = time.perf_counter()
+            fn(*args)
+            if args[0].device.type == "cuda":
+                torch.cuda.synchronize()
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def approx_error(method: str, seq_len: int, *, heads: int = 8, head_dim: int = 64, causal: bool = False,
