@@ -35,9 +35,11 @@ KERNELS = ("auto", "fused", "torch")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # Below this many queries a separate query tile costs more in Python than it saves.
 _MIN_Q_TILE = 16
-# Longest run of key tiles merged into one fused call. Each call's dK/dV are transient, so
-# this bounds the backward's working memory at 2·B·Hkv·_MAX_SEGMENT·D elements.
+# Most keys in one backward call. Each call's dK/dV are transient, so this bounds the
+# backward's working memory at 2·B·Hkv·_MAX_SEGMENT·D elements.
 _MAX_SEGMENT = 2048
+# Most keys gathered (copied) from scattered tiles into one forward call.
+_MAX_GATHER = 4096
 
 
 def _fused_available() -> bool:
@@ -54,11 +56,37 @@ def resolve_kernel(kernel: str, q: Tensor) -> str:
 
 @dataclass(frozen=True)
 class Segment:
-    """Keys ``[start, stop)`` of one query tile; ``masked`` when the mask must be evaluated."""
+    """Keys of one query tile computed in one kernel call: one or more ``[start, stop)``
+    ranges (several ranges are gathered into one buffer); ``masked`` when the mask must be
+    evaluated on them."""
 
-    start: int
-    stop: int
+    ranges: tuple[tuple[int, int], ...]
     masked: bool
+
+    @property
+    def size(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+    @property
+    def contiguous(self) -> bool:
+        return len(self.ranges) == 1
+
+    def take(self, x: Tensor) -> Tensor:
+        """The keys (or values) of this segment from (B, H, N, D): a view when contiguous."""
+        if self.contiguous:
+            a, b = self.ranges[0]
+            return x[:, :, a:b]
+        return torch.cat([x[:, :, a:b] for a, b in self.ranges], dim=2)  # (B, H, size, D)
+
+    def add_into(self, dst: Tensor, grad: Tensor) -> None:
+        """Scatter a (B, H, size, D) gradient back into the ranges of ``dst``."""
+        offset = 0
+        for a, b in self.ranges:
+            dst[:, :, a:b] += grad[:, :, offset:offset + b - a]
+            offset += b - a
+
+    def positions(self, device: torch.device) -> Tensor:
+        return torch.cat([torch.arange(a, b, device=device) for a, b in self.ranges])
 
 
 def block_rows(mask: Mask | None, nq: int, nk: int, q_tile: int, kv_tile: int,
@@ -69,25 +97,58 @@ def block_rows(mask: Mask | None, nq: int, nk: int, q_tile: int, kv_tile: int,
     return mask.block_map(nq, nk, q_tile, kv_tile, batch=batch, heads=heads).rows()
 
 
+def _pack(ranges: list[tuple[int, int]], masked: bool, max_keys: int | None, split: bool) -> list[Segment]:
+    """Group ranges into segments of at most ``max_keys`` keys (one range may exceed it when
+    not ``split``: a contiguous range costs no copy)."""
+    if split and max_keys:
+        pieces = []
+        for a, b in ranges:
+            pieces += [(x, min(x + max_keys, b)) for x in range(a, b, max_keys)]
+        ranges = pieces
+    segs: list[Segment] = []
+    group: list[tuple[int, int]] = []
+    size = 0
+    for a, b in ranges:
+        if group and max_keys is not None and size + (b - a) > max_keys:
+            segs.append(Segment(tuple(group), masked))
+            group, size = [], 0
+        group.append((a, b))
+        size += b - a
+    if group:
+        segs.append(Segment(tuple(group), masked))
+    return segs
+
+
 def plan_segments(rows: list[list[tuple[int, bool]]], nq: int, nk: int, q_tile: int, kv_tile: int,
-                  merge: bool = True, max_segment: int | None = None) -> list[tuple[int, int, list[Segment]]]:
+                  merge: bool = True, max_segment: int | None = None,
+                  gather: int | None = None) -> list[tuple[int, int, list[Segment]]]:
     """Per query tile ``(qa, qb, segments)`` from block rows; never from N×N.
 
-    With ``merge``, neighbouring tiles of one kind join into one segment (for a kernel that
-    tiles internally); without it every segment is one key tile, so the kernel's working
-    memory stays O(q_tile · kv_tile). ``max_segment`` caps the keys of a merged segment.
+    With ``merge``, tiles of one kind (full or partial) join into few segments for a kernel
+    that tiles internally: neighbouring tiles become one range (a view, no copy), and ranges
+    are gathered into one buffer of up to ``gather`` keys so that scattered tiles (block-sparse
+    masks) cost few kernel calls. ``max_segment`` splits ranges too (the backward, whose
+    per-segment dK/dV are transient). Without ``merge`` every segment is one key tile, so the
+    kernel's working memory stays O(q_tile · kv_tile).
     """
     plan = []
     for i, row in enumerate(rows):
         qa = i * q_tile
+        by_kind: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
         segs: list[Segment] = []
         for j, full in row:
             ka, kb = j * kv_tile, min((j + 1) * kv_tile, nk)
-            if (merge and segs and segs[-1].stop == ka and segs[-1].masked == (not full)
-                    and (max_segment is None or kb - segs[-1].start <= max(max_segment, kv_tile))):
-                segs[-1] = Segment(segs[-1].start, kb, not full)
+            runs = by_kind[full]
+            if not merge:
+                segs.append(Segment(((ka, kb),), not full))
+            elif runs and runs[-1][1] == ka:
+                runs[-1] = (runs[-1][0], kb)
             else:
-                segs.append(Segment(ka, kb, not full))
+                runs.append((ka, kb))
+        if merge:
+            limit = max_segment if max_segment is not None else gather
+            for full in (True, False):
+                segs += _pack(by_kind[full], not full, limit, split=max_segment is not None)
         plan.append((qa, min(qa + q_tile, nq), segs))
     return plan
 
@@ -202,7 +263,7 @@ class _Ctx:
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
         # per-segment dK/dV are transient, so its segments are capped.
         rows = block_rows(mask, self.nq, self.nk, q_tile, kv_tile, self.B, self.Hq)
-        self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused)
+        self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused, gather=_MAX_GATHER)
         self.plan_bwd = (plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True, max_segment=_MAX_SEGMENT)
                          if fused else self.plan)
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
@@ -224,16 +285,17 @@ class _Ctx:
         """The mask of one segment as (Bm, Hkv or 1, G·Tq, Tk) bools; None when unmasked."""
         if not seg.masked:
             return None
-        if (self.pure_causal and qa + self.nk - self.nq == seg.start
-                and qb - qa == seg.stop - seg.start):
-            return CAUSAL_TILE
+        if self.pure_causal and seg.contiguous:
+            start, stop = seg.ranges[0]
+            if qa + self.nk - self.nq == start and qb - qa == stop - start:
+                return CAUSAL_TILE
         dev = self.device
         b = torch.arange(self.B, device=dev)[:, None, None, None]
         h = torch.arange(self.Hq, device=dev)[None, :, None, None]
         qi = torch.arange(qa, qb, device=dev)[:, None]
-        ki = torch.arange(seg.start, seg.stop, device=dev)[None, :]
+        ki = seg.positions(dev)[None, :]
         m = eval_mask(self.mask_mod, b, h, qi, ki)
-        m = m.expand(*m.shape[:2], qb - qa, seg.stop - seg.start)  # (Bm, Hm, Tq, Tk)
+        m = m.expand(*m.shape[:2], qb - qa, seg.size)  # (Bm, Hm, Tq, Tk)
         if m.shape[1] == 1:
             return m.repeat(1, 1, self.G, 1) if self.G > 1 else m  # (Bm, 1, G·Tq, Tk)
         m = m.expand(m.shape[0], self.Hq, *m.shape[2:])
@@ -263,7 +325,7 @@ def tiled_forward(c: _Ctx, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Ten
         q_t = c.q_view(q, qa, qb)  # (B, Hkv, G·Tq, D)
         o_t = l_t = None
         for seg in segs:
-            o_s, l_s = fwd(q_t, k[:, :, seg.start:seg.stop], v[:, :, seg.start:seg.stop],
+            o_s, l_s = fwd(q_t, seg.take(k), seg.take(v),
                            c.allowed(qa, qb, seg), c.scale)
             l_s = l_s.to(acc)
             if o_t is None:
@@ -298,11 +360,11 @@ def tiled_backward(c: _Ctx, dout, q, k, v, out, lse):
         l_t = c.q_view(lse_b, qa, qb)
         dq_t = None
         for seg in segs:
-            ks, vs = k[:, :, seg.start:seg.stop], v[:, :, seg.start:seg.stop]
+            ks, vs = seg.take(k), seg.take(v)
             dq_s, dk_s, dv_s = bwd(do_t, q_t, ks, vs, o_t, l_t, c.allowed(qa, qb, seg), c.scale)
             dq_t = dq_s.to(acc) if dq_t is None else dq_t.add_(dq_s)
-            dk[:, :, seg.start:seg.stop] += dk_s
-            dv[:, :, seg.start:seg.stop] += dv_s
+            seg.add_into(dk, dk_s)
+            seg.add_into(dv, dv_s)
         c.q_store(dq, qa, qb, dq_t.to(q.dtype))
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
