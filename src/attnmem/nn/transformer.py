@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiHeadAttention
+from .cache import DEFAULT_KIND, ModelCache, make_layer_cache
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
@@ -30,8 +31,8 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.GELU(),
                                  nn.Linear(ffn_mult * d_model, d_model))
 
-    def forward(self, x: Tensor, mask: Any = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), mask=mask)
+    def forward(self, x: Tensor, mask: Any = None, cache: Any = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
         return x + self.ffn(self.ln2(x))
 
 
@@ -67,17 +68,82 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_outputs or vocab_size)
 
-    def hidden(self, tokens: Tensor, *, mask: Any = None, position_offset: int = 0) -> Tensor:
+    def hidden(self, tokens: Tensor, *, mask: Any = None, position_offset: int = 0,
+               cache: ModelCache | None = None) -> Tensor:
+        """With ``cache``, ``tokens`` are the next tokens after the cached ones (positions follow
+        on from ``cache.length``); they attend to the cache and are added to it."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an int tensor of shape (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
+        if cache is not None:
+            cache.check_model(self, tokens.shape[1])
+            position_offset = cache.length
         pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + sinusoidal_positions(pos, self.d_model).to(self.embed.weight.dtype)
-        for block in self.blocks:
-            if self.checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, mask, cache.layers[i])
+            elif self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return self.ln_f(x)
 
-    def forward(self, tokens: Tensor, *, mask: Any = None) -> Tensor:
-        return self.head(self.hidden(tokens, mask=mask))
+    def forward(self, tokens: Tensor, *, mask: Any = None, cache: ModelCache | None = None) -> Tensor:
+        return self.head(self.hidden(tokens, mask=mask, cache=cache))
+
+    def new_cache(self, kind: str | None = None, *, max_len: int | None = None, **options: Any) -> ModelCache:
+        """An empty decoding cache for this model: ``full``, ``int8``, ``sliding_window``
+        (``window=``) or ``linear_state`` (``feature_map=``); default from the method
+        (``attnmem.nn.cache.DEFAULT_KIND``)."""
+        attn = self.blocks[0].attn
+        if kind is None:
+            kind = DEFAULT_KIND.get(attn.method)
+            if kind is None:
+                raise ValueError(f"no decoding cache for method {attn.method!r}; pass kind= explicitly")
+        layers = [make_layer_cache(kind, kv_heads=attn.kv_heads, head_dim=attn.head_dim, max_len=max_len, **options)
+                  for _ in self.blocks]
+        return ModelCache(layers, max_len=max_len)
+
+    @torch.no_grad()
+    def generate(self, prompt: Tensor, steps: int, *, greedy: bool = True, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None, cache: ModelCache | None = None) -> Tensor:
+        """Continue ``prompt`` (B, N) by ``steps`` tokens; returns (B, N + steps).
+
+        The prompt is prefilled in one call (the method's full-sequence path), then each step
+        feeds one token. ``greedy`` takes the argmax; otherwise tokens are sampled from
+        softmax(logits / temperature), restricted to the ``top_k`` most likely when given, with a
+        generator seeded by ``seed`` (same seed, same tokens). ``cache`` defaults to
+        ``new_cache(max_len=N + steps)``; a given cache may already hold earlier tokens.
+
+        Raises:
+            ValueError: bad steps, temperature or top_k, or a cache that does not fit.
+        """
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+            raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k <= 0):
+            raise ValueError(f"top_k must be a positive int or None, got {top_k!r}")
+        if prompt.dim() != 2 or prompt.shape[1] == 0:
+            raise ValueError(f"prompt must have shape (B, N) with N >= 1, got {tuple(prompt.shape)}")
+        if cache is None:
+            cache = self.new_cache(max_len=prompt.shape[1] + steps)
+        gen = None
+        if not greedy:
+            gen = torch.Generator(device=prompt.device)
+            gen.manual_seed(torch.initial_seed() if seed is None else seed)
+        out, nxt = [prompt], prompt
+        for _ in range(steps):
+            logits = self.forward(nxt, cache=cache)[:, -1].float()  # (B, V)
+            if greedy:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < logits.shape[-1]:
+                    kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, -float("inf"))
+                nxt = torch.multinomial(logits.softmax(-1), 1, generator=gen)
+            out.append(nxt.to(prompt.dtype))
+        return torch.cat(out, dim=1)
