@@ -131,6 +131,23 @@ def _grow(buf: Tensor | None, like: Tensor, need: int, max_len: int | None) -> T
     return out
 
 
+def _attend_new(q: Tensor, keys: Tensor, values: Tensor, **window: Any) -> Tensor:
+    """Causal attention of the last n tokens q (B, Hq, n, D) over keys/values (B, Hkv, L, D).
+
+    One new token sees every key it is given, so causality (and the window, whose keys the
+    caller already cut) is a no-op; the query heads of a KV group then fold into rows, so SDPA
+    serves GQA without repeating K/V.
+    """
+    B, Hq, n, D = q.shape
+    Hkv = keys.shape[1]
+    if n == 1:
+        out = attention(q.reshape(B, Hkv, Hq // Hkv, D), keys, values)  # (B, Hkv, G, D)
+        return out.reshape(B, Hq, 1, D)
+    if window:
+        return attention(q, keys, values, method="chunked", causal=True, **window)
+    return attention(q, keys, values, causal=True)
+
+
 def _buffers_nbytes(*bufs: Tensor | None) -> int:
     return sum(b.numel() * b.element_size() for b in bufs if b is not None)
 
@@ -171,9 +188,7 @@ class KVCache(LayerCache):
         self.append(k, v)
         if prefill:
             return mha.attend(q, k, v)  # the method's full-sequence path
-        keys, values = self.keys_values()
-        # One new token sees every cached token: causal is then a no-op and SDPA stays eligible.
-        return attention(q, keys, values, causal=q.shape[2] > 1)
+        return _attend_new(q, *self.keys_values())
 
     def nbytes(self):
         return _buffers_nbytes(self.k, self.v)
@@ -244,9 +259,11 @@ class Int8KVCache(KVCache):
         acc = torch.zeros((B, Hkv, G * n, D), dtype=q.dtype, device=q.device)
         for a in range(0, L, INT8_KV_BLOCK):
             b = min(a + INT8_KV_BLOCK, L)
-            kb = (self.k[:, :, a:b].to(q.dtype) * self.k_scale[:, :, a:b].to(q.dtype))  # (B, Hkv, blk, D)
-            vb = (self.v[:, :, a:b].to(q.dtype) * self.v_scale[:, :, a:b].to(q.dtype))
-            s = (qg @ kb.transpose(-1, -2)) * scale  # (B, Hkv, G·n, blk)
+            # The per-token scales factor out of the dot products: apply them to the (G·n, blk)
+            # scores and probabilities rather than to the (blk, D) keys and values.
+            k_scale = self.k_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :] * scale  # (B, Hkv, 1, blk)
+            v_scale = self.v_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :]
+            s = (qg @ self.k[:, :, a:b].to(q.dtype).transpose(-1, -2)) * k_scale  # (B, Hkv, G·n, blk)
             if b - 1 > L - n:  # only the tail block holds keys some new token must not see
                 keep = torch.arange(a, b, device=q.device)[None, :] <= row_pos[:, None]
                 s = s.masked_fill(~keep, -math.inf)
@@ -254,7 +271,7 @@ class Int8KVCache(KVCache):
             p = torch.exp(s - new_max)
             correction = torch.exp(row_max - new_max)
             row_sum = row_sum * correction + p.sum(-1, keepdim=True)
-            acc = acc * correction + p @ vb
+            acc = acc * correction + (p * v_scale) @ self.v[:, :, a:b].to(q.dtype)
             row_max = new_max
         return (acc / row_sum).reshape(B, Hq, n, D)  # every row sees key 0: row_sum > 0
 
@@ -307,7 +324,7 @@ class SlidingWindowCache(LayerCache):
         else:
             past_k, past_v = self._ordered()
             keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, ≤w+n, D)
-        out = attention(q, keys, values, method="chunked", causal=True, mask=self.mask)
+        out = _attend_new(q, keys, values, mask=self.mask)
         self.append(k, v)
         return out
 
