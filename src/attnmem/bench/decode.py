@@ -109,19 +109,17 @@ def _run(contexts, cfg, kinds, specs, on_row, log) -> list[dict]:
     with torch.no_grad():
         full_bytes: dict[int, int] = {}
         for L in contexts:
-            for name in kinds:
+            for name in sorted(kinds, key=lambda k: k != "full"):  # the full cache first: the ratios' base
                 kind, hkv, opts = specs[name]
                 log(f"memory: {name} L={L}")
                 cache = filled_cache(models[hkv], kind, L, cfg, **opts)
                 nbytes = cache.nbytes()
+                del cache
                 if name == "full":
                     full_bytes[L] = nbytes
-                del cache
+                ratio = {"ratio_to_full": nbytes / full_bytes[L]} if L in full_bytes else {}
                 emit({"type": "memory", "kind": name, "cache_kind": kind, "context": L, "nbytes": nbytes,
-                      "mib": nbytes / MiB, "kv_heads": hkv or cfg.heads, "options": opts})
-        for r in rows:
-            if r["context"] in full_bytes:
-                r["ratio_to_full"] = r["nbytes"] / full_bytes[r["context"]]
+                      "mib": nbytes / MiB, "kv_heads": hkv or cfg.heads, "options": opts, **ratio})
 
         headroom = (cfg.rounds + 1) * cfg.steps + 1
         live: dict[tuple[str, int], ModelCache] = {}
