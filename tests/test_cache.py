@@ -140,13 +140,14 @@ def test_quantize_int8_roundtrip_bound():
     assert (zero_q == 0).all() and (zero_s == 0).all()
 
 
-def linear_attention_quadratic(q, k, v, phi=elu_feature_map, eps=1e-6):
-    """Causal linear attention, un-normalised kernel form: A = φ(Q)φ(K)ᵀ masked to j <= i,
+def linear_attention_quadratic(q, k, v, phi=elu_feature_map, eps=1e-6, psi=None):
+    """Causal linear attention, un-normalised kernel form: A = ψ(Q)φ(K)ᵀ masked to j <= i,
     out = A V / (A 1 + eps). GQA by repeating K/V heads (fine for a small oracle)."""
     G = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)
-    scores = (phi(q) @ phi(k).transpose(-1, -2)).tril()  # (B, H, N, N)
-    return (scores @ v) / (scores.sum(-1, keepdim=True) + eps)
+    scores = ((psi or phi)(q) @ phi(k).transpose(-1, -2)).tril()  # (B, H, N, N)
+    den = scores.sum(-1, keepdim=True) + eps
+    return (scores @ v) / torch.where(den == 0, 1.0, den)  # zero weight everywhere: a zero row
 
 
 def random_features(D, F, seed=0):
@@ -160,15 +161,18 @@ def random_features(D, F, seed=0):
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
-@pytest.mark.parametrize("features", ["elu", "random"])
+@pytest.mark.parametrize("features", ["elu", "random", "random_qk"])
 def test_linear_state_equals_causal_linear_attention(kv_heads, features):
     q, k, v = rand_qkv(B=2, Hq=4, Hkv=kv_heads, Nq=N, D=8, grad=False)
     phi = elu_feature_map if features == "elu" else random_features(8, 12)
-    want = linear_attention_quadratic(q, k, v, phi)
-    cache = LinearStateCache(kv_heads=kv_heads, head_dim=8, feature_map=phi, chunk=2)
+    psi = random_features(8, 12, seed=1) if features == "random_qk" else None  # queries' own map
+    want = linear_attention_quadratic(q, k, v, phi, psi=psi)
+    cache = LinearStateCache(kv_heads=kv_heads, head_dim=8, feature_map=phi, query_map=psi, chunk=2)
     got = decode_layer(cache, mha_for(4, kv_heads, 8), q, k, v)
     assert rel_err(got, want) <= 1e-10
     F = 8 if features == "elu" else 12
+    if features == "random_qk":  # ψ must be used for the queries: φ there gives another answer
+        assert rel_err(got, linear_attention_quadratic(q, k, v, phi)) > 1e-3
     # S (F × D) and z (F) per batch and KV head, independent of the N tokens seen.
     assert cache.nbytes() == 2 * kv_heads * (F * 8 + F) * 8
 
@@ -269,3 +273,14 @@ def test_errors():
                         ({"steps": 2, "top_k": 0}, "top_k")):
         with pytest.raises(ValueError, match=msg):
             model.generate(tokens, **kwargs)
+
+
+def test_linear_state_zero_denominator_returns_zeros():
+    # relu features with eps=0: a query whose features are all zero puts weight 0 on every key.
+    q, k, v = rand_qkv(B=1, Hq=2, Hkv=2, Nq=6, D=4, grad=False)
+    q[:, :, 3] = -1.0  # relu(-1) = 0
+    cache = LinearStateCache(kv_heads=2, head_dim=4, feature_map=torch.relu, eps=0.0)
+    got = decode_layer(cache, mha_for(2, 2, 4), q, k, v, splits=[2, 1, 1, 2])
+    want = linear_attention_quadratic(q, k, v, torch.relu, eps=0.0)
+    assert torch.isfinite(got).all() and (got[:, :, 3] == 0).all()
+    assert rel_err(got, want) <= 1e-10

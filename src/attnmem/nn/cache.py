@@ -39,7 +39,10 @@ from .. import masks
 from ..api import attention
 
 # Method name -> the cache kind that reproduces its attention at decode time. Methods added
-# later register here (linear attention and Performer keep a recurrent state).
+# later register here. Wiring ``linear``/``performer`` to ``linear_state``: pass the method's key
+# and query feature maps as ``feature_map``/``query_map`` and ``eps=0`` where the method only
+# guards exact-zero denominators. A FAVOR+ key stabiliser fitted over all keys must be frozen at
+# the prefill (S and z scale by exp(old - new) if it is ever raised).
 DEFAULT_KIND: dict[str, str] = {
     "auto": "full", "reference": "full", "sdpa": "full", "chunked": "full",
     "sliding_window": "sliding_window", "linear": "linear_state", "performer": "linear_state",
@@ -335,22 +338,26 @@ class SlidingWindowCache(LayerCache):
 class LinearStateCache(LayerCache):
     """Recurrent state of causal linear attention: S = Σ φ(k) vᵀ (F × D) and z = Σ φ(k), per KV head.
 
-    Output of the token at position i: ``φ(q_i)ᵀ S_i / (φ(q_i)ᵀ z_i + eps)`` where S_i, z_i sum
-    over positions ≤ i. The state does not grow with the context. ``feature_map`` maps
-    (..., D) to (..., F) features (default ``elu(x) + 1``; a Performer passes its random-feature
-    map). Several new tokens at once are processed in chunks of ``chunk``: quadratic within a
-    chunk, through the state across chunks.
+    Output of the token at position i: ``ψ(q_i)ᵀ S_i / (ψ(q_i)ᵀ z_i + eps)`` where S_i, z_i sum
+    over positions ≤ i (a denominator that is exactly 0 counts as 1: a row with zero weight on
+    every key returns zeros). The state does not grow with the context. ``feature_map`` φ maps
+    keys (..., D) to (..., F) features (default ``elu(x) + 1``); ``query_map`` ψ maps queries
+    (default φ; FAVOR+ uses a different stabiliser for queries than for keys). Several new
+    tokens at once are processed in chunks of ``chunk``: quadratic within a chunk, through the
+    state across chunks.
     """
 
     kind = "linear_state"
 
     def __init__(self, *, kv_heads: int, head_dim: int, feature_map: Callable[[Tensor], Tensor] | None = None,
-                 eps: float = 1e-6, chunk: int = 256, max_len: int | None = None):
+                 query_map: Callable[[Tensor], Tensor] | None = None, eps: float = 1e-6, chunk: int = 256,
+                 max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
         _positive_int("chunk", chunk)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         self.feature_map = feature_map or elu_feature_map
+        self.query_map = query_map or self.feature_map
         self.eps, self.chunk = float(eps), chunk
         self.state: Tensor | None = None  # S: (B, Hkv, F, D)
         self.norm: Tensor | None = None  # z: (B, Hkv, F)
@@ -373,7 +380,7 @@ class LinearStateCache(LayerCache):
         self._check_new(k, v)
         B, Hq, n, D = q.shape
         G = Hq // self.kv_heads
-        phi_q = self.feature_map(q.reshape(B, self.kv_heads, G, n, D))  # (B, Hkv, G, n, F)
+        phi_q = self.query_map(q.reshape(B, self.kv_heads, G, n, D))  # (B, Hkv, G, n, F)
         phi_k = self.feature_map(k)  # (B, Hkv, n, F)
         outs = []
         for a in range(0, n, self.chunk):
@@ -385,7 +392,8 @@ class LinearStateCache(LayerCache):
             if self.state is not None:
                 num = num + pq @ self.state[:, :, None]
                 den = den + (pq @ self.norm[:, :, None, :, None]).squeeze(-1)
-            outs.append(num / (den[..., None] + self.eps))
+            den = den + self.eps
+            outs.append(num / torch.where(den == 0, torch.ones_like(den), den)[..., None])
             self._update(phi_k[:, :, a:b], v[:, :, a:b])
         self.length += n
         return torch.cat(outs, dim=3).reshape(B, Hq, n, D)
