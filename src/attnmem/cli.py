@@ -154,5 +154,7 @@ def summary_table(rows: list[dict]) -> Table:
     return table
 
 
+from . import cli_decode  # noqa: E402, F401  (registers `attnmem decode-bench`)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

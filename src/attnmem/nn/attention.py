@@ -70,11 +70,15 @@ class MultiHeadAttention(nn.Module):
             return self.inner(q, k, v, causal=self.causal, mask=mask)
         return attention(q, k, v, method=self.method, causal=self.causal, mask=mask, **self.options)
 
-    def forward(self, x: Tensor, *, mask: Any = None) -> Tensor:
+    def forward(self, x: Tensor, *, mask: Any = None, cache: Any = None) -> Tensor:
+        """``cache``: an ``attnmem.nn.cache.LayerCache``; x then holds the new tokens only, which
+        attend to the cached ones and are stored (decoding). Masks do not combine with a cache."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
+        if cache is not None and mask is not None:
+            raise ValueError("mask and cache do not combine; the cache kind sets the decoding pattern")
         q, k, v = self.project(x)
-        out = self.attend(q, k, v, mask)  # (B, Hq, N, D)
+        out = self.attend(q, k, v, mask) if cache is None else cache.attend(self, q, k, v)  # (B, Hq, N, D)
         B, _, N, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.d_model))
 

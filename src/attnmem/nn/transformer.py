@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiHeadAttention
+from .cache import DEFAULT_KIND, ModelCache, make_layer_cache
+from .sampling import generate
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
@@ -30,8 +32,8 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.GELU(),
                                  nn.Linear(ffn_mult * d_model, d_model))
 
-    def forward(self, x: Tensor, mask: Any = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), mask=mask)
+    def forward(self, x: Tensor, mask: Any = None, cache: Any = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
         return x + self.ffn(self.ln2(x))
 
 
@@ -67,17 +69,46 @@ class Transformer(nn.Module):
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_outputs or vocab_size)
 
-    def hidden(self, tokens: Tensor, *, mask: Any = None, position_offset: int = 0) -> Tensor:
+    def hidden(self, tokens: Tensor, *, mask: Any = None, position_offset: int = 0,
+               cache: ModelCache | None = None) -> Tensor:
+        """With ``cache``, ``tokens`` are the next tokens after the cached ones (positions follow
+        on from ``cache.length``); they attend to the cache and are added to it."""
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"tokens must be an int tensor of shape (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
+        if cache is not None:
+            cache.check_model(self, tokens.shape[1])
+            position_offset = cache.length
         pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + sinusoidal_positions(pos, self.d_model).to(self.embed.weight.dtype)
-        for block in self.blocks:
-            if self.checkpointing and torch.is_grad_enabled():
+        for i, block in enumerate(self.blocks):
+            if cache is not None:
+                x = block(x, mask, cache.layers[i])
+            elif self.checkpointing and torch.is_grad_enabled():
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
+        if cache is not None:
+            cache.length += tokens.shape[1]
         return self.ln_f(x)
 
-    def forward(self, tokens: Tensor, *, mask: Any = None) -> Tensor:
-        return self.head(self.hidden(tokens, mask=mask))
+    def forward(self, tokens: Tensor, *, mask: Any = None, cache: ModelCache | None = None) -> Tensor:
+        return self.head(self.hidden(tokens, mask=mask, cache=cache))
+
+    def new_cache(self, kind: str | None = None, *, max_len: int | None = None, **options: Any) -> ModelCache:
+        """An empty decoding cache for this model: ``full``, ``int8``, ``sliding_window``
+        (``window=``) or ``linear_state`` (``feature_map=``); default from the method
+        (``attnmem.nn.cache.DEFAULT_KIND``)."""
+        attn = self.blocks[0].attn
+        if kind is None:
+            kind = DEFAULT_KIND.get(attn.method)
+            if kind is None:
+                raise ValueError(f"no decoding cache for method {attn.method!r}; pass kind= explicitly")
+        layers = [make_layer_cache(kind, kv_heads=attn.kv_heads, head_dim=attn.head_dim, max_len=max_len, **options)
+                  for _ in self.blocks]
+        return ModelCache(layers, max_len=max_len)
+
+    def generate(self, prompt: Tensor, steps: int, *, greedy: bool = True, temperature: float = 1.0,
+                 top_k: int | None = None, seed: int | None = None, cache: ModelCache | None = None) -> Tensor:
+        """Continue ``prompt`` (B, N) by ``steps`` tokens -> (B, N + steps); see ``attnmem.nn.sampling.generate``."""
+        return generate(self, prompt, steps, greedy=greedy, temperature=temperature, top_k=top_k, seed=seed,
+                        cache=cache)

@@ -1,0 +1,477 @@
+"""Decoding caches: what a layer keeps of past tokens, and how new tokens attend to it.
+
+At inference the score matrix is gone (one query row per step) and the memory that grows is
+the cache of past keys and values. Each cache kind changes it differently:
+
+==================  ===========================================  ==========================
+kind                stores (per layer)                           bytes, in context length L
+==================  ===========================================  ==========================
+``full``            K and V of every token, only the Hkv heads   O(L · Hkv · D)
+``int8``            K, V as int8 + one scale per head and token  O(L · Hkv · (D + 4)) bytes
+``sliding_window``  ring buffer of the last ``window`` tokens    O(window · Hkv · D)
+``linear_state``    S = Σ φ(k) vᵀ (F × D) and z = Σ φ(k) per head O(1)
+==================  ===========================================  ==========================
+
+A cache defines the attention its layer does at decode time: ``full`` and ``int8`` are causal
+softmax attention, ``sliding_window`` is causal softmax attention within the window
+(``attnmem.attention(..., method="chunked", causal=True, mask=masks.sliding_window(w, 0))``),
+and ``linear_state`` is causal linear attention ``φ(q)ᵀS / φ(q)ᵀz`` (Katharopoulos et al.,
+2020). Pick the kind that matches the model's method: ``DEFAULT_KIND`` maps method names to
+cache kinds and is the hook for methods added later (``linear`` and ``performer`` use
+``linear_state``; pass the method's own feature map as ``feature_map``).
+
+Every layer cache takes ``attend(mha, q, k, v)`` — queries (B, Hq, n, D) of ``n`` new tokens and
+their keys/values (B, Hkv, n, D) — stores the new tokens and returns (B, Hq, n, D). The first call
+on an empty cache (the prefill) runs the method's full-sequence path.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import masks
+from ..api import attention
+
+# Method name -> the cache kind that reproduces its attention at decode time. Methods added
+# later register here. Wiring ``linear``/``performer`` to ``linear_state``: pass the method's key
+# and query feature maps as ``feature_map``/``query_map`` and ``eps=0`` where the method only
+# guards exact-zero denominators. A FAVOR+ key stabiliser fitted over all keys must be frozen at
+# the prefill (S and z scale by exp(old - new) if it is ever raised).
+DEFAULT_KIND: dict[str, str] = {
+    "auto": "full", "reference": "full", "sdpa": "full", "chunked": "full",
+    "sliding_window": "sliding_window", "linear": "linear_state", "performer": "linear_state",
+}
+
+# Keys of the int8 cache are dequantised this many at a time, so a step never holds a float
+# copy of the whole cache.
+INT8_KV_BLOCK = 4096
+INT8_MAX = 127.0
+
+
+def _positive_int(name: str, val: object, allow_none: bool = False) -> None:
+    if allow_none and val is None:
+        return
+    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {val!r}")
+
+
+def elu_feature_map(x: Tensor) -> Tensor:
+    """φ(x) = elu(x) + 1, the positive feature map of Katharopoulos et al. (2020)."""
+    return F.elu(x) + 1.0
+
+
+class LayerCache:
+    """Base class of one layer's cache. Subclasses implement ``append``, ``attend``, ``nbytes``."""
+
+    kind = ""
+
+    def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
+        _positive_int("kv_heads", kv_heads)
+        _positive_int("head_dim", head_dim)
+        _positive_int("max_len", max_len, allow_none=True)
+        self.kv_heads, self.head_dim, self.max_len = kv_heads, head_dim, max_len
+        self.length = 0  # tokens seen so far
+        self.batch: int | None = None
+
+    # --- checks shared by every kind ------------------------------------------------------
+    def check_module(self, mha: Any) -> None:
+        """ValueError when this cache was built for another layer shape or a non-causal layer."""
+        if (mha.kv_heads, mha.head_dim) != (self.kv_heads, self.head_dim):
+            raise ValueError(
+                f"cache was built for kv_heads={self.kv_heads}, head_dim={self.head_dim}; this layer has "
+                f"kv_heads={mha.kv_heads}, head_dim={mha.head_dim} (a cache from another model shape?)"
+            )
+        if not mha.causal:
+            raise ValueError("decoding with a cache needs a causal layer (causal=True)")
+
+    def _check_new(self, k: Tensor, v: Tensor) -> None:
+        if k.dim() != 4 or k.shape != v.shape or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
+            raise ValueError(
+                f"k and v must have shape (B, {self.kv_heads}, n, {self.head_dim}), "
+                f"got {tuple(k.shape)} and {tuple(v.shape)}"
+            )
+        if self.batch is not None and k.shape[0] != self.batch:
+            raise ValueError(f"cache holds batch size {self.batch}, got new tokens with batch size {k.shape[0]}")
+        n = k.shape[2]
+        if self.max_len is not None and self.length + n > self.max_len:
+            raise ValueError(
+                f"cache max_len={self.max_len} exceeded: it holds {self.length} tokens, got {n} more"
+            )
+        self.batch = k.shape[0]
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        """Store keys/values (B, Hkv, n, D) of ``n`` new tokens without attending."""
+        raise NotImplementedError
+
+    def attend(self, mha: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors this cache holds (allocated capacity, not just the used part)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
+                f"length={self.length}, nbytes={self.nbytes()})")
+
+
+def _grow(buf: Tensor | None, like: Tensor, need: int, max_len: int | None) -> Tensor:
+    """A (B, H, capacity, X) buffer holding at least ``need`` tokens; grows by doubling."""
+    cap = 0 if buf is None else buf.shape[2]
+    if need <= cap:
+        return buf
+    new_cap = max_len if max_len is not None else max(need, 2 * cap, 16)
+    B, H, _, X = like.shape
+    out = torch.empty(B, H, new_cap, X, dtype=like.dtype, device=like.device)
+    if buf is not None:
+        out[:, :, :cap] = buf
+    return out
+
+
+def _attend_new(q: Tensor, keys: Tensor, values: Tensor, **window: Any) -> Tensor:
+    """Causal attention of the last n tokens q (B, Hq, n, D) over keys/values (B, Hkv, L, D).
+
+    One new token sees every key it is given, so causality (and the window, whose keys the
+    caller already cut) is a no-op; the query heads of a KV group then fold into rows, so SDPA
+    serves GQA without repeating K/V.
+    """
+    B, Hq, n, D = q.shape
+    Hkv = keys.shape[1]
+    if n == 1:
+        out = attention(q.reshape(B, Hkv, Hq // Hkv, D), keys, values)  # (B, Hkv, G, D)
+        return out.reshape(B, Hq, 1, D)
+    if window:
+        return attention(q, keys, values, method="chunked", causal=True, **window)
+    return attention(q, keys, values, causal=True)
+
+
+def _buffers_nbytes(*bufs: Tensor | None) -> int:
+    return sum(b.numel() * b.element_size() for b in bufs if b is not None)
+
+
+class KVCache(LayerCache):
+    """Keys and values of every past token, Hkv heads only (GQA/MQA store fewer heads).
+
+    ``max_len`` preallocates that many tokens and makes going past it an error; without it the
+    buffers grow by doubling. Steps attend with ``attnmem.attention(q, K, V, causal=True)``,
+    whose bottom-right alignment lets the new tokens see every cached token and each other causally.
+    """
+
+    kind = "full"
+
+    def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
+        super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
+        self.k: Tensor | None = None  # (B, Hkv, capacity, D)
+        self.v: Tensor | None = None
+
+    def append(self, k: Tensor, v: Tensor) -> None:
+        self._check_new(k, v)
+        end = self.length + k.shape[2]
+        self.k = _grow(self.k, k, end, self.max_len)
+        self.v = _grow(self.v, v, end, self.max_len)
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+
+    def keys_values(self) -> tuple[Tensor, Tensor]:
+        """The used part of the cache: (B, Hkv, length, D) views."""
+        return self.k[:, :, : self.length], self.v[:, :, : self.length]
+
+    def attend(self, mha, q, k, v):
+        self.check_module(mha)
+        if mha.inner is not None:
+            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        prefill = self.length == 0
+        self.append(k, v)
+        if prefill:
+            return mha.attend(q, k, v)  # the method's full-sequence path
+        return _attend_new(q, *self.keys_values())
+
+    def nbytes(self):
+        return _buffers_nbytes(self.k, self.v)
+
+
+def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(B, H, n, D) -> int8 values and one float32 scale per head and token, (B, H, n, 1).
+
+    Symmetric absmax quantisation: ``x ≈ q * scale`` with ``scale = max|x| / 127``; the error of
+    each element is at most ``scale / 2``.
+    """
+    scale = x.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX  # (B, H, n, 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    quant = torch.round(x.float() / safe).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return quant, scale
+
+
+class Int8KVCache(KVCache):
+    """Like ``KVCache`` but holds int8 keys/values with per-head, per-token float32 scales.
+
+    About a quarter of the float32 cache: D + 4 bytes per head and token instead of 4·D. The
+    prefill attends with the float keys/values it was given; later steps read the quantised
+    cache, dequantising ``INT8_KV_BLOCK`` tokens at a time with an online softmax.
+    """
+
+    kind = "int8"
+
+    def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
+        super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
+        self.k_scale: Tensor | None = None  # (B, Hkv, capacity, 1) float32
+        self.v_scale: Tensor | None = None
+
+    def append(self, k, v):
+        self._check_new(k, v)
+        end = self.length + k.shape[2]
+        for name in ("k", "v"):
+            quant, scale = quantize_int8(k if name == "k" else v)
+            buf = _grow(getattr(self, name), quant, end, self.max_len)
+            sbuf = _grow(getattr(self, f"{name}_scale"), scale, end, self.max_len)
+            buf[:, :, self.length:end] = quant
+            sbuf[:, :, self.length:end] = scale
+            setattr(self, name, buf)
+            setattr(self, f"{name}_scale", sbuf)
+        self.length = end
+
+    def attend(self, mha, q, k, v):
+        self.check_module(mha)
+        if mha.inner is not None:
+            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        prefill = self.length == 0
+        self.append(k, v)
+        if prefill:
+            return mha.attend(q, k, v)  # the float keys/values, before quantisation
+        return self._int8_attention(q)
+
+    def _int8_attention(self, q: Tensor) -> Tensor:
+        """Causal softmax attention of q (B, Hq, n, D), the last n tokens, over the int8 cache."""
+        B, Hq, n, D = q.shape
+        Hkv, L = self.kv_heads, self.length
+        G = Hq // Hkv
+        # Query heads of one group share a key head: fold them into rows instead of expanding K/V.
+        qg = q.reshape(B, Hkv, G * n, D)  # (B, Hkv, G·n, D)
+        scale = 1.0 / math.sqrt(D)
+        # Row r is token r % n, at position L - n + r % n; it sees keys at positions <= that.
+        row_pos = (L - n) + torch.arange(G * n, device=q.device) % n  # (G·n,)
+        row_max = torch.full((B, Hkv, G * n, 1), -math.inf, dtype=q.dtype, device=q.device)
+        row_sum = torch.zeros((B, Hkv, G * n, 1), dtype=q.dtype, device=q.device)
+        acc = torch.zeros((B, Hkv, G * n, D), dtype=q.dtype, device=q.device)
+        for a in range(0, L, INT8_KV_BLOCK):
+            b = min(a + INT8_KV_BLOCK, L)
+            # The per-token scales factor out of the dot products: apply them to the (G·n, blk)
+            # scores and probabilities rather than to the (blk, D) keys and values.
+            k_scale = self.k_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :] * scale  # (B, Hkv, 1, blk)
+            v_scale = self.v_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :]
+            s = (qg @ self.k[:, :, a:b].to(q.dtype).transpose(-1, -2)) * k_scale  # (B, Hkv, G·n, blk)
+            if b - 1 > L - n:  # only the tail block holds keys some new token must not see
+                keep = torch.arange(a, b, device=q.device)[None, :] <= row_pos[:, None]
+                s = s.masked_fill(~keep, -math.inf)
+            new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
+            p = torch.exp(s - new_max)
+            correction = torch.exp(row_max - new_max)
+            row_sum = row_sum * correction + p.sum(-1, keepdim=True)
+            acc = acc * correction + (p * v_scale) @ self.v[:, :, a:b].to(q.dtype)
+            row_max = new_max
+        return (acc / row_sum).reshape(B, Hq, n, D)  # every row sees key 0: row_sum > 0
+
+    def nbytes(self):
+        return _buffers_nbytes(self.k, self.v, self.k_scale, self.v_scale)
+
+
+class SlidingWindowCache(LayerCache):
+    """A ring buffer of the last ``window`` tokens: memory bounded by the window, not the context.
+
+    Token at position p attends to positions p - window .. p, as
+    ``attnmem.attention(q, k, v, method="chunked", causal=True, mask=masks.sliding_window(window, 0))``
+    does over the whole sequence. Slot ``p % window`` holds token p.
+    """
+
+    kind = "sliding_window"
+
+    def __init__(self, *, kv_heads: int, head_dim: int, window: int, max_len: int | None = None):
+        super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
+        _positive_int("window", window)
+        self.window = window
+        self.mask = masks.sliding_window(window, 0)
+        self.k: Tensor | None = None  # (B, Hkv, window, D)
+        self.v: Tensor | None = None
+
+    def _ordered(self) -> tuple[Tensor, Tensor]:
+        """The held tokens oldest first: (B, Hkv, min(length, window), D) copies."""
+        held = min(self.length, self.window)
+        slots = (torch.arange(held, device=self.k.device) + (self.length - held)) % self.window
+        return self.k.index_select(2, slots), self.v.index_select(2, slots)
+
+    def append(self, k, v):
+        self._check_new(k, v)
+        if self.k is None:
+            B, H, _, D = k.shape
+            self.k = torch.zeros(B, H, self.window, D, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros_like(self.k)
+        n = k.shape[2]
+        keep = min(n, self.window)  # older new tokens would be overwritten within this call
+        pos = torch.arange(self.length + n - keep, self.length + n, device=k.device)
+        self.k[:, :, pos % self.window] = k[:, :, n - keep:]
+        self.v[:, :, pos % self.window] = v[:, :, n - keep:]
+        self.length += n
+
+    def attend(self, mha, q, k, v):
+        self.check_module(mha)
+        self._check_new(k, v)
+        if self.length == 0:
+            keys, values = k, v  # prefill: the whole prompt under the window mask
+        else:
+            past_k, past_v = self._ordered()
+            keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, ≤w+n, D)
+        out = _attend_new(q, keys, values, mask=self.mask)
+        self.append(k, v)
+        return out
+
+    def nbytes(self):
+        return _buffers_nbytes(self.k, self.v)
+
+
+class LinearStateCache(LayerCache):
+    """Recurrent state of causal linear attention: S = Σ φ(k) vᵀ (F × D) and z = Σ φ(k), per KV head.
+
+    Output of the token at position i: ``ψ(q_i)ᵀ S_i / (ψ(q_i)ᵀ z_i + eps)`` where S_i, z_i sum
+    over positions ≤ i (a denominator that is exactly 0 counts as 1: a row with zero weight on
+    every key returns zeros). The state does not grow with the context. ``feature_map`` φ maps
+    keys (..., D) to (..., F) features (default ``elu(x) + 1``); ``query_map`` ψ maps queries
+    (default φ; FAVOR+ uses a different stabiliser for queries than for keys). Several new
+    tokens at once are processed in chunks of ``chunk``: quadratic within a chunk, through the
+    state across chunks.
+    """
+
+    kind = "linear_state"
+
+    def __init__(self, *, kv_heads: int, head_dim: int, feature_map: Callable[[Tensor], Tensor] | None = None,
+                 query_map: Callable[[Tensor], Tensor] | None = None, eps: float = 1e-6, chunk: int = 256,
+                 max_len: int | None = None):
+        super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
+        _positive_int("chunk", chunk)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
+            raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+        self.feature_map = feature_map or elu_feature_map
+        self.query_map = query_map or self.feature_map
+        self.eps, self.chunk = float(eps), chunk
+        self.state: Tensor | None = None  # S: (B, Hkv, F, D)
+        self.norm: Tensor | None = None  # z: (B, Hkv, F)
+
+    def _update(self, phi_k: Tensor, v: Tensor) -> None:
+        if self.state is None:
+            B, H, _, Fdim = phi_k.shape
+            self.state = torch.zeros(B, H, Fdim, v.shape[-1], dtype=v.dtype, device=v.device)
+            self.norm = torch.zeros(B, H, Fdim, dtype=v.dtype, device=v.device)
+        self.state = self.state + phi_k.transpose(-1, -2) @ v  # (B, Hkv, F, D)
+        self.norm = self.norm + phi_k.sum(dim=2)  # (B, Hkv, F)
+
+    def append(self, k, v):
+        self._check_new(k, v)
+        self._update(self.feature_map(k), v)
+        self.length += k.shape[2]
+
+    def attend(self, mha, q, k, v):
+        self.check_module(mha)
+        self._check_new(k, v)
+        B, Hq, n, D = q.shape
+        G = Hq // self.kv_heads
+        phi_q = self.query_map(q.reshape(B, self.kv_heads, G, n, D))  # (B, Hkv, G, n, F)
+        phi_k = self.feature_map(k)  # (B, Hkv, n, F)
+        outs = []
+        for a in range(0, n, self.chunk):
+            b = min(a + self.chunk, n)
+            pq, pk, vc = phi_q[:, :, :, a:b], phi_k[:, :, None, a:b], v[:, :, None, a:b]
+            scores = (pq @ pk.transpose(-1, -2)).tril()  # (B, Hkv, G, c, c): within the chunk
+            num = scores @ vc  # (B, Hkv, G, c, D)
+            den = scores.sum(-1)  # (B, Hkv, G, c)
+            if self.state is not None:
+                num = num + pq @ self.state[:, :, None]
+                den = den + (pq @ self.norm[:, :, None, :, None]).squeeze(-1)
+            den = den + self.eps
+            outs.append(num / torch.where(den == 0, torch.ones_like(den), den)[..., None])
+            self._update(phi_k[:, :, a:b], v[:, :, a:b])
+        self.length += n
+        return torch.cat(outs, dim=3).reshape(B, Hq, n, D)
+
+    def nbytes(self):
+        return _buffers_nbytes(self.state, self.norm)
+
+
+KINDS: dict[str, type[LayerCache]] = {
+    c.kind: c for c in (KVCache, Int8KVCache, SlidingWindowCache, LinearStateCache)
+}
+
+
+def make_layer_cache(kind: str, *, kv_heads: int, head_dim: int, **options: Any) -> LayerCache:
+    """One layer's cache of ``kind`` (``full``, ``int8``, ``sliding_window``, ``linear_state``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    try:
+        return KINDS[kind](kv_heads=kv_heads, head_dim=head_dim, **options)
+    except TypeError as e:
+        raise TypeError(f"cache kind {kind!r}: {e}") from None
+
+
+class ModelCache:
+    """One ``LayerCache`` per block of a ``Transformer``, plus the position of the next token.
+
+    Build it with ``Transformer.new_cache(kind, ...)``; pass it to ``forward``/``hidden``/``generate``.
+    """
+
+    def __init__(self, layers: list[LayerCache], *, max_len: int | None = None):
+        _positive_int("max_len", max_len, allow_none=True)
+        if not layers:
+            raise ValueError("a ModelCache needs at least one layer cache")
+        self.layers, self.max_len = list(layers), max_len
+        self.length = 0
+
+    @property
+    def kind(self) -> str:
+        return self.layers[0].kind
+
+    def check_model(self, model: Any, new_tokens: int) -> None:
+        if len(self.layers) != len(model.blocks):
+            raise ValueError(
+                f"cache has {len(self.layers)} layers, the model has {len(model.blocks)} "
+                "(a cache from another model shape?)"
+            )
+        for cache, block in zip(self.layers, model.blocks):
+            cache.check_module(block.attn)
+        if self.max_len is not None and self.length + new_tokens > self.max_len:
+            raise ValueError(
+                f"cache max_len={self.max_len} exceeded: it holds {self.length} tokens, got {new_tokens} more"
+            )
+
+    def nbytes(self) -> int:
+        return sum(c.nbytes() for c in self.layers)
+
+    def __repr__(self) -> str:
+        return (f"ModelCache(kind={self.kind!r}, layers={len(self.layers)}, length={self.length}, "
+                f"nbytes={self.nbytes()})")
+
+
+def cache_bytes(kind: str, *, batch: int, layers: int, kv_heads: int, head_dim: int, seq_len: int,
+                dtype: torch.dtype = torch.float32, window: int | None = None,
+                feature_dim: int | None = None) -> int:
+    """Predicted bytes of a filled cache holding ``seq_len`` tokens (``full``/``int8`` preallocated
+    to exactly ``seq_len``), without allocating; for inference estimates."""
+    item = torch.empty((), dtype=dtype).element_size()
+    per_layer = batch * kv_heads
+    if kind == "full":
+        per_layer *= 2 * seq_len * head_dim * item
+    elif kind == "int8":
+        per_layer *= 2 * seq_len * (head_dim + 4)
+    elif kind == "sliding_window":
+        _positive_int("window", window)
+        per_layer *= 2 * window * head_dim * item
+    elif kind == "linear_state":
+        f = feature_dim or head_dim
+        per_layer *= (f * head_dim + f) * item
+    else:
+        raise ValueError(f"unknown cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    return layers * per_layer
