@@ -172,7 +172,10 @@ class RecurrentMemoryAttention(SegmentMemory):
             v_all = torch.cat([self.mem_v, v], dim=2)
         else:
             k_all, v_all = k, v
-        out = attention(q, k_all, v_all, method="chunked", causal=causal, scale=self.scale)
+        # One query tile per segment and one key tile over memory + segment: the block map has a
+        # single tile, so the segment runs as one kernel call (tiles are bounded by S and M).
+        out = attention(q, k_all, v_all, method="chunked", causal=causal, scale=self.scale,
+                        q_tile=self.segment, kv_tile=self.memory + self.segment)
         if self.memory > 0:
             # clone: keep M tokens, not a view that pins the (m + s)-token concatenation.
             self.mem_k = k_all[:, :, -self.memory:].detach().clone()  # (B, Hkv, ≤M, D)
