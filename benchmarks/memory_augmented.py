@@ -1,14 +1,15 @@
 """Memory-augmented attention: streaming peak memory and kNN retrieval memory.
 
-    python benchmarks/memory_augmented.py stream --tokens 16384 1048576
+    python benchmarks/memory_augmented.py stream --tokens 1048576
     python benchmarks/memory_augmented.py knn
     python benchmarks/memory_augmented.py table
 
 stream: a 2-layer Transformer (d_model 256, 4 heads, vocab 256) with ``recurrent_memory``
 (S = 512, M = 2048) or ``knn_memory`` reads a token stream segment by segment in inference
 (``Transformer.stream``, ``torch.inference_mode``). The tokens come from a generator, one
-segment at a time, so the input itself is not held; the model's parameters are passed to
-``attnmem.measure`` and count in the peak. Target: peak at 1,048,576 tokens <= 1.1 x peak at 16,384.
+segment at a time, so the input itself is not held. One run is tracked as ``attnmem.measure``
+tracks (the model's parameters count from the start) and reports the peak so far at 16,384
+tokens and every power of two up to the end. Target: peak at 1,048,576 tokens <= 1.1 x peak at 16,384.
 
 knn: a 1,000,000-entry store (B = 1, one head, D = 64, float32), 512 queries, k = 32. The
 retrieval (chunked exact top-k search + gathering the retrieved keys/values) is measured with the
@@ -30,7 +31,7 @@ import attnmem
 from _common import RESULTS, append_row, load_rows, log
 from attnmem.bench import environment
 from attnmem.mechanisms.memory import KNNMemoryAttention, topk_search
-from attnmem.memory.measure import MiB
+from attnmem.memory.measure import LiveTensorTracker, MiB
 
 OUT = RESULTS / "memory_augmented.jsonl"
 MODEL = dict(vocab_size=256, d_model=256, n_heads=4, n_layers=2)
@@ -48,28 +49,33 @@ def token_source(n_tokens: int, segment: int, seed: int = 1):
         yield torch.randint(0, MODEL["vocab_size"], (1, min(segment, n_tokens - a)), generator=g)
 
 
-def stream_row(method: str, n_tokens: int) -> dict:
+def stream_rows(method: str, n_tokens: int, out: Path) -> list[dict]:
+    """Stream ``n_tokens`` once, tracked like ``attnmem.measure`` (parameters count from the
+    start); at 16384 tokens and every power of two after it, append a row with the peak so far,
+    so one long run also gives the peak at every shorter length (the same operations, in order)."""
     torch.manual_seed(0)
     opts = METHOD_OPTIONS[method]
     model = attnmem.nn.Transformer(**MODEL, method=method, **opts).eval()
-    n_segments = -(-n_tokens // SEGMENT)
-    t_start = time.perf_counter()
-
-    def run(params):
-        checksum = 0.0
-        with torch.inference_mode():
-            for i, logits in enumerate(model.stream(token_source(n_tokens, SEGMENT))):
-                checksum += float(logits[0, -1, 0])
-                if (i + 1) % 128 == 0:
-                    log(f"  {method} {n_tokens}: segment {i + 1}/{n_segments}, "
-                        f"{time.perf_counter() - t_start:.0f} s")
-        return checksum
-
-    m = attnmem.measure(run, list(model.parameters()), repeats=0, warmup=0)
-    return {"kind": "stream", "method": method, "tokens": n_tokens, "segment": SEGMENT, **MODEL, **opts,
-            "dtype": "float32", "device": "cpu", "inference": True,
-            "peak_bytes": m.peak_bytes, "peak_mib": m.peak_bytes / MiB, "baseline_mib": m.baseline_bytes / MiB,
-            "time_s": m.time_s, "status": "ok", **environment()}
+    checkpoints = {n for n in (2 ** p for p in range(14, 40)) if n < n_tokens} | {n_tokens}
+    tracker = LiveTensorTracker()
+    tracker.track_tree(list(model.parameters()))
+    baseline = tracker.live
+    rows, done, t0, cpu0 = [], 0, time.perf_counter(), time.process_time()
+    with torch.inference_mode(), tracker:
+        for logits in model.stream(token_source(n_tokens, SEGMENT)):
+            done += logits.shape[1]
+            del logits
+            if done in checkpoints:
+                row = {"kind": "stream", "method": method, "tokens": done, "run_tokens": n_tokens,
+                       "segment": SEGMENT, **MODEL, **opts, "dtype": "float32", "device": "cpu",
+                       "inference": True, "peak_bytes": tracker.peak, "peak_mib": tracker.peak / MiB,
+                       "baseline_mib": baseline / MiB, "time_s": time.perf_counter() - t0,
+                       "cpu_s": time.process_time() - cpu0, "status": "ok", **environment()}
+                append_row(out, row)
+                rows.append(row)
+                log(f"  {method}: {done} tokens, peak so far {row['peak_mib']:.2f} MiB, {row['time_s']:.0f} s "
+                    f"(cpu {row['cpu_s']:.0f} s)")
+    return rows
 
 
 def knn_rows(store_size: int, n_queries: int, k: int, chunks: list[int]) -> list[dict]:
@@ -119,13 +125,17 @@ def knn_rows(store_size: int, n_queries: int, k: int, chunks: list[int]) -> list
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | tokens | segments | peak MiB | peak / peak at 16384 | time s |", "|---|---|---|---|---|---|"]
-    streams = [r for r in rows if r.get("kind") == "stream"]
-    for r in sorted(streams, key=lambda r: (r["method"], r["tokens"])):
-        base = [b for b in streams if b["method"] == r["method"] and b["tokens"] == 16384]
-        ratio = f"{r['peak_bytes'] / base[-1]['peak_bytes']:.3f}" if base else ""
-        lines.append(f"| {r['method']} | {r['tokens']} | {-(-r['tokens'] // r['segment'])} | {r['peak_mib']:.1f} "
-                     f"| {ratio} | {r['time_s']:.0f} |")
+    lines = ["| method | tokens read | segments | peak MiB | peak / peak at 16384 tokens | wall s | CPU s |",
+             "|---|---|---|---|---|---|---|"]
+    # Rows of one run (run_tokens) are the peak so far after each checkpoint of that run.
+    # A row without run_tokens is a whole attnmem.measure run of that length.
+    streams = [{"run_tokens": r["tokens"], "cpu_s": None, **r} for r in rows if r.get("kind") == "stream"]
+    for r in sorted(streams, key=lambda r: (r["method"], r["run_tokens"], r["tokens"])):
+        base = [b for b in streams if b["method"] == r["method"] and b["run_tokens"] == r["run_tokens"]
+                and b["tokens"] == 16384]
+        ratio = f"{r['peak_bytes'] / base[-1]['peak_bytes']:.4f}" if base else ""
+        lines.append(f"| {r['method']} | {r['tokens']} | {-(-r['tokens'] // r['segment'])} | {r['peak_mib']:.2f} "
+                     f"| {ratio} | {r['time_s']:.0f} | {'' if r['cpu_s'] is None else round(r['cpu_s'])} |")
     knn = [r for r in rows if r.get("kind") == "knn"]
     if knn:
         lines += ["", "| store | queries | k | search_chunk | store MiB | extra MiB | time s | indices equal "
@@ -140,20 +150,21 @@ def table(rows: list[dict]) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("part", choices=["stream", "knn", "table"])
-    ap.add_argument("--tokens", type=int, nargs="+", default=[16384, 1048576])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1048576])
     ap.add_argument("--methods", nargs="+", default=["recurrent_memory"], choices=sorted(METHOD_OPTIONS))
     ap.add_argument("--chunks", type=int, nargs="+", default=[8192, 65536])
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1: on a shared 2-core machine, 2 threads cost 5x the CPU time per segment)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     if args.part != "table":
         log(f"environment: {environment()}")
     if args.part == "stream":
         for method in args.methods:
             for n in args.tokens:
                 log(f"stream {method} {n} tokens ...")
-                row = stream_row(method, n)
-                append_row(args.out, row)
-                log(f"  peak {row['peak_mib']:.1f} MiB, {row['time_s']:.0f} s")
+                stream_rows(method, n, args.out)
     elif args.part == "knn":
         for row in knn_rows(1_000_000, 512, 32, args.chunks):
             append_row(args.out, row)

@@ -284,10 +284,11 @@ class KNNMemoryAttention(SegmentMemory):
     def write(self, k: Tensor, v: Tensor) -> None:
         """Append (B, Hkv, s, D) keys/values to the store, evicting the oldest beyond capacity."""
         B, Hkv, s, D = k.shape
-        if self.store_k is None or self.store_k.shape[0] != B or self.store_k.dtype != k.dtype \
-                or self.store_k.device != k.device:
+        if self.store_k is None or self.store_k.shape[0] != B:
             self.store_k = k.new_zeros(B, Hkv, self.capacity, D)  # (B, Hkv, C, D)
             self.store_v = v.new_zeros(B, Hkv, self.capacity, D)
+        elif self.store_k.dtype != k.dtype or self.store_k.device != k.device:
+            self.store_k, self.store_v = self.store_k.to(k), self.store_v.to(v)
         drop = max(s - self.capacity, 0)  # a segment longer than the store keeps its newest C
         k, v = k[:, :, drop:], v[:, :, drop:]
         slots = (torch.arange(k.shape[2], device=k.device) + self.written + drop) % self.capacity
