@@ -272,3 +272,9 @@ def test_reachable_through_compare_cases():
 def test_knn_module_type():
     mha = attnmem.nn.MultiHeadAttention(16, 2, method="knn_memory", capacity=8, topk=2)
     assert isinstance(mha.inner, KNNMemoryAttention)
+
+
+def test_transformer_stream_needs_segment_for_a_tensor():
+    model = attnmem.nn.Transformer(10, 16, 2, 1, method="recurrent_memory", segment=4, memory=4)
+    with pytest.raises(ValueError, match="segment"):
+        next(model.stream(torch.zeros(1, 8, dtype=torch.long)))
