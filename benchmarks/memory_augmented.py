@@ -125,16 +125,19 @@ def knn_rows(store_size: int, n_queries: int, k: int, chunks: list[int]) -> list
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| method | tokens read | segments | peak MiB | peak / peak at 16384 tokens | wall s | CPU s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| method | run length | threads | tokens read | segments | peak MiB | peak / peak at 16384 tokens "
+             "| wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|"]
     # Rows of one run (run_tokens) are the peak so far after each checkpoint of that run.
     # A row without run_tokens is a whole attnmem.measure run of that length.
     streams = [{"run_tokens": r["tokens"], "cpu_s": None, **r} for r in rows if r.get("kind") == "stream"]
-    for r in sorted(streams, key=lambda r: (r["method"], r["run_tokens"], r["tokens"])):
-        base = [b for b in streams if b["method"] == r["method"] and b["run_tokens"] == r["run_tokens"]
-                and b["tokens"] == 16384]
+    def run(r):
+        return r["method"], r["run_tokens"], r["cpu_threads"]
+
+    for r in sorted(streams, key=lambda r: (*run(r), r["tokens"])):
+        base = [b for b in streams if run(b) == run(r) and b["tokens"] == 16384]
         ratio = f"{r['peak_bytes'] / base[-1]['peak_bytes']:.4f}" if base else ""
-        lines.append(f"| {r['method']} | {r['tokens']} | {-(-r['tokens'] // r['segment'])} | {r['peak_mib']:.2f} "
+        lines.append(f"| {r['method']} | {r['run_tokens']} | {r['cpu_threads']} | {r['tokens']} "
+                     f"| {-(-r['tokens'] // r['segment'])} | {r['peak_mib']:.2f} "
                      f"| {ratio} | {r['time_s']:.0f} | {'' if r['cpu_s'] is None else round(r['cpu_s'])} |")
     knn = [r for r in rows if r.get("kind") == "knn"]
     if knn:
