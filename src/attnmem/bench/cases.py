@@ -118,6 +118,9 @@ def case_fn(case: Case):
     tracker counts them."""
     causal, mask = parse_mask(case.mask, case.seq_len)
     causal = causal or case.causal
+    method = registry.get(case.method)
+    if method.stateful:
+        return stateful_case_fn(case, method, causal, mask)
 
     def run(q, k, v):
         if case.forward_only:
@@ -128,6 +131,26 @@ def case_fn(case: Case):
             t.grad = None
         out = attention(q, k, v, method=case.method, causal=causal, mask=mask, **case.options)
         out.sum().backward()
+
+    return run
+
+
+def stateful_case_fn(case: Case, method: registry.Method, causal: bool, mask: Any):
+    """Methods with learned state run as their inner module, memory cleared before each run so
+    that every repeat reads the same stream (the module's parameters are not counted as inputs)."""
+    module = method.build_module(heads=case.heads, kv_heads=case.kv_heads or case.heads,
+                                 head_dim=case.head_dim, opts=method.make_options(case.options))
+    module.to(device=case.device, dtype=DTYPES[case.dtype])
+
+    def run(q, k, v):
+        module.reset()
+        if case.forward_only:
+            with torch.no_grad():
+                module(q, k, v, causal=causal, mask=mask)
+            return
+        for t in (q, k, v):
+            t.grad = None
+        module(q, k, v, causal=causal, mask=mask).sum().backward()
 
     return run
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -112,3 +113,43 @@ class Transformer(nn.Module):
         """Continue ``prompt`` (B, N) by ``steps`` tokens -> (B, N + steps); see ``attnmem.nn.sampling.generate``."""
         return generate(self, prompt, steps, greedy=greedy, temperature=temperature, top_k=top_k, seed=seed,
                         cache=cache)
+
+    def reset_memory(self) -> None:
+        """Clear the state of memory attention (``recurrent_memory``, ``knn_memory``): a new document."""
+        for block in self.blocks:
+            inner = block.attn.inner
+            if inner is not None and callable(getattr(inner, "reset", None)):
+                inner.reset()
+
+    def stream(self, tokens: Tensor | Iterable[Tensor], *, segment: int | None = None,
+               reset: bool = True) -> Iterator[Tensor]:
+        """Read a long input segment by segment; yield each segment's logits (B, s, num_outputs).
+
+        With ``method="recurrent_memory"`` or ``"knn_memory"`` every layer remembers earlier
+        segments, so the model reads a stream far longer than its attention window while peak
+        memory stays that of one segment. Positions continue across segments.
+
+        Args:
+            tokens: (B, N) int tensor, cut into pieces of ``segment`` tokens; or an iterable of
+                (B, n) int tensors, read as they come (the whole stream never needs to exist).
+            segment: tokens per step for a tensor input; use the method's segment length S so
+                that segment boundaries match a single ``forward`` over the whole input.
+            reset: clear the memory first (a new document).
+
+        Raises:
+            ValueError: ``segment`` missing or not positive for a tensor input.
+        """
+        if isinstance(tokens, Tensor):
+            if not isinstance(segment, int) or isinstance(segment, bool) or segment <= 0:
+                raise ValueError(f"segment must be a positive int for a tensor input, got {segment!r}")
+            if tokens.dim() != 2:
+                raise ValueError(f"tokens must have shape (B, N), got {tuple(tokens.shape)}")
+            pieces: Iterable[Tensor] = tokens.split(segment, dim=1)
+        else:
+            pieces = tokens
+        if reset:
+            self.reset_memory()
+        offset = 0
+        for piece in pieces:
+            yield self.head(self.hidden(piece, position_offset=offset))
+            offset += piece.shape[1]
