@@ -4,3 +4,4 @@ Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DES
 
 from . import exact  # noqa: F401
 from . import linear  # noqa: F401
+from . import lowrank  # noqa: F401

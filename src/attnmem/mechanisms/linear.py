@@ -276,32 +276,42 @@ def orthogonal_random_features(features: int, head_dim: int, *, seed: int,
     blocks = []
     for _ in range(math.ceil(features / head_dim)):
         gauss = torch.randn(head_dim, head_dim, generator=g, dtype=torch.float64)
-        q_mat, _ = torch.linalg.qr(gauss)
-        blocks.append(q_mat.T)
+        q_mat, r_mat = torch.linalg.qr(gauss)
+        # Signs of R's diagonal make Q Haar-distributed (QR alone is biased towards them).
+        blocks.append((q_mat * torch.sign(torch.diagonal(r_mat))).T)
     rows = torch.cat(blocks)[:features]  # (m, D) orthonormal within each block
     norms = torch.randn(features, head_dim, generator=g, dtype=torch.float64).norm(dim=1)
     return (norms.unsqueeze(1) * rows).to(dtype)
 
 
+# Feature exponents are clamped below at this fraction of the float's log-range, so that a
+# product of two features stays a normal float: subnormal arithmetic is ~10x slower on CPU.
+_EXP_FLOOR = {torch.float32: -43.0, torch.float64: -354.0}
+
+
 class FavorFeatures:
-    """φ(x) = exp(W x' − |x'|²/2 − c) / √m with x' = x·scale^½; c a detached stabiliser."""
+    """φ(x) = exp(W x' − |x'|²/2 − c) with x' = x·scale^½ and c a detached stabiliser.
+
+    The √m normalisation of the paper cancels between numerator and denominator and is left
+    out. Exponents below ``_EXP_FLOOR`` are clamped (e^-43 ≈ 2e-19 in float32; performer-pytorch
+    adds 1e-4 to every feature instead).
+    """
 
     def __init__(self, projection: Tensor, scale: float):
-        self.w = projection  # (m, D)
-        self.root_scale = math.sqrt(scale)
-        self.norm = 1.0 / math.sqrt(projection.shape[0])
+        self.w = projection * math.sqrt(scale)  # (m, D): x·W'ᵀ = x'·Wᵀ
+        self.half_scale = scale / 2
+        self.floor = _EXP_FLOOR.get(projection.dtype, -43.0)
         self.key_shift: Tensor | float = 0.0
 
     def logits(self, x: Tensor) -> Tensor:
-        x = x * self.root_scale
-        return x @ self.w.T - (x * x).sum(-1, keepdim=True) / 2  # (…, L, m)
+        return x @ self.w.T - (x * x).sum(-1, keepdim=True) * self.half_scale  # (…, L, m)
 
     def query(self, x: Tensor) -> Tensor:
         lg = self.logits(x)
-        return torch.exp(lg - lg.amax(-1, keepdim=True).detach()) * self.norm
+        return torch.exp((lg - lg.amax(-1, keepdim=True).detach()).clamp_min(self.floor))
 
     def key(self, x: Tensor) -> Tensor:
-        return torch.exp(self.logits(x) - self.key_shift) * self.norm
+        return torch.exp((self.logits(x) - self.key_shift).clamp_min(self.floor))
 
     def fit_keys(self, k: Tensor, chunk: int) -> None:
         """One pass without grad: the per-head maximum key logit, so exp never overflows."""
