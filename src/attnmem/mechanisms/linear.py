@@ -335,11 +335,12 @@ def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, 
 class PerformerOptions:
     """features: m random features (positive int, default 256). seed: the draw of the
     orthogonal projection (int, default 0); the functional form always uses this seed, the
-    module form redraws with ``redraw()``. chunk: as for ``linear``."""
+    module form redraws with ``redraw()``. chunk: as for ``linear`` (default 1024: fewer, larger
+    operations; the transient (C, m) features stay a few MiB per head)."""
 
     features: int = 256
     seed: int = 0
-    chunk: int = 256
+    chunk: int = 1024
 
     def __post_init__(self):
         _check_positive_int("features", self.features)
@@ -389,7 +390,7 @@ class Performer(Method):
     has_module = True
 
     def forward(self, inp: Inputs, opts: PerformerOptions) -> Tensor:
-        w = orthogonal_random_features(opts.features, inp.head_dim, seed=opts.seed)
+        w = orthogonal_random_features(opts.features, inp.head_dim, seed=opts.seed, dtype=torch.float64)
         return performer_attention(inp.q, inp.k, inp.v, w, causal=inp.causal, scale=inp.scale,
                                    chunk=opts.chunk)
 
