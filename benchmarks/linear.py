@@ -24,9 +24,9 @@ import statistics
 from pathlib import Path
 
 import torch
-from _common import RESULTS, append_row, load_rows, log
 
 import attnmem
+from _common import RESULTS, append_row, load_rows, log
 from attnmem.bench import Case, approx_error, environment, floor_bytes, run_case
 from attnmem.memory.measure import MiB, measure
 
@@ -150,7 +150,8 @@ def tables(rows: list[dict]) -> str:
     if cl:
         base = min(cl, key=lambda r: r["seq_len"])
         lines += ["causal linear (elu+1, chunk 256)", "",
-                  "| N | peak MiB | peak / floor | time s | time / time(N=%d) |" % base["seq_len"], "|---|---|---|---|---|"]
+                  f"| N | peak MiB | peak / floor | time s | time / time(N={base['seq_len']}) |",
+                  "|---|---|---|---|---|"]
         for r in sorted(cl, key=lambda r: r["seq_len"]):
             lines.append(f"| {r['seq_len']} | {r['peak_mib']:.0f} | {r['peak_over_floor']:.2f} | {r['time_s']:.2f} "
                          f"| {r['time_s'] / base['time_s']:.2f} |")

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 import attnmem
-from attnmem.bench import approx_error
 from attnmem.mechanisms.linear import orthogonal_random_features
 from attnmem.memory.measure import measure
 from attnmem.reference import reference_attention

@@ -2,6 +2,8 @@
 
 Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DESIGN.md."""
 
-from . import exact  # noqa: F401
-from . import linear  # noqa: F401
-from . import lowrank  # noqa: F401
+from . import (  # noqa: F401
+    exact,
+    linear,
+    lowrank,
+)

@@ -208,7 +208,7 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureMap, phi_k: 
         (B, Hq, Nq, D).
     """
     B, Hq, nq, D = q.shape
-    Hkv, nk = k.shape[1], k.shape[2]
+    Hkv = k.shape[1]
     G = Hq // Hkv
     q5 = q.reshape(B, Hkv, G, nq, D)  # (B, Hkv, G, Nq, D): query heads sharing a KV head
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)  # (B, Hkv, 1, Nk, D)
