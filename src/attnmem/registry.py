@@ -105,6 +105,9 @@ class Method:
     Options: type = NoOptions
     # Methods with learned parameters or state are reachable only through attnmem.nn.
     stateful: bool = False
+    # A method usable functionally that also has a module form with state of its own (e.g.
+    # performer's random features and redraw()): attnmem.nn.MultiHeadAttention builds it.
+    has_module: bool = False
     # True when the method always materialises an N×N tensor: never chosen by "auto".
     quadratic: bool = False
 

@@ -113,44 +113,52 @@ def make_inputs(case: Case, seed: int = 0):
     return q, k, v
 
 
+def attend_fn(method: str, *, heads: int, kv_heads: int | None, head_dim: int, seq_len: int,
+              options: dict[str, Any], device: str = "cpu", dtype: str = "float32", seed: int = 0):
+    """``f(q, k, v, causal, mask)`` running ``method``. A stateful method (``linformer``,
+    memory attention) gets its module built here, seeded, with ``max_len`` = ``seq_len`` unless
+    the options give one; its learned parameters start untrained, and a memory is cleared
+    before every call so that each repeat reads the same stream."""
+    m = registry.get(method)
+    if not m.stateful:
+        def functional(q, k, v, causal, mask):
+            return attention(q, k, v, method=method, causal=causal, mask=mask, **options)
+        return functional
+    opts = dict(options)
+    if "max_len" in m.info().options and "max_len" not in opts:
+        opts["max_len"] = seq_len
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = m.build_module(heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim,
+                                opts=m.make_options(opts))
+    module = module.to(torch.device(device), DTYPES[dtype])
+
+    reset = getattr(module, "reset", None)
+
+    def stateful(q, k, v, causal, mask):
+        if callable(reset):
+            reset()
+        return module(q, k, v, causal=causal, mask=mask)
+    return stateful
+
+
 def case_fn(case: Case):
     """The function a case measures: forward (+ backward), inputs passed as arguments so the
     tracker counts them."""
     causal, mask = parse_mask(case.mask, case.seq_len)
     causal = causal or case.causal
-    method = registry.get(case.method)
-    if method.stateful:
-        return stateful_case_fn(case, method, causal, mask)
+    attend = attend_fn(case.method, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
+                       seq_len=case.seq_len, options=case.options, device=case.device, dtype=case.dtype)
 
     def run(q, k, v):
         if case.forward_only:
             with torch.no_grad():
-                attention(q, k, v, method=case.method, causal=causal, mask=mask, **case.options)
+                attend(q, k, v, causal, mask)
             return
         for t in (q, k, v):
             t.grad = None
-        out = attention(q, k, v, method=case.method, causal=causal, mask=mask, **case.options)
+        out = attend(q, k, v, causal, mask)
         out.sum().backward()
-
-    return run
-
-
-def stateful_case_fn(case: Case, method: registry.Method, causal: bool, mask: Any):
-    """Methods with learned state run as their inner module, memory cleared before each run so
-    that every repeat reads the same stream (the module's parameters are not counted as inputs)."""
-    module = method.build_module(heads=case.heads, kv_heads=case.kv_heads or case.heads,
-                                 head_dim=case.head_dim, opts=method.make_options(case.options))
-    module.to(device=case.device, dtype=DTYPES[case.dtype])
-
-    def run(q, k, v):
-        module.reset()
-        if case.forward_only:
-            with torch.no_grad():
-                module(q, k, v, causal=causal, mask=mask)
-            return
-        for t in (q, k, v):
-            t.grad = None
-        module(q, k, v, causal=causal, mask=mask).sum().backward()
 
     return run
 
@@ -195,7 +203,8 @@ def approx_error(method: str, seq_len: int, *, heads: int = 8, head_dim: int = 6
     """Relative Frobenius error of ``method``'s output against exact attention, same inputs.
 
     ``peaked`` builds queries close to a few keys (sharp attention), where low-rank and kernel
-    approximations suffer most; otherwise q, k, v are standard normal.
+    approximations suffer most; otherwise q, k, v are standard normal. Stateful methods
+    (``linformer``) run as a freshly built, untrained module (``attend_fn``).
     """
     g = torch.Generator().manual_seed(seed)
     shape = (1, heads, seq_len, head_dim)
@@ -206,5 +215,7 @@ def approx_error(method: str, seq_len: int, *, heads: int = 8, head_dim: int = 6
         q = 3.0 * k[:, :, idx] + 0.1 * q
     with torch.no_grad():
         exact = attention(q, k, v, method="chunked", causal=causal)
-        approx = attention(q, k, v, method=method, causal=causal, **options)
+        attend = attend_fn(method, heads=heads, kv_heads=None, head_dim=head_dim, seq_len=seq_len,
+                           options=options, seed=seed)
+        approx = attend(q, k, v, causal, None)
     return ((approx - exact).norm() / exact.norm()).item()

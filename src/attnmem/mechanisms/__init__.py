@@ -2,5 +2,9 @@
 
 Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DESIGN.md."""
 
-from . import exact  # noqa: F401
-from .memory import KNNMemory, RecurrentMemory  # noqa: F401
+from . import (  # noqa: F401
+    exact,
+    linear,
+    lowrank,
+    memory,
+)

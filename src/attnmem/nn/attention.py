@@ -51,7 +51,7 @@ class MultiHeadAttention(nn.Module):
         if method != "auto":
             m = registry.get(method)
             opts = m.make_options(options)
-            if m.stateful:
+            if m.stateful or m.has_module:
                 self.inner = m.build_module(heads=n_heads, kv_heads=kv_heads,
                                             head_dim=self.head_dim, opts=opts)
 

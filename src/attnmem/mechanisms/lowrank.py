@@ -1,0 +1,253 @@
+"""Low-rank attention: keys and values projected down to k ≪ N rows, then exact softmax.
+
+* ``linformer`` — Wang et al. 2020: learned projections E, F (k × max_len) map the N keys and
+  values to k rows: ``softmax(Q (E K)ᵀ · s) (F V)``. A module with a fixed maximum length
+  (a sequence of N ≤ max_len uses the first N columns of E and F); reachable through
+  ``attnmem.nn.MultiHeadAttention(..., method="linformer", max_len=..., k=...)``.
+* ``nystrom`` — Xiong et al. 2021: m landmarks (segment means of Q and of K) and the Nyström
+  approximation ``softmax(Q K̃ᵀ) · pinv(softmax(Q̃ K̃ᵀ)) · softmax(Q̃ Kᵀ) V`` with the
+  Moore–Penrose inverse by 6 Newton–Schulz iterations. Both outer factors are themselves
+  softmax attentions (N queries over m landmark keys; m landmark queries over N keys), so they
+  run through the exact O(N)-memory ``chunked`` kernel and no N×m matrix is ever stored::
+
+      W   = pinv(softmax(Q̃ K̃ᵀ s)) · attention(Q̃, K, V)       # (m, D)
+      out = attention(Q, K̃, W)                                # (N, D)
+
+  Optional depthwise-conv residual on V (module form only: the conv is learned).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..registry import Capabilities, Inputs, Method, get, register
+from ..tiled import tiled_attention
+from .linear import _refuse
+
+_DTYPES = (torch.float32, torch.float64)
+
+
+def _check_positive_int(name: str, val: object) -> None:
+    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+def _exact(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """Exact softmax attention in O(N) memory (the ``chunked`` kernel), GQA without copies."""
+    return tiled_attention(q, k, v, mask=None, scale=scale, q_tile=256, kv_tile=256, kernel="auto")
+
+
+# --------------------------------------------------------------------------------------------
+# Linformer
+
+
+@dataclass(frozen=True)
+class LinformerOptions:
+    """max_len: the longest sequence the module accepts (its E, F have max_len columns).
+    k: projected length (1 ≤ k ≤ max_len, default 256). share_kv: one projection for keys and
+    values (E = F). per_head: one projection per key/value head instead of one for all."""
+
+    max_len: int = 4096
+    k: int = 256
+    share_kv: bool = False
+    per_head: bool = False
+
+    def __post_init__(self):
+        _check_positive_int("max_len", self.max_len)
+        _check_positive_int("k", self.k)
+        if self.k > self.max_len:
+            raise ValueError(f"k must be at most max_len={self.max_len}, got k={self.k}")
+        for name in ("share_kv", "per_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+
+class LinformerAttention(nn.Module):
+    """Module form of ``linformer``: E (and F unless share_kv) of shape (P, k, max_len), with
+    P = kv_heads if per_head else 1, initialised uniform in ±1/√k.
+
+    ``forward(q, k, v, *, causal, mask)``: q (B, Hq, N, D), k, v (B, Hkv, N, D), N ≤ max_len.
+
+    Raises:
+        ValueError: a sequence longer than max_len, causal=True or a mask.
+    """
+
+    def __init__(self, *, kv_heads: int, opts: LinformerOptions):
+        super().__init__()
+        self.opts = opts
+        heads = kv_heads if opts.per_head else 1
+        bound = 1.0 / math.sqrt(opts.k)
+        self.proj_k = nn.Parameter(torch.empty(heads, opts.k, opts.max_len).uniform_(-bound, bound))
+        self.proj_v = None if opts.share_kv else nn.Parameter(
+            torch.empty(heads, opts.k, opts.max_len).uniform_(-bound, bound))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask=None) -> Tensor:
+        inp = _refuse(get("linformer"), self.opts, q, k, v, causal, mask)
+        n = k.shape[2]
+        if n > self.opts.max_len:
+            raise ValueError(
+                f"sequence length {n} exceeds this Linformer module's max_len={self.opts.max_len}"
+            )
+        e = self.proj_k[:, :, :n].to(k.dtype)  # (P, k, N)
+        f = e if self.proj_v is None else self.proj_v[:, :, :n].to(v.dtype)
+        k_low = e.unsqueeze(0) @ k  # (B, Hkv, k, D)
+        v_low = f.unsqueeze(0) @ v  # (B, Hkv, k, D)
+        return _exact(q, k_low, v_low, inp.scale)
+
+    def extra_repr(self) -> str:
+        o = self.opts
+        return f"max_len={o.max_len}, k={o.k}, share_kv={o.share_kv}, per_head={o.per_head}"
+
+
+@register
+class Linformer(Method):
+    name = "linformer"
+    family = "lowrank"
+    exact = False
+    stateful = True
+    memory = "O(B·H·N·D + B·H·N·k): k projected keys/values; learned E, F of k × max_len"
+    summary = "Wang et al. 2020: learned projections E, F of length N -> k (module form)"
+    caps = Capabilities(causal=False, mask=False, dtypes=_DTYPES)
+    Options = LinformerOptions
+
+    def extra_reasons(self, inp: Inputs, opts: LinformerOptions) -> list[str]:
+        reasons = []
+        if inp.causal:
+            reasons.append("projects the whole sequence of keys at once, so a query would see "
+                           "future keys (causal Linformer is not supported)")
+        if inp.nq != inp.nk:
+            reasons.append(f"needs Nq == Nk (got Nq={inp.nq}, Nk={inp.nk})")
+        if inp.nk > opts.max_len:
+            reasons.append(f"sequence length {inp.nk} exceeds max_len={opts.max_len}")
+        return reasons
+
+    def not_supported_reasons(self, inp: Inputs, opts) -> list[str]:
+        # The capability line for causal is replaced by the explanation in extra_reasons.
+        return [r for r in super().not_supported_reasons(inp, opts) if r != "does not support causal=True"]
+
+    def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: LinformerOptions) -> nn.Module:
+        return LinformerAttention(kv_heads=kv_heads, opts=opts)
+
+
+# --------------------------------------------------------------------------------------------
+# Nyströmformer
+
+
+def segment_means(x: Tensor, m: int) -> Tensor:
+    """(B, H, N, D) -> (B, H, m, D): means of m contiguous, near-equal segments (m ≤ N)."""
+    n = x.shape[2]
+    if n % m == 0:
+        return x.reshape(x.shape[0], x.shape[1], m, n // m, x.shape[3]).mean(3)  # (B, H, m, D)
+    seg = torch.arange(n, device=x.device) * m // n  # segment of each token, sizes ⌊N/m⌋ or ⌈N/m⌉
+    counts = torch.bincount(seg, minlength=m).to(x.dtype)
+    sums = x.new_zeros(x.shape[0], x.shape[1], m, x.shape[3]).index_add(2, seg, x)
+    return sums / counts[:, None]
+
+
+def iterative_pinv(a: Tensor, iterations: int) -> Tensor:
+    """Moore–Penrose inverse of the (…, m, m) matrices by the Newton–Schulz iteration of
+    Xiong et al. 2021, Z ← ¼ Z (13I − AZ(15I − AZ(7I − AZ))), from Z₀ = Aᵀ / (‖A‖₁‖A‖∞)."""
+    abs_a = a.abs()
+    norm = abs_a.sum(-2).amax(-1) * abs_a.sum(-1).amax(-1)  # (…,): ‖A‖₁ · ‖A‖∞ per matrix
+    z = a.transpose(-1, -2) / norm[..., None, None]
+    eye = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
+    for _ in range(iterations):
+        az = a @ z
+        z = 0.25 * z @ (13 * eye - az @ (15 * eye - az @ (7 * eye - az)))
+    return z
+
+
+def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, *, landmarks: int, iterations: int,
+                      scale: float) -> Tensor:
+    """Nyström attention (module docstring). q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D).
+
+    With m = min(landmarks, Nq, Nk) landmarks; when m = Nq = Nk the landmarks are the tokens
+    and the result is exact attention up to the pseudo-inverse iteration's convergence.
+    """
+    B, Hq, nq, D = q.shape
+    Hkv, nk = k.shape[1], k.shape[2]
+    if nq == 0 or nk == 0:
+        return q.new_zeros(B, Hq, nq, v.shape[-1])
+    m = min(landmarks, nq, nk)
+    q_land = segment_means(q, m)  # (B, Hq, m, D)
+    k_land = segment_means(k, m)  # (B, Hkv, m, D)
+    k_land_q = k_land.repeat_interleave(Hq // Hkv, 1)  # (B, Hq, m, D): m rows, not N
+    kernel = torch.softmax(q_land @ k_land_q.transpose(-1, -2) * scale, -1)  # (B, Hq, m, m)
+    w = iterative_pinv(kernel, iterations) @ _exact(q_land, k, v, scale)  # (B, Hq, m, D)
+    return _exact(q, k_land_q, w, scale)  # (B, Hq, Nq, D)
+
+
+@dataclass(frozen=True)
+class NystromOptions:
+    """landmarks: m (positive int, default 64; capped at the sequence length). pinv_iterations:
+    Newton–Schulz steps (positive int, default 6). conv_kernel: odd width of the depthwise
+    convolution over V added to the output (0 = none, default); the conv is learned, so it
+    exists only in the module form (``attnmem.nn.MultiHeadAttention``)."""
+
+    landmarks: int = 64
+    pinv_iterations: int = 6
+    conv_kernel: int = 0
+
+    def __post_init__(self):
+        _check_positive_int("landmarks", self.landmarks)
+        _check_positive_int("pinv_iterations", self.pinv_iterations)
+        c = self.conv_kernel
+        if not isinstance(c, int) or isinstance(c, bool) or c < 0 or (c and c % 2 == 0):
+            raise ValueError(f"conv_kernel must be 0 or a positive odd int, got {c!r}")
+
+
+class NystromAttention(nn.Module):
+    """Module form of ``nystrom``: with ``conv_kernel`` > 0 it holds the depthwise conv over V
+    (one kernel of that width per key/value head, shared across the head dim, no bias)."""
+
+    def __init__(self, *, kv_heads: int, opts: NystromOptions):
+        super().__init__()
+        self.opts = opts
+        self.conv = None
+        if opts.conv_kernel:
+            width = opts.conv_kernel
+            self.conv = nn.Conv2d(kv_heads, kv_heads, (width, 1), padding=(width // 2, 0),
+                                  groups=kv_heads, bias=False)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask=None) -> Tensor:
+        inp = _refuse(get("nystrom"), NystromOptions(self.opts.landmarks, self.opts.pinv_iterations),
+                      q, k, v, causal, mask)
+        out = nystrom_attention(q, k, v, landmarks=self.opts.landmarks,
+                                iterations=self.opts.pinv_iterations, scale=inp.scale)
+        if self.conv is None:
+            return out
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(f"conv_kernel needs Nq == Nk, got Nq={q.shape[2]}, Nk={k.shape[2]}")
+        B, Hq, n, D = out.shape
+        Hkv = k.shape[1]
+        res = self.conv(v).unsqueeze(2)  # (B, Hkv, 1, N, D)
+        return (out.reshape(B, Hkv, Hq // Hkv, n, D) + res).reshape(B, Hq, n, D)
+
+
+@register
+class Nystrom(Method):
+    name = "nystrom"
+    family = "lowrank"
+    exact = False
+    has_module = True
+    memory = "O(B·H·N·D + B·H·m²): both N×m factors run as exact O(N) attention"
+    summary = "Xiong et al. 2021: segment-mean landmarks, iterative pseudo-inverse, optional conv on V"
+    caps = Capabilities(causal=False, mask=False, dtypes=_DTYPES)
+    Options = NystromOptions
+
+    def extra_reasons(self, inp: Inputs, opts: NystromOptions) -> list[str]:
+        if opts.conv_kernel:
+            return ["conv_kernel is a learned convolution: use attnmem.nn.MultiHeadAttention(..., "
+                    "method='nystrom', conv_kernel=...)"]
+        return []
+
+    def forward(self, inp: Inputs, opts: NystromOptions) -> Tensor:
+        return nystrom_attention(inp.q, inp.k, inp.v, landmarks=opts.landmarks,
+                                 iterations=opts.pinv_iterations, scale=inp.scale)
+
+    def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: NystromOptions) -> nn.Module:
+        return NystromAttention(kv_heads=kv_heads, opts=opts)
