@@ -22,13 +22,17 @@ import torch.multiprocessing as mp
 from attnmem import masks as M
 from attnmem.distributed import ring_attention, shard, unshard
 from attnmem.distributed.layout import local_lengths, positions
+from attnmem.nn import Transformer
 from attnmem.reference import reference_attention
 
 from .conftest import rel_err
 
 TOL = 1e-10
-PG_TIMEOUT_S = 6  # how long a rank waits on a silent peer
-JOIN_TIMEOUT_S = 45  # the test fails (instead of hanging) past this
+# How long a rank waits on a silent peer: long enough for a slow rank on a loaded machine
+# (a 6 s timeout fired spuriously at load 20 on 2 cores), short in the test of the timeout.
+PG_TIMEOUT_S = 30
+SILENT_TIMEOUT_S = 5
+JOIN_TIMEOUT_S = 90  # the test fails (instead of hanging) past this
 
 # (name, B, Hq, Hkv, N, D, causal, layout, heads_per_pass)
 CASES = [
@@ -57,13 +61,24 @@ def _inputs(case, world, seed=0):
     return q, k, v, dout
 
 
+def _transformer(**kw):
+    torch.manual_seed(0)
+    return Transformer(11, 16, 2, 2, kv_heads=1, causal=True, **kw).double()
+
+
+def _transformer_inputs(world):
+    g = torch.Generator().manual_seed(5)
+    n = 6 * world
+    return torch.randint(0, 11, (2, n), generator=g), torch.randn(2, n, 11, generator=g, dtype=torch.float64)
+
+
 # --- what each rank runs -------------------------------------------------------------------
 
 
-def _init(rank, world, store):
+def _init(rank, world, store, timeout_s):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=PG_TIMEOUT_S))
+                            timeout=timedelta(seconds=timeout_s))
 
 
 def _correctness(rank, world, out_dir: Path):
@@ -76,6 +91,15 @@ def _correctness(rank, world, out_dir: Path):
         out.backward(dout)
         torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad},
                    out_dir / f"{name}_{rank}.pt")
+    # attnmem.nn.Transformer with sequence_parallel=True (zigzag shards of the tokens).
+    tokens, dlogits = _transformer_inputs(world)
+    model = _transformer(sequence_parallel=True)
+    logits = model(shard(tokens, world, rank, layout="zigzag", dim=1))
+    logits.backward(shard(dlogits, world, rank, layout="zigzag", dim=1))
+    for p in model.parameters():
+        dist.all_reduce(p.grad)
+    torch.save({"logits": logits.detach(), **{n: p.grad for n, p in model.named_parameters()}},
+               out_dir / f"transformer_{rank}.pt")
     # A subgroup ring (global ranks differ from group ranks): two independent 2-rank rings.
     if world == 4:
         groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -110,7 +134,7 @@ def _peer_exits(rank, world, out_dir: Path):
 def _peer_silent(rank, world, out_dir: Path):
     """Rank 1 is alive but never joins; rank 0 must time out with a clear error."""
     if rank == 1:
-        time.sleep(4 * PG_TIMEOUT_S)
+        time.sleep(4 * SILENT_TIMEOUT_S)
         return
     q = torch.randn(1, 2, 8, 8, dtype=torch.float64)
     ring_attention(q, q, q)
@@ -122,7 +146,7 @@ SCENARIOS = {"correctness": _correctness, "peer_exits": _peer_exits, "peer_silen
 def _rank_main(rank, world, store, out_dir, scenario):
     out_dir = Path(out_dir)
     try:
-        _init(rank, world, store)
+        _init(rank, world, store, SILENT_TIMEOUT_S if scenario == "peer_silent" else PG_TIMEOUT_S)
         SCENARIOS[scenario](rank, world, out_dir)
         (out_dir / f"ok_{rank}").write_text("")
     except BaseException as e:  # noqa: BLE001  (reported to the parent, which asserts)
@@ -183,7 +207,7 @@ def _reference(case, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_ring_matches_reference(tmp_path, world):
     errors = _spawn(tmp_path, world, "correctness")
-    assert all(e is None for e in errors.values()), errors
+    assert all(e is None for e in errors.values()), "\n".join(f"rank {r}: {e}" for r, e in errors.items())
     for case in CASES:
         name, layout = case[0], case[7]
         want = _reference(case, world)
@@ -193,6 +217,15 @@ def test_ring_matches_reference(tmp_path, world):
             assert got.shape == ref.shape, (name, key)
             assert torch.isfinite(got).all(), (name, key)
             assert rel_err(got, ref) <= TOL, f"{name} {key}: rel err {rel_err(got, ref)}"
+    tokens, dlogits = _transformer_inputs(world)
+    model = _transformer()
+    logits = model(tokens)
+    logits.backward(dlogits)
+    parts = [torch.load(tmp_path / f"transformer_{r}.pt") for r in range(world)]
+    got = unshard([p["logits"] for p in parts], layout="zigzag", dim=1)
+    assert rel_err(got, logits.detach()) <= TOL
+    for name, p in model.named_parameters():
+        assert rel_err(parts[0][name], p.grad) <= TOL, f"transformer grad {name}"
     if world == 4:
         want = _reference(CASES[2], 2)["out"]
         for pair in ([0, 1], [2, 3]):
