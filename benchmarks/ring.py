@@ -35,7 +35,7 @@ from attnmem.memory.measure import MiB, measure
 CORES = os.cpu_count() or 1
 
 
-def _rank(rank, world, store, n, causal, result_dir, repeats):
+def _rank(rank, world, store, n, causal, result_dir, repeats, heads_per_pass):
     torch.set_num_threads(max(1, CORES // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(minutes=20))
@@ -46,7 +46,7 @@ def _rank(rank, world, store, n, causal, result_dir, repeats):
     def step(q, k, v):
         for t in (q, k, v):
             t.grad = None
-        ring_attention(q, k, v, causal=causal, layout=layout).sum().backward()
+        ring_attention(q, k, v, causal=causal, layout=layout, heads_per_pass=heads_per_pass).sum().backward()
 
     dist.barrier()
     m = measure(step, q, k, v, repeats=repeats, warmup=0)
@@ -55,10 +55,10 @@ def _rank(rank, world, store, n, causal, result_dir, repeats):
     dist.destroy_process_group()
 
 
-def run_ring(n: int, world: int, causal: bool, repeats: int) -> dict:
+def run_ring(n: int, world: int, causal: bool, repeats: int, heads_per_pass: int) -> dict:
     with tempfile.TemporaryDirectory() as d:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_rank, args=(r, world, f"{d}/store", n, causal, d, repeats))
+        procs = [ctx.Process(target=_rank, args=(r, world, f"{d}/store", n, causal, d, repeats, heads_per_pass))
                  for r in range(world)]
         t0 = time.perf_counter()
         for p in procs:
@@ -76,8 +76,8 @@ def run_ring(n: int, world: int, causal: bool, repeats: int) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| N | mask (layout) | run | ranks | threads/rank | per-rank peak MiB | peak / chunked peak "
-             "| time s | time / chunked |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | mask (layout) | run | ranks | threads/rank | heads/pass | per-rank peak MiB "
+             "| peak / chunked peak | time s | time / chunked |", "|---|---|---|---|---|---|---|---|---|---|"]
     ok = [r for r in rows if r.get("status") == "ok"]
     for r in ok:
         if r["method"] != "ring":
@@ -87,11 +87,11 @@ def table(rows: list[dict]) -> str:
         ratio_t = f"{r['time_s'] / peer['time_s']:.2f}" if peer else ""
         mask = "causal (zigzag)" if r["causal"] else "none (contiguous)"
         if peer:
-            lines.append(f"| {r['seq_len']} | {mask} | chunked (round {r['round']}) | 1 | {CORES} "
+            lines.append(f"| {r['seq_len']} | {mask} | chunked (round {r['round']}) | 1 | {CORES} | — "
                          f"| {peer['peak_mib']:.0f} | 1 | {peer['time_s']:.2f} | 1 |")
         lines.append(f"| {r['seq_len']} | {mask} | ring (round {r['round']}) | {r['ranks']} "
-                     f"| {max(1, CORES // r['ranks'])} | {r['peak_mib']:.0f} | {ratio_m} | {r['time_s']:.2f} "
-                     f"| {ratio_t} |")
+                     f"| {max(1, CORES // r['ranks'])} | {r.get('heads_per_pass', 1)} | {r['peak_mib']:.0f} "
+                     f"| {ratio_m} | {r['time_s']:.2f} | {ratio_t} |")
     return "\n".join(lines)
 
 
@@ -102,6 +102,7 @@ def main() -> None:
     ap.add_argument("--masks", nargs="+", default=["none", "causal"], choices=["none", "causal"])
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=1, help="timed runs after the tracked one")
+    ap.add_argument("--heads-per-pass", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "ring.jsonl")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -120,7 +121,8 @@ def main() -> None:
                            "layout": "zigzag" if causal else "contiguous", "ranks": world, "round": rnd,
                            "threads_per_rank": max(1, CORES // world), "backend": "gloo", **env,
                            "floor_bytes": floor_bytes(Case("chunked", args.n)),
-                           **run_ring(args.n, world, causal, args.repeats),
+                           "heads_per_pass": args.heads_per_pass,
+                           **run_ring(args.n, world, causal, args.repeats, args.heads_per_pass),
                            "peer": {k: peer.get(k) for k in ("method", "status", "peak_bytes", "peak_mib", "time_s")}}
                     log(f"  ring P={world}: {row.get('peak_mib', 0):.0f} MiB {row.get('time_s', 0):.2f} s")
                     append_row(args.out, row)
