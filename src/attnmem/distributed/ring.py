@@ -102,10 +102,13 @@ class _Ring:
             shape = list(t.shape)
             shape[2] = recv_len
             recvs.append(t.new_empty(shape))
-        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag) for t in tensors]
+        # The fused backward may return dk/dv in a transposed layout; sends need contiguous
+        # memory, and the list of works keeps the sent tensors alive until they are waited on.
+        sends = [t.contiguous() for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag) for t in sends]
         ops += [dist.P2POp(dist.irecv, r, self.recv_from, self.group, tag) for r in recvs]
         with _peer_errors(self.rank, self.world, f"sending / receiving {what}"):
-            return recvs, dist.batch_isend_irecv(ops)
+            return recvs, [*dist.batch_isend_irecv(ops), *sends]
 
     def wait(self, works: list, what: str) -> None:
         _wait(works, self.rank, self.world, what)
@@ -124,15 +127,16 @@ def _peer_errors(rank: int, world: int, what: str):
             raise
         first = str(e).splitlines()[0] if str(e) else repr(e)
         raise RingAttentionError(
-            f"ring_attention: rank {rank} of {world} failed while {what}: a peer failed, exited or "
-            f"did not answer within the process group's timeout ({first})"
+            f"ring_attention: rank {rank} of {world} failed while {what}: {first} (usually a peer that "
+            f"failed, exited or did not answer within the process group's timeout)"
         ) from e
 
 
 def _wait(works: list, rank: int, world: int, what: str) -> None:
     with _peer_errors(rank, world, what):
         for w in works:
-            w.wait()
+            if not isinstance(w, Tensor):
+                w.wait()
 
 
 def _merge_into(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
@@ -252,16 +256,18 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str, scale: float, group) -> list[int]:
+def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str, scale: float, heads_per_pass: int,
+                        group) -> tuple[list[int], int]:
     """All-gather each rank's configuration; the same ValueError on every rank if they differ.
 
-    Returns every rank's local sequence length.
+    Returns every rank's local sequence length and the heads per pass all ranks use (the
+    smallest asked for: every rank must send the same blocks).
     """
     world = dist.get_world_size(group)
     dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
     B, Hq, n, D = q.shape
     mine = torch.tensor([B, Hq, k.shape[1], D, int(causal), L.LAYOUTS.index(layout),
-                         int(round(scale * 2**40)), n], dtype=torch.int64, device=dev)
+                         int(round(scale * 2**40)), heads_per_pass, n], dtype=torch.int64, device=dev)
     every = [torch.empty_like(mine) for _ in range(world)]
     what = "exchanging shapes with the other ranks"
     with _peer_errors(dist.get_rank(group), world, what):
@@ -284,11 +290,11 @@ def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str, scale: 
             f"ring_attention: layout='zigzag' needs one even local length on every rank (two equal chunks "
             f"each), got {lengths}; shard with attnmem.distributed.shard(x, world, rank, layout='zigzag')"
         )
-    return lengths
+    return lengths, min(row[-2] for row in table)
 
 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group: Any = None,
-                   layout: str = "contiguous", scale: float | None = None, heads_per_pass: int = 2,
+                   layout: str = "contiguous", scale: float | None = None, heads_per_pass: int | None = None,
                    q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
@@ -306,9 +312,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
             ``attnmem.distributed.layout``; balanced causal work). Use ``shard``/``unshard``.
         scale: multiplier of QKᵀ; default ``1/sqrt(D)``.
         heads_per_pass: key/value heads sent round the ring together; fewer means smaller
-            buffers in flight, more means fewer, larger messages. Default 2: on CPU, PyTorch's
-            fused flash-attention backward ran ~25x slower per head with one head per call
-            (B=1, N=2048: 9.4 s for 1 head, 0.74 s for 2), so 1 saves memory at a large cost.
+            buffers in flight, more means fewer, larger messages. Default (None): on CPU the
+            fewest that give each of torch's threads a (batch, head) pair — PyTorch's fused
+            backward parallelises over B·H, and with 2 threads and B·H = 1 it ran ~13x slower
+            (N=2048: 9.4 s for 1 head, 0.74 s for 2); all heads on other devices. Ranks that
+            ask for different values use the smallest.
         q_tile, kv_tile, kernel: options of the local ``chunked`` kernel.
 
     Returns:
@@ -332,9 +340,13 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
             f"tokens, got N_local={q.shape[2]} for q and {k.shape[2]} for k"
         )
     L.check_layout(layout)
-    if not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass <= 0:
-        raise ValueError(f"heads_per_pass must be a positive int, got {heads_per_pass!r}")
-    lengths = _check_across_ranks(q, k, causal, layout, inp.scale, group)
+    if heads_per_pass is None:
+        heads_per_pass = k.shape[1]
+        if q.device.type == "cpu":
+            heads_per_pass = min(k.shape[1], max(1, math.ceil(torch.get_num_threads() / q.shape[0])))
+    elif not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass <= 0:
+        raise ValueError(f"heads_per_pass must be a positive int or None, got {heads_per_pass!r}")
+    lengths, heads_per_pass = _check_across_ranks(q, k, causal, layout, inp.scale, heads_per_pass, group)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     ring = _Ring(
@@ -359,7 +371,7 @@ class SequenceParallel:
 
     layout: str = "zigzag"
     group: Any = None
-    heads_per_pass: int = 2
+    heads_per_pass: int | None = None
 
     def __post_init__(self):
         L.check_layout(self.layout)
