@@ -19,10 +19,11 @@ with the global output and log-sum-exp, so a rank holds O(N/P) memory.
 
 To bound the buffers in flight (the block being computed, the one arriving and, in the
 backward, two travelling gradients), the ring runs once per group of ``heads_per_pass`` key/value
-heads; they add about 1.4 · heads_per_pass / Hkv times the local q (for Hq = Hkv).
+heads; in the backward they add about 11 · heads_per_pass / Hkv times the size of the local q
+(for Hq = Hkv) to the local q, k, v, out, dq, dk, dv.
 
 Causal masks per (local queries, visiting keys) pair are full, empty (skipped) or the local
-causal diagonal — see ``_pairs``. With the ``contiguous`` layout the last rank does P times
+causal diagonal — see ``_Ring.pairs``. With the ``contiguous`` layout the last rank does P times
 the work of the first; ``layout="zigzag"`` (see ``attnmem.distributed.layout``) balances it.
 """
 
