@@ -1,6 +1,6 @@
 """attnmem: see, remove and compare the memory bottleneck of softmax attention."""
 
-from . import masks, mechanisms, nn  # noqa: F401  (importing mechanisms registers every method)
+from . import distributed, masks, mechanisms, nn  # noqa: F401  (importing mechanisms registers every method)
 from .api import attention, validate
 from .memory.measure import Measurement, measure
 from .registry import MethodInfo, methods

@@ -409,3 +409,17 @@ def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, s
     and other callers that merge partial results themselves."""
     c = _Ctx(q, k, mask, scale, max(q_tile, _MIN_Q_TILE), kv_tile, kernel)
     return tiled_forward(c, q, k, v)
+
+
+def tiled_backward_lse(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
+                       mask: Mask | None, scale: float, q_tile: int = 256, kv_tile: int = 256,
+                       kernel: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """Gradients through one block of keys, given the output and log-sum-exp of the WHOLE row.
+
+    For ring attention and other callers that split the keys: with ``out`` (B, Hq, Nq, D) and
+    ``lse`` (B, Hq, Nq) merged over all key blocks, the probabilities this block recomputes are
+    the global ones, so ``dq`` is this block's share of the full dq (sum the shares over the
+    blocks) and ``dk``/``dv`` (B, Hkv, Nk, D) are this block's full gradients from these queries.
+    """
+    c = _Ctx(q, k, mask, scale, max(q_tile, _MIN_Q_TILE), kv_tile, kernel)
+    return tiled_backward(c, dout, q, k, v, out, lse)

@@ -21,6 +21,9 @@ class MultiHeadAttention(nn.Module):
             (``MethodInfo.stateful``) build their own inner module here.
         causal: apply the causal mask in every call.
         bias: use biases in the projections.
+        sequence_parallel: an ``attnmem.distributed.SequenceParallel``: the sequence is split
+            across the ranks of a process group and attention runs as ring attention (exact;
+            ``method`` is then unused). Default None: one process holds the whole sequence.
         **options: the method's options.
 
     Shapes: ``forward(x)`` takes (B, N, d_model) and returns (B, N, d_model).
@@ -30,7 +33,8 @@ class MultiHeadAttention(nn.Module):
     """
 
     def __init__(self, d_model: int, n_heads: int, *, kv_heads: int | None = None,
-                 method: str = "auto", causal: bool = False, bias: bool = False, **options: Any):
+                 method: str = "auto", causal: bool = False, bias: bool = False,
+                 sequence_parallel: Any = None, **options: Any):
         super().__init__()
         kv_heads = n_heads if kv_heads is None else kv_heads
         for name, val in (("d_model", d_model), ("n_heads", n_heads), ("kv_heads", kv_heads)):
@@ -43,6 +47,7 @@ class MultiHeadAttention(nn.Module):
         self.d_model, self.n_heads, self.kv_heads = d_model, n_heads, kv_heads
         self.head_dim = d_model // n_heads
         self.method, self.causal, self.options = method, causal, dict(options)
+        self.sequence_parallel = sequence_parallel
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
         self.k_proj = nn.Linear(d_model, kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(d_model, kv_heads * self.head_dim, bias=bias)
@@ -66,6 +71,8 @@ class MultiHeadAttention(nn.Module):
                 self.split_heads(self.v_proj(x), self.kv_heads))
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any = None) -> Tensor:
+        if self.sequence_parallel is not None:
+            return self.sequence_parallel.attend(q, k, v, causal=self.causal, mask=mask)
         if self.inner is not None:
             return self.inner(q, k, v, causal=self.causal, mask=mask)
         return attention(q, k, v, method=self.method, causal=self.causal, mask=mask, **self.options)

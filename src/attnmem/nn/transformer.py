@@ -50,6 +50,11 @@ class Transformer(nn.Module):
         method, causal, **options: passed to every ``MultiHeadAttention``.
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
+        sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True
+            (zigzag layout, world group) or an ``attnmem.distributed.SequenceParallel``. Each
+            rank passes its own tokens (``attnmem.distributed.shard``); attention is ring
+            attention and positions are global. Gradients of the (replicated) parameters are
+            each rank's share: all-reduce them before the optimizer step.
 
     Shapes: ``forward(tokens)`` takes (B, N) int64 and returns logits (B, N, num_outputs).
     """
@@ -57,7 +62,7 @@ class Transformer(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_heads: int, n_layers: int, *,
                  kv_heads: int | None = None, ffn_mult: int = 4, num_outputs: int | None = None,
                  method: str = "auto", causal: bool = True, checkpointing: bool = False,
-                 **options: Any):
+                 sequence_parallel: Any = False, **options: Any):
         super().__init__()
         for name, val in (("vocab_size", vocab_size), ("n_layers", n_layers), ("ffn_mult", ffn_mult)):
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
@@ -66,6 +71,12 @@ class Transformer(nn.Module):
         self.checkpointing = checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)
         attn_kwargs = dict(kv_heads=kv_heads, method=method, causal=causal, **options)
+        self.sequence_parallel = None
+        if sequence_parallel:
+            from ..distributed import SequenceParallel
+
+            self.sequence_parallel = SequenceParallel() if sequence_parallel is True else sequence_parallel
+            attn_kwargs["sequence_parallel"] = self.sequence_parallel
         self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_mult, attn_kwargs) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_outputs or vocab_size)
@@ -79,7 +90,10 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.check_model(self, tokens.shape[1])
             position_offset = cache.length
-        pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
+        if self.sequence_parallel is not None:
+            pos = self.sequence_parallel.positions(tokens.shape[1], tokens.device) + position_offset
+        else:
+            pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + sinusoidal_positions(pos, self.d_model).to(self.embed.weight.dtype)
         for i, block in enumerate(self.blocks):
             if cache is not None:

@@ -1,0 +1,398 @@
+"""Ring attention (Liu et al. 2023) on torch.distributed point-to-point operations.
+
+Every rank of the group holds a slice of the sequence: its queries, keys and values. The key
+and value blocks travel around the ring (rank r sends to r+1 and receives from r-1) while each
+rank attends its queries to the block it holds; partial results merge by their log-sum-exp,
+so the output is exact::
+
+    step 0: rank r attends to block r        (its own; causal -> the diagonal)
+    step t: rank r attends to block r - t    (sent on by rank r-1 during step t-1)
+
+    lse = logaddexp(lse_a, lse_b)
+    out = out_a * exp(lse_a - lse) + out_b * exp(lse_b - lse)
+
+The backward sends the blocks round again. ``dq`` accumulates on its own rank; the ``dk``/``dv``
+of a block travel with it, each rank adding its share, and arrive back at their owner after P
+steps. The sends of the next block are posted before the current block is computed, so
+communication overlaps the compute. The local step is attnmem's tiled (``chunked``) kernel
+with the global output and log-sum-exp, so a rank holds O(N/P) memory.
+
+To bound the buffers in flight (the block being computed, the one arriving and, in the
+backward, two travelling gradients), the ring runs once per group of ``heads_per_pass`` key/value
+heads; in the backward they add about 11 · heads_per_pass / Hkv times the size of the local q
+(for Hq = Hkv) to the local q, k, v, out, dq, dk, dv.
+
+Causal masks per (local queries, visiting keys) pair are full, empty (skipped) or the local
+causal diagonal — see ``_Ring.pairs``. With the ``contiguous`` layout the last rank does P times
+the work of the first; ``layout="zigzag"`` (see ``attnmem.distributed.layout``) balances it.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from .. import masks as M
+from ..api import validate
+from ..tiled import _acc_dtype, tiled_attention_lse, tiled_backward_lse
+from . import layout as L
+
+_KV_TAG, _DKV_TAG = 1, 2
+_ALL = slice(None)
+
+
+class RingAttentionError(RuntimeError):
+    """A peer failed, exited or timed out while this rank waited on the ring."""
+
+
+@dataclass(frozen=True)
+class _Ring:
+    """One call's ring: group, peers, lengths of every rank's slice, and the kernel options."""
+
+    group: Any
+    rank: int
+    world: int
+    send_to: int  # global ranks
+    recv_from: int
+    lengths: tuple[int, ...]
+    layout: str
+    causal: bool
+    scale: float
+    heads_per_pass: int
+    q_tile: int
+    kv_tile: int
+    kernel: str
+
+    def pairs(self, src: int, n_local: int) -> list[tuple[slice, slice, M.Mask | None]]:
+        """(query slice, key slice, mask) pieces of my queries × the block from rank ``src``.
+
+        Positions are ordered by rank (contiguous) or by chunk (zigzag: rank r holds chunks r
+        and 2P-1-r), so with a causal mask the own block is the local causal diagonal and
+        every other piece is full or empty::
+
+            contiguous   src < me: all × all      src > me: nothing
+            zigzag       src < me: all × first half of the keys (their early chunk)
+                         src > me: second half of the queries (my late chunk) × all
+        """
+        if not self.causal:
+            return [(_ALL, _ALL, None)]
+        if src == self.rank:
+            return [(_ALL, _ALL, M.causal())]
+        if self.layout == "contiguous":
+            return [(_ALL, _ALL, None)] if src < self.rank else []
+        half = n_local // 2
+        if src < self.rank:
+            return [(_ALL, slice(0, half), None)]
+        return [(slice(half, None), _ALL, None)]
+
+    def block_len(self, step: int) -> int:
+        """Length of the block this rank holds at ``step`` (the slice of rank ``me - step``)."""
+        return self.lengths[(self.rank - step) % self.world]
+
+    def exchange(self, tensors: list[Tensor], recv_len: int, tag: int, what: str) -> tuple[list[Tensor], list]:
+        """Post sends of ``tensors`` to the next rank and receives of the same shapes (with
+        ``recv_len`` positions) from the previous one; return the receive buffers and works."""
+        recvs = []
+        for t in tensors:
+            shape = list(t.shape)
+            shape[2] = recv_len
+            recvs.append(t.new_empty(shape))
+        # The fused backward may return dk/dv in a transposed layout; sends need contiguous
+        # memory, and the list of works keeps the sent tensors alive until they are waited on.
+        sends = [t.contiguous() for t in tensors]
+        ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag) for t in sends]
+        ops += [dist.P2POp(dist.irecv, r, self.recv_from, self.group, tag) for r in recvs]
+        with _peer_errors(self.rank, self.world, f"sending / receiving {what}"):
+            return recvs, [*dist.batch_isend_irecv(ops), *sends]
+
+    def wait(self, works: list, what: str) -> None:
+        _wait(works, self.rank, self.world, what)
+
+    def kernel_opts(self) -> dict[str, Any]:
+        return dict(scale=self.scale, q_tile=self.q_tile, kv_tile=self.kv_tile, kernel=self.kernel)
+
+
+@contextmanager
+def _peer_errors(rank: int, world: int, what: str):
+    """Turn a backend error (peer gone, timeout) into one RingAttentionError naming the step."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, RingAttentionError):
+            raise
+        first = str(e).splitlines()[0] if str(e) else repr(e)
+        raise RingAttentionError(
+            f"ring_attention: rank {rank} of {world} failed while {what}: {first} (usually a peer that "
+            f"failed, exited or did not answer within the process group's timeout)"
+        ) from e
+
+
+def _wait(works: list, rank: int, world: int, what: str) -> None:
+    with _peer_errors(rank, world, what):
+        for w in works:
+            if not isinstance(w, Tensor):
+                w.wait()
+
+
+def _merge_into(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
+    """In-place online-softmax merge; rows with nothing allowed on either side stay 0 / -inf."""
+    lse = torch.logaddexp(lse_acc, lse_s)
+    finite = torch.isfinite(lse)
+    w_acc = torch.where(finite, torch.exp(lse_acc - lse), torch.zeros_like(lse)).unsqueeze(-1)
+    w_s = torch.where(finite, torch.exp(lse_s - lse), torch.zeros_like(lse)).unsqueeze(-1)
+    out_acc.mul_(w_acc).add_(out_s.to(out_acc.dtype).mul_(w_s))
+    lse_acc.copy_(lse)
+
+
+def _head_passes(hkv: int, per_pass: int) -> list[tuple[int, int]]:
+    return [(a, min(a + per_pass, hkv)) for a in range(0, hkv, per_pass)]
+
+
+def _ring_forward(r: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    B, Hq, n, D = q.shape
+    G = Hq // k.shape[1]
+    acc = _acc_dtype(q.dtype)
+    out = q.new_zeros(B, Hq, n, D)  # (B, Hq, N_local, D)
+    lse = torch.full((B, Hq, n), -math.inf, dtype=acc, device=q.device)  # (B, Hq, N_local)
+    for ha, hb in _head_passes(k.shape[1], r.heads_per_pass):
+        q_h = q[:, ha * G:hb * G]  # (B, G·h, N_local, D): the query heads of these kv heads
+        # Accumulate straight into the output unless its dtype is narrower than the merge's.
+        direct = out.dtype == acc
+        out_h = out[:, ha * G:hb * G] if direct else torch.zeros(q_h.shape, dtype=acc, device=q.device)
+        lse_h = lse[:, ha * G:hb * G]
+        kv = [k[:, ha:hb].contiguous(), v[:, ha:hb].contiguous()]  # (B, h, N_block, D)
+        for step in range(r.world):
+            if step < r.world - 1:
+                nxt, works = r.exchange(kv, r.block_len(step + 1), _KV_TAG, "key/value blocks (forward)")
+            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n):
+                o, l_ = tiled_attention_lse(q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask=mask,
+                                            **r.kernel_opts())
+                _merge_into(out_h[:, :, qs], lse_h[:, :, qs], o, l_)
+            if step < r.world - 1:
+                r.wait(works, f"receiving key/value block {step + 1} of {r.world - 1} (forward)")
+                kv = nxt
+        if not direct:
+            out[:, ha * G:hb * G] = out_h.to(q.dtype)
+    return out, lse
+
+
+def _ring_backward(r: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
+    B, Hq, n, D = q.shape
+    G = Hq // k.shape[1]
+    acc = _acc_dtype(q.dtype)
+    dq = torch.zeros_like(q)
+    dk = torch.zeros_like(k)
+    dv = torch.zeros_like(v)
+    for ha, hb in _head_passes(k.shape[1], r.heads_per_pass):
+        qh = slice(ha * G, hb * G)
+        q_h, do_h, o_h, l_h = q[:, qh], dout[:, qh], out[:, qh], lse[:, qh]
+        direct = dq.dtype == acc
+        dq_h = dq[:, qh] if direct else torch.zeros(q_h.shape, dtype=acc, device=q.device)
+        kv = [k[:, ha:hb].contiguous(), v[:, ha:hb].contiguous()]  # (B, h, N_block, D)
+        dkv: list[Tensor] = []
+        dkv_recv: list[Tensor] = []
+        dkv_works: list = []
+        for step in range(r.world):
+            last = step == r.world - 1
+            if not last:
+                nxt, kv_works = r.exchange(kv, r.block_len(step + 1), _KV_TAG, "key/value blocks (backward)")
+            # Gradients of the visiting block from my queries (None where nothing is attended).
+            share: list[Tensor] | None = None
+            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n):
+                dq_p, dk_p, dv_p = tiled_backward_lse(
+                    do_h[:, :, qs], q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], o_h[:, :, qs],
+                    l_h[:, :, qs], mask=mask, **r.kernel_opts())
+                dq_h[:, :, qs] += dq_p
+                if ks == _ALL and share is None:
+                    share = [dk_p, dv_p]
+                else:
+                    share = share or [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
+                    share[0][:, :, ks] += dk_p
+                    share[1][:, :, ks] += dv_p
+                del dq_p, dk_p, dv_p
+            if step == 0:
+                dkv = share or [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
+            else:
+                r.wait(dkv_works, f"receiving the key/value gradients of step {step} (backward)")
+                dkv = dkv_recv
+                if share is not None:
+                    dkv[0] += share[0]
+                    dkv[1] += share[1]
+            del share
+            if r.world > 1:
+                # Pass the block's gradients on; after the last step they reach their owner.
+                dkv_recv, dkv_works = r.exchange(dkv, r.block_len(step + 1), _DKV_TAG,
+                                                 "key/value gradients (backward)")
+            if not last:
+                r.wait(kv_works, f"receiving key/value block {step + 1} of {r.world - 1} (backward)")
+                kv = nxt
+        if r.world > 1:
+            r.wait(dkv_works, "receiving the gradients of its own key/value block (backward)")
+            dkv = dkv_recv
+        dk[:, ha:hb] = dkv[0]
+        dv[:, ha:hb] = dkv[1]
+        if not direct:
+            dq[:, qh] = dq_h.to(dq.dtype)
+    return dq, dk, dv
+
+
+class _RingAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, ring: _Ring):
+        out, lse = _ring_forward(ring, q, k, v)
+        ctx.ring = ring
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _ring_backward(ctx.ring, dout, q, k, v, out, lse)
+        return dq, dk, dv, None
+
+
+def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str, scale: float, heads_per_pass: int,
+                        group) -> tuple[list[int], int]:
+    """All-gather each rank's configuration; the same ValueError on every rank if they differ.
+
+    Returns every rank's local sequence length and the heads per pass all ranks use (the
+    smallest asked for: every rank must send the same blocks).
+    """
+    world = dist.get_world_size(group)
+    dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    B, Hq, n, D = q.shape
+    mine = torch.tensor([B, Hq, k.shape[1], D, int(causal), L.LAYOUTS.index(layout),
+                         int(round(scale * 2**40)), heads_per_pass, n], dtype=torch.int64, device=dev)
+    every = [torch.empty_like(mine) for _ in range(world)]
+    what = "exchanging shapes with the other ranks"
+    with _peer_errors(dist.get_rank(group), world, what):
+        work = dist.all_gather(every, mine, group=group, async_op=True)
+    _wait([work], dist.get_rank(group), world, what)
+    table = [t.tolist() for t in every]
+    names = ["B", "Hq", "Hkv", "D", "causal", "layout", "scale"]
+    for i, name in enumerate(names):
+        values = [row[i] for row in table]
+        if len(set(values)) > 1:
+            shown = [bool(x) for x in values] if name == "causal" else (
+                [L.LAYOUTS[x] for x in values] if name == "layout" else (
+                    [x / 2**40 for x in values] if name == "scale" else values))
+            raise ValueError(f"ring_attention: every rank must pass the same {name}, got {shown} (by rank)")
+    lengths = [row[-1] for row in table]
+    if min(lengths) < 1:
+        raise ValueError(f"ring_attention: every rank must hold at least one token, got lengths {lengths}")
+    if layout == "zigzag" and (len(set(lengths)) > 1 or lengths[0] % 2):
+        raise ValueError(
+            f"ring_attention: layout='zigzag' needs one even local length on every rank (two equal chunks "
+            f"each), got {lengths}; shard with attnmem.distributed.shard(x, world, rank, layout='zigzag')"
+        )
+    return lengths, min(row[-2] for row in table)
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group: Any = None,
+                   layout: str = "contiguous", scale: float | None = None, heads_per_pass: int | None = None,
+                   q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
+    """Exact attention over a sequence split across the ranks of ``group``.
+
+    Every rank of the group calls this with its own slice of the one sequence.
+
+    Args:
+        q: this rank's queries (B, Hq, N_local, D).
+        k, v: this rank's keys and values (B, Hkv, N_local, D) — the same tokens as ``q``;
+            ``Hq % Hkv == 0`` (GQA, never expanded).
+        causal: causal self-attention over the global positions.
+        group: the process group (default: the world). ``torch.distributed`` must be
+            initialised (``torchrun`` + ``dist.init_process_group``); gloo on CPU, NCCL on CUDA.
+        layout: how the sequence was split: ``"contiguous"`` (rank r holds the r-th slice;
+            slices may differ in length, e.g. ``torch.tensor_split``) or ``"zigzag"`` (see
+            ``attnmem.distributed.layout``; balanced causal work). Use ``shard``/``unshard``.
+        scale: multiplier of QKᵀ; default ``1/sqrt(D)``.
+        heads_per_pass: key/value heads sent round the ring together; fewer means smaller
+            buffers in flight, more means fewer, larger messages. Default (None): on CPU the
+            fewest that give each of torch's threads a (batch, head) pair — PyTorch's fused
+            backward parallelises over B·H, and with 2 threads and B·H = 1 it ran ~13x slower
+            (N=2048: 9.4 s for 1 head, 0.74 s for 2); all heads on other devices. Ranks that
+            ask for different values use the smallest.
+        q_tile, kv_tile, kernel: options of the local ``chunked`` kernel.
+
+    Returns:
+        This rank's output (B, Hq, N_local, D); differentiable (dq, dk, dv for this rank's slice).
+
+    Raises:
+        RuntimeError: torch.distributed is not initialised.
+        ValueError: bad shapes or options, or ranks that disagree on B, heads, D, causal,
+            layout or scale (raised on every rank alike).
+        RingAttentionError: a peer failed, exited or timed out during the ring.
+    """
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            "ring_attention needs torch.distributed initialised: launch with torchrun and call "
+            "torch.distributed.init_process_group('gloo' or 'nccl') first"
+        )
+    inp = validate(q, k, v, causal=causal, scale=scale)
+    if q.shape[2] != k.shape[2]:
+        raise ValueError(
+            f"ring_attention is self-attention over one split sequence: q and k must hold the same "
+            f"tokens, got N_local={q.shape[2]} for q and {k.shape[2]} for k"
+        )
+    L.check_layout(layout)
+    if heads_per_pass is None:
+        heads_per_pass = k.shape[1]
+        if q.device.type == "cpu":
+            heads_per_pass = min(k.shape[1], max(1, math.ceil(torch.get_num_threads() / q.shape[0])))
+    elif not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass <= 0:
+        raise ValueError(f"heads_per_pass must be a positive int or None, got {heads_per_pass!r}")
+    lengths, heads_per_pass = _check_across_ranks(q, k, causal, layout, inp.scale, heads_per_pass, group)
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    ring = _Ring(
+        group=group, rank=rank, world=world,
+        send_to=dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world,
+        recv_from=dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world,
+        lengths=tuple(lengths), layout=layout, causal=causal, scale=inp.scale,
+        heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel,
+    )
+    return _RingAttention.apply(q, k, v, ring)
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """How ``attnmem.nn`` modules split their sequence: a layout and a process group.
+
+    ``attnmem.nn.Transformer(..., sequence_parallel=True)`` uses ``SequenceParallel()``
+    (zigzag, the world group); pass an instance to choose. Each rank feeds its own tokens
+    (``shard(tokens, world, rank, layout=...)``); attention runs as ``ring_attention`` and
+    position embeddings use the tokens' global positions.
+    """
+
+    layout: str = "zigzag"
+    group: Any = None
+    heads_per_pass: int | None = None
+
+    def __post_init__(self):
+        L.check_layout(self.layout)
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Any = None,
+               scale: float | None = None) -> Tensor:
+        if mask is not None:
+            raise ValueError("sequence-parallel attention takes causal=True/False only, got a mask")
+        return ring_attention(q, k, v, causal=causal, group=self.group, layout=self.layout, scale=scale,
+                              heads_per_pass=self.heads_per_pass)
+
+    def positions(self, n_local: int, device: torch.device | str | None = None) -> Tensor:
+        """(N_local,) global positions of this rank's tokens (all ranks must hold equal slices
+        for zigzag; contiguous slices are gathered to find this rank's offset)."""
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
+        if self.layout == "zigzag":
+            return L.positions(n_local * world, world, rank, layout="zigzag", device=device)
+        dev = device if dist.get_backend(self.group) == "nccl" else "cpu"
+        mine = torch.tensor([n_local], dtype=torch.int64, device=dev)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine, group=self.group)
+        start = int(sum(int(t) for t in every[:rank]))
+        return torch.arange(start, start + n_local, device=device)
