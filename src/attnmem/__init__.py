@@ -2,6 +2,7 @@
 
 from . import masks, mechanisms, nn  # noqa: F401  (importing mechanisms registers every method)
 from .api import attention, validate
+from .memory.estimate import Estimate, estimate
 from .memory.measure import Measurement, measure
 from .registry import MethodInfo, methods
 
@@ -9,5 +10,6 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention", "validate", "methods", "MethodInfo", "masks", "nn", "measure", "Measurement",
+    "estimate", "Estimate",
     "__version__",
 ]
