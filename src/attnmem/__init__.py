@@ -4,12 +4,13 @@ from . import masks, mechanisms, nn  # noqa: F401  (importing mechanisms registe
 from .api import attention, validate
 from .memory.estimate import Estimate, estimate
 from .memory.measure import Measurement, measure
+from .memory.plan import ModelConfig, plan
 from .registry import MethodInfo, methods
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "validate", "methods", "MethodInfo", "masks", "nn", "measure", "Measurement",
-    "estimate", "Estimate",
+    "estimate", "Estimate", "plan", "ModelConfig",
     "__version__",
 ]
