@@ -156,5 +156,7 @@ def summary_table(rows: list[dict]) -> Table:
     return table
 
 
+from . import cli_plan  # noqa: E402, F401  (registers estimate and plan)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -159,7 +159,7 @@ def load_config(source: str | dict[str, Any] | None = None, **overrides: Any) ->
             if not isinstance(base, dict):
                 raise ValueError(f"config file {source!r} must hold a mapping, got {type(base).__name__}")
         else:
-            raise ValueError(f"unknown preset or missing file {source!r}; presets: {', '.join(PRESETS)}")
+            raise ValueError(f"unknown preset or missing file {source!r} (presets: attnmem plan --help)")
     elif source is not None:
         raise TypeError(f"config must be a preset name, a file path or a dict, got {type(source).__name__}")
     base.update({k: v for k, v in overrides.items() if v is not None})
@@ -303,8 +303,12 @@ def plot(cfg: ModelConfig, methods: list[str], budget_bytes: int, path: str | Pa
         seq_lens = [2**k for k in range(8, 21)]
     curves = sweep(cfg, methods, seq_lens)
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for m, ys in curves.items():
-        ax.plot(seq_lens, [y / 1024 for y in ys], marker="o", label=m)
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "v", "D", "x"]
+    for i, (m, ys) in enumerate(curves.items()):
+        # Methods with equal peaks overlap; the line styles keep each visible.
+        ax.plot(seq_lens, [y / 1024 for y in ys], marker=markers[i % len(markers)],
+                linestyle=styles[i % len(styles)], label=m)
     ax.axhline(budget_bytes / GiB, color="red", linestyle="--", label=f"budget {budget_bytes / GiB:.1f} GiB")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
