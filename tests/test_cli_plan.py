@@ -70,3 +70,10 @@ def test_bad_estimate_input_is_one_line_and_exit_2():
     res = run("estimate", "chunked", "--seq-len", "-5")
     assert res.exit_code == 2
     assert "seq_len must be an int >= 1, got -5" in res.output
+
+
+def test_estimate_takes_a_mask_spec():
+    res = run("estimate", "chunked", "--seq-len", "384", "--heads", "2", "--head-dim", "16",
+              "--mask", "window:64", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output)["shape"]["masked"] is True

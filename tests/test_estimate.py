@@ -148,3 +148,16 @@ def test_untraceable_method_without_formula_says_so(monkeypatch):
     monkeypatch.setitem(registry._REGISTRY, "peeker", Peeker())
     with pytest.raises(ValueError, match="no estimate for method 'peeker'.*no closed form"):
         estimate("peeker", batch=1, heads=2, seq_len=64, head_dim=16)
+
+
+@pytest.mark.parametrize("spec", ["window:64", "document:100"])
+def test_structured_masks_trace_like_they_measure(spec):
+    # Block maps and per-document ids are index tensors that stay real under the trace.
+    from attnmem.bench.cases import Case, case_fn, make_inputs, parse_mask
+
+    case = Case("chunked", 384, heads=2, head_dim=16, mask=spec)
+    causal, mask = parse_mask(spec, 384)
+    real = attnmem.measure(case_fn(case), *make_inputs(case), repeats=0, warmup=0).peak_bytes
+    est = estimate("chunked", batch=1, heads=2, seq_len=384, head_dim=16, causal=causal, mask=mask, how="trace")
+    assert est.source == "trace"
+    assert abs(est.peak_bytes - real) <= 0.05 * real, (est.peak_bytes, real)

@@ -8,6 +8,7 @@ import click
 from rich.table import Table
 
 from . import registry
+from .bench.cases import parse_mask
 from .cli import console, main
 from .memory.estimate import DTYPES, HOWS, estimate
 from .memory.measure import GiB, MiB
@@ -37,15 +38,21 @@ def _options(pairs: tuple[str, ...]) -> dict:
 @click.option("--head-dim", default=64, type=int)
 @click.option("--dtype", default="float32", type=click.Choice(sorted(DTYPES)))
 @click.option("--causal", is_flag=True)
+@click.option("--mask", "mask_spec", default="none",
+              help="none, causal, window:L[:R], document:LEN, random_blocks:KEEP[:BLOCK].")
 @click.option("--forward-only", is_flag=True, help="Inference: forward under no_grad.")
 @click.option("--how", default="auto", type=click.Choice(HOWS), help="trace, formula, or auto.")
 @click.option("--option", "option_pairs", multiple=True, help="A method option, NAME=VALUE (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def estimate_cmd(method, seq_len, batch, heads, kv_heads, head_dim, dtype, causal, forward_only, how,
-                 option_pairs, as_json) -> None:
+def estimate_cmd(method, seq_len, batch, heads, kv_heads, head_dim, dtype, causal, mask_spec, forward_only,
+                 how, option_pairs, as_json) -> None:
     """Predicted peak memory of one attention call (forward + backward), without running it."""
+    if seq_len <= 0:
+        raise ValueError(f"seq_len must be an int >= 1, got {seq_len}")
+    mask_causal, mask = parse_mask(mask_spec, seq_len)
     est = estimate(method, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim,
-                   dtype=dtype, causal=causal, training=not forward_only, how=how, **_options(option_pairs))
+                   dtype=dtype, causal=causal or mask_causal, mask=mask, training=not forward_only, how=how,
+                   **_options(option_pairs))
     if as_json:
         click.echo(json.dumps(est.as_dict(), indent=2))
         return
