@@ -161,3 +161,10 @@ def test_structured_masks_trace_like_they_measure(spec):
     est = estimate("chunked", batch=1, heads=2, seq_len=384, head_dim=16, causal=causal, mask=mask, how="trace")
     assert est.source == "trace"
     assert abs(est.peak_bytes - real) <= 0.05 * real, (est.peak_bytes, real)
+
+
+def test_plain_kernel_has_no_closed_form_and_is_traced():
+    kw = dict(batch=1, heads=2, seq_len=256, head_dim=16, causal=True, kernel="torch", q_tile=64, kv_tile=64)
+    assert estimate("chunked", **kw).source == "trace"
+    with pytest.raises(ValueError, match="no closed-form estimate for these options"):
+        estimate("chunked", how="formula", **kw)

@@ -117,7 +117,7 @@ class Formula:
     """``bytes(shape, opts) -> (saved, transient)``; ``trace_work(shape, opts)`` estimates
     how many operator calls a trace of the same call would make."""
 
-    fn: Callable[[Shape, Any], tuple[int, int]]
+    fn: Callable[[Shape, Any], tuple[int, int] | None]  # None: no closed form for these options
     trace_work: Callable[[Shape, Any], int]
     doc: str
 
@@ -197,17 +197,19 @@ def _chunked(s: Shape, opts) -> tuple[int, int]:
     segment (causal; other masks up to 2048, an upper bound):
 
     saved = O + lse;
-    transient = dQ + dK + dV (dK, dV in float32 for half inputs, plus one float32 Q-sized
-    buffer when G = 1) + 2·lse + the larger of
-      G = 1: dO + dK, dV of one run (2·B·Hkv·R·D) + a tile's dQ,  or six tiles + the bias
-      G > 1: dK, dV of a run and of a masked segment + the G-stacked bias and bools
-             (G·q_tile·W·(itemsize + 1)) + four tile copies (q, O, dO, dQ).
+    transient = dQ + dK + dV (dK, dV in float32 for half inputs) + 2·lse + four tile copies
+    (q, O, dO, dQ; plus a float32 dQ tile for half inputs) + dK, dV of one run
+    (2·B·Hkv·R·D) + the masked tile's bias (q_tile·W); for G > 1 also dK, dV of the masked
+    segment and the G-stacked bias and bools (G·q_tile·W·(itemsize + 1)).
     Linear in N. Forward only: O + lse + five tile buffers in the accumulation dtype.
+    The plain-PyTorch kernel (kernel="torch", float16) has no closed form here: it is traced.
     These terms were read off traces of the tiled code (tests check formula ≈ trace)."""
     nqt, _, width = _chunked_segments(s, opts)
     kernel = _chunked_kernel(s, opts)
     if nqt == 1 and width == 0 and kernel == "fused":
         return _sdpa(s, opts)
+    if kernel == "torch":
+        return None  # the plain kernel's working set has not been written down: it is traced
     from ..tiled import _MAX_SEGMENT, _MIN_Q_TILE
 
     acc = 8 if s.itemsize == 8 else 4
@@ -224,14 +226,11 @@ def _chunked(s: Shape, opts) -> tuple[int, int]:
     per_key = 2 * s.batch * s.kv_heads * s.head_dim * s.itemsize  # dK and dV of one key
     half = s.itemsize == 2
     grads = s.q_bytes + 2 * s.kv_bytes * (acc // s.itemsize if half else 1)
-    if half and g == 1:
-        grads += s.q_bytes * acc // s.itemsize
+    work = 4 * tile * s.itemsize + (tile * acc if half else 0)  # tile copies; half: dQ tile in float32
     if g == 1:
-        work = max(s.q_bytes + run * per_key + tile * s.itemsize,
-                   6 * tile * s.itemsize + q_tile * width * (s.itemsize + 1))
+        work += run * per_key + q_tile * width * s.itemsize
     else:
-        work = ((run + width) * per_key + g * q_tile * width * (s.itemsize + 1)
-                + 4 * tile * s.itemsize)
+        work += (run + width) * per_key + g * q_tile * width * (s.itemsize + 1)
     return s.q_bytes + lse, grads + 2 * lse + work
 
 
@@ -250,7 +249,20 @@ class _SmallRealMode(TorchDispatchMode):
 
         kwargs = kwargs or {}
         if any(isinstance(x, FakeTensor) for x in tree_flatten((args, kwargs))[0]):
-            return func(*args, **kwargs)  # depends on q, k, v: fake
+            out = func(*args, **kwargs)  # depends on q, k, v: fake
+            # An in-place update of a small real tensor by fake operands (an accumulator
+            # ``dk[:, :, a:b] += dk_s``) returns a fake copy with a new storage; hand back the
+            # real tensor so its storage is counted once.
+            schema = func._schema
+            if schema.is_mutable and args and isinstance(args[0], torch.Tensor) \
+                    and not isinstance(args[0], FakeTensor):
+                alias = schema.arguments[0].alias_info
+                if alias is not None and alias.is_write:
+                    return args[0]
+            target = kwargs.get("out")
+            if isinstance(target, torch.Tensor) and not isinstance(target, FakeTensor):
+                return target
+            return out
         # Probe the result's size on the meta device (shapes only, C++ kernels: cheap).
         try:
             meta_args, meta_kwargs = tree_map(_to_meta, (args, kwargs))
@@ -369,11 +381,13 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
             raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
     f = FORMULAS.get(method)
+    if f is not None and f.fn(shape, opts) is None:
+        f = None
     use_formula = how == "formula" or (how == "auto" and f is not None
                                        and f.trace_work(shape, opts) > MAX_TRACE_WORK)
     if use_formula:
         if f is None:
-            raise ValueError(f"method {method!r} has no closed-form estimate; use how='trace'")
+            raise ValueError(f"method {method!r} has no closed-form estimate for these options; use how='trace'")
         saved, transient = f.fn(shape, opts)
         return Estimate(method, shape.inputs_bytes + saved + transient, shape.inputs_bytes, saved, transient,
                         "formula", shape, dict(options))
@@ -389,12 +403,13 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         with _SmallRealMode(fake_mode):
             peak, inputs, after_forward = trace_peak(call, q, k, v, training)
     except Exception as e:  # noqa: BLE001  whatever a method does that fake tensors cannot follow
-        if f is not None:
+        if f is not None and how == "auto":
             saved, transient = f.fn(shape, opts)
             return Estimate(method, shape.inputs_bytes + saved + transient, shape.inputs_bytes, saved,
                             transient, "formula", shape, dict(options))
         raise ValueError(f"no estimate for method {method!r}: it cannot be traced on fake tensors "
-                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}) and has no "
-                         "closed form in attnmem.memory.estimate.FORMULAS") from e
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+                         + ("" if f is not None else " and has no closed form in attnmem.memory.estimate.FORMULAS")
+                         ) from e
     saved = after_forward - inputs
     return Estimate(method, peak, inputs, saved, peak - inputs - saved, "trace", shape, dict(options))
