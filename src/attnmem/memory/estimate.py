@@ -192,8 +192,8 @@ def _chunked_work(s: Shape, opts) -> int:
 @formula("chunked", trace_work=_chunked_work)
 def _chunked(s: Shape, opts) -> tuple[int, int]:
     """Fused kernel without a mask: one operator call, as sdpa. Tiled, with G = Hq/Hkv,
-    t = B·Hq·q_tile·D elements (one query tile), R = min(N − kv_tile, 2048) keys (the longest
-    merged run of full tiles; kv_tile for the plain kernel), W = kv_tile keys per masked
+    t = B·Hq·q_tile·D elements (one query tile), R = min(N − kv_tile, 2·2048) keys (two consecutive
+    merged runs of full tiles; kv_tile for the plain kernel), W = kv_tile keys per masked
     segment (causal; other masks up to 2048, an upper bound):
 
     saved = O + lse;
@@ -220,7 +220,8 @@ def _chunked(s: Shape, opts) -> tuple[int, int]:
         return 0, s.q_bytes + lse + 5 * tile * acc
     g = s.heads // s.kv_heads
     if kernel == "fused":
-        run = max(min(s.seq_len - opts.kv_tile, max(_MAX_SEGMENT, opts.kv_tile)), opts.kv_tile)
+        # Two consecutive merged runs of full tiles (the previous one's dK, dV are still alive).
+        run = max(min(s.seq_len - opts.kv_tile, 2 * max(_MAX_SEGMENT, opts.kv_tile)), opts.kv_tile)
     else:
         run = opts.kv_tile
     per_key = 2 * s.batch * s.kv_heads * s.head_dim * s.itemsize  # dK and dV of one key
