@@ -87,7 +87,7 @@ def test_bad_flags_one_clear_line(tmp_path):
 
 def test_resume_after_kill_redoes_nothing_and_loses_nothing(tmp_path):
     out = tmp_path / "rep"
-    cmd = [sys.executable, "-m", "attnmem.cli", "compare", "--methods", "chunked,sdpa",
+    cmd = [sys.executable, "-m", "attnmem", "compare", "--methods", "chunked,sdpa",
            "--seq-lens", "64,128,256,512,1024,2048", "--heads", "2", "--head-dim", "16", "--repeats", "3",
            "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -2,12 +2,15 @@
 
 from . import distributed, masks, mechanisms, nn  # noqa: F401  (importing mechanisms registers every method)
 from .api import attention, validate
+from .memory.estimate import Estimate, estimate
 from .memory.measure import Measurement, measure
+from .memory.plan import ModelConfig, plan
 from .registry import MethodInfo, methods
 
 __version__ = "0.1.0"
 
 __all__ = [
     "attention", "validate", "methods", "MethodInfo", "masks", "nn", "measure", "Measurement",
+    "estimate", "Estimate", "plan", "ModelConfig",
     "__version__",
 ]

@@ -41,7 +41,7 @@ class CLIGroup(click.Group):
         try:
             return super().invoke(ctx)
         except (ValueError, TypeError) as e:
-            err_console.print(f"[red]error:[/red] {e}", markup=True, highlight=False)
+            click.echo(f"error: {e}", err=True)  # one line, never wrapped
             sys.exit(2)
 
 
@@ -154,7 +154,11 @@ def summary_table(rows: list[dict]) -> Table:
     return table
 
 
-from . import cli_decode  # noqa: E402, F401  (registers `attnmem decode-bench`)
+# Subcommands in their own modules register themselves on `main` when imported.
+from . import cli_decode, cli_plan  # noqa: E402, F401, I001
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    # Subcommand modules register on attnmem.cli.main, not on this __main__ copy.
+    from attnmem.cli import main as _registered_main
+
+    _registered_main()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import registry
+from ..memory.estimate import estimate
 from .cases import DTYPES, Case, approx_error, environment, floor_bytes, parse_mask, run_case
 
 ERROR_SEQ_LEN = 1024  # approximation errors are measured at min(N, this)
@@ -50,23 +51,23 @@ class SweepConfig:
 
 
 def predict_peak(case: Case) -> tuple[int, str]:
-    """(predicted peak bytes, how it was predicted) for one case, without running it."""
+    """(predicted peak bytes, how it was predicted) for one case, without running it:
+    ``attnmem.estimate`` (a trace under fake tensors, or the method's closed form), or, where
+    that cannot answer, a coarse bound (the floor, plus the N×N matrices of a quadratic call)."""
+    causal, mask = parse_mask(case.mask, case.seq_len)
     try:
-        from ..memory.estimate import estimate  # optional until the estimator lands
-    except ImportError:
-        estimate = None
-    if estimate is not None:
         est = estimate(case.method, batch=case.batch, heads=case.heads, seq_len=case.seq_len,
                        head_dim=case.head_dim, dtype=DTYPES[case.dtype], training=not case.forward_only,
-                       kv_heads=case.kv_heads, **case.options)
-        return int(est.peak_bytes), "attnmem.estimate"
+                       kv_heads=case.kv_heads, causal=causal or case.causal, mask=mask, **case.options)
+        return int(est.peak_bytes), f"attnmem.estimate ({est.source})"
+    except (ValueError, TypeError, RuntimeError, NotImplementedError):
+        pass
     floor = floor_bytes(case)
-    m = registry.get(case.method)
-    if m.quadratic or case.mask.startswith("dense"):
+    if registry.get(case.method).quadratic or case.mask.startswith("dense"):
         itemsize = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
         matrices = 2 if case.forward_only else 4  # scores and probabilities (+ their gradients)
-        return floor + matrices * case.batch * case.heads * case.seq_len**2 * itemsize, "closed form"
-    return int(1.5 * floor), "closed form"
+        return floor + matrices * case.batch * case.heads * case.seq_len**2 * itemsize, "coarse bound"
+    return int(1.5 * floor), "coarse bound"
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,5 @@
+"""``python -m attnmem`` runs the command line, every subcommand registered."""
+
+from .cli import main
+
+main()

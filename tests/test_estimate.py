@@ -1,0 +1,172 @@
+"""attnmem.estimate predicts what attnmem.measure measures, for every registered method.
+
+Expected values come from real runs (``attnmem.measure`` on CPU tensors of the same shape) or,
+for the closed forms, from the fake-tensor trace of the same call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import attnmem
+from attnmem import registry
+from attnmem.memory.estimate import FORMULAS, estimate
+
+SIZES = (192, 384, 640)  # awkward lengths: one to three query tiles of chunked's default 256
+B, H, D = 1, 4, 32
+
+
+def _call_config(method):
+    """(causal, training) every method can run: causal where supported, backward where it has one."""
+    return method.caps.causal, method.caps.backward
+
+
+def _measured(method, n, causal, training):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(training) for _ in range(3))
+    module = None
+    if method.stateful:
+        module = method.build_module(heads=H, kv_heads=H, head_dim=D, opts=method.make_options({}))
+
+    def call(q, k, v):
+        if module is not None:
+            return module(q, k, v, causal=causal, mask=None)
+        return attnmem.attention(q, k, v, method=method.name, causal=causal)
+
+    def run(q, k, v):
+        if not training:
+            with torch.no_grad():
+                call(q, k, v)
+            return
+        out = call(q, k, v)
+        out.sum().backward()
+
+    return attnmem.measure(run, q, k, v, repeats=0, warmup=0).peak_bytes
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("name", registry.names())
+def test_estimate_within_5_percent_of_measure(name, n):
+    method = registry.get(name)
+    causal, training = _call_config(method)
+    est = estimate(name, batch=B, heads=H, seq_len=n, head_dim=D, causal=causal, training=training,
+                   how="trace")
+    real = _measured(method, n, causal, training)
+    assert abs(est.peak_bytes - real) <= 0.05 * real, f"estimate {est.peak_bytes} vs measured {real}"
+    assert est.peak_bytes == est.inputs_bytes + est.saved_bytes + est.transient_bytes
+    assert est.inputs_bytes == 3 * B * H * n * D * 4  # q, k, v in float32
+    assert est.saved_bytes >= 0 and est.transient_bytes >= 0
+
+
+FORMULA_CASES = [
+    dict(seq_len=640, causal=True),
+    dict(seq_len=1024, causal=True, kv_heads=2),
+    dict(seq_len=640, causal=False),
+    dict(seq_len=768, causal=True, training=False),
+    dict(seq_len=512, causal=True, dtype=torch.float64),
+]
+
+
+@pytest.mark.parametrize("case", FORMULA_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+@pytest.mark.parametrize("name", sorted(FORMULAS))
+def test_closed_form_agrees_with_trace(name, case):
+    case = dict(case)
+    if case.get("kv_heads") and name == "sdpa":
+        # SDPA on CPU would expand K/V to 8 heads, so it refuses GQA (see its reasons).
+        with pytest.raises(ValueError, match="expand K/V"):
+            estimate(name, how="trace", batch=1, heads=8, head_dim=64, **case)
+        case.pop("kv_heads")
+    kw = dict(batch=1, heads=8, head_dim=64, **case)
+    traced = estimate(name, how="trace", **kw)
+    closed = estimate(name, how="formula", **kw)
+    assert traced.source == "trace" and closed.source == "formula"
+    assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.05 * traced.peak_bytes, (closed, traced)
+
+
+def test_formula_is_used_where_tracing_would_be_slow():
+    # chunked with a causal mask loops over O((N/256)²/2) tiles in Python; at N = 2**20 the
+    # closed form answers instead, and it is linear in N.
+    big = estimate("chunked", batch=1, heads=8, seq_len=2**20, head_dim=64, causal=True)
+    half = estimate("chunked", batch=1, heads=8, seq_len=2**19, head_dim=64, causal=True)
+    assert big.source == "formula"
+    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+    floor = 7 * 8 * 2**20 * 64 * 4  # q, k, v, out, dq, dk, dv (DESIGN.md's floor)
+    assert floor <= big.peak_bytes <= 1.2 * floor
+
+
+def test_trace_allocates_nothing_at_a_million_tokens():
+    # A real reference call at N = 2**20 would need 2**40 floats per head; the trace does not.
+    est = estimate("reference", batch=1, heads=1, seq_len=2**20, head_dim=64, how="trace")
+    assert est.source == "trace"
+    assert est.peak_bytes > 2 * 2**40 * 4  # at least S and dS of one head's N×N scores
+    closed = estimate("reference", batch=1, heads=1, seq_len=2**20, head_dim=64, how="formula")
+    assert abs(est.peak_bytes - closed.peak_bytes) <= 64  # the formula leaves out the scalar loss
+
+
+def test_auto_method_resolves_like_attention():
+    est = estimate("auto", batch=1, heads=2, seq_len=64, head_dim=16)
+    assert est.method == "sdpa"
+
+
+def test_forward_only_has_nothing_saved():
+    est = estimate("chunked", batch=1, heads=2, seq_len=300, head_dim=16, causal=True, training=False)
+    assert est.saved_bytes == 0 and est.peak_bytes > est.inputs_bytes
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(heads=6, kv_heads=4), "not divisible by kv_heads"),
+    (dict(seq_len=-3), "seq_len must be an int >= 1, got -3"),
+    (dict(batch=0), "batch must be"),
+    (dict(dtype="float8"), "dtype must be"),
+    (dict(how="guess"), "how must be one of"),
+    (dict(method="nope"), "unknown method 'nope'"),
+])
+def test_bad_arguments_name_themselves(kwargs, match):
+    kw = dict(method="chunked", batch=1, heads=4, seq_len=64, head_dim=16)
+    kw.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        estimate(kw.pop("method"), **kw)
+
+
+def test_unknown_option_is_a_type_error():
+    with pytest.raises(TypeError, match="unknown option"):
+        estimate("chunked", batch=1, heads=2, seq_len=64, head_dim=16, window=3)
+
+
+def test_untraceable_method_without_formula_says_so(monkeypatch):
+    @dataclasses.dataclass(frozen=True)
+    class Peeker(registry.Method):
+        name = "peeker"
+        family = "test"
+
+        def forward(self, inp, opts):
+            if float(inp.q.detach().sum()) > 0:  # looks at the data: fake tensors have none
+                return inp.q * 1
+            return inp.q * 2
+
+    monkeypatch.setitem(registry._REGISTRY, "peeker", Peeker())
+    with pytest.raises(ValueError, match="no estimate for method 'peeker'.*no closed form"):
+        estimate("peeker", batch=1, heads=2, seq_len=64, head_dim=16)
+
+
+@pytest.mark.parametrize("spec", ["window:64", "document:100"])
+def test_structured_masks_trace_like_they_measure(spec):
+    # Block maps and per-document ids are index tensors that stay real under the trace.
+    from attnmem.bench.cases import Case, case_fn, make_inputs, parse_mask
+
+    case = Case("chunked", 384, heads=2, head_dim=16, mask=spec)
+    causal, mask = parse_mask(spec, 384)
+    real = attnmem.measure(case_fn(case), *make_inputs(case), repeats=0, warmup=0).peak_bytes
+    est = estimate("chunked", batch=1, heads=2, seq_len=384, head_dim=16, causal=causal, mask=mask, how="trace")
+    assert est.source == "trace"
+    assert abs(est.peak_bytes - real) <= 0.05 * real, (est.peak_bytes, real)
+
+
+def test_plain_kernel_has_no_closed_form_and_is_traced():
+    kw = dict(batch=1, heads=2, seq_len=256, head_dim=16, causal=True, kernel="torch", q_tile=64, kv_tile=64)
+    assert estimate("chunked", **kw).source == "trace"
+    with pytest.raises(ValueError, match="no closed-form estimate for these options"):
+        estimate("chunked", how="formula", **kw)
