@@ -698,10 +698,13 @@ class GlobalTokens(Mask):
     is seen by every query (Longformer). Positions index queries and keys alike, from 0.
 
     Block map: query tiles holding a global query list every key tile; the others list only
-    the key tiles holding a global key — O(N/tile · g) plus a full row per global query tile.
+    the key tiles holding a global key. In the padded ``BlockMap`` layout one global query
+    makes every row num_kv_tiles wide, so ``queries=False`` (global keys only) exists for
+    methods that compute the few global query rows apart (``longformer`` does): its block map
+    is O(N/tile · g).
     """
 
-    def __init__(self, positions):
+    def __init__(self, positions, *, queries: bool = True, keys: bool = True):
         pos = torch.as_tensor(positions)
         if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.dim() > 1:
             raise TypeError(f"global_tokens: positions must be a sequence of ints, got {positions!r}")
@@ -709,6 +712,8 @@ class GlobalTokens(Mask):
         if pos.numel() and int(pos.min()) < 0:
             raise ValueError(f"global_tokens: positions must be non-negative, got {pos.tolist()}")
         self.positions = torch.unique(pos)
+        # One side alone serves methods that compute the global query rows separately.
+        self.queries, self.keys = queries, keys
         self.name = f"global_tokens({len(self.positions)})"
 
     def check(self, batch, heads, nq, nk):
@@ -718,13 +723,14 @@ class GlobalTokens(Mask):
                 f"(Nq={nq}, Nk={nk})"
             )
 
-    def _flags(self, n: int) -> Tensor:
+    def _flags(self, n: int, side: bool = True) -> Tensor:
         flags = torch.zeros(n, dtype=torch.bool)
-        flags[self.positions[self.positions < n]] = True
+        if side:
+            flags[self.positions[self.positions < n]] = True
         return flags
 
     def mask_fn(self, nq, nk):
-        gq, gk = self._flags(nq), self._flags(nk)
+        gq, gk = self._flags(nq, self.queries), self._flags(nk, self.keys)
 
         def mask_mod(b, h, q_idx, kv_idx):
             return gq.to(q_idx.device)[q_idx] | gk.to(q_idx.device)[kv_idx]
@@ -733,16 +739,19 @@ class GlobalTokens(Mask):
 
     def tile_states(self, g, qi, ki):
         qa, qb, ka, kb = g.ranges(qi, ki)
-        cq = _prefix(self._flags(g.nq))
-        ck = _prefix(self._flags(g.nk))
+        cq = _prefix(self._flags(g.nq, self.queries))
+        ck = _prefix(self._flags(g.nk, self.keys))
         nq_glob, nk_glob = cq[qb] - cq[qa], ck[kb] - ck[ka]
         return _states((nq_glob == 0) & (nk_glob == 0), (nq_glob == qb - qa) | (nk_glob == kb - ka))
 
     def kv_tile_candidates(self, g):
         nqt, nkt = g.num_q_tiles, g.num_kv_tiles
         key_tiles = torch.unique(self.positions[self.positions < g.nk] // g.kv_tile)
+        if not self.keys:
+            key_tiles = key_tiles[:0]
         q_rows = torch.zeros(nqt, dtype=torch.bool)
-        q_rows[torch.unique(self.positions[self.positions < g.nq] // g.q_tile)] = True
+        if self.queries:
+            q_rows[torch.unique(self.positions[self.positions < g.nq] // g.q_tile)] = True
         if not bool(q_rows.any()):
             return key_tiles[None, :].expand(nqt, -1)
         all_tiles = torch.arange(nkt, dtype=torch.int64)[None, :].expand(nqt, nkt)
@@ -757,9 +766,10 @@ def _prefix(flags: Tensor) -> Tensor:
     return out
 
 
-def global_tokens(positions) -> GlobalTokens:
-    """Tokens at ``positions`` attend to everything and are attended by everything."""
-    return GlobalTokens(positions)
+def global_tokens(positions, *, queries: bool = True, keys: bool = True) -> GlobalTokens:
+    """Tokens at ``positions`` attend to everything (``queries``) and are attended by
+    everything (``keys``)."""
+    return GlobalTokens(positions, queries=queries, keys=keys)
 
 
 def longformer(window: int | tuple[int, int], positions) -> Mask:
@@ -778,7 +788,7 @@ class BigBird(Mask):
     """
 
     def __init__(self, block: int = 64, window_blocks: int = 3, global_blocks: int = 2,
-                 random_blocks: int = 3, seed: int = 0):
+                 random_blocks: int = 3, seed: int = 0, *, global_queries: bool = True):
         _check_count("bigbird", "block", block, minimum=1)
         _check_count("bigbird", "window_blocks", window_blocks, minimum=1)
         if window_blocks % 2 == 0:
@@ -789,6 +799,9 @@ class BigBird(Mask):
         _check_count("bigbird", "seed", seed)
         self.block, self.radius = block, window_blocks // 2
         self.global_blocks, self.random_blocks, self.seed = global_blocks, random_blocks, seed
+        # False leaves out the "global queries see everything" rows, for methods that compute
+        # them apart (as GlobalTokens(queries=False)); the random draw does not change.
+        self.global_queries = global_queries
         self._tables: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
         self.name = (f"bigbird(block={block}, window={window_blocks}, global={global_blocks}, "
                      f"random={random_blocks}, seed={seed})")
@@ -808,8 +821,16 @@ class BigBird(Mask):
         if key not in self._tables:
             nqb, nkb = math.ceil(nq / self.block), math.ceil(nk / self.block)
             gq, gk = self._global(nqb), self._global(nkb)
-            self._tables[key] = (gq, gk, self._draw_random(gq, gk))
+            rnd = self._draw_random(gq, gk)
+            if not self.global_queries:
+                gq = torch.zeros_like(gq)
+            self._tables[key] = (gq, gk, rnd)
         return self._tables[key]
+
+    def global_query_rows(self, nq: int) -> Tensor:
+        """Query positions in global blocks (int64, ascending)."""
+        flags = self._global(math.ceil(nq / self.block))
+        return torch.nonzero(flags.repeat_interleave(self.block)[:nq]).flatten()
 
     def _draw_random(self, gq: Tensor, gk: Tensor) -> Tensor:
         # Floyd's algorithm draws r distinct indices from the pool of allowed key blocks in
@@ -911,9 +932,9 @@ class BigBird(Mask):
 
 
 def bigbird(block: int = 64, window_blocks: int = 3, global_blocks: int = 2, random_blocks: int = 3,
-            seed: int = 0) -> BigBird:
+            seed: int = 0, *, global_queries: bool = True) -> BigBird:
     """BigBird: block window + global blocks + random blocks, deterministic under ``seed``."""
-    return BigBird(block, window_blocks, global_blocks, random_blocks, seed)
+    return BigBird(block, window_blocks, global_blocks, random_blocks, seed, global_queries=global_queries)
 
 
 class Strided(Mask):

@@ -2,5 +2,7 @@
 
 Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DESIGN.md."""
 
-from . import exact  # noqa: F401
-from . import sparse  # noqa: F401
+from . import (
+    exact,  # noqa: F401
+    sparse,  # noqa: F401
+)

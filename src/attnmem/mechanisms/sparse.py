@@ -163,14 +163,29 @@ class _Sparse(Method):
             return ["kernel='fused' does not support float16"]
         return []
 
+    def split(self, opts, nq: int) -> tuple[M.Mask, Tensor | None]:
+        """(pattern without its global query rows, those rows); patterns with no global
+        queries return (pattern, None)."""
+        return self.pattern(opts), None
+
     def forward(self, inp: Inputs, opts) -> Tensor:
-        mask = self.pattern(opts)
-        if inp.mask is not None:
-            mask = inp.mask & mask
-        if inp.q.is_cuda and _flex_available() and _flex_safe(mask):
-            return _flex_attention(inp, mask)
-        return tiled_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale,
-                               q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel)
+        if inp.q.is_cuda and _flex_available():
+            mask = self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
+            if _flex_safe(mask):
+                return _flex_attention(inp, mask)
+        # Global query rows see every key: they are computed apart, so the block map of the
+        # other rows stays O(N·w/tile²) instead of one row of every key tile per global tile.
+        local, rows = self.split(opts, inp.nq)
+        mask = local if inp.mask is None else inp.mask & local
+        kw = dict(scale=inp.scale, q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel)
+        out = tiled_attention(inp.q, inp.k, inp.v, mask=mask, **kw)
+        if rows is None or not rows.numel():
+            return out
+        rows = rows.to(inp.q.device)
+        q_rows = inp.q.index_select(2, rows)  # (B, Hq, g, D)
+        row_mask = _select_rows(inp.mask, rows, inp.nq, inp.nk)
+        out_rows = tiled_attention(q_rows, inp.k, inp.v, mask=row_mask, **kw)  # (B, Hq, g, D)
+        return out.index_copy(2, rows, out_rows)  # (B, Hq, Nq, D)
 
 
 @register
@@ -206,6 +221,21 @@ class LongformerAttention(_Sparse):
     def pattern(self, opts):
         return M.longformer(_check_window(opts.window), list(opts.global_tokens))
 
+    def split(self, opts, nq):
+        left, right = _check_window(opts.window)
+        local = M.sliding_window(left, right) | M.global_tokens(list(opts.global_tokens), queries=False)
+        rows = M.global_tokens(list(opts.global_tokens)).positions
+        return local, rows[rows < nq]
+
+
+def _select_rows(mask: M.Mask | None, rows: Tensor, nq: int, nk: int) -> M.Mask | None:
+    """The call's mask restricted to query positions ``rows`` (its block map costs O(g·N))."""
+    if mask is None:
+        return None
+    fn = mask.mask_fn(nq, nk)
+    return M.from_mod(lambda b, h, q_idx, kv_idx: fn(b, h, rows.to(q_idx.device)[q_idx], kv_idx),
+                      name=f"rows({mask!r})")
+
 
 @register
 class BigBirdAttention(_Sparse):
@@ -214,8 +244,13 @@ class BigBirdAttention(_Sparse):
     summary = "BigBird: block window + global blocks + seeded random blocks"
     Options = BigBirdOptions
 
-    def pattern(self, opts):
-        return M.bigbird(opts.block, opts.window_blocks, opts.global_blocks, opts.random_blocks, opts.seed)
+    def pattern(self, opts, global_queries: bool = True):
+        return M.bigbird(opts.block, opts.window_blocks, opts.global_blocks, opts.random_blocks, opts.seed,
+                         global_queries=global_queries)
+
+    def split(self, opts, nq):
+        local = self.pattern(opts, global_queries=False)
+        return local, local.global_query_rows(nq)
 
 
 @register
