@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .. import masks as M
 from ..registry import Inputs, Method, register
-from ..tiled import KERNELS, tiled_attention
+from ..tiled import _MIN_Q_TILE, KERNELS, _Ctx, _merge, tiled_attention, tiled_backward, tiled_forward
 
 # FlexAttention's kernels tile by 128 × 128 on CUDA.
 _FLEX_TILE = 128
@@ -105,8 +105,11 @@ class LongformerOptions(SlidingWindowOptions):
 class BigBirdOptions(TileOptions):
     """block: positions per block (64); window_blocks: odd number of blocks around the
     diagonal (3); global_blocks: first ⌈g/2⌉ and last ⌊g/2⌋ blocks (2); random_blocks: per
-    query block (3), drawn from ``seed``. Tiles must be multiples of ``block``."""
+    query block (3), drawn from ``seed``. Tiles must be multiples of ``block``; None (the
+    default) means ``block``, which makes every computed tile full: no mask is evaluated."""
 
+    q_tile: int | None = None
+    kv_tile: int | None = None
     block: int = 64
     window_blocks: int = 3
     global_blocks: int = 2
@@ -114,8 +117,11 @@ class BigBirdOptions(TileOptions):
     seed: int = 0
 
     def __post_init__(self):
-        super().__post_init__()
         M.bigbird(self.block, self.window_blocks, self.global_blocks, self.random_blocks, self.seed)
+        for name in ("q_tile", "kv_tile"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.block)
+        super().__post_init__()
         for name in ("q_tile", "kv_tile"):
             if getattr(self, name) % self.block:
                 raise ValueError(
@@ -173,19 +179,22 @@ class _Sparse(Method):
             mask = self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
             if _flex_safe(mask):
                 return _flex_attention(inp, mask)
-        # Global query rows see every key: they are computed apart, so the block map of the
-        # other rows stays O(N·w/tile²) instead of one row of every key tile per global tile.
         local, rows = self.split(opts, inp.nq)
         mask = local if inp.mask is None else inp.mask & local
-        kw = dict(scale=inp.scale, q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel)
-        out = tiled_attention(inp.q, inp.k, inp.v, mask=mask, **kw)
         if rows is None or not rows.numel():
-            return out
+            return tiled_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale,
+                                   q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel)
+        # Global query rows see every key. The local pattern runs over all rows, and the keys
+        # it leaves out of the global rows run apart and merge in by log-sum-exp; so the block
+        # map of the local pass stays O(N·w/tile²) instead of listing every key tile for each
+        # tile holding a global query, and no extra (B, H, N, D) tensor is made.
         rows = rows.to(inp.q.device)
-        q_rows = inp.q.index_select(2, rows)  # (B, Hq, g, D)
-        row_mask = _select_rows(inp.mask, rows, inp.nq, inp.nk)
-        out_rows = tiled_attention(q_rows, inp.k, inp.v, mask=row_mask, **kw)  # (B, Hq, g, D)
-        return out.index_copy(2, rows, out_rows)  # (B, Hq, Nq, D)
+        q_tile = max(opts.q_tile, _MIN_Q_TILE)
+        c_local = _Ctx(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel)
+        rest = _rows_outside(local, inp.mask, rows, inp.nq, inp.nk)
+        q_rows = inp.q[:, :, :rows.numel()]  # only the shape matters to the context
+        c_rest = _Ctx(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel)
+        return _WithGlobalRows.apply(inp.q, inp.k, inp.v, c_local, c_rest, rows)
 
 
 @register
@@ -228,13 +237,51 @@ class LongformerAttention(_Sparse):
         return local, rows[rows < nq]
 
 
-def _select_rows(mask: M.Mask | None, rows: Tensor, nq: int, nk: int) -> M.Mask | None:
-    """The call's mask restricted to query positions ``rows`` (its block map costs O(g·N))."""
-    if mask is None:
-        return None
-    fn = mask.mask_fn(nq, nk)
-    return M.from_mod(lambda b, h, q_idx, kv_idx: fn(b, h, rows.to(q_idx.device)[q_idx], kv_idx),
-                      name=f"rows({mask!r})")
+def _rows_outside(local: M.Mask, call_mask: M.Mask | None, rows: Tensor, nq: int, nk: int) -> M.Mask:
+    """For query positions ``rows`` (renumbered 0..g-1): the keys the call's mask allows and
+    ``local`` does not. Its block map evaluates g rows against all keys: O(g·N)."""
+    local_fn = local.mask_fn(nq, nk)
+    call_fn = call_mask.mask_fn(nq, nk) if call_mask is not None else None
+    rows = rows.cpu()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        pos = rows.to(q_idx.device)[q_idx]
+        allowed = ~local_fn(b, h, pos, kv_idx)
+        return allowed if call_fn is None else allowed & call_fn(b, h, pos, kv_idx)
+
+    return M.from_mod(mask_mod, name="global rows outside the local pattern")
+
+
+class _WithGlobalRows(torch.autograd.Function):
+    """Local pattern over every row, plus the remaining keys of the global rows, merged.
+
+    Both passes save nothing but the merged output and log-sum-exp: with the final lse each
+    pass's backward recomputes the true probabilities of its own keys, so the two backwards
+    add up to the gradient of the whole pattern.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, c_local: _Ctx, c_rest: _Ctx, rows: Tensor):
+        out, lse = tiled_forward(c_local, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
+        out_r, lse_r = tiled_forward(c_rest, q.index_select(2, rows), k, v)  # (B, Hq, g, D), (B, Hq, g)
+        o, lse_g = _merge(out.index_select(2, rows).to(lse.dtype), lse.index_select(2, rows), out_r, lse_r)
+        out.index_copy_(2, rows, o.to(out.dtype))
+        lse.index_copy_(2, rows, lse_g)
+        ctx.c = (c_local, c_rest)
+        ctx.save_for_backward(q, k, v, out, lse, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, rows = ctx.saved_tensors
+        c_local, c_rest = ctx.c
+        dq, dk, dv = tiled_backward(c_local, dout, q, k, v, out, lse)
+        pick = lambda t: t.index_select(2, rows)  # noqa: E731
+        dq_r, dk_r, dv_r = tiled_backward(c_rest, pick(dout), pick(q), k, v, pick(out), pick(lse))
+        dq.index_add_(2, rows, dq_r)
+        dk.add_(dk_r)
+        dv.add_(dv_r)
+        return dq, dk, dv, None, None, None
 
 
 @register
