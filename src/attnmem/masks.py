@@ -30,6 +30,7 @@ Masks combine with ``&`` and ``|``; ``from_mod`` wraps any attention-gym style `
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -602,10 +603,430 @@ def combine(causal_flag: bool, mask: Mask | None) -> Mask | None:
     return mask
 
 
+# --- sparse patterns: dilated windows, global tokens, BigBird, Sparse Transformer ---------------
+# Each one computes its tile states and candidate key tiles from its structure, so a block
+# map costs O(listed tiles), never N×N.
+
+
+def _check_count(fn: str, arg: str, val: object, minimum: int = 0) -> int:
+    if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
+        kind = "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{fn}: {arg} must be an int {kind}, got {val!r}")
+    return val
+
+
+def _window_sides(fn: str, window: object) -> tuple[int, int]:
+    """``(left, right)`` from ``w`` (symmetric) or ``(left, right)``; ValueError otherwise."""
+    if isinstance(window, (tuple, list)):
+        if len(window) != 2:
+            raise ValueError(f"{fn}: window must be an int or (left, right), got {window!r}")
+        return _check_count(fn, "window left", window[0]), _check_count(fn, "window right", window[1])
+    w = _check_count(fn, "window", window)
+    return w, w
+
+
+class Dilated(Mask):
+    """Longformer's dilated window: ``left`` keys before and ``right`` after, ``d`` apart.
+
+    With ``rel = j - (i + nk - nq)`` (bottom-right aligned like ``SlidingWindow``), query i
+    sees key j iff ``rel % d == 0`` and ``-left·d <= rel <= right·d``. ``dilation`` is one int
+    or one int per query head (then indexed by the ``h`` of ``mask_mod``). ``d = 1`` is
+    ``SlidingWindow(left, right)``.
+    """
+
+    def __init__(self, left: int, right: int, dilation: int | tuple[int, ...] = 1):
+        _check_count("dilated", "left", left)
+        _check_count("dilated", "right", right)
+        dil = tuple(dilation) if isinstance(dilation, (tuple, list)) else (dilation,)
+        if not dil:
+            raise ValueError("dilated: dilation must be a positive int or one per head, got ()")
+        for d in dil:
+            _check_count("dilated", "dilation", d, minimum=1)
+        self.left, self.right = left, right
+        self.per_head = isinstance(dilation, (tuple, list))
+        self.dilations = dil
+        self.d_max = max(dil)
+        self._span = SlidingWindow(left * self.d_max, right * self.d_max)
+        self.name = f"dilated({left}, {right}, dilation={dilation})"
+
+    def check(self, batch, heads, nq, nk):
+        if self.per_head and len(self.dilations) != heads:
+            raise ValueError(
+                f"dilated: got {len(self.dilations)} per-head dilations for {heads} query heads"
+            )
+
+    def mask_fn(self, nq, nk):
+        offset = nk - nq
+        left, right = self.left, self.right
+        table = torch.tensor(self.dilations, dtype=torch.int64)
+
+        # No per-device cache in these mask_mods: FlexAttention traces them, and a cache is a
+        # side effect it refuses. ``.to`` on the same device returns the tensor itself.
+        def mask_mod(b, h, q_idx, kv_idx):
+            rel = kv_idx - (q_idx + offset)
+            if self.per_head:
+                d = table.to(q_idx.device)[h]
+            else:
+                d = self.dilations[0]
+            return (rel % d == 0) & (rel >= -left * d) & (rel <= right * d)
+
+        return mask_mod
+
+    def tile_states(self, g, qi, ki):
+        states = self._span.tile_states(g, qi, ki)
+        if self.d_max == 1:
+            return states
+        # Every key is d apart: a tile holding two neighbouring keys is never full.
+        return torch.minimum(states, torch.full_like(states, PARTIAL))
+
+    def kv_tile_candidates(self, g):
+        return self._span.kv_tile_candidates(g)
+
+
+def dilated(window: int | tuple[int, int], dilation: int | tuple[int, ...] = 1) -> Dilated:
+    """Dilated window: ``window`` keys each side (or ``(left, right)``), ``dilation`` apart.
+
+    ``dilation`` may be a tuple with one value per query head (Longformer uses different
+    dilations on different heads).
+    """
+    left, right = _window_sides("dilated", window)
+    return Dilated(left, right, dilation)
+
+
+class GlobalTokens(Mask):
+    """Global tokens: a query at a listed position sees every key, a key at a listed position
+    is seen by every query (Longformer). Positions index queries and keys alike, from 0.
+
+    Block map: query tiles holding a global query list every key tile; the others list only
+    the key tiles holding a global key. In the padded ``BlockMap`` layout one global query
+    makes every row num_kv_tiles wide, so ``queries=False`` (global keys only) exists for
+    methods that compute the few global query rows apart (``longformer`` does): its block map
+    is O(N/tile · g).
+    """
+
+    def __init__(self, positions, *, queries: bool = True, keys: bool = True):
+        pos = torch.as_tensor(positions)
+        if pos.dtype.is_floating_point or pos.dtype == torch.bool or pos.dim() > 1:
+            raise TypeError(f"global_tokens: positions must be a sequence of ints, got {positions!r}")
+        pos = pos.reshape(-1).long()
+        if pos.numel() and int(pos.min()) < 0:
+            raise ValueError(f"global_tokens: positions must be non-negative, got {pos.tolist()}")
+        self.positions = torch.unique(pos)
+        # One side alone serves methods that compute the global query rows separately.
+        self.queries, self.keys = queries, keys
+        self.name = f"global_tokens({len(self.positions)})"
+
+    def check(self, batch, heads, nq, nk):
+        if self.positions.numel() and int(self.positions.max()) >= max(nq, nk):
+            raise ValueError(
+                f"global_tokens: position {int(self.positions.max())} is outside the sequences "
+                f"(Nq={nq}, Nk={nk})"
+            )
+
+    def _flags(self, n: int, side: bool = True) -> Tensor:
+        flags = torch.zeros(n, dtype=torch.bool)
+        if side:
+            flags[self.positions[self.positions < n]] = True
+        return flags
+
+    def mask_fn(self, nq, nk):
+        gq, gk = self._flags(nq, self.queries), self._flags(nk, self.keys)
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return gq.to(q_idx.device)[q_idx] | gk.to(q_idx.device)[kv_idx]
+
+        return mask_mod
+
+    def tile_states(self, g, qi, ki):
+        qa, qb, ka, kb = g.ranges(qi, ki)
+        cq = _prefix(self._flags(g.nq, self.queries))
+        ck = _prefix(self._flags(g.nk, self.keys))
+        nq_glob, nk_glob = cq[qb] - cq[qa], ck[kb] - ck[ka]
+        return _states((nq_glob == 0) & (nk_glob == 0), (nq_glob == qb - qa) | (nk_glob == kb - ka))
+
+    def kv_tile_candidates(self, g):
+        nqt, nkt = g.num_q_tiles, g.num_kv_tiles
+        key_tiles = torch.unique(self.positions[self.positions < g.nk] // g.kv_tile)
+        if not self.keys:
+            key_tiles = key_tiles[:0]
+        q_rows = torch.zeros(nqt, dtype=torch.bool)
+        if self.queries:
+            q_rows[torch.unique(self.positions[self.positions < g.nq] // g.q_tile)] = True
+        if not bool(q_rows.any()):
+            return key_tiles[None, :].expand(nqt, -1)
+        all_tiles = torch.arange(nkt, dtype=torch.int64)[None, :].expand(nqt, nkt)
+        some = torch.full((nqt, nkt), -1, dtype=torch.int64)
+        some[:, : len(key_tiles)] = key_tiles
+        return torch.where(q_rows[:, None], all_tiles, some)
+
+
+def _prefix(flags: Tensor) -> Tensor:
+    out = torch.zeros(flags.numel() + 1, dtype=torch.int64)
+    out[1:] = flags.long().cumsum(0)
+    return out
+
+
+def global_tokens(positions, *, queries: bool = True, keys: bool = True) -> GlobalTokens:
+    """Tokens at ``positions`` attend to everything (``queries``) and are attended by
+    everything (``keys``)."""
+    return GlobalTokens(positions, queries=queries, keys=keys)
+
+
+def longformer(window: int | tuple[int, int], positions) -> Mask:
+    """Longformer: a sliding window plus global tokens at ``positions``."""
+    left, right = _window_sides("longformer", window)
+    return SlidingWindow(left, right) | GlobalTokens(positions)
+
+
+class BigBird(Mask):
+    """BigBird's block pattern, in blocks of ``block`` positions counted from 0 in each sequence.
+
+    Query block i sees key block j iff ``|i - j| <= window_blocks // 2`` (window), or either
+    block is global (the first ⌈g/2⌉ and the last ⌊g/2⌋ blocks, ``g = global_blocks``), or j
+    is one of the ``random_blocks`` blocks drawn for i. Random blocks are distinct, outside
+    i's window and the global blocks, and a function of (seed, block counts) only.
+    """
+
+    def __init__(self, block: int = 64, window_blocks: int = 3, global_blocks: int = 2,
+                 random_blocks: int = 3, seed: int = 0, *, global_queries: bool = True):
+        _check_count("bigbird", "block", block, minimum=1)
+        _check_count("bigbird", "window_blocks", window_blocks, minimum=1)
+        if window_blocks % 2 == 0:
+            raise ValueError(f"bigbird: window_blocks must be odd (the block and as many each side), "
+                             f"got {window_blocks}")
+        _check_count("bigbird", "global_blocks", global_blocks)
+        _check_count("bigbird", "random_blocks", random_blocks)
+        _check_count("bigbird", "seed", seed)
+        self.block, self.radius = block, window_blocks // 2
+        self.global_blocks, self.random_blocks, self.seed = global_blocks, random_blocks, seed
+        # False leaves out the "global queries see everything" rows, for methods that compute
+        # them apart (as GlobalTokens(queries=False)); the random draw does not change.
+        self.global_queries = global_queries
+        self._tables: dict[tuple[int, int], tuple[Tensor, Tensor, Tensor]] = {}
+        self.name = (f"bigbird(block={block}, window={window_blocks}, global={global_blocks}, "
+                     f"random={random_blocks}, seed={seed})")
+
+    def _global(self, nblocks: int) -> Tensor:
+        flags = torch.zeros(nblocks, dtype=torch.bool)
+        head = (self.global_blocks + 1) // 2
+        flags[:head] = True
+        tail = self.global_blocks // 2
+        if tail:
+            flags[max(nblocks - tail, 0):] = True
+        return flags
+
+    def tables(self, nq: int, nk: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(global query blocks, global key blocks, random key blocks (nqb, r) -1 padded)."""
+        key = (nq, nk)
+        if key not in self._tables:
+            nqb, nkb = math.ceil(nq / self.block), math.ceil(nk / self.block)
+            gq, gk = self._global(nqb), self._global(nkb)
+            rnd = self._draw_random(gq, gk)
+            if not self.global_queries:
+                gq = torch.zeros_like(gq)
+            self._tables[key] = (gq, gk, rnd)
+        return self._tables[key]
+
+    def global_query_rows(self, nq: int) -> Tensor:
+        """Query positions in global blocks (int64, ascending)."""
+        flags = self._global(math.ceil(nq / self.block))
+        return torch.nonzero(flags.repeat_interleave(self.block)[:nq]).flatten()
+
+    def _draw_random(self, gq: Tensor, gk: Tensor) -> Tensor:
+        # Floyd's algorithm draws r distinct indices from the pool of allowed key blocks in
+        # O(r) per query block, so the table costs O(N/block · r), never (N/block)².
+        rng = random.Random(self.seed)
+        nkb, r = len(gk), self.random_blocks
+        global_keys = torch.nonzero(gk).flatten().tolist()
+        table = torch.full((len(gq), r), -1, dtype=torch.int64)
+        rows = []
+        for i in range(len(gq)):
+            excluded = sorted(set(range(max(i - self.radius, 0), min(i + self.radius + 1, nkb)))
+                              | set(global_keys))
+            pool = nkb - len(excluded)
+            picked: list[int] = []
+            if not gq[i] and pool > 0 and r > 0:
+                chosen: set[int] = set()
+                for top in range(pool - min(r, pool), pool):
+                    t = rng.randint(0, top)
+                    chosen.add(top if t in chosen else t)
+                for t in sorted(chosen):
+                    for e in excluded:  # the t-th block of the pool, skipping excluded ones
+                        if e <= t:
+                            t += 1
+                    picked.append(t)
+            rows.append(picked + [-1] * (r - len(picked)))
+        if rows and r:
+            table[:] = torch.tensor(rows, dtype=torch.int64)
+        return table
+
+    def mask_fn(self, nq, nk):
+        gq, gk, rnd = self.tables(nq, nk)
+        block, radius = self.block, self.radius
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            dev = q_idx.device
+            fq, fk, table = gq.to(dev), gk.to(dev), rnd.to(dev)
+            qb, kb = q_idx // block, kv_idx // block
+            allowed = ((kb - qb).abs() <= radius) | fq[qb] | fk[kb]
+            for c in range(table.shape[1]):
+                allowed = allowed | (table[qb, c] == kb)
+            return allowed
+
+        return mask_mod
+
+    def tile_states(self, g, qi, ki):
+        gq, gk, rnd = self.tables(g.nq, g.nk)
+        qa, qb, ka, kb = g.ranges(qi, ki)
+        r0, r1 = qa // self.block, (qb - 1) // self.block  # inclusive block ranges
+        c0, c1 = ka // self.block, (kb - 1) // self.block
+        rad = self.radius
+        win_empty = (c0 > r1 + rad) | (c1 < r0 - rad)
+        win_full = (c1 - r0 <= rad) & (r1 - c0 <= rad)
+        pq, pk = _prefix(gq), _prefix(gk)
+        n_gq, n_gk = pq[r1 + 1] - pq[r0], pk[c1 + 1] - pk[c0]
+        glob_full = (n_gq == r1 - r0 + 1) | (n_gk == c1 - c0 + 1)
+        # Random hits: the random blocks of every query block in the tile, against its key blocks.
+        rows = r0[..., None] + torch.arange(int((r1 - r0).max()) + 1 if r0.numel() else 1)
+        in_tile = rows <= r1[..., None]
+        picks = rnd[rows.clamp(max=len(gq) - 1)]  # (..., rows, r)
+        hit = (picks >= c0[..., None, None]) & (picks <= c1[..., None, None]) & in_tile[..., None]
+        rand_any = hit.flatten(-2).any(-1)
+        empty = win_empty & (n_gq == 0) & (n_gk == 0) & ~rand_any
+        return _states(empty, win_full | glob_full)
+
+    def kv_tile_candidates(self, g):
+        gq, gk, rnd = self.tables(g.nq, g.nk)
+        nqt, nkt, blk = g.num_q_tiles, g.num_kv_tiles, self.block
+        qa = torch.arange(nqt, dtype=torch.int64) * g.q_tile
+        qb = torch.clamp(qa + g.q_tile, max=g.nq)
+        r0, r1 = qa // blk, (qb - 1) // blk
+        first = ((r0 - self.radius).clamp(min=0) * blk) // g.kv_tile
+        last = (((r1 + self.radius + 1) * blk).clamp(max=g.nk) - 1) // g.kv_tile
+        cand = ranges_to_candidates(first, last, nkt)
+        # Key tiles of the global key blocks, the same for every query tile.
+        gk_tiles = self._key_tiles(torch.nonzero(gk).flatten()[None, :], g)
+        cand = union_candidates(cand, gk_tiles.expand(nqt, -1))
+        # Key tiles of the random blocks of every query block in the tile.
+        rows = r0[:, None] + torch.arange(int((r1 - r0).max()) + 1 if nqt else 1)
+        picks = rnd[rows.clamp(max=len(gq) - 1)].masked_fill(~(rows <= r1[:, None])[..., None], -1)
+        cand = union_candidates(cand, self._key_tiles(picks.flatten(1), g))  # picks: (nqt, rows·r)
+        # A query tile holding a global query block sees every key tile.
+        pq = _prefix(gq)
+        global_rows = (pq[r1 + 1] - pq[r0]) > 0
+        if bool(global_rows.any()):
+            every = torch.arange(nkt, dtype=torch.int64)[None, :].expand(nqt, nkt)
+            cand = union_candidates(cand, every.masked_fill(~global_rows[:, None], -1))
+        return cand
+
+
+    def _key_tiles(self, blocks: Tensor, g: Grid) -> Tensor:
+        """(R, n) key blocks (-1 = none) -> (R, n·span) key tiles they cover, -1 padded."""
+        blk = self.block
+        span = math.ceil(blk / g.kv_tile) + 1  # tiles one block can touch
+        lo = (blocks * blk) // g.kv_tile
+        hi = ((blocks * blk + blk).clamp(max=g.nk) - 1) // g.kv_tile
+        tiles = lo[..., None] + torch.arange(span)  # (R, n, span)
+        keep = (blocks[..., None] >= 0) & (tiles <= hi[..., None])
+        return tiles.masked_fill(~keep, -1).flatten(-2)
+
+
+def bigbird(block: int = 64, window_blocks: int = 3, global_blocks: int = 2, random_blocks: int = 3,
+            seed: int = 0, *, global_queries: bool = True) -> BigBird:
+    """BigBird: block window + global blocks + random blocks, deterministic under ``seed``."""
+    return BigBird(block, window_blocks, global_blocks, random_blocks, seed, global_queries=global_queries)
+
+
+class Strided(Mask):
+    """Sparse Transformer's *strided* pattern (both factors in one head): with
+    ``rel = j - (i + nk - nq)``, query i sees key j iff ``|rel| < stride`` (the local factor)
+    or ``rel % stride == 0`` (the strided factor). Add ``causal=True`` for the paper's form.
+
+    The strided factor touches every key tile once ``stride <= kv_tile``, so its block map
+    lists O(N²/tile²) tiles and its work is O(N²/stride · …) per tile row: memory stays O(N).
+    """
+
+    def __init__(self, stride: int):
+        _check_count("strided", "stride", stride, minimum=1)
+        self.stride = stride
+        self._local = SlidingWindow(stride - 1, stride - 1)
+        self.name = f"strided({stride})"
+
+    def mask_fn(self, nq, nk):
+        offset, s = nk - nq, self.stride
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            rel = kv_idx - (q_idx + offset)
+            return (rel.abs() < s) | (rel % s == 0)
+
+        return mask_mod
+
+    def tile_states(self, g, qi, ki):
+        local = self._local.tile_states(g, qi, ki)
+        qa, qb, ka, kb = g.ranges(qi, ki)
+        off, s = g.nk - g.nq, self.stride
+        rel_min, rel_max = ka - (qb - 1 + off), (kb - 1) - (qa + off)
+        has_multiple = torch.div(rel_max, s, rounding_mode="floor") * s >= rel_min
+        empty = (local == EMPTY) & ~has_multiple
+        full = (local == FULL) | ((rel_min == rel_max) & has_multiple)
+        return _states(empty, full)
+
+
+def strided(stride: int) -> Strided:
+    """Sparse Transformer strided pattern: the ``stride`` nearest keys plus every stride-th key."""
+    return Strided(stride)
+
+
+class Fixed(Mask):
+    """Sparse Transformer's *fixed* pattern (both factors in one head): query i (aligned
+    position ``p = i + nk - nq``) sees key j iff ``p // block == j // block`` (its own block)
+    or ``j % block >= block - summary`` (the last ``summary`` keys of every block).
+    """
+
+    def __init__(self, block: int, summary: int = 1):
+        _check_count("fixed", "block", block, minimum=1)
+        _check_count("fixed", "summary", summary, minimum=1)
+        if summary > block:
+            raise ValueError(f"fixed: summary must be at most block={block}, got {summary}")
+        self.block, self.summary = block, summary
+        self.name = f"fixed(block={block}, summary={summary})"
+
+    def mask_fn(self, nq, nk):
+        offset, blk, first_summary = nk - nq, self.block, self.block - self.summary
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            same = torch.div(q_idx + offset, blk, rounding_mode="floor") == kv_idx // blk
+            return same | (kv_idx % blk >= first_summary)
+
+        return mask_mod
+
+    def _summaries_below(self, x: Tensor) -> Tensor:
+        """How many summary keys lie in [0, x)."""
+        return (x // self.block) * self.summary + (x % self.block - (self.block - self.summary)).clamp(min=0)
+
+    def tile_states(self, g, qi, ki):
+        qa, qb, ka, kb = g.ranges(qi, ki)
+        off, blk = g.nk - g.nq, self.block
+        q0 = torch.div(qa + off, blk, rounding_mode="floor")
+        q1 = torch.div(qb - 1 + off, blk, rounding_mode="floor")
+        k0, k1 = ka // blk, (kb - 1) // blk
+        n_summary = self._summaries_below(kb) - self._summaries_below(ka)
+        empty = ((q1 < k0) | (k1 < q0)) & (n_summary == 0)
+        full = ((q0 == q1) & (k0 == k1) & (q0 == k0)) | (n_summary == kb - ka)
+        return _states(empty, full)
+
+
+def fixed(block: int, summary: int = 1) -> Fixed:
+    """Sparse Transformer fixed pattern: own block plus the last ``summary`` keys of each block."""
+    return Fixed(block, summary)
+
+
 __all__ = [
     "BlockMap", "Grid", "Mask", "MaskMod", "EMPTY", "PARTIAL", "FULL",
     "causal", "sliding_window", "document", "from_mod", "dense", "combine", "as_mask", "eval_mask",
     "block_sparse", "random_blocks",
     "SlidingWindow", "Document", "FromMod", "Dense", "BlockSparse", "And", "Or",
     "ranges_to_candidates", "union_candidates",
+    "dilated", "global_tokens", "longformer", "bigbird", "strided", "fixed",
+    "Dilated", "GlobalTokens", "BigBird", "Strided", "Fixed",
 ]

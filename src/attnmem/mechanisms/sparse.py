@@ -1,0 +1,378 @@
+"""Sparse and local attention: exact softmax attention under a structured mask, in O(N·w).
+
+Every method here turns its options into an ``attnmem.masks`` mask, ANDs it with the call's
+own mask (causal and the user's), and runs the tiled kernel of ``chunked`` over the block map
+of the result: key tiles outside the pattern are never touched, in either pass, so time and
+memory follow the number of allowed pairs (N·w) instead of N². ``reference`` with the same
+dense mask is the oracle.
+
+Equivalent PyTorch code (O(N²), what the tests compare against)::
+
+    allowed = pattern.to_dense(Nq, Nk)                      # (1, 1 or H, Nq, Nk) bool
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, -inf)
+    out = softmax(scores, -1).nan_to_num(0) @ v             # rows with no key give zeros
+
+On CUDA, when ``torch.nn.attention.flex_attention`` imports, the same ``mask_mod`` and block
+map go to FlexAttention instead (``_flex_attention`` below); the tiled path stays the CPU path
+and the fallback.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .. import masks as M
+from ..registry import Inputs, Method, register
+from ..tiled import _MIN_Q_TILE, KERNELS, _Ctx, _merge, tiled_attention, tiled_backward, tiled_forward
+
+# FlexAttention's kernels tile by 128 × 128 on CUDA.
+_FLEX_TILE = 128
+
+
+def _check_positive(name: str, val: object) -> None:
+    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+def _check_window(window: object) -> tuple[int, int]:
+    sides = window if isinstance(window, (tuple, list)) else (window, window)
+    if len(sides) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sides):
+        raise ValueError(f"window must be a non-negative int or a (left, right) pair of them, got {window!r}")
+    return int(sides[0]), int(sides[1])
+
+
+@dataclass(frozen=True)
+class TileOptions:
+    """Tile sizes of the block map and the tile kernel, as in ``chunked``. 128 by default:
+    a window of 256 each side then computes 640 keys per query instead of 768 with 256-tiles."""
+
+    q_tile: int = 128
+    kv_tile: int = 128
+    kernel: str = "auto"
+
+    def __post_init__(self):
+        _check_positive("q_tile", self.q_tile)
+        _check_positive("kv_tile", self.kv_tile)
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+
+
+@dataclass(frozen=True)
+class SlidingWindowOptions(TileOptions):
+    """window: keys each side (int) or ``(left, right)`` as FlashAttention's ``window_size``;
+    ``(w, 0)`` is causal local attention. Default 256."""
+
+    window: int | tuple[int, int] = 256
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_window(self.window)
+
+
+@dataclass(frozen=True)
+class DilatedOptions(SlidingWindowOptions):
+    """window: keys each side (or ``(left, right)``), ``dilation`` positions apart; dilation is
+    a positive int or a tuple with one per query head. Defaults: window 256, dilation 2."""
+
+    dilation: int | tuple[int, ...] = 2
+
+    def __post_init__(self):
+        super().__post_init__()
+        dils = self.dilation if isinstance(self.dilation, (tuple, list)) else (self.dilation,)
+        if not dils:
+            raise ValueError("dilation must be a positive int or one per head, got ()")
+        for d in dils:
+            _check_positive("dilation", d)
+
+
+@dataclass(frozen=True)
+class LongformerOptions(SlidingWindowOptions):
+    """window as ``sliding_window``; global_tokens: positions that attend to and are attended
+    by every token (default ``(0,)``, a CLS token)."""
+
+    global_tokens: tuple[int, ...] = (0,)
+
+    def __post_init__(self):
+        super().__post_init__()
+        M.global_tokens(self.global_tokens)  # raises on bad positions
+
+
+@dataclass(frozen=True)
+class BigBirdOptions(TileOptions):
+    """block: positions per block (64); window_blocks: odd number of blocks around the
+    diagonal (3); global_blocks: first ⌈g/2⌉ and last ⌊g/2⌋ blocks (2); random_blocks: per
+    query block (3), drawn from ``seed``. Tiles must be multiples of ``block``; None (the
+    default) means ``block``, which makes every computed tile full: no mask is evaluated."""
+
+    q_tile: int | None = None
+    kv_tile: int | None = None
+    block: int = 64
+    window_blocks: int = 3
+    global_blocks: int = 2
+    random_blocks: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        M.bigbird(self.block, self.window_blocks, self.global_blocks, self.random_blocks, self.seed)
+        for name in ("q_tile", "kv_tile"):
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.block)
+        super().__post_init__()
+        for name in ("q_tile", "kv_tile"):
+            if getattr(self, name) % self.block:
+                raise ValueError(
+                    f"{name} must be a multiple of block={self.block} (tiles align with blocks), "
+                    f"got {getattr(self, name)}"
+                )
+
+
+@dataclass(frozen=True)
+class StridedOptions(TileOptions):
+    """pattern: "strided" (the ``stride`` nearest keys and every stride-th key) or "fixed"
+    (own block of ``stride`` keys and the last ``summary`` keys of every block). stride 128,
+    summary 8. Add ``causal=True`` for the Sparse Transformer's autoregressive form."""
+
+    pattern: str = "strided"
+    stride: int = 128
+    summary: int = 8
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.pattern not in ("strided", "fixed"):
+            raise ValueError(f"pattern must be 'strided' or 'fixed', got {self.pattern!r}")
+        _check_positive("stride", self.stride)
+        if self.pattern == "fixed":
+            M.fixed(self.stride, self.summary)
+
+
+class _Sparse(Method):
+    """Shared forward: the pattern AND the call's mask, over the tiled kernel or FlexAttention."""
+
+    family = "sparse"
+    exact = True
+
+    def pattern(self, opts) -> M.Mask:
+        raise NotImplementedError
+
+    def extra_reasons(self, inp, opts):
+        try:
+            self.pattern(opts).check(inp.batch, inp.q_heads, inp.nq, inp.nk)
+        except ValueError as e:
+            return [str(e)]
+        if opts.kernel == "fused" and inp.q.device.type != "cpu":
+            return ["kernel='fused' runs on CPU only"]
+        if opts.kernel == "fused" and inp.q.dtype == torch.float16:
+            return ["kernel='fused' does not support float16"]
+        return []
+
+    def split(self, opts, nq: int) -> tuple[M.Mask, Tensor | None]:
+        """(pattern without its global query rows, those rows); patterns with no global
+        queries return (pattern, None)."""
+        return self.pattern(opts), None
+
+    def forward(self, inp: Inputs, opts) -> Tensor:
+        if inp.q.is_cuda and _flex_available():
+            mask = self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
+            if _flex_safe(mask):
+                return _flex_attention(inp, mask)
+        local, rows = self.split(opts, inp.nq)
+        mask = local if inp.mask is None else inp.mask & local
+        if rows is None or not rows.numel():
+            return tiled_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale,
+                                   q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel)
+        # Global query rows see every key. The local pattern runs over all rows, and the keys
+        # it leaves out of the global rows run apart and merge in by log-sum-exp; so the block
+        # map of the local pass stays O(N·w/tile²) instead of listing every key tile for each
+        # tile holding a global query, and no extra (B, H, N, D) tensor is made.
+        rows = rows.to(inp.q.device)
+        q_tile = max(opts.q_tile, _MIN_Q_TILE)
+        c_local = _Ctx(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel)
+        rest = _rows_outside(local, inp.mask, rows, inp.nq, inp.nk)
+        q_rows = inp.q[:, :, :rows.numel()]  # only the shape matters to the context
+        c_rest = _Ctx(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel)
+        return _WithGlobalRows.apply(inp.q, inp.k, inp.v, c_local, c_rest, rows)
+
+
+@register
+class SlidingWindowAttention(_Sparse):
+    name = "sliding_window"
+    memory = "O(B·H·N·D); O(N·w) scores, a tile at a time (w = left + right + 1)"
+    summary = "local attention: each query sees `window` keys each side (FlashAttention window_size)"
+    Options = SlidingWindowOptions
+
+    def pattern(self, opts):
+        return M.sliding_window(*_check_window(opts.window))
+
+
+@register
+class DilatedAttention(_Sparse):
+    name = "dilated"
+    memory = "O(B·H·N·D); O(N·w·d) scores, a tile at a time (w keys spread over w·d)"
+    summary = "Longformer's dilated window: `window` keys each side, `dilation` apart (per head optional)"
+    Options = DilatedOptions
+
+    def pattern(self, opts):
+        dil = tuple(opts.dilation) if isinstance(opts.dilation, (tuple, list)) else opts.dilation
+        return M.dilated(_check_window(opts.window), dil)
+
+
+@register
+class LongformerAttention(_Sparse):
+    name = "longformer"
+    memory = "O(B·H·N·D); O(N·(w + g)) scores, a tile at a time (g global tokens)"
+    summary = "sliding window plus global tokens that see, and are seen by, every token"
+    Options = LongformerOptions
+
+    def pattern(self, opts):
+        return M.longformer(_check_window(opts.window), list(opts.global_tokens))
+
+    def split(self, opts, nq):
+        left, right = _check_window(opts.window)
+        local = M.sliding_window(left, right) | M.global_tokens(list(opts.global_tokens), queries=False)
+        rows = M.global_tokens(list(opts.global_tokens)).positions
+        return local, rows[rows < nq]
+
+
+def _rows_outside(local: M.Mask, call_mask: M.Mask | None, rows: Tensor, nq: int, nk: int) -> M.Mask:
+    """For query positions ``rows`` (renumbered 0..g-1): the keys the call's mask allows and
+    ``local`` does not. Its block map evaluates g rows against all keys: O(g·N)."""
+    local_fn = local.mask_fn(nq, nk)
+    call_fn = call_mask.mask_fn(nq, nk) if call_mask is not None else None
+    rows = rows.cpu()
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        pos = rows.to(q_idx.device)[q_idx]
+        allowed = ~local_fn(b, h, pos, kv_idx)
+        return allowed if call_fn is None else allowed & call_fn(b, h, pos, kv_idx)
+
+    return M.from_mod(mask_mod, name="global rows outside the local pattern")
+
+
+class _WithGlobalRows(torch.autograd.Function):
+    """Local pattern over every row, plus the remaining keys of the global rows, merged.
+
+    Both passes save nothing but the merged output and log-sum-exp: with the final lse each
+    pass's backward recomputes the true probabilities of its own keys, so the two backwards
+    add up to the gradient of the whole pattern.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, c_local: _Ctx, c_rest: _Ctx, rows: Tensor):
+        out, lse = tiled_forward(c_local, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
+        out_r, lse_r = tiled_forward(c_rest, q.index_select(2, rows), k, v)  # (B, Hq, g, D), (B, Hq, g)
+        o, lse_g = _merge(out.index_select(2, rows).to(lse.dtype), lse.index_select(2, rows), out_r, lse_r)
+        out.index_copy_(2, rows, o.to(out.dtype))
+        lse.index_copy_(2, rows, lse_g)
+        ctx.c = (c_local, c_rest)
+        ctx.save_for_backward(q, k, v, out, lse, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, rows = ctx.saved_tensors
+        c_local, c_rest = ctx.c
+        dq, dk, dv = tiled_backward(c_local, dout, q, k, v, out, lse)
+        pick = lambda t: t.index_select(2, rows)  # noqa: E731
+        dq_r, dk_r, dv_r = tiled_backward(c_rest, pick(dout), pick(q), k, v, pick(out), pick(lse))
+        dq.index_add_(2, rows, dq_r)
+        dk.add_(dk_r)
+        dv.add_(dv_r)
+        return dq, dk, dv, None, None, None
+
+
+@register
+class BigBirdAttention(_Sparse):
+    name = "bigbird"
+    memory = "O(B·H·N·D); O(N·b·(w + g + r)) scores over blocks of b, a tile at a time"
+    summary = "BigBird: block window + global blocks + seeded random blocks"
+    Options = BigBirdOptions
+
+    def pattern(self, opts, global_queries: bool = True):
+        return M.bigbird(opts.block, opts.window_blocks, opts.global_blocks, opts.random_blocks, opts.seed,
+                         global_queries=global_queries)
+
+    def split(self, opts, nq):
+        local = self.pattern(opts, global_queries=False)
+        return local, local.global_query_rows(nq)
+
+
+@register
+class StridedAttention(_Sparse):
+    name = "strided"
+    memory = "O(B·H·N·D); O(N·(s + N/s)) allowed pairs, but column tiles are computed whole"
+    summary = "Sparse Transformer patterns: 'strided' (local + every s-th key) or 'fixed' (block + summaries)"
+    Options = StridedOptions
+
+    def pattern(self, opts):
+        if opts.pattern == "fixed":
+            return M.fixed(opts.stride, opts.summary)
+        return M.strided(opts.stride)
+
+
+# --- CUDA: FlexAttention with attnmem's own block map --------------------------------------
+
+
+@functools.cache
+def _flex_available() -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Masks whose mask_mod FlexAttention can trace (no side effects such as per-device caches).
+_FLEX_SAFE = (M.SlidingWindow, M.Dilated, M.GlobalTokens, M.BigBird, M.Strided, M.Fixed)
+
+
+def _flex_safe(mask: M.Mask) -> bool:
+    if isinstance(mask, (M.And, M.Or)):
+        return _flex_safe(mask.a) and _flex_safe(mask.b)
+    return isinstance(mask, _FLEX_SAFE)
+
+
+def flex_block_mask(bm: M.BlockMap, mask_mod: M.MaskMod, device: torch.device | str = "cpu"):
+    """FlexAttention ``BlockMask`` from an attnmem ``BlockMap``.
+
+    FlexAttention keeps partial and full tiles apart: ``kv_num_blocks``/``kv_indices`` list the
+    tiles whose ``mask_mod`` must run, ``full_kv_num_blocks``/``full_kv_indices`` those that run
+    unmasked; each (B=1, H=1, num_q_tiles[, num_kv_tiles]) int32, listed tiles first, ascending.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    valid = bm.kv_indices >= 0
+
+    def pack(sel: Tensor) -> tuple[Tensor, Tensor]:
+        counts = sel.sum(1)
+        # A stable sort moves the selected tiles first, in their ascending order.
+        order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices
+        idx = torch.gather(bm.kv_indices.clamp(min=0), 1, order)
+        # FlexAttention's index tables are num_kv_tiles wide (its to_dense relies on it).
+        idx = torch.nn.functional.pad(idx, (0, bm.num_kv_tiles - idx.shape[1]))
+        idx = idx.masked_fill(torch.arange(idx.shape[1])[None, :] >= counts[:, None], 0)
+        return (counts.to(torch.int32)[None, None].to(device),
+                idx.to(torch.int32)[None, None].contiguous().to(device))  # (1, 1, nqt[, nkt])
+
+    kv_num, kv_idx = pack(valid & ~bm.kv_full)
+    full_num, full_idx = pack(valid & bm.kv_full)
+    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bm.q_tile, bm.kv_tile),
+                                    mask_mod=mask_mod, seq_lengths=(bm.nq, bm.nk))
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex_attention(inp: Inputs, mask: M.Mask) -> Tensor:  # pragma: no cover - needs CUDA
+    """The same pattern through FlexAttention (CUDA); rows with no key come back as zeros."""
+    bm = mask.block_map(inp.nq, inp.nk, _FLEX_TILE, _FLEX_TILE, batch=inp.batch, heads=inp.q_heads)
+    block_mask = flex_block_mask(bm, mask.mask_fn(inp.nq, inp.nk), inp.q.device)
+    return _compiled_flex()(inp.q, inp.k, inp.v, block_mask=block_mask, scale=inp.scale,
+                            enable_gqa=inp.q_heads != inp.kv_heads)
