@@ -156,5 +156,7 @@ def summary_table(rows: list[dict]) -> Table:
     return table
 
 
+from . import cli_train  # noqa: E402, F401  (registers `attnmem train`)
+
 if __name__ == "__main__":  # pragma: no cover
     main()
