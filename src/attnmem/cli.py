@@ -156,7 +156,9 @@ def summary_table(rows: list[dict]) -> Table:
     return table
 
 
-from . import cli_train  # noqa: E402, F401  (registers `attnmem train`)
+from .cli_train import train_cmd  # noqa: E402  (a plain command, so `python -m attnmem.cli` sees it too)
+
+main.add_command(train_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,4 +1,8 @@
-"""``attnmem train``: a long-range task with a chosen method, or a sweep over methods."""
+"""``attnmem train``: a long-range task with a chosen method, or a sweep over methods.
+
+A plain click command that ``cli.py`` adds to the group (``main.add_command``): importing the
+group from here would build a second group when ``cli.py`` runs as ``python -m attnmem.cli``.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,15 @@ from pathlib import Path
 
 import click
 import torch
+from rich.console import Console
 from rich.table import Table
 
-from .cli import console, err_console, main
 from .memory.measure import GiB, MiB
 from .tasks import TASKS
 from .tasks.train import MASK_WINDOW, TrainConfig, fit, linear_peak_fn, max_batch_under, parse_method_spec, sweep
 
+console = Console()
+err_console = Console(stderr=True)
 UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": MiB, "gib": GiB, "kb": 10**3, "mb": 10**6, "gb": 10**9}
 
 
@@ -52,7 +58,7 @@ def metrics_table(rows: list[dict], title: str) -> Table:
     return table
 
 
-@main.command("train")
+@click.command("train")
 @click.option("--task", default="mqar", type=click.Choice(sorted(TASKS)), show_default=True)
 @click.option("--task-option", "task_items", multiple=True, metavar="KEY=VALUE",
               help="A task option, e.g. num_pairs=16, vocab_size=512 (repeatable).")
