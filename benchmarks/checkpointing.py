@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--vocab", type=int, default=256)
     ap.add_argument("--method", default="chunked")
-    ap.add_argument("--rounds", type=int, default=3, help="interleaved untimed-tracking rounds")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds")
     ap.add_argument("--out", default=str(RESULTS / "checkpointing.jsonl"))
     args = ap.parse_args()
     runs = {}
