@@ -31,7 +31,7 @@ def one_step_fn(config: TrainConfig):
 
     def step(params, inputs, labels):
         opt.zero_grad(set_to_none=True)
-        loss, _, _ = loss_and_correct(model(inputs), labels)
+        loss, _, _ = loss_and_correct(*model.scored(inputs, labels))
         loss.backward()
         opt.step()
 

@@ -148,3 +148,12 @@ def test_sweep_writes_table_and_png(tmp_path):
     assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="nope"):
         T.sweep(cfg, ["chunked", "nope"])
+
+
+def test_scored_logits_are_the_full_logits_at_labelled_positions():
+    cfg = TrainConfig(**TINY)
+    task, model, _, _ = T.build(cfg)
+    x, y = task.sample(4, torch.Generator().manual_seed(0))
+    logits, targets = model.scored(x, y)
+    keep = y != T.IGNORE
+    assert torch.allclose(logits, model(x)[keep], atol=1e-6) and torch.equal(targets, y[keep])
