@@ -38,7 +38,9 @@ CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
 EVAL_SEED_OFFSET = 1_000_003  # the held-out split's generator seed is seed + this
 MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-window mask
-# Settings that may differ between a run and its resumption without changing the result.
+# Settings that may differ between a run and its resumption. Changing ``steps`` extends (or
+# shortens) a run: the cosine schedule follows the new total from there on, so only an
+# unchanged ``steps`` reproduces an uninterrupted run exactly.
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every")
 
 
@@ -333,7 +335,7 @@ class TrainResult:
 
 
 def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
-          progress: bool = False) -> TrainResult:
+        progress: bool = False) -> TrainResult:
     """Train (or continue) one run; see the module docstring.
 
     Args:
