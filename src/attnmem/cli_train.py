@@ -40,7 +40,7 @@ def parse_bytes(text: str) -> int:
 def parse_options(items: tuple[str, ...], flag: str) -> dict:
     opts: dict = {}
     for item in items:
-        name, parsed = parse_method_spec(f"x:{item}")
+        _, parsed = parse_method_spec(f"x:{item}")
         if not parsed:
             raise ValueError(f"{flag}: expected key=value, got {item!r}")
         opts.update(parsed)
