@@ -156,6 +156,9 @@ def summary_table(rows: list[dict]) -> Table:
 
 # Subcommands in their own modules register themselves on `main` when imported.
 from . import cli_decode, cli_plan  # noqa: E402, F401, I001
+from .cli_train import train_cmd  # noqa: E402
+
+main.add_command(train_cmd)
 
 if __name__ == "__main__":  # pragma: no cover
     # Subcommand modules register on attnmem.cli.main, not on this __main__ copy.

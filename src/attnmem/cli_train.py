@@ -1,0 +1,129 @@
+"""``attnmem train``: a long-range task with a chosen method, or a sweep over methods.
+
+A plain click command that ``cli.py`` adds to the group (``main.add_command``): importing the
+group from here would build a second group when ``cli.py`` runs as ``python -m attnmem.cli``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import click
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from .memory.measure import GiB, MiB
+from .tasks import TASKS
+from .tasks.train import MASK_WINDOW, TrainConfig, fit, linear_peak_fn, max_batch_under, parse_method_spec, sweep
+
+console = Console()
+err_console = Console(stderr=True)
+UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": MiB, "gib": GiB, "kb": 10**3, "mb": 10**6, "gb": 10**9}
+
+
+def parse_bytes(text: str) -> int:
+    """``"512MiB"``, ``"2GiB"``, ``"1.5GB"`` or a plain number of bytes -> bytes.
+
+    Raises:
+        ValueError: anything else.
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in UNITS:
+        raise ValueError(f"--max-batch-under: expected a size such as 512MiB, 2GiB or 1e9, got {text!r}")
+    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
+
+
+def parse_options(items: tuple[str, ...], flag: str) -> dict:
+    opts: dict = {}
+    for item in items:
+        _, parsed = parse_method_spec(f"x:{item}")
+        if not parsed:
+            raise ValueError(f"{flag}: expected key=value, got {item!r}")
+        opts.update(parsed)
+    return opts
+
+
+def metrics_table(rows: list[dict], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("method", "steps", "eval acc", "eval loss", "peak MiB", "tokens/s", "train s"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r in rows:
+        table.add_row(r["method"], str(r["steps"]), f"{r.get('eval_accuracy', float('nan')):.4f}",
+                      f"{r.get('eval_loss', float('nan')):.4f}", f"{r['peak_mib']:.1f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['train_time_s']:.1f}")
+    return table
+
+
+@click.command("train")
+@click.option("--task", default="mqar", type=click.Choice(sorted(TASKS)), show_default=True)
+@click.option("--task-option", "task_items", multiple=True, metavar="KEY=VALUE",
+              help="A task option, e.g. num_pairs=16, vocab_size=512 (repeatable).")
+@click.option("--method", default="chunked", show_default=True,
+              help="Attention method, optionally with options: name[:key=value,...].")
+@click.option("--window", default=None, type=click.IntRange(min=1),
+              help="Add a causal sliding-window mask of this many keys.")
+@click.option("--sweep", "do_sweep", is_flag=True, help="Train every method of --methods with the same budget.")
+@click.option("--methods", "methods_", default=None,
+              help="Semicolon-separated method specs for --sweep, e.g. 'chunked;chunked:mask_window=32;linear'.")
+@click.option("--seq-len", default=256, type=click.IntRange(min=1), show_default=True)
+@click.option("--d-model", default=64, type=click.IntRange(min=1), show_default=True)
+@click.option("--heads", default=2, type=click.IntRange(min=1), show_default=True)
+@click.option("--layers", default=2, type=click.IntRange(min=1), show_default=True)
+@click.option("--batch", default=32, type=click.IntRange(min=1), show_default=True)
+@click.option("--steps", default=1000, type=click.IntRange(min=1), show_default=True)
+@click.option("--lr", default=3e-3, type=float, show_default=True)
+@click.option("--weight-decay", default=0.1, type=float, show_default=True)
+@click.option("--warmup", default=50, type=click.IntRange(min=0), show_default=True)
+@click.option("--eval-every", default=100, type=click.IntRange(min=1), show_default=True)
+@click.option("--eval-examples", default=256, type=click.IntRange(min=1), show_default=True)
+@click.option("--checkpoint-every", default=100, type=click.IntRange(min=1), show_default=True)
+@click.option("--checkpointing", is_flag=True, help="Activation checkpointing in every block.")
+@click.option("--max-batch-under", "budget", default=None,
+              help="Use the largest batch whose training step fits this budget (e.g. 512MiB).")
+@click.option("--seed", default=0, type=int, show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--out", "out_dir", default="train_out", type=click.Path(file_okay=False), show_default=True)
+@click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint(s).")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def train_cmd(task, task_items, method, window, do_sweep, methods_, seq_len, d_model, heads, layers, batch, steps,
+              lr, weight_decay, warmup, eval_every, eval_examples, checkpoint_every, checkpointing, budget, seed,
+              threads, out_dir, resume, no_progress) -> None:
+    """Train a small Transformer on a long-range task; report accuracy, loss, peak memory, tokens/s.
+
+    Checkpoints are written atomically to OUT every --checkpoint-every steps; --resume continues
+    exactly. With --sweep, every method of --methods trains with the same steps, and OUT gets
+    sweep.md, sweep.json and sweep.png (accuracy against peak memory).
+    """
+    if methods_ and not do_sweep:
+        raise ValueError("--methods is for --sweep; use --method for a single run")
+    if do_sweep and not methods_:
+        raise ValueError("--sweep needs --methods, e.g. --methods 'chunked;chunked:mask_window=32'")
+    if threads:
+        torch.set_num_threads(threads)
+    name, method_options = parse_method_spec(method)
+    if window is not None:
+        method_options[MASK_WINDOW] = window
+    config = TrainConfig(task=task, task_options=parse_options(task_items, "--task-option"), seq_len=seq_len,
+                         method=name, method_options=method_options, d_model=d_model, n_heads=heads,
+                         n_layers=layers, batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
+                         warmup_steps=warmup, eval_every=eval_every, eval_examples=eval_examples,
+                         checkpoint_every=checkpoint_every, checkpointing=checkpointing, seed=seed, out_dir=out_dir)
+    if budget is not None:
+        limit = parse_bytes(budget)
+        chosen = max_batch_under(limit, linear_peak_fn(config))
+        err_console.print(f"--max-batch-under {budget}: batch {chosen}")
+        config = dataclasses.replace(config, batch_size=chosen)
+    if do_sweep:
+        specs = [s.strip() for s in methods_.split(";") if s.strip()]
+        rows = sweep(config, specs, resume=resume, progress=not no_progress)
+        console.print(metrics_table(rows, f"attnmem train --sweep: {task}, N={seq_len}"))
+        console.print(f"results: {Path(out_dir) / 'sweep.md'}, {Path(out_dir) / 'sweep.png'}")
+        return
+    result = fit(config, resume=resume, progress=not no_progress)
+    Path(out_dir, "summary.json").write_text(json.dumps(result.metrics, indent=2))
+    console.print(metrics_table([result.metrics], f"attnmem train: {task}, N={seq_len}"))
+    console.print(f"results: {Path(out_dir) / 'metrics.jsonl'}")

@@ -1,0 +1,507 @@
+"""Train a small ``attnmem.nn.Transformer`` on a task: accuracy, loss, peak memory, tokens/s.
+
+``fit(TrainConfig(...))`` runs AdamW with linear warmup and cosine decay, evaluates on a
+fixed held-out split every ``eval_every`` steps, and saves a checkpoint every
+``checkpoint_every`` steps. A checkpoint holds the model, optimizer and scheduler states, the
+global torch RNG state, the data generator's state, the step and the metrics so far, and is
+written atomically (a temporary file, then ``os.replace``), so an interruption at any moment
+leaves the previous checkpoint intact. ``fit(..., resume=True)`` continues from it and
+reaches the same weights and metrics as an uninterrupted run with the same seed.
+
+``sweep(config, methods)`` trains several methods with the same budget of steps and writes a
+table (markdown and JSON) and a PNG of accuracy against peak memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import masks as M
+from .. import registry
+from ..memory.measure import MiB, measure
+from ..nn import Transformer
+from . import IGNORE, make_task
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.jsonl"
+EVAL_SEED_OFFSET = 1_000_003  # the held-out split's generator seed is seed + this
+MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-window mask
+# Settings that may differ between a run and its resumption. Changing ``steps`` extends (or
+# shortens) a run: the cosine schedule follows the new total from there on, so only an
+# unchanged ``steps`` reproduces an uninterrupted run exactly.
+RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every")
+
+
+def _positive_int(name: str, val: Any) -> None:
+    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run (and so must match when resuming).
+
+    Args:
+        task, task_options: a name from ``attnmem.tasks.TASKS`` and its options.
+        seq_len: tokens per example (ListOps: the padded ``max_length``).
+        method, method_options: the attention method and its options (``mask_window=W`` in
+            ``method_options`` adds a causal sliding-window mask of W keys instead).
+        d_model, n_heads, n_layers: model shape.
+        batch_size, steps, lr, weight_decay, warmup_steps, grad_clip: optimisation.
+        eval_every, eval_examples: held-out evaluation cadence and size.
+        checkpoint_every: steps between checkpoints (only with ``out_dir``).
+        checkpointing: activation checkpointing in every block.
+        seed: model initialisation, training data and (offset) held-out data.
+        out_dir: where checkpoints and ``metrics.jsonl`` go; None keeps nothing on disk.
+
+    Raises:
+        ValueError: an option out of range, an unknown task, method or option.
+    """
+
+    task: str = "mqar"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    seq_len: int = 256
+    method: str = "chunked"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    d_model: int = 64
+    n_heads: int = 2
+    n_layers: int = 2
+    batch_size: int = 32
+    steps: int = 1000
+    lr: float = 3e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    grad_clip: float = 1.0
+    eval_every: int = 100
+    eval_examples: int = 256
+    checkpoint_every: int = 100
+    checkpointing: bool = False
+    seed: int = 0
+    out_dir: str | None = None
+
+    def __post_init__(self):
+        for name in ("seq_len", "d_model", "n_heads", "n_layers", "batch_size", "steps", "eval_every",
+                     "eval_examples", "checkpoint_every"):
+            _positive_int(name, getattr(self, name))
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr!r}")
+        if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
+            raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        window = self.method_options.get(MASK_WINDOW)
+        if window is not None:
+            _positive_int(MASK_WINDOW, window)
+        make_task(self.task, seq_len=self.seq_len, **self.task_options)  # validates the task options
+        info = registry.get(self.method)  # raises on an unknown name
+        info.make_options(self.attention_options())  # raises on an unknown or bad option
+
+    def attention_options(self) -> dict[str, Any]:
+        return {k: v for k, v in self.method_options.items() if k != MASK_WINDOW}
+
+    def mask(self) -> M.Mask | None:
+        window = self.method_options.get(MASK_WINDOW)
+        return None if window is None else M.sliding_window(window - 1, 0)
+
+    def label(self) -> str:
+        opts = ",".join(f"{k}={v}" for k, v in sorted(self.method_options.items()))
+        return f"{self.method}:{opts}" if opts else self.method
+
+
+def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"name"`` or ``"name:key=value,key=value"`` -> (name, options); values parsed as int,
+    float, true/false or left as strings.
+
+    Raises:
+        ValueError: an option without ``=``.
+    """
+    name, _, rest = spec.strip().partition(":")
+    opts: dict[str, Any] = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"method spec {spec!r}: expected name:key=value,..., got item {item!r}")
+        opts[key.strip()] = _parse_value(raw.strip())
+    return name, opts
+
+
+def _parse_value(raw: str) -> Any:
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+# --- model -------------------------------------------------------------------------------
+
+class TaskModel(nn.Module):
+    """A ``Transformer`` plus the task's readout: per-token logits, or for classification the
+    head applied to the hidden state of the last non-pad token (the model is causal, so that
+    token has seen the whole expression)."""
+
+    def __init__(self, config: TrainConfig, task: Any):
+        super().__init__()
+        self.kind = task.kind
+        self.net = Transformer(task.vocab_size, config.d_model, config.n_heads, config.n_layers,
+                               num_outputs=task.num_outputs, method=config.method, causal=True,
+                               checkpointing=config.checkpointing, **config.attention_options())
+        self.attn_mask = config.mask()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        hidden = self.net.hidden(tokens, mask=self.attn_mask)  # (B, N, d_model)
+        if self.kind == "classify":
+            last = (tokens != 0).sum(1).clamp(min=1) - 1  # (B,) index of the last non-pad token
+            hidden = hidden[torch.arange(tokens.shape[0]), last]  # (B, d_model)
+        return self.net.head(hidden)  # (B, N, C) or (B, C)
+
+    def scored(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Logits and targets of the labelled predictions only: (M, C) and (M,).
+
+        For a language-model task only the positions with a label go through the output head,
+        which is all the loss needs; MQAR labels 16 of 256 positions, so a large vocabulary
+        (Zoology's 8192) costs 16× less there than full logits would.
+        """
+        if self.kind == "classify":
+            return self(tokens), labels  # (B, C), (B,)
+        hidden = self.net.hidden(tokens, mask=self.attn_mask)  # (B, N, d_model)
+        keep = labels != IGNORE  # (B, N)
+        return self.net.head(hidden[keep]), labels[keep]  # (M, C), (M,)
+
+
+def loss_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
+    """Mean cross-entropy over labelled positions, and (correct, counted) predictions."""
+    flat_logits = logits.reshape(-1, logits.shape[-1])  # (B·N, C) or (B, C)
+    flat_labels = labels.reshape(-1)
+    loss = nn.functional.cross_entropy(flat_logits, flat_labels, ignore_index=IGNORE)
+    keep = flat_labels != IGNORE
+    correct = int((flat_logits.argmax(-1)[keep] == flat_labels[keep]).sum())
+    return loss, correct, int(keep.sum())
+
+
+@torch.no_grad()
+def evaluate(model: TaskModel, inputs: Tensor, labels: Tensor, batch_size: int) -> dict[str, float]:
+    """Loss and accuracy on the held-out split (per labelled token, or per example)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, correct, counted = 0.0, 0, 0
+    for a in range(0, inputs.shape[0], batch_size):
+        loss, c, n = loss_and_correct(*model.scored(inputs[a:a + batch_size], labels[a:a + batch_size]))
+        loss_sum += float(loss) * n
+        correct += c
+        counted += n
+    model.train(was_training)
+    return {"eval_loss": loss_sum / max(counted, 1), "eval_accuracy": correct / max(counted, 1)}
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warmup, then cosine decay to 10 % of ``lr`` at ``steps``."""
+    def fn(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / config.warmup_steps
+        progress = (step - config.warmup_steps) / max(config.steps - config.warmup_steps, 1)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    return fn
+
+
+def build(config: TrainConfig) -> tuple[Any, TaskModel, torch.optim.Optimizer, Any]:
+    """Task, model, AdamW and scheduler for a config (the model initialised from ``seed``)."""
+    task = make_task(config.task, seq_len=config.seq_len, **config.task_options)
+    torch.manual_seed(config.seed)
+    model = TaskModel(config, task)
+    opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                            betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(config))
+    return task, model, opt, sched
+
+
+# --- memory ------------------------------------------------------------------------------
+
+def step_peak(model: TaskModel, opt: torch.optim.Optimizer, inputs: Tensor, labels: Tensor) -> tuple[int, float]:
+    """Peak bytes and time of one full training step (forward, backward, AdamW update),
+    measured with ``attnmem.measure`` on copies, so the run itself is untouched. Parameters
+    count from the start; gradients, optimizer state and activations as they appear."""
+    model, opt = copy.deepcopy((model, opt))
+    params = [p for p in model.parameters()]
+
+    def one_step(params, inputs, labels):
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = loss_and_correct(*model.scored(inputs, labels))
+        loss.backward()
+        opt.step()
+
+    m = measure(one_step, params, inputs, labels, repeats=0, warmup=0)
+    return m.peak_bytes, m.time_s
+
+
+def linear_peak_fn(config: TrainConfig, probe_batches: tuple[int, int] = (4, 8)) -> Callable[[int], int]:
+    """A peak-bytes-of-a-training-step function of the batch size: two real steps measured
+    with ``attnmem.measure`` at ``probe_batches``, extrapolated linearly (peak ≈ fixed + b · per
+    sample). The probes must be large enough that activations, which grow with the batch, set
+    the peak rather than the optimizer update (parameters, gradients and AdamW state, which do
+    not); at the tiniest batches the update dominates and the line would be too flat.
+
+    The lead replaces this with ``attnmem.estimate`` (fake tensors, nothing allocated) once it
+    is merged; ``max_batch_under`` takes either.
+
+    Raises:
+        ValueError: probe batches that are not two increasing positive ints.
+    """
+    b1, b2 = probe_batches
+    if not 0 < b1 < b2:
+        raise ValueError(f"probe_batches must be two increasing positive ints, got {probe_batches!r}")
+    task, model, opt, _ = build(config)
+    g = torch.Generator().manual_seed(config.seed)
+    peaks = [step_peak(model, opt, *task.sample(b, g))[0] for b in (b1, b2)]
+    per_sample = max((peaks[1] - peaks[0]) / (b2 - b1), 0.0)
+    fixed = peaks[0] - b1 * per_sample
+    return lambda b: int(math.ceil(fixed + b * per_sample))
+
+
+def max_batch_under(budget_bytes: int, peak_fn: Callable[[int], int], *, limit: int = 1 << 20) -> int:
+    """The largest batch ``b <= limit`` with ``peak_fn(b) <= budget_bytes``, assuming the peak
+    grows with ``b``: doubling to bracket it, then bisection (O(log b) calls of ``peak_fn``).
+
+    Raises:
+        ValueError: a non-positive budget, or when even a batch of 1 does not fit.
+    """
+    if budget_bytes <= 0:
+        raise ValueError(f"budget must be positive, got {budget_bytes} bytes")
+    first = peak_fn(1)
+    if first > budget_bytes:
+        raise ValueError(f"a batch of 1 needs {first / MiB:.1f} MiB, more than the budget of "
+                         f"{budget_bytes / MiB:.1f} MiB")
+    lo, hi = 1, 2  # peak_fn(lo) fits; hi is the first candidate not yet known to fit
+    while hi <= limit and peak_fn(hi) <= budget_bytes:
+        lo, hi = hi, hi * 2
+    if hi > limit:
+        hi = limit + 1
+        if peak_fn(limit) <= budget_bytes:
+            return limit
+    while hi - lo > 1:  # invariant: lo fits, hi does not
+        mid = (lo + hi) // 2
+        if peak_fn(mid) <= budget_bytes:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+# --- checkpoints -------------------------------------------------------------------------
+
+def save_atomic(state: dict[str, Any], path: Path) -> None:
+    """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``:
+    a reader sees the old checkpoint or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _comparable(config: TrainConfig) -> dict[str, Any]:
+    d = dataclasses.asdict(config)
+    for key in RESUMABLE_FIELDS:
+        d.pop(key)
+    return d
+
+
+# --- the loop ----------------------------------------------------------------------------
+
+@dataclass
+class TrainResult:
+    """The final metrics, every evaluation, and the model at the end."""
+
+    config: TrainConfig
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]]
+    model: TaskModel
+
+
+def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None,
+        progress: bool = False) -> TrainResult:
+    """Train (or continue) one run; see the module docstring.
+
+    Args:
+        config: the run.
+        resume: continue from ``out_dir/checkpoint.pt`` when it exists.
+        stop_at: stop after this step (a checkpoint is saved there), as an interruption would.
+        progress: show a progress bar on stderr.
+
+    Raises:
+        ValueError: ``resume`` without ``out_dir``, or a checkpoint from a different config.
+    """
+    out = Path(config.out_dir) if config.out_dir else None
+    if resume and out is None:
+        raise ValueError("resume needs out_dir (where the checkpoint is)")
+    task, model, opt, sched = build(config)
+    data_gen = torch.Generator().manual_seed(config.seed)
+    eval_inputs, eval_labels = task.sample(config.eval_examples,
+                                           torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET))
+    step, history, peak_bytes, train_time, train_tokens = 0, [], None, 0.0, 0
+    ckpt = out / CHECKPOINT if out else None
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        if state["config"] != _comparable(config):
+            diff = sorted(k for k, v in _comparable(config).items() if state["config"].get(k) != v)
+            raise ValueError(f"checkpoint {ckpt} was written by a different config (differs in: {', '.join(diff)})")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        data_gen.set_state(state["data_rng"])
+        step, history, peak_bytes = state["step"], state["history"], state["peak_bytes"]
+        train_time, train_tokens = state["train_time"], state["train_tokens"]
+    if out:  # metrics.jsonl mirrors the checkpoint's history, then grows line by line
+        (out / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def checkpoint() -> None:
+        if ckpt is None:
+            return
+        save_atomic({"config": _comparable(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
+                     "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
+                     "data_rng": data_gen.get_state(), "step": step, "history": history,
+                     "peak_bytes": peak_bytes, "train_time": train_time, "train_tokens": train_tokens}, ckpt)
+
+    end = config.steps if stop_at is None else min(stop_at, config.steps)
+    bar = _progress_bar(progress, config.label(), config.steps, step)
+    last_loss = float("nan")
+    try:
+        while step < end:
+            inputs, labels = task.sample(config.batch_size, data_gen)
+            if peak_bytes is None:
+                peak_bytes = step_peak(model, opt, inputs, labels)[0]
+            t0 = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            loss, _, _ = loss_and_correct(*model.scored(inputs, labels))
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            opt.step()
+            sched.step()
+            train_time += time.perf_counter() - t0
+            train_tokens += inputs.numel()
+            step += 1
+            last_loss = float(loss.detach())
+            if step % config.eval_every == 0 or step == config.steps:
+                row = {"step": step, "train_loss": last_loss, **evaluate(model, eval_inputs, eval_labels,
+                                                                          config.batch_size),
+                       "peak_mib": peak_bytes / MiB, "tokens_per_s": train_tokens / max(train_time, 1e-9),
+                       "train_time_s": train_time}
+                history.append(row)
+                if out:
+                    with (out / METRICS).open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+            if step % config.checkpoint_every == 0 or step == end:
+                checkpoint()
+            if bar is not None:
+                acc = history[-1]["eval_accuracy"] if history else float("nan")
+                bar[0].update(bar[1], advance=1, description=f"{config.label()} loss {last_loss:.3f} acc {acc:.3f}")
+    finally:
+        if bar is not None:
+            bar[0].stop()
+    final = dict(history[-1]) if history and history[-1]["step"] == step else {"step": step, "train_loss": last_loss}
+    final.update({"method": config.label(), "task": config.task, "seq_len": config.seq_len,
+                  "batch_size": config.batch_size, "checkpointing": config.checkpointing,
+                  "peak_mib": (peak_bytes or 0) / MiB, "tokens_per_s": train_tokens / max(train_time, 1e-9),
+                  "train_time_s": train_time, "steps": step})
+    return TrainResult(config, final, history, model)
+
+
+def _progress_bar(enabled: bool, label: str, total: int, done: int):
+    if not enabled:
+        return None
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                 console=Console(stderr=True), transient=True)
+    p.start()
+    return p, p.add_task(label, total=total, completed=done)
+
+
+# --- sweep -------------------------------------------------------------------------------
+
+SWEEP_COLUMNS = ("method", "eval_accuracy", "eval_loss", "peak_mib", "tokens_per_s", "train_time_s", "steps")
+
+
+def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, progress: bool = False) -> list[dict]:
+    """Train each method spec (``name[:key=value,...]``) with ``config``'s budget of steps; write
+    ``sweep.json``, ``sweep.md`` and ``sweep.png`` (accuracy against peak memory) to ``out_dir``.
+    Each method's run lives in ``out_dir/<spec>/``, so an interrupted sweep resumes with ``resume``.
+
+    Raises:
+        ValueError: no ``out_dir``, no methods, or a bad method spec (before anything trains).
+    """
+    if not config.out_dir:
+        raise ValueError("sweep needs out_dir")
+    if not methods:
+        raise ValueError("sweep needs at least one method")
+    out = Path(config.out_dir)
+    configs = []
+    for spec in methods:
+        name, opts = parse_method_spec(spec)
+        configs.append(dataclasses.replace(config, method=name, method_options=opts,
+                                           out_dir=str(out / _safe_dirname(spec))))
+    rows = []
+    for cfg in configs:
+        rows.append(fit(cfg, resume=resume, progress=progress).metrics)
+        write_sweep(rows, out)
+    return rows
+
+
+def _safe_dirname(spec: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in spec)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| method | eval accuracy | eval loss | peak MiB | tokens/s | train s | steps |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r.get('eval_accuracy', float('nan')):.4f} | "
+                     f"{r.get('eval_loss', float('nan')):.4f} | {r['peak_mib']:.1f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['train_time_s']:.1f} | {r['steps']} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_sweep(rows: list[dict], out: Path) -> None:
+    """The table as JSON and markdown, and accuracy against peak memory as a PNG."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
+    (out / "sweep.md").write_text(markdown_table(rows))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["peak_mib"], r.get("eval_accuracy", float("nan")), s=40)
+        ax.annotate(r["method"], (r["peak_mib"], r.get("eval_accuracy", float("nan"))), fontsize=8,
+                    xytext=(4, 4), textcoords="offset points")
+    first = rows[0]
+    ax.set_xlabel("peak training-step memory (MiB, attnmem.measure)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"{first['task']} N={first['seq_len']}, {first['steps']} steps, batch {first['batch_size']}")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "sweep.png", dpi=120)
+    plt.close(fig)

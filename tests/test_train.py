@@ -1,0 +1,159 @@
+"""The training loop: it learns, resumes exactly, writes checkpoints atomically, finds batches."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import attnmem.tasks.train as T
+from attnmem.tasks import TrainConfig, fit, max_batch_under
+from attnmem.tasks.train import parse_method_spec
+
+TINY = dict(task="mqar", task_options={"num_pairs": 2, "vocab_size": 16}, seq_len=32, d_model=32, n_heads=2,
+            n_layers=1, batch_size=16, eval_examples=32, warmup_steps=2)
+TIMING = ("tokens_per_s", "train_time_s")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared 2-core machine run an order of magnitude faster on one thread."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def without_timing(row):
+    return {k: v for k, v in row.items() if k not in TIMING}
+
+
+def test_tiny_run_lowers_the_loss():
+    cfg = TrainConfig(**TINY, steps=40, eval_every=40, lr=1e-2)
+    task, model, _, _ = T.build(cfg)
+    eval_set = task.sample(cfg.eval_examples, torch.Generator().manual_seed(cfg.seed + T.EVAL_SEED_OFFSET))
+    before = T.evaluate(model, *eval_set, cfg.batch_size)["eval_loss"]  # the same initial model
+    result = fit(cfg)
+    after = result.metrics["eval_loss"]
+    assert after < before - 0.3, (before, after)
+    assert result.metrics["peak_mib"] > 0 and result.metrics["tokens_per_s"] > 0
+
+
+def test_resume_after_interruption_matches_uninterrupted(tmp_path):
+    common = dict(**TINY, steps=8, eval_every=2, checkpoint_every=3, seed=3)
+    full = fit(TrainConfig(**common, out_dir=str(tmp_path / "full")))
+    cut = TrainConfig(**common, out_dir=str(tmp_path / "cut"))
+    half = fit(cut, stop_at=5)  # "interrupted" after step 5, between two periodic checkpoints
+    assert half.metrics["steps"] == 5
+    mid_weights = {k: v.clone() for k, v in half.model.state_dict().items()}
+    resumed = fit(cut, resume=True)
+    assert resumed.metrics["steps"] == 8
+    for k, v in full.model.state_dict().items():
+        assert torch.equal(v, resumed.model.state_dict()[k]), k
+    assert any(not torch.equal(v, mid_weights[k]) for k, v in full.model.state_dict().items())  # it trained on
+    assert [without_timing(h) for h in full.history] == [without_timing(h) for h in resumed.history]
+    lines = [json.loads(s) for s in (tmp_path / "cut" / T.METRICS).read_text().splitlines()]
+    assert [without_timing(h) for h in lines] == [without_timing(h) for h in full.history]
+    assert [h["step"] for h in lines] == [2, 4, 6, 8]
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    fit(TrainConfig(**TINY, steps=2, eval_every=2, out_dir=str(tmp_path)))
+    other = TrainConfig(**{**TINY, "lr": 1e-2}, steps=4, eval_every=2, out_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="differs in: lr"):
+        fit(other, resume=True)
+    with pytest.raises(ValueError, match="out_dir"):
+        fit(TrainConfig(**TINY, steps=2), resume=True)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt.pt"
+    T.save_atomic({"step": 1}, path)
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(T.torch, "save", crash)
+    with pytest.raises(OSError):
+        T.save_atomic({"step": 2}, path)
+    assert torch.load(path)["step"] == 1  # the old checkpoint survives a crash mid-write
+
+
+def test_listops_classification_and_window_mask(tmp_path):
+    cfg = TrainConfig(task="listops", task_options={"min_length": 8, "max_depth": 3, "max_args": 3}, seq_len=48,
+                      d_model=32, n_heads=2, n_layers=1, batch_size=8, eval_examples=16, steps=2, eval_every=2,
+                      method_options={"mask_window": 8})
+    task, model, _, _ = T.build(cfg)
+    x, _ = task.sample(4, torch.Generator().manual_seed(0))
+    assert model(x).shape == (4, 10)
+    # The readout is the last non-pad token, so changing what follows it changes nothing.
+    padded = x.clone()
+    padded[:, -1] = 0
+    assert torch.allclose(model(x), model(padded)) or bool((x[:, -1] != 0).any())
+    r = fit(cfg)
+    assert 0.0 <= r.metrics["eval_accuracy"] <= 1.0 and r.metrics["method"] == "chunked:mask_window=8"
+
+
+def test_bad_train_options():
+    with pytest.raises(ValueError, match="unknown task"):
+        TrainConfig(task="nope")
+    with pytest.raises(ValueError, match="nope"):
+        TrainConfig(method="nope")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="mask_window"):
+        TrainConfig(method_options={"mask_window": 0})
+    with pytest.raises(ValueError, match="num_pairs"):
+        TrainConfig(task_options={"num_pairs": 100}, seq_len=64)
+    assert parse_method_spec("chunked:q_tile=64,kernel=torch") == ("chunked", {"q_tile": 64, "kernel": "torch"})
+    with pytest.raises(ValueError, match="key=value"):
+        parse_method_spec("chunked:q_tile")
+
+
+def test_max_batch_under_with_a_fake_peak():
+    calls = []
+
+    def peak(b):  # 100 bytes fixed + 7 per sample: the answer is floor((budget - 100) / 7)
+        calls.append(b)
+        return 100 + 7 * b
+
+    assert max_batch_under(100 + 7 * 1000, peak) == 1000
+    assert len(calls) < 2 * 11 + 2  # doubling to 1024 then bisection: logarithmic
+    assert max_batch_under(100 + 7 * 1000 + 6, peak) == 1000
+    assert max_batch_under(107, peak) == 1
+    assert max_batch_under(10**9, peak, limit=50) == 50
+    with pytest.raises(ValueError, match="batch of 1"):
+        max_batch_under(106, peak)
+    with pytest.raises(ValueError, match="budget"):
+        max_batch_under(0, peak)
+
+
+def test_linear_peak_fn_matches_a_measured_step():
+    cfg = TrainConfig(**TINY)
+    fn = T.linear_peak_fn(cfg, (4, 8))
+    task, model, opt, _ = T.build(cfg)
+    measured = T.step_peak(model, opt, *task.sample(16, torch.Generator().manual_seed(0)))[0]
+    assert abs(fn(16) - measured) / measured < 0.1  # extrapolated from 4 and 8 to 16, within 10 %
+
+
+def test_sweep_writes_table_and_png(tmp_path):
+    cfg = TrainConfig(**TINY, steps=2, eval_every=2, out_dir=str(tmp_path))
+    rows = T.sweep(cfg, ["chunked", "chunked:mask_window=4"])
+    assert [r["method"] for r in rows] == ["chunked", "chunked:mask_window=4"]
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert len(saved) == 2 and all(0 <= r["eval_accuracy"] <= 1 for r in saved)
+    assert "| chunked:mask_window=4 |" in (tmp_path / "sweep.md").read_text()
+    assert (tmp_path / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="nope"):
+        T.sweep(cfg, ["chunked", "nope"])
+
+
+def test_scored_logits_are_the_full_logits_at_labelled_positions():
+    cfg = TrainConfig(**TINY)
+    task, model, _, _ = T.build(cfg)
+    x, y = task.sample(4, torch.Generator().manual_seed(0))
+    logits, targets = model.scored(x, y)
+    keep = y != T.IGNORE
+    assert torch.allclose(logits, model(x)[keep], atol=1e-6) and torch.equal(targets, y[keep])
