@@ -3,3 +3,4 @@
 Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DESIGN.md."""
 
 from . import exact  # noqa: F401
+from . import selective  # noqa: F401
