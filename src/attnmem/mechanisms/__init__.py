@@ -5,3 +5,4 @@ Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DES
 from . import exact  # noqa: F401
 from . import selective  # noqa: F401
 from . import adaptive_span  # noqa: F401
+from . import hierarchical  # noqa: F401
