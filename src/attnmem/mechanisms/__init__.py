@@ -2,7 +2,9 @@
 
 Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DESIGN.md."""
 
-from . import exact  # noqa: F401
-from . import selective  # noqa: F401
-from . import adaptive_span  # noqa: F401
-from . import hierarchical  # noqa: F401
+from . import (
+    adaptive_span,  # noqa: F401
+    exact,  # noqa: F401
+    hierarchical,  # noqa: F401
+    selective,  # noqa: F401
+)

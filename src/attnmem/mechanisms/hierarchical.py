@@ -132,7 +132,9 @@ def hierarchical_attention(q: Tensor, k: Tensor, v: Tensor, *, block: int = 32, 
     # One normalisation over all levels: weights exp(m_l - LSE) at full resolution.
     lse_parts = []
     for lvl, _, row_max, den in terms:
-        lse_l = torch.where(den > 0, row_max + den.clamp_min(torch.finfo(den.dtype).tiny).log(), -math.inf)  # (B, Hkv, G, n_l)
+        # clamp_min keeps log's gradient finite where den = 0; where() discards that branch.
+        log_den = den.clamp_min(torch.finfo(den.dtype).tiny).log()
+        lse_l = torch.where(den > 0, row_max + log_den, -math.inf)  # (B, Hkv, G, n_l)
         lse_parts.append(lse_l.repeat_interleave(2**lvl, dim=-1))
     lse = torch.logsumexp(torch.stack(lse_parts), 0)  # (B, Hkv, G, n_pad)
     lse = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)

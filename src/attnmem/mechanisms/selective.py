@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..registry import Capabilities, Inputs, Method, register
+from ..registry import Inputs, Method, register
 from ..tiled import _acc_dtype, _Ctx, tiled_attention
 
 MODES = ("deterministic", "stochastic")
