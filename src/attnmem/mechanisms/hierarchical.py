@@ -34,26 +34,50 @@ from ..registry import Capabilities, Inputs, Method, register
 from ..tiled import _acc_dtype
 
 
-def _coarsen(x: Tensor, count: Tensor) -> tuple[Tensor, Tensor]:
+def _coarsen(x: Tensor, count: Tensor, padded: bool) -> tuple[Tensor, Tensor]:
     """Average neighbouring pairs of real tokens. x (..., n, D), count (n,) -> (..., n/2, D), (n/2,)."""
     n = x.shape[-2]
-    pair_count = count.view(n // 2, 2)
+    total = count.view(n // 2, 2).sum(-1)
+    if not padded:
+        return x.unflatten(-2, (n // 2, 2)).mean(-2), total
     summed = (x * count[:, None]).unflatten(-2, (n // 2, 2)).sum(-2)  # (..., n/2, D)
-    total = pair_count.sum(-1)
     return summed / total.clamp_min(1)[:, None], total
 
 
-def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Unnormalised block attention: numerator (..., Tq, D), row max (..., Tq), denominator (..., Tq).
+def _log_count(count: Tensor) -> Tensor:
+    return torch.where(count > 0, count.log(), -math.inf)  # -inf rules padding out
 
-    ``bias`` holds log(key count) and -inf where a pair is not allowed. The row max is detached:
-    the combined output does not depend on it, so its gradient is zero anyway.
+
+def _sibling_scores(q: Tensor, k: Tensor, log_count: Tensor, nr: int, causal: bool, scale: float) -> Tensor:
+    """Scores of each block against its sibling (2j <-> 2j+1), from views (no copy of q, k).
+
+    q (..., n, D), k (..., n, D) -> (..., n / Nr, Nr, Nr); causal: the earlier block sees nothing.
     """
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale + bias  # (..., Tq, Tk)
-    row_max = s.detach().amax(-1, keepdim=True)
-    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-    p = torch.exp(s - row_max)
-    return torch.matmul(p, v), row_max.squeeze(-1), p.sum(-1)
+    pairs = q.shape[-2] // (2 * nr)
+    qp, kp = q.unflatten(-2, (pairs, 2, nr)), k.unflatten(-2, (pairs, 2, nr))  # (..., pairs, 2, Nr, D)
+    lc = log_count.view(pairs, 2, 1, nr)
+    s_odd = torch.matmul(qp[..., 1, :, :], kp[..., 0, :, :].transpose(-1, -2)) * scale + lc[:, 0]
+    if causal:
+        s_even = torch.full_like(s_odd, -math.inf)
+    else:
+        s_even = torch.matmul(qp[..., 0, :, :], kp[..., 1, :, :].transpose(-1, -2)) * scale + lc[:, 1]
+    return torch.stack([s_even, s_odd], -3).flatten(-4, -3)  # (..., nb, Nr, Nr)
+
+
+def _sibling_values(p: Tensor, v: Tensor, nr: int) -> Tensor:
+    """p (..., nb, Nr, Nr) against the sibling block's values of v (..., n, D) -> (..., n, D)."""
+    pairs = v.shape[-2] // (2 * nr)
+    pp, vp = p.unflatten(-3, (pairs, 2)), v.unflatten(-2, (pairs, 2, nr))
+    num = torch.stack([torch.matmul(pp[..., 0, :, :], vp[..., 1, :, :]),
+                       torch.matmul(pp[..., 1, :, :], vp[..., 0, :, :])], -3)  # (..., pairs, 2, Nr, D)
+    return num.flatten(-4, -2)
+
+
+def _row_max(*scores: Tensor) -> Tensor:
+    """Detached row max over several score blocks; 0 for rows with nothing allowed. The combined
+    output does not depend on it, so its gradient would be zero anyway."""
+    m = torch.stack([s.detach().amax(-1) for s in scores]).amax(0)
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m)
 
 
 def hierarchical_attention(q: Tensor, k: Tensor, v: Tensor, *, block: int = 32, causal: bool = False,
@@ -85,49 +109,40 @@ def hierarchical_attention(q: Tensor, k: Tensor, v: Tensor, *, block: int = 32, 
     if pad:
         qs, ks, vs = (torch.nn.functional.pad(t, (0, 0, 0, pad)) for t in (qs, ks, vs))
     count = (torch.arange(n_pad, device=q.device) < N).to(acc)  # real tokens (n_pad,)
-    log_count = torch.where(count > 0, count.log(), -math.inf)  # -inf rules padding out
+    log_count = _log_count(count)
     nb = n_pad // nr
 
-    # Level 0: each query block against its own block (and its sibling), at full resolution.
+    # Level 0: each query block against its own block and its sibling, at full resolution,
+    # under one row max so that both share one numerator.
     qb = qs.unflatten(-2, (nb, nr))  # (B, Hkv, G, nb, Nr, D)
     kb, vb = ks.unflatten(-2, (nb, nr)), vs.unflatten(-2, (nb, nr))
-    own = log_count.view(nb, 1, nr).expand(nb, nr, nr)  # (nb, Nr, Nr)
+    own_bias = log_count.view(nb, 1, nr)
     if causal:
         tri = torch.ones(nr, nr, dtype=torch.bool, device=q.device).tril()
-        own = own.masked_fill(~tri, -math.inf)
+        own_bias = own_bias.masked_fill(~tri, -math.inf)  # (nb, Nr, Nr)
+    s_own = torch.matmul(qb, kb.transpose(-1, -2)) * scale + own_bias  # (B, Hkv, G, nb, Nr, Nr)
     if nb > 1:
-        sib = torch.arange(nb, device=q.device) ^ 1
-        sib_bias = log_count.view(nb, nr)[sib].view(nb, 1, nr).expand(nb, nr, nr)
-        if causal:
-            # Only the later block of a pair (odd index) may see its sibling.
-            sib_bias = sib_bias.masked_fill((torch.arange(nb, device=q.device) % 2 == 0)[:, None, None],
-                                            -math.inf)
-        kb = torch.cat([kb, kb[:, :, :, sib]], -2)  # (B, Hkv, 1, nb, 2·Nr, D)
-        vb = torch.cat([vb, vb[:, :, :, sib]], -2)
-        own = torch.cat([own, sib_bias], -1)  # (nb, Nr, 2·Nr)
-    num, row_max, den = _attend(qb, kb, vb, own, scale)
-    terms = [(0, num.flatten(-3, -2), row_max.flatten(-2), den.flatten(-2))]  # (..., n, D), (..., n)
+        s_sib = _sibling_scores(qs, ks, log_count, nr, causal, scale)
+        row_max = _row_max(s_own, s_sib)  # (B, Hkv, G, nb, Nr)
+        p_own, p_sib = torch.exp(s_own - row_max[..., None]), torch.exp(s_sib - row_max[..., None])
+        num = torch.matmul(p_own, vb).flatten(-3, -2) + _sibling_values(p_sib, vs, nr)  # (..., n_pad, D)
+        den = p_own.sum(-1) + p_sib.sum(-1)
+    else:
+        row_max = _row_max(s_own)
+        p_own = torch.exp(s_own - row_max[..., None])
+        num, den = torch.matmul(p_own, vb).flatten(-3, -2), p_own.sum(-1)
+    terms = [(0, num, row_max.flatten(-2), den.flatten(-2))]  # (..., n, D), (..., n), (..., n)
 
     # Levels 1..L-1: coarse sibling blocks (level l has n_pad / 2^l tokens, Nr per block).
     qc, kc, vc, cc = qs, ks, vs, count
     for lvl in range(1, levels):
-        qc, _ = _coarsen(qc, cc)
-        kc, _ = _coarsen(kc, cc)
-        vc, cc = _coarsen(vc, cc)
-        pairs = qc.shape[-2] // (2 * nr)
-        qp = qc.unflatten(-2, (pairs, 2, nr))  # (B, Hkv, G, pairs, 2, Nr, D)
-        kp, vp = kc.unflatten(-2, (pairs, 2, nr)), vc.unflatten(-2, (pairs, 2, nr))
-        lc = torch.where(cc > 0, cc.log(), -math.inf).view(pairs, 2, 1, nr)
-        if causal:
-            # The later block of each pair sees the earlier one; the earlier sees nothing here.
-            num, row_max, den = _attend(qp[..., 1, :, :], kp[..., 0, :, :], vp[..., 0, :, :], lc[:, 0], scale)
-            zeros = torch.zeros_like(num)
-            num = torch.stack([zeros, num], -3)  # (B, Hkv, G, pairs, 2, Nr, D)
-            row_max = torch.stack([torch.zeros_like(row_max), row_max], -2)
-            den = torch.stack([torch.zeros_like(den), den], -2)
-        else:
-            num, row_max, den = _attend(qp, kp.flip(-3), vp.flip(-3), lc.flip(1), scale)
-        terms.append((lvl, num.flatten(-4, -2), row_max.flatten(-3), den.flatten(-3)))
+        qc, _ = _coarsen(qc, cc, pad > 0)
+        kc, _ = _coarsen(kc, cc, pad > 0)
+        vc, cc = _coarsen(vc, cc, pad > 0)
+        s_sib = _sibling_scores(qc, kc, _log_count(cc), nr, causal, scale)  # (..., nb_l, Nr, Nr)
+        row_max = _row_max(s_sib)
+        p_sib = torch.exp(s_sib - row_max[..., None])
+        terms.append((lvl, _sibling_values(p_sib, vc, nr), row_max.flatten(-2), p_sib.sum(-1).flatten(-2)))
 
     # One normalisation over all levels: weights exp(m_l - LSE) at full resolution.
     lse_parts = []
