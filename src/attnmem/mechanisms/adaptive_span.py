@@ -156,9 +156,12 @@ class _BandAttention(torch.autograd.Function):
 
 
 def _as_spans(spans: Tensor | Sequence[float] | float, heads: int, device, dtype) -> Tensor:
-    t = torch.as_tensor(spans, device=device, dtype=dtype) if not isinstance(spans, Tensor) else spans
-    if t.dim() == 0:
-        t = t.expand(heads)
+    if isinstance(spans, Tensor):
+        t = spans.expand(heads) if spans.dim() == 0 else spans
+    elif isinstance(spans, (int, float)):
+        t = torch.full((heads,), float(spans), device=device, dtype=dtype)
+    else:
+        t = torch.tensor([float(s) for s in spans], device=device, dtype=dtype)
     if t.shape != (heads,):
         raise ValueError(f"spans must be one number or one per query head ({heads}), got shape {tuple(t.shape)}")
     if bool((t.detach() < 0).any()):
