@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ..masks import Mask, as_mask, eval_mask
 from ..registry import Capabilities, Inputs, Method, register
-from ..tiled import _acc_dtype
+from ..tiled import _acc_dtype, resolve_kernel
 
 
 def ramp_log_weights(spans: Tensor, ramp: int, width: int) -> Tensor:
@@ -54,6 +54,7 @@ class _Band:
         self.Hkv, self.nk = k.shape[1], k.shape[2]
         self.G = self.Hq // self.Hkv
         self.width, self.scale = width, scale
+        self.fused = False  # set by the caller: tiles run in PyTorch's fused CPU operator
         self.offset = self.nk - self.nq
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.tiles = []
@@ -95,6 +96,34 @@ class _Band:
         return b, dist
 
 
+def _fused_band_forward(c: _Band, q, k, v, tab):
+    """Forward through PyTorch's CPU flash-attention operator, the bias passed as its float mask."""
+    out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
+    lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=q.dtype, device=q.device)  # (B, Hq, Nq)
+    for qa, qb, ka, kb in c.tiles:
+        bias = c.bias(tab, qa, qb, ka, kb)[0].to(q.dtype)
+        o_t, l_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            c.q_view(q, qa, qb), k[:, :, ka:kb], v[:, :, ka:kb], 0.0, False, attn_mask=bias, scale=c.scale)
+        # The operator reports lse = 0 for a row with nothing allowed; that row attends to nothing.
+        l_t = l_t.masked_fill(torch.isneginf(bias).all(-1).expand(l_t.shape), -math.inf)
+        c.q_store(out, qa, qb, o_t)
+        c.q_store(lse, qa, qb, l_t)
+    return out, lse
+
+
+def _fused_band_backward(c: _Band, dout, q, k, v, out, lse, tab):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for qa, qb, ka, kb in c.tiles:
+        bias = c.bias(tab, qa, qb, ka, kb)[0].to(q.dtype)
+        dq_t, dk_t, dv_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            c.q_view(dout, qa, qb), c.q_view(q, qa, qb), k[:, :, ka:kb], v[:, :, ka:kb],
+            c.q_view(out, qa, qb), c.q_view(lse, qa, qb), 0.0, False, attn_mask=bias, scale=c.scale)
+        c.q_store(dq, qa, qb, dq_t)
+        dk[:, :, ka:kb] += dk_t
+        dv[:, :, ka:kb] += dv_t
+    return dq, dk, dv
+
+
 class _BandAttention(torch.autograd.Function):
     """Causal banded softmax attention with a per-(head, distance) additive bias table."""
 
@@ -102,6 +131,11 @@ class _BandAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, table, c: _Band):
         acc = _acc_dtype(q.dtype)
         tab = table.detach().to(acc)
+        if c.fused:
+            out, lse = _fused_band_forward(c, q, k, v, tab)
+            ctx.c = c
+            ctx.save_for_backward(q, k, v, table, out, lse)
+            return out
         out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
         lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)
         for qa, qb, ka, kb in c.tiles:
@@ -127,6 +161,9 @@ class _BandAttention(torch.autograd.Function):
         tab = table.detach().to(acc)
         # A row with nothing allowed has lse -inf; +inf makes its recomputed P exactly 0.
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
+        if c.fused:
+            dq, dk, dv = _fused_band_backward(c, dout, q, k, v, out, lse, tab)
+            return dq, dk, dv, None, None
         dq = torch.zeros_like(q)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -197,7 +234,12 @@ def adaptive_span_attention(q: Tensor, k: Tensor, v: Tensor, *, spans: Tensor | 
     width = min(math.ceil(float(z.detach().max())) + ramp + (1 if ramp == 0 else 0), k.shape[2])
     width = max(width, 1)
     table = ramp_log_weights(z.to(acc), ramp, width)  # (Hq, W)
-    return _BandAttention.apply(q, k, v, table, _Band(q, k, width, max(q_tile, 1), mask, scale))
+    band = _Band(q, k, width, max(q_tile, 1), mask, scale)
+    # Fixed spans need no bias gradient, so PyTorch's fused CPU flash-attention operator (which
+    # takes the bias as a float mask but does not return its gradient) can run each tile.
+    band.fused = (resolve_kernel("auto", q) == "fused" and q.dtype in (torch.float32, torch.float64)
+                  and not table.requires_grad)
+    return _BandAttention.apply(q, k, v, table, band)
 
 
 class AdaptiveSpanAttention(nn.Module):
