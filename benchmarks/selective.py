@@ -84,6 +84,8 @@ def errors(n: int = 1024) -> list[dict]:
 
 def _opts(r):
     o = dict(r.get("options") or {})
+    if r.get("mask", "none") != "none":
+        o["mask"] = r["mask"]
     if "spans" in o:
         sp = o["spans"]
         o["spans"] = f"{min(sp):g}..{max(sp):g}"
