@@ -3,9 +3,12 @@
 Named `mechanisms` so that `attnmem.methods()` stays the registry listing of DESIGN.md."""
 
 from . import (  # noqa: F401
+    adaptive_span,
     exact,
+    hierarchical,
     linear,
     lowrank,
     memory,
+    selective,
     sparse,
 )

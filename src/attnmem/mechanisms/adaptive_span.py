@@ -1,0 +1,368 @@
+"""Adaptive attention span (Sukhbaatar et al., 2019): each head learns how far back it looks.
+
+Head h has a span ``z_h``; a key at distance ``x = i - j >= 0`` behind query i is weighted by
+the soft ramp ``m_z(x) = clamp((R + z - x) / R, 0, 1)`` (``R`` = ramp width; with R = 0 the ramp
+is the step ``x <= z``). The weight multiplies the exponentiated score before normalisation::
+
+    a_ij = m(i - j) · exp(s_ij) / Σ_j' m(i - j') · exp(s_ij')
+
+which is softmax with the additive bias ``log m(i - j)`` (``-inf`` where m = 0). Keys further
+than ``W = ceil(max_h z_h) + R`` never count, so the computation runs over a band of W keys
+behind each query tile and memory is O(N·W), not a mask over an N×N matrix. Like the tiled
+exact kernel, the band kernel keeps only the output and the per-row log-sum-exp and recomputes
+probabilities in the backward; it also returns the gradient of the per-(head, distance) bias
+table, through which the spans learn: ``∂m/∂z = 1/R`` inside the ramp and 0 elsewhere, so a
+span learns from the keys in its ramp, as in the paper.
+
+Attention is causal by definition here (distances run backwards); alignment is bottom-right
+when Nq != Nk. A user mask narrows it further.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..masks import Mask, as_mask, eval_mask
+from ..registry import Capabilities, Inputs, Method, register
+from ..tiled import _acc_dtype, resolve_kernel
+
+
+def ramp_log_weights(spans: Tensor, ramp: int, width: int) -> Tensor:
+    """(H, width) table of ``log m_z(x)`` for distances x = 0..width-1; -inf where m = 0.
+
+    Differentiable in ``spans`` (shape (H,)); the gradient is finite everywhere.
+    """
+    x = torch.arange(width, device=spans.device, dtype=spans.dtype)
+    if ramp == 0:
+        inside = x[None, :] <= spans[:, None]
+        return torch.where(inside, torch.zeros_like(inside, dtype=spans.dtype), -math.inf)
+    m = ((ramp + spans[:, None] - x[None, :]) / ramp).clamp(0.0, 1.0)  # (H, width)
+    # The clamp_min keeps log's gradient finite where m = 0; where() then discards that branch.
+    return torch.where(m > 0, m.clamp_min(torch.finfo(m.dtype).tiny).log(), -math.inf)
+
+
+class _Band:
+    """The band schedule of one call: which keys each query tile sees, and the bias per tile."""
+
+    def __init__(self, q: Tensor, k: Tensor, width: int, q_tile: int, mask: Mask | None, scale: float):
+        self.B, self.Hq, self.nq, self.D = q.shape
+        self.Hkv, self.nk = k.shape[1], k.shape[2]
+        self.G = self.Hq // self.Hkv
+        self.width, self.scale = width, scale
+        self.fused = False  # set by the caller: tiles run in PyTorch's fused CPU operator
+        self.offset = self.nk - self.nq
+        self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
+        self.tiles = []
+        for qa in range(0, self.nq, q_tile):
+            qb = min(qa + q_tile, self.nq)
+            ka = max(qa + self.offset - (width - 1), 0)
+            kb = min(qb + self.offset, self.nk)  # the last query sees key qb - 1 + offset
+            if kb > ka and width > 0:
+                self.tiles.append((qa, qb, ka, kb))
+
+    def q_view(self, x: Tensor, qa: int, qb: int) -> Tensor:
+        """(B, Hq, Nq, ...) -> (B, Hkv, G·Tq, ...)."""
+        return x[:, :, qa:qb].reshape(self.B, self.Hkv, self.G * (qb - qa), *x.shape[3:])
+
+    def q_store(self, dst: Tensor, qa: int, qb: int, tile: Tensor) -> None:
+        dst[:, :, qa:qb] = tile.reshape(self.B, self.Hq, qb - qa, *dst.shape[3:])
+
+    def distances(self, qa, qb, ka, kb, device) -> tuple[Tensor, Tensor]:
+        """(Tq, Tk) distance i + offset - j clamped into the table, and where it is in the band."""
+        dist = (torch.arange(qa, qb, device=device)[:, None] + self.offset
+                - torch.arange(ka, kb, device=device)[None, :])
+        inside = (dist >= 0) & (dist < self.width)
+        return dist.clamp(0, self.width - 1), inside
+
+    def bias(self, table: Tensor, qa, qb, ka, kb) -> tuple[Tensor, Tensor]:
+        """(1 or B, Hkv, G·Tq, Tk) additive bias of one tile, and the clamped distances."""
+        dist, inside = self.distances(qa, qb, ka, kb, table.device)
+        b = table[:, dist]  # (Hq, Tq, Tk)
+        b = b.masked_fill(~inside, -math.inf)
+        b = b.unsqueeze(0)  # (1, Hq, Tq, Tk)
+        if self.mask_mod is not None:
+            bb = torch.arange(self.B, device=table.device)[:, None, None, None]
+            hh = torch.arange(self.Hq, device=table.device)[None, :, None, None]
+            qi = torch.arange(qa, qb, device=table.device)[:, None]
+            ki = torch.arange(ka, kb, device=table.device)[None, :]
+            allowed = eval_mask(self.mask_mod, bb, hh, qi, ki)
+            b = b.masked_fill(~allowed, -math.inf)
+        b = b.reshape(b.shape[0], self.Hkv, self.G * (qb - qa), kb - ka)  # (Bb, Hkv, G·Tq, Tk)
+        return b, dist
+
+
+def _fused_band_forward(c: _Band, q, k, v, tab):
+    """Forward through PyTorch's CPU flash-attention operator, the bias passed as its float mask."""
+    out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
+    lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=q.dtype, device=q.device)  # (B, Hq, Nq)
+    for qa, qb, ka, kb in c.tiles:
+        bias = c.bias(tab, qa, qb, ka, kb)[0].to(q.dtype)
+        o_t, l_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            c.q_view(q, qa, qb), k[:, :, ka:kb], v[:, :, ka:kb], 0.0, False, attn_mask=bias, scale=c.scale)
+        # The operator reports lse = 0 for a row with nothing allowed; that row attends to nothing.
+        l_t = l_t.masked_fill(torch.isneginf(bias).all(-1).expand(l_t.shape), -math.inf)
+        c.q_store(out, qa, qb, o_t)
+        c.q_store(lse, qa, qb, l_t)
+    return out, lse
+
+
+def _fused_band_backward(c: _Band, dout, q, k, v, out, lse, tab):
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for qa, qb, ka, kb in c.tiles:
+        bias = c.bias(tab, qa, qb, ka, kb)[0].to(q.dtype)
+        dq_t, dk_t, dv_t = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            c.q_view(dout, qa, qb), c.q_view(q, qa, qb), k[:, :, ka:kb], v[:, :, ka:kb],
+            c.q_view(out, qa, qb), c.q_view(lse, qa, qb), 0.0, False, attn_mask=bias, scale=c.scale)
+        c.q_store(dq, qa, qb, dq_t)
+        dk[:, :, ka:kb] += dk_t
+        dv[:, :, ka:kb] += dv_t
+    return dq, dk, dv
+
+
+class _BandAttention(torch.autograd.Function):
+    """Causal banded softmax attention with a per-(head, distance) additive bias table."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, table, c: _Band):
+        acc = _acc_dtype(q.dtype)
+        tab = table.detach().to(acc)
+        if c.fused:
+            out, lse = _fused_band_forward(c, q, k, v, tab)
+            ctx.c = c
+            ctx.save_for_backward(q, k, v, table, out, lse)
+            return out
+        out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
+        lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)
+        for qa, qb, ka, kb in c.tiles:
+            q_t = c.q_view(q, qa, qb).to(acc)  # (B, Hkv, M, D)
+            s = torch.matmul(q_t, k[:, :, ka:kb].to(acc).transpose(-1, -2)).mul_(c.scale)  # (B, Hkv, M, Tk)
+            s.add_(c.bias(tab, qa, qb, ka, kb)[0])
+            row_max = s.amax(-1, keepdim=True)
+            row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+            p = s.sub_(row_max).exp_()
+            row_sum = p.sum(-1, keepdim=True)
+            o_t = torch.matmul(p, v[:, :, ka:kb].to(acc)).div_(row_sum.clamp_min(torch.finfo(acc).tiny))
+            c.q_store(out, qa, qb, o_t.to(q.dtype))
+            c.q_store(lse, qa, qb, (row_max + row_sum.log()).squeeze(-1))
+        ctx.c = c
+        ctx.save_for_backward(q, k, v, table, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, table, out, lse = ctx.saved_tensors
+        c: _Band = ctx.c
+        acc = _acc_dtype(q.dtype)
+        tab = table.detach().to(acc)
+        # A row with nothing allowed has lse -inf; +inf makes its recomputed P exactly 0.
+        lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
+        if c.fused:
+            dq, dk, dv = _fused_band_backward(c, dout, q, k, v, out, lse, tab)
+            return dq, dk, dv, None, None
+        dq = torch.zeros_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        need_table = ctx.needs_input_grad[3]
+        dtable = torch.zeros(tab.shape, dtype=acc, device=q.device) if need_table else None
+        for qa, qb, ka, kb in c.tiles:
+            q_t = c.q_view(q, qa, qb).to(acc)  # (B, Hkv, M, D)
+            do_t = c.q_view(dout, qa, qb).to(acc)
+            o_t = c.q_view(out, qa, qb).to(acc)
+            l_t = c.q_view(lse, qa, qb).unsqueeze(-1)  # (B, Hkv, M, 1)
+            ks, vs = k[:, :, ka:kb].to(acc), v[:, :, ka:kb].to(acc)
+            bias, dist = c.bias(tab, qa, qb, ka, kb)
+            s = torch.matmul(q_t, ks.transpose(-1, -2)).mul_(c.scale).add_(bias)  # (B, Hkv, M, Tk)
+            p = s.sub_(l_t).exp_()
+            dv[:, :, ka:kb] += torch.matmul(p.transpose(-1, -2), do_t)
+            dp = torch.matmul(do_t, vs.transpose(-1, -2))
+            delta = (do_t * o_t).sum(-1, keepdim=True)
+            ds = p.mul_(dp.sub_(delta))  # gradient of the biased score s + b
+            if need_table:
+                per_head = ds.sum(0).reshape(c.Hq, qb - qa, kb - ka)  # (Hq, Tq, Tk)
+                dtable.index_put_((torch.arange(c.Hq, device=q.device)[:, None, None], dist.expand_as(per_head)),
+                                  per_head, accumulate=True)
+            c.q_store(dq, qa, qb, torch.matmul(ds, ks).mul_(c.scale).to(q.dtype))
+            dk[:, :, ka:kb] += torch.matmul(ds.transpose(-1, -2), q_t).mul_(c.scale)
+        dtable = dtable.to(table.dtype) if need_table else None
+        return dq, dk.to(k.dtype), dv.to(v.dtype), dtable, None
+
+
+def _as_spans(spans: Tensor | Sequence[float] | float, heads: int, device, dtype) -> Tensor:
+    if isinstance(spans, Tensor):
+        t = spans.expand(heads) if spans.dim() == 0 else spans
+    elif isinstance(spans, (int, float)):
+        t = torch.full((heads,), float(spans), device=device, dtype=dtype)
+    else:
+        t = torch.tensor([float(s) for s in spans], device=device, dtype=dtype)
+    if t.shape != (heads,):
+        raise ValueError(f"spans must be one number or one per query head ({heads}), got shape {tuple(t.shape)}")
+    if bool((t.detach() < 0).any()):
+        raise ValueError(f"spans must be >= 0, got {t.detach().tolist()}")
+    return t
+
+
+def adaptive_span_attention(q: Tensor, k: Tensor, v: Tensor, *, spans: Tensor | Sequence[float] | float,
+                            ramp: int = 32, mask: Mask | None = None, scale: float | None = None,
+                            q_tile: int = 256) -> Tensor:
+    """Causal attention with per-head soft spans; the functional form (spans may require grad).
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), ``Hq % Hkv == 0``.
+        spans: one span per query head, shape (Hq,), or one number for all; >= 0.
+        ramp: ramp width R >= 0 (0: a hard cut at distance ``span``).
+        mask: an extra ``attnmem.masks.Mask`` (True = attend), combined with the span.
+        scale: multiplier of QKᵀ; default ``1/sqrt(D)``.
+        q_tile: queries per band tile; working memory O(q_tile · (q_tile + W)).
+
+    Returns:
+        (B, Hq, Nq, D); rows with nothing to attend are zeros.
+
+    Raises:
+        ValueError: a negative span or ramp, or spans of the wrong shape.
+    """
+    if not isinstance(ramp, int) or isinstance(ramp, bool) or ramp < 0:
+        raise ValueError(f"ramp must be a non-negative int, got {ramp!r}")
+    Hq, D = q.shape[1], q.shape[3]
+    acc = _acc_dtype(q.dtype)
+    z = _as_spans(spans, Hq, q.device, acc)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    width = min(math.ceil(float(z.detach().max())) + ramp + (1 if ramp == 0 else 0), k.shape[2])
+    width = max(width, 1)
+    table = ramp_log_weights(z.to(acc), ramp, width)  # (Hq, W)
+    band = _Band(q, k, width, max(q_tile, 1), mask, scale)
+    # Fixed spans need no bias gradient, so PyTorch's fused CPU flash-attention operator (which
+    # takes the bias as a float mask but does not return its gradient) can run each tile.
+    band.fused = (resolve_kernel("auto", q) == "fused" and q.dtype in (torch.float32, torch.float64)
+                  and not table.requires_grad)
+    return _BandAttention.apply(q, k, v, table, band)
+
+
+class AdaptiveSpanAttention(nn.Module):
+    """The learnable form: one span per head, ``z_h = max_span · clamp(θ_h, 0, 1)``.
+
+    Args:
+        heads: query heads.
+        max_span: the largest span a head may learn.
+        ramp: ramp width R.
+        init_span: starting span of every head (default ``max_span``).
+        q_tile: queries per band tile.
+
+    ``span_loss()`` is the paper's L1 penalty, the mean span over heads in positions (multiply
+    by your λ and add it to the loss); ``current_spans()`` returns the spans (H,).
+    """
+
+    def __init__(self, *, heads: int, max_span: int, ramp: int = 32, init_span: float | None = None,
+                 q_tile: int = 256):
+        super().__init__()
+        self.heads, self.max_span, self.ramp, self.q_tile = heads, max_span, ramp, q_tile
+        init = max_span if init_span is None else init_span
+        self.span_frac = nn.Parameter(torch.full((heads,), init / max_span))
+
+    def current_spans(self) -> Tensor:
+        return self.max_span * self.span_frac.clamp(0.0, 1.0)
+
+    def span_loss(self) -> Tensor:
+        return self.current_spans().mean()
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, mask=None) -> Tensor:
+        if not causal:
+            raise ValueError("adaptive_span is causal by definition (spans look backwards); got causal=False")
+        user = as_mask(mask) if mask is not None else None
+        return adaptive_span_attention(q, k, v, spans=self.current_spans(), ramp=self.ramp, mask=user,
+                                       scale=None, q_tile=self.q_tile)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, max_span={self.max_span}, ramp={self.ramp}"
+
+
+def _check_int(name: str, val: object, minimum: int) -> None:
+    if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {val!r}")
+
+
+@dataclass(frozen=True)
+class AdaptiveSpanOptions:
+    """max_span: largest learnable span (int >= 1, default 1024). ramp: ramp width R (int >= 0,
+    default 32). init_span: starting span (default max_span). q_tile: queries per band tile."""
+
+    max_span: int = 1024
+    ramp: int = 32
+    init_span: float | None = None
+    q_tile: int = 256
+
+    def __post_init__(self):
+        _check_int("max_span", self.max_span, 1)
+        _check_int("ramp", self.ramp, 0)
+        _check_int("q_tile", self.q_tile, 1)
+        if self.init_span is not None and not (0 <= self.init_span <= self.max_span):
+            raise ValueError(f"init_span must be in [0, max_span={self.max_span}], got {self.init_span!r}")
+
+
+_CAPS = Capabilities(mask=True, gqa=True)
+
+
+@register
+class AdaptiveSpan(Method):
+    name = "adaptive_span"
+    family = "adaptive_span"
+    exact = False
+    stateful = True
+    memory = "O(B·H·N·D) + O(B·H·N) log-sum-exp; O(N·S) work over a band of the largest span S"
+    summary = "learned per-head span with a soft ramp (Sukhbaatar et al. 2019); causal"
+    Options = AdaptiveSpanOptions
+    caps = _CAPS
+
+    def build_module(self, *, heads, kv_heads, head_dim, opts):
+        return AdaptiveSpanAttention(heads=heads, max_span=opts.max_span, ramp=opts.ramp,
+                                     init_span=opts.init_span, q_tile=opts.q_tile)
+
+
+@dataclass(frozen=True)
+class FixedSpanOptions:
+    """spans: one span for all heads or a tuple, one per query head (>= 0; default 1024).
+    ramp: ramp width R (int >= 0, default 32). q_tile: queries per band tile."""
+
+    spans: float | tuple[float, ...] = 1024
+    ramp: int = 32
+    q_tile: int = 256
+
+    def __post_init__(self):
+        vals = self.spans if isinstance(self.spans, tuple) else (self.spans,)
+        for s in vals:
+            if isinstance(s, bool) or not isinstance(s, (int, float)) or not s >= 0:
+                raise ValueError(f"spans must be numbers >= 0, got {self.spans!r}")
+        if isinstance(self.spans, list):
+            raise ValueError("spans must be a number or a tuple, got a list")
+        _check_int("ramp", self.ramp, 0)
+        _check_int("q_tile", self.q_tile, 1)
+
+
+@register
+class AdaptiveSpanFixed(Method):
+    name = "adaptive_span_fixed"
+    family = "adaptive_span"
+    exact = False
+    memory = AdaptiveSpan.memory
+    summary = "adaptive-span attention with fixed spans (the functional form); causal"
+    Options = FixedSpanOptions
+    caps = _CAPS
+
+    def extra_reasons(self, inp: Inputs, opts):
+        reasons = []
+        if not inp.causal:
+            reasons.append("is causal by definition (spans look backwards); pass causal=True")
+        if isinstance(opts.spans, tuple) and len(opts.spans) != inp.q_heads:
+            reasons.append(f"spans has {len(opts.spans)} entries, expected one per query head ({inp.q_heads})")
+        return reasons
+
+    def forward(self, inp: Inputs, opts):
+        return adaptive_span_attention(inp.q, inp.k, inp.v, spans=opts.spans, ramp=opts.ramp,
+                                       mask=inp.user_mask, scale=inp.scale, q_tile=opts.q_tile)
+
+
+__all__ = ["AdaptiveSpanAttention", "adaptive_span_attention", "ramp_log_weights"]

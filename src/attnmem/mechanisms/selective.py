@@ -1,0 +1,253 @@
+"""Selective attention: each query attends to a few keys only (top-k, hard).
+
+``topk`` keeps, per query row, the k highest-scoring allowed keys and takes the softmax over
+those alone. The selection runs tile by tile over the block map of the mask with a running
+merge, so no query tile ever holds more than ``q_tile × (kv_tile + k)`` scores::
+
+    for each key tile j listed for query tile i:        # empty tiles are never visited
+        s = q_i k_jᵀ · scale, masked where the tile is partial     # (M, Tk)
+        best = topk(cat(best, topk(s, k)), k)                       # (M, k) scores + indices
+
+Only the chosen indices and their probabilities, (B, H, N, k) each, are kept for the backward,
+which gathers the selected keys and values again: memory O(N·k), never N². Gradients flow to
+the selected scores (q and the selected keys) and to the selected values; the choice itself is
+piecewise constant and has no gradient. A row with fewer than k allowed keys uses those it
+has; a row with none returns zeros.
+
+Equivalent PyTorch code (one head, N×N, for reading only)::
+
+    s = (q @ k.T * scale).masked_fill(~allowed, -inf)
+    top, idx = s.topk(min(k, Nk), dim=-1)
+    out = (softmax(top, -1)[..., None] * v[idx]).sum(-2)
+
+``hard`` is one key per query. ``mode="deterministic"`` takes the argmax (``topk`` with k = 1):
+the output is exactly the value row of the best key, and only ``v`` receives a gradient.
+``mode="stochastic"`` samples the key from ``softmax(s)`` by the Gumbel-max trick (argmax of
+``s + g``, ``g = -log(E)``, ``E ~ Exp(1)``) and trains with the *straight-through* estimator::
+
+    out = v[j] + (softmax(s) V - stop_grad(softmax(s) V))      # forward value: v[j]
+
+``v`` receives the gradient of the sampled row; q and k receive the gradient of the soft
+attention ``softmax(s) V`` (computed in O(N) memory by the tiled exact kernel). For a loss that
+is linear in the output this is unbiased: ``E[v[j]] = softmax(s) V``, so the soft gradient is
+the gradient of the expected loss. For any other loss it is biased, because the upstream
+gradient is evaluated at the sampled output ``v[j]`` rather than averaged over samples; the
+bias grows with the curvature of the loss and the spread of ``softmax(s)`` (it vanishes as
+attention becomes one-hot). It has no temperature to tune and no variance from the gradient
+path itself; the forward pass is an exact sample.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..registry import Inputs, Method, register
+from ..tiled import _acc_dtype, _Ctx, tiled_attention
+
+MODES = ("deterministic", "stochastic")
+
+
+def _check_positive(name: str, val: object) -> None:
+    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
+        raise ValueError(f"{name} must be a positive int, got {val!r}")
+
+
+def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
+    """Rows of x (B, Hkv, Nk, D) at idx (B, Hkv, M, k) -> (B, Hkv, M, k, D)."""
+    B, Hkv, M, kk = idx.shape
+    flat = idx.reshape(B, Hkv, M * kk, 1).expand(-1, -1, -1, x.shape[-1])
+    return x.gather(2, flat).reshape(B, Hkv, M, kk, x.shape[-1])
+
+
+def _scatter_rows(dst: Tensor, idx: Tensor, src: Tensor) -> None:
+    """dst (B, Hkv, Nk, D)[idx] += src (B, Hkv, M, k, D), summing repeated indices."""
+    B, Hkv, M, kk, D = src.shape
+    flat = idx.reshape(B, Hkv, M * kk, 1).expand(-1, -1, -1, D)
+    dst.scatter_add_(2, flat, src.reshape(B, Hkv, M * kk, D))
+
+
+def select_topk(c: _Ctx, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, kk: int,
+                generator: torch.Generator | None = None, gumbel: bool = False) -> tuple[Tensor, Tensor]:
+    """Running top-``kk`` of one query tile over its key tiles.
+
+    Args:
+        q_t: the query tile as (B, Hkv, M, D), M = G·Tq.
+        segs: the tile's segments from the block map (one key tile each).
+        gumbel: add Gumbel noise to every allowed score (sampling instead of argmax).
+
+    Returns:
+        scores (B, Hkv, M, kk) in the accumulation dtype, -inf where a row has fewer than kk
+        allowed keys, and their key indices (B, Hkv, M, kk) int64.
+    """
+    acc = _acc_dtype(q_t.dtype)
+    B, Hkv, M, _ = q_t.shape
+    best_s = torch.full((B, Hkv, M, kk), -math.inf, dtype=acc, device=q_t.device)
+    best_i = torch.zeros((B, Hkv, M, kk), dtype=torch.int64, device=q_t.device)
+    qf = q_t.to(acc)
+    for seg in segs:
+        s = torch.matmul(qf, k[:, :, seg.start:seg.stop].to(acc).transpose(-1, -2)).mul_(c.scale)  # (B, Hkv, M, Tk)
+        allowed = c.allowed(qa, qb, seg)
+        if allowed is not None:
+            s.masked_fill_(~allowed, -math.inf)
+        if gumbel:
+            noise = torch.empty_like(s).exponential_(generator=generator).log_().neg_()  # Gumbel(0, 1)
+            s.add_(noise)
+        tile_k = min(kk, s.shape[-1])
+        tile_s, tile_pos = s.topk(tile_k, dim=-1)  # (B, Hkv, M, tile_k)
+        both_s = torch.cat([best_s, tile_s], -1)
+        both_i = torch.cat([best_i, tile_pos.add_(seg.start)], -1)
+        best_s, pos = both_s.topk(kk, dim=-1)
+        best_i = both_i.gather(-1, pos)
+    return best_s, best_i
+
+
+def _softmax_or_zero(s: Tensor) -> Tensor:
+    """Softmax over the last axis; rows that are all -inf give zeros."""
+    row_max = s.amax(-1, keepdim=True)
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
+    p = (s - row_max).exp_()
+    return p.div_(p.sum(-1, keepdim=True).clamp_min(torch.finfo(p.dtype).tiny))
+
+
+class _TopKAttention(torch.autograd.Function):
+    """Forward: select, softmax over the selection, gather V. Saves indices and probabilities."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, c: _Ctx, kk: int, generator, gumbel: bool):
+        acc = _acc_dtype(q.dtype)
+        out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
+        idx = torch.zeros((c.B, c.Hq, c.nq, kk), dtype=torch.int64, device=q.device)  # (B, Hq, Nq, k)
+        prob = torch.zeros((c.B, c.Hq, c.nq, kk), dtype=acc, device=q.device)  # (B, Hq, Nq, k)
+        for qa, qb, segs in c.plan:
+            if not segs:
+                continue  # nothing allowed: zeros
+            q_t = c.q_view(q, qa, qb)  # (B, Hkv, G·Tq, D)
+            s_t, i_t = select_topk(c, q_t, k, qa, qb, segs, kk, generator, gumbel)
+            p_t = _softmax_or_zero(s_t)  # (B, Hkv, M, k)
+            v_sel = _gather_rows(v, i_t).to(acc)  # (B, Hkv, M, k, D)
+            o_t = torch.matmul(p_t.unsqueeze(-2), v_sel).squeeze(-2)  # (B, Hkv, M, D)
+            c.q_store(out, qa, qb, o_t.to(q.dtype))
+            c.q_store(idx, qa, qb, i_t)
+            c.q_store(prob, qa, qb, p_t)
+        ctx.c = c
+        ctx.save_for_backward(q, k, v, idx, prob)
+        ctx.mark_non_differentiable(idx)
+        return out, idx
+
+    @staticmethod
+    def backward(ctx, dout, _didx):
+        q, k, v, idx, prob = ctx.saved_tensors
+        c: _Ctx = ctx.c
+        acc = _acc_dtype(q.dtype)
+        dq = torch.zeros_like(q)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for qa, qb, segs in c.plan:
+            if not segs:
+                continue
+            i_t, p_t = c.q_view(idx, qa, qb), c.q_view(prob, qa, qb)  # (B, Hkv, M, k)
+            do_t = c.q_view(dout, qa, qb).to(acc)  # (B, Hkv, M, D)
+            q_t = c.q_view(q, qa, qb).to(acc)
+            k_sel = _gather_rows(k, i_t).to(acc)  # (B, Hkv, M, k, D)
+            v_sel = _gather_rows(v, i_t).to(acc)
+            dp = torch.matmul(v_sel, do_t.unsqueeze(-1)).squeeze(-1)  # (B, Hkv, M, k)
+            ds = p_t * (dp - (p_t * dp).sum(-1, keepdim=True))
+            dq_t = torch.matmul(ds.unsqueeze(-2), k_sel).squeeze(-2).mul_(c.scale)  # (B, Hkv, M, D)
+            c.q_store(dq, qa, qb, dq_t.to(q.dtype))
+            _scatter_rows(dk, i_t, (ds * c.scale).unsqueeze(-1) * q_t.unsqueeze(-2))
+            _scatter_rows(dv, i_t, p_t.unsqueeze(-1) * do_t.unsqueeze(-2))
+        return dq, dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def topk_attention(q: Tensor, k: Tensor, v: Tensor, *, topk: int, mask=None, scale: float,
+                   q_tile: int = 256, kv_tile: int = 1024, generator: torch.Generator | None = None,
+                   gumbel: bool = False) -> tuple[Tensor, Tensor]:
+    """Softmax over each query's ``topk`` best allowed keys.
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), ``Hq % Hkv == 0``.
+        topk: keys kept per query (at most Nk are used).
+        mask: the effective ``attnmem.masks.Mask`` (causal included) or None.
+        gumbel: perturb scores with Gumbel noise before selecting (sampling, used by ``hard``).
+
+    Returns:
+        out (B, Hq, Nq, D) and the selected key indices (B, Hq, Nq, min(topk, Nk)).
+    """
+    kk = max(min(topk, k.shape[2]), 1)
+    c = _Ctx(q, k, mask, scale, q_tile, kv_tile, "torch")
+    return _TopKAttention.apply(q, k, v, c, kk, generator, gumbel)
+
+
+@dataclass(frozen=True)
+class TopKOptions:
+    """topk: keys per query (positive int, default 32). q_tile, kv_tile: tile sizes of the
+    running selection (default 256 and 1024; working memory O(q_tile · kv_tile))."""
+
+    topk: int = 32
+    q_tile: int = 256
+    kv_tile: int = 1024
+
+    def __post_init__(self):
+        for name in ("topk", "q_tile", "kv_tile"):
+            _check_positive(name, getattr(self, name))
+
+
+@register
+class TopK(Method):
+    name = "topk"
+    family = "selective"
+    exact = False
+    memory = "O(B·H·N·k) indices and probabilities; O(q_tile·kv_tile) scores at a time"
+    summary = "softmax over each query's k best keys, found by a tiled running top-k merge"
+    Options = TopKOptions
+
+    def forward(self, inp: Inputs, opts: TopKOptions) -> Tensor:
+        out, _ = topk_attention(inp.q, inp.k, inp.v, topk=opts.topk, mask=inp.mask, scale=inp.scale,
+                                q_tile=opts.q_tile, kv_tile=opts.kv_tile)
+        return out
+
+
+@dataclass(frozen=True)
+class HardOptions:
+    """mode: "deterministic" (argmax) or "stochastic" (Gumbel-max sample, straight-through
+    gradient). seed: int or None, seeds the stochastic mode's noise. q_tile, kv_tile as ``topk``."""
+
+    mode: str = "deterministic"
+    seed: int | None = None
+    q_tile: int = 256
+    kv_tile: int = 1024
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
+            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+        for name in ("q_tile", "kv_tile"):
+            _check_positive(name, getattr(self, name))
+
+
+@register
+class Hard(Method):
+    name = "hard"
+    family = "selective"
+    exact = False
+    memory = "O(B·H·N) indices; stochastic training adds the O(N) tiled soft attention"
+    summary = "one key per query: argmax, or a Gumbel-max sample with a straight-through gradient"
+    Options = HardOptions
+
+    def forward(self, inp: Inputs, opts: HardOptions) -> Tensor:
+        stochastic = opts.mode == "stochastic"
+        gen = None
+        if stochastic and opts.seed is not None:
+            gen = torch.Generator(device=inp.q.device).manual_seed(opts.seed)
+        hard, _ = topk_attention(inp.q, inp.k, inp.v, topk=1, mask=inp.mask, scale=inp.scale,
+                                 q_tile=opts.q_tile, kv_tile=opts.kv_tile, generator=gen, gumbel=stochastic)
+        if not stochastic or not (torch.is_grad_enabled() and (inp.q.requires_grad or inp.k.requires_grad)):
+            return hard
+        # Straight-through: the value is the sample, q and k get the soft attention's gradient.
+        soft = tiled_attention(inp.q, inp.k, inp.v.detach(), mask=inp.mask, scale=inp.scale)
+        return hard + (soft - soft.detach())
