@@ -302,6 +302,14 @@ class _Ctx:
         return m.reshape(m.shape[0], self.Hkv, self.G * (qb - qa), m.shape[-1])
 
 
+def allowed_bool(c: _Ctx, qa: int, qb: int, seg: Segment) -> Tensor | None:
+    """``c.allowed`` as a bool tensor (or None), for code with its own tile kernel."""
+    a = c.allowed(qa, qb, seg)
+    if a is CAUSAL_TILE:
+        return torch.ones(qb - qa, seg.size, dtype=torch.bool, device=c.device).tril()
+    return a
+
+
 def _merge(out_acc, lse_acc, out_s, lse_s):
     lse = torch.logaddexp(lse_acc, lse_s)
     # Rows with nothing allowed so far have lse -inf on both sides: give them weight 0.

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from ..registry import Inputs, Method, register
-from ..tiled import _acc_dtype, _Ctx, tiled_attention
+from ..tiled import _acc_dtype, _Ctx, allowed_bool, tiled_attention
 
 MODES = ("deterministic", "stochastic")
 
@@ -89,8 +89,10 @@ def select_topk(c: _Ctx, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, kk: int
     best_i = torch.zeros((B, Hkv, M, kk), dtype=torch.int64, device=q_t.device)
     qf = q_t.to(acc)
     for seg in segs:
-        s = torch.matmul(qf, k[:, :, seg.start:seg.stop].to(acc).transpose(-1, -2)).mul_(c.scale)  # (B, Hkv, M, Tk)
-        allowed = c.allowed(qa, qb, seg)
+        # The "torch" kernel's plan has one key tile per segment: one contiguous range.
+        start, stop = seg.ranges[0]
+        s = torch.matmul(qf, k[:, :, start:stop].to(acc).transpose(-1, -2)).mul_(c.scale)  # (B, Hkv, M, Tk)
+        allowed = allowed_bool(c, qa, qb, seg)
         if allowed is not None:
             s.masked_fill_(~allowed, -math.inf)
         if gumbel:
@@ -99,7 +101,7 @@ def select_topk(c: _Ctx, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, kk: int
         tile_k = min(kk, s.shape[-1])
         tile_s, tile_pos = s.topk(tile_k, dim=-1)  # (B, Hkv, M, tile_k)
         both_s = torch.cat([best_s, tile_s], -1)
-        both_i = torch.cat([best_i, tile_pos.add_(seg.start)], -1)
+        both_i = torch.cat([best_i, tile_pos.add_(start)], -1)
         best_s, pos = both_s.topk(kk, dim=-1)
         best_i = both_i.gather(-1, pos)
     return best_s, best_i
