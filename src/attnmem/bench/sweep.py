@@ -39,7 +39,8 @@ class SweepConfig:
     mask: str = "none"
     forward_only: bool = False
     repeats: int = 1
-    warmup: int = 1
+    # The tracked run (peak memory) comes before the timed repeats and warms them up.
+    warmup: int = 0
     budget_bytes: int = 0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
