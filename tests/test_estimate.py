@@ -170,3 +170,23 @@ def test_plain_kernel_has_no_closed_form_and_is_traced():
     assert estimate("chunked", **kw).source == "trace"
     with pytest.raises(ValueError, match="no closed-form estimate for these options"):
         estimate("chunked", how="formula", **kw)
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("hard", dict(mode="stochastic", seed=1)),  # seeded Gumbel noise: a generator on fake tensors
+    ("adaptive_span", dict(init_span=40.0, ramp=8)),  # band width read from the learned span
+])
+def test_traced_options_match_measure(name, opts):
+    method = registry.get(name)
+    n, causal = 320, True
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=g).requires_grad_(True) for _ in range(3))
+    if method.stateful:
+        module = method.build_module(heads=2, kv_heads=2, head_dim=16, opts=method.make_options(opts))
+        call = lambda q, k, v: module(q, k, v, causal=causal)  # noqa: E731
+    else:
+        call = lambda q, k, v: attnmem.attention(q, k, v, method=name, causal=causal, **opts)  # noqa: E731
+    real = attnmem.measure(lambda q, k, v: call(q, k, v).sum().backward(), q, k, v, repeats=0, warmup=0).peak_bytes
+    est = estimate(name, batch=1, heads=2, seq_len=n, head_dim=16, causal=causal, how="trace", **opts)
+    assert est.source == "trace"
+    assert abs(est.peak_bytes - real) <= 0.05 * real, (est.peak_bytes, real)

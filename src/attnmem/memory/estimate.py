@@ -250,7 +250,7 @@ class _SmallRealMode(TorchDispatchMode):
 
         kwargs = kwargs or {}
         if any(isinstance(x, FakeTensor) for x in tree_flatten((args, kwargs))[0]):
-            out = func(*args, **kwargs)  # depends on q, k, v: fake
+            out = func(*args, **_no_generator(kwargs))  # depends on q, k, v: fake
             # An in-place update of a small real tensor by fake operands (an accumulator
             # ``dk[:, :, a:b] += dk_s``) returns a fake copy with a new storage; hand back the
             # real tensor so its storage is counted once.
@@ -274,7 +274,15 @@ class _SmallRealMode(TorchDispatchMode):
         if all(n <= SMALL_NUMEL for n in sizes):
             return func(*args, **kwargs)
         with self.fake_mode:
-            return func(*args, **kwargs)
+            return func(*args, **_no_generator(kwargs))
+
+
+def _no_generator(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Fake tensors refuse random operators given a ``torch.Generator`` (``hard``'s seeded
+    Gumbel noise); a fake result has no values, so the generator can go without changing memory."""
+    if kwargs.get("generator") is None:
+        return kwargs
+    return {k: v for k, v in kwargs.items() if k != "generator"}
 
 
 def _to_meta(x):
@@ -394,7 +402,9 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
                         "formula", shape, dict(options))
     module = None
     if m.stateful:
-        with fake_mode:
+        # Parameters do not depend on q, k, v: small ones stay real like any other small tensor,
+        # so code that reads them (adaptive_span's band width is its largest learned span) runs.
+        with _SmallRealMode(fake_mode):
             module = m.build_module(heads=heads, kv_heads=kv_heads, head_dim=head_dim, opts=opts)
     if training:
         for t in (q, k, v):
