@@ -190,3 +190,16 @@ def test_traced_options_match_measure(name, opts):
     est = estimate(name, batch=1, heads=2, seq_len=n, head_dim=16, causal=causal, how="trace", **opts)
     assert est.source == "trace"
     assert abs(est.peak_bytes - real) <= 0.05 * real, (est.peak_bytes, real)
+
+
+def test_factory_operators_are_probed_without_allocating():
+    # 2**40 float32 elements is 4 TiB: a real allocation of it fails on any machine here, so
+    # getting a fake tensor back shows the size probe ran on the meta device.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+    from attnmem.memory.estimate import _SmallRealMode
+
+    with _SmallRealMode(FakeTensorMode(allow_non_fake_inputs=True)):
+        z = torch.zeros(2**40)
+        f = torch.full((2**20, 2**20), 1.0)
+    assert isinstance(z, FakeTensor) and isinstance(f, FakeTensor)

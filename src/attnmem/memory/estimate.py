@@ -267,6 +267,10 @@ class _SmallRealMode(TorchDispatchMode):
         # Probe the result's size on the meta device (shapes only, C++ kernels: cheap).
         try:
             meta_args, meta_kwargs = tree_map(_to_meta, (args, kwargs))
+            if any(a.name == "device" for a in func._schema.arguments):
+                # Factory operators (zeros, full, empty) take no tensor: probe them on meta too,
+                # or the probe itself would allocate the full result.
+                meta_kwargs["device"] = torch.device("meta")
             probe = func(*meta_args, **meta_kwargs)
         except Exception:  # noqa: BLE001  data-dependent output shapes: only the real op can tell
             return func(*args, **kwargs)
