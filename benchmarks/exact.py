@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from _common import RESULTS, append_row, load_rows, log
 from attnmem.bench import Case, environment, run_case, time_interleaved
 from attnmem.memory.measure import GiB
@@ -76,9 +78,13 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="N = 4096/8192 only")
     ap.add_argument("--part", choices=["memory", "time", "all"], default="all")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the time part")
     args = ap.parse_args()
-    suffix = "_quick" if args.quick else ""
-    mem_path, time_path = RESULTS / f"exact_memory{suffix}.jsonl", RESULTS / f"exact_time{suffix}.jsonl"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    suffix = ("_quick" if args.quick else "") + (f"_threads{args.threads}" if args.threads else "")
+    mem_path = RESULTS / f"exact_memory{'_quick' if args.quick else ''}.jsonl"
+    time_path = RESULTS / f"exact_time{suffix}.jsonl"
     if not args.table_only:
         log(f"environment: {json.dumps(environment())}")
     if not args.table_only and args.part in ("memory", "all"):

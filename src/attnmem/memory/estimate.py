@@ -371,14 +371,10 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     if how not in HOWS:
         raise ValueError(f"how must be one of {', '.join(HOWS)}, got {how!r}")
     dt = resolve_dtype(dtype)
-    # Imported here: FakeTensorMode pulls in much of torch's compiler stack (seconds, once).
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with fake_mode:
-        q = torch.empty(batch, heads, seq_len, head_dim, dtype=dt)  # (B, Hq, N, D)
-        k = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=dt)  # (B, Hkv, N, D)
-        v = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=dt)
+    # Validation and dispatch read shapes only: one real element broadcast to each shape
+    # stands in, so a closed-form answer never pays for importing fake tensors.
+    one = torch.empty((), dtype=dt)
+    q, k, v = (one.expand(batch, h, seq_len, head_dim) for h in (heads, kv_heads, kv_heads))  # (B, H, N, D)
     inp = validate(q, k, v, causal=causal, mask=mask)
     if method == "auto":
         method = registry.choose(inp, options).method.name
@@ -404,6 +400,14 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         saved, transient = f.fn(shape, opts)
         return Estimate(method, shape.inputs_bytes + saved + transient, shape.inputs_bytes, saved, transient,
                         "formula", shape, dict(options))
+    # Imported here: FakeTensorMode pulls in much of torch's compiler stack (seconds, once).
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    with fake_mode:
+        q = torch.empty(batch, heads, seq_len, head_dim, dtype=dt)  # (B, Hq, N, D)
+        k = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=dt)  # (B, Hkv, N, D)
+        v = torch.empty(batch, kv_heads, seq_len, head_dim, dtype=dt)
     module = None
     if m.stateful:
         # Parameters do not depend on q, k, v: small ones stay real like any other small tensor,
