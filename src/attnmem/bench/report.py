@@ -176,7 +176,8 @@ def write_report(rows: list[dict[str, Any]], out_dir: Path, budget: int | None =
         "# attnmem compare report", "",
         f"Configuration: {_config_line(rows)}.", "",
         "Peak memory counts every live tensor (inputs and gradients included); the floor is q, k, v, out "
-        "(+ dq, dk, dv when training). Times are medians of the timed repeats, which run after the tracked (peak-memory) run that warms them up.", "",
+        "(+ dq, dk, dv when training). Times are medians of the timed repeats, which run after the "
+        "tracked (peak-memory) run that warms them up.", "",
         "![peak memory](peak_memory.png)", "", "![time](time.png)", "",
     ]
     if has_err:
