@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import click
+from rich.console import Console
 from rich.table import Table
 
 from . import registry
@@ -99,7 +100,17 @@ def plan_cmd(config_src, budget, layers, d_model, heads, kv_heads, ffn_mult, voc
     names = [m.strip() for m in methods_.split(",")] if methods_ else None
     for name in names or []:
         registry.get(name)
-    rows = plan(cfg, limit, methods=names)
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    # Methods without a closed form are traced at every step of the searches: show progress.
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task("plan", total=None)
+
+        def on_method(name, i, total):
+            progress.update(task, total=total, completed=i, description=f"plan: {name}")
+
+        rows = plan(cfg, limit, methods=names, on_method=on_method)
     if plot_path:
         ok = [r["method"] for r in rows if r["status"] == "ok"]
         plot(cfg, ok, limit, plot_path)

@@ -244,8 +244,8 @@ def seq_step(cfg: ModelConfig, method: str) -> int:
 
 
 def plan(config: ModelConfig | str | dict[str, Any], budget: int | float | str, *,
-         methods: list[str] | None = None, max_seq_len: int = 2**24, max_batch: int = 2**16
-         ) -> list[dict[str, Any]]:
+         methods: list[str] | None = None, max_seq_len: int = 2**24, max_batch: int = 2**16,
+         on_method: Any = None) -> list[dict[str, Any]]:
     """For every method: predicted peak of ``config``, whether it fits ``budget``, and the longest
     sequence (a multiple of the method's tile) and largest batch that fit, both searched over
     the estimate (binary search; the estimate grows monotonically in N and B).
@@ -254,6 +254,7 @@ def plan(config: ModelConfig | str | dict[str, Any], budget: int | float | str, 
         config: a ``ModelConfig``, a preset name, a YAML/JSON path or a dict.
         budget: bytes, or a size string such as ``"24GiB"`` or ``"80GB"``.
         methods: method names (default: every stateless method with a backward when training).
+        on_method: called as ``on_method(name, index, total)`` before each method (progress).
 
     Raises:
         ValueError: a bad config, budget or method name.
@@ -264,7 +265,9 @@ def plan(config: ModelConfig | str | dict[str, Any], budget: int | float | str, 
         methods = [m.name for m in registry.methods()
                    if not m.stateful and (m.supports.backward or not cfg.training)]
     rows = []
-    for name in methods:
+    for i, name in enumerate(methods):
+        if on_method is not None:
+            on_method(name, i, len(methods))
         registry.get(name)
         try:
             parts = model_peak(cfg, name)
