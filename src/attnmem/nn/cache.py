@@ -190,7 +190,12 @@ class KVCache(LayerCache):
         prefill = self.length == 0
         self.append(k, v)
         if prefill:
-            return mha.attend(q, k, v)  # the method's full-sequence path
+            # The method's full-sequence path, on the float keys/values as given.
+            return mha.attend(q, k, v)
+        return self._decode(q)
+
+    def _decode(self, q: Tensor) -> Tensor:
+        """New queries (B, Hq, n, D) against everything cached."""
         return _attend_new(q, *self.keys_values())
 
     def nbytes(self):
@@ -237,17 +242,7 @@ class Int8KVCache(KVCache):
             setattr(self, f"{name}_scale", sbuf)
         self.length = end
 
-    def attend(self, mha, q, k, v):
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
-        prefill = self.length == 0
-        self.append(k, v)
-        if prefill:
-            return mha.attend(q, k, v)  # the float keys/values, before quantisation
-        return self._int8_attention(q)
-
-    def _int8_attention(self, q: Tensor) -> Tensor:
+    def _decode(self, q: Tensor) -> Tensor:
         """Causal softmax attention of q (B, Hq, n, D), the last n tokens, over the int8 cache."""
         B, Hq, n, D = q.shape
         Hkv, L = self.kv_heads, self.length
