@@ -255,10 +255,17 @@ class _Ctx:
         self.kernel = resolve_kernel(kernel, q)
         self.mask = mask
         fused = self.kernel == "fused"
-        self.single_call = mask is None and fused
+        # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
+        # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
+        self.pure_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
+                            and self.G == 1)
+        # Without a mask, or with a plain causal mask on a square problem (where the kernel's
+        # top-left alignment is also ours), the fused operator skips empty blocks and tiles
+        # internally in O(N) memory: one call over everything is fastest (every extra call
+        # pays the intra-op threads' synchronisation), and its outputs need no copying.
+        self.causal_call = self.pure_causal and fused and self.nq == self.nk
+        self.single_call = (mask is None or self.causal_call) and fused
         if self.single_call:
-            # The fused operator tiles internally in O(N) memory: without a mask, one call
-            # over everything is fastest, and its outputs need no copying.
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
         # per-segment dK/dV are transient, so its segments are capped.
@@ -268,10 +275,6 @@ class _Ctx:
                          if fused else self.plan)
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.device = q.device
-        # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
-        # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
-        self.pure_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
-                            and self.G == 1)
 
     def q_view(self, x: Tensor, qa: int, qb: int) -> Tensor:
         """(B, Hq, Nq, ...) -> this tile as (B, Hkv, G·Tq, ...)."""
@@ -323,7 +326,8 @@ def tiled_forward(c: _Ctx, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Ten
     fwd = _KERNEL_FNS[c.kernel][0]
     acc = _acc_dtype(q.dtype)
     if c.single_call and c.nq and c.nk:
-        out, lse = fwd(c.q_view(q, 0, c.nq), k, v, None, c.scale)  # (B, Hkv, G·Nq, ·)
+        whole = CAUSAL_TILE if c.causal_call else None
+        out, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
         return out.reshape(c.B, c.Hq, c.nq, c.D), lse.to(acc).reshape(c.B, c.Hq, c.nq)
     out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
     lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)
@@ -353,7 +357,8 @@ def tiled_backward(c: _Ctx, dout, q, k, v, out, lse):
         lse_b = lse_b.float() if q.dtype == torch.bfloat16 else lse_b.to(q.dtype)
     if c.single_call and c.nq and c.nk:
         dq, dk, dv = bwd(c.q_view(dout, 0, c.nq), c.q_view(q, 0, c.nq), k, v,
-                         c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq), None, c.scale)
+                         c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq),
+                         CAUSAL_TILE if c.causal_call else None, c.scale)
         return dq.reshape(q.shape), dk, dv
     half = q.dtype not in (torch.float32, torch.float64)
     acc = _acc_dtype(q.dtype)

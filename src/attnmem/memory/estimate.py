@@ -176,8 +176,8 @@ def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
     nqt = math.ceil(s.seq_len / max(opts.q_tile, _MIN_Q_TILE))
     nkt = math.ceil(s.seq_len / opts.kv_tile)
     if _chunked_kernel(s, opts) == "fused":
-        if not (s.causal or s.masked):
-            return 1, 1, 0
+        if not s.masked and (not s.causal or s.heads == s.kv_heads):
+            return 1, 1, 0  # one operator call (unmasked, or plain causal without GQA)
         run = max(_MAX_SEGMENT, opts.kv_tile)
         width = opts.kv_tile if not s.masked else min(s.seq_len, run)
         return nqt, math.ceil(s.seq_len / run) + 1, width
@@ -191,7 +191,8 @@ def _chunked_work(s: Shape, opts) -> int:
 
 @formula("chunked", trace_work=_chunked_work)
 def _chunked(s: Shape, opts) -> tuple[int, int]:
-    """Fused kernel without a mask: one operator call, as sdpa. Tiled, with G = Hq/Hkv,
+    """Fused kernel without a mask, or plain causal without GQA: one operator call, as sdpa.
+    Tiled, with G = Hq/Hkv,
     t = B·Hq·q_tile·D elements (one query tile), R = min(N − kv_tile, 2·2048) keys (two consecutive
     merged runs of full tiles; kv_tile for the plain kernel), W = kv_tile keys per masked
     segment (causal; other masks up to 2048, an upper bound):
