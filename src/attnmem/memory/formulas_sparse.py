@@ -82,6 +82,21 @@ def _rest_rows(local: M.Mask, s: Shape, positions: torch.Tensor, q_tile: int, kv
     rows = []
     for a in range(0, len(positions), q_tile):
         pos = positions[a:a + q_tile]
+        first, r = int(pos[0]), len(pos)
+        if int(pos[-1]) - first == r - 1 and first % r == 0:
+            # Consecutive, aligned rows (BigBird's global blocks): one tile of r rows.
+            gr = M.Grid(n, n, r, kv_tile, s.batch, s.heads)
+            local_st = local.tile_states(gr, torch.full((1, nkt), first // r, dtype=torch.int64), ki[None, :])
+            pos = pos[-1:] if s.causal else pos[:1]
+            if s.causal:  # the tile's call states: full below its first row, empty above its last
+                lo = torch.where((kb - 1) <= first, M.FULL, torch.where(ka > int(pos[0]), M.EMPTY, M.PARTIAL))
+                call_st = lo.to(torch.int8)[None, :]
+            else:
+                call_st = torch.full((1, nkt), M.FULL, dtype=torch.int8)
+            empty = (call_st == M.EMPTY) | (local_st == M.FULL)
+            full = (call_st == M.FULL) & (local_st == M.EMPTY)
+            rows.append([(j, bool(full[0, j])) for j in range(nkt) if not bool(empty[0, j])])
+            continue
         local_st = local.tile_states(g1, pos[:, None].expand(-1, nkt), ki[None, :].expand(len(pos), -1))
         if s.causal:
             call_st = torch.full(local_st.shape, M.PARTIAL, dtype=torch.int8)
@@ -205,7 +220,18 @@ def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int):
 @functools.lru_cache(maxsize=64)
 def _sparse_plan(name: str, s: Shape, opts):
     """The sampled plan of a sparse method: (local runs, per-head?, rest runs or None, global
-    rows, calls per pass over the whole sequence)."""
+    rows, calls per pass over the whole sequence, mask evaluation bytes per pair)."""
+    # Its tensors have a few thousand elements: intra-op threads only cost synchronisation
+    # (on a loaded 2-core machine, 100x the work itself).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _sparse_plan_1(name, s, opts)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sparse_plan_1(name: str, s: Shape, opts):
     method = registry.get(name)
     local, rows = method.split(opts, s.seq_len)
     mask = M.causal() & local if s.causal else local
