@@ -341,7 +341,8 @@ def _topk_bytes(s: Shape, q_tile: int, kv_tile: int, topk: int, noise: bool = Fa
     one more), one score tile with the evaluation of a causal key tile's mask (int64
     relative positions and bools, 11 bytes per pair, and the M·Tk stacked bools), and the
     tile's own gathered V (BIG) with its output;
-    backward: the forward's saved + dQ + dK + dV (in a) + 3·BIG (the gathered K and V of a
+    backward: the forward's saved + the zero gradient autograd makes for the index output
+    (B·Hq·N·k int64) + dQ + dK + dV (in a) + 3·BIG (the gathered K and V of a
     tile and one per-key gradient being scattered into dK or dV) + the tile's dQ and a few
     M·k buffers. Linear in N (O(N·k)), never N²."""
     if s.masked:
@@ -368,7 +369,8 @@ def _topk_bytes(s: Shape, q_tile: int, kv_tile: int, topk: int, noise: bool = Fa
         return 0, fwd
     grads = s.q_bytes + 2 * s.kv_bytes * acc // s.itemsize
     stack = 0 if s.heads == s.kv_heads else small + tile_o  # stacked index/probability and q tiles
-    bwd = saved + grads + 3 * big + tile_o + 3 * s.batch * s.kv_heads * m * kk * acc + stack
+    # Autograd materialises a zero gradient for the int64 index output (materialize_grads).
+    bwd = saved + rows * kk * 8 + grads + 3 * big + tile_o + 3 * s.batch * s.kv_heads * m * kk * acc + stack
     return saved, max(fwd, bwd) - saved
 
 
