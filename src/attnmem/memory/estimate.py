@@ -275,7 +275,10 @@ class _SmallRealMode(TorchDispatchMode):
             probe = func(*meta_args, **meta_kwargs)
         except Exception:  # noqa: BLE001  data-dependent output shapes: only the real op can tell
             return func(*args, **kwargs)
-        sizes = [x.numel() for x in tree_flatten(probe)[0] if isinstance(x, torch.Tensor)]
+        # Storage, not view, sizes: a view of a small real tensor (an index expanded along D) is
+        # small too, and making it fake would count a copy that the real run never allocates.
+        sizes = [x.untyped_storage().nbytes() // x.element_size() for x in tree_flatten(probe)[0]
+                 if isinstance(x, torch.Tensor)]
         if all(n <= SMALL_NUMEL for n in sizes):
             return func(*args, **kwargs)
         with self.fake_mode:
@@ -433,3 +436,4 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
                          ) from e
     saved = after_forward - inputs
     return Estimate(method, peak, inputs, saved, peak - inputs - saved, "trace", shape, dict(options))
+from . import formulas_sparse  # noqa: E402,F401  closed forms of the sparse, selective, adaptive-span methods

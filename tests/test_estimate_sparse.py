@@ -1,0 +1,73 @@
+"""Closed forms of the sparse, selective and adaptive-span methods (memory/formulas_sparse.py).
+
+Their agreement with the fake-tensor trace runs in tests/test_estimate.py
+(``test_closed_form_agrees_with_trace`` covers every name in ``FORMULAS``); here: they answer at
+a million tokens, linearly, and the block-map rows they sample are the rows the kernel plans.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from attnmem import masks as M
+from attnmem import registry
+from attnmem.memory.estimate import Shape, estimate
+from attnmem.memory.formulas_sparse import _tile_rows
+
+MILLION_CASES = [
+    ("sliding_window", {}), ("dilated", {}), ("longformer", {}), ("bigbird", {}), ("strided", {}),
+    ("strided", {"pattern": "fixed"}), ("topk", {}), ("hard", {}),
+]
+
+
+@pytest.mark.parametrize("name, opts", MILLION_CASES, ids=lambda x: str(x))
+def test_formula_answers_at_a_million_tokens(name, opts):
+    # All of these are O(N) in memory (a tile at a time), so doubling N doubles the peak to within
+    # the tile-sized working set; a trace would take minutes (O(N / tile) kernel calls).
+    kw = dict(batch=1, heads=8, head_dim=64, causal=True, **opts)
+    t0 = time.perf_counter()
+    big = estimate(name, seq_len=2**20, **kw)
+    wall = time.perf_counter() - t0
+    half = estimate(name, seq_len=2**19, **kw)
+    assert big.source == "formula" and half.source == "formula"
+    assert wall < 2.0, f"{name}: {wall:.2f} s"
+    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+    floor = 7 * 2**20 * 8 * 64 * 4  # q, k, v, out, dq, dk, dv
+    assert floor < big.peak_bytes
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("sliding_window", dict(window=(96, 0))), ("dilated", dict(window=40, dilation=3)),
+    ("bigbird", dict(block=32)), ("strided", dict(stride=48)), ("strided", dict(pattern="fixed", stride=64)),
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_rows_are_the_block_map_rows(name, opts, causal):
+    # The formulas read a few query tiles' rows from the pattern's tile_states; the kernel reads
+    # all rows from block_map. They must agree wherever both are defined.
+    m = registry.get(name)
+    o = m.make_options(opts)
+    local, _ = m.split(o, 1000)
+    mask = M.causal() & local if causal else local
+    s = Shape(1, 2, 2, 1000, 16, 4, "float32", True, causal, False)
+    tiles = list(range(0, 1000 // o.q_tile + 1))
+    expected = mask.block_map(1000, 1000, o.q_tile, o.kv_tile, batch=1, heads=2).rows()
+    assert _tile_rows(mask, s, o.q_tile, o.kv_tile, tiles) == expected
+
+
+def test_options_change_the_closed_form():
+    # The working set follows the options: a wider window means wider segments.
+    kw = dict(batch=1, heads=8, seq_len=2**16, head_dim=64, how="formula")
+    wide, narrow = (estimate("sliding_window", window=w, **kw).peak_bytes for w in (1024, 64))
+    assert wide > narrow
+    assert estimate("topk", topk=64, **kw).peak_bytes > estimate("topk", topk=8, **kw).peak_bytes
+
+
+def test_cases_without_a_closed_form_are_traced():
+    kw = dict(batch=1, heads=2, seq_len=128, head_dim=16)
+    assert estimate("sliding_window", kernel="torch", **kw).source == "trace"
+    assert estimate("hard", mode="stochastic", **kw).source == "trace"
+    with pytest.raises(ValueError, match="no closed-form estimate"):
+        estimate("sliding_window", how="formula", dtype=torch.bfloat16, **kw)
