@@ -91,7 +91,8 @@ class FeatureMap:
 
     ``query`` may return a detached per-row stabiliser (it cancels between numerator and
     denominator); the backward passes it back to ``query_again`` to recompute the same features.
-    ``grad(x, phi, dphi)`` is the vector-Jacobian product dφ → dx and may overwrite ``dphi``.
+    ``key_grad(x, phi, dphi)`` is the vector-Jacobian product dφ → dx and may overwrite ``dphi``;
+    ``query_grad`` the same for queries (by default the same map).
     """
 
     def num_features(self, head_dim: int) -> int:
@@ -106,7 +107,10 @@ class FeatureMap:
     def key(self, x: Tensor) -> Tensor:
         raise NotImplementedError
 
-    def grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+    def query_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        return self.key_grad(x, phi, dphi)
+
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
         raise NotImplementedError
 
 
@@ -116,7 +120,7 @@ class EluFeatures(FeatureMap):
     def key(self, x: Tensor) -> Tensor:
         return F.elu(x).add_(1.0)
 
-    def grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
         return dphi.mul_(torch.where(x > 0, torch.ones_like(phi), phi))
 
 
@@ -124,7 +128,7 @@ class ReluFeatures(FeatureMap):
     def key(self, x: Tensor) -> Tensor:
         return F.relu(x)
 
-    def grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
         return dphi.mul_(x > 0)
 
 
@@ -135,14 +139,14 @@ class _KernelAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, fmap: FeatureMap, causal: bool, chunk: int):
-        nq, nk, dv = q.shape[3], k.shape[3], v.shape[-1]
+        nq, nk, dim_v = q.shape[3], k.shape[3], v.shape[-1]
         offset = nk - nq
-        out = q.new_empty(q.shape[:4] + (dv,))  # (B, Hkv, G, Nq, Dv)
+        out = q.new_empty(q.shape[:4] + (dim_v,))  # (B, Hkv, G, Nq, Dv)
         den = q.new_empty(q.shape[:4] + (1,))  # (B, Hkv, G, Nq, 1)
         first = _key_range(0, 0, nk, offset)[0] if causal else nk
         feat = fmap.num_features(k.shape[-1])
         block = block_rows(max(nq, nk), k.shape[-1], feat, chunk)
-        state = k.new_zeros(k.shape[:3] + (feat, dv + 1))  # (B, Hkv, 1, F, Dv+1)
+        state = k.new_zeros(k.shape[:3] + (feat, dim_v + 1))  # (B, Hkv, 1, F, Dv+1)
         for p, e in _spans(0, first, block):  # keys before every query
             state = state + _key_state(fmap, k[:, :, :, p:e], v[:, :, :, p:e])
         states, shifts = [], []
@@ -153,8 +157,8 @@ class _KernelAttention(torch.autograd.Function):
             own = (k[:, :, :, p:e], v[:, :, :, p:e], _causal_allowed(a, b, p, e, offset, q.device)) if e > p else None
             num, shift, state = _chunk_forward(fmap, q[:, :, :, a:b], state, own)
             shifts.append(shift)
-            den[:, :, :, a:b] = num[..., dv:]
-            out[:, :, :, a:b] = num[..., :dv] / _safe(num[..., dv:])
+            den[:, :, :, a:b] = num[..., dim_v:]
+            torch.div(num[..., :dim_v], _safe(num[..., dim_v:]), out=out[:, :, :, a:b])
         ctx.fmap, ctx.causal, ctx.block, ctx.spans = fmap, causal, block, spans
         ctx.states, ctx.shifts = states, shifts
         ctx.save_for_backward(q, k, v, out, den)
@@ -165,7 +169,7 @@ class _KernelAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, den = ctx.saved_tensors
         fmap, causal, spans = ctx.fmap, ctx.causal, ctx.spans
-        nq, nk = q.shape[3], k.shape[3]
+        nq, nk, dim_v = q.shape[3], k.shape[3], v.shape[-1]
         offset = nk - nq
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
         r = None  # R = Σ over later chunks of φ(Q)ᵀ[dNum, dDen] (B, Hkv, 1, F, Dv+1)
@@ -173,9 +177,9 @@ class _KernelAttention(torch.autograd.Function):
             a, b = spans[c]
             d = den[:, :, :, a:b]
             inv = torch.where(d > 0, 1.0 / _safe(d), torch.zeros_like(d))  # (B, Hkv, G, C, 1)
-            dnum = dout[:, :, :, a:b] * inv  # (B, Hkv, G, C, Dv)
-            dden = -(dnum * out[:, :, :, a:b]).sum(-1, keepdim=True)  # (B, Hkv, G, C, 1)
-            dnum = torch.cat([dnum, dden], -1)  # (B, Hkv, G, C, Dv+1): grads of [num, den]
+            dnum = q.new_empty(d.shape[:4] + (dim_v + 1,))  # (B, Hkv, G, C, Dv+1): grads of [num, den]
+            torch.mul(dout[:, :, :, a:b], inv, out=dnum[..., :dim_v])
+            dnum[..., dim_v:] = -(dnum[..., :dim_v] * out[:, :, :, a:b]).sum(-1, keepdim=True)
             p, e = _key_range(a, b, nk, offset) if causal else (nk, nk)
             own = (k[:, :, :, p:e], v[:, :, :, p:e], _causal_allowed(a, b, p, e, offset, q.device)) if e > p else None
             dq[:, :, :, a:b], own_grads, step = _chunk_backward(fmap, q[:, :, :, a:b], ctx.shifts[c], dnum,
@@ -199,7 +203,7 @@ def _key_backward(fmap: FeatureMap, k_c: Tensor, v_c: Tensor, r: Tensor) -> tupl
     """dk, dv of keys seen by every query through the state, given R (B, Hkv, 1, F, Dv+1)."""
     fk = fmap.key(k_c)  # (B, Hkv, 1, L, F)
     dv_c = fk @ r[..., :-1]  # (B, Hkv, 1, L, Dv)
-    return fmap.grad(k_c, fk, _with_ones(v_c) @ r.transpose(-1, -2)), dv_c
+    return fmap.key_grad(k_c, fk, _with_ones(v_c) @ r.transpose(-1, -2)), dv_c
 
 
 def _chunk_forward(fmap: FeatureMap, q_c: Tensor, state: Tensor, own) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -237,9 +241,9 @@ def _chunk_backward(fmap: FeatureMap, q_c: Tensor, shift: Tensor | None, dnum: T
         if r is not None:
             dfk = dfk + v_c @ r.transpose(-1, -2)
             dv_c = dv_c + fk @ r[..., :-1]
-        own_grads = fmap.grad(k_c, fk, dfk), dv_c
+        own_grads = fmap.key_grad(k_c, fk, dfk), dv_c
     step = _sum_groups(fq.transpose(-1, -2) @ dnum)  # (B, Hkv, 1, F, Dv+1)
-    return fmap.grad(q_c, fq, dfq), own_grads, step
+    return fmap.query_grad(q_c, fq, dfq), own_grads, step
 
 
 def _safe(d: Tensor) -> Tensor:
@@ -345,45 +349,50 @@ class FavorFeatures(FeatureMap):
     """φ(x) = exp(W x' − |x'|²/2 − c) with x' = x·scale^½ and c a detached stabiliser.
 
     The √m normalisation of the paper cancels between numerator and denominator and is left
-    out. Exponents below ``_EXP_FLOOR`` are clamped (e^-43 ≈ 2e-19 in float32; performer-pytorch
-    adds 1e-4 to every feature instead); the backward treats the clamp as the identity, which
-    changes a gradient by at most that fraction of the largest feature's.
+    out, and so does a query's factor exp(−|q'|²/2), common to its whole row: queries use
+    exp(W q' − c_q), c_q the row maximum. Exponents below ``_EXP_FLOOR`` are clamped (e^-43 ≈
+    2e-19 in float32; performer-pytorch adds 1e-4 to every feature instead); the backward
+    treats the clamp as the identity, which changes a gradient by at most that fraction of the
+    largest feature's.
 
-    The exponent is one matmul: [x, −|x'|²/2 − c] (…, L, D+1) times [W', 1]ᵀ (D+1, m), and the
-    backward's dφ⊙φ times the same [W', 1] gives dx's linear part and the row sums at once.
+    A key's exponent is one matmul: [x, −|x'|²/2 − c] (…, L, D+1) times [W', 1]ᵀ (D+1, m), and
+    the backward's dφ⊙φ times the same [W', 1] gives dx's linear part and the row sums at once.
     """
 
     def __init__(self, projection: Tensor, scale: float):
-        w = projection * math.sqrt(scale)  # (m, D): x·W'ᵀ = x'·Wᵀ
-        self.w_aug = torch.cat([w, w.new_ones(w.shape[0], 1)], 1)  # (m, D+1)
+        self.w = projection * math.sqrt(scale)  # (m, D): x·W'ᵀ = x'·Wᵀ
+        self.w_aug = torch.cat([self.w, self.w.new_ones(self.w.shape[0], 1)], 1)  # (m, D+1)
         self.scale = scale
         self.floor = _EXP_FLOOR.get(projection.dtype, -43.0)
         self.key_shift: Tensor | None = None
 
     def num_features(self, head_dim: int) -> int:
-        return self.w_aug.shape[0]
-
-    def logits(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
-        bias = (x * x).sum(-1, keepdim=True).mul_(-self.scale / 2)  # (…, L, 1)
-        if shift is not None:
-            bias = bias.sub_(shift)
-        return torch.cat([x, bias], -1) @ self.w_aug.T  # (…, L, m)
+        return self.w.shape[0]
 
     def _exp_(self, logits: Tensor) -> Tensor:
         return logits.clamp_min_(self.floor).exp_()
 
     def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        lg = self.logits(x)
+        lg = x @ self.w.T  # (…, L, m)
         shift = lg.amax(-1, keepdim=True)  # (…, L, 1)
         return self._exp_(lg.sub_(shift)), shift
 
     def query_again(self, x: Tensor, shift: Tensor | None) -> Tensor:
-        return self._exp_(self.logits(x, shift))
+        return self._exp_(torch.cat([x, -shift], -1) @ self.w_aug.T)
+
+    def query_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        return dphi.mul_(phi) @ self.w
+
+    def key_logits(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        bias = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(-self.scale / 2)  # (…, L, 1)
+        if shift is not None:
+            bias = bias.sub_(shift)
+        return torch.cat([x, bias], -1) @ self.w_aug.T  # (…, L, m)
 
     def key(self, x: Tensor) -> Tensor:
-        return self._exp_(self.logits(x, self.key_shift))
+        return self._exp_(self.key_logits(x, self.key_shift))
 
-    def grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
         g = dphi.mul_(phi) @ self.w_aug  # (…, L, D+1): [dlogits·W', Σ_j dlogits_j]
         return torch.addcmul(g[..., :-1], x, g[..., -1:], value=-self.scale)  # d(−scale·|x|²/2)/dx = −scale·x
 
@@ -391,7 +400,7 @@ class FavorFeatures(FeatureMap):
         """One pass: the per-head maximum key logit, so exp never overflows."""
         shift = None
         for p in range(0, k.shape[-2], block):
-            m = self.logits(k[..., p:p + block, :]).amax((-1, -2), keepdim=True)
+            m = self.key_logits(k[..., p:p + block, :]).amax((-1, -2), keepdim=True)
             shift = m if shift is None else torch.maximum(shift, m)
         self.key_shift = None if shift is None else shift.unsqueeze(2)  # (B, Hkv, 1, 1, 1)
 
