@@ -71,9 +71,11 @@ def _spans(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
 
 def block_rows(n: int, head_dim: int, features: int, chunk: int) -> int:
     """Rows per block where no C×C product is formed (non-causal queries, keys seen through the
-    state): enough that one block's features (rows × F) are the size of one input (N × D), and
-    at least ``chunk``. Fewer, larger operations; the transient features stay O(N·D)."""
-    return max(chunk, n * head_dim // features)
+    state): n split into ⌈(2F + 3D) / 3D⌉ equal blocks, at least ``chunk`` rows each. A block's
+    transients (φ, dφ, [V, 1] and the D-wide products: about rows·(2F + 3D) floats per head)
+    then stay within three inputs' worth (3·N·D), in few, large operations."""
+    blocks = -(-(2 * features + 3 * head_dim) // (3 * head_dim))
+    return max(chunk, -(-n // blocks))
 
 
 def _with_ones(v: Tensor) -> Tensor:
@@ -91,8 +93,8 @@ class FeatureMap:
 
     ``query`` may return a detached per-row stabiliser (it cancels between numerator and
     denominator); the backward passes it back to ``query_again`` to recompute the same features.
-    ``key_grad(x, phi, dphi)`` is the vector-Jacobian product dφ → dx and may overwrite ``dphi``;
-    ``query_grad`` the same for queries (by default the same map).
+    ``key_grad(x, phi, dphi)`` is the vector-Jacobian product dφ → dx and may overwrite ``phi``
+    and ``dphi`` (their last use); ``query_grad`` the same for queries (by default the same map).
     """
 
     def num_features(self, head_dim: int) -> int:
@@ -121,7 +123,7 @@ class EluFeatures(FeatureMap):
         return F.elu(x).add_(1.0)
 
     def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
-        return dphi.mul_(torch.where(x > 0, torch.ones_like(phi), phi))
+        return dphi.mul_(phi.masked_fill_(x > 0, 1.0))
 
 
 class ReluFeatures(FeatureMap):
