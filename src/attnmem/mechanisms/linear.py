@@ -13,7 +13,9 @@ running state S and its own C keys through an exact C×C masked product::
     keys     [ chunk 0 | chunk 1 | chunk 2 ]
     chunk 2: φ(Q₂)·S₂ + tril(φ(Q₂)φ(K₂)ᵀ)·[V₂, 1]      S₂ = φ(K₀)ᵀ[V₀, 1] + φ(K₁)ᵀ[V₁, 1]
 
-It neither loops token by token nor stores a state per position. The backward is written out
+It neither loops token by token nor stores a state per position. Where no C×C product is
+formed (non-causal queries; keys every query sees) rows go in a few large blocks instead
+(``block_rows``), since each operation has a fixed cost. The backward is written out
 (no autograd inside): it recomputes φ chunk by chunk from q, k and walks the chunks in reverse
 with the transposed state ``R = Σ_{later chunks} φ(Q)ᵀ[dNum, dDen]``, so training keeps q, k, v,
 out, the per-row denominators (and, for FAVOR+, the per-row query stabilisers) and one F×(D+1)
@@ -25,7 +27,8 @@ returns zeros and zero grads.
 * ``performer`` — FAVOR+ (Choromanski et al. 2021): positive orthogonal random features
   φ(x) = exp(Wx − |x|²/2) / √m of x = q·scale^½, an unbiased estimate of exp(q·k·scale).
   Queries subtract their row maximum, keys one per-head maximum over all keys (a pre-pass
-  without grad); both constants cancel between numerator and denominator.
+  without grad); both constants cancel between numerator and denominator, and so does a
+  query's whole factor exp(−|q'|²/2), which queries leave out.
 """
 
 from __future__ import annotations
@@ -292,8 +295,9 @@ def _refuse(method: Method, opts, q: Tensor, k: Tensor, v: Tensor, causal: bool,
 @dataclass(frozen=True)
 class LinearOptions:
     """feature_map: "elu" (elu(x) + 1, Katharopoulos et al.) or "relu". chunk: queries per chunk
-    of the chunkwise form (positive int, default 256); it changes the memory of the C×C
-    products, not the result (up to rounding)."""
+    of the causal chunkwise form (positive int, default 256); it changes the memory of the C×C
+    products, not the result (up to rounding). Non-causal attention runs in ``block_rows``
+    blocks (at least ``chunk`` rows)."""
 
     feature_map: str = "elu"
     chunk: int = 256
@@ -323,7 +327,7 @@ def orthogonal_random_features(features: int, head_dim: int, *, seed: int,
                                dtype: torch.dtype = torch.float32) -> Tensor:
     """FAVOR+'s projection W (features, head_dim): stacked blocks of random orthogonal rows,
     each row rescaled to the norm of a Gaussian vector (so rows are marginally N(0, I))."""
-    return _orthogonal_random_features(features, head_dim, seed).to(dtype)  # a copy: callers may write to it
+    return _orthogonal_random_features(features, head_dim, seed).to(dtype, copy=True)  # callers may write to it
 
 
 @functools.lru_cache(maxsize=16)
@@ -421,7 +425,7 @@ class PerformerOptions:
     """features: m random features (positive int, default 256). seed: the draw of the
     orthogonal projection (int, default 0); the functional form always uses this seed, the
     module form redraws with ``redraw()``. chunk: as for ``linear`` (default 1024: fewer, larger
-    operations; the transient (C, m) features stay a few MiB per head)."""
+    operations; the causal form's C×C products stay a few MiB per head)."""
 
     features: int = 256
     seed: int = 0
