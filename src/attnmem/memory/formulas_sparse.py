@@ -231,10 +231,28 @@ def _sparse_plan(name: str, s: Shape, opts):
         torch.set_num_threads(threads)
 
 
+def _strided_split(name: str, s: Shape, opts) -> bool:
+    """``StridedAttention.forward`` runs the pattern as band + residue classes (``_StridedSplit``):
+    pattern "strided", the fused CPU kernel in float32/float64, no user mask and, for causal, no
+    GQA (estimates are square, Nq == Nk)."""
+    return (name == "strided" and opts.pattern == "strided" and _fused(s, opts) and not s.masked
+            and (not s.causal or s.heads == s.kv_heads))
+
+
+def _strided_band(stride: int, causal: bool) -> M.Mask:
+    """The band ``StridedAttention.forward`` tiles: ``0 < |rel| < stride`` (causal: the left side)."""
+    from ..mechanisms.sparse import _Band
+
+    left = _Band(-(stride - 1), -1)
+    return left if causal else M.Or(left, _Band(1, stride - 1))
+
+
 def _sparse_plan_1(name: str, s: Shape, opts):
     method = registry.get(name)
     local, rows = method.split(opts, s.seq_len)
     mask = M.causal() & local if s.causal else local
+    if _strided_split(name, s, opts):
+        local = mask = _strided_band(opts.stride, s.causal)
     q_tile = max(opts.q_tile, _MIN_Q_TILE)
     nqt = math.ceil(s.seq_len / q_tile)
     runs, calls, sampled = [], 0, 0
@@ -257,12 +275,43 @@ def _sparse_plan_1(name: str, s: Shape, opts):
     return runs, per_head, rest, g, calls, _eval_bytes(mask, s.heads)
 
 
+# Python-level operator calls per residue class of ``_StridedSplit`` (slices, the kernel call,
+# the log-sum-exp merge, the stores; forward and backward).
+_OPS_PER_CLASS = 40
+
+
 def _sparse_work(name: str):
     def work(s: Shape, opts) -> int:
         if s.masked or not _fused(s, opts):
             return 0
-        return _OPS_PER_PASS * _sparse_plan(name, s, opts)[4]
+        classes = min(opts.stride, s.seq_len) if _strided_split(name, s, opts) else 0
+        return _OPS_PER_PASS * _sparse_plan(name, s, opts)[4] + _OPS_PER_CLASS * classes
     return work
+
+
+def _class_work(s: Shape, stride: int) -> tuple[int, int]:
+    """(forward, backward) working set of ``_StridedSplit``'s loop over residue classes, besides
+    out, lse (and dQ, dK, dV): with Lc = ⌈N/stride⌉ rows per class, c = B·Hq·Lc·D·s one class
+    of Q (c_k of K), l = B·Hq·Lc·a one class of lse.
+
+    Forward, at the merge of class r: the previous class's merged output and lse (c + l, still
+    bound to the loop's names) + this class's output and lse (c + l) + the merge's
+    new lse, its two weights, its finite flags (3l + B·Hq·Lc bools) and the two weighted outputs
+    and their sum (3c); for G > 1 the G-stacked query rows (c: a copy unless stride divides N,
+    when every head's rows line up as one view). Backward: lse with +inf for empty rows (L) +
+    the previous and this class's dQ, dK, dV (2·(c + 2·c_k)); for G > 1 (copies unless stride
+    divides N) the stacked q and O rows and their lse (2c + l; dO is an expanded scalar, its
+    rows are a view)."""
+    acc = 8 if s.itemsize == 8 else 4
+    lc = math.ceil(s.seq_len / stride)
+    c = s.batch * s.heads * lc * s.head_dim * s.itemsize
+    ck = s.batch * s.kv_heads * lc * s.head_dim * s.itemsize
+    lrow = s.batch * s.heads * lc
+    l1 = lrow * acc
+    stack = s.heads != s.kv_heads and s.seq_len % stride != 0
+    fwd = 5 * c + 5 * l1 + lrow + (c if stack else 0)
+    bwd = _lse_bytes(s) + 2 * (c + 2 * ck) + (2 * c + l1 if stack else 0)
+    return fwd, bwd
 
 
 def _sparse(name: str, s: Shape, opts) -> tuple[int, int] | None:
@@ -275,8 +324,12 @@ def _sparse(name: str, s: Shape, opts) -> tuple[int, int] | None:
     rows (computed apart, then merged): after the local pass, the rows' own pass holds
     g-row copies of q, dO, O (3·g rows), its dQ and lse, and a whole dK, dV (2K) besides the
     local pass's dQ + dK + dV; its keys are every key the local pattern leaves out, in 2048-key
-    calls. Linear in N (O(N·(w + g)) allowed pairs, a tile at a time); strided and fixed list
-    every key tile, so their forward's partial segment reaches N keys: a Tq × N mask.
+    calls. Linear in N (O(N·(w + g)) allowed pairs, a tile at a time); fixed (and strided off
+    its split path) lists every key tile, so its forward's partial segment reaches N keys: a
+    Tq × N mask. Strided on the fused kernel in float32/float64 without a user mask (causal:
+    without GQA) runs as ``_StridedSplit``: the tiled pass covers only the band
+    ``0 < |rel| < stride`` (causal: its left side), and the peak is the larger of that pass's and
+    of the residue-class loop's (``_class_work``: O(N/stride) rows per class).
     Half precision and the plain kernel have no closed form here (traced)."""
     if s.masked or not _fused(s, opts):
         return None
@@ -292,14 +345,19 @@ def _sparse(name: str, s: Shape, opts) -> tuple[int, int] | None:
         rest_fwd, rest_bwd = _tiled_work(s, rest, False, evb + 2)
         # index_select of the g rows of q; the rows' own output and lse
         peak_fwd = max(peak_fwd, out_lse + rows_bytes + 2 * qrow * g + lrow * g + rest_fwd)
-    if not s.training:
-        return 0, peak_fwd
     grads = s.q_bytes + 2 * s.kv_bytes
     peak_bwd = out_lse + rows_bytes + lse + grads + bwd
     if rest is not None:
         peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + 4 * qrow * g + 2 * lrow * g
                        + 2 * s.kv_bytes + rest_bwd)
+    if _strided_split(name, s, opts):
+        cls_fwd, cls_bwd = _class_work(s, opts.stride)
+        peak_fwd = max(peak_fwd, out_lse + cls_fwd)
+        if s.training:
+            peak_bwd = max(peak_bwd, out_lse + grads + cls_bwd)
     saved = out_lse + rows_bytes
+    if not s.training:
+        return 0, peak_fwd
     return saved, max(peak_fwd, peak_bwd) - saved
 
 
