@@ -456,3 +456,108 @@ def _hard(s: Shape, opts) -> tuple[int, int] | None:
     if opts.mode == "stochastic" and s.training:
         return None
     return _topk_bytes(s, opts.q_tile, opts.kv_tile, 1, noise=opts.mode == "stochastic")
+
+
+# --- adaptive span: adaptive_span (learned spans), adaptive_span_fixed ---------------------
+
+
+def _span_width(s: Shape, z: float, ramp: int) -> int:
+    """``adaptive_span_attention``'s band width W from the largest span z (as its dtype holds it)."""
+    return max(min(math.ceil(z) + ramp + (1 if ramp == 0 else 0), s.seq_len), 1)
+
+
+def _span_tiles(n: int, width: int, q_tile: int) -> set[tuple[tuple[int, int], tuple[int, int]]]:
+    """The distinct (previous tile, tile) pairs of ``(Tq, Tk)`` of ``adaptive_span._Band``
+    (square: query tile [qa, qb) sees keys [max(qa − W + 1, 0), qb)); the first tile's previous
+    one is (0, 0). O(N / q_tile) integer steps, no tensors."""
+    pairs, prev = set(), (0, 0)
+    for qa in range(0, n, q_tile):
+        qb = min(qa + q_tile, n)
+        cur = (qb - qa, qb - max(qa - (width - 1), 0))
+        pairs.add((prev, cur))
+        prev = cur
+    return pairs
+
+
+def _span_bytes(s: Shape, width: int, q_tile: int, graph: bool) -> tuple[int, int] | None:
+    """Adaptive-span attention (``adaptive_span._BandAttention``): query tiles of Tq ≤ q_tile rows,
+    each against its band of Tk = min(Tq + W − 1, qb) keys, W = ⌈max span⌉ + R (+1 when R = 0),
+    at most N. Per tile, with p = Tq·Tk pairs, a = itemsize (float32/float64): the bias
+    b = Hq·p·a (per head, batch-independent), built from int64 distances (8p) and two bools per
+    pair: its peak is max(17p, 10p + 2b) (the table lookup and its masked copy);
+    S = B·Hq·p·a one score tile, t = B·Hq·Tq·D·a one query tile, k_t = B·Hkv·Tk·D·a.
+
+    saved = O + L + the (Hq, W) table (``graph``: learned spans with a ramp also keep the table's
+    autograd graph, 3 more (Hq, W) floats and one of bools).
+    Fused (fixed spans, or no gradient for the spans): the forward peaks while a tile's bias is
+    built, with the previous tile's bias, output and lse still bound (b' + t' + lse tile);
+    the backward at the same point holds L (lse with +inf) + dQ + dK + dV + the previous tile's
+    bias, dQ, dK, dV (b' + t' + 2k_t'); at a kernel call, for G > 1, the G-stacked q, O, lse
+    tiles (copies).
+    Learned spans (the PyTorch loop, which also returns the table's gradient, (Hq, W)): the
+    forward holds the previous tile's scores and output (S' + t') besides the new scores and
+    bias; the backward, at the next tile's bias (or its dP), the previous tile's bias,
+    distances, dS, dP and per-head bias gradient (b' + 8p' + 2S' + b'), or this tile's bias,
+    distances, S, dP and the previous tile's dS, dP, per-head gradient.
+    O(N·W) work, O(N·D + Tq·(Tq + W)) memory. Half precision and user masks: traced."""
+    if s.masked or not s.causal or s.itemsize not in (4, 8):
+        return None
+    a = s.itemsize
+    stack = s.heads != s.kv_heads
+    base = s.q_bytes + _lse_bytes(s) + s.heads * width * a  # out, lse, table
+    if graph:
+        base += 3 * s.heads * width * a + s.heads * width
+    fwd = bwd = 0
+    for (tq0, tk0), (tq, tk) in _span_tiles(s.seq_len, width, q_tile):
+        p0, p = tq0 * tk0, tq * tk
+        b0, b = s.heads * p0 * a, s.heads * p * a
+        S0, S = s.batch * b0, s.batch * b  # one score tile: B·Hq·p·a
+        t0, t = (s.batch * s.heads * x * s.head_dim * a for x in (tq0, tq))
+        k0, k = (s.batch * s.kv_heads * x * s.head_dim * a for x in (tk0, tk))
+        lr0, lr = s.batch * s.heads * tq0 * a, s.batch * s.heads * tq * a
+        build = max(17 * p, 10 * p + 2 * b)
+        if not graph:
+            fwd = max(fwd, b0 + t0 + lr0 + build, t0 + lr0 + b + (t if stack else 0) + t + lr)
+            bwd = max(bwd, b0 + t0 + 2 * k0 + build,
+                      t0 + 2 * k0 + b + (2 * t + lr if stack else 0) + t + 2 * k)
+        else:
+            fwd = max(fwd, S0 + t0 + (t if stack else 0) + S + build)
+            copies = 2 * t + lr if stack else 0  # stacked q, O tiles and their lse
+            bwd = max(bwd, b0 + 8 * p0 + 2 * S0 + b0 + copies + build,
+                      b + 8 * p + S + S0 + S0 + b0 + S + copies)
+    if not s.training:
+        return 0, base + fwd
+    grads = s.q_bytes + 2 * s.kv_bytes + (s.heads * width * a if graph else 0)  # + the table's gradient
+    peak = max(base + fwd, base + _lse_bytes(s) + grads + bwd)
+    return base, peak - base
+
+
+def _span_work(s: Shape, opts) -> int:
+    """Operator calls of one trace: ~40 per query tile (forward and backward)."""
+    return 40 * math.ceil(s.seq_len / max(opts.q_tile, 1))
+
+
+def _adaptive_span_fixed(s: Shape, opts) -> tuple[int, int] | None:
+    spans = opts.spans if isinstance(opts.spans, tuple) else (opts.spans,)
+    # The width comes from the spans as the call's accumulation dtype holds them.
+    z = torch.tensor([float(x) for x in spans], dtype=torch.float64 if s.itemsize == 8 else torch.float32)
+    return _span_bytes(s, _span_width(s, float(z.max()), opts.ramp), max(opts.q_tile, 1), graph=False)
+
+
+def _adaptive_span(s: Shape, opts) -> tuple[int, int] | None:
+    """The learned module's spans start at ``init_span`` (default ``max_span``): z =
+    max_span · clamp(init / max_span, 0, 1) in float32, as ``AdaptiveSpanAttention`` holds it.
+    Training with a ramp, the spans get gradients: the PyTorch loop (``graph``); otherwise the
+    fused kernel, as ``adaptive_span_fixed``."""
+    init = opts.max_span if opts.init_span is None else opts.init_span
+    frac = torch.full((1,), init / opts.max_span)  # the module's parameter (float32)
+    z = float((opts.max_span * frac.clamp(0.0, 1.0)).max())
+    graph = s.training and opts.ramp > 0
+    return _span_bytes(s, _span_width(s, z, opts.ramp), max(opts.q_tile, 1), graph=graph)
+
+
+# The documented formula is the docstring at registration: set it first.
+_adaptive_span_fixed.__doc__ = _span_bytes.__doc__
+_adaptive_span.__doc__ = (_adaptive_span.__doc__ or "") + "\n\n" + (_span_bytes.__doc__ or "")
+formula("adaptive_span_fixed", trace_work=_span_work)(_adaptive_span_fixed)
+formula("adaptive_span", trace_work=_span_work)(_adaptive_span)
