@@ -1,4 +1,4 @@
-"""Closed forms of the sparse, selective methods: time at N = 1,048,576 and error against measured.
+"""Closed forms of the sparse, selective, adaptive-span methods: time at N = 1,048,576, error vs measured.
 
     PYTHONPATH=src nice -n 5 python benchmarks/estimate_sparse.py [--table-only]
 
@@ -6,8 +6,11 @@
    at N = 1,048,576, B=1, H=8, D=64, float32, training, causal and not.
 2. The closed form (``how="formula"``) against ``attnmem.measure`` of one forward + backward at
    the standard configuration (CPU, float32, B=1, H=8, D=64), causal: N = 16384 for the O(N·w)
-   patterns; N = 4096 for the methods whose time is O(N²) (strided and fixed list every key
-   tile, topk and hard score every key) so a measured run stays within minutes on 2 cores.
+   patterns and adaptive span (strided too: its residue classes cost N²/stride pairs);
+   N = 4096 for the methods whose time is O(N²) (fixed lists every key tile, topk and hard
+   score every key) so a measured run stays within minutes on 2 cores. adaptive_span and
+   adaptive_span_fixed are causal by definition: their timing rows are causal only.
+``--only LABEL ...`` reruns those labels' rows and keeps the others'.
 Rows go to benchmarks/results/estimate_sparse.jsonl as they finish (a separate file from
 benchmarks/estimate.py's, which covers the exact methods).
 """
@@ -28,17 +31,24 @@ METHODS = [  # (label, method, options, N measured)
     ("dilated", "dilated", {}, 16384),
     ("longformer", "longformer", {}, 16384),
     ("bigbird", "bigbird", {}, 16384),
-    ("strided", "strided", {}, 4096),
+    ("strided", "strided", {}, 16384),
     ("strided (fixed)", "strided", {"pattern": "fixed"}, 4096),
     ("topk", "topk", {}, 4096),
     ("hard", "hard", {}, 4096),
+    ("adaptive_span", "adaptive_span", {}, 16384),
+    ("adaptive_span_fixed", "adaptive_span_fixed", {}, 16384),
 ]
+CAUSAL_ONLY = {"adaptive_span", "adaptive_span_fixed"}  # spans look backwards: no non-causal call
 
 
-def timing_rows() -> None:
+def _selected(only: list[str] | None):
+    return [m for m in METHODS if only is None or m[0] in only]
+
+
+def timing_rows(only: list[str] | None = None) -> None:
     n = 1_048_576
-    for label, name, opts, _ in METHODS:
-        for causal in (False, True):
+    for label, name, opts, _ in _selected(only):
+        for causal in (True,) if name in CAUSAL_ONLY else (False, True):
             t0 = time.perf_counter()
             est = estimate(name, batch=1, heads=8, seq_len=n, head_dim=64, causal=causal, **opts)
             wall = time.perf_counter() - t0
@@ -47,8 +57,8 @@ def timing_rows() -> None:
             log(f"timing {label} causal={causal}: {wall:.3f}s ({est.source}) {est.peak_bytes / 2**30:.2f} GiB")
 
 
-def measured_rows() -> None:
-    for label, name, opts, n in METHODS:
+def measured_rows(only: list[str] | None = None) -> None:
+    for label, name, opts, n in _selected(only):
         case = Case(name, n, causal=True, options=dict(opts))
         row = run_case(case, repeats=0, warmup=0)
         if row["status"] != "ok":
@@ -61,6 +71,8 @@ def measured_rows() -> None:
 
 
 def tables(rows: list[dict]) -> str:
+    order = {m[0]: i for i, m in enumerate(METHODS)}
+    rows = sorted(rows, key=lambda r: order.get(r["label"], len(order)))  # stable: causal False, True
     env = next(iter(rows), {})
     lines = [f"Machine: {env.get('processor', '?')}, {env.get('cpu_threads', '?')} threads, "
              f"torch {env.get('torch', '?')}.",
@@ -83,7 +95,18 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--recompute-formulas", action="store_true",
                     help="Recompute the closed-form column of recorded rows (no measuring).")
+    ap.add_argument("--only", nargs="+", metavar="LABEL", choices=[m[0] for m in METHODS],
+                    help="Rerun only these labels' rows; the other recorded rows stay.")
     args = ap.parse_args()
+    if args.only:
+        keep = [r for r in load_rows(OUT) if r["label"] not in args.only]
+        if OUT.exists():
+            OUT.unlink()
+        for r in keep:
+            append_row(OUT, r)
+        timing_rows(args.only)
+        measured_rows(args.only)
+        args.table_only = True
     if args.recompute_formulas:
         rows = load_rows(OUT)
         OUT.unlink()

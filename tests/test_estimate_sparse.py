@@ -19,7 +19,8 @@ from attnmem.memory.formulas_sparse import _tile_rows
 
 MILLION_CASES = [
     ("sliding_window", {}), ("dilated", {}), ("longformer", {}), ("bigbird", {}), ("strided", {}),
-    ("strided", {"pattern": "fixed"}), ("topk", {}), ("hard", {}),
+    ("strided", {"pattern": "fixed"}), ("topk", {}), ("hard", {}), ("adaptive_span", {}),
+    ("adaptive_span_fixed", {}),
 ]
 
 
@@ -71,3 +72,22 @@ def test_cases_without_a_closed_form_are_traced():
     assert estimate("hard", mode="stochastic", **kw).source == "trace"
     with pytest.raises(ValueError, match="no closed-form estimate"):
         estimate("sliding_window", how="formula", dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.parametrize("name", ["adaptive_span", "adaptive_span_fixed"])
+def test_causal_only_methods_refuse_a_non_causal_estimate_in_one_line(name):
+    # Both are causal by definition; the learned module's own ValueError used to surface from
+    # inside the trace as "cannot be traced on fake tensors".
+    with pytest.raises(ValueError, match=f"method '{name}' cannot run these inputs: is causal by definition"):
+        estimate(name, batch=1, heads=8, seq_len=2**20, head_dim=64)
+
+
+def test_adaptive_span_width_follows_its_spans():
+    # The band is ⌈largest span⌉ + ramp keys wide: a narrower span is a smaller tile working set,
+    # and the learned module's starting span (init_span) counts like a fixed span.
+    kw = dict(batch=1, heads=8, seq_len=2**16, head_dim=64, causal=True, how="formula")
+    wide, narrow = (estimate("adaptive_span_fixed", spans=sp, **kw).peak_bytes for sp in (2048, 128))
+    assert wide > narrow
+    fixed = estimate("adaptive_span_fixed", spans=128, training=False, **kw).peak_bytes
+    learned = estimate("adaptive_span", max_span=1024, init_span=128.0, training=False, **kw).peak_bytes
+    assert fixed == learned  # without training both run the fused kernel over the same band

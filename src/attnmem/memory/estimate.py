@@ -389,10 +389,10 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     shape = Shape(batch, heads, kv_heads, seq_len, head_dim, dt.itemsize, str(dt).removeprefix("torch."),
                   bool(training), bool(causal),
                   mask is not None)
-    if not m.stateful:
-        reasons = m.not_supported_reasons(inp, opts)
-        if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
-            raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
+    # Stateful methods state their limits too (their modules would raise them mid-trace).
+    reasons = m.not_supported_reasons(inp, opts)
+    if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
+        raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
     f = FORMULAS.get(method)
     if f is not None and f.fn(shape, opts) is None:
         f = None

@@ -231,10 +231,28 @@ def _sparse_plan(name: str, s: Shape, opts):
         torch.set_num_threads(threads)
 
 
+def _strided_split(name: str, s: Shape, opts) -> bool:
+    """``StridedAttention.forward`` runs the pattern as band + residue classes (``_StridedSplit``):
+    pattern "strided", the fused CPU kernel in float32/float64, no user mask and, for causal, no
+    GQA (estimates are square, Nq == Nk)."""
+    return (name == "strided" and opts.pattern == "strided" and _fused(s, opts) and not s.masked
+            and (not s.causal or s.heads == s.kv_heads))
+
+
+def _strided_band(stride: int, causal: bool) -> M.Mask:
+    """The band ``StridedAttention.forward`` tiles: ``0 < |rel| < stride`` (causal: the left side)."""
+    from ..mechanisms.sparse import _Band
+
+    left = _Band(-(stride - 1), -1)
+    return left if causal else M.Or(left, _Band(1, stride - 1))
+
+
 def _sparse_plan_1(name: str, s: Shape, opts):
     method = registry.get(name)
     local, rows = method.split(opts, s.seq_len)
     mask = M.causal() & local if s.causal else local
+    if _strided_split(name, s, opts):
+        local = mask = _strided_band(opts.stride, s.causal)
     q_tile = max(opts.q_tile, _MIN_Q_TILE)
     nqt = math.ceil(s.seq_len / q_tile)
     runs, calls, sampled = [], 0, 0
@@ -257,12 +275,43 @@ def _sparse_plan_1(name: str, s: Shape, opts):
     return runs, per_head, rest, g, calls, _eval_bytes(mask, s.heads)
 
 
+# Python-level operator calls per residue class of ``_StridedSplit`` (slices, the kernel call,
+# the log-sum-exp merge, the stores; forward and backward).
+_OPS_PER_CLASS = 40
+
+
 def _sparse_work(name: str):
     def work(s: Shape, opts) -> int:
         if s.masked or not _fused(s, opts):
             return 0
-        return _OPS_PER_PASS * _sparse_plan(name, s, opts)[4]
+        classes = min(opts.stride, s.seq_len) if _strided_split(name, s, opts) else 0
+        return _OPS_PER_PASS * _sparse_plan(name, s, opts)[4] + _OPS_PER_CLASS * classes
     return work
+
+
+def _class_work(s: Shape, stride: int) -> tuple[int, int]:
+    """(forward, backward) working set of ``_StridedSplit``'s loop over residue classes, besides
+    out, lse (and dQ, dK, dV): with Lc = ⌈N/stride⌉ rows per class, c = B·Hq·Lc·D·s one class
+    of Q (c_k of K), l = B·Hq·Lc·a one class of lse.
+
+    Forward, at the merge of class r: the previous class's merged output and lse (c + l, still
+    bound to the loop's names) + this class's output and lse (c + l) + the merge's
+    new lse, its two weights, its finite flags (3l + B·Hq·Lc bools) and the two weighted outputs
+    and their sum (3c); for G > 1 the G-stacked query rows (c: a copy unless stride divides N,
+    when every head's rows line up as one view). Backward: lse with +inf for empty rows (L) +
+    the previous and this class's dQ, dK, dV (2·(c + 2·c_k)); for G > 1 (copies unless stride
+    divides N) the stacked q and O rows and their lse (2c + l; dO is an expanded scalar, its
+    rows are a view)."""
+    acc = 8 if s.itemsize == 8 else 4
+    lc = math.ceil(s.seq_len / stride)
+    c = s.batch * s.heads * lc * s.head_dim * s.itemsize
+    ck = s.batch * s.kv_heads * lc * s.head_dim * s.itemsize
+    lrow = s.batch * s.heads * lc
+    l1 = lrow * acc
+    stack = s.heads != s.kv_heads and s.seq_len % stride != 0
+    fwd = 5 * c + 5 * l1 + lrow + (c if stack else 0)
+    bwd = _lse_bytes(s) + 2 * (c + 2 * ck) + (2 * c + l1 if stack else 0)
+    return fwd, bwd
 
 
 def _sparse(name: str, s: Shape, opts) -> tuple[int, int] | None:
@@ -275,8 +324,12 @@ def _sparse(name: str, s: Shape, opts) -> tuple[int, int] | None:
     rows (computed apart, then merged): after the local pass, the rows' own pass holds
     g-row copies of q, dO, O (3·g rows), its dQ and lse, and a whole dK, dV (2K) besides the
     local pass's dQ + dK + dV; its keys are every key the local pattern leaves out, in 2048-key
-    calls. Linear in N (O(N·(w + g)) allowed pairs, a tile at a time); strided and fixed list
-    every key tile, so their forward's partial segment reaches N keys: a Tq × N mask.
+    calls. Linear in N (O(N·(w + g)) allowed pairs, a tile at a time); fixed (and strided off
+    its split path) lists every key tile, so its forward's partial segment reaches N keys: a
+    Tq × N mask. Strided on the fused kernel in float32/float64 without a user mask (causal:
+    without GQA) runs as ``_StridedSplit``: the tiled pass covers only the band
+    ``0 < |rel| < stride`` (causal: its left side), and the peak is the larger of that pass's and
+    of the residue-class loop's (``_class_work``: O(N/stride) rows per class).
     Half precision and the plain kernel have no closed form here (traced)."""
     if s.masked or not _fused(s, opts):
         return None
@@ -292,14 +345,19 @@ def _sparse(name: str, s: Shape, opts) -> tuple[int, int] | None:
         rest_fwd, rest_bwd = _tiled_work(s, rest, False, evb + 2)
         # index_select of the g rows of q; the rows' own output and lse
         peak_fwd = max(peak_fwd, out_lse + rows_bytes + 2 * qrow * g + lrow * g + rest_fwd)
-    if not s.training:
-        return 0, peak_fwd
     grads = s.q_bytes + 2 * s.kv_bytes
     peak_bwd = out_lse + rows_bytes + lse + grads + bwd
     if rest is not None:
         peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + 4 * qrow * g + 2 * lrow * g
                        + 2 * s.kv_bytes + rest_bwd)
+    if _strided_split(name, s, opts):
+        cls_fwd, cls_bwd = _class_work(s, opts.stride)
+        peak_fwd = max(peak_fwd, out_lse + cls_fwd)
+        if s.training:
+            peak_bwd = max(peak_bwd, out_lse + grads + cls_bwd)
     saved = out_lse + rows_bytes
+    if not s.training:
+        return 0, peak_fwd
     return saved, max(peak_fwd, peak_bwd) - saved
 
 
@@ -398,3 +456,111 @@ def _hard(s: Shape, opts) -> tuple[int, int] | None:
     if opts.mode == "stochastic" and s.training:
         return None
     return _topk_bytes(s, opts.q_tile, opts.kv_tile, 1, noise=opts.mode == "stochastic")
+
+
+# --- adaptive span: adaptive_span (learned spans), adaptive_span_fixed ---------------------
+
+
+def _span_width(s: Shape, z: float, ramp: int) -> int:
+    """``adaptive_span_attention``'s band width W from the largest span z (as its dtype holds it)."""
+    return max(min(math.ceil(z) + ramp + (1 if ramp == 0 else 0), s.seq_len), 1)
+
+
+def _span_tiles(n: int, width: int, q_tile: int) -> set[tuple[tuple[int, int], tuple[int, int]]]:
+    """The distinct (previous tile, tile) pairs of ``(Tq, Tk)`` of ``adaptive_span._Band``
+    (square: query tile [qa, qb) sees keys [max(qa − W + 1, 0), qb)); the first tile's previous
+    one is (0, 0). O(N / q_tile) integer steps, no tensors."""
+    pairs, prev = set(), (0, 0)
+    for qa in range(0, n, q_tile):
+        qb = min(qa + q_tile, n)
+        cur = (qb - qa, qb - max(qa - (width - 1), 0))
+        pairs.add((prev, cur))
+        prev = cur
+    return pairs
+
+
+def _span_bytes(s: Shape, width: int, q_tile: int, graph: bool) -> tuple[int, int] | None:
+    """Adaptive-span attention (``adaptive_span._BandAttention``): query tiles of Tq ≤ q_tile rows,
+    each against its band of Tk = min(Tq + W − 1, qb) keys, W = ⌈max span⌉ + R (+1 when R = 0),
+    at most N. Per tile, with p = Tq·Tk pairs, a = itemsize (float32/float64): the bias
+    b = Hq·p·a (per head, batch-independent), built from int64 distances (8p) and two bools per
+    pair: its peak is max(17p, 10p + 2b) (the table lookup and its masked copy);
+    S = B·Hq·p·a one score tile, t = B·Hq·Tq·D·a one query tile, k_t = B·Hkv·Tk·D·a.
+
+    saved = O + L + the (Hq, W) table (``graph``: learned spans with a ramp also keep the table's
+    autograd graph, 3 more (Hq, W) floats and one of bools).
+    Fused (fixed spans, or no gradient for the spans): the forward peaks while a tile's bias is
+    built, with the previous tile's bias, output and lse still bound (b' + t' + lse tile);
+    the backward at the same point holds L (lse with +inf) + dQ + dK + dV + the previous tile's
+    bias, dQ, dK, dV (b' + t' + 2k_t'); at a kernel call, for G > 1, the G-stacked q, O, lse
+    tiles (copies).
+    Learned spans (the PyTorch loop, which also returns the table's gradient, (Hq, W)): the
+    forward holds the previous tile's scores and output (S' + t') besides the new scores and
+    bias; the backward, at the next tile's bias (or its dP), the previous tile's bias,
+    distances, dS, dP and per-head bias gradient (b' + 8p' + 2S' + b'), or this tile's bias,
+    distances, S, dP and the previous tile's dS, dP, per-head gradient.
+    O(N·W) work, O(N·D + Tq·(Tq + W)) memory. Half precision and user masks: traced."""
+    if s.masked or not s.causal or s.itemsize not in (4, 8):
+        return None
+    a = s.itemsize
+    stack = s.heads != s.kv_heads
+    base = s.q_bytes + _lse_bytes(s) + s.heads * width * a  # out, lse, table
+    if graph:
+        base += 3 * s.heads * width * a + s.heads * width
+    fwd = bwd = 0
+    for (tq0, tk0), (tq, tk) in _span_tiles(s.seq_len, width, q_tile):
+        p0, p = tq0 * tk0, tq * tk
+        b0, b = s.heads * p0 * a, s.heads * p * a
+        S0, S = s.batch * b0, s.batch * b  # one score tile: B·Hq·p·a
+        t0, t = (s.batch * s.heads * x * s.head_dim * a for x in (tq0, tq))
+        k0, k = (s.batch * s.kv_heads * x * s.head_dim * a for x in (tk0, tk))
+        lr0, lr = s.batch * s.heads * tq0 * a, s.batch * s.heads * tq * a
+        build = max(17 * p, 10 * p + 2 * b)
+        if not graph:
+            fwd = max(fwd, b0 + t0 + lr0 + build, t0 + lr0 + b + (t if stack else 0) + t + lr)
+            bwd = max(bwd, b0 + t0 + 2 * k0 + build,
+                      t0 + 2 * k0 + b + (2 * t + lr if stack else 0) + t + 2 * k)
+        else:
+            fwd = max(fwd, S0 + t0 + (t if stack else 0) + S + build)
+            copies = 2 * t + lr if stack else 0  # stacked q, O tiles and their lse
+            bwd = max(bwd, b0 + 8 * p0 + 2 * S0 + b0 + copies + build,
+                      b + 8 * p + S + S0 + S0 + b0 + S + copies)
+    if not s.training:
+        return 0, base + fwd
+    grads = s.q_bytes + 2 * s.kv_bytes + (s.heads * width * a if graph else 0)  # + the table's gradient
+    peak = max(base + fwd, base + _lse_bytes(s) + grads + bwd)
+    return base, peak - base
+
+
+def _span_work(s: Shape, opts) -> int:
+    """~40 operator calls per query tile (forward and backward), but a tile's int64 distances
+    and bools (Tq × Tk, under ``SMALL_NUMEL``) stay real and are computed: a trace took
+    ≈ 0.2-0.3 s per tile here (N = 2048-8192, default options, loaded 2-core CPU), the time of
+    ≈ 1000 fake calls."""
+    return 1000 * math.ceil(s.seq_len / max(opts.q_tile, 1))
+
+
+def _adaptive_span_fixed(s: Shape, opts) -> tuple[int, int] | None:
+    spans = opts.spans if isinstance(opts.spans, tuple) else (opts.spans,)
+    # The width comes from the spans as the call's accumulation dtype holds them.
+    z = torch.tensor([float(x) for x in spans], dtype=torch.float64 if s.itemsize == 8 else torch.float32)
+    return _span_bytes(s, _span_width(s, float(z.max()), opts.ramp), max(opts.q_tile, 1), graph=False)
+
+
+def _adaptive_span(s: Shape, opts) -> tuple[int, int] | None:
+    """The learned module's spans start at ``init_span`` (default ``max_span``): z =
+    max_span · clamp(init / max_span, 0, 1) in float32, as ``AdaptiveSpanAttention`` holds it.
+    Training with a ramp, the spans get gradients: the PyTorch loop (``graph``); otherwise the
+    fused kernel, as ``adaptive_span_fixed``."""
+    init = opts.max_span if opts.init_span is None else opts.init_span
+    frac = torch.full((1,), init / opts.max_span)  # the module's parameter (float32)
+    z = float((opts.max_span * frac.clamp(0.0, 1.0)).max())
+    graph = s.training and opts.ramp > 0
+    return _span_bytes(s, _span_width(s, z, opts.ramp), max(opts.q_tile, 1), graph=graph)
+
+
+# The documented formula is the docstring at registration: set it first.
+_adaptive_span_fixed.__doc__ = _span_bytes.__doc__
+_adaptive_span.__doc__ = (_adaptive_span.__doc__ or "") + "\n\n" + (_span_bytes.__doc__ or "")
+formula("adaptive_span_fixed", trace_work=_span_work)(_adaptive_span_fixed)
+formula("adaptive_span", trace_work=_span_work)(_adaptive_span)
