@@ -7,8 +7,6 @@ a million tokens, linearly, and the block-map rows they sample are the rows the 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -25,16 +23,20 @@ MILLION_CASES = [
 
 
 @pytest.mark.parametrize("name, opts", MILLION_CASES, ids=lambda x: str(x))
-def test_formula_answers_at_a_million_tokens(name, opts):
+def test_formula_answers_at_a_million_tokens(monkeypatch, name, opts):
     # All of these are O(N) in memory (a tile at a time), so doubling N doubles the peak to within
-    # the tile-sized working set; a trace would take minutes (O(N / tile) kernel calls).
+    # the tile-sized working set; a trace would take minutes (O(N / tile) kernel calls). The
+    # answer must come without tracing (its time, ≤ 2 s, is benchmarks/estimate_sparse.py's).
+    from attnmem.memory import estimate as est_mod
+
+    def no_trace(*a, **k):
+        raise AssertionError("traced at a million tokens")
+
+    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
     kw = dict(batch=1, heads=8, head_dim=64, causal=True, **opts)
-    t0 = time.perf_counter()
     big = estimate(name, seq_len=2**20, **kw)
-    wall = time.perf_counter() - t0
     half = estimate(name, seq_len=2**19, **kw)
     assert big.source == "formula" and half.source == "formula"
-    assert wall < 2.0, f"{name}: {wall:.2f} s"
     assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
     floor = 7 * 2**20 * 8 * 64 * 4  # q, k, v, out, dq, dk, dv
     assert floor < big.peak_bytes
