@@ -75,6 +75,10 @@ class ChunkedOptions:
 
     q_tile, kv_tile: positive ints (default 256). kernel: "auto" (the fused CPU operator where
     it applies, else plain PyTorch), "fused" or "torch".
+
+    With the fused operator, no mask, or plain causal on a square problem without GQA, is one
+    operator call over everything (the operator tiles and skips empty blocks itself); other
+    masks run tile by tile over their block map.
     """
 
     q_tile: int = 256
