@@ -1,0 +1,82 @@
+"""Closed-form memory of the approximate methods: ``linear``, ``performer``, ``linformer``,
+``nystrom``, ``hierarchical``, ``recurrent_memory``, ``knn_memory``.
+
+Each ``@formula`` returns ``(saved, transient)`` bytes (inputs excluded) for one call,
+forward + ``out.sum().backward()`` when ``shape.training``. The terms are read off the code
+of each method (which buffers exist, and when) and checked against the fake-tensor trace
+(tests/test_estimate.py); they follow the options (features, chunk, landmarks, segment, ...),
+never fitted constants. Small terms (a few vectors of N floats, scalar losses) are left out
+where a docstring says so.
+
+Notation: B batch, H = Hq query heads, Hkv key/value heads, N sequence length, D head dim,
+s bytes per element; Q = B·H·N·D·s (one query-sized tensor), KV = B·Hkv·N·D·s.
+"""
+
+from __future__ import annotations
+
+import math
+
+from .estimate import Shape, formula
+
+# One Python-level operator call per this many (forward + backward) operators of one chunk or
+# segment: rough counts of a trace's operator calls (``trace_work``), enough to decide between
+# tracing and the closed form.
+_KERNEL_OPS_PER_CHUNK = 60
+
+
+def _grads(s: Shape) -> int:
+    """dQ + dK + dV."""
+    return s.q_bytes + 2 * s.kv_bytes
+
+
+# --- linear, performer -----------------------------------------------------------------------
+
+
+def _kernel(s: Shape, feats: int, chunk: int, feature_temps: int) -> tuple[int, int]:
+    """Memory of ``kernel_attention`` (mechanisms/linear.py) with F = ``feats`` features per
+    row and chunks of C = min(chunk, N) rows; nc = ⌈N/C⌉ chunks. ``feature_temps``: (C, F)
+    buffers the feature map itself holds at once, beyond its result."""
+    b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    c = min(chunk, n)
+    nc = math.ceil(n / c)
+    out, den = s.q_bytes, b * h * n * e
+    state = b * hkv * (feats * d + feats) * e  # S (F×D) and z (F) per key/value head
+    wide = max(feats, d)
+    cq = b * h * c * wide * e  # one chunk of φ(Q) or of output rows
+    ck = b * hkv * c * wide * e  # one chunk of φ(K) or of key rows
+    cc = b * h * c * c * e  # the C×C products of one causal chunk
+    row = b * h * c * e  # a chunk's denominators
+    extra = feature_temps * cq
+    if not s.training:
+        if not s.causal:
+            return 0, out + den + state + 4 * cq + row + extra
+        # The states list grows chunk by chunk: full chunks' states are alive at the last one.
+        work = 2 * cc + 3 * cq + c * c + row + (c * c if h != hkv else 0)
+        return 0, out + den + (n // c) * state + work + extra
+    saved = out + den + (nc * state if s.causal else state)
+    if not s.causal:
+        # The query pass holds 7 chunk buffers; the final key pass 9 (over B·Hkv rows).
+        return saved, _grads(s) + 2 * state + max(7 * cq, 9 * ck) + 2 * row + extra
+    # Causal backward: dV is written inside enable_grad, so its autograd history keeps, for
+    # every chunk, φ(Q_c), φ(K_c) (expanded to the H query heads under GQA), dNum_c, the C×C
+    # causal mask and the running state R.
+    fk_kept = b * (h if h != hkv else hkv) * c * feats * e
+    kept = b * h * c * (feats + d) * e + fk_kept + c * c + b * hkv * feats * d * e
+    work = 4 * cc + (3 if h != hkv else 5) * cq + 2 * row
+    return saved, _grads(s) + int(n / c * kept) + work + extra
+
+
+def _kernel_work(s: Shape, chunk: int) -> int:
+    return _KERNEL_OPS_PER_CHUNK * math.ceil(s.seq_len / min(chunk, s.seq_len)) * (2 if s.causal else 1)
+
+
+@formula("linear", trace_work=lambda s, o: _kernel_work(s, o.chunk))
+def _linear(s: Shape, opts) -> tuple[int, int]:
+    """φ = elu + 1 (F = D features), C = min(chunk, N), nc = ⌈N/C⌉, one state S, z of
+    B·Hkv·(F·D + F) elements. Training: saved = O + den (B·H·N) + the state (nc states,
+    causal). Non-causal transient = dQ + dK + dV + 2 states + 8 chunk buffers (B·H·C·D).
+    Causal transient = dQ + dK + dV + nc · (φ(Q_c), φ(K_c), dNum_c, the C×C mask, R) — kept
+    alive by dV's autograd history — + 4 C×C score buffers + 5 chunk buffers. Forward only:
+    O + den + states + the chunk's (C×C) scores twice (causal) + 3 chunk buffers.
+    Linear in N for a fixed chunk; the causal C×C terms grow with C."""
+    return _kernel(s, s.head_dim, opts.chunk, 0)
