@@ -32,38 +32,46 @@ def _grads(s: Shape) -> int:
 # --- linear, performer -----------------------------------------------------------------------
 
 
-def _kernel(s: Shape, feats: int, chunk: int, feature_temps: int) -> tuple[int, int]:
+def _kernel(s: Shape, feats: int, chunk: int, favor: bool) -> tuple[int, int]:
     """Memory of ``kernel_attention`` (mechanisms/linear.py) with F = ``feats`` features per
-    row and chunks of C = min(chunk, N) rows; nc = ⌈N/C⌉ chunks. ``feature_temps``: (C, F)
-    buffers the feature map itself holds at once, beyond its result."""
+    row and chunks of C = min(chunk, N) rows; nc = ⌈N/C⌉ chunks. ``favor``: FAVOR+ features
+    (performer), whose map exp(Wx − |x|²/2 − c) holds more (C, F) buffers than elu + 1 and
+    whose projection W (F×D) is kept for the backward."""
     b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    f = 1 if favor else 0
     c = min(chunk, n)
     nc = math.ceil(n / c)
     out, den = s.q_bytes, b * h * n * e
     state = b * hkv * (feats * d + feats) * e  # S (F×D) and z (F) per key/value head
-    wide = max(feats, d)
-    cq = b * h * c * wide * e  # one chunk of φ(Q) or of output rows
-    ck = b * hkv * c * wide * e  # one chunk of φ(K) or of key rows
+    cf, cd = b * h * c * feats * e, b * h * c * d * e  # one chunk of φ(Q); of output rows
+    kf, kd = b * hkv * c * feats * e, b * hkv * c * d * e  # one chunk of φ(K); of key rows
     cc = b * h * c * c * e  # the C×C products of one causal chunk
     row = b * h * c * e  # a chunk's denominators
-    extra = feature_temps * cq
+    proj = f * (feats * d * e + b * hkv * e)  # W·scale^½ and the key shift, held by the features
     if not s.training:
         if not s.causal:
-            return 0, out + den + state + 4 * cq + row + extra
+            return 0, out + den + state + (3 + (f if nc > 1 else 0)) * cf + cd + row + proj
         # The states list grows chunk by chunk: full chunks' states are alive at the last one.
-        work = 2 * cc + 3 * cq + c * c + row + (c * c if h != hkv else 0)
-        return 0, out + den + (n // c) * state + work + extra
-    saved = out + den + (nc * state if s.causal else state)
+        work = 2 * cc + 2 * cf + cd + c * c + row + (c * c if h != hkv else 0)
+        return 0, out + den + (n // c) * state + work + proj
+    saved = out + den + (nc * state if s.causal else state) + proj
     if not s.causal:
-        # The query pass holds 7 chunk buffers; the final key pass 9 (over B·Hkv rows).
-        return saved, _grads(s) + 2 * state + max(7 * cq, 9 * ck) + 2 * row + extra
+        # The query pass holds 7 chunk buffers (elu) or 10 and a clamp mask (FAVOR+); the final
+        # key pass 9 (over B·Hkv rows).
+        q_pass = (4 + 3 * f) * cf + 3 * cd + f * cf // e
+        k_pass = 5 * kf + 4 * kd
+        return saved, _grads(s) + 2 * state + max(q_pass, k_pass) + 2 * row
     # Causal backward: dV is written inside enable_grad, so its autograd history keeps, for
     # every chunk, φ(Q_c), φ(K_c) (expanded to the H query heads under GQA), dNum_c, the C×C
     # causal mask and the running state R.
-    fk_kept = b * (h if h != hkv else hkv) * c * feats * e
-    kept = b * h * c * (feats + d) * e + fk_kept + c * c + b * hkv * feats * d * e
-    work = 4 * cc + (3 if h != hkv else 5) * cq + 2 * row
-    return saved, _grads(s) + int(n / c * kept) + work + extra
+    fk_kept = cf if h != hkv else kf
+    kept = cf + fk_kept + cd + c * c + b * hkv * feats * d * e
+    if nc == 1:  # one chunk: no running state R, nothing kept beyond the chunk itself
+        # Either at the scores (3 C×C buffers) or inside the feature map's backward.
+        work = c * c + max(3 * cc + (3 + 2 * f) * cf + cd, 2 * cc + (6 + 2 * f) * cf + 2 * cd + f * cf // e)
+    else:  # the last chunk of the reverse walk, with R
+        work = 4 * cc + (4 + 2 * f) * cf + (2 if h != hkv else 4) * cd + c * c + 2 * row
+    return saved, _grads(s) + int((n - c) / c * kept) + work + b * hkv * feats * d * e
 
 
 def _kernel_work(s: Shape, chunk: int) -> int:
@@ -79,4 +87,10 @@ def _linear(s: Shape, opts) -> tuple[int, int]:
     alive by dV's autograd history — + 4 C×C score buffers + 5 chunk buffers. Forward only:
     O + den + states + the chunk's (C×C) scores twice (causal) + 3 chunk buffers.
     Linear in N for a fixed chunk; the causal C×C terms grow with C."""
-    return _kernel(s, s.head_dim, opts.chunk, 0)
+    return _kernel(s, s.head_dim, opts.chunk, False)
+
+
+@formula("performer", trace_work=lambda s, o: _kernel_work(s, o.chunk))
+def _performer(s: Shape, opts) -> tuple[int, int]:
+    """As ``linear`` with F = m = ``features`` random features and C = min(chunk, N)."""
+    return _kernel(s, opts.features, opts.chunk, True)
