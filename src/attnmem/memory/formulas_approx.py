@@ -1,5 +1,5 @@
-"""Closed-form memory of the approximate methods: ``linear``, ``performer``, ``linformer``,
-``nystrom``, ``hierarchical``, ``recurrent_memory``, ``knn_memory``.
+"""Closed-form memory of the approximate methods: so far ``linear`` and ``performer``
+(``linformer``, ``nystrom``, ``hierarchical``, ``recurrent_memory``, ``knn_memory`` are traced).
 
 Each ``@formula`` returns ``(saved, transient)`` bytes (inputs excluded) for one call,
 forward + ``out.sum().backward()`` when ``shape.training``. The terms are read off the code
@@ -80,17 +80,21 @@ def _kernel_work(s: Shape, chunk: int) -> int:
 
 @formula("linear", trace_work=lambda s, o: _kernel_work(s, o.chunk))
 def _linear(s: Shape, opts) -> tuple[int, int]:
-    """φ = elu + 1 (F = D features), C = min(chunk, N), nc = ⌈N/C⌉, one state S, z of
-    B·Hkv·(F·D + F) elements. Training: saved = O + den (B·H·N) + the state (nc states,
-    causal). Non-causal transient = dQ + dK + dV + 2 states + 8 chunk buffers (B·H·C·D).
-    Causal transient = dQ + dK + dV + nc · (φ(Q_c), φ(K_c), dNum_c, the C×C mask, R) — kept
-    alive by dV's autograd history — + 4 C×C score buffers + 5 chunk buffers. Forward only:
-    O + den + states + the chunk's (C×C) scores twice (causal) + 3 chunk buffers.
-    Linear in N for a fixed chunk; the causal C×C terms grow with C."""
+    """φ = elu + 1 (F = D features), C = min(chunk, N), nc = ⌈N/C⌉; a chunk buffer is B·H·C·D
+    elements, a state S, z is B·Hkv·(F·D + F). Training: saved = O + den (B·H·N) + one state
+    (nc states, causal). Non-causal transient = dQ + dK + dV + 2 states + max(7 chunk buffers
+    of the query pass, 9 of the key pass over B·Hkv rows). Causal transient = dQ + dK + dV +
+    (N − C)/C · (φ(Q_c), φ(K_c), dNum_c, the C×C mask, R) — kept alive by dV's autograd history,
+    which dV gets from being written under enable_grad — + 4 C×C score buffers + 8 chunk
+    buffers. Forward only: O + den + the states so far + 2 C×C buffers + 3 chunk buffers
+    (causal), or + 4 chunk buffers. Linear in N for a fixed chunk."""
     return _kernel(s, s.head_dim, opts.chunk, False)
 
 
 @formula("performer", trace_work=lambda s, o: _kernel_work(s, o.chunk))
 def _performer(s: Shape, opts) -> tuple[int, int]:
-    """As ``linear`` with F = m = ``features`` random features and C = min(chunk, N)."""
+    """As ``linear`` with F = m = ``features`` random features, C = min(chunk, N), plus the
+    projection W·scale^½ (m×D, saved) and FAVOR+'s extra (C, m) buffers (exp, its shifted
+    logits; 2 more per chunk in the causal backward, 3 and a clamp mask in the non-causal
+    query pass). Written from the code before the perf branch's backward changes: re-check."""
     return _kernel(s, opts.features, opts.chunk, True)
