@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from .estimate import Shape, formula
+from .estimate import Shape, _lse_bytes, formula
 
 # One Python-level operator call per this many (forward + backward) operators of one chunk or
 # segment: rough counts of a trace's operator calls (``trace_work``), enough to decide between
@@ -98,3 +98,38 @@ def _performer(s: Shape, opts) -> tuple[int, int]:
     logits; 2 more per chunk in the causal backward, 3 and a clamp mask in the non-causal
     query pass). Written from the code before the perf branch's backward changes: re-check."""
     return _kernel(s, opts.features, opts.chunk, True)
+
+
+# --- nystrom ---------------------------------------------------------------------------------
+
+
+@formula("nystrom")
+def _nystrom(s: Shape, opts) -> tuple[int, int] | None:
+    """m = min(landmarks, N) landmarks, it = pinv_iterations; MM = B·H·m²·s (one landmark
+    kernel), MD = B·H·m·D·s (one landmark row block), L(n) = one log-sum-exp per row of n.
+    Both N×m factors run as exact fused attention (saving output + lse), so nothing is N×m.
+
+    Training: saved = O + L(N) + (6·it + 2)·MM (the kernel, Z₀, and per Newton–Schulz step
+    AZ, 7I − AZ, 15I − AZ(…), 13I − AZ(…), Z/4 and the new Z) + 4·MD (Q̃, K̃ repeated to the
+    H heads, attention(Q̃, K, V) and W) + L(m). Transient = MD + the larger of two backward
+    moments: attention(Q̃, K, V)'s backward (dQ of the final factor + its dK, dV + the copy
+    AccumulateGrad makes of one: Q + 3·KV), and the segment means' backward at the end
+    (O + dQ + the broadcast dQ̃ and its sum: 3·Q, + dK + dV, minus what was saved).
+    Forward only: the larger of the pseudo-inverse's first step (Q̃, K̃ (Hkv heads), K̃
+    repeated, 7 MM buffers, 3 m×m identities) and the final factor (O + L(N) + 4·MD + the
+    kernel). Not for conv_kernel > 0 (module form: traced). Linear in N."""
+    if opts.conv_kernel:
+        return None
+    b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    m = min(opts.landmarks, n)
+    mm, md, md_kv = b * h * m * m * e, b * h * m * d * e, b * hkv * m * d * e
+    lse_n = _lse_bytes(s)
+    lse_m = lse_n * m // n
+    if not s.training:
+        pinv = 2 * md + md_kv + 7 * mm + 3 * m * m * e
+        final = s.q_bytes + lse_n + 3 * md + md_kv + mm
+        return 0, max(pinv, final)
+    saved = s.q_bytes + lse_n + (6 * opts.pinv_iterations + 2) * mm + 4 * md + lse_m
+    p1 = s.q_bytes + 3 * s.kv_bytes
+    p2 = 4 * s.q_bytes + 2 * s.kv_bytes - saved
+    return saved, md + max(p1, p2)
