@@ -1,5 +1,5 @@
-"""Closed-form memory of the approximate methods: so far ``linear`` and ``performer``
-(``linformer``, ``nystrom``, ``hierarchical``, ``recurrent_memory``, ``knn_memory`` are traced).
+"""Closed-form memory of the approximate methods: ``linear``, ``performer``, ``nystrom``,
+``hierarchical`` (``linformer``, ``recurrent_memory``, ``knn_memory`` are traced).
 
 Each ``@formula`` returns ``(saved, transient)`` bytes (inputs excluded) for one call,
 forward + ``out.sum().backward()`` when ``shape.training``. The terms are read off the code
@@ -102,8 +102,12 @@ def _performer(s: Shape, opts) -> tuple[int, int]:
 
 # --- nystrom ---------------------------------------------------------------------------------
 
+# A trace of nystrom makes about 1,800 operator calls (forward + backward, 6 iterations), nearly
+# all in the Newton–Schulz steps and independent of N: it stays cheap, so "auto" traces it.
+_NYSTROM_OPS_PER_ITERATION = 300
 
-@formula("nystrom")
+
+@formula("nystrom", trace_work=lambda s, o: _NYSTROM_OPS_PER_ITERATION * o.pinv_iterations)
 def _nystrom(s: Shape, opts) -> tuple[int, int] | None:
     """m = min(landmarks, N) landmarks, it = pinv_iterations; MM = B·H·m²·s (one landmark
     kernel), MD = B·H·m·D·s (one landmark row block), L(n) = one log-sum-exp per row of n.
@@ -133,3 +137,74 @@ def _nystrom(s: Shape, opts) -> tuple[int, int] | None:
     p1 = s.q_bytes + 3 * s.kv_bytes
     p2 = 4 * s.q_bytes + 2 * s.kv_bytes - saved
     return saved, md + max(p1, p2)
+
+
+# --- hierarchical ----------------------------------------------------------------------------
+
+# Operator calls per level in a trace (forward + backward; about 4,300 for 7 levels).
+_HIER_OPS_PER_LEVEL = 600
+
+
+def _hierarchical_work(s: Shape, opts) -> int:
+    levels = max(0, math.ceil(math.log2(s.seq_len / min(opts.block, s.seq_len))))
+    return _HIER_OPS_PER_LEVEL * (levels + 1) * (1 if s.training else 0.3)
+
+
+@formula("hierarchical", trace_work=_hierarchical_work)
+def _hierarchical(s: Shape, opts) -> tuple[int, int]:
+    """Nr = min(block, N), L = ⌈log₂(N/Nr)⌉ levels over the padded length P = Nr·2^L;
+    at full resolution Qp = B·H·P·D·s (one padded query-sized tensor), KVp = B·Hkv·P·D·s,
+    SC = B·H·P·Nr·s (one level-0 score set), R = B·H·P·s (one vector of P rows); level l
+    holds P/2^l tokens, so its tensors are 2^−l of level 0's and γ = Σ_{l=1}^{L−1} 2^−l.
+
+    Training: saved = O (Qp: the unpadded output is a view of it) + level 0 (p_own, p_sib: 2·SC; its numerator: Qp)
+    + γ·(coarse q, k, v, the numerator: 4·Qp; p_sib: SC) + (3L + 5)·R (per-level
+    log-sum-exps expanded to P rows, their stack and the weights exp(m_l − LSE)); with
+    G = Hq/Hkv > 1 the broadcast matmuls keep K and V expanded to the H heads instead of
+    views: + 4·Qp at level 0 (own block and sibling halves of K and V; 3.5·Qp causal, where
+    only one sibling half of K is used) and −γ·Qp/2 causal at the coarse levels; with
+    padding (P > N) + the padded copies of q, k, v (Qp + 2·KVp, or Qp with G > 1).
+    Transient: the larger of (a) the level-0 backward, where besides the output (and, held
+    by the level-0 matmuls, the expanded K, V and the padded copies) 8.5·Qp of gradients are
+    in flight (dQ of the own block and of both sibling halves as full-size select_backward
+    buffers — one half fewer, 7.5·Qp, causal — the coarse level's dQ, dK, the running dV,
+    dK) and one score gradient (SC); (b) the final accumulation of the output (saved + 2·Qp
+    + level 0's raw scores SC, still a local), or with padding the start of the backward
+    (saved + 3·Qp).
+    Forward only: both level-0 score sets (2·SC), every level's numerator ((1 + γ)·Qp), the
+    running sum of the output with the current term (3·Qp), (2L + 5)·R, the last level's
+    coarse q, k, v and two score sets (2^−(L−1) of level 0's), the causal block bias (P·Nr·s),
+    + the padded copies.
+    O(N·(D + Nr) + N·L) memory."""
+    b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    nr = min(opts.block, n)
+    levels = max(0, math.ceil(math.log2(n / nr)))
+    p = nr * 2**levels
+    qp, kvp, sc, r = b * h * p * d * e, b * hkv * p * d * e, b * h * p * nr * e, b * h * p * e
+    gamma = 1 - 2.0 ** -(levels - 1) if levels > 1 else 0.0
+    padded = p > n
+    gqa = h != hkv
+    if not s.training:
+        pads = qp + 2 * kvp if padded else 0
+        # The last level's coarse q, k, v and scores are still locals; so is the causal bias.
+        last = (qp + 2 * kvp + 2 * sc) * 2.0 ** -(levels - 1) if levels > 1 else 0.0
+        bias = p * nr * e if s.causal else 0
+        return 0, int(2 * sc + (1 + gamma) * qp + 3 * qp + (2 * levels + 5) * r + last) + bias + pads
+    level0 = 2 * sc + qp
+    coarse = gamma * (4 * qp + sc)
+    extra = 0.0
+    if gqa:
+        extra = (3.5 if s.causal else 4) * qp - (gamma * qp / 2 if s.causal else 0)
+    if padded:
+        extra += qp + (0 if gqa else 2 * kvp)
+    saved = int(qp + level0 + coarse + (3 * levels + 5) * r + extra)
+    # Level 0's p and numerator are freed by then; the expanded K, V (G > 1) and the padded
+    # copies are still held by the level-0 matmuls.
+    held = ((3.5 if s.causal else 4) * qp if gqa else 0) + ((qp + (0 if gqa else 2 * kvp)) if padded else 0)
+    # Causal: the earlier sibling half of q gets no gradient (its scores are constant -inf).
+    level0_backward = qp + held + (7.5 if s.causal else 8.5) * qp + sc
+    # The last level's term being added to the running output (forward), or the first
+    # gradients of the output (backward: dout·w, dout·num and, padded, the unsliced dout).
+    # In the forward, the function's locals (level 0's raw scores among them) are alive too.
+    accumulate = saved + max(2 * qp + sc, 3 * qp if padded else 0)
+    return saved, int(max(level0_backward, accumulate)) - saved
