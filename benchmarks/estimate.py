@@ -34,7 +34,7 @@ from attnmem.memory.plan import ModelConfig, measure_step, model_peak
 
 OUT = RESULTS / "estimate.jsonl"
 APPROX_OUT = RESULTS / "estimate_approx.jsonl"
-APPROX = ("linear", "performer")
+APPROX = ("linear", "performer", "nystrom", "hierarchical")
 
 
 def methods() -> list[str]:
@@ -100,10 +100,13 @@ def step_rows(quick: bool) -> None:
                 log(f"step {name} ckpt={ckpt}: predicted {predicted / MiB:.1f} MiB, measured {measured / MiB:.1f}")
 
 
-def approx_rows() -> None:
+def approx_rows(names: list[str]) -> None:
     std = dict(batch=1, heads=8, head_dim=64)
-    for name in APPROX:
+    for name in names:
         for causal in (False, True):
+            if causal and not registry.get(name).caps.causal:
+                log(f"{name} causal=True: not supported by the method, no row")
+                continue
             t0 = time.perf_counter()
             est = estimate(name, seq_len=1_048_576, causal=causal, **std)
             secs = time.perf_counter() - t0
@@ -175,10 +178,11 @@ def main() -> None:
     ap.add_argument("--recompute-formulas", action="store_true",
                     help="Recompute the closed-form column of recorded rows (no measuring).")
     ap.add_argument("--approx", action="store_true", help="Only the approximate methods' closed forms (part 4).")
+    ap.add_argument("--methods", default=",".join(APPROX), help="With --approx: methods to (re)measure.")
     args = ap.parse_args()
     if args.approx:
         if not args.table_only:
-            approx_rows()
+            approx_rows(args.methods.split(","))
         print(approx_table(load_rows(APPROX_OUT)))
         return
     if args.recompute_formulas:

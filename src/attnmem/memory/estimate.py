@@ -380,16 +380,19 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     if method == "auto":
         method = registry.choose(inp, options).method.name
     m = registry.get(method)
+    if "max_len" in getattr(m.Options, "__dataclass_fields__", {}) and "max_len" not in options:
+        # A module with a maximum length (linformer) is estimated as built for this sequence.
+        options = {**options, "max_len": max(seq_len, m.Options.__dataclass_fields__["max_len"].default)}
     opts = m.make_options(options)
     if training and not m.caps.backward:
         raise ValueError(f"method {method!r} has no backward; estimate it with training=False")
     shape = Shape(batch, heads, kv_heads, seq_len, head_dim, dt.itemsize, str(dt).removeprefix("torch."),
                   bool(training), bool(causal),
                   mask is not None)
-    if not m.stateful:
-        reasons = m.not_supported_reasons(inp, opts)
-        if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
-            raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
+    # Stateful methods too: linformer refuses causal with its reason, not a trace error.
+    reasons = m.not_supported_reasons(inp, opts)
+    if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
+        raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
     f = FORMULAS.get(method)
     if f is not None and f.fn(shape, opts) is None:
         f = None
