@@ -111,3 +111,15 @@ def test_plan_remembers_traced_estimates(monkeypatch):
     first = plan_mod.model_peak(cfg, "nystrom")["peak"]
     assert plan_mod.model_peak(cfg, "nystrom")["peak"] == first
     assert len(calls) == 1
+
+
+def test_linformer_is_estimated_as_built_for_the_sequence_and_refuses_causal():
+    # Without max_len, the module is built with max_len = max(N, its default 4096); an explicit
+    # max_len below N is the user's mistake and is reported as the method's own reason.
+    kw = dict(batch=1, heads=2, head_dim=16, k=32)
+    est = estimate("linformer", seq_len=8192, **kw)
+    assert est.options["max_len"] == 8192 and est.peak_bytes > est.inputs_bytes
+    with pytest.raises(ValueError, match="exceeds max_len=4096"):
+        estimate("linformer", seq_len=8192, max_len=4096, **kw)
+    with pytest.raises(ValueError, match="causal Linformer is not supported"):
+        estimate("linformer", seq_len=1024, causal=True, **kw)
