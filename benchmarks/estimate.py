@@ -11,6 +11,12 @@
 3. Wall time of ``attnmem.estimate`` at N = 1,048,576 for every method (first call in the
    process, which pays for importing torch's fake-tensor machinery, and a warm call).
 Rows go to benchmarks/results/estimate.jsonl as they finish.
+
+    python benchmarks/estimate.py --approx [--table-only]
+
+4. The closed forms of the approximate methods (memory/formulas_approx.py): time of
+   ``attnmem.estimate`` at N = 1,048,576 and the closed form against the trace and the measured
+   peak at N = 16,384 (standard configuration). Rows go to benchmarks/results/estimate_approx.jsonl.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from attnmem.memory.measure import MiB
 from attnmem.memory.plan import ModelConfig, measure_step, model_peak
 
 OUT = RESULTS / "estimate.jsonl"
+APPROX_OUT = RESULTS / "estimate_approx.jsonl"
+APPROX = ("linear", "performer", "nystrom", "hierarchical")
 
 
 def methods() -> list[str]:
@@ -92,6 +100,48 @@ def step_rows(quick: bool) -> None:
                 log(f"step {name} ckpt={ckpt}: predicted {predicted / MiB:.1f} MiB, measured {measured / MiB:.1f}")
 
 
+def approx_rows(names: list[str]) -> None:
+    std = dict(batch=1, heads=8, head_dim=64)
+    for name in names:
+        for causal in (False, True):
+            if causal and not registry.get(name).caps.causal:
+                log(f"{name} causal=True: not supported by the method, no row")
+                continue
+            t0 = time.perf_counter()
+            est = estimate(name, seq_len=1_048_576, causal=causal, **std)
+            secs = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            estimate(name, seq_len=1_048_576, causal=causal, **std)
+            warm = time.perf_counter() - t0
+            n = 16384
+            closed = estimate(name, seq_len=n, causal=causal, how="formula", **std)
+            row = run_case(Case(name, n, mask="causal" if causal else "none"), repeats=0, warmup=0)
+            t0 = time.perf_counter()
+            traced = estimate(name, seq_len=n, causal=causal, how="trace", **std)
+            trace_s = time.perf_counter() - t0
+            append_row(APPROX_OUT, dict(kind="approx", method=name, causal=causal, source_1m=est.source,
+                                        estimate_1m_s=secs, estimate_1m_warm_s=warm, peak_1m_bytes=est.peak_bytes,
+                                        seq_len=n,
+                                        formula_bytes=closed.peak_bytes, trace_bytes=traced.peak_bytes,
+                                        trace_s=trace_s, measured_bytes=row.get("peak_bytes"), **environment()))
+            log(f"{name} causal={causal}: 1M {secs:.3f}s ({est.source}); 16K formula {closed.peak_mib:.1f} MiB, "
+                f"trace {traced.peak_mib:.1f}, measured {row.get('peak_mib')}")
+
+
+def approx_table(rows: list[dict]) -> str:
+    lines = ["| method | causal | estimate at N=1,048,576 s, first / warm (source) | 16K closed form MiB | "
+             "16K trace MiB | 16K measured MiB | closed vs trace | closed vs measured |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        m = r["measured_bytes"]
+        warm = f" / {r['estimate_1m_warm_s']:.3f}" if "estimate_1m_warm_s" in r else ""
+        lines.append(f"| {r['method']} | {r['causal']} | {r['estimate_1m_s']:.3f}{warm} ({r['source_1m']}) | "
+                     f"{r['formula_bytes'] / MiB:.1f} | {r['trace_bytes'] / MiB:.1f} | "
+                     + (f"{m / MiB:.1f}" if m else "-") + f" | {pct(r['formula_bytes'], r['trace_bytes'])} | "
+                     + (pct(r["formula_bytes"], m) if m else "-") + " |")
+    return "\n".join(lines)
+
+
 def pct(a: float, b: float) -> str:
     return f"{100 * (a - b) / b:+.1f} %"
 
@@ -133,7 +183,14 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--recompute-formulas", action="store_true",
                     help="Recompute the closed-form column of recorded rows (no measuring).")
+    ap.add_argument("--approx", action="store_true", help="Only the approximate methods' closed forms (part 4).")
+    ap.add_argument("--methods", default=",".join(APPROX), help="With --approx: methods to (re)measure.")
     args = ap.parse_args()
+    if args.approx:
+        if not args.table_only:
+            approx_rows(args.methods.split(","))
+        print(approx_table(load_rows(APPROX_OUT)))
+        return
     if args.recompute_formulas:
         rows = load_rows(OUT)
         OUT.unlink()

@@ -383,6 +383,9 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     if method == "auto":
         method = registry.choose(inp, options).method.name
     m = registry.get(method)
+    if "max_len" in getattr(m.Options, "__dataclass_fields__", {}) and "max_len" not in options:
+        # A module with a maximum length (linformer) is estimated as built for this sequence.
+        options = {**options, "max_len": max(seq_len, m.Options.__dataclass_fields__["max_len"].default)}
     opts = m.make_options(options)
     if training and not m.caps.backward:
         raise ValueError(f"method {method!r} has no backward; estimate it with training=False")
@@ -436,4 +439,5 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
                          ) from e
     saved = after_forward - inputs
     return Estimate(method, peak, inputs, saved, peak - inputs - saved, "trace", shape, dict(options))
+from . import formulas_approx  # noqa: E402,F401  closed forms of the approximate methods
 from . import formulas_sparse  # noqa: E402,F401  closed forms of the sparse, selective, adaptive-span methods
