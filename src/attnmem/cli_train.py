@@ -41,7 +41,10 @@ def parse_bytes(text: str) -> int:
 def parse_options(items: tuple[str, ...], flag: str) -> dict:
     opts: dict = {}
     for item in items:
-        _, parsed = parse_method_spec(f"x:{item}")
+        try:
+            _, parsed = parse_method_spec(f"x:{item}")
+        except ValueError:
+            parsed = {}
         if not parsed:
             raise ValueError(f"{flag}: expected key=value, got {item!r}")
         opts.update(parsed)
