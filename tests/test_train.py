@@ -231,3 +231,18 @@ def test_scored_logits_are_the_full_logits_at_labelled_positions():
     logits, targets = model.scored(x, y)
     keep = y != T.IGNORE
     assert torch.allclose(logits, model(x)[keep], atol=1e-6) and torch.equal(targets, y[keep])
+
+
+def test_tied_readout_is_the_scaled_embedding():
+    cfg = TrainConfig(**TINY, tie_embeddings=True)
+    task, model, _, _ = T.build(cfg)
+    assert model.net.head.weight is None and model.net.head.bias is not None
+    x, y = task.sample(4, torch.Generator().manual_seed(0))
+    hidden = model.net.hidden(x)  # (B, N, d)
+    expected = hidden @ model.net.embed.weight.T / cfg.d_model ** 0.5 + model.net.head.bias  # the definition
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    logits, _ = model.scored(x, y)
+    T.training_loss(logits, y[y != T.IGNORE]).backward()
+    assert model.net.embed.weight.grad is not None
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        TrainConfig(task="listops", seq_len=64, task_options={"min_length": 16}, tie_embeddings=True)

@@ -81,6 +81,7 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--d-model", default=64, type=click.IntRange(min=1), show_default=True)
 @click.option("--heads", default=2, type=click.IntRange(min=1), show_default=True)
 @click.option("--layers", default=2, type=click.IntRange(min=1), show_default=True)
+@click.option("--tie-embeddings", is_flag=True, help="Read out with the token embedding (language-model tasks).")
 @click.option("--batch", default=32, type=click.IntRange(min=1), show_default=True)
 @click.option("--steps", default=1000, type=click.IntRange(min=1), show_default=True)
 @click.option("--lr", default=3e-3, type=float, show_default=True)
@@ -101,9 +102,9 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--out", "out_dir", default="train_out", type=click.Path(file_okay=False), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint(s).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, seq_len, d_model, heads, layers, batch,
-              steps, lr, weight_decay, warmup, eval_every, eval_examples, checkpoint_every, checkpointing,
-              target_accuracy, max_time_s, budget, seed, threads, out_dir, resume, no_progress) -> None:
+def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, seq_len, d_model, heads, layers,
+              tie_embeddings, batch, steps, lr, weight_decay, warmup, eval_every, eval_examples, checkpoint_every,
+              checkpointing, target_accuracy, max_time_s, budget, seed, threads, out_dir, resume, no_progress) -> None:
     """Train a small Transformer on a long-range task; report accuracy, loss, peak memory, tokens/s.
 
     Checkpoints are written atomically to OUT every --checkpoint-every steps; --resume continues
@@ -123,7 +124,8 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
     config = TrainConfig(task=task, task_options=parse_options(task_items, "--task-option"), train_mix=mix,
                          seq_len=seq_len,
                          method=name, method_options=method_options, d_model=d_model, n_heads=heads,
-                         n_layers=layers, batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
+                         n_layers=layers, tie_embeddings=tie_embeddings,
+                         batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup, eval_every=eval_every, eval_examples=eval_examples,
                          checkpoint_every=checkpoint_every, checkpointing=checkpointing,
                          target_accuracy=target_accuracy, max_time_s=max_time_s, seed=seed, out_dir=out_dir)

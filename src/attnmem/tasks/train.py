@@ -64,6 +64,8 @@ class TrainConfig:
         method, method_options: the attention method and its options (``mask_window=W`` in
             ``method_options`` adds a causal sliding-window mask of W keys instead).
         d_model, n_heads, n_layers: model shape.
+        tie_embeddings: read out with the token embedding (scaled by d_model^-1/2) instead of a
+            separate output matrix (language-model tasks only).
         batch_size, steps, lr, weight_decay, warmup_steps, grad_clip: optimisation.
         eval_every, eval_examples: held-out evaluation cadence and size.
         checkpoint_every: steps between checkpoints (only with ``out_dir``).
@@ -87,6 +89,7 @@ class TrainConfig:
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
+    tie_embeddings: bool = False
     batch_size: int = 32
     steps: int = 1000
     lr: float = 3e-3
@@ -121,6 +124,9 @@ class TrainConfig:
         if window is not None:
             _positive_int(MASK_WINDOW, window)
         target = make_task(self.task, seq_len=self.seq_len, **self.task_options)  # validates the task options
+        if self.tie_embeddings and (target.kind != "lm" or target.num_outputs != target.vocab_size):
+            raise ValueError(f"tie_embeddings needs a language-model task with one output per token; {self.task} "
+                             f"has {target.num_outputs} outputs for {target.vocab_size} tokens")
         for overrides in self.train_mix:
             mixed = self.mix_task(overrides)
             if (mixed.vocab_size, mixed.num_outputs) != (target.vocab_size, target.num_outputs):
@@ -201,13 +207,24 @@ class TaskModel(nn.Module):
                                num_outputs=task.num_outputs, method=config.method, causal=True,
                                checkpointing=config.checkpointing, **config.attention_options())
         self.attn_mask = config.mask()
+        self.tied = config.tie_embeddings
+        if self.tied:  # the readout is the token embedding, scaled; the head keeps only its bias
+            del self.net.head.weight
+            self.net.head.register_parameter("weight", None)
+
+    def readout(self, hidden: Tensor) -> Tensor:
+        """(..., d_model) -> (..., outputs): the head, or with ``tie_embeddings`` the token embedding
+        (scaled by d_model^-1/2, so that the initial logits have unit scale) plus the head's bias."""
+        if not self.tied:
+            return self.net.head(hidden)
+        return hidden @ self.net.embed.weight.T * self.net.d_model ** -0.5 + self.net.head.bias
 
     def forward(self, tokens: Tensor) -> Tensor:
         hidden = self.net.hidden(tokens, mask=self.attn_mask)  # (B, N, d_model)
         if self.kind == "classify":
             last = (tokens != 0).sum(1).clamp(min=1) - 1  # (B,) index of the last non-pad token
             hidden = hidden[torch.arange(tokens.shape[0]), last]  # (B, d_model)
-        return self.net.head(hidden)  # (B, N, C) or (B, C)
+        return self.readout(hidden)  # (B, N, C) or (B, C)
 
     def scored(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and targets of the labelled predictions only: (M, C) and (M,).
@@ -220,7 +237,7 @@ class TaskModel(nn.Module):
             return self(tokens), labels  # (B, C), (B,)
         hidden = self.net.hidden(tokens, mask=self.attn_mask)  # (B, N, d_model)
         keep = labels != IGNORE  # (B, N)
-        return self.net.head(hidden[keep]), labels[keep]  # (M, C), (M,)
+        return self.readout(hidden[keep]), labels[keep]  # (M, C), (M,)
 
 
 def loss_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
