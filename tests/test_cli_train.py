@@ -46,6 +46,13 @@ def test_train_target_accuracy_and_mix(tmp_path):
     assert "target accuracy 0.01 reached at step 1" in " ".join(r.output.split())
 
 
+def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
+    r = CliRunner().invoke(main, ["train", *TINY, "--steps", "10", "--stop-at", "2", "--eval-every", "1",
+                                  "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
 @pytest.mark.parametrize("args,word", [
     (["--method", "nope"], "nope"),
     (["--task-option", "pairs=3"], "pairs"),

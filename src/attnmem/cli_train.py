@@ -93,6 +93,8 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--checkpointing", is_flag=True, help="Activation checkpointing in every block.")
 @click.option("--target-accuracy", default=None, type=click.FloatRange(0, 1, min_open=True),
               help="Stop at the first evaluation with at least this held-out accuracy; report its step and time.")
+@click.option("--stop-at", default=None, type=click.IntRange(min=1),
+              help="Stop after this step (checkpointed), the learning-rate schedule still spanning --steps.")
 @click.option("--max-time", "max_time_s", default=None, type=click.FloatRange(0, min_open=True),
               help="Stop after the step that ends past this many wall seconds (evaluating there).")
 @click.option("--max-batch-under", "budget", default=None,
@@ -104,7 +106,8 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, seq_len, d_model, heads, layers,
               tie_embeddings, batch, steps, lr, weight_decay, warmup, eval_every, eval_examples, checkpoint_every,
-              checkpointing, target_accuracy, max_time_s, budget, seed, threads, out_dir, resume, no_progress) -> None:
+              checkpointing, stop_at, target_accuracy, max_time_s, budget, seed, threads, out_dir, resume,
+              no_progress) -> None:
     """Train a small Transformer on a long-range task; report accuracy, loss, peak memory, tokens/s.
 
     Checkpoints are written atomically to OUT every --checkpoint-every steps; --resume continues
@@ -136,11 +139,11 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
         config = dataclasses.replace(config, batch_size=chosen)
     if do_sweep:
         specs = [s.strip() for s in methods_.split(";") if s.strip()]
-        rows = tasks.sweep(config, specs, resume=resume, progress=not no_progress)
+        rows = tasks.sweep(config, specs, resume=resume, progress=not no_progress, stop_at=stop_at)
         console.print(metrics_table(rows, f"attnmem train --sweep: {task}, N={seq_len}"))
         console.print(f"results: {Path(out_dir) / 'sweep.md'}, {Path(out_dir) / 'sweep.png'}")
         return
-    result = fit(config, resume=resume, progress=not no_progress)
+    result = fit(config, resume=resume, progress=not no_progress, stop_at=stop_at)
     Path(out_dir, "summary.json").write_text(json.dumps(result.metrics, indent=2))
     console.print(metrics_table([result.metrics], f"attnmem train: {task}, N={seq_len}"))
     m = result.metrics

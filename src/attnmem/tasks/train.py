@@ -569,8 +569,10 @@ def _progress_bar(enabled: bool, label: str, total: int, done: int):
 SWEEP_COLUMNS = ("method", "eval_accuracy", "eval_loss", "peak_mib", "tokens_per_s", "train_time_s", "steps")
 
 
-def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, progress: bool = False) -> list[dict]:
-    """Train each method spec (``name[:key=value,...]``) with ``config``'s budget of steps; write
+def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, progress: bool = False,
+          stop_at: int | None = None) -> list[dict]:
+    """Train each method spec (``name[:key=value,...]``) with ``config``'s budget of steps (or up to
+    ``stop_at``, the learning-rate schedule still spanning ``config.steps``); write
     ``sweep.json``, ``sweep.md`` and ``sweep.png`` (accuracy against peak memory) to ``out_dir``.
     Each method's run lives in ``out_dir/<spec>/``, so an interrupted sweep resumes with ``resume``.
 
@@ -589,7 +591,7 @@ def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, prog
                                            out_dir=str(out / _safe_dirname(spec))))
     rows = []
     for cfg in configs:
-        rows.append(fit(cfg, resume=resume, progress=progress).metrics)
+        rows.append(fit(cfg, resume=resume, progress=progress, stop_at=stop_at).metrics)
         write_sweep(rows, out)
     return rows
 
