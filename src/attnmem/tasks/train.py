@@ -322,8 +322,8 @@ def linear_peak_fn(config: TrainConfig, probe_batches: tuple[int, int] = (4, 8))
     the peak rather than the optimizer update (parameters, gradients and AdamW state, which do
     not); at the tiniest batches the update dominates and the line would be too flat.
 
-    The lead replaces this with ``attnmem.estimate`` (fake tensors, nothing allocated) once it
-    is merged; ``max_batch_under`` takes either.
+    ``attnmem train --max-batch-under`` uses ``estimated_peak_fn`` instead (``attnmem.plan``'s
+    prediction, nothing allocated); ``max_batch_under`` takes either.
 
     Raises:
         ValueError: probe batches that are not two increasing positive ints.
