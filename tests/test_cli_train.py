@@ -36,6 +36,23 @@ def test_train_sweep_and_batch_search(tmp_path):
     assert (tmp_path / "sweep.png").exists()
 
 
+def test_train_target_accuracy_and_mix(tmp_path):
+    # Accuracy 0.01 is reached at the first evaluation (chance on 8 values is 1/8), so the run stops at step 1.
+    r = CliRunner().invoke(main, ["train", *TINY, "--steps", "50", "--eval-every", "1", "--target-accuracy", "0.01",
+                                  "--train-mix", "seq_len=16,num_pairs=1", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == summary["target_step"] == 1 and summary["target_wall_s"] > 0
+    assert "target accuracy 0.01 reached at step 1" in " ".join(r.output.split())
+
+
+def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
+    r = CliRunner().invoke(main, ["train", *TINY, "--steps", "10", "--stop-at", "2", "--eval-every", "1",
+                                  "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+
+
 @pytest.mark.parametrize("args,word", [
     (["--method", "nope"], "nope"),
     (["--task-option", "pairs=3"], "pairs"),
@@ -45,6 +62,8 @@ def test_train_sweep_and_batch_search(tmp_path):
     (["--max-batch-under", "lots"], "max-batch-under"),
     (["--max-batch-under", "1KiB"], "batch of 1"),
     (["--method", "chunked:q_tile=-1"], "q_tile"),
+    (["--train-mix", "vocab_size=32"], "vocabulary"),
+    (["--train-mix", "seq_len"], "--train-mix"),
 ])
 def test_train_bad_options_clear_error(tmp_path, args, word):
     r = CliRunner().invoke(main, ["train", *TINY, "--steps", "1", "--out", str(tmp_path), *args])

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
 import attnmem.tasks.train as T
-from attnmem.tasks import TrainConfig, fit, max_batch_under
+from attnmem.tasks import MQAR, TrainConfig, fit, max_batch_under
 from attnmem.tasks.train import parse_method_spec
 
 TINY = dict(task="mqar", task_options={"num_pairs": 2, "vocab_size": 16}, seq_len=32, d_model=32, n_heads=2,
             n_layers=1, batch_size=16, eval_examples=32, warmup_steps=2)
-TIMING = ("tokens_per_s", "train_time_s")
+TIMING = ("tokens_per_s", "train_time_s", "wall_s")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -138,6 +139,79 @@ def test_linear_peak_fn_matches_a_measured_step():
     assert abs(fn(16) - measured) / measured < 0.1  # extrapolated from 4 and 8 to 16, within 10 %
 
 
+# Vocabulary 256 and 8 pairs at N = 64: activations, not the update, set the peak from small batches on.
+PLANNED = dict(task="mqar", task_options={"num_pairs": 8, "vocab_size": 256}, seq_len=64, d_model=32, n_heads=2,
+               n_layers=2, batch_size=8)
+
+
+def test_estimated_batch_fits_the_budget_and_one_more_does_not():
+    cfg = TrainConfig(**PLANNED)
+    peak = T.estimated_peak_fn(cfg)
+    budget = peak(37) + (peak(38) - peak(37)) // 2  # between the predictions for 37 and 38 sequences
+    chosen = max_batch_under(budget, peak)
+    assert chosen == 37 and peak(chosen) <= budget < peak(chosen + 1)
+    plan_cfg = T.plan_config(cfg, chosen)  # the task's shape reaches the plan: 8 labelled rows, 256 outputs
+    assert (plan_cfg.head_rows, plan_cfg.num_outputs, plan_cfg.vocab, plan_cfg.batch) == (8, 256, 256, 37)
+
+
+@pytest.mark.parametrize("extra", [{}, {"checkpointing": True},
+                                   {"method": "chunked", "method_options": {"mask_window": 8}},
+                                   {"task": "listops", "task_options": {"min_length": 16}}])
+def test_estimated_peak_matches_a_measured_step(extra):
+    cfg = TrainConfig(**{**PLANNED, **extra})
+    task, model, opt, _ = T.build(cfg)
+    measured = T.step_peak(model, opt, *task.sample(cfg.batch_size, torch.Generator().manual_seed(0)))[0]
+    predicted = T.estimated_peak_fn(cfg)(cfg.batch_size)
+    assert abs(predicted - measured) / measured < 0.1, (predicted, measured)  # attnmem.plan vs attnmem.measure
+
+
+def test_step_peak_counts_the_adamw_moments():
+    cfg = TrainConfig(**PLANNED)
+    task, model, opt, _ = T.build(cfg)
+    batch = task.sample(1, torch.Generator().manual_seed(0))
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert T.step_peak(model, opt, *batch)[0] >= 4 * params  # weights, gradients, two moments
+    assert not opt.state  # measured on copies: the run's optimizer is untouched
+
+
+def test_target_accuracy_stops_early_and_records_when(tmp_path):
+    cfg = TrainConfig(**TINY, steps=40, eval_every=5, lr=1e-2, target_accuracy=0.2, out_dir=str(tmp_path))
+    result = fit(cfg)
+    m = result.metrics
+    first = next(h for h in result.history if h["eval_accuracy"] >= 0.2)  # recomputed from the history
+    assert m["target_step"] == first["step"] == m["steps"] < 40
+    assert m["target_wall_s"] == first["wall_s"] > 0 and m["target_train_time_s"] == first["train_time_s"]
+    assert all(h["eval_accuracy"] < 0.2 for h in result.history[:-1])
+    again = fit(cfg, resume=True)  # already there: nothing more to train
+    assert again.metrics["steps"] == m["steps"] and again.metrics["target_step"] == m["target_step"]
+
+
+def test_max_time_stops_after_the_step_past_it():
+    result = fit(TrainConfig(**TINY, steps=10_000, eval_every=10_000, max_time_s=0.5))
+    assert result.metrics["steps"] < 10_000 and result.history[-1]["step"] == result.metrics["steps"]
+    assert result.metrics["wall_s"] >= 0.5
+
+
+def test_train_mix_draws_from_every_source_and_evaluates_on_the_task(monkeypatch):
+    cfg = TrainConfig(**{**TINY, "batch_size": 4}, train_mix=[{"seq_len": 16, "num_pairs": 1}])
+    (task, b0), (small, b1) = cfg.training_sources()
+    assert (task.seq_len, b0) == (32, 4) and (small.seq_len, small.num_pairs, b1) == (16, 1, 8)  # same tokens
+    seen = set()
+    original = MQAR.sample
+
+    def spy(self, n, generator):
+        seen.add((self.seq_len, n))
+        return original(self, n, generator)
+
+    monkeypatch.setattr(MQAR, "sample", spy)
+    fit(dataclasses.replace(cfg, steps=12, eval_every=12))
+    assert {(16, 8), (32, 4)} <= seen  # both sources trained; (32, eval_examples) is the held-out split
+    with pytest.raises(ValueError, match="vocabulary"):
+        TrainConfig(**TINY, train_mix=[{"vocab_size": 32}])
+    with pytest.raises(ValueError, match="num_pairs"):
+        TrainConfig(**TINY, train_mix=[{"seq_len": 4}])
+
+
 def test_sweep_writes_table_and_png(tmp_path):
     cfg = TrainConfig(**TINY, steps=2, eval_every=2, out_dir=str(tmp_path))
     rows = T.sweep(cfg, ["chunked", "chunked:mask_window=4"])
@@ -157,3 +231,18 @@ def test_scored_logits_are_the_full_logits_at_labelled_positions():
     logits, targets = model.scored(x, y)
     keep = y != T.IGNORE
     assert torch.allclose(logits, model(x)[keep], atol=1e-6) and torch.equal(targets, y[keep])
+
+
+def test_tied_readout_is_the_scaled_embedding():
+    cfg = TrainConfig(**TINY, tie_embeddings=True)
+    task, model, _, _ = T.build(cfg)
+    assert model.net.head.weight is None and model.net.head.bias is not None
+    x, y = task.sample(4, torch.Generator().manual_seed(0))
+    hidden = model.net.hidden(x)  # (B, N, d)
+    expected = hidden @ model.net.embed.weight.T / cfg.d_model ** 0.5 + model.net.head.bias  # the definition
+    assert torch.allclose(model(x), expected, atol=1e-5)
+    logits, _ = model.scored(x, y)
+    T.training_loss(logits, y[y != T.IGNORE]).backward()
+    assert model.net.embed.weight.grad is not None
+    with pytest.raises(ValueError, match="tie_embeddings"):
+        TrainConfig(task="listops", seq_len=64, task_options={"min_length": 16}, tie_embeddings=True)

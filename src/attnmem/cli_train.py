@@ -16,9 +16,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from . import tasks
 from .memory.measure import GiB, MiB
 from .tasks import TASKS
-from .tasks.train import MASK_WINDOW, TrainConfig, fit, linear_peak_fn, max_batch_under, parse_method_spec, sweep
+from .tasks.train import MASK_WINDOW, TrainConfig, estimated_peak_fn, fit, parse_method_spec
 
 console = Console()
 err_console = Console(stderr=True)
@@ -40,7 +41,10 @@ def parse_bytes(text: str) -> int:
 def parse_options(items: tuple[str, ...], flag: str) -> dict:
     opts: dict = {}
     for item in items:
-        _, parsed = parse_method_spec(f"x:{item}")
+        try:
+            _, parsed = parse_method_spec(f"x:{item}")
+        except ValueError:
+            parsed = {}
         if not parsed:
             raise ValueError(f"{flag}: expected key=value, got {item!r}")
         opts.update(parsed)
@@ -62,6 +66,10 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--task", default="mqar", type=click.Choice(sorted(TASKS)), show_default=True)
 @click.option("--task-option", "task_items", multiple=True, metavar="KEY=VALUE",
               help="A task option, e.g. num_pairs=16, vocab_size=512 (repeatable).")
+@click.option("--train-mix", "train_mix", default=None, metavar="OPTS;OPTS",
+              help="Extra training distributions, semicolon-separated task-option sets, e.g. "
+                   "'seq_len=64,num_pairs=4;seq_len=128,num_pairs=8': each step draws from the task and these "
+                   "(same tokens per batch); evaluation stays on the task.")
 @click.option("--method", default="chunked", show_default=True,
               help="Attention method, optionally with options: name[:key=value,...].")
 @click.option("--window", default=None, type=click.IntRange(min=1),
@@ -73,6 +81,7 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--d-model", default=64, type=click.IntRange(min=1), show_default=True)
 @click.option("--heads", default=2, type=click.IntRange(min=1), show_default=True)
 @click.option("--layers", default=2, type=click.IntRange(min=1), show_default=True)
+@click.option("--tie-embeddings", is_flag=True, help="Read out with the token embedding (language-model tasks).")
 @click.option("--batch", default=32, type=click.IntRange(min=1), show_default=True)
 @click.option("--steps", default=1000, type=click.IntRange(min=1), show_default=True)
 @click.option("--lr", default=3e-3, type=float, show_default=True)
@@ -82,6 +91,12 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--eval-examples", default=256, type=click.IntRange(min=1), show_default=True)
 @click.option("--checkpoint-every", default=100, type=click.IntRange(min=1), show_default=True)
 @click.option("--checkpointing", is_flag=True, help="Activation checkpointing in every block.")
+@click.option("--target-accuracy", default=None, type=click.FloatRange(0, 1, min_open=True),
+              help="Stop at the first evaluation with at least this held-out accuracy; report its step and time.")
+@click.option("--stop-at", default=None, type=click.IntRange(min=1),
+              help="Stop after this step (checkpointed), the learning-rate schedule still spanning --steps.")
+@click.option("--max-time", "max_time_s", default=None, type=click.FloatRange(0, min_open=True),
+              help="Stop after the step that ends past this many wall seconds (evaluating there).")
 @click.option("--max-batch-under", "budget", default=None,
               help="Use the largest batch whose training step fits this budget (e.g. 512MiB).")
 @click.option("--seed", default=0, type=int, show_default=True)
@@ -89,9 +104,10 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--out", "out_dir", default="train_out", type=click.Path(file_okay=False), show_default=True)
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint(s).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def train_cmd(task, task_items, method, window, do_sweep, methods_, seq_len, d_model, heads, layers, batch, steps,
-              lr, weight_decay, warmup, eval_every, eval_examples, checkpoint_every, checkpointing, budget, seed,
-              threads, out_dir, resume, no_progress) -> None:
+def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, seq_len, d_model, heads, layers,
+              tie_embeddings, batch, steps, lr, weight_decay, warmup, eval_every, eval_examples, checkpoint_every,
+              checkpointing, stop_at, target_accuracy, max_time_s, budget, seed, threads, out_dir, resume,
+              no_progress) -> None:
     """Train a small Transformer on a long-range task; report accuracy, loss, peak memory, tokens/s.
 
     Checkpoints are written atomically to OUT every --checkpoint-every steps; --resume continues
@@ -107,23 +123,35 @@ def train_cmd(task, task_items, method, window, do_sweep, methods_, seq_len, d_m
     name, method_options = parse_method_spec(method)
     if window is not None:
         method_options[MASK_WINDOW] = window
-    config = TrainConfig(task=task, task_options=parse_options(task_items, "--task-option"), seq_len=seq_len,
+    mix = [parse_options((item,), "--train-mix") for item in (train_mix or "").split(";") if item.strip()]
+    config = TrainConfig(task=task, task_options=parse_options(task_items, "--task-option"), train_mix=mix,
+                         seq_len=seq_len,
                          method=name, method_options=method_options, d_model=d_model, n_heads=heads,
-                         n_layers=layers, batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
+                         n_layers=layers, tie_embeddings=tie_embeddings,
+                         batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup, eval_every=eval_every, eval_examples=eval_examples,
-                         checkpoint_every=checkpoint_every, checkpointing=checkpointing, seed=seed, out_dir=out_dir)
+                         checkpoint_every=checkpoint_every, checkpointing=checkpointing,
+                         target_accuracy=target_accuracy, max_time_s=max_time_s, seed=seed, out_dir=out_dir)
     if budget is not None:
         limit = parse_bytes(budget)
-        chosen = max_batch_under(limit, linear_peak_fn(config))
+        chosen = tasks.max_batch_under(limit, estimated_peak_fn(config))
         err_console.print(f"--max-batch-under {budget}: batch {chosen}")
         config = dataclasses.replace(config, batch_size=chosen)
     if do_sweep:
         specs = [s.strip() for s in methods_.split(";") if s.strip()]
-        rows = sweep(config, specs, resume=resume, progress=not no_progress)
+        rows = tasks.sweep(config, specs, resume=resume, progress=not no_progress, stop_at=stop_at)
         console.print(metrics_table(rows, f"attnmem train --sweep: {task}, N={seq_len}"))
         console.print(f"results: {Path(out_dir) / 'sweep.md'}, {Path(out_dir) / 'sweep.png'}")
         return
-    result = fit(config, resume=resume, progress=not no_progress)
+    result = fit(config, resume=resume, progress=not no_progress, stop_at=stop_at)
     Path(out_dir, "summary.json").write_text(json.dumps(result.metrics, indent=2))
     console.print(metrics_table([result.metrics], f"attnmem train: {task}, N={seq_len}"))
+    m = result.metrics
+    if target_accuracy is not None:
+        if m["target_step"] is None:
+            console.print(f"target accuracy {target_accuracy:g} not reached in {m['steps']} steps "
+                          f"({m['wall_s']:.0f} s wall)")
+        else:
+            console.print(f"target accuracy {target_accuracy:g} reached at step {m['target_step']}: "
+                          f"{m['target_wall_s']:.1f} s wall, {m['target_train_time_s']:.1f} s of training steps")
     console.print(f"results: {Path(out_dir) / 'metrics.jsonl'}")

@@ -11,7 +11,9 @@ dtype's bytes, P the parameter count, Hkv·D = d_kv, F = ffn_mult·d_model and V
   what the attention method saves (``Estimate.saved_bytes``: its output and, e.g., lse).
   With checkpointing: the block input s·T·d per layer, and one block's activations at a time.
 * at the start of backward: every stored activation + logits, log-probs and their gradients
-  (``LOGIT_COPIES``·T·V·s).
+  (``LOGIT_COPIES``·T·V·s). A head that sees only ``head_rows`` positions per sequence (a task
+  with a loss on a few labelled positions, ``attnmem.tasks``) with ``num_outputs`` = C classes
+  has T_h = B·head_rows rows instead: ``LOGIT_COPIES``·T_h·C·s, plus the gathered rows s·T_h·d.
 * in the last layer's backward (recomputed first when checkpointing): every stored
   activation + the logits the caller holds + the head's gradients + the residual gradient
   (2·s·T·d), then either an MLP hidden's gradient s·T·F or, in the attention (MLP half freed),
@@ -96,12 +98,21 @@ class ModelConfig:
     checkpointing: bool = False
     causal: bool = True
     options: dict[str, Any] = field(default_factory=dict)
+    num_outputs: int | None = None  # the head's width (default: vocab)
+    head_rows: int | None = None  # positions per sequence that reach the head (default: seq_len)
+    mask: Any = None  # an attnmem.masks.Mask besides causal, passed to attnmem.estimate
 
     def __post_init__(self):
         for name in ("layers", "d_model", "heads", "ffn_mult", "vocab", "seq_len", "batch"):
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        for name in ("num_outputs", "head_rows"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {val!r}")
+        if self.head_rows is not None and self.head_rows > self.seq_len:
+            raise ValueError(f"head_rows={self.head_rows} exceeds seq_len={self.seq_len}")
         kv = self.kv_heads
         if kv is not None and (not isinstance(kv, int) or isinstance(kv, bool) or kv <= 0):
             raise ValueError(f"kv_heads must be a positive int, got {kv!r}")
@@ -121,6 +132,14 @@ class ModelConfig:
         return self.d_model // self.heads
 
     @property
+    def outputs(self) -> int:
+        return self.vocab if self.num_outputs is None else self.num_outputs
+
+    @property
+    def rows(self) -> int:
+        return self.seq_len if self.head_rows is None else self.head_rows
+
+    @property
     def itemsize(self) -> int:
         return DTYPES[self.dtype].itemsize
 
@@ -128,7 +147,7 @@ class ModelConfig:
         """Parameter count of ``attnmem.nn.Transformer`` with this shape (no projection bias)."""
         d, dkv, f = self.d_model, self.hkv * self.head_dim, self.ffn_mult * self.d_model
         block = 2 * d * d + 2 * d * dkv + (d * f + f) + (f * d + d) + 4 * d
-        return self.vocab * d + self.layers * block + 2 * d + d * self.vocab + self.vocab
+        return self.vocab * d + self.layers * block + 2 * d + d * self.outputs + self.outputs
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
@@ -177,12 +196,12 @@ def _attention(cfg: ModelConfig, method: str, training: bool):
     """One layer's attention estimate: the closed form where the method has one for these
     options (searches then cost microseconds per step), else a trace, remembered per shape."""
     key = (method, cfg.batch, cfg.heads, cfg.hkv, cfg.seq_len, cfg.head_dim, cfg.dtype, training, cfg.causal,
-           json.dumps(cfg.options, sort_keys=True, default=repr))
+           json.dumps(cfg.options, sort_keys=True, default=repr), repr(cfg.mask))
     hit = _ESTIMATES.get(key)
     if hit is not None:
         return hit
     kw = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.hkv, seq_len=cfg.seq_len, head_dim=cfg.head_dim,
-              dtype=cfg.dtype, training=training, causal=cfg.causal, **cfg.options)
+              dtype=cfg.dtype, training=training, causal=cfg.causal, mask=cfg.mask, **cfg.options)
     est = None
     if method in FORMULAS:
         try:
@@ -207,6 +226,8 @@ def model_peak(cfg: ModelConfig, method: str) -> dict[str, int]:
     s, L = cfg.itemsize, cfg.layers
     T = cfg.batch * cfg.seq_len
     d, dkv, f, V = cfg.d_model, cfg.hkv * cfg.head_dim, cfg.ffn_mult * cfg.d_model, cfg.vocab
+    C, TH = cfg.outputs, cfg.batch * cfg.rows  # head width; rows through the head
+    gathered = s * TH * d if cfg.rows < cfg.seq_len else 0  # hidden[labelled] copies those rows
     P = cfg.params()
     params = P * s
     ln_stats = 2 * 2 * T * 4  # mean and rstd of two LayerNorms, float32
@@ -214,26 +235,26 @@ def model_peak(cfg: ModelConfig, method: str) -> dict[str, int]:
         att = _attention(cfg, method, training=False)
         kv_cache = 2 * L * T * dkv * s
         layer_work = s * T * (2 * d + 2 * f) + att.transient_bytes
-        peak = params + kv_cache + s * T * d + max(layer_work, T * V * s)
+        peak = params + kv_cache + s * T * d + max(layer_work, gathered + TH * C * s)
         return dict(peak=peak, params=params, optimizer=0, activations=kv_cache, attention=att.transient_bytes,
-                    logits=T * V * s)
+                    logits=TH * C * s)
     att = _attention(cfg, method, training=True)
     optimizer = 2 * P * s
     static = params + optimizer
     layer_full = s * T * (5 * d + 2 * dkv + 2 * f) + att.saved_bytes + ln_stats
     stored = (L * s * T * d) if cfg.checkpointing else L * layer_full
     recompute = layer_full if cfg.checkpointing else 0
-    head = 2 * s * T * d  # final norm's input and output
-    logits = LOGIT_COPIES * T * V * s
+    head = 2 * s * T * d + gathered  # final norm's input and output (and the gathered rows)
+    logits = LOGIT_COPIES * TH * C * s
     start_backward = static + stored + head + logits
-    head_grads = (V * d + V + 2 * d) * s
+    head_grads = (C * d + C + 2 * d) * s
     # In the last layer's backward (recomputed first, with checkpointing): the caller still
     # holds the logits; a gradient of the residual stream flows (and is copied once).
-    in_layer = static + head_grads + stored + recompute + T * V * s + 2 * s * T * d
+    in_layer = static + head_grads + stored + recompute + TH * C * s + 2 * s * T * d
     in_mlp = in_layer + s * T * f  # the gradient of one MLP hidden
     # In its attention: the MLP half is freed; the attention's transient joins.
     in_attention = in_layer - s * T * (2 * d + 2 * f) + att.transient_bytes
-    largest_param = max(V * d, d * f) * s
+    largest_param = max(V * d, C * d, d * f) * s
     at_update = static + P * s + 2 * largest_param
     peak = max(start_backward, in_mlp, in_attention, at_update)
     return dict(peak=int(peak), params=params, optimizer=optimizer, activations=int(stored + recompute),

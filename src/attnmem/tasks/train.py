@@ -41,7 +41,7 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 # Settings that may differ between a run and its resumption. Changing ``steps`` extends (or
 # shortens) a run: the cosine schedule follows the new total from there on, so only an
 # unchanged ``steps`` reproduces an uninterrupted run exactly.
-RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every")
+RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
 
 
 def _positive_int(name: str, val: Any) -> None:
@@ -55,14 +55,24 @@ class TrainConfig:
 
     Args:
         task, task_options: a name from ``attnmem.tasks.TASKS`` and its options.
+        train_mix: extra training distributions, each a dict of task-option overrides (``seq_len``
+            included; the vocabulary stays): every step draws its batch uniformly from the task
+            and these, with batch_size · seq_len tokens per batch (shorter sequences, more of
+            them). Zoology trains MQAR on such a mixture (N = 64 with 4 pairs up to N = 256).
+            Evaluation is always on the task itself.
         seq_len: tokens per example (ListOps: the padded ``max_length``).
         method, method_options: the attention method and its options (``mask_window=W`` in
             ``method_options`` adds a causal sliding-window mask of W keys instead).
         d_model, n_heads, n_layers: model shape.
+        tie_embeddings: read out with the token embedding (scaled by d_model^-1/2) instead of a
+            separate output matrix (language-model tasks only).
         batch_size, steps, lr, weight_decay, warmup_steps, grad_clip: optimisation.
         eval_every, eval_examples: held-out evaluation cadence and size.
         checkpoint_every: steps between checkpoints (only with ``out_dir``).
         checkpointing: activation checkpointing in every block.
+        target_accuracy: stop at the first evaluation whose held-out accuracy reaches this
+            (the metrics then record ``target_step`` and ``target_wall_s``); None trains all steps.
+        max_time_s: stop after the first step that ends past this many wall seconds of the run.
         seed: model initialisation, training data and (offset) held-out data.
         out_dir: where checkpoints and ``metrics.jsonl`` go; None keeps nothing on disk.
 
@@ -72,12 +82,14 @@ class TrainConfig:
 
     task: str = "mqar"
     task_options: dict[str, Any] = field(default_factory=dict)
+    train_mix: list[dict[str, Any]] = field(default_factory=list)
     seq_len: int = 256
     method: str = "chunked"
     method_options: dict[str, Any] = field(default_factory=dict)
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
+    tie_embeddings: bool = False
     batch_size: int = 32
     steps: int = 1000
     lr: float = 3e-3
@@ -88,6 +100,8 @@ class TrainConfig:
     eval_examples: int = 256
     checkpoint_every: int = 100
     checkpointing: bool = False
+    target_accuracy: float | None = None
+    max_time_s: float | None = None
     seed: int = 0
     out_dir: str | None = None
 
@@ -101,12 +115,43 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
+                                                     and 0 < self.target_accuracy <= 1):
+            raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
+        if self.max_time_s is not None and not (isinstance(self.max_time_s, (int, float)) and self.max_time_s > 0):
+            raise ValueError(f"max_time_s must be a positive number of seconds, got {self.max_time_s!r}")
         window = self.method_options.get(MASK_WINDOW)
         if window is not None:
             _positive_int(MASK_WINDOW, window)
-        make_task(self.task, seq_len=self.seq_len, **self.task_options)  # validates the task options
+        target = make_task(self.task, seq_len=self.seq_len, **self.task_options)  # validates the task options
+        if self.tie_embeddings and (target.kind != "lm" or target.num_outputs != target.vocab_size):
+            raise ValueError(f"tie_embeddings needs a language-model task with one output per token; {self.task} "
+                             f"has {target.num_outputs} outputs for {target.vocab_size} tokens")
+        for overrides in self.train_mix:
+            mixed = self.mix_task(overrides)
+            if (mixed.vocab_size, mixed.num_outputs) != (target.vocab_size, target.num_outputs):
+                raise ValueError(f"train_mix entry {overrides!r} changes the vocabulary or outputs "
+                                 f"({mixed.vocab_size}, {mixed.num_outputs}); expected "
+                                 f"({target.vocab_size}, {target.num_outputs}) as the task's")
         info = registry.get(self.method)  # raises on an unknown name
         info.make_options(self.attention_options())  # raises on an unknown or bad option
+
+    def mix_task(self, overrides: dict[str, Any]):
+        """The task of one ``train_mix`` entry: the task's options with ``overrides`` applied."""
+        if not isinstance(overrides, dict):
+            raise ValueError(f"train_mix entries must be dicts of task options, got {overrides!r}")
+        opts = {**self.task_options, **overrides}
+        seq_len = opts.pop("seq_len", self.seq_len)
+        return make_task(self.task, seq_len=seq_len, **opts)
+
+    def training_sources(self) -> list[tuple[Any, int]]:
+        """(task, batch size) of every training distribution: the task first, then ``train_mix``."""
+        sources = [(make_task(self.task, seq_len=self.seq_len, **self.task_options), self.batch_size)]
+        for overrides in self.train_mix:
+            task = self.mix_task(overrides)
+            n = getattr(task, "seq_len", None) or getattr(task, "max_length", self.seq_len)
+            sources.append((task, max(1, self.batch_size * self.seq_len // n)))
+        return sources
 
     def attention_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.method_options.items() if k != MASK_WINDOW}
@@ -162,13 +207,24 @@ class TaskModel(nn.Module):
                                num_outputs=task.num_outputs, method=config.method, causal=True,
                                checkpointing=config.checkpointing, **config.attention_options())
         self.attn_mask = config.mask()
+        self.tied = config.tie_embeddings
+        if self.tied:  # the readout is the token embedding, scaled; the head keeps only its bias
+            del self.net.head.weight
+            self.net.head.register_parameter("weight", None)
+
+    def readout(self, hidden: Tensor) -> Tensor:
+        """(..., d_model) -> (..., outputs): the head, or with ``tie_embeddings`` the token embedding
+        (scaled by d_model^-1/2, so that the initial logits have unit scale) plus the head's bias."""
+        if not self.tied:
+            return self.net.head(hidden)
+        return hidden @ self.net.embed.weight.T * self.net.d_model ** -0.5 + self.net.head.bias
 
     def forward(self, tokens: Tensor) -> Tensor:
         hidden = self.net.hidden(tokens, mask=self.attn_mask)  # (B, N, d_model)
         if self.kind == "classify":
             last = (tokens != 0).sum(1).clamp(min=1) - 1  # (B,) index of the last non-pad token
             hidden = hidden[torch.arange(tokens.shape[0]), last]  # (B, d_model)
-        return self.net.head(hidden)  # (B, N, C) or (B, C)
+        return self.readout(hidden)  # (B, N, C) or (B, C)
 
     def scored(self, tokens: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """Logits and targets of the labelled predictions only: (M, C) and (M,).
@@ -181,7 +237,7 @@ class TaskModel(nn.Module):
             return self(tokens), labels  # (B, C), (B,)
         hidden = self.net.hidden(tokens, mask=self.attn_mask)  # (B, N, d_model)
         keep = labels != IGNORE  # (B, N)
-        return self.net.head(hidden[keep]), labels[keep]  # (M, C), (M,)
+        return self.readout(hidden[keep]), labels[keep]  # (M, C), (M,)
 
 
 def loss_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
@@ -192,6 +248,11 @@ def loss_and_correct(logits: Tensor, labels: Tensor) -> tuple[Tensor, int, int]:
     keep = flat_labels != IGNORE
     correct = int((flat_logits.argmax(-1)[keep] == flat_labels[keep]).sum())
     return loss, correct, int(keep.sum())
+
+
+def training_loss(logits: Tensor, labels: Tensor) -> Tensor:
+    """``loss_and_correct``'s loss alone (no argmax over the outputs: the training step needs none)."""
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE)
 
 
 @torch.no_grad()
@@ -233,19 +294,24 @@ def build(config: TrainConfig) -> tuple[Any, TaskModel, torch.optim.Optimizer, A
 # --- memory ------------------------------------------------------------------------------
 
 def step_peak(model: TaskModel, opt: torch.optim.Optimizer, inputs: Tensor, labels: Tensor) -> tuple[int, float]:
-    """Peak bytes and time of one full training step (forward, backward, AdamW update),
-    measured with ``attnmem.measure`` on copies, so the run itself is untouched. Parameters
-    count from the start; gradients, optimizer state and activations as they appear."""
+    """Peak bytes and time of one full training step (forward, backward, AdamW update) in the
+    steady state, measured with ``attnmem.measure`` on copies, so the run itself is untouched:
+    an untracked step first creates AdamW's moments, then parameters and moments count from
+    the start of the tracked step; gradients and activations as they appear."""
     model, opt = copy.deepcopy((model, opt))
     params = [p for p in model.parameters()]
 
-    def one_step(params, inputs, labels):
+    def one_step(params, state, inputs, labels):
         opt.zero_grad(set_to_none=True)
         loss, _, _ = loss_and_correct(*model.scored(inputs, labels))
         loss.backward()
         opt.step()
 
-    m = measure(one_step, params, inputs, labels, repeats=0, warmup=0)
+    if not opt.state:
+        one_step(params, [], inputs, labels)
+    opt.zero_grad(set_to_none=True)
+    state = [t for st in opt.state.values() for t in st.values() if isinstance(t, Tensor) and t.dim() > 0]
+    m = measure(one_step, params, state, inputs, labels, repeats=0, warmup=0)
     return m.peak_bytes, m.time_s
 
 
@@ -256,8 +322,8 @@ def linear_peak_fn(config: TrainConfig, probe_batches: tuple[int, int] = (4, 8))
     the peak rather than the optimizer update (parameters, gradients and AdamW state, which do
     not); at the tiniest batches the update dominates and the line would be too flat.
 
-    The lead replaces this with ``attnmem.estimate`` (fake tensors, nothing allocated) once it
-    is merged; ``max_batch_under`` takes either.
+    ``attnmem train --max-batch-under`` uses ``estimated_peak_fn`` instead (``attnmem.plan``'s
+    prediction, nothing allocated); ``max_batch_under`` takes either.
 
     Raises:
         ValueError: probe batches that are not two increasing positive ints.
@@ -271,6 +337,36 @@ def linear_peak_fn(config: TrainConfig, probe_batches: tuple[int, int] = (4, 8))
     per_sample = max((peaks[1] - peaks[0]) / (b2 - b1), 0.0)
     fixed = peaks[0] - b1 * per_sample
     return lambda b: int(math.ceil(fixed + b * per_sample))
+
+
+def plan_config(config: TrainConfig, batch_size: int | None = None):
+    """``config``'s training step as an ``attnmem.memory.plan.ModelConfig`` (AdamW, float32): the
+    same ``Transformer`` shape, the task's vocabulary and head width, the rows that reach the head
+    (the labelled positions of a language-model task, the last token of a classification), the
+    method, its options and mask."""
+    from ..memory.plan import ModelConfig
+
+    task = make_task(config.task, seq_len=config.seq_len, **config.task_options)
+    if task.kind == "classify":
+        rows = 1
+    else:  # the most labelled positions of a few examples (MQAR: num_pairs, selective copy: num_tokens)
+        _, labels = task.sample(8, torch.Generator().manual_seed(config.seed))
+        rows = max(int((labels != IGNORE).sum(1).max()), 1)
+    return ModelConfig(layers=config.n_layers, d_model=config.d_model, heads=config.n_heads,
+                       vocab=task.vocab_size, num_outputs=task.num_outputs, head_rows=rows,
+                       seq_len=config.seq_len, batch=batch_size or config.batch_size, dtype="float32",
+                       training=True, checkpointing=config.checkpointing, causal=True,
+                       options=config.attention_options(), mask=config.mask())
+
+
+def estimated_peak_fn(config: TrainConfig) -> Callable[[int], int]:
+    """Peak bytes of one training step (weights, gradients, AdamW moments, activations) as a
+    function of the batch size, predicted by ``attnmem.memory.plan.model_peak`` (closed forms
+    plus ``attnmem.estimate`` for the attention; nothing is allocated)."""
+    from ..memory.plan import model_peak
+
+    base = plan_config(config)
+    return lambda b: model_peak(base.replace(batch=b), config.method)["peak"]
 
 
 def max_batch_under(budget_bytes: int, peak_fn: Callable[[int], int], *, limit: int = 1 << 20) -> int:
@@ -347,6 +443,7 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
     Raises:
         ValueError: ``resume`` without ``out_dir``, or a checkpoint from a different config.
     """
+    started = time.perf_counter()
     out = Path(config.out_dir) if config.out_dir else None
     if resume and out is None:
         raise ValueError("resume needs out_dir (where the checkpoint is)")
@@ -355,6 +452,7 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
     eval_inputs, eval_labels = task.sample(config.eval_examples,
                                            torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET))
     step, history, peak_bytes, train_time, train_tokens = 0, [], None, 0.0, 0
+    wall_before = 0.0  # wall seconds of the earlier sessions of a resumed run
     ckpt = out / CHECKPOINT if out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
@@ -370,8 +468,12 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
         data_gen.set_state(state["data_rng"])
         step, history, peak_bytes = state["step"], state["history"], state["peak_bytes"]
         train_time, train_tokens = state["train_time"], state["train_tokens"]
+        wall_before = state.get("wall_s", 0.0)
     if out:  # metrics.jsonl mirrors the checkpoint's history, then grows line by line
         (out / METRICS).write_text("".join(json.dumps(h) + "\n" for h in history))
+
+    def wall() -> float:
+        return wall_before + time.perf_counter() - started
 
     def checkpoint() -> None:
         if ckpt is None:
@@ -379,19 +481,29 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
         save_atomic({"config": _comparable(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                      "data_rng": data_gen.get_state(), "step": step, "history": history,
-                     "peak_bytes": peak_bytes, "train_time": train_time, "train_tokens": train_tokens}, ckpt)
+                     "peak_bytes": peak_bytes, "train_time": train_time, "train_tokens": train_tokens,
+                     "wall_s": wall()}, ckpt)
+
+    sources = config.training_sources()
+
+    def next_batch() -> tuple[Tensor, Tensor]:
+        if len(sources) == 1:
+            return task.sample(config.batch_size, data_gen)
+        src, n = sources[int(torch.randint(len(sources), (1,), generator=data_gen))]
+        return src.sample(n, data_gen)
 
     end = config.steps if stop_at is None else min(stop_at, config.steps)
     bar = _progress_bar(progress, config.label(), config.steps, step)
     last_loss = float("nan")
     try:
-        while step < end:
-            inputs, labels = task.sample(config.batch_size, data_gen)
-            if peak_bytes is None:
-                peak_bytes = step_peak(model, opt, inputs, labels)[0]
+        while step < end and first_reaching(history, config.target_accuracy) is None:
+            if peak_bytes is None:  # on a batch of the task itself, from a generator of its own
+                peak_bytes = step_peak(model, opt, *task.sample(config.batch_size,
+                                                                torch.Generator().manual_seed(config.seed)))[0]
+            inputs, labels = next_batch()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss, _, _ = loss_and_correct(*model.scored(inputs, labels))
+            loss = training_loss(*model.scored(inputs, labels))
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
@@ -400,17 +512,21 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
             train_tokens += inputs.numel()
             step += 1
             last_loss = float(loss.detach())
-            if step % config.eval_every == 0 or step == config.steps:
+            out_of_time = config.max_time_s is not None and wall() >= config.max_time_s
+            if step % config.eval_every == 0 or step == config.steps or out_of_time:
                 row = {"step": step, "train_loss": last_loss, **evaluate(model, eval_inputs, eval_labels,
                                                                           config.batch_size),
                        "peak_mib": peak_bytes / MiB, "tokens_per_s": train_tokens / max(train_time, 1e-9),
-                       "train_time_s": train_time}
+                       "train_time_s": train_time, "wall_s": wall()}
                 history.append(row)
                 if out:
                     with (out / METRICS).open("a") as f:
                         f.write(json.dumps(row) + "\n")
-            if step % config.checkpoint_every == 0 or step == end:
+            reached = first_reaching(history, config.target_accuracy) is not None
+            if step % config.checkpoint_every == 0 or step == end or reached or out_of_time:
                 checkpoint()
+            if reached or out_of_time:
+                break
             if bar is not None:
                 acc = history[-1]["eval_accuracy"] if history else float("nan")
                 bar[0].update(bar[1], advance=1, description=f"{config.label()} loss {last_loss:.3f} acc {acc:.3f}")
@@ -421,8 +537,19 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
     final.update({"method": config.label(), "task": config.task, "seq_len": config.seq_len,
                   "batch_size": config.batch_size, "checkpointing": config.checkpointing,
                   "peak_mib": (peak_bytes or 0) / MiB, "tokens_per_s": train_tokens / max(train_time, 1e-9),
-                  "train_time_s": train_time, "steps": step})
+                  "train_time_s": train_time, "wall_s": wall(), "steps": step})
+    if config.target_accuracy is not None:
+        hit = first_reaching(history, config.target_accuracy)
+        final.update({"target_accuracy": config.target_accuracy, "target_step": hit and hit["step"],
+                      "target_wall_s": hit and hit.get("wall_s"), "target_train_time_s": hit and hit["train_time_s"]})
     return TrainResult(config, final, history, model)
+
+
+def first_reaching(history: list[dict[str, Any]], accuracy: float | None) -> dict[str, Any] | None:
+    """The first evaluation whose held-out accuracy is at least ``accuracy`` (None: none, or no target)."""
+    if accuracy is None:
+        return None
+    return next((h for h in history if h["eval_accuracy"] >= accuracy), None)
 
 
 def _progress_bar(enabled: bool, label: str, total: int, done: int):
@@ -442,8 +569,10 @@ def _progress_bar(enabled: bool, label: str, total: int, done: int):
 SWEEP_COLUMNS = ("method", "eval_accuracy", "eval_loss", "peak_mib", "tokens_per_s", "train_time_s", "steps")
 
 
-def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, progress: bool = False) -> list[dict]:
-    """Train each method spec (``name[:key=value,...]``) with ``config``'s budget of steps; write
+def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, progress: bool = False,
+          stop_at: int | None = None) -> list[dict]:
+    """Train each method spec (``name[:key=value,...]``) with ``config``'s budget of steps (or up to
+    ``stop_at``, the learning-rate schedule still spanning ``config.steps``); write
     ``sweep.json``, ``sweep.md`` and ``sweep.png`` (accuracy against peak memory) to ``out_dir``.
     Each method's run lives in ``out_dir/<spec>/``, so an interrupted sweep resumes with ``resume``.
 
@@ -462,7 +591,7 @@ def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, prog
                                            out_dir=str(out / _safe_dirname(spec))))
     rows = []
     for cfg in configs:
-        rows.append(fit(cfg, resume=resume, progress=progress).metrics)
+        rows.append(fit(cfg, resume=resume, progress=progress, stop_at=stop_at).metrics)
         write_sweep(rows, out)
     return rows
 
