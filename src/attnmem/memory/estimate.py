@@ -439,5 +439,5 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
                          ) from e
     saved = after_forward - inputs
     return Estimate(method, peak, inputs, saved, peak - inputs - saved, "trace", shape, dict(options))
-from . import formulas_approx  # noqa: E402,F401  closed forms of the approximate methods
-from . import formulas_sparse  # noqa: E402,F401  closed forms of the sparse, selective, adaptive-span methods
+# The closed forms of the other methods register themselves with @formula on import.
+from . import formulas_approx, formulas_sparse  # noqa: E402,F401
