@@ -77,6 +77,40 @@ def test_failing_method_is_recorded_and_sweep_continues(tmp_path, broken_method)
     assert "deliberate failure" in rows[0]["reason"]
 
 
+def test_unsupported_method_is_marked_with_its_reasons_and_not_run(tmp_path):
+    # adaptive_span_fixed is causal by definition; the default sweep is not causal.
+    r = CliRunner().invoke(main, ["compare", "--methods", "adaptive_span_fixed,chunked", *TINY,
+                                  "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    rows = {(row["method"], row["seq_len"]): row for row in _rows(tmp_path / "results.jsonl")}
+    skipped = rows[("adaptive_span_fixed", 64)]
+    assert skipped["status"] == "not supported" and "peak_bytes" not in skipped
+    assert "causal" in skipped["reason"]
+    assert rows[("chunked", 64)]["status"] == "ok"
+    report = (tmp_path / "report.md").read_text()
+    assert "## Not supported (not run)" in report and "adaptive_span_fixed" in report
+    assert "## Failures" not in report
+
+
+def test_lra_table_puts_published_ratios_beside_ours():
+    from attnmem.bench.report import LRA_PUBLISHED, lra_table
+
+    def row(method, n, t, peak):
+        return {"method": method, "seq_len": n, "status": "ok", "time_s": t, "peak_bytes": peak}
+
+    rows = [row("reference", 1024, 2.0, 400), row("performer", 1024, 1.0, 100),
+            row("reference", 4096, 8.0, 1600), row("performer", 4096, 2.0, 200)]
+    table = lra_table(rows).splitlines()
+    ours = next(line for line in table if line.startswith("| performer |"))
+    assert ours == "| performer | 2.00× | 4.00× | 0.25× | 0.12× |"
+    theirs = table[table.index(ours) + 1]
+    _, speed, gb = LRA_PUBLISHED["performer"]
+    ref_gb = LRA_PUBLISHED["reference"][2]
+    # Their 1K and 4K columns, the memory ratio computed from their GB figures.
+    assert theirs == (f"| ↳ Tay et al.: Performer | {speed[0]:.1f}× | {speed[3]:.1f}× | "
+                      f"{gb[0] / ref_gb[0]:.2f}× | {gb[3] / ref_gb[3]:.2f}× |")
+
+
 def test_bad_flags_one_clear_line(tmp_path):
     for args in (["--methods", "nope"], ["--seq-lens", "1,x"], ["--budget", "lots"], ["--mask", "zigzag:3"],
                  ["--dtype", "int8"], ["--heads", "0"]):

@@ -81,10 +81,13 @@ def test_linear_relu_feature_map_and_empty_rows():
     assert torch.isfinite(dq).all() and (dq[:, :, :18] == 0).all()
 
 
+@pytest.mark.parametrize("shape", [(4, 2, 33, 33), (2, 1, 20, 45), (2, 2, 45, 20)], ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("causal", [False, True])
-def test_performer_equals_its_quadratic_form(causal):
-    """The stabilisers (row max for queries, head max for keys) cancel: same as the paper's φ."""
-    q, k, v = rand_qkv(1, 4, 2, 33, 33, 16)
+def test_performer_equals_its_quadratic_form(causal, shape):
+    """The stabilisers (row max for queries, head max for keys) and the queries' row factor
+    exp(-|q'|²/2) cancel: same as the paper's φ. Chunks of 8 and, non-causal, several blocks."""
+    Hq, Hkv, nq, nk = shape
+    q, k, v = rand_qkv(1, Hq, Hkv, nq, nk, 16)
     scale = 0.25
     out = attnmem.attention(q, k, v, method="performer", causal=causal, features=40, seed=3,
                             scale=scale, chunk=8)

@@ -50,3 +50,21 @@ def test_reference_peak_grows_quadratically_and_chunked_linearly():
 def test_measure_rejects_bad_arguments():
     with pytest.raises(ValueError, match="repeats"):
         attnmem.measure(lambda: None, repeats=-1)
+
+
+def test_time_budget_stops_repeats_once_spent():
+    import time
+
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(0.02)
+
+    m = attnmem.measure(slow, repeats=5, warmup=0, time_budget_s=0.001)
+    assert len(m.times_s) == 1 and len(calls) == 2  # the tracked run, then one timed repeat
+    calls.clear()
+    m = attnmem.measure(slow, repeats=3, warmup=0, time_budget_s=60)
+    assert len(m.times_s) == 3 and len(calls) == 4
+    with pytest.raises(ValueError, match="time_budget_s"):
+        attnmem.measure(slow, time_budget_s=0)

@@ -278,3 +278,14 @@ def test_transformer_stream_needs_segment_for_a_tensor():
     model = attnmem.nn.Transformer(10, 16, 2, 1, method="recurrent_memory", segment=4, memory=4)
     with pytest.raises(ValueError, match="segment"):
         next(model.stream(torch.zeros(1, 8, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("method", ["recurrent_memory", "knn_memory"])
+def test_checkpointing_with_memory_is_refused(method):
+    # Checkpointing reruns each block's forward in the backward; a memory method would advance
+    # its memory a second time there, so the model refuses the combination up front.
+    from attnmem.nn import Transformer
+
+    with pytest.raises(ValueError, match="checkpointing=True cannot be used with method="):
+        Transformer(32, 16, 2, 1, method=method, checkpointing=True)
+    Transformer(32, 16, 2, 1, method=method, checkpointing=False)  # fine without

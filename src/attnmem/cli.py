@@ -96,11 +96,14 @@ def default_methods() -> list[str]:
               help="none, causal, window:L[:R], dense_window:L, document:LEN, random_blocks:KEEP[:BLOCK].")
 @click.option("--forward-only", is_flag=True, help="Measure the forward pass only (inference).")
 @click.option("--budget", default=None, help="Memory budget, e.g. 8GiB (default: half the free memory).")
-@click.option("--repeats", default=1, type=click.IntRange(min=0), help="Timed repeats per case (median).")
+@click.option("--repeats", default=3, type=click.IntRange(min=0),
+              help="Timed repeats per case, after the tracked run that warms them up (median).")
+@click.option("--repeat-budget", default=1.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
+              help="Seconds of timed repeats per case: a slow case stops after fewer repeats (at least one).")
 @click.option("--out", "out_dir", default="report", type=click.Path(file_okay=False), help="Output folder.")
 @click.option("--resume", is_flag=True, help="Continue OUT/results.jsonl: finished cases are not redone.")
 def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, device, causal, mask_spec,
-                forward_only, budget, repeats, out_dir, resume) -> None:
+                forward_only, budget, repeats, repeat_budget, out_dir, resume) -> None:
     """Sweep methods × sequence lengths: peak memory, peak/floor, time and error per case.
 
     Cases predicted above the budget are recorded as over budget (the memory wall) instead of
@@ -122,7 +125,8 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
         budget_bytes = parse_bytes(budget, "--budget")
     cfg = SweepConfig(methods=names, seq_lens=seq_lens, batch=batch, heads=heads, kv_heads=kv_heads,
                       head_dim=head_dim, dtype=dtype, device=device, causal=causal, mask=mask_spec,
-                      forward_only=forward_only, repeats=repeats, budget_bytes=budget_bytes)
+                      forward_only=forward_only, repeats=repeats, time_budget_s=repeat_budget,
+                      budget_bytes=budget_bytes)
     out = Path(out_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as progress:

@@ -163,14 +163,16 @@ def case_fn(case: Case):
     return run
 
 
-def run_case(case: Case, *, repeats: int = 3, warmup: int = 1) -> dict[str, Any]:
-    """Measure one case. Failures (out of memory, errors) are recorded, not raised."""
+def run_case(case: Case, *, repeats: int = 3, warmup: int = 1,
+             time_budget_s: float | None = None) -> dict[str, Any]:
+    """Measure one case (``attnmem.measure``'s repeats, warm-up and time budget). Failures
+    (out of memory, errors) are recorded, not raised."""
     row: dict[str, Any] = {"key": case.key(), **asdict(case), **environment()}
     row["floor_bytes"] = floor_bytes(case)
     try:
         registry.get(case.method)
         q, k, v = make_inputs(case)
-        m = measure(case_fn(case), q, k, v, repeats=repeats, warmup=warmup)
+        m = measure(case_fn(case), q, k, v, repeats=repeats, warmup=warmup, time_budget_s=time_budget_s)
     except (RuntimeError, MemoryError, ValueError, TypeError) as e:
         row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
         row["traceback"] = traceback.format_exc(limit=3)

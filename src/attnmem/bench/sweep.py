@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import registry
+from ..api import validate
 from ..memory.estimate import estimate
 from .cases import DTYPES, Case, approx_error, environment, floor_bytes, parse_mask, run_case
 
@@ -38,9 +39,12 @@ class SweepConfig:
     causal: bool = False
     mask: str = "none"
     forward_only: bool = False
-    repeats: int = 1
-    # The tracked run (peak memory) comes before the timed repeats and warms them up.
+    # The tracked run (peak memory) is a full run of the same call on the same inputs: it is
+    # the warm-up of the timed repeats that follow. Up to ``repeats`` of those run, until they
+    # have taken ``time_budget_s`` together (at least one); the time is their median.
+    repeats: int = 3
     warmup: int = 0
+    time_budget_s: float | None = 1.0
     budget_bytes: int = 0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -69,6 +73,25 @@ def predict_peak(case: Case) -> tuple[int, str]:
         matrices = 2 if case.forward_only else 4  # scores and probabilities (+ their gradients)
         return floor + matrices * case.batch * case.heads * case.seq_len**2 * itemsize, "coarse bound"
     return int(1.5 * floor), "coarse bound"
+
+
+def unsupported_reasons(case: Case) -> list[str]:
+    """Why the case's method cannot run the case's inputs, asked of the method itself on
+    stand-in tensors (one element broadcast to each shape; nothing is allocated). Empty when it
+    can, and for stateful methods, whose modules answer only when they run."""
+    m = registry.get(case.method)
+    if m.stateful:
+        return []
+    causal, mask = parse_mask(case.mask, case.seq_len)
+    try:
+        one = torch.empty((), dtype=DTYPES[case.dtype], device=case.device)
+    except (RuntimeError, AssertionError):
+        return []  # the device is not here: the run records why
+    one.requires_grad_(not case.forward_only)
+    hkv = case.kv_heads or case.heads
+    q, k, v = (one.expand(case.batch, h, case.seq_len, case.head_dim) for h in (case.heads, hkv, hkv))
+    inp = validate(q, k, v, causal=causal or case.causal, mask=mask)
+    return m.not_supported_reasons(inp, m.make_options(case.options))
 
 
 def load_results(path: Path) -> dict[str, dict[str, Any]]:
@@ -134,13 +157,25 @@ def run_sweep(cfg: SweepConfig, results_path: Path, *, resume: bool = False,
         if case.key() in done:
             rows.append(done[case.key()])
             continue
+        reasons = unsupported_reasons(case)
+        if reasons:
+            # Not run, and not a failure: the method says it does not do this (e.g. a causal-only
+            # method in a non-causal sweep). The report lists it with the method's own reasons.
+            row = {"key": case.key(), **asdict(case), **environment(), "floor_bytes": floor_bytes(case),
+                   "status": "not supported", "reason": "; ".join(reasons),
+                   "family": registry.get(case.method).family, "exact": registry.get(case.method).exact}
+            append_result(results_path, row)
+            rows.append(row)
+            if on_row:
+                on_row(row)
+            continue
         predicted, source = predict_peak(case)
         if cfg.budget_bytes and predicted > cfg.budget_bytes:
             row = {"key": case.key(), **asdict(case), **environment(), "floor_bytes": floor_bytes(case),
                    "status": "over budget",
                    "reason": f"predicted {predicted / 2**20:.0f} MiB > budget {cfg.budget_bytes / 2**20:.0f} MiB"}
         else:
-            row = run_case(case, repeats=cfg.repeats, warmup=cfg.warmup)
+            row = run_case(case, repeats=cfg.repeats, warmup=cfg.warmup, time_budget_s=cfg.time_budget_s)
         row.update(predicted_bytes=predicted, prediction=source, budget_bytes=cfg.budget_bytes,
                    family=registry.get(case.method).family, exact=registry.get(case.method).exact)
         if row["status"] == "ok":

@@ -317,6 +317,11 @@ class AdaptiveSpan(Method):
     Options = AdaptiveSpanOptions
     caps = _CAPS
 
+    def extra_reasons(self, inp: Inputs, opts):
+        if not inp.causal:
+            return ["is causal by definition (spans look backwards); pass causal=True"]
+        return []
+
     def build_module(self, *, heads, kv_heads, head_dim, opts):
         return AdaptiveSpanAttention(heads=heads, max_span=opts.max_span, ramp=opts.ramp,
                                      init_span=opts.init_span, q_tile=opts.q_tile)

@@ -4,45 +4,49 @@ Both methods here share one core, ``kernel_attention``: for feature maps φ (D �
 
     out_i = Σ_j φ(q_i)·φ(k_j) v_j  /  Σ_j φ(q_i)·φ(k_j)          (j over the keys q_i may see)
 
-Non-causal, the sums over j are one F×D state ``S = φ(K)ᵀV`` and one F-vector ``z = φ(K)ᵀ1``.
-Causal, the *chunkwise* form: queries go in chunks of C; a chunk sees the keys before it
-through the running state (S, z) and its own C keys through an exact C×C masked product::
+Non-causal, the sums over j are one F×(D+1) state ``S = φ(K)ᵀ[V, 1]`` (the last column is the
+denominator's ``φ(K)ᵀ1``, so one matmul gives numerator and denominator). Causal, the
+*chunkwise* form: queries go in chunks of C; a chunk sees the keys before it through the
+running state S and its own C keys through an exact C×C masked product::
 
     queries  [ chunk 0 | chunk 1 | chunk 2 ]
     keys     [ chunk 0 | chunk 1 | chunk 2 ]
-    chunk 2: φ(Q₂)·S₂ + tril(φ(Q₂)φ(K₂)ᵀ)·V₂      S₂ = φ(K₀)ᵀV₀ + φ(K₁)ᵀV₁
+    chunk 2: φ(Q₂)·S₂ + tril(φ(Q₂)φ(K₂)ᵀ)·[V₂, 1]      S₂ = φ(K₀)ᵀ[V₀, 1] + φ(K₁)ᵀ[V₁, 1]
 
-It neither loops token by token nor stores a state per position. The custom backward
-recomputes φ per chunk from q, k (autograd through the feature map, chunk by chunk) and walks
-the chunks in reverse with the transposed state ``R = Σ_{later chunks} φ(Q)ᵀ dO``, so training
-keeps q, k, v, out, the per-row denominators and one F×D state per chunk: O(N·D + (N/C)·F·D)
-per head. A row whose denominator is 0 (nothing to attend) returns zeros and zero grads.
+It neither loops token by token nor stores a state per position. Where no C×C product is
+formed (non-causal queries; keys every query sees) rows go in a few large blocks instead
+(``block_rows``), since each operation has a fixed cost. The backward is written out
+(no autograd inside): it recomputes φ chunk by chunk from q, k and walks the chunks in reverse
+with the transposed state ``R = Σ_{later chunks} φ(Q)ᵀ[dNum, dDen]``, so training keeps q, k, v,
+out, the per-row denominators (and, for FAVOR+, the per-row query stabilisers) and one F×(D+1)
+state per chunk: O(N·D + (N/C)·F·D) per head. A row whose denominator is 0 (nothing to attend)
+returns zeros and zero grads.
 
 * ``linear`` — Katharopoulos et al. 2020, φ(x) = elu(x) + 1 (or relu). ``scale`` is unused: the
   kernel is not softmax.
 * ``performer`` — FAVOR+ (Choromanski et al. 2021): positive orthogonal random features
   φ(x) = exp(Wx − |x|²/2) / √m of x = q·scale^½, an unbiased estimate of exp(q·k·scale).
   Queries subtract their row maximum, keys one per-head maximum over all keys (a pre-pass
-  without grad); both constants cancel between numerator and denominator.
+  without grad); both constants cancel between numerator and denominator, and so does a
+  query's whole factor exp(−|q'|²/2), which queries leave out.
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from ..registry import Capabilities, Inputs, Method, get, register
 
 FEATURE_MAPS = ("elu", "relu")
 # Float32/64 only: the running state sums N products, which bfloat16/float16 cannot hold.
 _DTYPES = (torch.float32, torch.float64)
-
-FeatureMap = Callable[[Tensor], Tensor]
 
 
 def _check_positive_int(name: str, val: object) -> None:
@@ -64,104 +68,187 @@ def _key_range(a: int, b: int, nk: int, offset: int) -> tuple[int, int]:
     return p, e
 
 
+def _spans(start: int, stop: int, chunk: int) -> list[tuple[int, int]]:
+    return [(a, min(a + chunk, stop)) for a in range(start, stop, chunk)]
+
+
+def block_rows(n: int, head_dim: int, features: int, chunk: int) -> int:
+    """Rows per block where no C×C product is formed (non-causal queries, keys seen through the
+    state): n split into ⌈(2F + 3D) / 3D⌉ equal blocks, at least ``chunk`` rows each. A block's
+    transients (φ, dφ, [V, 1] and the D-wide products: about rows·(2F + 3D) floats per head)
+    then stay within three inputs' worth (3·N·D), in few, large operations."""
+    blocks = -(-(2 * features + 3 * head_dim) // (3 * head_dim))
+    return max(chunk, -(-n // blocks))
+
+
+def _with_ones(v: Tensor) -> Tensor:
+    """[v, 1] (…, L, D+1): multiplying by it gives a numerator and its denominator at once."""
+    return torch.cat([v, v.new_ones(v.shape[:-1] + (1,))], -1)
+
+
+def _sum_groups(x: Tensor) -> Tensor:
+    """Sum over the G query heads sharing a KV head (dim 2), a no-op without GQA."""
+    return x.sum(2, keepdim=True) if x.shape[2] > 1 else x
+
+
+class FeatureMap:
+    """φ with its backward written out, for ``kernel_attention``.
+
+    ``query`` may return a detached per-row stabiliser (it cancels between numerator and
+    denominator); the backward passes it back to ``query_again`` to recompute the same features.
+    ``key_grad(x, phi, dphi)`` is the vector-Jacobian product dφ → dx and may overwrite ``phi``
+    and ``dphi`` (their last use); ``query_grad`` the same for queries (by default the same map).
+    """
+
+    def num_features(self, head_dim: int) -> int:
+        return head_dim
+
+    def query(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        return self.key(x), None
+
+    def query_again(self, x: Tensor, shift: Tensor | None) -> Tensor:
+        return self.key(x)
+
+    def key(self, x: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def query_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        return self.key_grad(x, phi, dphi)
+
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class EluFeatures(FeatureMap):
+    """φ(x) = elu(x) + 1, whose derivative is 1 for x > 0 and φ(x) = eˣ otherwise."""
+
+    def key(self, x: Tensor) -> Tensor:
+        return F.elu(x).add_(1.0)
+
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        return dphi.mul_(phi.masked_fill_(x > 0, 1.0))
+
+
+class ReluFeatures(FeatureMap):
+    def key(self, x: Tensor) -> Tensor:
+        return F.relu(x)
+
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        return dphi.mul_(x > 0)
+
+
 class _KernelAttention(torch.autograd.Function):
     """φ-kernel attention over chunks; see the module docstring. Shapes inside (5-D, GQA):
-    q (B, Hkv, G, Nq, D), k and v (B, Hkv, 1, Nk, D)."""
+    q (B, Hkv, G, Nq, D), k and v (B, Hkv, 1, Nk, D). The work of one chunk is a function of
+    its own, so that one chunk's features are alive at a time."""
 
     @staticmethod
-    def forward(ctx, q, k, v, phi_q: FeatureMap, phi_k: FeatureMap, causal: bool, chunk: int):
-        nq, nk = q.shape[3], k.shape[3]
+    def forward(ctx, q, k, v, fmap: FeatureMap, causal: bool, chunk: int):
+        nq, nk, dim_v = q.shape[3], k.shape[3], v.shape[-1]
         offset = nk - nq
-        out = q.new_empty(q.shape[:4] + (v.shape[-1],))  # (B, Hkv, G, Nq, D)
-        den = q.new_empty(q.shape[:4])  # (B, Hkv, G, Nq)
+        out = q.new_empty(q.shape[:4] + (dim_v,))  # (B, Hkv, G, Nq, Dv)
+        den = q.new_empty(q.shape[:4] + (1,))  # (B, Hkv, G, Nq, 1)
         first = _key_range(0, 0, nk, offset)[0] if causal else nk
-        state = _State.zeros(k, v, phi_k).plus_range(k, v, phi_k, first, chunk)
-        starts = range(0, nq, chunk)
-        states = []
-        for a in starts:
-            b = min(a + chunk, nq)
-            fq = phi_q(q[:, :, :, a:b])  # (B, Hkv, G, C, F)
-            num = fq @ state.s  # (B, Hkv, G, C, D)
-            d = (fq @ state.z.unsqueeze(-1)).squeeze(-1)  # (B, Hkv, G, C)
-            if causal:
-                states.append((state.s, state.z))
-                p, e = _key_range(a, b, nk, offset)
-                if e > p:
-                    fk = phi_k(k[:, :, :, p:e])  # (B, Hkv, 1, L, F)
-                    scores = fq @ fk.transpose(-1, -2)  # (B, Hkv, G, C, L)
-                    scores = scores * _causal_allowed(a, b, p, e, offset, q.device)
-                    num = num + scores @ v[:, :, :, p:e]
-                    d = d + scores.sum(-1)
-                    state = state.plus(fk, v[:, :, :, p:e])
-            den[:, :, :, a:b] = d
-            out[:, :, :, a:b] = num / _safe(d).unsqueeze(-1)
-        ctx.phi_q, ctx.phi_k, ctx.causal, ctx.chunk = phi_q, phi_k, causal, chunk
-        ctx.states = states if causal else [(state.s, state.z)]
+        feat = fmap.num_features(k.shape[-1])
+        block = block_rows(max(nq, nk), k.shape[-1], feat, chunk)
+        state = k.new_zeros(k.shape[:3] + (feat, dim_v + 1))  # (B, Hkv, 1, F, Dv+1)
+        for p, e in _spans(0, first, block):  # keys before every query
+            state = state + _key_state(fmap, k[:, :, :, p:e], v[:, :, :, p:e])
+        states, shifts = [], []
+        spans = _spans(0, nq, chunk if causal else block)
+        for a, b in spans:
+            states.append(state)
+            p, e = _key_range(a, b, nk, offset) if causal else (nk, nk)
+            own = (k[:, :, :, p:e], v[:, :, :, p:e], _causal_allowed(a, b, p, e, offset, q.device)) if e > p else None
+            num, shift, state = _chunk_forward(fmap, q[:, :, :, a:b], state, own)
+            shifts.append(shift)
+            den[:, :, :, a:b] = num[..., dim_v:]
+            torch.div(num[..., :dim_v], _safe(num[..., dim_v:]), out=out[:, :, :, a:b])
+        ctx.fmap, ctx.causal, ctx.block, ctx.spans = fmap, causal, block, spans
+        ctx.states, ctx.shifts = states, shifts
         ctx.save_for_backward(q, k, v, out, den)
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         q, k, v, out, den = ctx.saved_tensors
-        phi_q, phi_k, causal, chunk = ctx.phi_q, ctx.phi_k, ctx.causal, ctx.chunk
-        nq, nk = q.shape[3], k.shape[3]
+        fmap, causal, spans = ctx.fmap, ctx.causal, ctx.spans
+        nq, nk, dim_v = q.shape[3], k.shape[3], v.shape[-1]
         offset = nk - nq
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        r_s = r_z = None  # R = Σ over later chunks of φ(Q)ᵀ dNum and φ(Q)ᵀ dDen (B, Hkv, 1, F, ·)
-        starts = list(range(0, nq, chunk))
-        for c in reversed(range(len(starts))):
-            a = starts[c]
-            b = min(a + chunk, nq)
-            s, z = ctx.states[c] if causal else ctx.states[0]
+        r = None  # R = Σ over later chunks of φ(Q)ᵀ[dNum, dDen] (B, Hkv, 1, F, Dv+1)
+        for c in reversed(range(len(spans))):
+            a, b = spans[c]
             d = den[:, :, :, a:b]
-            valid = d > 0
-            inv = torch.where(valid, 1.0 / _safe(d), torch.zeros_like(d)).unsqueeze(-1)
-            dnum = dout[:, :, :, a:b] * inv  # (B, Hkv, G, C, D)
-            dden = -(dout[:, :, :, a:b] * out[:, :, :, a:b]).sum(-1, keepdim=True) * inv  # (…, C, 1)
-            with torch.enable_grad():
-                q_c = q[:, :, :, a:b].detach().requires_grad_(True)
-                fq = phi_q(q_c)  # (B, Hkv, G, C, F)
-                dfq = dnum @ s.transpose(-1, -2) + dden * z.unsqueeze(-2)
-                if causal:
-                    p, e = _key_range(a, b, nk, offset)
-                else:
-                    p = e = nk
-                if e > p:
-                    k_c = k[:, :, :, p:e].detach().requires_grad_(True)
-                    fk = phi_k(k_c)  # (B, Hkv, 1, L, F)
-                    allowed = _causal_allowed(a, b, p, e, offset, q.device)
-                    v_c = v[:, :, :, p:e]
-                    scores = (fq @ fk.transpose(-1, -2)) * allowed  # (B, Hkv, G, C, L)
-                    dscores = (dnum @ v_c.transpose(-1, -2) + dden) * allowed
-                    dfq = dfq + dscores @ fk
-                    dfk = (dscores.transpose(-1, -2) @ fq).sum(2, keepdim=True)  # (B, Hkv, 1, L, F)
-                    dv_c = (scores.transpose(-1, -2) @ dnum).sum(2, keepdim=True)
-                    if r_s is not None:
-                        dfk = dfk + v_c @ r_s.transpose(-1, -2) + r_z.transpose(-1, -2)
-                        dv_c = dv_c + fk @ r_s
-                    gq, gk = torch.autograd.grad((fq, fk), (q_c, k_c), (dfq, dfk))
-                    dk[:, :, :, p:e] = gk
-                    dv[:, :, :, p:e] = dv_c
-                else:
-                    gq, = torch.autograd.grad(fq, q_c, dfq)
-            dq[:, :, :, a:b] = gq
-            fq = fq.detach()
-            step_s = (fq.transpose(-1, -2) @ dnum).sum(2, keepdim=True)  # (B, Hkv, 1, F, D)
-            step_z = (fq.transpose(-1, -2) @ dden).sum(2, keepdim=True)  # (B, Hkv, 1, F, 1)
-            r_s = step_s if r_s is None else r_s + step_s
-            r_z = step_z if r_z is None else r_z + step_z
+            inv = torch.where(d > 0, 1.0 / _safe(d), torch.zeros_like(d))  # (B, Hkv, G, C, 1)
+            dnum = q.new_empty(d.shape[:4] + (dim_v + 1,))  # (B, Hkv, G, C, Dv+1): grads of [num, den]
+            torch.mul(dout[:, :, :, a:b], inv, out=dnum[..., :dim_v])
+            dnum[..., dim_v:] = -(dnum[..., :dim_v] * out[:, :, :, a:b]).sum(-1, keepdim=True)
+            p, e = _key_range(a, b, nk, offset) if causal else (nk, nk)
+            own = (k[:, :, :, p:e], v[:, :, :, p:e], _causal_allowed(a, b, p, e, offset, q.device)) if e > p else None
+            dq[:, :, :, a:b], own_grads, step = _chunk_backward(fmap, q[:, :, :, a:b], ctx.shifts[c], dnum,
+                                                                ctx.states[c], own, r)
+            if own_grads is not None:
+                dk[:, :, :, p:e], dv[:, :, :, p:e] = own_grads
+            r = step if r is None else r + step
         first = _key_range(0, 0, nk, offset)[0] if causal else nk
-        if r_s is not None:
-            for p in range(0, first, chunk):
-                e = min(p + chunk, first)
-                with torch.enable_grad():
-                    k_c = k[:, :, :, p:e].detach().requires_grad_(True)
-                    fk = phi_k(k_c)
-                    dfk = v[:, :, :, p:e] @ r_s.transpose(-1, -2) + r_z.transpose(-1, -2)
-                    gk, = torch.autograd.grad(fk, k_c, dfk)
-                dk[:, :, :, p:e] = gk
-                dv[:, :, :, p:e] = fk.detach() @ r_s
-        return dq, dk, dv, None, None, None, None
+        if r is not None:
+            for p, e in _spans(0, first, ctx.block):
+                dk[:, :, :, p:e], dv[:, :, :, p:e] = _key_backward(fmap, k[:, :, :, p:e], v[:, :, :, p:e], r)
+        return dq, dk, dv, None, None, None
+
+
+def _key_state(fmap: FeatureMap, k_c: Tensor, v_c: Tensor) -> Tensor:
+    """φ(K)ᵀ[V, 1] (B, Hkv, 1, F, Dv+1) of keys k_c, v_c (B, Hkv, 1, L, D)."""
+    return fmap.key(k_c).transpose(-1, -2) @ _with_ones(v_c)
+
+
+def _key_backward(fmap: FeatureMap, k_c: Tensor, v_c: Tensor, r: Tensor) -> tuple[Tensor, Tensor]:
+    """dk, dv of keys seen by every query through the state, given R (B, Hkv, 1, F, Dv+1)."""
+    fk = fmap.key(k_c)  # (B, Hkv, 1, L, F)
+    dv_c = fk @ r[..., :-1]  # (B, Hkv, 1, L, Dv)
+    return fmap.key_grad(k_c, fk, _with_ones(v_c) @ r.transpose(-1, -2)), dv_c
+
+
+def _chunk_forward(fmap: FeatureMap, q_c: Tensor, state: Tensor, own) -> tuple[Tensor, Tensor | None, Tensor]:
+    """[num, den] (B, Hkv, G, C, Dv+1) of queries q_c through ``state`` and, causal, through
+    their own keys ``own`` = (k_c, v_c, allowed (C, L)); the stabiliser; the state after."""
+    fq, shift = fmap.query(q_c)  # (B, Hkv, G, C, F)
+    num = fq @ state  # (B, Hkv, G, C, Dv+1)
+    if own is not None:
+        k_c, v_c, allowed = own
+        fk = fmap.key(k_c)  # (B, Hkv, 1, L, F)
+        v_c = _with_ones(v_c)  # (B, Hkv, 1, L, Dv+1)
+        scores = (fq @ fk.transpose(-1, -2)).mul_(allowed)  # (B, Hkv, G, C, L)
+        num = num + scores @ v_c
+        state = state + fk.transpose(-1, -2) @ v_c
+    return num, shift, state
+
+
+def _chunk_backward(fmap: FeatureMap, q_c: Tensor, shift: Tensor | None, dnum: Tensor, state: Tensor, own,
+                    r: Tensor | None):
+    """dq of a query chunk, (dk, dv) of its own keys (causal) or None, and its term of R."""
+    fq = fmap.query_again(q_c, shift)  # (B, Hkv, G, C, F)
+    dfq = dnum @ state.transpose(-1, -2)  # (B, Hkv, G, C, F)
+    own_grads = None
+    if own is not None:
+        k_c, v_c, allowed = own
+        fk = fmap.key(k_c)  # (B, Hkv, 1, L, F)
+        v_c = _with_ones(v_c)  # (B, Hkv, 1, L, Dv+1)
+        scores = (fq @ fk.transpose(-1, -2)).mul_(allowed)  # (B, Hkv, G, C, L)
+        dv_c = _sum_groups(scores.transpose(-1, -2) @ dnum[..., :-1])  # (B, Hkv, 1, L, Dv)
+        del scores
+        dscores = (dnum @ v_c.transpose(-1, -2)).mul_(allowed)  # (B, Hkv, G, C, L)
+        dfq = dfq + dscores @ fk
+        dfk = _sum_groups(dscores.transpose(-1, -2) @ fq)  # (B, Hkv, 1, L, F)
+        del dscores
+        if r is not None:
+            dfk = dfk + v_c @ r.transpose(-1, -2)
+            dv_c = dv_c + fk @ r[..., :-1]
+        own_grads = fmap.key_grad(k_c, fk, dfk), dv_c
+    step = _sum_groups(fq.transpose(-1, -2) @ dnum)  # (B, Hkv, 1, F, Dv+1)
+    return fmap.query_grad(q_c, fq, dfq), own_grads, step
 
 
 def _safe(d: Tensor) -> Tensor:
@@ -169,40 +256,15 @@ def _safe(d: Tensor) -> Tensor:
     return torch.where(d == 0, torch.ones_like(d), d)
 
 
-@dataclass
-class _State:
-    """The running state S = Σ φ(k)ᵀ v (…, F, D) and z = Σ φ(k) (…, F)."""
-
-    s: Tensor
-    z: Tensor
-
-    @staticmethod
-    def zeros(k: Tensor, v: Tensor, phi_k: FeatureMap) -> _State:
-        feat = phi_k(k[:, :, :, :1]).shape[-1]
-        shape = k.shape[:3]
-        return _State(k.new_zeros(shape + (feat, v.shape[-1])), k.new_zeros(shape + (feat,)))
-
-    def plus(self, fk: Tensor, v_c: Tensor) -> _State:
-        return _State(self.s + fk.transpose(-1, -2) @ v_c, self.z + fk.sum(-2))
-
-    def plus_range(self, k: Tensor, v: Tensor, phi_k: FeatureMap, stop: int, chunk: int) -> _State:
-        """The state with keys [0, stop) added, chunk by chunk."""
-        state = self
-        for p in range(0, stop, chunk):
-            e = min(p + chunk, stop)
-            state = state.plus(phi_k(k[:, :, :, p:e]), v[:, :, :, p:e])
-        return state
-
-
-def kernel_attention(q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureMap, phi_k: FeatureMap, *,
-                     causal: bool, chunk: int) -> Tensor:
+def kernel_attention(q: Tensor, k: Tensor, v: Tensor, fmap: FeatureMap, *, causal: bool, chunk: int) -> Tensor:
     """φ-kernel attention (module docstring) in the (B, H, N, D) layout, GQA without copies.
 
     Args:
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D), Hq % Hkv == 0.
-        phi_q, phi_k: feature maps (…, D) -> (…, F), applied chunk by chunk.
+        fmap: the feature map (…, D) -> (…, F) with its backward, applied chunk by chunk.
         causal: bottom-right aligned causal attention (chunkwise form).
-        chunk: queries (and keys) per chunk.
+        chunk: queries (and keys) per chunk of the causal form; elsewhere blocks of
+            ``block_rows`` rows.
 
     Returns:
         (B, Hq, Nq, D).
@@ -212,19 +274,11 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, phi_q: FeatureMap, phi_k: 
     G = Hq // Hkv
     q5 = q.reshape(B, Hkv, G, nq, D)  # (B, Hkv, G, Nq, D): query heads sharing a KV head
     k5, v5 = k.unsqueeze(2), v.unsqueeze(2)  # (B, Hkv, 1, Nk, D)
-    out = _KernelAttention.apply(q5, k5, v5, phi_q, phi_k, causal, chunk)
+    out = _KernelAttention.apply(q5, k5, v5, fmap, causal, chunk)
     return out.reshape(B, Hq, nq, v.shape[-1])
 
 
-def elu_features(x: Tensor) -> Tensor:
-    return F.elu(x) + 1.0
-
-
-def relu_features(x: Tensor) -> Tensor:
-    return F.relu(x)
-
-
-_FEATURE_FNS = {"elu": elu_features, "relu": relu_features}
+_FEATURE_MAPS = {"elu": EluFeatures(), "relu": ReluFeatures()}
 
 
 def _refuse(method: Method, opts, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask) -> Inputs:
@@ -241,8 +295,9 @@ def _refuse(method: Method, opts, q: Tensor, k: Tensor, v: Tensor, causal: bool,
 @dataclass(frozen=True)
 class LinearOptions:
     """feature_map: "elu" (elu(x) + 1, Katharopoulos et al.) or "relu". chunk: queries per chunk
-    of the chunkwise form (positive int, default 256); it changes the memory of the C×C
-    products, not the result (up to rounding)."""
+    of the causal chunkwise form (positive int, default 256); it changes the memory of the C×C
+    products, not the result (up to rounding). Non-causal attention runs in ``block_rows``
+    blocks (at least ``chunk`` rows)."""
 
     feature_map: str = "elu"
     chunk: int = 256
@@ -264,14 +319,21 @@ class Linear(Method):
     Options = LinearOptions
 
     def forward(self, inp: Inputs, opts: LinearOptions) -> Tensor:
-        phi = _FEATURE_FNS[opts.feature_map]
-        return kernel_attention(inp.q, inp.k, inp.v, phi, phi, causal=inp.causal, chunk=opts.chunk)
+        return kernel_attention(inp.q, inp.k, inp.v, _FEATURE_MAPS[opts.feature_map], causal=inp.causal,
+                                chunk=opts.chunk)
 
 
 def orthogonal_random_features(features: int, head_dim: int, *, seed: int,
                                dtype: torch.dtype = torch.float32) -> Tensor:
     """FAVOR+'s projection W (features, head_dim): stacked blocks of random orthogonal rows,
     each row rescaled to the norm of a Gaussian vector (so rows are marginally N(0, I))."""
+    return _orthogonal_random_features(features, head_dim, seed).to(dtype, copy=True)  # callers may write to it
+
+
+@functools.lru_cache(maxsize=16)
+def _orthogonal_random_features(features: int, head_dim: int, seed: int) -> Tensor:
+    # Cached: the functional form draws the same W on every call, and the QRs cost more than
+    # a small attention call.
     g = torch.Generator().manual_seed(seed)
     blocks = []
     for _ in range(math.ceil(features / head_dim)):
@@ -281,7 +343,7 @@ def orthogonal_random_features(features: int, head_dim: int, *, seed: int,
         blocks.append((q_mat * torch.sign(torch.diagonal(r_mat))).T)
     rows = torch.cat(blocks)[:features]  # (m, D) orthonormal within each block
     norms = torch.randn(features, head_dim, generator=g, dtype=torch.float64).norm(dim=1)
-    return (norms.unsqueeze(1) * rows).to(dtype)
+    return norms.unsqueeze(1) * rows
 
 
 # Feature exponents are clamped below at this fraction of the float's log-range, so that a
@@ -289,46 +351,73 @@ def orthogonal_random_features(features: int, head_dim: int, *, seed: int,
 _EXP_FLOOR = {torch.float32: -43.0, torch.float64: -354.0}
 
 
-class FavorFeatures:
+class FavorFeatures(FeatureMap):
     """φ(x) = exp(W x' − |x'|²/2 − c) with x' = x·scale^½ and c a detached stabiliser.
 
     The √m normalisation of the paper cancels between numerator and denominator and is left
-    out. Exponents below ``_EXP_FLOOR`` are clamped (e^-43 ≈ 2e-19 in float32; performer-pytorch
-    adds 1e-4 to every feature instead).
+    out, and so does a query's factor exp(−|q'|²/2), common to its whole row: queries use
+    exp(W q' − c_q), c_q the row maximum. Exponents below ``_EXP_FLOOR`` are clamped (e^-43 ≈
+    2e-19 in float32; performer-pytorch adds 1e-4 to every feature instead); the backward
+    treats the clamp as the identity, which changes a gradient by at most that fraction of the
+    largest feature's.
+
+    A key's exponent is one matmul: [x, −|x'|²/2 − c] (…, L, D+1) times [W', 1]ᵀ (D+1, m), and
+    the backward's dφ⊙φ times the same [W', 1] gives dx's linear part and the row sums at once.
     """
 
     def __init__(self, projection: Tensor, scale: float):
         self.w = projection * math.sqrt(scale)  # (m, D): x·W'ᵀ = x'·Wᵀ
-        self.half_scale = scale / 2
+        self.w_aug = torch.cat([self.w, self.w.new_ones(self.w.shape[0], 1)], 1)  # (m, D+1)
+        self.scale = scale
         self.floor = _EXP_FLOOR.get(projection.dtype, -43.0)
-        self.key_shift: Tensor | float = 0.0
+        self.key_shift: Tensor | None = None
 
-    def logits(self, x: Tensor) -> Tensor:
-        return x @ self.w.T - (x * x).sum(-1, keepdim=True) * self.half_scale  # (…, L, m)
+    def num_features(self, head_dim: int) -> int:
+        return self.w.shape[0]
 
-    def query(self, x: Tensor) -> Tensor:
-        lg = self.logits(x)
-        return torch.exp((lg - lg.amax(-1, keepdim=True).detach()).clamp_min(self.floor))
+    def _exp_(self, logits: Tensor) -> Tensor:
+        return logits.clamp_min_(self.floor).exp_()
+
+    def query(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        lg = x @ self.w.T  # (…, L, m)
+        shift = lg.amax(-1, keepdim=True)  # (…, L, 1)
+        return self._exp_(lg.sub_(shift)), shift
+
+    def query_again(self, x: Tensor, shift: Tensor | None) -> Tensor:
+        return self._exp_(torch.cat([x, -shift], -1) @ self.w_aug.T)
+
+    def query_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        return dphi.mul_(phi) @ self.w
+
+    def key_logits(self, x: Tensor, shift: Tensor | None = None) -> Tensor:
+        bias = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().mul_(-self.scale / 2)  # (…, L, 1)
+        if shift is not None:
+            bias = bias.sub_(shift)
+        return torch.cat([x, bias], -1) @ self.w_aug.T  # (…, L, m)
 
     def key(self, x: Tensor) -> Tensor:
-        return torch.exp((self.logits(x) - self.key_shift).clamp_min(self.floor))
+        return self._exp_(self.key_logits(x, self.key_shift))
 
-    def fit_keys(self, k: Tensor, chunk: int) -> None:
-        """One pass without grad: the per-head maximum key logit, so exp never overflows."""
+    def key_grad(self, x: Tensor, phi: Tensor, dphi: Tensor) -> Tensor:
+        g = dphi.mul_(phi) @ self.w_aug  # (…, L, D+1): [dlogits·W', Σ_j dlogits_j]
+        return torch.addcmul(g[..., :-1], x, g[..., -1:], value=-self.scale)  # d(−scale·|x|²/2)/dx = −scale·x
+
+    def fit_keys(self, k: Tensor, block: int) -> None:
+        """One pass: the per-head maximum key logit, so exp never overflows."""
         shift = None
-        with torch.no_grad():
-            for p in range(0, k.shape[-2], chunk):
-                m = self.logits(k[..., p:p + chunk, :]).amax((-1, -2), keepdim=True)
-                shift = m if shift is None else torch.maximum(shift, m)
-        self.key_shift = 0.0 if shift is None else shift.unsqueeze(2)  # (B, Hkv, 1, 1, 1)
+        for p in range(0, k.shape[-2], block):
+            m = self.key_logits(k[..., p:p + block, :]).amax((-1, -2), keepdim=True)
+            shift = m if shift is None else torch.maximum(shift, m)
+        self.key_shift = None if shift is None else shift.unsqueeze(2)  # (B, Hkv, 1, 1, 1)
 
 
 def performer_attention(q: Tensor, k: Tensor, v: Tensor, projection: Tensor, *, causal: bool,
                         scale: float, chunk: int) -> Tensor:
     """FAVOR+ attention with the given projection (m, D); shapes as ``kernel_attention``."""
     feats = FavorFeatures(projection.to(q.device, q.dtype), scale)
-    feats.fit_keys(k, chunk)
-    return kernel_attention(q, k, v, feats.query, feats.key, causal=causal, chunk=chunk)
+    with torch.no_grad():
+        feats.fit_keys(k, block_rows(max(q.shape[2], k.shape[2]), k.shape[-1], projection.shape[0], chunk))
+    return kernel_attention(q, k, v, feats, causal=causal, chunk=chunk)
 
 
 @dataclass(frozen=True)
@@ -336,7 +425,7 @@ class PerformerOptions:
     """features: m random features (positive int, default 256). seed: the draw of the
     orthogonal projection (int, default 0); the functional form always uses this seed, the
     module form redraws with ``redraw()``. chunk: as for ``linear`` (default 1024: fewer, larger
-    operations; the transient (C, m) features stay a few MiB per head)."""
+    operations; the causal form's C×C products stay a few MiB per head)."""
 
     features: int = 256
     seed: int = 0

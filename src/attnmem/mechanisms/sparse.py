@@ -27,7 +27,19 @@ from torch import Tensor
 
 from .. import masks as M
 from ..registry import Inputs, Method, register
-from ..tiled import _MIN_Q_TILE, KERNELS, _Ctx, _merge, tiled_attention, tiled_backward, tiled_forward
+from ..tiled import (
+    _MIN_Q_TILE,
+    CAUSAL_TILE,
+    KERNELS,
+    _Ctx,
+    _fused_bwd,
+    _fused_fwd,
+    _merge,
+    resolve_kernel,
+    tiled_attention,
+    tiled_backward,
+    tiled_forward,
+)
 
 # FlexAttention's kernels tile by 128 × 128 on CUDA.
 _FLEX_TILE = 128
@@ -300,10 +312,79 @@ class BigBirdAttention(_Sparse):
         return local, local.global_query_rows(nq)
 
 
+class _Band(M.SlidingWindow):
+    """Keys with ``lo <= j - (i + nk - nq) <= hi`` (bounds may be negative: one side of a
+    window without its centre); internal, so the public constructor's checks stay strict."""
+
+    def __init__(self, lo: int, hi: int):
+        self.left, self.right = -lo, hi
+        self.name = f"band({lo}, {hi})"
+
+
+class _StridedSplit(torch.autograd.Function):
+    """The strided pattern as two disjoint passes merged by log-sum-exp.
+
+    With ``rel = j - i`` (Nq == Nk, or no causal), the pattern is ``0 < |rel| < s`` (the band
+    without its centre: tiled, O(N·s)) plus ``rel ≡ 0 (mod s)``. The second part falls apart into
+    ``s`` residue classes: queries and keys at positions ``r, r + s, r + 2s, …`` (queries shifted
+    by the offset) see each other all, or causally (top-left in class order when Nq == Nk). Each
+    class is one dense call of the fused kernel on (N/s)-row views, so the strided factor costs
+    its N²/s allowed pairs instead of every key tile. Like ``_WithGlobalRows``, both passes save
+    only the merged output and lse, and each pass's backward recomputes its own probabilities.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, c_band: _Ctx, stride: int, causal: bool, scale: float):
+        out, lse = tiled_forward(c_band, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
+        for qs, ks, lq in _classes(q, k, stride):
+            q_c = _stack(q[:, :, qs], k.shape[1])  # (B, Hkv, G·Lq, D)
+            o_c, l_c = _fused_fwd(q_c, k[:, :, ks], v[:, :, ks], CAUSAL_TILE if causal else None, scale)
+            o_c, l_c = o_c.reshape(*q.shape[:2], lq, -1), l_c.reshape(*q.shape[:2], lq).to(lse.dtype)
+            o, lse_c = _merge(out[:, :, qs].to(lse.dtype), lse[:, :, qs], o_c, l_c)
+            out[:, :, qs] = o.to(out.dtype)
+            lse[:, :, qs] = lse_c
+        ctx.c = (c_band, stride, causal, scale)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        c_band, stride, causal, scale = ctx.c
+        dq, dk, dv = tiled_backward(c_band, dout, q, k, v, out, lse)
+        # A row with nothing allowed has lse -inf; +inf makes its recomputed P exactly 0.
+        lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, torch.inf), lse).to(q.dtype)
+        hkv = k.shape[1]
+        for qs, ks, lq in _classes(q, k, stride):
+            dq_c, dk_c, dv_c = _fused_bwd(_stack(dout[:, :, qs], hkv), _stack(q[:, :, qs], hkv), k[:, :, ks],
+                                          v[:, :, ks], _stack(out[:, :, qs], hkv), _stack(lse_b[:, :, qs], hkv),
+                                          CAUSAL_TILE if causal else None, scale)
+            dq[:, :, qs] += dq_c.reshape(*q.shape[:2], lq, -1)
+            dk[:, :, ks] += dk_c
+            dv[:, :, ks] += dv_c
+        return dq, dk, dv, None, None, None, None
+
+
+def _classes(q: Tensor, k: Tensor, stride: int):
+    """(query slice, key slice, query count) per residue class r: keys j ≡ r, queries with
+    i + Nk − Nq ≡ r (mod stride); classes with no query or no key are left out."""
+    nq, nk = q.shape[2], k.shape[2]
+    off = nk - nq
+    for r in range(min(stride, nk)):
+        qa = (r - off) % stride
+        if qa < nq:
+            yield slice(qa, None, stride), slice(r, None, stride), len(range(qa, nq, stride))
+
+
+def _stack(x: Tensor, hkv: int) -> Tensor:
+    """(B, Hq, L, ...) -> (B, Hkv, G·L, ...), the query layout of the tile kernels (a copy)."""
+    return x.reshape(x.shape[0], hkv, -1, *x.shape[3:])
+
+
 @register
 class StridedAttention(_Sparse):
     name = "strided"
-    memory = "O(B·H·N·D); O(N·(s + N/s)) allowed pairs, but column tiles are computed whole"
+    memory = "O(B·H·N·D); O(N·(s + N/s)) allowed pairs (fused CPU kernel: per residue class)"
     summary = "Sparse Transformer patterns: 'strided' (local + every s-th key) or 'fixed' (block + summaries)"
     Options = StridedOptions
 
@@ -311,6 +392,22 @@ class StridedAttention(_Sparse):
         if opts.pattern == "fixed":
             return M.fixed(opts.stride, opts.summary)
         return M.strided(opts.stride)
+
+    def forward(self, inp: Inputs, opts) -> Tensor:
+        # The residue-class split needs the fused CPU kernel (float32/float64: its gradients are
+        # added in place), no user mask, and for causal a square problem without GQA (the
+        # kernel's is_causal is top-left aligned over unstacked rows).
+        call = inp.mask
+        causal = isinstance(call, M.SlidingWindow) and call.left is None and call.right == 0
+        fast = (opts.pattern == "strided" and resolve_kernel(opts.kernel, inp.q) == "fused"
+                and inp.q.dtype in (torch.float32, torch.float64)
+                and (call is None or (causal and inp.nq == inp.nk and inp.q_heads == inp.kv_heads)))
+        if not fast:
+            return super().forward(inp, opts)
+        s = opts.stride
+        band = _Band(-(s - 1), -1) if causal else M.Or(_Band(-(s - 1), -1), _Band(1, s - 1))
+        c_band = _Ctx(inp.q, inp.k, band, inp.scale, max(opts.q_tile, _MIN_Q_TILE), opts.kv_tile, opts.kernel)
+        return _StridedSplit.apply(inp.q, inp.k, inp.v, c_band, s, causal, inp.scale)
 
 
 # --- CUDA: FlexAttention with attnmem's own block map --------------------------------------

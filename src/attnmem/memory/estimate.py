@@ -275,7 +275,10 @@ class _SmallRealMode(TorchDispatchMode):
             probe = func(*meta_args, **meta_kwargs)
         except Exception:  # noqa: BLE001  data-dependent output shapes: only the real op can tell
             return func(*args, **kwargs)
-        sizes = [x.numel() for x in tree_flatten(probe)[0] if isinstance(x, torch.Tensor)]
+        # Storage, not view, sizes: a view of a small real tensor (an index expanded along D) is
+        # small too, and making it fake would count a copy that the real run never allocates.
+        sizes = [x.untyped_storage().nbytes() // x.element_size() for x in tree_flatten(probe)[0]
+                 if isinstance(x, torch.Tensor)]
         if all(n <= SMALL_NUMEL for n in sizes):
             return func(*args, **kwargs)
         with self.fake_mode:
@@ -389,7 +392,7 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     shape = Shape(batch, heads, kv_heads, seq_len, head_dim, dt.itemsize, str(dt).removeprefix("torch."),
                   bool(training), bool(causal),
                   mask is not None)
-    # Stateful methods too: linformer refuses causal with its reason, not a trace error.
+    # Stateful methods state their limits too (their modules would raise them mid-trace).
     reasons = m.not_supported_reasons(inp, opts)
     if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
         raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
@@ -437,3 +440,4 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     saved = after_forward - inputs
     return Estimate(method, peak, inputs, saved, peak - inputs - saved, "trace", shape, dict(options))
 from . import formulas_approx  # noqa: E402,F401  closed forms of the approximate methods
+from . import formulas_sparse  # noqa: E402,F401  closed forms of the sparse, selective, adaptive-span methods

@@ -116,18 +116,22 @@ def track_peak(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[int, 
 
 
 def measure(fn: Callable[..., Any], *args: Any, repeats: int = 3, warmup: int = 1,
-            **kwargs: Any) -> Measurement:
+            time_budget_s: float | None = None, **kwargs: Any) -> Measurement:
     """Run ``fn(*args, **kwargs)`` for real; return its peak memory and median time.
 
     One tracked run gives the peak (tensors in ``args`` count from the start; whatever ``fn``
     returns is dropped at its end); ``warmup`` untimed runs come first and ``repeats`` timed,
-    untracked runs after (with ``repeats=0`` the tracked run is timed).
+    untracked runs after (with ``repeats=0`` the tracked run is timed). With ``time_budget_s``,
+    the timed repeats stop once they have taken that long together (at least one runs), so a
+    slow case costs one repeat and a fast one gets all ``repeats``.
 
     Raises:
-        ValueError: ``repeats`` or ``warmup`` negative.
+        ValueError: ``repeats`` or ``warmup`` negative, ``time_budget_s`` not positive.
     """
     if repeats < 0 or warmup < 0:
         raise ValueError(f"repeats and warmup must be >= 0, got repeats={repeats}, warmup={warmup}")
+    if time_budget_s is not None and not time_budget_s > 0:
+        raise ValueError(f"time_budget_s must be > 0 or None, got {time_budget_s!r}")
     device = _device_of((args, kwargs))
     for _ in range(warmup):
         fn(*args, **kwargs)
@@ -151,5 +155,7 @@ def measure(fn: Callable[..., Any], *args: Any, repeats: int = 3, warmup: int = 
         fn(*args, **kwargs)
         _sync(device)
         times.append(time.perf_counter() - t0)
+        if time_budget_s is not None and sum(times) >= time_budget_s:
+            break
     time_s = statistics.median(times) if times else tracked_time
     return Measurement(peak, time_s, baseline, times, str(device))

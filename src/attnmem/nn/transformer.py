@@ -67,6 +67,17 @@ class Transformer(nn.Module):
         for name, val in (("vocab_size", vocab_size), ("n_layers", n_layers), ("ffn_mult", ffn_mult)):
             if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
                 raise ValueError(f"{name} must be a positive int, got {val!r}")
+        if checkpointing and method != "auto":
+            from .. import registry
+
+            if registry.get(method).family == "memory":
+                # The backward would run each block's forward a second time, and with it the
+                # memory update: the memory would advance twice and the recomputed block would
+                # read the already-advanced memory (wrong gradients). Refuse instead.
+                raise ValueError(f"checkpointing=True cannot be used with method={method!r}: its memory "
+                                 "advances on every forward, and checkpointing reruns the forward in the "
+                                 "backward; train it with checkpointing=False (its memory per segment is "
+                                 "already bounded)")
         self.d_model = d_model
         self.checkpointing = checkpointing
         self.embed = nn.Embedding(vocab_size, d_model)

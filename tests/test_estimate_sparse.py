@@ -1,0 +1,95 @@
+"""Closed forms of the sparse, selective and adaptive-span methods (memory/formulas_sparse.py).
+
+Their agreement with the fake-tensor trace runs in tests/test_estimate.py
+(``test_closed_form_agrees_with_trace`` covers every name in ``FORMULAS``); here: they answer at
+a million tokens, linearly, and the block-map rows they sample are the rows the kernel plans.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnmem import masks as M
+from attnmem import registry
+from attnmem.memory.estimate import Shape, estimate
+from attnmem.memory.formulas_sparse import _tile_rows
+
+MILLION_CASES = [
+    ("sliding_window", {}), ("dilated", {}), ("longformer", {}), ("bigbird", {}), ("strided", {}),
+    ("strided", {"pattern": "fixed"}), ("topk", {}), ("hard", {}), ("adaptive_span", {}),
+    ("adaptive_span_fixed", {}),
+]
+
+
+@pytest.mark.parametrize("name, opts", MILLION_CASES, ids=lambda x: str(x))
+def test_formula_answers_at_a_million_tokens(monkeypatch, name, opts):
+    # All of these are O(N) in memory (a tile at a time), so doubling N doubles the peak to within
+    # the tile-sized working set; a trace would take minutes (O(N / tile) kernel calls). The
+    # answer must come without tracing (its time, ≤ 2 s, is benchmarks/estimate_sparse.py's).
+    from attnmem.memory import estimate as est_mod
+
+    def no_trace(*a, **k):
+        raise AssertionError("traced at a million tokens")
+
+    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
+    kw = dict(batch=1, heads=8, head_dim=64, causal=True, **opts)
+    big = estimate(name, seq_len=2**20, **kw)
+    half = estimate(name, seq_len=2**19, **kw)
+    assert big.source == "formula" and half.source == "formula"
+    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+    floor = 7 * 2**20 * 8 * 64 * 4  # q, k, v, out, dq, dk, dv
+    assert floor < big.peak_bytes
+
+
+@pytest.mark.parametrize("name, opts", [
+    ("sliding_window", dict(window=(96, 0))), ("dilated", dict(window=40, dilation=3)),
+    ("bigbird", dict(block=32)), ("strided", dict(stride=48)), ("strided", dict(pattern="fixed", stride=64)),
+])
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_rows_are_the_block_map_rows(name, opts, causal):
+    # The formulas read a few query tiles' rows from the pattern's tile_states; the kernel reads
+    # all rows from block_map. They must agree wherever both are defined.
+    m = registry.get(name)
+    o = m.make_options(opts)
+    local, _ = m.split(o, 1000)
+    mask = M.causal() & local if causal else local
+    s = Shape(1, 2, 2, 1000, 16, 4, "float32", True, causal, False)
+    tiles = list(range(0, 1000 // o.q_tile + 1))
+    expected = mask.block_map(1000, 1000, o.q_tile, o.kv_tile, batch=1, heads=2).rows()
+    assert _tile_rows(mask, s, o.q_tile, o.kv_tile, tiles) == expected
+
+
+def test_options_change_the_closed_form():
+    # The working set follows the options: a wider window means wider segments.
+    kw = dict(batch=1, heads=8, seq_len=2**16, head_dim=64, how="formula")
+    wide, narrow = (estimate("sliding_window", window=w, **kw).peak_bytes for w in (1024, 64))
+    assert wide > narrow
+    assert estimate("topk", topk=64, **kw).peak_bytes > estimate("topk", topk=8, **kw).peak_bytes
+
+
+def test_cases_without_a_closed_form_are_traced():
+    kw = dict(batch=1, heads=2, seq_len=128, head_dim=16)
+    assert estimate("sliding_window", kernel="torch", **kw).source == "trace"
+    assert estimate("hard", mode="stochastic", **kw).source == "trace"
+    with pytest.raises(ValueError, match="no closed-form estimate"):
+        estimate("sliding_window", how="formula", dtype=torch.bfloat16, **kw)
+
+
+@pytest.mark.parametrize("name", ["adaptive_span", "adaptive_span_fixed"])
+def test_causal_only_methods_refuse_a_non_causal_estimate_in_one_line(name):
+    # Both are causal by definition; the learned module's own ValueError used to surface from
+    # inside the trace as "cannot be traced on fake tensors".
+    with pytest.raises(ValueError, match=f"method '{name}' cannot run these inputs: is causal by definition"):
+        estimate(name, batch=1, heads=8, seq_len=2**20, head_dim=64)
+
+
+def test_adaptive_span_width_follows_its_spans():
+    # The band is ⌈largest span⌉ + ramp keys wide: a narrower span is a smaller tile working set,
+    # and the learned module's starting span (init_span) counts like a fixed span.
+    kw = dict(batch=1, heads=8, seq_len=2**16, head_dim=64, causal=True, how="formula")
+    wide, narrow = (estimate("adaptive_span_fixed", spans=sp, **kw).peak_bytes for sp in (2048, 128))
+    assert wide > narrow
+    fixed = estimate("adaptive_span_fixed", spans=128, training=False, **kw).peak_bytes
+    learned = estimate("adaptive_span", max_span=1024, init_span=128.0, training=False, **kw).peak_bytes
+    assert fixed == learned  # without training both run the fused kernel over the same band
