@@ -3,16 +3,15 @@ searches over them.
 
 Expected values: the fake-tensor trace of the same call (``how="trace"``), which
 tests/test_estimate.py checks against real measurements; the N = 2**20 checks only ask for a
-formula answer that is fast and linear in N (the trace would take minutes there).
+formula answer, given without tracing, that is linear in N (the trace would take minutes there).
 """
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 import attnmem
+from attnmem.mechanisms.linear import orthogonal_random_features
 from attnmem.memory import estimate as estimate_mod
 from attnmem.memory.estimate import FORMULAS, estimate
 
@@ -30,18 +29,21 @@ def test_my_methods_have_closed_forms(name):
 
 @pytest.mark.parametrize("name", MINE)
 @pytest.mark.parametrize("causal", [True, False])
-def test_a_million_tokens_by_formula_fast_and_linear(name, causal):
+def test_a_million_tokens_by_formula_untraced_and_linear(name, causal, monkeypatch):
     kw = dict(batch=1, heads=8, head_dim=64, causal=causal, how=HOW.get(name, "auto"))
     if causal and name in NO_CAUSAL:
         with pytest.raises(ValueError, match="causal"):
             estimate(name, seq_len=2**20, **kw)
         pytest.skip(f"{name} cannot run causal=True (refused above)")
-    t0 = time.perf_counter()
+
+    def no_trace(*a, **k):
+        raise AssertionError("traced: a million tokens must be answered by the closed form")
+
+    # No trace happens (its time is the benchmark's business, not a test's).
+    monkeypatch.setattr(estimate_mod, "trace_peak", no_trace)
     big = estimate(name, seq_len=2**20, **kw)
-    elapsed = time.perf_counter() - t0
     half = estimate(name, seq_len=2**19, **kw)
     assert big.source == "formula" and half.source == "formula"
-    assert elapsed < 2.0, f"{elapsed:.2f} s"
     assert 1.9 <= big.peak_bytes / half.peak_bytes <= 2.1
     # At least q, k, v, the output and the three gradients.
     assert big.peak_bytes >= 7 * 8 * 2**20 * 64 * 4
@@ -51,15 +53,21 @@ LINEAR, FAVOR = ("linear", dict(chunk=128)), ("performer", dict(features=128, ch
 NYS, HIER = "nystrom", "hierarchical"
 
 
-# performer forward-only causal with several chunks is left out: there the closed form is
-# 7.9 % under the trace (a peak inside the feature map that the formula does not model).
-@pytest.mark.parametrize("name, opts, causal, training", [
-    (*LINEAR, True, True), (*LINEAR, False, True), (*LINEAR, True, False), (*LINEAR, False, False),
-    (*FAVOR, True, True), (*FAVOR, False, True), (*FAVOR, False, False),
+@pytest.mark.parametrize("name, opts, causal, training, kv_heads", [
+    (*LINEAR, True, True, None), (*LINEAR, False, True, None), (*LINEAR, True, False, None),
+    (*LINEAR, False, False, None), (*FAVOR, True, True, None), (*FAVOR, False, True, None),
+    (*FAVOR, True, False, None), (*FAVOR, False, False, None), (*LINEAR, False, True, 2), (*FAVOR, False, True, 2),
 ])
-def test_closed_form_follows_the_options(name, opts, causal, training):
-    # Several chunks (N = 4 chunks) with non-default sizes: the terms scale with the options.
+def test_closed_form_follows_the_options(name, opts, causal, training, kv_heads):
+    # Several chunks (N = 4 chunks) with non-default sizes: the terms scale with the options;
+    # non-causal with GQA (kv_heads=2) peaks in the query block over the H heads instead.
     kw = dict(batch=1, heads=4, head_dim=32, seq_len=4 * opts["chunk"], causal=causal, training=training, **opts)
+    if kv_heads:
+        kw["kv_heads"] = kv_heads
+    if name == "performer":
+        # The float64 draw of W is cached (lru_cache): a process's first trace would count the
+        # cache's copy as saved, which the closed form leaves out. Draw it first.
+        orthogonal_random_features(opts["features"], 32, seed=0)
     traced, closed = estimate(name, how="trace", **kw), estimate(name, how="formula", **kw)
     assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.05 * traced.peak_bytes, (closed, traced)
     assert closed.saved_bytes == traced.saved_bytes
