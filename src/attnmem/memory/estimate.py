@@ -13,8 +13,9 @@ Two ways to the same number:
 * **formula**: a closed form per method (``FORMULAS``, registered with ``@formula``) that states
   the method's asymptotics in bytes. It answers where tracing would be slow — the tile loop of
   ``chunked`` runs O((N/tile)²) Python iterations even on fake tensors — and is tested against
-  the trace at moderate N. ``how="auto"`` traces unless the method's ``trace_work`` (roughly, the
-  Python-level operator calls of one trace) exceeds ``MAX_TRACE_WORK``.
+  the trace at moderate N. ``how="auto"`` uses the closed form wherever the method has one for
+  the call's options, and traces otherwise. (``trace_work``, roughly the Python-level operator
+  calls of one trace, tells how slow the trace it replaces would be.)
 
 The breakdown splits the peak into ``inputs`` (q, k, v), ``saved`` (held between forward and
 backward beyond the inputs: the output and what autograd keeps; 0 without training) and
@@ -39,9 +40,6 @@ from .measure import LiveTensorTracker, MiB
 # Tensors up to this many elements that do not depend on q, k, v stay real, so index code
 # (block maps, .tolist(), .item()) runs; 2**20 int64 elements are 8 MiB.
 SMALL_NUMEL = 2**20
-# Above this many Python-level operator calls, a method with a closed form uses it instead of
-# tracing (≈ 1 s of tracing on the project's 2-core CPU, where one fake call costs ≈ 50-100 µs).
-MAX_TRACE_WORK = 5000
 # Operator calls one segment of chunked's tile loop makes in forward and backward together.
 OPS_PER_SEGMENT = 80
 HOWS = ("auto", "trace", "formula")
@@ -355,8 +353,8 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         training: forward + ``out.sum().backward()`` with q, k, v requiring grad; else
             forward under ``torch.no_grad()``.
         causal, mask: as in ``attnmem.attention`` (mask: an ``attnmem.masks.Mask``).
-        how: "trace" (fake tensors), "formula" (closed form) or "auto" (trace unless the
-            method's closed form says a trace would make more than ``MAX_TRACE_WORK`` calls).
+        how: "trace" (fake tensors), "formula" (closed form) or "auto" (the closed form where
+            the method has one for these options, else the trace).
         **options: the method's options.
 
     Returns:
@@ -399,8 +397,11 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     f = FORMULAS.get(method)
     if f is not None and f.fn(shape, opts) is None:
         f = None
-    use_formula = how == "formula" or (how == "auto" and f is not None
-                                       and f.trace_work(shape, opts) > MAX_TRACE_WORK)
+    # Every closed form is tested against the trace (within 5 %, most to the byte) and answers in
+    # milliseconds to about a second at any N, while a trace costs the fake-tensor import on
+    # its first call and grows with the number of tiles: "auto" takes the closed form wherever
+    # one exists for these options, and traces the rest.
+    use_formula = how == "formula" or (how == "auto" and f is not None)
     if use_formula:
         if f is None:
             raise ValueError(f"method {method!r} has no closed-form estimate for these options; use how='trace'")
