@@ -100,6 +100,13 @@ def test_closed_form_agrees_with_trace(name, case):
         with pytest.raises(ValueError, match="no closed-form"):
             estimate(name, how="formula", **kw)
         pytest.skip("recurrent_memory: no closed form below N = 5·memory + 3·segment (traced)")
+    if name == "linformer":
+        # Built with max_len = 4096 > N here: E[:, :, :N] is a strided slice, which the closed form
+        # does not cover (traced; checked here). Its closed form is checked against measurements
+        # in tests/test_estimate_memory.py (the trace counts E and F, a real run does not).
+        with pytest.raises(ValueError, match="no closed-form"):
+            estimate(name, how="formula", **kw)
+        pytest.skip("linformer: no closed form for N < max_len (traced)")
     traced = estimate(name, how="trace", **kw)
     closed = estimate(name, how="formula", **kw)
     assert traced.source == "trace" and closed.source == "formula"
