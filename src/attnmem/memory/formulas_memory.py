@@ -89,8 +89,9 @@ def _recurrent_memory(s: Shape, opts) -> tuple[int, int] | None:
 
 
 def _linformer_work(s: Shape, opts) -> int:
-    # A trace makes a few dozen operator calls, but in training it counts E and F, which a real
-    # run does not (module docstring): where the closed form applies, "auto" should use it.
+    # A trace makes a few dozen operator calls, but the first one in a process pays ≈ 2 s for
+    # importing fake tensors (2.4 s at N = 2**20); the closed form gives the trace's number
+    # where it applies, so "auto" uses it there.
     from .estimate import MAX_TRACE_WORK
 
     return MAX_TRACE_WORK + 1
@@ -100,32 +101,28 @@ def _linformer_work(s: Shape, opts) -> int:
 def _linformer(s: Shape, opts) -> tuple[int, int] | None:
     """k projected rows, E and F (1, k, max_len) float32 parameters, K_low = E·K and
     V_low = F·V (B·Hkv·k·D each), then exact fused attention of the N queries over k keys.
-    As ``attnmem.measure`` counts a real run: in training, E and F are not counted (they exist
-    before the call, as weights), their gradients are; forward only, the product reads E and
-    F in full and they count (2·k·max_len·4).
+    E and F count in full (2·k·max_len·4) once the call touches them, as the trace and the
+    benchmark harness (``attnmem.bench.run_case``) count them.
 
-    Training: saved = O + L(N) (one log-sum-exp per query row) + K_low + V_low. Transient =
-    dQ + dK + dV + E.grad + F.grad (2·k·max_len·4) + the un-reduced gradient of E broadcast
-    over the B·Hkv batch of the product (B·Hkv·k·N·4, before its sum) − L(N) − K_low − V_low
-    (freed before the peak, in E·K's backward). Forward only: O + L(N) + E + F + K_low + V_low
-    (+ one more L(N) under GQA, in the fused kernel). Linear in N. The fake-tensor trace
-    counts E and F in training too (2·k·N·4 above measured: +8 % at N = 8192); this form
-    follows the measurement.
+    Training: saved = O + L(N) (one log-sum-exp per query row) + E + F + K_low + V_low.
+    Transient = dQ + dK + dV + E.grad + F.grad (2·k·max_len·4) + the un-reduced gradient of E
+    broadcast over the B·Hkv batch of the product (B·Hkv·k·N·4, before its sum) − L(N) −
+    K_low − V_low (freed before the peak, in E·K's backward). Forward only: O + L(N) + E + F +
+    K_low + V_low (+ one more L(N) under GQA, in the fused kernel). Linear in N.
 
     Only for the default layout: float32, N = max_len (so the slice E[:, :, :N] is E itself,
-    no copy), one projection for all heads (not per_head, not share_kv), B = 1 and Hkv > 1
-    (checked against measurements); other options (float64 copies of E and F, non-contiguous
-    slices, other broadcasts: +12.5 % at B = 2, Hkv = 1) are traced —
-    a trace makes a few dozen operator calls."""
+    no copy), one projection for all heads (not per_head, not share_kv), B = 1 and Hkv > 1;
+    other options (float64 copies of E and F, non-contiguous slices, other broadcasts: +12.5 %
+    at B = 2, Hkv = 1) are traced."""
     b, h, hkv, n, d = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim
     if s.dtype != "float32" or opts.share_kv or opts.per_head or n != opts.max_len or b != 1 or hkv == 1:
         return None
     k = opts.k
     lse = b * h * n * 4
     low = 2 * b * hkv * k * d * 4
+    params = 2 * k * opts.max_len * 4
     if not s.training:
-        return 0, s.q_bytes + lse + 2 * k * opts.max_len * 4 + low + (lse if h != hkv else 0)
+        return 0, s.q_bytes + lse + params + low + (lse if h != hkv else 0)
     grads = s.q_bytes + 2 * s.kv_bytes
-    param_grads = 2 * k * opts.max_len * 4
     bcast = b * hkv * k * n * 4
-    return s.q_bytes + lse + low, grads + param_grads + bcast - lse - low
+    return s.q_bytes + lse + params + low, grads + params + bcast - lse - low
