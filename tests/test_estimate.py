@@ -93,6 +93,20 @@ def test_closed_form_agrees_with_trace(name, case):
             estimate(name, how="trace", batch=1, heads=8, head_dim=64, **case)
         pytest.skip(f"{name} does not support causal=True")
     kw = dict(batch=1, heads=8, head_dim=64, **case)
+    if name == "recurrent_memory":
+        # These calls are 1-2 segments of the default S = 512 (< 5·M + 3·S tokens): the peak falls
+        # inside one segment, which the closed form does not model; they are traced (checked
+        # here), and the formula is compared with traces in tests/test_estimate_memory.py.
+        with pytest.raises(ValueError, match="no closed-form"):
+            estimate(name, how="formula", **kw)
+        pytest.skip("recurrent_memory: no closed form below N = 5·memory + 3·segment (traced)")
+    if name == "linformer":
+        # Built with max_len = 4096 > N here: E[:, :, :N] is a strided slice, which the closed form
+        # does not cover (traced; checked here). Its closed form is checked against measurements
+        # in tests/test_estimate_memory.py (the trace counts E and F, a real run does not).
+        with pytest.raises(ValueError, match="no closed-form"):
+            estimate(name, how="formula", **kw)
+        pytest.skip("linformer: no closed form for N < max_len (traced)")
     traced = estimate(name, how="trace", **kw)
     closed = estimate(name, how="formula", **kw)
     assert traced.source == "trace" and closed.source == "formula"

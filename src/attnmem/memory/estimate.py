@@ -441,4 +441,4 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     saved = after_forward - inputs
     return Estimate(method, peak, inputs, saved, peak - inputs - saved, "trace", shape, dict(options))
 # The closed forms of the other methods register themselves with @formula on import.
-from . import formulas_approx, formulas_sparse  # noqa: E402,F401
+from . import formulas_approx, formulas_memory, formulas_sparse  # noqa: E402,F401

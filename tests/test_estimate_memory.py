@@ -1,0 +1,89 @@
+"""Closed forms of the memory-augmented methods (attnmem/memory/formulas_memory.py).
+
+Expected values come from the fake-tensor trace of the same call (``estimate(how="trace")``,
+itself checked against real runs in tests/test_estimate.py), and at N = 2**20 from the
+structure of the method: its memory is linear in N for a fixed segment and memory length.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnmem.memory import estimate as est_mod
+from attnmem.memory.estimate import estimate
+
+# Short segments and memory so that the closed form's range (N ≥ 5·M + 3·S) starts at 832
+# tokens and a trace of 16 segments stays fast.
+SMALL = dict(segment=64, memory=128)
+
+
+@pytest.mark.parametrize("case", [
+    dict(seq_len=1024, causal=True),
+    dict(seq_len=1000, causal=True, kv_heads=2),  # a shorter last segment; GQA
+    dict(seq_len=1024, causal=False),
+    dict(seq_len=1024, causal=False, kv_heads=2),
+    dict(seq_len=1000, causal=True, training=False),
+    dict(seq_len=1024, causal=False, training=False, kv_heads=2),
+    dict(seq_len=1024, causal=True, dtype=torch.float64),
+    dict(seq_len=1024, causal=True, segment=64, memory=0),  # no memory: K_j, V_j are k, v themselves
+], ids=str)
+def test_recurrent_memory_formula_agrees_with_trace(case):
+    kw = dict(batch=1, heads=8, head_dim=64, **{**SMALL, **case})
+    traced = estimate("recurrent_memory", how="trace", **kw)
+    closed = estimate("recurrent_memory", how="formula", **kw)
+    assert closed.saved_bytes == traced.saved_bytes  # the saved terms are exact
+    assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.01 * traced.peak_bytes, (closed, traced)
+
+
+def test_recurrent_memory_short_calls_are_traced():
+    # Below N = 5·M + 3·S the peak falls inside one segment: no closed form, auto traces.
+    kw = dict(batch=1, heads=8, head_dim=64, seq_len=640, causal=True, **SMALL)
+    assert estimate("recurrent_memory", **kw).source == "trace"
+    with pytest.raises(ValueError, match="no closed-form"):
+        estimate("recurrent_memory", how="formula", **kw)
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_recurrent_memory_at_a_million_tokens_uses_the_formula(monkeypatch, causal, training):
+    def no_trace(*a, **k):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
+    kw = dict(batch=1, heads=8, head_dim=64, causal=causal, training=training)  # default S=512, M=2048
+    big = estimate("recurrent_memory", seq_len=2**20, **kw)
+    half = estimate("recurrent_memory", seq_len=2**19, **kw)
+    assert big.source == "formula" and half.source == "formula"
+    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("kv_heads", [8, 2])
+def test_linformer_formula_agrees_with_trace(kv_heads, training):
+    # N = 8192 = max_len (as estimate builds the module): E has 2**21 elements, beyond what the
+    # trace keeps real, so the trace counts it as a real run through attnmem.bench.run_case does.
+    kw = dict(batch=1, heads=8, kv_heads=kv_heads, head_dim=64, seq_len=8192, training=training)
+    closed = estimate("linformer", how="formula", **kw)
+    traced = estimate("linformer", how="trace", **kw)
+    assert closed.saved_bytes == traced.saved_bytes
+    assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.01 * traced.peak_bytes, (closed, traced)
+
+
+def test_linformer_other_options_are_traced():
+    kw = dict(batch=1, heads=8, head_dim=64, seq_len=1024)
+    for extra in (dict(), dict(per_head=True, max_len=1024), dict(dtype=torch.float64, max_len=1024)):
+        assert estimate("linformer", **kw, **extra).source == "trace"
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_linformer_at_a_million_tokens_uses_the_formula(monkeypatch, training):
+    def no_trace(*a, **k):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
+    kw = dict(batch=1, heads=8, head_dim=64, training=training)
+    big = estimate("linformer", seq_len=2**20, **kw)
+    half = estimate("linformer", seq_len=2**19, **kw)
+    assert big.source == "formula" and half.source == "formula"
+    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
