@@ -100,6 +100,14 @@ def test_closed_form_agrees_with_trace(name, case):
         with pytest.raises(ValueError, match="no closed-form"):
             estimate(name, how="formula", **kw)
         pytest.skip("recurrent_memory: no closed form below N = 5·memory + 3·segment (traced)")
+    if name == "knn_memory":
+        # These calls are 1-2 segments of the default S = 512: the peak falls inside one segment
+        # (the retrieved keys and values, the search), which the closed form does not model; they
+        # are traced (checked here), and the formula is compared with traces in
+        # tests/test_estimate_memory.py.
+        with pytest.raises(ValueError, match="no closed-form"):
+            estimate(name, how="formula", **kw)
+        pytest.skip("knn_memory: no closed form below 3 segments and N·q ≥ 3·(segment working set) (traced)")
     if name == "linformer":
         # Built with max_len = 4096 > N here: E[:, :, :N] is a strided slice, which the closed form
         # does not cover (traced; checked here). Its closed form is checked against measurements

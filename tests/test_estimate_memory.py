@@ -87,3 +87,53 @@ def test_linformer_at_a_million_tokens_uses_the_formula(monkeypatch, training):
     half = estimate("linformer", seq_len=2**19, **kw)
     assert big.source == "formula" and half.source == "formula"
     assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+
+
+# knn_memory with a small store and search chunk so that the closed form's range (nseg ≥ 3 and
+# N·q ≥ 3·(one segment's saved terms + its search scores)) starts near 1056 tokens; S ≠ D
+# tells the S·S terms from the S·D ones.
+KNN_SMALL = dict(segment=32, capacity=64, topk=4, search_chunk=32)
+
+
+@pytest.mark.parametrize("case", [
+    dict(seq_len=1280, causal=True),
+    dict(seq_len=1275, causal=True, kv_heads=2),  # a shorter last segment; GQA
+    dict(seq_len=1280, causal=False),
+    dict(seq_len=1280, causal=False, kv_heads=1),
+    dict(seq_len=1280, causal=True, dtype=torch.float64),
+    dict(seq_len=1280, causal=True, training=False),
+    dict(seq_len=1280, causal=False, training=False, kv_heads=2),
+    dict(seq_len=1280, causal=True, batch=2),
+    # A store of 512 searched 128 at a time, filled over 32 segments; a shorter last segment.
+    dict(seq_len=1241, causal=True, heads=2, head_dim=16, segment=16, capacity=512, topk=8, search_chunk=128),
+], ids=str)
+def test_knn_memory_formula_agrees_with_trace(case):
+    kw = {**dict(batch=1, heads=4, head_dim=24), **KNN_SMALL, **case}
+    traced = estimate("knn_memory", how="trace", **kw)
+    closed = estimate("knn_memory", how="formula", **kw)
+    assert closed.source == "formula"
+    assert closed.saved_bytes == traced.saved_bytes  # the saved terms are exact
+    assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.05 * traced.peak_bytes, (closed, traced)
+
+
+def test_knn_memory_short_calls_and_other_options_are_traced():
+    kw = dict(batch=1, heads=4, head_dim=24, seq_len=320, causal=True, **KNN_SMALL)  # 10 segments: too short
+    assert estimate("knn_memory", **kw).source == "trace"
+    with pytest.raises(ValueError, match="no closed-form"):
+        estimate("knn_memory", how="formula", **kw)
+    with pytest.raises(ValueError, match="no closed-form"):  # a fixed gate keeps no log g: not read off
+        estimate("knn_memory", how="formula", **{**kw, "seq_len": 1280, "gate": 0.5})
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("causal", [True, False])
+def test_knn_memory_at_a_million_tokens_uses_the_formula(monkeypatch, causal, training):
+    def no_trace(*a, **k):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
+    kw = dict(batch=1, heads=8, head_dim=64, causal=causal, training=training)  # default S, C, topk
+    big = estimate("knn_memory", seq_len=2**20, **kw)
+    half = estimate("knn_memory", seq_len=2**19, **kw)
+    assert big.source == "formula" and half.source == "formula"
+    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1

@@ -1,5 +1,5 @@
 """Closed-form memory of the approximate methods: ``linear``, ``performer``, ``nystrom``,
-``hierarchical`` (``linformer`` and ``recurrent_memory``: formulas_memory.py; ``knn_memory`` is traced).
+``hierarchical`` (``linformer``, ``recurrent_memory`` and ``knn_memory``: formulas_memory.py).
 
 Each ``@formula`` returns ``(saved, transient)`` bytes (inputs excluded) for one call,
 forward + ``out.sum().backward()`` when ``shape.training``. The terms are read off the code

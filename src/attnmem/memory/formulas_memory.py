@@ -1,7 +1,8 @@
-"""Closed-form memory of ``recurrent_memory`` (mechanisms/memory.py) and ``linformer``
-(mechanisms/lowrank.py), for the options and lengths their docstrings name (others are traced).
+"""Closed-form memory of ``recurrent_memory`` and ``knn_memory`` (mechanisms/memory.py) and
+``linformer`` (mechanisms/lowrank.py), for the options and lengths their docstrings name (others
+are traced).
 
-``knn_memory`` is traced. As in formulas_approx.py, each ``@formula``
+As in formulas_approx.py, each ``@formula``
 returns ``(saved, transient)`` bytes (inputs excluded) for one call, forward +
 ``out.sum().backward()`` when ``shape.training``; the terms are read off the code and off
 where the peak falls in a fake-tensor trace, and checked against the trace
@@ -126,3 +127,77 @@ def _linformer(s: Shape, opts) -> tuple[int, int] | None:
     grads = s.q_bytes + 2 * s.kv_bytes
     bcast = b * hkv * k * n * 4
     return s.q_bytes + lse + params + low, grads + params + bcast - lse - low
+
+
+# --- knn_memory (mechanisms/memory.py) ------------------------------------------------------
+
+# Operator calls one segment makes in a trace (forward + backward: local scores, mask, search,
+# gathers, the two einsums, softmax, the store's writes, the slices' backward); enough to
+# choose trace or formula.
+_KNN_OPS_PER_SEGMENT = 60
+
+
+def _knn_work(s: Shape, opts) -> int:
+    nseg = math.ceil(s.seq_len / opts.segment)
+    return nseg * (_KNN_OPS_PER_SEGMENT + 4 * math.ceil(opts.capacity / opts.search_chunk))
+
+
+@formula("knn_memory", trace_work=_knn_work)
+def _knn_memory(s: Shape, opts) -> tuple[int, int] | None:
+    """S = segment, C = capacity, G = H/Hkv, nseg = ⌈N/S⌉ segments of S_j tokens (the last one
+    N − (nseg − 1)·S); segment j ≥ 1 retrieves k_j = min(topk, C, j·S) stored keys per query.
+    The store (2·B·Hkv·C·D·s) is allocated at the first write and held by the module.
+
+    Training: saved = O (N·q) + the store + Σ_j P_j, where segment j ≥ 1 keeps P_j = its
+    retrieved keys and values (2·B·Hkv·G·S_j·k_j·D·s), the softmax output over retrieved ∪
+    local (B·Hkv·G·S_j·(k_j + S_j)·s), the causal mask (S_j² bytes, causal only), log g
+    (H float32: the gate's log-sigmoid) and, under GQA (G > 1), the (B, Hkv, G·S_j, D) copy of
+    its queries; segment 0 (an empty store) keeps only its local softmax (B·Hkv·G·S_0²·s), its
+    mask and its query copy. The backward walks the segments last to first and accumulates
+    q, k, v's gradients as recurrent_memory does: the peak is at the first out-of-place
+    addition, dQ + dK + dV minus the last two segments' P_j, plus the larger of (adding dQ:
+    2·N·q) and (adding dK: 2·N·kv with that segment's dV_j and dQ_j still alive, S·(kv + q)).
+    Causal or not alike.
+
+    Forward only: the segment outputs and their concatenation (2·N·q) + the store. Linear in N.
+
+    Both hold once nseg ≥ 3 and N·q ≥ 3·(P + search), P one full segment's saved terms and
+    search = B·H·S·min(search_chunk, C)·s its search scores: beyond, one segment's own working
+    set (its saved terms, the local scores, the gathers and the search) is smaller than the
+    full-length terms above. Shorter calls are traced (None), and so are the options not read
+    off here (a fixed gate, the faiss backend, dtypes other than float32 and float64)."""
+    b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    if opts.gate is not None or opts.backend != "torch" or s.dtype not in ("float32", "float64"):
+        return None
+    seg, cap = opts.segment, opts.capacity
+    g = h // hkv
+    bh = b * hkv
+    qt, kvt = b * h * d * e, b * hkv * d * e
+    nseg = math.ceil(n / seg)
+    store = 2 * bh * cap * d * e
+
+    def seg_len(j: int) -> int:
+        return min(seg, n - j * seg)
+
+    def kept(j: int, sj: int | None = None) -> int:  # P_j: what segment j saves for backward
+        sj = seg_len(j) if sj is None else sj
+        mask = sj * sj if s.causal else 0
+        qcopy = bh * g * sj * d * e if g > 1 else 0
+        if j == 0:
+            return bh * g * sj * sj * e + mask + qcopy
+        kj = min(opts.topk, cap, j * seg)
+        return 2 * bh * g * sj * kj * d * e + bh * g * sj * (kj + sj) * e + mask + h * 4 + qcopy
+
+    search = bh * g * seg * min(opts.search_chunk, cap) * e
+    if nseg < 3 or n * qt < 3 * (kept(nseg, seg) + search):
+        return None
+    if not s.training:
+        return 0, 2 * n * qt + store
+    # Segments 1 .. nseg-1: k_j = min(topk, C) from j ≥ ⌈topk/S⌉ on (all but the last of full length).
+    full_from = min(math.ceil(opts.topk / seg), nseg - 1)
+    kept_all = sum(kept(j) for j in range(full_from)) + kept(nseg - 1)
+    kept_all += (nseg - 1 - full_from) * kept(full_from, seg)
+    saved = n * qt + store + kept_all
+    grads = n * qt + 2 * n * kvt
+    freed = kept(nseg - 1) + kept(nseg - 2)
+    return saved, grads - freed + max(2 * n * qt, 2 * n * kvt + seg * (kvt + qt))
