@@ -81,7 +81,7 @@ def test_closed_form_agrees_with_trace(name, case):
     if name in CAUSAL_ONLY and not case["causal"]:
         with pytest.raises(ValueError, match="cannot run these inputs: is causal by definition"):
             estimate(name, batch=1, heads=8, head_dim=64, **case)
-        pytest.skip(f"{name} is causal by definition: a non-causal call is refused (checked above), not estimated")
+        return  # causal by definition: the refusal above is what this case checks
     if case.get("kv_heads") and name == "sdpa":
         # SDPA on CPU would expand K/V to 8 heads, so it refuses GQA (see its reasons).
         with pytest.raises(ValueError, match="expand K/V"):
@@ -91,7 +91,7 @@ def test_closed_form_agrees_with_trace(name, case):
         # nystrom (and linformer) have no causal form: estimate refuses the case, naming it.
         with pytest.raises(ValueError, match="causal"):
             estimate(name, how="trace", batch=1, heads=8, head_dim=64, **case)
-        pytest.skip(f"{name} does not support causal=True")
+        return  # no causal form: the refusal above is what this case checks
     kw = dict(batch=1, heads=8, head_dim=64, **case)
     if name == "recurrent_memory":
         # These calls are 1-2 segments of the default S = 512 (< 5·M + 3·S tokens): the peak falls
@@ -99,7 +99,7 @@ def test_closed_form_agrees_with_trace(name, case):
         # here), and the formula is compared with traces in tests/test_estimate_memory.py.
         with pytest.raises(ValueError, match="no closed-form"):
             estimate(name, how="formula", **kw)
-        pytest.skip("recurrent_memory: no closed form below N = 5·memory + 3·segment (traced)")
+        return  # too few segments for the closed form: its refusal above is the check
     if name == "knn_memory":
         # These calls are 1-2 segments of the default S = 512: the peak falls inside one segment
         # (the retrieved keys and values, the search), which the closed form does not model; they
@@ -107,14 +107,14 @@ def test_closed_form_agrees_with_trace(name, case):
         # tests/test_estimate_memory.py.
         with pytest.raises(ValueError, match="no closed-form"):
             estimate(name, how="formula", **kw)
-        pytest.skip("knn_memory: no closed form below 3 segments and N·q ≥ 3·(segment working set) (traced)")
+        return  # too few segments for the closed form: its refusal above is the check
     if name == "linformer":
         # Built with max_len = 4096 > N here: E[:, :, :N] is a strided slice, which the closed form
         # does not cover (traced; checked here). Its closed form is checked against measurements
         # in tests/test_estimate_memory.py (the trace counts E and F, a real run does not).
         with pytest.raises(ValueError, match="no closed-form"):
             estimate(name, how="formula", **kw)
-        pytest.skip("linformer: no closed form for N < max_len (traced)")
+        return  # N < max_len: the closed form's refusal above is the check
     traced = estimate(name, how="trace", **kw)
     closed = estimate(name, how="formula", **kw)
     assert traced.source == "trace" and closed.source == "formula"
