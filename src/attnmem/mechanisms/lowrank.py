@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..kernels import tiled_attention
 from ..registry import Capabilities, Inputs, Method, get, register
-from ..tiled import tiled_attention
 from .linear import _refuse
 
 _DTYPES = (torch.float32, torch.float64)
