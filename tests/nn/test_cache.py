@@ -22,7 +22,7 @@ from attnmem.nn import (
 )
 from attnmem.nn.cache import elu_feature_map, quantize_int8
 
-from .conftest import rand_qkv, rel_err
+from ..conftest import rand_qkv, rel_err
 
 # Token splits: a prefill, single steps, multi-token steps (one longer than the windows below).
 SPLITS = [5, 1, 1, 3, 1, 7, 1]
