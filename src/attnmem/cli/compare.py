@@ -1,79 +1,21 @@
-"""The ``attnmem`` command line: methods, compare (and the subcommands later issues add)."""
+"""``attnmem compare``: methods × sequence lengths on this device, written as it goes, then a report."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
 import click
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import registry
-from .bench.cases import DTYPES, Case, floor_bytes, parse_mask
-from .bench.report import write_report
-from .bench.sweep import SweepConfig, run_sweep
-from .memory.measure import MiB
-from .memory.units import available_memory, parse_bytes
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def _int_list(ctx, param, value: str | None) -> list[int] | None:
-    if value is None:
-        return None
-    try:
-        out = [int(x) for x in value.split(",") if x.strip()]
-    except ValueError:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from None
-    if not out or any(x <= 0 for x in out):
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    return out
-
-
-class CLIGroup(click.Group):
-    """Turns a user error raised inside a command into one clear line and exit code 2."""
-
-    def invoke(self, ctx):
-        try:
-            return super().invoke(ctx)
-        except (ValueError, TypeError) as e:
-            click.echo(f"error: {e}", err=True)  # one line, never wrapped
-            sys.exit(2)
-
-
-@click.group(cls=CLIGroup)
-@click.version_option(package_name="attnmem")
-def main() -> None:
-    """See, remove and compare the memory bottleneck of softmax attention."""
-
-
-@main.command("methods")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
-def methods_cmd(as_json: bool) -> None:
-    """List every registered attention method with its family and memory cost."""
-    infos = registry.methods()
-    if as_json:
-        click.echo(json.dumps([{
-            "name": m.name, "family": m.family, "exact": m.exact, "memory": m.memory,
-            "summary": m.summary, "options": list(m.options), "stateful": m.stateful,
-            "supports": {"causal": m.supports.causal, "mask": m.supports.mask,
-                         "backward": m.supports.backward, "gqa": m.supports.gqa,
-                         "devices": list(m.supports.devices)},
-        } for m in infos], indent=2))
-        return
-    table = Table(title="attnmem methods")
-    for col in ("name", "family", "exact", "causal", "mask", "backward", "gqa", "memory", "options"):
-        table.add_column(col, overflow="fold")
-    yes = {True: "✓", False: "·"}
-    for m in infos:
-        s = m.supports
-        table.add_row(m.name, m.family, yes[m.exact], yes[s.causal], yes[s.mask], yes[s.backward],
-                      yes[s.gqa], m.memory, ", ".join(m.options))
-    console.print(table)
+from .. import registry
+from ..bench.cases import DTYPES, Case, floor_bytes, parse_mask
+from ..bench.report import write_report
+from ..bench.sweep import SweepConfig, run_sweep
+from ..memory.measure import MiB
+from ..memory.units import available_memory
+from . import common
+from .common import console, err_console
 
 
 def default_methods() -> list[str]:
@@ -81,9 +23,10 @@ def default_methods() -> list[str]:
     return [m.name for m in registry.methods() if not m.stateful]
 
 
-@main.command("compare")
-@click.option("--methods", "methods_", default=None, help="Comma-separated method names (default: all).")
-@click.option("--seq-lens", default="1024,2048,4096,8192,16384", callback=_int_list,
+@click.command("compare")
+@click.option("--methods", "methods_", default=None, callback=common.methods,
+              help="Method specs, NAME[:KEY=VALUE,...], separated by ',' or ';' (default: all).")
+@click.option("--seq-lens", default="1024,2048,4096,8192,16384", callback=common.int_list,
               help="Comma-separated sequence lengths.")
 @click.option("--batch", default=1, type=click.IntRange(min=1))
 @click.option("--heads", default=8, type=click.IntRange(min=1))
@@ -95,7 +38,8 @@ def default_methods() -> list[str]:
 @click.option("--mask", "mask_spec", default="none",
               help="none, causal, window:L[:R], dense_window:L, document:LEN, random_blocks:KEEP[:BLOCK].")
 @click.option("--forward-only", is_flag=True, help="Measure the forward pass only (inference).")
-@click.option("--budget", default=None, help="Memory budget, e.g. 8GiB (default: half the free memory).")
+@click.option("--budget", default=None, callback=common.size,
+              help="Memory budget, e.g. 8GiB, 8G, 8.6GB or 8e9 (default: half the free memory).")
 @click.option("--repeats", default=3, type=click.IntRange(min=0),
               help="Timed repeats per case, after the tracked run that warms them up (median).")
 @click.option("--repeat-budget", default=1.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
@@ -112,21 +56,22 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
     """
     import torch
 
-    names = [m.strip() for m in methods_.split(",")] if methods_ else default_methods()
-    for name in names:
+    specs = methods_ or [(name, {}) for name in default_methods()]
+    names = [name for name, _ in specs]
+    for name, opts in specs:
         if registry.get(name).stateful:  # unknown names fail here too, before anything runs
             raise ValueError(f"--methods: {name!r} has learned state; compare runs functional methods only")
+        registry.get(name).make_options(opts)  # an unknown or bad option fails before anything runs
     parse_mask(mask_spec, 1)  # so does a bad mask spec
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
-    if budget is None:
+    budget_bytes = budget
+    if budget_bytes is None:
         budget_bytes = (torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory()) // 2
-    else:
-        budget_bytes = parse_bytes(budget, "--budget")
     cfg = SweepConfig(methods=names, seq_lens=seq_lens, batch=batch, heads=heads, kv_heads=kv_heads,
                       head_dim=head_dim, dtype=dtype, device=device, causal=causal, mask=mask_spec,
                       forward_only=forward_only, repeats=repeats, time_budget_s=repeat_budget,
-                      budget_bytes=budget_bytes)
+                      budget_bytes=budget_bytes, options={name: opts for name, opts in specs if opts})
     out = Path(out_dir)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeRemainingColumn(), console=err_console, transient=True) as progress:
@@ -156,16 +101,3 @@ def summary_table(rows: list[dict]) -> Table:
             table.add_row(r["method"], str(r["seq_len"]), "-", "-", "-", "",
                           f"{r.get('status')}: {r.get('reason', '')}"[:70] + f" (floor {floor / MiB:.0f} MiB)")
     return table
-
-
-# Subcommands in their own modules register themselves on `main` when imported.
-from . import cli_decode, cli_plan  # noqa: E402, F401, I001
-from .cli_train import train_cmd  # noqa: E402
-
-main.add_command(train_cmd)
-
-if __name__ == "__main__":  # pragma: no cover
-    # Subcommand modules register on attnmem.cli.main, not on this __main__ copy.
-    from attnmem.cli import main as _registered_main
-
-    _registered_main()
