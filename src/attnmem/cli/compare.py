@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from .. import registry
-from ..bench.cases import DTYPES, Case, floor_bytes, parse_mask
+from ..bench.cases import DTYPES, parse_mask
 from ..bench.report import write_report
+from ..bench.rows import Row
 from ..bench.sweep import SweepConfig, run_sweep
 from ..memory.measure import MiB
 from ..memory.units import available_memory
 from . import common
-from .common import console, err_console
+from .common import console
 
 
 def default_methods() -> list[str]:
@@ -45,14 +43,19 @@ def default_methods() -> list[str]:
 @click.option("--repeat-budget", default=1.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
               help="Seconds of timed repeats per case: a slow case stops after fewer repeats (at least one).")
 @click.option("--out", "out_dir", default="report", type=click.Path(file_okay=False), help="Output folder.")
-@click.option("--resume", is_flag=True, help="Continue OUT/results.jsonl: finished cases are not redone.")
+@click.option("--resume", is_flag=True,
+              help="Continue OUT/results.jsonl: finished cases are kept unless their conditions changed "
+                   "(attnmem or torch version, a budget decision this --budget reverses).")
+@click.option("--retry-failed", is_flag=True, help="With --resume: run the cases that failed again.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/results.jsonl.")
 def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, device, causal, mask_spec,
-                forward_only, budget, repeats, repeat_budget, out_dir, resume) -> None:
+                forward_only, budget, repeats, repeat_budget, out_dir, resume, retry_failed, overwrite) -> None:
     """Sweep methods × sequence lengths: peak memory, peak/floor, time and error per case.
 
     Cases predicted above the budget are recorded as over budget (the memory wall) instead of
     run; failures are recorded and the sweep goes on. Every finished case is appended to
     OUT/results.jsonl at once; the report (OUT/report.md and PNG plots) is written at the end.
+    An existing OUT/results.jsonl is continued with --resume or replaced with --overwrite.
     """
     import torch
 
@@ -62,9 +65,10 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
         if registry.get(name).stateful:  # unknown names fail here too, before anything runs
             raise ValueError(f"--methods: {name!r} has learned state; compare runs functional methods only")
         registry.get(name).make_options(opts)  # an unknown or bad option fails before anything runs
-    parse_mask(mask_spec, 1)  # so does a bad mask spec
+    check_mask_spec(mask_spec)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
+    out = common.writable_dir(out_dir, "--out")
     budget_bytes = budget
     if budget_bytes is None:
         budget_bytes = (torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory()) // 2
@@ -72,32 +76,46 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
                       head_dim=head_dim, dtype=dtype, device=device, causal=causal, mask=mask_spec,
                       forward_only=forward_only, repeats=repeats, time_budget_s=repeat_budget,
                       budget_bytes=budget_bytes, options={name: opts for name, opts in specs if opts})
-    out = Path(out_dir)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeRemainingColumn(), console=err_console, transient=True) as progress:
-        task = progress.add_task("compare", total=len(seq_lens) * len(names))
-
+    with common.StepProgress("compare", len(seq_lens) * len(names)) as progress:
         def on_case(case, i, total):
-            progress.update(task, completed=i, description=f"{case.method} N={case.seq_len}")
+            progress.start(i, f"{case.method} N={case.seq_len}", total)
 
-        rows = run_sweep(cfg, out / "results.jsonl", resume=resume, on_case=on_case)
-        progress.update(task, completed=len(rows))
+        def on_row(row):
+            progress.finish(outcome(row))
+
+        rows = run_sweep(cfg, out / "results.jsonl", resume=resume, overwrite=overwrite,
+                         retry_failed=retry_failed, on_case=on_case, on_row=on_row)
     console.print(summary_table(rows))
     report = write_report(rows, out, budget_bytes)
     console.print(f"results: {out / 'results.jsonl'}\nreport: {report}")
 
 
-def summary_table(rows: list[dict]) -> Table:
+def check_mask_spec(spec: str) -> None:
+    """A bad ``--mask`` fails here, before anything runs (the spec is parsed at N = 1; what
+    depends on N is checked per case)."""
+    try:
+        parse_mask(spec, 1)
+    except ValueError as e:
+        raise ValueError(f"--mask: {e}") from None
+
+
+def outcome(row: Row) -> str:
+    """A row in a few words, for a progress line."""
+    if row.status == "ok":
+        return f"ok, peak {row.peak_mib:.1f} MiB, {row.time_s:.3f} s"
+    return f"{row.status}: {row.reason[:80]}"
+
+
+def summary_table(rows: list[Row]) -> Table:
     table = Table(title="attnmem compare")
     for col in ("method", "N", "peak MiB", "peak/floor", "time s", "error", "status"):
         table.add_column(col, justify="right" if col not in ("method", "status") else "left")
     for r in rows:
-        if r.get("status") == "ok":
-            err = r.get("approx_error")
-            table.add_row(r["method"], str(r["seq_len"]), f"{r['peak_mib']:.1f}", f"{r['peak_over_floor']:.2f}",
-                          f"{r['time_s']:.3f}", "" if err is None else f"{err:.2g}", "ok")
+        if r.status == "ok":
+            err = r.approx_error
+            table.add_row(r.method, str(r.seq_len), f"{r.peak_mib:.1f}", f"{r.peak_over_floor:.2f}",
+                          f"{r.time_s:.3f}", "" if err is None else f"{err:.2g}", "ok")
         else:
-            floor = floor_bytes(Case(**{k: r[k] for k in Case.__dataclass_fields__}))
-            table.add_row(r["method"], str(r["seq_len"]), "-", "-", "-", "",
-                          f"{r.get('status')}: {r.get('reason', '')}"[:70] + f" (floor {floor / MiB:.0f} MiB)")
+            table.add_row(r.method, str(r.seq_len), "-", "-", "-", "",
+                          f"{r.status}: {r.reason}"[:70] + f" (floor {r.floor_bytes / MiB:.0f} MiB)")
     return table
