@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import masks as M
 from ..api import validate
-from ..kernels import acc_dtype, merge_partials, tiled_attention_lse, tiled_backward_lse
+from ..kernels import LseAttention, acc_dtype, merge_partials, tiled_attention_lse, tiled_backward_lse
 from . import layout as L
 
 _KV_TAG, _DKV_TAG = 1, 2
@@ -232,21 +232,6 @@ def _ring_backward(r: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq, dk, dv
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring):
-        out, lse = _ring_forward(ring, q, k, v)
-        ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(ctx.ring, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
-
-
 def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str, scale: float, heads_per_pass: int,
                         group) -> tuple[list[int], int]:
     """All-gather each rank's configuration; the same ValueError on every rank if they differ.
@@ -347,7 +332,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
         lengths=tuple(lengths), layout=layout, causal=causal, scale=inp.scale,
         heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel,
     )
-    return _RingAttention.apply(q, k, v, ring)
+    return LseAttention.apply(q, k, v, ring, _ring_forward, _ring_backward)
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from ..masks import Mask, SlidingWindow, eval_mask
+from .autograd import LseAttention
 from .merge import merge_partials
 from .segments import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, block_rows, plan_segments
 from .tile import CAUSAL_TILE, TILE_KERNELS, acc_dtype, resolve_kernel
@@ -166,21 +167,6 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse):
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
 
-class _TiledAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, c: TileContext):
-        out, lse = tiled_forward(c, q, k, v)
-        ctx.c = c
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tiled_backward(ctx.c, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
-
-
 def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,
                     q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
     """Exact softmax attention over the block map of ``mask`` (None = all pairs).
@@ -196,7 +182,7 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale
         (B, Hq, Nq, D); rows with nothing to attend are zeros.
     """
     c = TileContext(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel)
-    return _TiledAttention.apply(q, k, v, c)
+    return LseAttention.apply(q, k, v, c, tiled_forward, tiled_backward)
 
 
 def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,
