@@ -772,6 +772,23 @@ def global_tokens(positions, *, queries: bool = True, keys: bool = True) -> Glob
     return GlobalTokens(positions, queries=queries, keys=keys)
 
 
+def streaming(window: int, sinks: int = 4) -> Mask:
+    """StreamingLLM's attention-sink window (Xiao et al., 2024): each query sees itself, the
+    ``window`` keys before it and the first ``sinks`` keys (the sink tokens), causally.
+
+    ``allowed(i, j) = j <= i' and (i' - j <= window or j < sinks)`` with ``i' = i + Nk - Nq``
+    (bottom-right alignment): ``(sliding_window(window, 0) | global_tokens(range(sinks),
+    queries=False)) & causal()``, so its block map lists O(N·(window + sinks)/tile²) tiles.
+    Composes with ``&``/``|`` like any mask.
+    """
+    window = _check_count("streaming", "window", window)
+    sinks = _check_count("streaming", "sinks", sinks)
+    local = SlidingWindow(window, 0)
+    if not sinks:
+        return local
+    return (local | GlobalTokens(list(range(sinks)), queries=False)) & causal()
+
+
 def longformer(window: int | tuple[int, int], positions) -> Mask:
     """Longformer: a sliding window plus global tokens at ``positions``."""
     left, right = _window_sides("longformer", window)
@@ -1027,6 +1044,6 @@ __all__ = [
     "block_sparse", "random_blocks",
     "SlidingWindow", "Document", "FromMod", "Dense", "BlockSparse", "And", "Or",
     "ranges_to_candidates", "union_candidates",
-    "dilated", "global_tokens", "longformer", "bigbird", "strided", "fixed",
+    "dilated", "global_tokens", "longformer", "bigbird", "strided", "fixed", "streaming",
     "Dilated", "GlobalTokens", "BigBird", "Strided", "Fixed",
 ]

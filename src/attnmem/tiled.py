@@ -543,7 +543,8 @@ def merge(partials: Sequence[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
             raise ValueError(f"partials[{i}]: lse must have out's shape without D, got out {tuple(o.shape)} "
                              f"and lse {tuple(lse.shape)}")
         if o.shape != partials[0][0].shape:
-            raise ValueError(f"partials[{i}]: out has shape {tuple(o.shape)}, partials[0] {tuple(partials[0][0].shape)}")
+            raise ValueError(f"partials[{i}]: out has shape {tuple(o.shape)}, "
+                             f"partials[0] has {tuple(partials[0][0].shape)}")
     out_dtype = partials[0][0].dtype
     out, lse = partials[0][0].to(partials[0][1].dtype), partials[0][1]
     for o, l_ in partials[1:]:
