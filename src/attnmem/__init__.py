@@ -2,13 +2,12 @@
 
 from . import distributed, masks, mechanisms, nn, scores  # noqa: F401  (importing mechanisms registers every method)
 from .api import attention, validate
+from .kernels import merge
 from .memory.estimate import Estimate, estimate
 from .memory.measure import Measurement, measure
 from .memory.plan import ModelConfig, plan
 from .registry import MethodInfo, methods
-from .tiled import merge
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "attention", "validate", "methods", "MethodInfo", "masks", "nn", "measure", "Measurement",

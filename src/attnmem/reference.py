@@ -27,7 +27,7 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = 
         p = softmax(s, -1)[..., :Nk].nan_to_num(0)     # empty rows -> zeros
         out = (p * Z) @ v                              # Z: attnmem.scores.dropout_mask
     """
-    from .tiled import dropout_keep, make_mods
+    from .kernels import dropout_keep, make_mods
 
     B, Hq, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from .tiled import dropout_keep
+from .kernels import dropout_keep
 
 __all__ = ["softcap", "alibi", "alibi_slopes", "relative_bias", "relative_position_bucket", "dropout_mask"]
 

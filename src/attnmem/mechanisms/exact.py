@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import KERNELS, flex_attention, flex_available, flex_safe, tiled_attention
 from ..masks import Dense
 from ..reference import reference_attention
 from ..registry import Capabilities, Inputs, Method, register
-from ..tiled import KERNELS, tiled_attention
 
 
 @register
@@ -104,6 +104,7 @@ class Chunked(Method):
     memory = "O(B·H·N·D) + O(B·H·N) log-sum-exp; empty tiles skipped"
     summary = "FlashAttention-style tiles with online softmax and recomputing backward, any mask"
     Options = ChunkedOptions
+
     caps = Capabilities(score_mod=True, sinks=True, dropout=True, return_lse=True)
 
     def extra_reasons(self, inp, opts):
@@ -111,7 +112,7 @@ class Chunked(Method):
 
     def forward(self, inp, opts):
         if flex_score_mod_applies(inp):  # pragma: no cover - needs CUDA
-            return flex_attention_call(inp, inp.mask)
+            return flex_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale, score_mod=inp.score_mod)
         return tiled_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale,
                                q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel,
                                **mods_kwargs(inp))
@@ -137,14 +138,7 @@ def fused_reasons(inp: Inputs, opts) -> list[str]:
 
 
 def flex_score_mod_applies(inp: Inputs) -> bool:
-    """On CUDA, a score_mod goes to FlexAttention when nothing else needs the tiled path."""
-    from .sparse import _flex_available, _flex_safe
-
-    return (inp.q.is_cuda and inp.score_mod is not None and _flex_available() and inp.sinks is None
-            and not inp.dropout_p and not inp.return_lse and (inp.mask is None or _flex_safe(inp.mask)))
-
-
-def flex_attention_call(inp: Inputs, mask):  # pragma: no cover - needs CUDA
-    from .sparse import _flex_attention
-
-    return _flex_attention(inp, mask)
+    """On CUDA a score_mod goes to FlexAttention (same signature), when nothing else needs the
+    tiled path: no sinks, dropout or lse, and a mask FlexAttention can trace."""
+    return (inp.q.is_cuda and inp.score_mod is not None and flex_available() and inp.sinks is None
+            and not inp.dropout_p and not inp.return_lse and (inp.mask is None or flex_safe(inp.mask)))

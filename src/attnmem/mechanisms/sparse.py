@@ -13,41 +13,39 @@ Equivalent PyTorch code (O(N²), what the tests compare against)::
     out = softmax(scores, -1).nan_to_num(0) @ v             # rows with no key give zeros
 
 On CUDA, when ``torch.nn.attention.flex_attention`` imports, the same ``mask_mod`` and block
-map go to FlexAttention instead (``_flex_attention`` below); the tiled path stays the CPU path
+map go to FlexAttention instead (``attnmem.kernels.flex``); the tiled path stays the CPU path
 and the fallback.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import masks as M
-from ..registry import Capabilities, Inputs, Method, register
-from ..tiled import (
-    _MIN_Q_TILE,
+from ..kernels import (
     CAUSAL_TILE,
     KERNELS,
-    _Ctx,
-    _fused_bwd,
-    _fused_fwd,
-    _merge,
-    _Run,
+    MIN_Q_TILE,
+    Run,
+    TileContext,
+    flex_attention,
+    flex_available,
+    flex_safe,
+    fused_backward,
+    fused_forward,
     make_mods,
-    merge_pair,
+    merge_partials,
     resolve_kernel,
     run_exact,
     tiled_attention,
     tiled_backward,
     tiled_forward,
 )
+from ..registry import Capabilities, Inputs, Method, register
 from .exact import fused_reasons, mods_kwargs
-
-# FlexAttention's kernels tile by 128 × 128 on CUDA.
-_FLEX_TILE = 128
 
 
 def _check_positive(name: str, val: object) -> None:
@@ -190,10 +188,10 @@ class _Sparse(Method):
 
     def forward(self, inp: Inputs, opts) -> Tensor:
         plain = inp.sinks is None and not inp.dropout_p and not inp.return_lse
-        if inp.q.is_cuda and _flex_available() and plain:  # pragma: no cover - needs CUDA
+        if inp.q.is_cuda and flex_available() and plain:  # pragma: no cover - needs CUDA
             mask = self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
-            if _flex_safe(mask):
-                return _flex_attention(inp, mask)
+            if flex_safe(mask):
+                return flex_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale, score_mod=inp.score_mod)
         local, rows = self.split(opts, inp.nq)
         mask = local if inp.mask is None else inp.mask & local
         if rows is None or not rows.numel():
@@ -205,12 +203,12 @@ class _Sparse(Method):
         # map of the local pass stays O(N·w/tile²) instead of listing every key tile for each
         # tile holding a global query, and no extra (B, H, N, D) tensor is made.
         rows = rows.to(inp.q.device)
-        q_tile = max(opts.q_tile, _MIN_Q_TILE)
+        q_tile = max(opts.q_tile, MIN_Q_TILE)
         mods = make_mods(inp.score_mod, inp.dropout_p, inp.dropout_seed, inp.q)
-        c_local = _Ctx(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel, mods)
+        c_local = TileContext(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel, mods)
         rest = _rows_outside(local, inp.mask, rows, inp.nq, inp.nk)
         q_rows = inp.q[:, :, :rows.numel()]  # only the shape matters to the context
-        c_rest = _Ctx(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel, mods, q_pos=rows)
+        c_rest = TileContext(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel, mods, q_pos=rows)
         return run_exact(_WithGlobalRows(c_local, c_rest, rows), inp.q, inp.k, inp.v, sinks=inp.sinks,
                          mods=mods, return_lse=inp.return_lse)
 
@@ -270,7 +268,7 @@ def _rows_outside(local: M.Mask, call_mask: M.Mask | None, rows: Tensor, nq: int
     return M.from_mod(mask_mod, name="global rows outside the local pattern")
 
 
-class _WithGlobalRows(_Run):
+class _WithGlobalRows(Run):
     """Local pattern over every row, plus the remaining keys of the global rows, merged.
 
     Both passes save nothing but the merged output and log-sum-exp: with the final lse each
@@ -278,14 +276,14 @@ class _WithGlobalRows(_Run):
     add up to the gradient of the whole pattern (in the accumulation dtype, cast once).
     """
 
-    def __init__(self, c_local: _Ctx, c_rest: _Ctx, rows: Tensor):
+    def __init__(self, c_local: TileContext, c_rest: TileContext, rows: Tensor):
         self.c_local, self.c_rest, self.rows = c_local, c_rest, rows
 
     def forward(self, q, k, v):
         rows = self.rows
         out, lse = tiled_forward(self.c_local, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
         out_r, lse_r = tiled_forward(self.c_rest, q.index_select(2, rows), k, v)  # (B, Hq, g, D), (B, Hq, g)
-        o, lse_g = merge_pair(out.index_select(2, rows).to(lse.dtype), lse.index_select(2, rows), out_r, lse_r)
+        o, lse_g = merge_partials(out.index_select(2, rows).to(lse.dtype), lse.index_select(2, rows), out_r, lse_r)
         out.index_copy_(2, rows, o.to(out.dtype))
         lse.index_copy_(2, rows, lse_g)
         return out, lse
@@ -320,15 +318,6 @@ class BigBirdAttention(_Sparse):
         return local, local.global_query_rows(nq)
 
 
-class _Band(M.SlidingWindow):
-    """Keys with ``lo <= j - (i + nk - nq) <= hi`` (bounds may be negative: one side of a
-    window without its centre); internal, so the public constructor's checks stay strict."""
-
-    def __init__(self, lo: int, hi: int):
-        self.left, self.right = -lo, hi
-        self.name = f"band({lo}, {hi})"
-
-
 class _StridedSplit(torch.autograd.Function):
     """The strided pattern as two disjoint passes merged by log-sum-exp.
 
@@ -342,13 +331,13 @@ class _StridedSplit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, c_band: _Ctx, stride: int, causal: bool, scale: float):
+    def forward(ctx, q, k, v, c_band: TileContext, stride: int, causal: bool, scale: float):
         out, lse = tiled_forward(c_band, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
         for qs, ks, lq in _classes(q, k, stride):
             q_c = _stack(q[:, :, qs], k.shape[1])  # (B, Hkv, G·Lq, D)
-            o_c, l_c = _fused_fwd(q_c, k[:, :, ks], v[:, :, ks], CAUSAL_TILE if causal else None, scale)
+            o_c, l_c = fused_forward(q_c, k[:, :, ks], v[:, :, ks], CAUSAL_TILE if causal else None, scale)
             o_c, l_c = o_c.reshape(*q.shape[:2], lq, -1), l_c.reshape(*q.shape[:2], lq).to(lse.dtype)
-            o, lse_c = _merge(out[:, :, qs].to(lse.dtype), lse[:, :, qs], o_c, l_c)
+            o, lse_c = merge_partials(out[:, :, qs].to(lse.dtype), lse[:, :, qs], o_c, l_c)
             out[:, :, qs] = o.to(out.dtype)
             lse[:, :, qs] = lse_c
         ctx.c = (c_band, stride, causal, scale)
@@ -364,7 +353,7 @@ class _StridedSplit(torch.autograd.Function):
         lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, torch.inf), lse).to(q.dtype)
         hkv = k.shape[1]
         for qs, ks, lq in _classes(q, k, stride):
-            dq_c, dk_c, dv_c = _fused_bwd(_stack(dout[:, :, qs], hkv), _stack(q[:, :, qs], hkv), k[:, :, ks],
+            dq_c, dk_c, dv_c = fused_backward(_stack(dout[:, :, qs], hkv), _stack(q[:, :, qs], hkv), k[:, :, ks],
                                           v[:, :, ks], _stack(out[:, :, qs], hkv), _stack(lse_b[:, :, qs], hkv),
                                           CAUSAL_TILE if causal else None, scale)
             dq[:, :, qs] += dq_c.reshape(*q.shape[:2], lq, -1)
@@ -414,74 +403,6 @@ class StridedAttention(_Sparse):
         if not fast:
             return super().forward(inp, opts)
         s = opts.stride
-        band = _Band(-(s - 1), -1) if causal else M.Or(_Band(-(s - 1), -1), _Band(1, s - 1))
-        c_band = _Ctx(inp.q, inp.k, band, inp.scale, max(opts.q_tile, _MIN_Q_TILE), opts.kv_tile, opts.kernel)
+        band = M.Band(-(s - 1), -1) if causal else M.Or(M.Band(-(s - 1), -1), M.Band(1, s - 1))
+        c_band = TileContext(inp.q, inp.k, band, inp.scale, max(opts.q_tile, MIN_Q_TILE), opts.kv_tile, opts.kernel)
         return _StridedSplit.apply(inp.q, inp.k, inp.v, c_band, s, causal, inp.scale)
-
-
-# --- CUDA: FlexAttention with attnmem's own block map --------------------------------------
-
-
-@functools.cache
-def _flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# Masks whose mask_mod FlexAttention can trace (no side effects such as per-device caches).
-_FLEX_SAFE = (M.SlidingWindow, M.Dilated, M.GlobalTokens, M.BigBird, M.Strided, M.Fixed)
-
-
-def _flex_safe(mask: M.Mask) -> bool:
-    if isinstance(mask, (M.And, M.Or)):
-        return _flex_safe(mask.a) and _flex_safe(mask.b)
-    return isinstance(mask, _FLEX_SAFE)
-
-
-def flex_block_mask(bm: M.BlockMap, mask_mod: M.MaskMod, device: torch.device | str = "cpu"):
-    """FlexAttention ``BlockMask`` from an attnmem ``BlockMap``.
-
-    FlexAttention keeps partial and full tiles apart: ``kv_num_blocks``/``kv_indices`` list the
-    tiles whose ``mask_mod`` must run, ``full_kv_num_blocks``/``full_kv_indices`` those that run
-    unmasked; each (B=1, H=1, num_q_tiles[, num_kv_tiles]) int32, listed tiles first, ascending.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    valid = bm.kv_indices >= 0
-
-    def pack(sel: Tensor) -> tuple[Tensor, Tensor]:
-        counts = sel.sum(1)
-        # A stable sort moves the selected tiles first, in their ascending order.
-        order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices
-        idx = torch.gather(bm.kv_indices.clamp(min=0), 1, order)
-        # FlexAttention's index tables are num_kv_tiles wide (its to_dense relies on it).
-        idx = torch.nn.functional.pad(idx, (0, bm.num_kv_tiles - idx.shape[1]))
-        idx = idx.masked_fill(torch.arange(idx.shape[1])[None, :] >= counts[:, None], 0)
-        return (counts.to(torch.int32)[None, None].to(device),
-                idx.to(torch.int32)[None, None].contiguous().to(device))  # (1, 1, nqt[, nkt])
-
-    kv_num, kv_idx = pack(valid & ~bm.kv_full)
-    full_num, full_idx = pack(valid & bm.kv_full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bm.q_tile, bm.kv_tile),
-                                    mask_mod=mask_mod, seq_lengths=(bm.nq, bm.nk))
-
-
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _flex_attention(inp: Inputs, mask: M.Mask | None) -> Tensor:  # pragma: no cover - needs CUDA
-    """The same pattern (and the call's score_mod) through FlexAttention (CUDA); rows with no
-    key come back as zeros. Untested here: this project's machines have no GPU."""
-    block_mask = None
-    if mask is not None:
-        bm = mask.block_map(inp.nq, inp.nk, _FLEX_TILE, _FLEX_TILE, batch=inp.batch, heads=inp.q_heads)
-        block_mask = flex_block_mask(bm, mask.mask_fn(inp.nq, inp.nk), inp.q.device)
-    return _compiled_flex()(inp.q, inp.k, inp.v, score_mod=inp.score_mod, block_mask=block_mask,
-                            scale=inp.scale, enable_gqa=inp.q_heads != inp.kv_heads)
