@@ -116,6 +116,13 @@ class LayerCache:
         """Bytes of the tensors this cache holds (allocated capacity, not just the used part)."""
         raise NotImplementedError
 
+    @classmethod
+    def model_cache(cls, *, layers: int, kv_heads: int, head_dim: int, max_len: int | None = None,
+                    **options: Any) -> ModelCache:
+        """A ``ModelCache`` of ``layers`` caches of this kind (kinds whose layers share state override it)."""
+        return ModelCache([cls(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len, **options)
+                           for _ in range(layers)], max_len=max_len)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"length={self.length}, nbytes={self.nbytes()})")
@@ -402,12 +409,37 @@ KINDS: dict[str, type[LayerCache]] = {
 }
 
 
+def register_kind(cls: type[LayerCache]) -> type[LayerCache]:
+    """Class decorator: make ``cls`` reachable as ``make_layer_cache(cls.kind, ...)``.
+
+    The eviction, low-bit and paged kinds live in modules of their own (``cache_evict``,
+    ``cache_lowbit``, ``cache_paged``) and register here when ``attnmem.nn`` is imported.
+    """
+    if not cls.kind or cls.kind in KINDS and KINDS[cls.kind] is not cls:
+        raise ValueError(f"cache kind {cls.kind!r} of {cls.__name__} is empty or already taken")
+    KINDS[cls.kind] = cls
+    return cls
+
+
 def make_layer_cache(kind: str, *, kv_heads: int, head_dim: int, **options: Any) -> LayerCache:
-    """One layer's cache of ``kind`` (``full``, ``int8``, ``sliding_window``, ``linear_state``)."""
+    """One layer's cache of ``kind``: a key of ``KINDS`` (``full``, ``int8``, ``sliding_window``,
+    ``linear_state``, ``sink_window``, ``heavy_hitter``, ``snapkv``, ``int4``, ``int2``, ``paged``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
     try:
         return KINDS[kind](kv_heads=kv_heads, head_dim=head_dim, **options)
+    except TypeError as e:
+        raise TypeError(f"cache kind {kind!r}: {e}") from None
+
+
+def make_model_cache(kind: str, *, layers: int, kv_heads: int, head_dim: int, max_len: int | None = None,
+                     **options: Any) -> ModelCache:
+    """A ``ModelCache`` of ``layers`` layer caches of ``kind`` (see ``make_layer_cache``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    try:
+        return KINDS[kind].model_cache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len,
+                                       **options)
     except TypeError as e:
         raise TypeError(f"cache kind {kind!r}: {e}") from None
 
@@ -441,6 +473,14 @@ class ModelCache:
             raise ValueError(
                 f"cache max_len={self.max_len} exceeded: it holds {self.length} tokens, got {new_tokens} more"
             )
+
+    def positions(self, batch: int, n: int, device: torch.device) -> Tensor:
+        """Positions of the next ``n`` tokens: (n,), or (batch, n) where sequences differ in length."""
+        return torch.arange(self.length, self.length + n, device=device)
+
+    def advance(self, n: int) -> None:
+        """Every layer has stored the ``n`` new tokens."""
+        self.length += n
 
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)
