@@ -492,11 +492,19 @@ class ModelCache:
 
 def cache_bytes(kind: str, *, batch: int, layers: int, kv_heads: int, head_dim: int, seq_len: int,
                 dtype: torch.dtype = torch.float32, window: int | None = None,
-                feature_dim: int | None = None) -> int:
+                feature_dim: int | None = None, **options: Any) -> int:
     """Predicted bytes of a filled cache holding ``seq_len`` tokens (``full``/``int8`` preallocated
-    to exactly ``seq_len``), without allocating; for inference estimates."""
+    to exactly ``seq_len``), without allocating; for inference estimates. The kinds of
+    ``cache_evict``, ``cache_lowbit`` and ``cache_paged`` take their own options (``budget=``,
+    ``residual=``, ``block_size=``, ...) and answer with their class's ``predict_nbytes``."""
     item = torch.empty((), dtype=dtype).element_size()
     per_layer = batch * kv_heads
+    predict = getattr(KINDS.get(kind), "predict_nbytes", None)
+    if predict is not None:
+        return layers * predict(batch=batch, kv_heads=kv_heads, head_dim=head_dim, seq_len=seq_len, item=item,
+                                **options)
+    if options:
+        raise TypeError(f"cache kind {kind!r} takes no options {sorted(options)}")
     if kind == "full":
         per_layer *= 2 * seq_len * head_dim * item
     elif kind == "int8":

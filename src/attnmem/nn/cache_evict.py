@@ -144,6 +144,18 @@ class EvictingCache(LayerCache):
         self._evict()
         return out
 
+    @classmethod
+    def predict_nbytes(cls, *, batch: int, kv_heads: int, head_dim: int, seq_len: int, item: int, budget: int,
+                       **options: Any) -> int:
+        """One layer's bytes once ``seq_len`` tokens have passed: min(seq_len, budget) tokens of
+        K and V (``item`` bytes per element) and their int64 positions (for ``snapkv``: a
+        ``seq_len``-token prompt, nothing decoded yet)."""
+        _positive_int("budget", budget)
+        held = min(seq_len, budget)
+        return batch * kv_heads * held * (2 * head_dim * item + 8 + cls.score_bytes * item)
+
+    score_bytes = 0  # per held token, in units of the keys' element size (H2O's scores: 1)
+
     def kept_positions(self) -> Tensor:
         """Positions (B, Hkv, held) of the tokens held now."""
         return self.pos
@@ -199,6 +211,7 @@ class HeavyHitterCache(EvictingCache):
     """
 
     kind = "heavy_hitter"
+    score_bytes = 1
 
     def __init__(self, *, kv_heads: int, head_dim: int, budget: int, recent: int | None = None,
                  max_len: int | None = None):

@@ -103,6 +103,17 @@ class LowBitKVCache(LayerCache):
         self.k_res: Tensor | None = None  # (B, Hkv, r, D) full precision, the most recent r tokens
         self.v_res: Tensor | None = None
 
+    @classmethod
+    def predict_nbytes(cls, *, batch: int, kv_heads: int, head_dim: int, seq_len: int, item: int, group: int = 32,
+                       value_group: int | None = None, residual: int = 128) -> int:
+        """One layer's bytes holding ``seq_len`` tokens, preallocated with ``max_len=seq_len``:
+        the quantised part (packed codes, step and lo per group) and the full-precision residual."""
+        value_group = min(group, head_dim) if value_group is None else value_group
+        quantized = max(0, (seq_len - residual) // group) * group
+        codes = 2 * quantized * head_dim * cls.bits // 8
+        scales = 2 * item * (quantized // group * head_dim + quantized * (head_dim // value_group))
+        return batch * kv_heads * (codes + scales + 2 * (seq_len - quantized) * head_dim * item)
+
     def _quantized_capacity(self) -> int | None:
         """Most tokens the quantised part can ever hold under ``max_len`` (None: no limit)."""
         if self.max_len is None:

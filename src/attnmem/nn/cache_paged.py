@@ -154,6 +154,16 @@ class PagedKVCache(LayerCache):
         self.v: Tensor | None = None
 
     @classmethod
+    def predict_nbytes(cls, *, batch: int, kv_heads: int, head_dim: int, seq_len: int | list[int], item: int,
+                       block_size: int = 16) -> int:
+        """One layer's bytes holding ``batch`` sequences of ``seq_len`` tokens each (or one
+        length per sequence): whole blocks, no growth slack (as with ``num_blocks`` sized to fit),
+        and the table's share of one layer."""
+        lengths = seq_len if isinstance(seq_len, list) else [seq_len] * batch
+        blocks = sum(math.ceil(n / block_size) for n in lengths)
+        return blocks * block_size * 2 * kv_heads * head_dim * item
+
+    @classmethod
     def model_cache(cls, *, layers: int, kv_heads: int, head_dim: int, max_len: int | None = None,
                     block_size: int = 16, num_blocks: int | None = None) -> PagedModelCache:
         table = BlockTable(block_size=block_size, num_blocks=num_blocks, max_len=max_len)
