@@ -150,8 +150,10 @@ def test_snapkv_keeps_what_the_window_attends_to(kernel, expect):
     q2, k2, v2 = rand_qkv(B=1, Hq=1, Nq=2, D=4, grad=False)
     for i in range(2):
         got = cache.attend(mha, q2[:, :, i:i + 1], k2[:, :, i:i + 1], v2[:, :, i:i + 1])
-        keys, values = torch.cat([k[:, :, expect], k2[:, :, :i + 1]], 2), torch.cat([v[:, :, expect], v2[:, :, :i + 1]], 2)
-        assert rel_err(got, written_out_attention(q2[:, :, i:i + 1], keys, values, list(range(keys.shape[2])))) <= 1e-12
+        keys = torch.cat([k[:, :, expect], k2[:, :, :i + 1]], 2)  # (1, 1, 7 + i, D)
+        values = torch.cat([v[:, :, expect], v2[:, :, :i + 1]], 2)
+        want = written_out_attention(q2[:, :, i:i + 1], keys, values, list(range(keys.shape[2])))
+        assert rel_err(got, want) <= 1e-12
     assert cache.kept_positions()[0, 0].tolist() == expect + [8, 9]
 
 
