@@ -255,6 +255,7 @@ class HeavyHitterCache(EvictingCache):
 
 
 POOLINGS = ("avg", "max")
+DEFAULT_SNAP_WINDOW = 16
 
 
 @register_kind
@@ -274,16 +275,17 @@ class SnapKVCache(EvictingCache):
 
     Args:
         budget: prompt tokens kept per layer, head and batch row, at least ``window``.
-        window: observation-window length (default 16; SnapKV uses 32 on long prompts).
+        window: observation-window length (default ``min(16, budget)``; SnapKV uses 32 on long prompts).
         kernel: pooling width, a positive odd int (default 5, SnapKV's); 1 means no pooling.
         pooling: ``"avg"`` (SnapKV's default) or ``"max"``.
     """
 
     kind = "snapkv"
 
-    def __init__(self, *, kv_heads: int, head_dim: int, budget: int, window: int = 16, kernel: int = 5,
+    def __init__(self, *, kv_heads: int, head_dim: int, budget: int, window: int | None = None, kernel: int = 5,
                  pooling: str = "avg", max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, budget=budget, max_len=max_len)
+        window = min(DEFAULT_SNAP_WINDOW, budget) if window is None else window
         _positive_int("window", window)
         if window > budget:
             raise ValueError(f"window must be at most budget={budget} (the window is always kept), got {window}")
