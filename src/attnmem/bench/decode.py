@@ -191,7 +191,8 @@ def paged_memory(lengths: list[int], cfg: DecodeConfig = DecodeConfig(), *, bloc
     held = cache.tokens_held()
     padded = len(lengths) * max(lengths) * per_token
     return {"type": "paged_memory", "lengths": lengths, "block_size": block_size, "tokens_held": held,
-            "nbytes": cache.nbytes(), "held_bytes": held * per_token, "ratio_to_held": cache.nbytes() / (held * per_token),
+            "nbytes": cache.nbytes(), "held_bytes": held * per_token,
+            "ratio_to_held": cache.nbytes() / (held * per_token),
             "padded_bytes": padded, "ratio_to_padded": cache.nbytes() / padded,
             "config": asdict(cfg), "env": environment()}
 
