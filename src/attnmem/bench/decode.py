@@ -290,7 +290,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     ax_mem.set_title("KV cache memory (all layers)")
     ax_speed.set_title("decoding speed, batch 1")
-    ax_speed.legend()
+    (ax_speed if ax_speed.lines else ax_mem).legend()  # a memory-only run (--no-timing) has no speed lines
     cfg = next((r["config"] for r in rows if "config" in r), {})
     fig.suptitle(f"d_model={cfg.get('d_model')}, heads={cfg.get('heads')}, layers={cfg.get('layers')}, "
                  f"{cfg.get('dtype')}, CPU")
