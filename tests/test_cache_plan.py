@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnmem.bench.decode import DecodeConfig, _model, filled_cache
+from attnmem.bench.decode import DecodeConfig, bench_model, filled_cache
 from attnmem.memory.plan import ModelConfig, model_peak
 from attnmem.nn import cache_bytes
 
@@ -21,7 +21,7 @@ KINDS = [("full", {}), ("int4", {}), ("int2", {"residual": 32, "group": 16}), ("
 
 @pytest.mark.parametrize("kind,opts", KINDS)
 def test_plan_predicts_the_bytes_of_a_filled_cache(kind, opts):
-    real = filled_cache(_model(CFG, None), kind, CONTEXT, CFG, **opts).nbytes()
+    real = filled_cache(bench_model(CFG, None), kind, CONTEXT, CFG, **opts).nbytes()
     predicted = cache_bytes(kind, batch=1, layers=2, kv_heads=4, head_dim=16, seq_len=CONTEXT,
                             **({"budget": opts["budget"]} if "budget" in opts else opts))
     assert predicted == real

@@ -21,7 +21,8 @@ import torch
 from ..memory.measure import MiB
 from ..nn import Transformer
 from ..nn.cache import KVCache, ModelCache
-from .cases import DTYPES, environment
+from .cases import DTYPES
+from .rows import environment
 
 FILL_CHUNK = 4096  # tokens appended at a time while filling, to bound the transient float copy
 
@@ -61,7 +62,7 @@ def cache_specs(cfg: DecodeConfig) -> dict[str, tuple[str, int | None, dict[str,
     }
 
 
-def _model(cfg: DecodeConfig, kv_heads: int | None) -> Transformer:
+def bench_model(cfg: DecodeConfig, kv_heads: int | None) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, kv_heads=kv_heads, method="chunked")
     return model.to(DTYPES[cfg.dtype]).eval()
@@ -116,7 +117,7 @@ def run_decode_bench(contexts: list[int], cfg: DecodeConfig = DecodeConfig(), ki
 
 
 def _run(contexts, cfg, kinds, specs, on_row, log, timing: bool = True) -> list[dict]:
-    models = {hkv: _model(cfg, hkv) for hkv in {specs[k][1] for k in kinds}}
+    models = {hkv: bench_model(cfg, hkv) for hkv in {specs[k][1] for k in kinds}}
     base = {"config": asdict(cfg), "env": environment()}
     rows: list[dict] = []
 
@@ -176,7 +177,7 @@ def paged_memory(lengths: list[int], cfg: DecodeConfig = DecodeConfig(), *, bloc
                  seed: int = 0) -> dict:
     """Bytes of a paged cache holding prompts of ``lengths`` tokens (random keys/values), against
     the tokens it holds and against a padded batch preallocated to the longest prompt."""
-    model = _model(cfg, None)
+    model = bench_model(cfg, None)
     cache = model.new_cache("paged", block_size=block_size)
     attn = model.blocks[0].attn
     g = torch.Generator().manual_seed(seed)
@@ -204,7 +205,7 @@ def int8_error(cfg: DecodeConfig = DecodeConfig(), *, prompt: int = 1024, steps:
     decode the same ``steps`` tokens (teacher-forced). Reports the relative L2 error of the step
     logits and how often their argmax agrees.
     """
-    model = _model(cfg, None)
+    model = bench_model(cfg, None)
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, cfg.vocab, (cfg.batch, prompt + steps), generator=g)
     logits = {}

@@ -23,7 +23,7 @@ import torch
 from ..memory.measure import MiB
 from ..tasks import IGNORE
 from ..tasks.train import TaskModel, TrainConfig, build
-from .cases import environment
+from .rows import environment
 
 # Accuracy within this many points of the full cache counts as keeping it.
 WITHIN_POINTS = 1.0

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import LayerCache, _buffers_nbytes, _positive_int, register_kind
+from .cache import LayerCache, buffers_nbytes, check_positive_int, register_kind
 
 # Prompt queries whose attention rows are materialised at a time while the prefill scores are
 # accumulated (H2O, SnapKV): bounds that transient to rows × prompt length per head.
@@ -74,7 +74,7 @@ class EvictingCache(LayerCache):
 
     def __init__(self, *, kv_heads: int, head_dim: int, budget: int, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
-        _positive_int("budget", budget)
+        check_positive_int("budget", budget)
         self.budget = budget
         self.k: Tensor | None = None  # (B, Hkv, held, D)
         self.v: Tensor | None = None
@@ -150,7 +150,7 @@ class EvictingCache(LayerCache):
         """One layer's bytes once ``seq_len`` tokens have passed: min(seq_len, budget) tokens of
         K and V (``item`` bytes per element) and their int64 positions (for ``snapkv``: a
         ``seq_len``-token prompt, nothing decoded yet)."""
-        _positive_int("budget", budget)
+        check_positive_int("budget", budget)
         held = min(seq_len, budget)
         return batch * kv_heads * held * (2 * head_dim * item + 8 + cls.score_bytes * item)
 
@@ -161,7 +161,7 @@ class EvictingCache(LayerCache):
         return self.pos
 
     def nbytes(self) -> int:
-        return _buffers_nbytes(self.k, self.v, self.pos)
+        return buffers_nbytes(self.k, self.v, self.pos)
 
 
 @register_kind
@@ -251,7 +251,7 @@ class HeavyHitterCache(EvictingCache):
         self.score = self.score.gather(2, index)
 
     def nbytes(self) -> int:
-        return super().nbytes() + _buffers_nbytes(self.score)
+        return super().nbytes() + buffers_nbytes(self.score)
 
 
 POOLINGS = ("avg", "max")
@@ -286,7 +286,7 @@ class SnapKVCache(EvictingCache):
                  pooling: str = "avg", max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, budget=budget, max_len=max_len)
         window = min(DEFAULT_SNAP_WINDOW, budget) if window is None else window
-        _positive_int("window", window)
+        check_positive_int("window", window)
         if window > budget:
             raise ValueError(f"window must be at most budget={budget} (the window is always kept), got {window}")
         if not isinstance(kernel, int) or isinstance(kernel, bool) or kernel <= 0 or kernel % 2 == 0:

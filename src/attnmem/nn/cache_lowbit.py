@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import LayerCache, _buffers_nbytes, _grow, _positive_int, register_kind
+from .cache import LayerCache, buffers_nbytes, check_positive_int, grow_buffer, register_kind
 
 # Quantised tokens dequantised at a time while decoding (rounded up to whole key groups).
 LOWBIT_KV_BLOCK = 4096
@@ -82,9 +82,9 @@ class LowBitKVCache(LayerCache):
     def __init__(self, *, kv_heads: int, head_dim: int, group: int = 32, value_group: int | None = None,
                  residual: int = 128, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
-        _positive_int("group", group)
+        check_positive_int("group", group)
         value_group = min(group, head_dim) if value_group is None else value_group
-        _positive_int("value_group", value_group)
+        check_positive_int("value_group", value_group)
         if head_dim % value_group:
             raise ValueError(f"value_group must divide head_dim={head_dim}, got {value_group}")
         if head_dim % (8 // self.bits):
@@ -146,7 +146,7 @@ class LowBitKVCache(LayerCache):
                  "k_lo": (k_lo[:, :, :, 0], a // G, b // G, cap and cap // G),
                  "v_step": (v_step[..., 0], a, b, cap), "v_lo": (v_lo[..., 0], a, b, cap)}
         for name, (val, start, end, limit) in parts.items():
-            buf = _grow(getattr(self, name), val, end, limit)
+            buf = grow_buffer(getattr(self, name), val, end, limit)
             buf[:, :, start:end] = val
             setattr(self, name, buf)
         self.quantized = b
@@ -205,7 +205,7 @@ class LowBitKVCache(LayerCache):
         return (acc / row_sum).reshape(B, Hq, 1, D)
 
     def nbytes(self) -> int:
-        return _buffers_nbytes(self.k_codes, self.v_codes, self.k_step, self.k_lo, self.v_step, self.v_lo,
+        return buffers_nbytes(self.k_codes, self.v_codes, self.k_step, self.k_lo, self.v_step, self.v_lo,
                                self.k_res, self.v_res)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import LayerCache, ModelCache, _attend_new, _buffers_nbytes, _positive_int, register_kind
+from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, check_positive_int, register_kind
 
 # A pool that must grow grows by at least this fraction of its blocks: few reallocations, and at
 # most this much unused capacity beyond the blocks in use.
@@ -45,9 +45,9 @@ class BlockTable:
     """
 
     def __init__(self, *, block_size: int = 16, num_blocks: int | None = None, max_len: int | None = None):
-        _positive_int("block_size", block_size)
-        _positive_int("num_blocks", num_blocks, allow_none=True)
-        _positive_int("max_len", max_len, allow_none=True)
+        check_positive_int("block_size", block_size)
+        check_positive_int("num_blocks", num_blocks, allow_none=True)
+        check_positive_int("max_len", max_len, allow_none=True)
         self.block_size, self.num_blocks, self.max_len = block_size, num_blocks, max_len
         self.blocks: list[list[int]] = []  # per sequence: pool block ids, in order
         self.lengths: list[int] = []  # per sequence: tokens held
@@ -219,7 +219,7 @@ class PagedKVCache(LayerCache):
             if start == 0:  # this sequence's prefill: the method's own path over its prompt
                 outs.append(mha.attend(q[row:row + 1], k[row:row + 1], v[row:row + 1]))
             else:
-                outs.append(_attend_new(q[row:row + 1], *self._held(s, start + n)))
+                outs.append(attend_new(q[row:row + 1], *self._held(s, start + n)))
         if self.owns_table:
             self.table.advance(n)
         self.length = self.table.tokens_held()
@@ -227,7 +227,7 @@ class PagedKVCache(LayerCache):
 
     def nbytes(self) -> int:
         own = self.table.nbytes() if self.owns_table else 0
-        return _buffers_nbytes(self.k, self.v) + own
+        return buffers_nbytes(self.k, self.v) + own
 
 
 class PagedModelCache(ModelCache):

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import click
 
-from .bench.decode import DecodeConfig, cache_specs, int8_error, markdown_tables, paged_memory, plot, run_decode_bench
-from .cli import _int_list, console, err_console, main
+from ..bench.decode import DecodeConfig, cache_specs, int8_error, markdown_tables, paged_memory, plot, run_decode_bench
+from . import common
+from .common import console, err_console
 
 
-def _writer(path: Path):
+def jsonl_writer(path: Path):
     path.unlink(missing_ok=True)
 
     def write(row: dict) -> None:  # one JSON line per row, as it comes
@@ -21,8 +22,8 @@ def _writer(path: Path):
     return write
 
 
-@main.command("decode-bench")
-@click.option("--contexts", default="1024,4096,16384,65536", callback=_int_list,
+@click.command("decode-bench")
+@click.option("--contexts", default="1024,4096,16384,65536", callback=common.int_list,
               help="Comma-separated context lengths (tokens already in the cache).")
 @click.option("--kinds", default=None,
               help=f"Comma-separated cache kinds (default: all of {', '.join(cache_specs(DecodeConfig()))}).")
@@ -38,7 +39,7 @@ def _writer(path: Path):
 @click.option("--timing/--no-timing", default=True, help="Time decoding (or report memory only).")
 @click.option("--int8-error/--no-int8-error", "with_int8_error", default=True,
               help="Also report the int8 cache's error.")
-@click.option("--paged-lengths", default=None, callback=_int_list,
+@click.option("--paged-lengths", default=None, callback=common.int_list,
               help="Also report a paged cache holding prompts of these lengths against a padded batch.")
 @click.option("--quality", "quality_model", default=None, type=click.Path(dir_okay=False, exists=True),
               help="An MQAR model (attnmem.bench.decode_quality.export_model): decode held-out sequences "
@@ -66,7 +67,7 @@ def decode_bench_cmd(contexts, kinds, d_model, heads, layers, window, budget, st
     if unknown:
         raise ValueError(f"unknown cache kind(s) {', '.join(unknown)}; expected some of {', '.join(cache_specs(cfg))}")
     results = out / "decode.jsonl"
-    write = _writer(results)
+    write = jsonl_writer(results)
     rows = run_decode_bench(contexts, cfg, names, on_row=write, log=log, timing=timing)
     if with_int8_error:
         row = int8_error(cfg, prompt=min(contexts), steps=steps)
@@ -86,10 +87,10 @@ def decode_bench_cmd(contexts, kinds, d_model, heads, layers, window, budget, st
 
 
 def _quality(model: Path, out: Path, examples: int, prompt: int | None, seed: int, threads: int, log) -> None:
-    from .bench.decode_quality import QualityConfig, markdown_table, plot, run_quality, summarize
+    from ..bench.decode_quality import QualityConfig, markdown_table, plot, run_quality, summarize
 
     results = out / "decode_quality.jsonl"
-    write = _writer(results)
+    write = jsonl_writer(results)
     q = QualityConfig(examples=examples, prompt=prompt, seed=seed, threads=threads)
     rows = run_quality(model, q, on_row=write, log=log)
     summary = {"type": "summary", **summarize(rows)}
