@@ -32,7 +32,7 @@ def test_quality_rows_check_themselves_and_repeat(tmp_path):
     path = _tiny_model(tmp_path / "m.pt")
     rows = run_quality(path, Q)
     by = {r["name"]: r for r in rows}
-    assert by["full"]["matches_forward"] and by["full"]["prompt"] == N // 2
+    assert by["full"]["forward_disagreements"] == 0 and by["full"]["prompt"] == N // 2
     for name in (f"sink_window{N}", f"heavy_hitter{N}", f"snapkv{N}", f"int4_r{N}", f"int2_r{N}"):
         assert by[name]["correct"] == by["full"]["correct"], name  # nothing evicted or quantised
         assert by[name]["nbytes"] >= by["full"]["nbytes"] * 0.5
