@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from ..nn import Transformer
 from .layout import gather, shard
-from .ring import SequenceParallel
+from .parallel import SequenceParallel
 
 
 def _init() -> tuple[int, int, torch.device]:
