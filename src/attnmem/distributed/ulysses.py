@@ -74,7 +74,7 @@ def check_heads(hq: int, hkv: int, world: int, scheme: str = SCHEME) -> None:
     if hq % world:
         raise ValueError(
             f"{scheme} splits the query heads over the group: Hq={hq} is not a multiple of the group size "
-            f"P={world}; use a group of a size dividing {hq} (at most {hq} ranks), or ring attention"
+            f"P={world}; use a group whose size divides {hq}, or ring attention (any number of heads)"
         )
     if hkv % world and world % hkv:
         raise ValueError(
