@@ -315,3 +315,111 @@ def test_peer_that_exits_fails_the_others(tmp_path):
     assert "ulysses_attention: rank 0 of 2" in errors[0] and "head shards" in errors[0]
     assert time.monotonic() - t0 < JOIN_TIMEOUT_S
     assert issubclass(SequenceParallelError, RuntimeError)
+
+
+# --- no process group needed -----------------------------------------------------------------
+
+
+def test_documents_picture_in_the_layout_docstring():
+    ids = torch.tensor([0] * 9 + [1] * 3)
+    part = partition("documents", 12, 2, documents=ids)
+    owner = torch.empty(12, dtype=torch.int64)
+    for r, pos in enumerate(part.positions):
+        owner[pos] = r
+    assert owner.tolist() == [0, 0, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+    from attnmem.distributed import attention_pairs
+
+    assert attention_pairs(part, ids) == [27, 24]
+
+
+def _pairs_by_brute_force(part, ids):
+    # Work of a rank written out: for every query it holds, count keys of its document at or before it.
+    n = ids.numel()
+    allowed = (ids[:, None] == ids[None, :]) & (torch.arange(n)[None, :] <= torch.arange(n)[:, None])
+    return [int(allowed[p].sum()) for p in part.positions]
+
+
+@pytest.mark.parametrize("world", [2, 4, 8])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_balanced_documents_meet_the_target(world, seed):
+    # Packed documents whose lengths vary 10x (200..2000), N = 16384: the target is
+    # imbalance (max/mean attention pairs) <= 1.05 for the balanced layout.
+    from attnmem.distributed import attention_pairs, imbalance
+
+    n = 16384
+    ids = random_documents(n, 200, 2000, seed=seed)
+    part = partition("documents", n, world, documents=ids)
+    assert sorted(part.permutation.tolist()) == list(range(n))
+    work = attention_pairs(part, ids)
+    assert imbalance(work) <= 1.05, work
+    # Equal tokens up to a few per document (the greedy hands out the leftovers by work).
+    assert max(part.lengths) - min(part.lengths) <= 2 * world * (int(ids.max()) + 1)
+
+
+def test_attention_pairs_match_brute_force_and_contiguous_is_unbalanced():
+    from attnmem.distributed import attention_pairs, imbalance
+
+    ids = random_documents(512, 8, 80, seed=4)
+    for layout in ("contiguous", "zigzag", "documents"):
+        part = partition(layout, 512, 4, documents=ids)
+        assert attention_pairs(part, ids) == _pairs_by_brute_force(part, ids), layout
+    # Long documents at 8 ranks: contiguous and zigzag exceed 1.5, balanced stays <= 1.05.
+    ids = random_documents(16384, 400, 4000, seed=0)
+    work = {lay: imbalance(attention_pairs(partition(lay, 16384, 8, documents=ids), ids))
+            for lay in ("contiguous", "zigzag", "documents")}
+    assert work["contiguous"] > 1.5 and work["zigzag"] > 1.5 and work["documents"] <= 1.05, work
+
+
+def test_partition_round_trip_and_errors():
+    ids = random_documents(50, 3, 9, seed=1)
+    x = torch.randn(2, 3, 50, 4)
+    for part in (partition("documents", 50, 3, documents=ids), hybrid_partition("zigzag", 48, ulysses=2, ring=2),
+                 hybrid_partition("documents", 50, ulysses=2, ring=2, documents=ids)):
+        xs = x[:, :, :part.n]
+        assert torch.equal(part.unshard([part.shard(xs, r) for r in range(part.world_size)]), xs)
+    # The hybrid zigzag: ring part j is the zigzag shard j over R, split in U contiguous pieces.
+    hp = hybrid_partition("zigzag", 16, ulysses=2, ring=2)
+    assert [p.tolist() for p in hp.positions] == [[0, 1, 2, 3], [12, 13, 14, 15], [4, 5, 6, 7], [8, 9, 10, 11]]
+    with pytest.raises(ValueError, match="permutation"):
+        from attnmem.distributed import Partition
+
+        Partition((torch.tensor([0, 0]),))
+    with pytest.raises(ValueError, match="needs documents="):
+        partition("documents", 10, 2)
+    with pytest.raises(ValueError, match="sequence of 50 tokens, got 49"):
+        partition("documents", 50, 3, documents=ids).shard(torch.zeros(1, 1, 49, 1), 0)
+
+
+def test_traffic_closed_forms():
+    shape = dict(batch=1, heads=8, kv_heads=8, head_dim=64, element_size=4)
+    n = 1024  # per rank
+    # Ring: (6P - 4) blocks of k and v; Ulysses: 4·(P-1)/P of q, k, v, out each way in total.
+    assert T.ring_bytes(lengths=[n] * 4, rank=1, **shape) == (6 * 4 - 4) * 2 * 8 * n * 64 * 4 // 2
+    assert T.ulysses_bytes(lengths=[n] * 4, rank=1, **shape) == 2 * 3 * n * (2 * 2 + 2 * 2) * 64 * 4
+    assert T.ring_bytes(lengths=[n], rank=0, **shape) == 0 == T.ulysses_bytes(lengths=[n], rank=0, **shape)
+    hybrid = T.hybrid_bytes(lengths=[n] * 4, rank=3, ulysses=2, ring=2, **shape)
+    assert hybrid == (T.ulysses_bytes(lengths=[n] * 2, rank=1, **shape)
+                      + T.ring_bytes(lengths=[2 * n] * 2, rank=1, **{**shape, "heads": 4, "kv_heads": 4}))
+    assert T.linear_bytes(world=4, **shape) == 2 * 3 * 8 * 64 * 65 * 4
+
+
+def test_sequence_parallel_options_are_checked():
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        SequenceParallel(scheme="tree")
+    with pytest.raises(ValueError, match="needs documents="):
+        SequenceParallel(layout="documents")
+    with pytest.raises(ValueError, match="grid of scheme='hybrid'"):
+        SequenceParallel(scheme="ring", ulysses=2)
+    with pytest.raises(TypeError, match="sequence_parallel must be"):
+        Transformer(11, 16, 2, 1, sequence_parallel=3)
+    with pytest.raises(ValueError, match="scheme must be one of"):
+        Transformer(11, 16, 2, 1, sequence_parallel="rings")
+
+
+def test_needs_a_process_group():
+    q = torch.zeros(1, 2, 4, 4)
+    for fn in (ulysses_attention, linear_context_parallel):
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            fn(q, q, q)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        sequence_parallel_attention(q, q, q, ulysses=1, ring=1)

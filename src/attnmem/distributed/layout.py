@@ -27,7 +27,7 @@ place of a layout name::
 
     ids        0 0 0 0 0 0 0 0 0 1 1 1      (P = 2: document 0 has 9 tokens, document 1 has 3)
     chunks     0 0 1 1 1 1 0 0 . . . .      (2P = 4 chunks of 2; token 8 and document 1 left over)
-    greedy     . . . . . . . . 1 0 1 0      (each to the rank with less work so far)
+    greedy     . . . . . . . . 0 1 1 1      (each to the rank with less work so far: 27 and 24 pairs)
 """
 
 from __future__ import annotations
