@@ -84,55 +84,41 @@ def check_heads(hq: int, hkv: int, world: int, scheme: str = SCHEME) -> None:
 
 
 def _to_heads(plan: HeadPlan, tensors: list[Tensor], kv: list[bool], group: Any) -> list[Tensor]:
-    """Sequence shards (B, H, N_r, D) -> head shards (B, h, N, D) in rank order of positions."""
-    parts, shapes = [], []
-    for s in range(plan.world):
-        mine = []
-        for t, is_kv in zip(tensors, kv):
-            a, b = plan.kv_range(s) if is_kv else (s * plan.hq, (s + 1) * plan.hq)
-            mine.append(t[:, a:b].reshape(-1))  # (B·h·N_r·D,)
-        parts.append(torch.cat(mine))
-        shapes.append((sum(t.shape[0] * (plan.hkv if is_kv else plan.hq) * plan.lengths[s] * t.shape[3]
-                           for t, is_kv in zip(tensors, kv)),))
-    recv = all_to_all(parts, shapes, group, "exchanging sequence shards for head shards", kind="ulysses",
-                      scheme=SCHEME)
-    outs = []
-    offset = [0] * plan.world
-    for t, is_kv in zip(tensors, kv):
-        h = plan.hkv if is_kv else plan.hq
-        pieces = []
-        for s in range(plan.world):
-            shape = (t.shape[0], h, plan.lengths[s], t.shape[3])
-            size = shape[0] * h * shape[2] * shape[3]
-            pieces.append(recv[s][offset[s]:offset[s] + size].view(shape))  # (B, h, N_s, D)
-            offset[s] += size
-        outs.append(torch.cat(pieces, 2))  # (B, h, N, D)
-    return outs
+    """Sequence shards (B, H, N_r, D) -> head shards (B, h, N, D) in rank order of positions.
+
+    One all-to-all per tensor, so that the send and receive buffers of only one are alive.
+    """
+    return [_one_to_heads(plan, t, is_kv, group) for t, is_kv in zip(tensors, kv)]
+
+
+def _one_to_heads(plan: HeadPlan, t: Tensor, is_kv: bool, group: Any) -> Tensor:
+    h = plan.hkv if is_kv else plan.hq
+    ranges = [plan.kv_range(s) if is_kv else (s * plan.hq, (s + 1) * plan.hq) for s in range(plan.world)]
+    shapes = [(t.shape[0], h, plan.lengths[s], t.shape[3]) for s in range(plan.world)]  # (B, h, N_s, D)
+    pieces = all_to_all([t[:, a:b] for a, b in ranges], shapes, group, "exchanging sequence shards for head shards",
+                        kind="ulysses", scheme=SCHEME)
+    return torch.cat(pieces, 2)  # (B, h, N, D)
 
 
 def _to_sequence(plan: HeadPlan, tensors: list[Tensor], kv: list[bool], full_heads: list[int],
                  group: Any) -> list[Tensor]:
     """The inverse: head shards (B, h, N, D) -> sequence shards (B, H, N_r, D); a KV head that
-    was replicated comes back from every reader and is summed."""
+    was replicated comes back from every reader and is summed. One tensor at a time."""
+    return [_one_to_sequence(plan, t, is_kv, heads, group) for t, is_kv, heads in zip(tensors, kv, full_heads)]
+
+
+def _one_to_sequence(plan: HeadPlan, t: Tensor, is_kv: bool, heads: int, group: Any) -> Tensor:
     starts = [sum(plan.lengths[:s]) for s in range(plan.world)]
-    parts, shapes = [], []
-    for s in range(plan.world):
-        parts.append(torch.cat([t[:, :, starts[s]:starts[s] + plan.lengths[s]].reshape(-1) for t in tensors]))
-        shapes.append((sum(t.shape[0] * t.shape[1] * plan.lengths[plan.rank] * t.shape[3] for t in tensors),))
-    recv = all_to_all(parts, shapes, group, "returning head shards to sequence shards", kind="ulysses",
-                      scheme=SCHEME)
-    outs = []
-    offset = [0] * plan.world
     n = plan.lengths[plan.rank]
-    for t, is_kv, heads in zip(tensors, kv, full_heads):
-        out = t.new_zeros(t.shape[0], heads, n, t.shape[3])  # (B, H, N_r, D)
-        for s in range(plan.world):
-            a, b = plan.kv_range(s) if is_kv else (s * plan.hq, (s + 1) * plan.hq)
-            size = t.shape[0] * (b - a) * n * t.shape[3]
-            out[:, a:b] += recv[s][offset[s]:offset[s] + size].view(t.shape[0], b - a, n, t.shape[3])
-            offset[s] += size
-        outs.append(out)
-    return outs
+    parts = [t[:, :, starts[s]:starts[s] + plan.lengths[s]] for s in range(plan.world)]  # (B, h, N_s, D)
+    shapes = [(t.shape[0], t.shape[1], n, t.shape[3])] * plan.world  # (B, h, N_r, D) from every rank
+    pieces = all_to_all(parts, shapes, group, "returning head shards to sequence shards", kind="ulysses",
+                        scheme=SCHEME)
+    out = t.new_zeros(t.shape[0], heads, n, t.shape[3])  # (B, H, N_r, D)
+    for s, piece in enumerate(pieces):
+        a, b = plan.kv_range(s) if is_kv else (s * plan.hq, (s + 1) * plan.hq)
+        out[:, a:b] += piece
+    return out
 
 
 class _SeqToHeads(torch.autograd.Function):
