@@ -423,3 +423,26 @@ def test_needs_a_process_group():
             fn(q, q, q)
     with pytest.raises(RuntimeError, match="init_process_group"):
         sequence_parallel_attention(q, q, q, ulysses=1, ring=1)
+
+
+def test_estimate_with_world_size_predicts_per_rank_peak_and_bytes():
+    # Where each figure comes from: the bytes are traffic's closed forms (checked against the
+    # counters above, to the byte); the peak is per_rank's phase model, which must stay
+    # below the single-process chunked estimate and shrink with more ranks.
+    shape = dict(batch=1, heads=8, seq_len=2048, head_dim=64, causal=True)
+    single = attnmem.estimate("chunked", **shape).peak_bytes
+    for scheme, u in (("ring", None), ("ulysses", None), ("hybrid", 2)):
+        two = attnmem.estimate("chunked", **shape, world_size=2, scheme=scheme, ulysses=1 if u else None)
+        four = attnmem.estimate("chunked", **shape, world_size=4, scheme=scheme, ulysses=u)
+        assert four.peak_bytes < two.peak_bytes < single, scheme
+        assert four.peak_bytes == four.inputs_bytes + four.saved_bytes + four.transient_bytes
+        lengths = [512] * 4
+        want = T.scheme_bytes(scheme, lengths=lengths, rank=0, batch=1, heads=8, kv_heads=8, head_dim=64,
+                              element_size=4, ulysses=u)
+        assert four.sent_bytes == (want,) * 4, scheme
+    with pytest.raises(ValueError, match="Hq=6 is not a multiple of the group size P=4"):
+        attnmem.estimate("chunked", batch=1, heads=6, seq_len=64, head_dim=8, world_size=4, scheme="ulysses")
+    with pytest.raises(ValueError, match="needs ulysses="):
+        attnmem.estimate("chunked", batch=1, heads=8, seq_len=64, head_dim=8, world_size=4, scheme="hybrid")
+    with pytest.raises(ValueError, match="runs exact softmax"):
+        attnmem.estimate("topk", batch=1, heads=8, seq_len=64, head_dim=8, world_size=4, scheme="ring")

@@ -26,10 +26,12 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..memory.estimate import Estimate
 from . import traffic as T
 from .ulysses import check_heads
 
@@ -142,4 +144,46 @@ def per_rank(scheme: str, *, world_size: int, batch: int, heads: int, seq_len: i
             "sent_bytes": sent, "lengths": lengths, "heads_per_pass": hpp}
 
 
-__all__ = ["per_rank", "SCHEMES"]
+@dataclass(frozen=True)
+class RankEstimate(Estimate):
+    """``attnmem.estimate(..., world_size=P)``: one rank's peak (``inputs_bytes`` its q, k, v
+    shard; the rest, not split into saved and transient, in ``transient_bytes``) and the bytes
+    every rank sends per step."""
+
+    scheme: str
+    world_size: int
+    ulysses: int
+    sent_bytes: tuple[int, ...]
+    lengths: tuple[int, ...]
+
+    def __str__(self) -> str:
+        return (f"{self.scheme} over {self.world_size} ranks ({self.method} locally): per-rank peak "
+                f"{self.peak_mib:.1f} MiB, sends {max(self.sent_bytes) / 2**20:.1f} MiB per step ({self.source})")
+
+
+def rank_estimate(method: str, *, scheme: str, world_size: int, ulysses: int | None, batch: int, heads: int,
+                  seq_len: int, head_dim: int, kv_heads: int | None, dtype: Any, training: bool, causal: bool,
+                  mask: Any, **options: Any) -> RankEstimate:
+    """``per_rank`` as an ``Estimate`` (the hook of ``attnmem.estimate``'s ``world_size``)."""
+    from ..memory.estimate import Shape, resolve_dtype
+
+    if not training:
+        raise ValueError("estimate(world_size=...) predicts training steps (forward + backward); got training=False")
+    if mask is not None:
+        raise ValueError("estimate(world_size=...) predicts unmasked or causal attention; got a mask")
+    if method == "auto":
+        method = "chunked"
+    if scheme != "ulysses" and method not in ("chunked", "reference", "sdpa"):
+        raise ValueError(f"scheme={scheme!r} runs exact softmax attention (the chunked kernel); got method={method!r}")
+    p = per_rank(scheme, world_size=world_size, ulysses=ulysses, batch=batch, heads=heads, seq_len=seq_len,
+                 head_dim=head_dim, kv_heads=kv_heads, dtype=dtype, causal=causal, method=method, **options)
+    dt = resolve_dtype(dtype)
+    hkv = heads if kv_heads is None else kv_heads
+    n = max(p["lengths"])
+    shape = Shape(batch, heads, hkv, n, head_dim, dt.itemsize, str(dt).removeprefix("torch."), True, causal, False)
+    return RankEstimate(method, p["peak_bytes"], shape.inputs_bytes, 0, p["peak_bytes"] - shape.inputs_bytes,
+                        "formula (per rank)", shape, dict(options), scheme, world_size, p["ulysses"],
+                        tuple(p["sent_bytes"]), tuple(p["lengths"]))
+
+
+__all__ = ["per_rank", "rank_estimate", "RankEstimate", "SCHEMES"]
