@@ -156,9 +156,15 @@ def _reference(case: Case, world: int) -> dict[str, torch.Tensor]:
 # --- what each rank runs -------------------------------------------------------------------
 
 
-def _transformer(sp):
+def _transformer(sp, **kw):
     torch.manual_seed(0)
-    return Transformer(11, 16, 4, 1, kv_heads=2, causal=True, sequence_parallel=sp).double()
+    return Transformer(11, 16, 4, 1, kv_heads=2, causal=True, sequence_parallel=sp, **kw).double()
+
+
+# (name, SequenceParallel, Transformer options): the schemes a model reaches by name, and causal
+# linear attention, which the ring scheme runs as linear_context_parallel.
+MODELS = [("ulysses", "ulysses", {}), ("hybrid", "hybrid", {}),
+          ("linear", SequenceParallel(scheme="ring", layout="contiguous"), {"method": "linear", "chunk": 4})]
 
 
 def _transformer_inputs(world):
@@ -180,9 +186,9 @@ def _correctness(rank, world, out_dir: Path):
             out.backward(dout)
         torch.save({"out": out.detach(), "dq": q.grad, "dk": k.grad, "dv": v.grad,
                     "sent": traffic.payload_bytes}, out_dir / f"{case.name}_{rank}.pt")
-    for scheme in ("ulysses", "hybrid"):
+    for scheme, sp, kw in MODELS:
         tokens, dlogits = _transformer_inputs(world)
-        model = _transformer(scheme)
+        model = _transformer(sp, **kw)
         part = model.sequence_parallel.partition(tokens.shape[1], 4, 2)
         logits = model(part.shard(tokens, rank, dim=1))
         logits.backward(part.shard(dlogits, rank, dim=1))
@@ -288,16 +294,15 @@ def test_schemes_match_single_process(tmp_path, world):
             # The byte counter against the closed-form prediction: exact, payload for payload.
             assert parts[r]["sent"] == _predicted_bytes(case, world, r), (case.name, r)
     tokens, dlogits = _transformer_inputs(world)
-    model = _transformer(False)
-    logits = model(tokens)
-    logits.backward(dlogits)
-    for scheme in ("ulysses", "hybrid"):
+    for scheme, _, kw in MODELS:
+        model = _transformer(False, **kw)
+        logits = model(tokens)
+        logits.backward(dlogits)
         parts = [torch.load(tmp_path / f"transformer_{scheme}_{r}.pt") for r in range(world)]
-        sp = SequenceParallel(scheme=scheme)
         u, ring = (2, world // 2) if scheme == "hybrid" and world == 4 else (1, world)
-        part = (hybrid_partition("zigzag", tokens.shape[1], ulysses=u, ring=ring) if scheme == "hybrid"
-                else partition("zigzag", tokens.shape[1], world))
-        assert sp.layout == "zigzag"
+        part = {"hybrid": hybrid_partition("zigzag", tokens.shape[1], ulysses=u, ring=ring),
+                "ulysses": partition("zigzag", tokens.shape[1], world),
+                "linear": partition("contiguous", tokens.shape[1], world)}[scheme]
         got = part.unshard([p["logits"] for p in parts], dim=1)
         assert rel_err(got, logits.detach()) <= TOL, scheme
         for name, p in model.named_parameters():
@@ -414,6 +419,14 @@ def test_sequence_parallel_options_are_checked():
         Transformer(11, 16, 2, 1, sequence_parallel=3)
     with pytest.raises(ValueError, match="scheme must be one of"):
         Transformer(11, 16, 2, 1, sequence_parallel="rings")
+    # A method the ring cannot run is refused, never silently replaced by exact attention.
+    q = torch.zeros(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="method='topk' is neither: use sequence_parallel='ulysses'"):
+        SequenceParallel().attend(q, q, q, causal=True, method="topk")
+    with pytest.raises(ValueError, match="contiguous slices"):
+        SequenceParallel(layout="zigzag").attend(q, q, q, causal=True, method="linear")
+    with pytest.raises(ValueError, match="takes only the options q_tile"):
+        SequenceParallel().attend(q, q, q, causal=True, method="chunked", window=3)
 
 
 def test_needs_a_process_group():
