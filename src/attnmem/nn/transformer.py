@@ -50,11 +50,13 @@ class Transformer(nn.Module):
         method, causal, **options: passed to every ``MultiHeadAttention``.
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
-        sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True
-            (zigzag layout, world group) or an ``attnmem.distributed.SequenceParallel``. Each
-            rank passes its own tokens (``attnmem.distributed.shard``); attention is ring
-            attention and positions are global. Gradients of the (replicated) parameters are
-            each rank's share: all-reduce them before the optimizer step.
+        sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or
+            "ring" (ring attention, zigzag layout, world group), "ulysses" (all-to-all over
+            heads, any ``method``), "hybrid" (Ulysses × ring grid), or an
+            ``attnmem.distributed.SequenceParallel``. Each rank passes its own tokens
+            (``model.sequence_parallel.partition(N, n_heads, kv_heads).shard(tokens, rank,
+            dim=1)``); positions are global. Gradients of the (replicated) parameters are each
+            rank's share: all-reduce them before the optimizer step.
 
     Shapes: ``forward(tokens)`` takes (B, N) int64 and returns logits (B, N, num_outputs).
     """
@@ -86,7 +88,14 @@ class Transformer(nn.Module):
         if sequence_parallel:
             from ..distributed import SequenceParallel
 
-            self.sequence_parallel = SequenceParallel() if sequence_parallel is True else sequence_parallel
+            if sequence_parallel is True:
+                sequence_parallel = SequenceParallel()
+            elif isinstance(sequence_parallel, str):
+                sequence_parallel = SequenceParallel(scheme=sequence_parallel)
+            elif not isinstance(sequence_parallel, SequenceParallel):
+                raise TypeError("sequence_parallel must be False, True, 'ring', 'ulysses', 'hybrid' or an "
+                                f"attnmem.distributed.SequenceParallel, got {type(sequence_parallel).__name__}")
+            self.sequence_parallel = sequence_parallel
             attn_kwargs["sequence_parallel"] = self.sequence_parallel
         self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_mult, attn_kwargs) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
@@ -104,7 +113,9 @@ class Transformer(nn.Module):
             pos = cache.positions(*tokens.shape, tokens.device)  # (N,), or (B, N) per sequence (paged)
         elif self.sequence_parallel is not None:
             position_offset = cache.length if cache is not None else position_offset
-            pos = self.sequence_parallel.positions(tokens.shape[1], tokens.device) + position_offset
+            attn = self.blocks[0].attn
+            pos = self.sequence_parallel.positions(tokens.shape[1], tokens.device, heads=attn.n_heads,
+                                                   kv_heads=attn.kv_heads) + position_offset
         else:
             pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + sinusoidal_positions(pos, self.d_model).to(self.embed.weight.dtype)
