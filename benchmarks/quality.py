@@ -35,8 +35,9 @@ from typing import Any
 
 import torch
 
-from _common import append_row, log
+from _common import append_row, load_rows, log
 from attnmem.bench.cases import approx_error
+from attnmem.bench.frontier import cost_rows, measure_points, summarize
 from attnmem.bench.quality import (
     capture_attention_inputs,
     captured_error,
@@ -207,6 +208,10 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
                 append_row(out, row)
                 log(f"  swapped {other}: {row.get('bpb', row.get('accuracy'))} "
                     f"captured error {err.get('error_mean', err.get('reason'))}")
+        points = summarize(load_rows(out)).get(task, [])
+        measure_points(points)  # peak and time of every option set at this N, cached for the report
+        for row in cost_rows(points):
+            append_row(out, {**row, "preset": preset_name, "loadavg": os.getloadavg()[0]})
         if task == "text":
             long_n = t["seq_lens"][0]
             from attnmem.tasks import make_task
