@@ -32,6 +32,12 @@ class Inputs:
     user_mask: Mask | None  # the mask the user gave, without causal
     mask: Mask | None  # the effective mask: causal and user_mask together
     scale: float
+    # Second-wave options (``attnmem.attention`` documents them); defaults change nothing.
+    score_mod: Callable | None = None
+    sinks: Tensor | None = None  # (Hq,)
+    dropout_p: float = 0.0
+    dropout_seed: Any = None  # int | torch.Generator | None
+    return_lse: bool = False
 
     @property
     def batch(self) -> int:
@@ -70,6 +76,11 @@ class Capabilities:
     gqa: bool = True
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    # Score modifications: a method honours each one it declares, and refuses the others.
+    score_mod: bool = False
+    sinks: bool = False
+    dropout: bool = False
+    return_lse: bool = False
 
 
 @dataclass(frozen=True)
@@ -145,6 +156,14 @@ class Method:
             reasons.append(f"does not run on {inp.q.device.type} (supports {', '.join(c.devices)})")
         if inp.q.dtype not in c.dtypes:
             reasons.append(f"does not support dtype {inp.q.dtype}")
+        if inp.score_mod is not None and not c.score_mod:
+            reasons.append("does not support score_mod")
+        if inp.sinks is not None and not c.sinks:
+            reasons.append("does not support sinks")
+        if inp.dropout_p and not c.dropout:
+            reasons.append("does not support dropout_p")
+        if inp.return_lse and not c.return_lse:
+            reasons.append("does not support return_lse")
         return reasons + self.extra_reasons(inp, opts)
 
     def extra_reasons(self, inp: Inputs, opts: Any) -> list[str]:

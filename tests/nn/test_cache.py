@@ -263,8 +263,8 @@ def test_errors():
         model(tokens, mask=attnmem.masks.causal(), cache=model.new_cache())
     with pytest.raises(ValueError, match=r"needs a causal layer"):
         Transformer(30, 32, 4, 1, causal=False)(tokens, cache=Transformer(30, 32, 4, 1).new_cache())
-    with pytest.raises(ValueError, match=r"unknown cache kind 'paged'"):
-        model.new_cache("paged")
+    with pytest.raises(ValueError, match=r"unknown cache kind 'pages'"):
+        model.new_cache("pages")
     with pytest.raises(ValueError, match=r"window must be a positive int, got 0"):
         model.new_cache("sliding_window", window=0)
     with pytest.raises(TypeError, match=r"cache kind 'full'"):
