@@ -11,7 +11,9 @@ from .cache import (
     cache_bytes,
     make_layer_cache,
 )
+from .scores import LearnedALiBi, RelativePositionBias
 from .transformer import Transformer
 
 __all__ = ["MultiHeadAttention", "Transformer", "LayerCache", "KVCache", "Int8KVCache", "SlidingWindowCache",
-           "LinearStateCache", "ModelCache", "make_layer_cache", "cache_bytes"]
+           "LinearStateCache", "ModelCache", "make_layer_cache", "cache_bytes", "RelativePositionBias",
+           "LearnedALiBi"]
