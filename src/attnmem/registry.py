@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .masks import Mask
+from .reference import reference_attention
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,12 @@ class Method:
     has_module: bool = False
     # True when the method always materialises an N×N tensor: never chosen by "auto".
     quadratic: bool = False
+    # Options the registry-generated checks (tests/test_registry_matrix.py) run it with at
+    # small N: small enough that an approximation differs from exact attention there.
+    check_options: dict[str, Any] = {}
+    # Relative error allowed against ``definition`` in float64 (rounding, or a documented
+    # iteration that has not converged).
+    definition_tolerance: float = 1e-10
 
     def make_options(self, options: dict[str, Any]) -> Any:
         """Build this method's options dataclass; TypeError naming any unknown option."""
@@ -175,6 +182,23 @@ class Method:
 
     def forward(self, inp: Inputs, opts: Any) -> Tensor:
         raise NotImplementedError
+
+    def definition(self, inp: Inputs, opts: Any) -> Tensor | None:
+        """What ``forward`` computes, written out densely (O(N²), meant for float64 at small N):
+        the oracle of the registry-generated checks. Exact methods: the reference under their
+        own mask. Approximate ones override it with their formula; None means none is written."""
+        if not self.exact:
+            return None
+        return reference_attention(inp.q, inp.k, inp.v, mask=self.effective_mask(inp, opts), scale=inp.scale)
+
+    def module_definition(self, module: torch.nn.Module, inp: Inputs, opts: Any) -> Tensor | None:
+        """For stateful methods: what ``module`` (from ``build_module``) computes on ``inp``,
+        written out densely from its parameters; None means none is written."""
+        return None
+
+    def effective_mask(self, inp: Inputs, opts: Any) -> Mask | None:
+        """The mask an exact method is exact under: the call's, and its own pattern if any."""
+        return inp.mask
 
     def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: Any) -> torch.nn.Module:
         """For stateful methods: the inner module ``attnmem.nn.MultiHeadAttention`` holds.

@@ -99,6 +99,7 @@ class ChunkedOptions:
 @register
 class Chunked(Method):
     name = "chunked"
+    check_options = {"q_tile": 16, "kv_tile": 16}
     family = "exact"
     exact = True
     memory = "O(B·H·N·D) + O(B·H·N) log-sum-exp; empty tiles skipped"

@@ -181,6 +181,9 @@ class _Sparse(Method):
             return [str(e)]
         return fused_reasons(inp, opts)
 
+    def effective_mask(self, inp: Inputs, opts) -> M.Mask:
+        return self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
+
     def split(self, opts, nq: int) -> tuple[M.Mask, Tensor | None]:
         """(pattern without its global query rows, those rows); patterns with no global
         queries return (pattern, None)."""
@@ -216,6 +219,7 @@ class _Sparse(Method):
 @register
 class SlidingWindowAttention(_Sparse):
     name = "sliding_window"
+    check_options = {"window": (6, 2), "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·w) scores, a tile at a time (w = left + right + 1)"
     summary = "local attention: each query sees `window` keys each side (FlashAttention window_size)"
     Options = SlidingWindowOptions
@@ -227,6 +231,7 @@ class SlidingWindowAttention(_Sparse):
 @register
 class DilatedAttention(_Sparse):
     name = "dilated"
+    check_options = {"window": 4, "dilation": 2, "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·w·d) scores, a tile at a time (w keys spread over w·d)"
     summary = "Longformer's dilated window: `window` keys each side, `dilation` apart (per head optional)"
     Options = DilatedOptions
@@ -239,6 +244,7 @@ class DilatedAttention(_Sparse):
 @register
 class LongformerAttention(_Sparse):
     name = "longformer"
+    check_options = {"window": 3, "global_tokens": (0, 20), "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·(w + g)) scores, a tile at a time (g global tokens)"
     summary = "sliding window plus global tokens that see, and are seen by, every token"
     Options = LongformerOptions
@@ -305,6 +311,7 @@ class _WithGlobalRows(Run):
 @register
 class BigBirdAttention(_Sparse):
     name = "bigbird"
+    check_options = {"block": 4, "window_blocks": 3, "global_blocks": 2, "random_blocks": 2}
     memory = "O(B·H·N·D); O(N·b·(w + g + r)) scores over blocks of b, a tile at a time"
     summary = "BigBird: block window + global blocks + seeded random blocks"
     Options = BigBirdOptions
@@ -381,6 +388,7 @@ def _stack(x: Tensor, hkv: int) -> Tensor:
 @register
 class StridedAttention(_Sparse):
     name = "strided"
+    check_options = {"stride": 5, "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·(s + N/s)) allowed pairs (fused CPU kernel: per residue class)"
     summary = "Sparse Transformer patterns: 'strided' (local + every s-th key) or 'fixed' (block + summaries)"
     Options = StridedOptions

@@ -8,7 +8,7 @@ import torch
 import attnmem
 from attnmem.nn import LearnedALiBi, MultiHeadAttention, RelativePositionBias
 
-from .conftest import rel_err
+from ..conftest import rel_err
 
 
 def _layer(**kw):
