@@ -322,14 +322,29 @@ def _merge(out_acc, lse_acc, out_s, lse_s):
     return out_acc * w_acc + out_s.to(out_acc.dtype) * w_s, lse
 
 
+def _bnhd_zeros(q: Tensor, c: _Ctx) -> Tensor:
+    """Zeros of shape (B, Hq, Nq, D) laid out as (B, Nq, Hq, D) in memory, as SDPA's own output:
+    a caller's ``out.transpose(1, 2)`` to (B, Nq, Hq·D) (every transformer's output projection)
+    is then a view, not a copy saved beside the output that the backward keeps."""
+    return q.new_zeros(c.B, c.nq, c.Hq, c.D).transpose(1, 2)  # (B, Hq, Nq, D), strides of (B, Nq, Hq, D)
+
+
+def _is_bnhd(t: Tensor) -> bool:
+    return t.transpose(1, 2).is_contiguous()
+
+
 def tiled_forward(c: _Ctx, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     fwd = _KERNEL_FNS[c.kernel][0]
     acc = _acc_dtype(q.dtype)
     if c.single_call and c.nq and c.nk:
         whole = CAUSAL_TILE if c.causal_call else None
-        out, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
-        return out.reshape(c.B, c.Hq, c.nq, c.D), lse.to(acc).reshape(c.B, c.Hq, c.nq)
-    out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
+        o_all, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
+        out = o_all.reshape(c.B, c.Hq, c.nq, c.D)
+        if not _is_bnhd(out):
+            out = _bnhd_zeros(q, c)
+            out.view(c.B, c.Hkv, c.G, c.nq, c.D).copy_(o_all.view(c.B, c.Hkv, c.G, c.nq, c.D))
+        return out, lse.to(acc).reshape(c.B, c.Hq, c.nq)
+    out = _bnhd_zeros(q, c)
     lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)
     for qa, qb, segs in c.plan:
         if not segs:
