@@ -264,7 +264,13 @@ class _Ctx:
         # internally in O(N) memory: one call over everything is fastest (every extra call
         # pays the intra-op threads' synchronisation), and its outputs need no copying.
         self.causal_call = self.pure_causal and fused and self.nq == self.nk
-        self.single_call = (mask is None or self.causal_call) and fused
+        # Causal GQA on a square problem: one call per KV head, its G query heads against the
+        # KV head expanded to G heads (a stride-0 view, no copy), so the kernel's own is_causal
+        # still applies and no tile loop runs. The backward's expanded dK/dV are transient,
+        # G heads at a time.
+        self.grouped_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
+                               and self.G > 1 and fused and self.nq == self.nk)
+        self.single_call = (mask is None or self.causal_call or self.grouped_causal) and fused
         if self.single_call:
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
@@ -333,9 +339,40 @@ def _is_bnhd(t: Tensor) -> bool:
     return t.transpose(1, 2).is_contiguous()
 
 
+def _group(c: _Ctx, x: Tensor, j: int) -> Tensor:
+    """KV head ``j`` of (B, Hkv, N, D) as (B, G, N, D), a stride-0 view."""
+    return x[:, j:j + 1].expand(c.B, c.G, *x.shape[2:])
+
+
+def _grouped_causal_forward(c: _Ctx, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    out = _bnhd_zeros(q, c)  # (B, Hq, N, D)
+    lse = torch.empty(c.B, c.Hq, c.nq, dtype=_acc_dtype(q.dtype), device=q.device)  # (B, Hq, N)
+    for j in range(c.Hkv):
+        heads = slice(j * c.G, (j + 1) * c.G)
+        o_j, l_j = _fused_fwd(q[:, heads], _group(c, k, j), _group(c, v, j), CAUSAL_TILE, c.scale)  # (B, G, N, ·)
+        out[:, heads] = o_j
+        lse[:, heads] = l_j
+    return out, lse
+
+
+def _grouped_causal_backward(c: _Ctx, dout, q, k, v, out, lse_b):
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    for j in range(c.Hkv):
+        heads = slice(j * c.G, (j + 1) * c.G)
+        dq_j, dk_j, dv_j = _fused_bwd(dout[:, heads], q[:, heads], _group(c, k, j), _group(c, v, j), out[:, heads],
+                                      lse_b[:, heads], CAUSAL_TILE, c.scale)  # dk_j, dv_j: (B, G, N, D)
+        dq[:, heads] = dq_j
+        dk[:, j] = dk_j.sum(1)
+        dv[:, j] = dv_j.sum(1)
+    return dq, dk, dv
+
+
 def tiled_forward(c: _Ctx, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     fwd = _KERNEL_FNS[c.kernel][0]
     acc = _acc_dtype(q.dtype)
+    if c.grouped_causal and c.nq:
+        return _grouped_causal_forward(c, q, k, v)
     if c.single_call and c.nq and c.nk:
         whole = CAUSAL_TILE if c.causal_call else None
         o_all, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
@@ -370,6 +407,8 @@ def tiled_backward(c: _Ctx, dout, q, k, v, out, lse):
     lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
     if c.kernel == "fused":
         lse_b = lse_b.float() if q.dtype == torch.bfloat16 else lse_b.to(q.dtype)
+    if c.grouped_causal and c.nq:
+        return _grouped_causal_backward(c, dout, q, k, v, out, lse_b)
     if c.single_call and c.nq and c.nk:
         dq, dk, dv = bwd(c.q_view(dout, 0, c.nq), c.q_view(q, 0, c.nq), k, v,
                          c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq),

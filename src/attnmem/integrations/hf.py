@@ -659,3 +659,86 @@ __all__ = [
     "StepEstimate", "train_step", "step_inputs", "build_model", "make_optimizer", "state_tensors",
     "TESTED_VERSION",
 ]
+
+
+# --- what fits: the planner for a config.json ------------------------------------------------
+
+
+def load_hf_config(path: str) -> Any:
+    """A transformers config from a local ``config.json`` (or the directory holding it)."""
+    import json
+    import os
+
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.isfile(path):
+        raise ValueError(f"--hf-config: no config.json at {path!r}")
+    with open(path) as f:
+        raw = json.load(f)
+    model_type = raw.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"--hf-config: {path!r} has no 'model_type'; is it a transformers config.json?")
+    try:
+        return transformers.AutoConfig.for_model(model_type, **raw)
+    except ValueError as e:
+        raise ValueError(f"--hf-config: transformers {transformers.__version__} does not know model_type "
+                         f"{model_type!r}") from e
+
+
+def _fit_quadratic(xs: list[int], ys: list[int]) -> tuple[float, float, float]:
+    """(a, b, c) of y = a·x² + b·x + c through three points."""
+    import numpy as np
+
+    a, b, c = np.polyfit(np.array(xs, dtype=float), np.array(ys, dtype=float), 2)
+    return float(a), float(b), float(c)
+
+
+def _largest_under(peak: Callable[[int], int], budget: int, start: int, quantum: int,
+                   cap: int | None = None) -> int | None:
+    """Largest multiple of ``quantum`` whose ``peak`` fits ``budget``: a quadratic fitted to
+    three traced points proposes it, traces confirm it (stepping down 5 % while it does not fit).
+    Peaks of these models are polynomials of degree ≤ 2 in N and of degree 1 in B."""
+    xs = [start, 2 * start, 4 * start]
+    ys = [peak(x) for x in xs]
+    if ys[0] > budget:
+        return None
+    a, b, c = _fit_quadratic(xs, ys)
+    if a > 0:
+        guess = (-b + math.sqrt(max(b * b - 4 * a * (c - budget), 0.0))) / (2 * a)
+    else:
+        guess = (budget - c) / b if b > 0 else float(xs[-1])
+    n = max(int(guess) // quantum * quantum, quantum)
+    if cap is not None:
+        n = min(n, cap)  # e.g. max_position_embeddings: the model cannot go further
+    for _ in range(6):
+        if peak(n) <= budget:
+            return n
+        n = max((int(n * 0.95)) // quantum * quantum, quantum)
+    return n if peak(n) <= budget else None
+
+
+def plan_step(config: Any, budget: int, *, seq_len: int = 4096, batch: int = 1, methods: tuple[str, ...] = ("chunked",),
+              training: bool = True, optimizer: str = "adamw", checkpointing: bool = False,
+              dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
+    """Per attention implementation (HF ``eager``, ``sdpa``, and each attnmem method): the
+    predicted step peak at (batch, seq_len), whether it fits ``budget``, the longest N at
+    ``batch`` and the largest batch at ``seq_len`` (all from ``estimate_step`` traces)."""
+    rows = []
+    impls = [("eager", "eager"), ("sdpa", "sdpa")] + [(f"attnmem:{m}", register(m, name=f"attnmem_{m}"))
+                                                     for m in methods]
+    for label, impl in impls:
+        def peak_at(n: int, b: int, impl: str = impl) -> int:
+            return estimate_step(config, n, batch=b, training=training, optimizer=optimizer,
+                                 checkpointing=checkpointing, dtype=dtype, attn_implementation=impl).peak_bytes
+
+        try:
+            peak = peak_at(seq_len, batch)
+            longest = _largest_under(lambda n, f=peak_at: f(n, batch), budget, max(seq_len // 8, 64), 64,
+                                     cap=getattr(config, "max_position_embeddings", None))
+            widest = _largest_under(lambda b, f=peak_at: f(seq_len, b), budget, 1, 1)
+        except (ValueError, TypeError, RuntimeError) as e:
+            rows.append({"method": label, "status": "error", "reason": str(e).splitlines()[0]})
+            continue
+        rows.append({"method": label, "status": "ok", "peak_bytes": peak, "fits": peak <= budget,
+                     "max_seq_len": longest, "max_batch": widest})
+    return rows
