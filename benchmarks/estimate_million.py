@@ -17,7 +17,7 @@ from pathlib import Path
 t_import = time.perf_counter()
 import attnmem  # noqa: E402
 from attnmem import registry  # noqa: E402
-from attnmem.bench.cases import environment  # noqa: E402
+from attnmem.bench import environment  # noqa: E402
 
 IMPORT_S = time.perf_counter() - t_import
 RESULTS = Path(__file__).resolve().parent / "results" / "estimate_million.jsonl"

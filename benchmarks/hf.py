@@ -40,7 +40,7 @@ def prepared(cfg, impl: str, n: int, pad: int):
     model.set_attn_implementation(impl)
     model.train()
     opt = amhf.make_optimizer(model, "adamw")
-    amhf._init_optimizer_state(model, opt)
+    amhf.init_optimizer_state(model, opt)
     return model, opt, amhf.step_inputs(cfg, n, 1, pad)
 
 

@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from attnmem.cli import main
-from attnmem.cli_train import parse_bytes
+from attnmem.memory.units import parse_bytes
 
 TINY = ["--task-option", "num_pairs=2", "--task-option", "vocab_size=16", "--seq-len", "32", "--d-model", "32",
         "--layers", "1", "--batch", "8", "--eval-examples", "16", "--warmup", "1", "--threads", "1", "--no-progress"]

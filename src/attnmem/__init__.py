@@ -6,8 +6,7 @@ from .memory.estimate import Estimate, estimate
 from .memory.measure import Measurement, measure
 from .memory.plan import ModelConfig, plan
 from .registry import MethodInfo, methods
-
-__version__ = "0.1.0"
+from .version import __version__
 
 __all__ = [
     "attention", "validate", "methods", "MethodInfo", "masks", "nn", "measure", "Measurement",

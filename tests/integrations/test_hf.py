@@ -424,7 +424,7 @@ def test_estimate_step_equals_measured_peak(impl, pad):
     model.set_attn_implementation(impl)
     model.train()
     opt = amhf.make_optimizer(model, "adamw")
-    amhf._init_optimizer_state(model, opt)
+    amhf.init_optimizer_state(model, opt)
     inputs = amhf.step_inputs(cfg, 96, 2, pad)
     peak, base = track_peak(lambda state, inp: amhf.train_step(model, opt, inp), amhf.state_tensors(model, opt),
                             inputs)

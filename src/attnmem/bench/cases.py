@@ -6,11 +6,11 @@ so a figure can always be traced to how it was obtained.
 
 from __future__ import annotations
 
-import platform
+import functools
 import statistics
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,6 +19,7 @@ from .. import masks as M
 from .. import registry
 from ..api import attention
 from ..memory.measure import MiB, measure
+from .rows import Row
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -48,16 +49,28 @@ class Case:
                 f"D={self.head_dim}|{self.dtype}|{self.device}|causal={self.causal}|mask={self.mask}|"
                 f"fwd={self.forward_only}|{opts}")
 
+    @functools.cached_property
+    def attention_mask(self) -> tuple[bool, Any]:
+        """``(causal, mask)`` of this case at its ``seq_len``: the mask spec parsed once, then
+        shared by the prediction, the support check and the run (``causal`` includes
+        ``self.causal``)."""
+        causal, mask = parse_mask(self.mask, self.seq_len)
+        return causal or self.causal, mask
+
+    def floor_bytes(self) -> int:
+        """q, k, v, out (+ dq, dk, dv when training): the least any exact method must hold."""
+        itemsize = torch.empty((), dtype=DTYPES[self.dtype]).element_size()
+        hkv = self.kv_heads or self.heads
+        per_q = self.batch * self.heads * self.seq_len * self.head_dim * itemsize
+        per_kv = self.batch * hkv * self.seq_len * self.head_dim * itemsize
+        if self.forward_only:
+            return 2 * per_q + 2 * per_kv
+        return 3 * per_q + 4 * per_kv
+
 
 def floor_bytes(case: Case) -> int:
     """q, k, v, out (+ dq, dk, dv when training): the least any exact method must hold."""
-    itemsize = torch.empty((), dtype=DTYPES[case.dtype]).element_size()
-    hkv = case.kv_heads or case.heads
-    per_q = case.batch * case.heads * case.seq_len * case.head_dim * itemsize
-    per_kv = case.batch * hkv * case.seq_len * case.head_dim * itemsize
-    if case.forward_only:
-        return 2 * per_q + 2 * per_kv
-    return 3 * per_q + 4 * per_kv
+    return case.floor_bytes()
 
 
 def parse_mask(spec: str, n: int) -> tuple[bool, Any]:
@@ -86,16 +99,6 @@ def parse_mask(spec: str, n: int) -> tuple[bool, Any]:
         f"unknown mask spec {spec!r}; expected none, causal, window:L[:R], dense_window:L[:R], "
         "document:LEN or random_blocks:KEEP[:BLOCK]"
     )
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "processor": platform.processor() or platform.machine(),
-    }
 
 
 def make_inputs(case: Case, seed: int = 0):
@@ -145,8 +148,7 @@ def attend_fn(method: str, *, heads: int, kv_heads: int | None, head_dim: int, s
 def case_fn(case: Case):
     """The function a case measures: forward (+ backward), inputs passed as arguments so the
     tracker counts them."""
-    causal, mask = parse_mask(case.mask, case.seq_len)
-    causal = causal or case.causal
+    causal, mask = case.attention_mask
     attend = attend_fn(case.method, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
                        seq_len=case.seq_len, options=case.options, device=case.device, dtype=case.dtype)
 
@@ -163,23 +165,20 @@ def case_fn(case: Case):
     return run
 
 
-def run_case(case: Case, *, repeats: int = 3, warmup: int = 1,
-             time_budget_s: float | None = None) -> dict[str, Any]:
+def run_case(case: Case, *, repeats: int = 3, warmup: int = 1, time_budget_s: float | None = None) -> Row:
     """Measure one case (``attnmem.measure``'s repeats, warm-up and time budget). Failures
-    (out of memory, errors) are recorded, not raised."""
-    row: dict[str, Any] = {"key": case.key(), **asdict(case), **environment()}
-    row["floor_bytes"] = floor_bytes(case)
+    (out of memory, errors) are recorded in the row, not raised."""
+    m = registry.get(case.method)
+    kind = dict(family=m.family, exact=m.exact)
     try:
-        registry.get(case.method)
         q, k, v = make_inputs(case)
-        m = measure(case_fn(case), q, k, v, repeats=repeats, warmup=warmup, time_budget_s=time_budget_s)
+        got = measure(case_fn(case), q, k, v, repeats=repeats, warmup=warmup, time_budget_s=time_budget_s)
     except (RuntimeError, MemoryError, ValueError, TypeError) as e:
-        row.update(status="error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-        row["traceback"] = traceback.format_exc(limit=3)
-        return row
-    row.update(status="ok", peak_bytes=m.peak_bytes, peak_mib=m.peak_bytes / MiB,
-               peak_over_floor=m.peak_bytes / row["floor_bytes"], time_s=m.time_s, times_s=m.times_s)
-    return row
+        return Row.of(case, "error", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                      traceback=traceback.format_exc(limit=3), **kind)
+    floor = floor_bytes(case)
+    return Row.of(case, "ok", peak_bytes=got.peak_bytes, peak_mib=got.peak_bytes / MiB,
+                  peak_over_floor=got.peak_bytes / floor, time_s=got.time_s, times_s=list(got.times_s), **kind)
 
 
 def time_interleaved(cases: list[Case], rounds: int = 3, warmup: int = 1) -> list[float]:

@@ -21,7 +21,8 @@ import torch
 from ..memory.measure import MiB
 from ..nn import Transformer
 from ..nn.cache import KVCache, ModelCache
-from .cases import DTYPES, environment
+from .cases import DTYPES
+from .rows import environment
 
 FILL_CHUNK = 4096  # tokens appended at a time while filling, to bound the transient float copy
 

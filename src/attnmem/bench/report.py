@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..memory.units import format_bytes
+from .rows import Row
 
 MiB = 2**20
 
@@ -184,8 +185,10 @@ def _plot_error_vs_memory(rows, path: Path) -> bool:
     return True
 
 
-def write_report(rows: list[dict[str, Any]], out_dir: Path, budget: int | None = None) -> Path:
-    """Write ``report.md`` and the PNG plots into ``out_dir``; return the report's path."""
+def write_report(rows: list[Row] | list[dict[str, Any]], out_dir: Path, budget: int | None = None) -> Path:
+    """Write ``report.md`` and the PNG plots into ``out_dir``; return the report's path. Rows
+    are ``Row``s or their JSON objects (as ``results.jsonl`` holds them)."""
+    rows = [r.as_dict() if isinstance(r, Row) else r for r in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ValueError("no results to report")

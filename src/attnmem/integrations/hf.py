@@ -568,7 +568,7 @@ def state_tensors(model: Any, opt: torch.optim.Optimizer | None) -> list[Tensor]
     return out
 
 
-def _init_optimizer_state(model: Any, opt: torch.optim.Optimizer | None) -> None:
+def init_optimizer_state(model: Any, opt: torch.optim.Optimizer | None) -> None:
     """Create the optimizer's state (a steady-state step starts with it) without a real step."""
     if opt is None:
         return
@@ -626,7 +626,7 @@ def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: 
 
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from ..memory.estimate import _SmallRealMode
+    from ..memory.estimate import small_real_mode
     from ..memory.measure import LiveTensorTracker
 
     for arg, val in (("seq_len", seq_len), ("batch", batch)):
@@ -636,20 +636,20 @@ def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: 
     impl = attn_implementation or config._attn_implementation or "sdpa"
     t0 = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with _SmallRealMode(fake_mode):
+    with small_real_mode(fake_mode):
         model = build_model(config, dtype)
         model.set_attn_implementation(impl)
         if checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train(training)
         opt = make_optimizer(model, optimizer) if training else None
-        _init_optimizer_state(model, opt)
+        init_optimizer_state(model, opt)
         inputs = step_inputs(config, seq_len, batch, pad)
     tracker = LiveTensorTracker()
     state = state_tensors(model, opt)
     tracker.track_tree((state, inputs))
     start = tracker.live
-    with _SmallRealMode(fake_mode), tracker:
+    with small_real_mode(fake_mode), tracker:
         train_step(model, opt, inputs, training)
     return StepEstimate(tracker.peak, start, seq_len, batch, impl, time.perf_counter() - t0)
 
@@ -657,6 +657,7 @@ def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: 
 __all__ = [
     "register", "use", "registered", "mask_interface", "HFMask", "structured_mask", "estimate_step",
     "StepEstimate", "train_step", "step_inputs", "build_model", "make_optimizer", "state_tensors",
+    "init_optimizer_state", "plan_step", "load_hf_config",
     "TESTED_VERSION",
 ]
 
@@ -717,15 +718,17 @@ def _largest_under(peak: Callable[[int], int], budget: int, start: int, quantum:
     return n if peak(n) <= budget else None
 
 
-def plan_step(config: Any, budget: int, *, seq_len: int = 4096, batch: int = 1, methods: tuple[str, ...] = ("chunked",),
+def plan_step(config: Any, budget: int, *, seq_len: int = 4096, batch: int = 1,
+              methods: list[tuple[str, dict[str, Any]]] | None = None,
               training: bool = True, optimizer: str = "adamw", checkpointing: bool = False,
               dtype: torch.dtype | None = None) -> list[dict[str, Any]]:
     """Per attention implementation (HF ``eager``, ``sdpa``, and each attnmem method): the
     predicted step peak at (batch, seq_len), whether it fits ``budget``, the longest N at
     ``batch`` and the largest batch at ``seq_len`` (all from ``estimate_step`` traces)."""
     rows = []
-    impls = [("eager", "eager"), ("sdpa", "sdpa")] + [(f"attnmem:{m}", register(m, name=f"attnmem_{m}"))
-                                                     for m in methods]
+    impls = [("eager", "eager"), ("sdpa", "sdpa")]
+    for i, (method, options) in enumerate(methods or [("chunked", {})]):
+        impls.append((f"attnmem:{method}", register(method, name=f"attnmem_plan{i}", **options)))
     for label, impl in impls:
         def peak_at(n: int, b: int, impl: str = impl) -> int:
             return estimate_step(config, n, batch=b, training=training, optimizer=optimizer,

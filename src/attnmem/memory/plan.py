@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from typing import Any
 from .. import registry
 from .estimate import DTYPES, FORMULAS, estimate
 from .measure import GiB, MiB
+from .units import parse_bytes
 
 # logits, log-softmax output, and the gradient of each at the start of backward
 LOGIT_COPIES = 4
@@ -57,24 +56,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        dtype="bfloat16"),
 }
 
-_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
-
-
 def parse_budget(budget: int | float | str) -> int:
-    """Bytes from ``24GiB``, ``80GB``, ``512 MiB``, ``1.5TiB`` or a plain number of bytes."""
-    if isinstance(budget, bool):
-        raise ValueError(f"budget must be bytes or a size like '24GiB', got {budget!r}")
-    if isinstance(budget, (int, float)):
-        value = float(budget)
-    else:
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(budget))
-        if not m or m.group(2).lower() not in _UNITS:
-            raise ValueError(f"budget must be a size like '24GiB', '80GB' or '512MiB', got {budget!r}")
-        value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"budget must be positive, got {budget!r}")
-    return int(value)
+    """Bytes from ``24GiB``, ``80GB``, ``24G``, ``512 MiB``, ``1e9``: ``units.parse_bytes``, the
+    parser every size flag shares."""
+    return parse_bytes(budget, "budget")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from .. import masks as M
 from .. import registry
 from ..memory.measure import MiB, measure
+from ..method_spec import parse_method_spec
 from ..nn import Transformer
 from . import IGNORE, make_task
 
@@ -163,34 +164,6 @@ class TrainConfig:
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.method_options.items()))
         return f"{self.method}:{opts}" if opts else self.method
-
-
-def parse_method_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"name"`` or ``"name:key=value,key=value"`` -> (name, options); values parsed as int,
-    float, true/false or left as strings.
-
-    Raises:
-        ValueError: an option without ``=``.
-    """
-    name, _, rest = spec.strip().partition(":")
-    opts: dict[str, Any] = {}
-    for item in filter(None, (s.strip() for s in rest.split(","))):
-        key, eq, raw = item.partition("=")
-        if not eq or not key:
-            raise ValueError(f"method spec {spec!r}: expected name:key=value,..., got item {item!r}")
-        opts[key.strip()] = _parse_value(raw.strip())
-    return name, opts
-
-
-def _parse_value(raw: str) -> Any:
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(raw)
-        except ValueError:
-            pass
-    return raw
 
 
 # --- model -------------------------------------------------------------------------------

@@ -1,54 +1,21 @@
-"""``attnmem train``: a long-range task with a chosen method, or a sweep over methods.
-
-A plain click command that ``cli.py`` adds to the group (``main.add_command``): importing the
-group from here would build a second group when ``cli.py`` runs as ``python -m attnmem.cli``.
-"""
+"""``attnmem train``: a long-range task with a chosen method, or a sweep over methods."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from pathlib import Path
 
 import click
 import torch
-from rich.console import Console
 from rich.table import Table
 
-from . import tasks
-from .memory.measure import GiB, MiB
-from .tasks import TASKS
-from .tasks.train import MASK_WINDOW, TrainConfig, estimated_peak_fn, fit, parse_method_spec
-
-console = Console()
-err_console = Console(stderr=True)
-UNITS = {"": 1, "b": 1, "kib": 2**10, "mib": MiB, "gib": GiB, "kb": 10**3, "mb": 10**6, "gb": 10**9}
-
-
-def parse_bytes(text: str) -> int:
-    """``"512MiB"``, ``"2GiB"``, ``"1.5GB"`` or a plain number of bytes -> bytes.
-
-    Raises:
-        ValueError: anything else.
-    """
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
-    if not m or m.group(2).lower() not in UNITS:
-        raise ValueError(f"--max-batch-under: expected a size such as 512MiB, 2GiB or 1e9, got {text!r}")
-    return int(float(m.group(1)) * UNITS[m.group(2).lower()])
-
-
-def parse_options(items: tuple[str, ...], flag: str) -> dict:
-    opts: dict = {}
-    for item in items:
-        try:
-            _, parsed = parse_method_spec(f"x:{item}")
-        except ValueError:
-            parsed = {}
-        if not parsed:
-            raise ValueError(f"{flag}: expected key=value, got {item!r}")
-        opts.update(parsed)
-    return opts
+from .. import tasks
+from ..method_spec import format_method_spec, parse_method_list, parse_options
+from ..tasks import TASKS
+from ..tasks.train import MASK_WINDOW, TrainConfig, estimated_peak_fn, fit
+from . import common
+from .common import console, err_console
 
 
 def metrics_table(rows: list[dict], title: str) -> Table:
@@ -70,14 +37,15 @@ def metrics_table(rows: list[dict], title: str) -> Table:
               help="Extra training distributions, semicolon-separated task-option sets, e.g. "
                    "'seq_len=64,num_pairs=4;seq_len=128,num_pairs=8': each step draws from the task and these "
                    "(same tokens per batch); evaluation stays on the task.")
-@click.option("--method", default="chunked", show_default=True,
-              help="Attention method, optionally with options: name[:key=value,...].")
+@click.option("--method", default="chunked", show_default=True, callback=common.method,
+              help="Attention method, optionally with options: NAME[:KEY=VALUE,...].")
 @click.option("--window", default=None, type=click.IntRange(min=1),
               help="Add a causal sliding-window mask of this many keys.")
 @click.option("--sweep", "do_sweep", is_flag=True, help="Train every method of --methods with the same budget.")
 @click.option("--methods", "methods_", default=None,
-              help="Semicolon-separated method specs for --sweep, e.g. 'chunked;chunked:mask_window=32;linear'.")
-@click.option("--seq-len", default=256, type=click.IntRange(min=1), show_default=True)
+              help="Method specs for --sweep, NAME[:KEY=VALUE,...] separated by ';' or ',', "
+                   "e.g. 'chunked;chunked:mask_window=32;linear'.")
+@click.option("--seq-len", default=256, type=int, callback=common.seq_len, show_default=True)
 @click.option("--d-model", default=64, type=click.IntRange(min=1), show_default=True)
 @click.option("--heads", default=2, type=click.IntRange(min=1), show_default=True)
 @click.option("--layers", default=2, type=click.IntRange(min=1), show_default=True)
@@ -97,8 +65,8 @@ def metrics_table(rows: list[dict], title: str) -> Table:
               help="Stop after this step (checkpointed), the learning-rate schedule still spanning --steps.")
 @click.option("--max-time", "max_time_s", default=None, type=click.FloatRange(0, min_open=True),
               help="Stop after the step that ends past this many wall seconds (evaluating there).")
-@click.option("--max-batch-under", "budget", default=None,
-              help="Use the largest batch whose training step fits this budget (e.g. 512MiB).")
+@click.option("--max-batch-under", "budget", default=None, callback=common.size,
+              help="Use the largest batch whose training step fits this budget (e.g. 512MiB, 2G, 1e9).")
 @click.option("--seed", default=0, type=int, show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--out", "out_dir", default="train_out", type=click.Path(file_okay=False), show_default=True)
@@ -120,10 +88,10 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
         raise ValueError("--sweep needs --methods, e.g. --methods 'chunked;chunked:mask_window=32'")
     if threads:
         torch.set_num_threads(threads)
-    name, method_options = parse_method_spec(method)
+    name, method_options = method
     if window is not None:
         method_options[MASK_WINDOW] = window
-    mix = [parse_options((item,), "--train-mix") for item in (train_mix or "").split(";") if item.strip()]
+    mix = [parse_options(item.split(","), "--train-mix") for item in (train_mix or "").split(";") if item.strip()]
     config = TrainConfig(task=task, task_options=parse_options(task_items, "--task-option"), train_mix=mix,
                          seq_len=seq_len,
                          method=name, method_options=method_options, d_model=d_model, n_heads=heads,
@@ -133,12 +101,11 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
                          checkpoint_every=checkpoint_every, checkpointing=checkpointing,
                          target_accuracy=target_accuracy, max_time_s=max_time_s, seed=seed, out_dir=out_dir)
     if budget is not None:
-        limit = parse_bytes(budget)
-        chosen = tasks.max_batch_under(limit, estimated_peak_fn(config))
-        err_console.print(f"--max-batch-under {budget}: batch {chosen}")
+        chosen = tasks.max_batch_under(budget, estimated_peak_fn(config))
+        err_console.print(f"--max-batch-under {budget} bytes: batch {chosen}")
         config = dataclasses.replace(config, batch_size=chosen)
     if do_sweep:
-        specs = [s.strip() for s in methods_.split(";") if s.strip()]
+        specs = [format_method_spec(n, o) for n, o in parse_method_list(methods_, "--methods", distinct="spec")]
         rows = tasks.sweep(config, specs, resume=resume, progress=not no_progress, stop_at=stop_at)
         console.print(metrics_table(rows, f"attnmem train --sweep: {task}, N={seq_len}"))
         console.print(f"results: {Path(out_dir) / 'sweep.md'}, {Path(out_dir) / 'sweep.png'}")

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import click
 
-from .bench.decode import DecodeConfig, cache_specs, int8_error, markdown_tables, plot, run_decode_bench
-from .cli import _int_list, console, err_console, main
+from ..bench.decode import DecodeConfig, cache_specs, int8_error, markdown_tables, plot, run_decode_bench
+from . import common
+from .common import console, err_console
 
 
-@main.command("decode-bench")
-@click.option("--contexts", default="1024,4096,16384,65536", callback=_int_list,
+@click.command("decode-bench")
+@click.option("--contexts", default="1024,4096,16384,65536", callback=common.int_list,
               help="Comma-separated context lengths (tokens already in the cache).")
 @click.option("--kinds", default=None,
               help=f"Comma-separated cache kinds (default: all of {', '.join(cache_specs(DecodeConfig()))}).")

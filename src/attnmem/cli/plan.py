@@ -1,4 +1,4 @@
-"""``attnmem estimate`` and ``attnmem plan``: predicted memory, before anything runs."""
+"""``attnmem plan``: which methods fit a transformer in a memory budget, before anything runs."""
 
 from __future__ import annotations
 
@@ -8,96 +8,59 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from . import registry
-from .bench.cases import parse_mask
-from .cli import console, main
-from .memory.estimate import DTYPES, HOWS, estimate
-from .memory.measure import GiB, MiB
-from .memory.plan import PRESETS, load_config, parse_budget, plan, plot
+from .. import registry
+from ..memory.estimate import DTYPES
+from ..memory.measure import GiB
+from ..memory.plan import PRESETS, load_config, plan, plot
+from . import common
+from .common import console
 
 
-def _options(pairs: tuple[str, ...]) -> dict:
-    """``--option q_tile=128`` pairs as a dict; values parsed as JSON where they can be."""
-    out = {}
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--option must look like NAME=VALUE, got {pair!r}")
-        try:
-            out[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            out[key] = raw
-    return out
+def plan_specs(cfg, limit: int, specs: list[tuple[str, dict]] | None, on_method) -> list[dict]:
+    """``plan`` over method specs, in their order: a method with its own options is planned
+    with them (added to the config's), the rest together."""
+    if not specs:
+        return plan(cfg, limit, on_method=on_method)
+    rows = []
+    for i, (name, opts) in enumerate(specs):
+        on_method(name, i, len(specs))
+        rows += plan(cfg.replace(options={**cfg.options, **opts}), limit, methods=[name])
+    return rows
 
 
-@main.command("estimate")
-@click.argument("method")
-@click.option("--seq-len", required=True, type=int, help="Sequence length N.")
-@click.option("--batch", default=1, type=int)
-@click.option("--heads", default=8, type=int)
-@click.option("--kv-heads", default=None, type=int)
-@click.option("--head-dim", default=64, type=int)
-@click.option("--dtype", default="float32", type=click.Choice(sorted(DTYPES)))
-@click.option("--causal", is_flag=True)
-@click.option("--mask", "mask_spec", default="none",
-              help="none, causal, window:L[:R], document:LEN, random_blocks:KEEP[:BLOCK].")
-@click.option("--forward-only", is_flag=True, help="Inference: forward under no_grad.")
-@click.option("--how", default="auto", type=click.Choice(HOWS), help="trace, formula, or auto.")
-@click.option("--option", "option_pairs", multiple=True, help="A method option, NAME=VALUE (repeatable).")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def estimate_cmd(method, seq_len, batch, heads, kv_heads, head_dim, dtype, causal, mask_spec, forward_only,
-                 how, option_pairs, as_json) -> None:
-    """Predicted peak memory of one attention call (forward + backward), without running it."""
-    if seq_len <= 0:
-        raise ValueError(f"seq_len must be an int >= 1, got {seq_len}")
-    mask_causal, mask = parse_mask(mask_spec, seq_len)
-    est = estimate(method, batch=batch, heads=heads, kv_heads=kv_heads, seq_len=seq_len, head_dim=head_dim,
-                   dtype=dtype, causal=causal or mask_causal, mask=mask, training=not forward_only, how=how,
-                   **_options(option_pairs))
-    if as_json:
-        click.echo(json.dumps(est.as_dict(), indent=2))
-        return
-    table = Table(title=f"attnmem estimate: {est.method}, B={batch} H={heads} N={seq_len} D={head_dim} {dtype}")
-    for col in ("part", "MiB"):
-        table.add_column(col, justify="right" if col == "MiB" else "left")
-    for part, val in (("inputs (q, k, v)", est.inputs_bytes), ("saved for backward", est.saved_bytes),
-                      ("transient", est.transient_bytes), ("peak", est.peak_bytes)):
-        table.add_row(part, f"{val / MiB:,.1f}")
-    console.print(table)
-    console.print(f"source: {est.source}")
-
-
-@main.command("plan")
+@click.command("plan")
 @click.option("--config", "config_src", default=None,
               help=f"Preset ({', '.join(PRESETS)}) or a YAML/JSON file.")
 @click.option("--hf-config", "hf_config", default=None, type=click.Path(),
               help="A Hugging Face config.json (or its directory): plan that model's training step "
                    "with eager, sdpa and attnmem (needs attnmem[hf]).")
-@click.option("--budget", required=True, help="Memory budget, e.g. 24GiB or 80GB.")
+@click.option("--budget", required=True, callback=common.size,
+              help="Memory budget, e.g. 24GiB, 24G, 80GB or 8e10.")
 @click.option("--layers", type=int)
 @click.option("--d-model", type=int)
 @click.option("--heads", type=int)
 @click.option("--kv-heads", type=int)
 @click.option("--ffn-mult", type=int)
 @click.option("--vocab", type=int)
-@click.option("--seq-len", type=int)
+@click.option("--seq-len", type=int, callback=common.seq_len)
 @click.option("--batch", type=int)
 @click.option("--dtype", type=click.Choice(sorted(DTYPES)))
 @click.option("--inference", is_flag=True, help="Prefill into a KV cache instead of an AdamW training step.")
 @click.option("--checkpointing", is_flag=True, help="Activation checkpointing of every block.")
-@click.option("--methods", "methods_", default=None, help="Comma-separated method names (default: all).")
+@click.option("--methods", "methods_", default=None, callback=common.methods,
+              help="Method specs, NAME[:KEY=VALUE,...], separated by ',' or ';' (default: all).")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG of peak memory against sequence length.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ffn_mult, vocab, seq_len, batch, dtype,
-             inference, checkpointing, methods_, plot_path, as_json) -> None:
+def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ffn_mult, vocab, seq_len, batch,
+             dtype, inference, checkpointing, methods_, plot_path, as_json) -> None:
     """Which methods fit a transformer in a memory budget; longest sequence and largest batch."""
-    limit = parse_budget(budget)
+    limit = budget
     if hf_config is not None:
         if config_src is not None or any(x is not None for x in (layers, d_model, heads, kv_heads, ffn_mult, vocab)):
             raise ValueError("--hf-config describes the whole model: do not combine it with --config or shape options")
-        _plan_hf(hf_config, limit, seq_len or 4096, batch or 1, dtype, not inference, checkpointing, methods_,
-                 as_json)
+        plan_hf(hf_config, limit, seq_len or 4096, batch or 1, dtype, not inference, checkpointing, methods_,
+                as_json)
         return
     overrides = dict(layers=layers, d_model=d_model, heads=heads, kv_heads=kv_heads, ffn_mult=ffn_mult,
                      vocab=vocab, seq_len=seq_len, batch=batch, dtype=dtype)
@@ -106,9 +69,8 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
     if checkpointing:
         overrides["checkpointing"] = True
     cfg = load_config(config_src, **overrides)
-    names = [m.strip() for m in methods_.split(",")] if methods_ else None
-    for name in names or []:
-        registry.get(name)
+    for name, opts in methods_ or []:
+        registry.get(name).make_options(opts)  # unknown names and options fail before any search
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # Methods without a closed form are traced at every step of the searches: show progress.
@@ -119,7 +81,7 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
         def on_method(name, i, total):
             progress.update(task, total=total, completed=i, description=f"plan: {name}")
 
-        rows = plan(cfg, limit, methods=names, on_method=on_method)
+        rows = plan_specs(cfg, limit, methods_, on_method)
     if plot_path:
         ok = [r["method"] for r in rows if r["status"] == "ok"]
         plot(cfg, ok, limit, plot_path)
@@ -144,14 +106,14 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
         console.print(f"plot: {plot_path}")
 
 
-def _plan_hf(path, limit, seq_len, batch, dtype, training, checkpointing, methods_, as_json) -> None:
+def plan_hf(path, limit, seq_len, batch, dtype, training, checkpointing, methods_, as_json) -> None:
     """``plan --hf-config``: each HF attention implementation and attnmem method, traced."""
     # Imported only here: transformers is the optional extra attnmem[hf].
-    from .integrations import hf
+    from ..integrations import hf
 
     config = hf.load_hf_config(path)
-    names = tuple(m.strip() for m in methods_.split(",")) if methods_ else ("chunked",)
-    rows = hf.plan_step(config, limit, seq_len=seq_len, batch=batch, methods=names, training=training,
+    rows = hf.plan_step(config, limit, seq_len=seq_len, batch=batch, methods=methods_ or [("chunked", {})],
+                        training=training,
                         checkpointing=checkpointing, dtype=DTYPES[dtype] if dtype else None)
     if as_json:
         click.echo(json.dumps({"hf_config": path, "budget_bytes": limit, "seq_len": seq_len, "batch": batch,

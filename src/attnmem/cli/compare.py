@@ -1,0 +1,121 @@
+"""``attnmem compare``: methods × sequence lengths on this device, written as it goes, then a report."""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+
+from .. import registry
+from ..bench.cases import DTYPES, parse_mask
+from ..bench.report import write_report
+from ..bench.rows import Row
+from ..bench.sweep import SweepConfig, run_sweep
+from ..memory.measure import MiB
+from ..memory.units import available_memory
+from . import common
+from .common import console
+
+
+def default_methods() -> list[str]:
+    """Methods that run from the functional API with their default options."""
+    return [m.name for m in registry.methods() if not m.stateful]
+
+
+@click.command("compare")
+@click.option("--methods", "methods_", default=None, callback=common.methods,
+              help="Method specs, NAME[:KEY=VALUE,...], separated by ',' or ';' (default: all).")
+@click.option("--seq-lens", default="1024,2048,4096,8192,16384", callback=common.int_list,
+              help="Comma-separated sequence lengths.")
+@click.option("--batch", default=1, type=click.IntRange(min=1))
+@click.option("--heads", default=8, type=click.IntRange(min=1))
+@click.option("--kv-heads", default=None, type=click.IntRange(min=1))
+@click.option("--head-dim", default=64, type=click.IntRange(min=1))
+@click.option("--dtype", default="float32", type=click.Choice(sorted(DTYPES)))
+@click.option("--device", default="cpu", type=click.Choice(["cpu", "cuda"]))
+@click.option("--causal", is_flag=True, help="Causal attention.")
+@click.option("--mask", "mask_spec", default="none",
+              help="none, causal, window:L[:R], dense_window:L, document:LEN, random_blocks:KEEP[:BLOCK].")
+@click.option("--forward-only", is_flag=True, help="Measure the forward pass only (inference).")
+@click.option("--budget", default=None, callback=common.size,
+              help="Memory budget, e.g. 8GiB, 8G, 8.6GB or 8e9 (default: half the free memory).")
+@click.option("--repeats", default=3, type=click.IntRange(min=0),
+              help="Timed repeats per case, after the tracked run that warms them up (median).")
+@click.option("--repeat-budget", default=1.0, type=click.FloatRange(min=0, min_open=True), show_default=True,
+              help="Seconds of timed repeats per case: a slow case stops after fewer repeats (at least one).")
+@click.option("--out", "out_dir", default="report", type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--resume", is_flag=True,
+              help="Continue OUT/results.jsonl: finished cases are kept unless their conditions changed "
+                   "(attnmem or torch version, a budget decision this --budget reverses).")
+@click.option("--retry-failed", is_flag=True, help="With --resume: run the cases that failed again.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing OUT/results.jsonl.")
+def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, device, causal, mask_spec,
+                forward_only, budget, repeats, repeat_budget, out_dir, resume, retry_failed, overwrite) -> None:
+    """Sweep methods × sequence lengths: peak memory, peak/floor, time and error per case.
+
+    Cases predicted above the budget are recorded as over budget (the memory wall) instead of
+    run; failures are recorded and the sweep goes on. Every finished case is appended to
+    OUT/results.jsonl at once; the report (OUT/report.md and PNG plots) is written at the end.
+    An existing OUT/results.jsonl is continued with --resume or replaced with --overwrite.
+    """
+    import torch
+
+    specs = methods_ or [(name, {}) for name in default_methods()]
+    names = [name for name, _ in specs]
+    for name, opts in specs:
+        if registry.get(name).stateful:  # unknown names fail here too, before anything runs
+            raise ValueError(f"--methods: {name!r} has learned state; compare runs functional methods only")
+        registry.get(name).make_options(opts)  # an unknown or bad option fails before anything runs
+    check_mask_spec(mask_spec)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
+    out = common.writable_dir(out_dir, "--out")
+    budget_bytes = budget
+    if budget_bytes is None:
+        budget_bytes = (torch.cuda.mem_get_info()[0] if device == "cuda" else available_memory()) // 2
+    cfg = SweepConfig(methods=names, seq_lens=seq_lens, batch=batch, heads=heads, kv_heads=kv_heads,
+                      head_dim=head_dim, dtype=dtype, device=device, causal=causal, mask=mask_spec,
+                      forward_only=forward_only, repeats=repeats, time_budget_s=repeat_budget,
+                      budget_bytes=budget_bytes, options={name: opts for name, opts in specs if opts})
+    with common.StepProgress("compare", len(seq_lens) * len(names)) as progress:
+        def on_case(case, i, total):
+            progress.start(i, f"{case.method} N={case.seq_len}", total)
+
+        def on_row(row):
+            progress.finish(outcome(row))
+
+        rows = run_sweep(cfg, out / "results.jsonl", resume=resume, overwrite=overwrite,
+                         retry_failed=retry_failed, on_case=on_case, on_row=on_row)
+    console.print(summary_table(rows))
+    report = write_report(rows, out, budget_bytes)
+    console.print(f"results: {out / 'results.jsonl'}\nreport: {report}")
+
+
+def check_mask_spec(spec: str) -> None:
+    """A bad ``--mask`` fails here, before anything runs (the spec is parsed at N = 1; what
+    depends on N is checked per case)."""
+    try:
+        parse_mask(spec, 1)
+    except ValueError as e:
+        raise ValueError(f"--mask: {e}") from None
+
+
+def outcome(row: Row) -> str:
+    """A row in a few words, for a progress line."""
+    if row.status == "ok":
+        return f"ok, peak {row.peak_mib:.1f} MiB, {row.time_s:.3f} s"
+    return f"{row.status}: {row.reason[:80]}"
+
+
+def summary_table(rows: list[Row]) -> Table:
+    table = Table(title="attnmem compare")
+    for col in ("method", "N", "peak MiB", "peak/floor", "time s", "error", "status"):
+        table.add_column(col, justify="right" if col not in ("method", "status") else "left")
+    for r in rows:
+        if r.status == "ok":
+            err = r.approx_error
+            table.add_row(r.method, str(r.seq_len), f"{r.peak_mib:.1f}", f"{r.peak_over_floor:.2f}",
+                          f"{r.time_s:.3f}", "" if err is None else f"{err:.2g}", "ok")
+        else:
+            table.add_row(r.method, str(r.seq_len), "-", "-", "-", "",
+                          f"{r.status}: {r.reason}"[:70] + f" (floor {r.floor_bytes / MiB:.0f} MiB)")
+    return table
