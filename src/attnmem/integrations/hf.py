@@ -298,7 +298,15 @@ def _from_hf_mod(fn: Callable, g: _Geometry) -> Mask:
 
 
 def _and(a: Mask | None, b: Mask | None) -> Mask | None:
+    if isinstance(a, masks.SlidingWindow) and isinstance(b, masks.SlidingWindow):
+        # One window, not an intersection of two: HF's "sliding overlay & causal" becomes the
+        # single sliding_window(W - 1, 0) whose tiles the kernels know.
+        return masks.SlidingWindow(_tighter(a.left, b.left), _tighter(a.right, b.right))
     return b if a is None else a if b is None else a & b
+
+
+def _tighter(x: int | None, y: int | None) -> int | None:
+    return y if x is None else x if y is None else min(x, y)
 
 
 def _or(a: Mask | None, b: Mask | None) -> Mask | None:

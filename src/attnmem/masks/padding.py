@@ -50,7 +50,7 @@ class KeyPadding(Mask):
         kb = torch.clamp(ka + g.kv_tile, max=g.nk)
         return self._counts[:, kb] - self._counts[:, ka], kb - ka  # (Bm, ...), (...)
 
-    def tilestates_from(self, g, qi, ki):
+    def tile_states(self, g, qi, ki):
         n_valid, size = self._tile_counts(g, ki)
         return states_from((n_valid == 0).all(0), (n_valid == size).all(0))
 
