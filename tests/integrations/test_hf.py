@@ -40,6 +40,9 @@ def _configs():
             sliding_window=12, max_window_layers=1)),
         "gemma2": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(
             **small, num_key_value_heads=2, head_dim=16, sliding_window=12, attn_logit_softcapping=None)),
+        # A cap of 2 bends these small random scores visibly (Gemma 2 itself uses 50).
+        "gemma2_softcap": lambda: t.Gemma2ForCausalLM(t.Gemma2Config(
+            **small, num_key_value_heads=2, head_dim=16, sliding_window=12, attn_logit_softcapping=2.0)),
         "gpt2": lambda: t.GPT2LMHeadModel(t.GPT2Config(
             vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=256, scale_attn_by_inverse_layer_idx=True,
             attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0)),
@@ -53,7 +56,7 @@ def _configs():
     }
 
 
-CAUSAL = ("llama", "mistral", "qwen2", "gemma2", "gpt2")
+CAUSAL = ("llama", "mistral", "qwen2", "gemma2", "gemma2_softcap", "gpt2")
 ARCHS = CAUSAL + ("bert", "modernbert")
 
 
@@ -306,27 +309,41 @@ def test_mask_build_is_small_at_8192():
 # --- refusals -----------------------------------------------------------------------------------
 
 
-def test_refuses_softcap():
+def test_dropout_in_training_is_routed():
+    """HF passes the attention dropout rate only in training: attnmem applies it (its own
+    pattern, drawn from torch's generator), so a fixed seed repeats the step and eval has none."""
     t = transformers
     torch.manual_seed(0)
-    model = t.Gemma2ForCausalLM(t.Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                               head_dim=16, attn_logit_softcapping=50.0))
-    amhf.use(model)
-    with pytest.raises(ValueError, match="softcap"):
-        model(input_ids=torch.randint(0, VOCAB, (1, 8)))
-
-
-def test_refuses_dropout_in_training():
-    t = transformers
     model = t.LlamaForCausalLM(t.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
-                                             num_hidden_layers=1, num_attention_heads=2, attention_dropout=0.1))
+                                             num_hidden_layers=1, num_attention_heads=2, attention_dropout=0.3))
     amhf.use(model)
+    ids = torch.randint(0, VOCAB, (1, 20), generator=torch.Generator().manual_seed(9))
+    model.eval()
+    plain = model(input_ids=ids).logits
     model.train()
-    with pytest.raises(ValueError, match="dropout"):
-        model(input_ids=torch.randint(0, VOCAB, (1, 8)))
-    model.eval()  # no dropout is applied in eval: allowed
-    model(input_ids=torch.randint(0, VOCAB, (1, 8)))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        runs.append(model(input_ids=ids).logits)
+    assert torch.equal(runs[0], runs[1])
+    assert (runs[0] - plain).abs().max().item() > 1e-3
+
+
+def test_sinks_are_routed():
+    """gpt-oss's ``s_aux``: one logit per head joins each row's softmax denominator (eager
+    appends it as an extra column and drops it after the softmax)."""
+    amhf.register()
+    fn = transformers.AttentionInterface._global_mapping["attnmem"]
+    g = torch.Generator().manual_seed(10)
+    q, k, v = (torch.randn(1, h, 12, 8, generator=g, dtype=torch.float64) for h in (4, 2, 2))
+    sinks = torch.randn(4, generator=g, dtype=torch.float64)
+    module = torch.nn.Module()
+    desc = amhf.mask_interface(batch_size=1, q_length=12, kv_length=12)
+    out, _ = fn(module, q, k, v, desc, s_aux=sinks, scaling=0.3)
+    kr, vr = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)  # (B, Hq, N, D)
+    s = (q @ kr.transpose(-1, -2) * 0.3).masked_fill(~torch.ones(12, 12, dtype=torch.bool).tril(), -torch.inf)
+    s = torch.cat([s, sinks.view(1, 4, 1, 1).expand(1, 4, 12, 1)], -1).softmax(-1)[..., :-1]
+    assert (out.transpose(1, 2) - s @ vr).abs().max().item() <= 1e-12
 
 
 def test_refuses_output_attentions():
@@ -345,10 +362,10 @@ def test_refuses_position_bias():
 
 
 @pytest.mark.parametrize("kwarg, match, error", [
-    ({"s_aux": torch.zeros(2)}, "s_aux", ValueError),
     ({"head_mask": torch.ones(2)}, "head_mask", ValueError),
-    ({"softcap": 30.0}, "softcap", ValueError),
-    ({"dropout": 0.1}, "dropout", ValueError),
+    ({"layer_head_mask": torch.ones(2)}, "layer_head_mask", ValueError),
+    ({"position_bias": torch.zeros(1, 2, 8, 8)}, "position_bias", ValueError),
+    ({"output_attentions": True}, "output_attentions", ValueError),
     ({"some_new_feature": 1}, "some_new_feature", TypeError),
 ])
 def test_refuses_each_unsupported_keyword(kwarg, match, error):
@@ -451,3 +468,32 @@ def test_key_padding_composes_without_n_squared():
     mask = masks.causal() & masks.key_padding(valid)
     out = attnmem.attention(q, q, q, method="chunked", mask=mask, q_tile=16, kv_tile=16)
     assert (out - reference_attention(q, q, q, mask=mask)).abs().max().item() <= 1e-12
+
+
+def test_plan_hf_config_on_the_command_line(tmp_path):
+    """``attnmem plan --hf-config``: a row per implementation whose peak is estimate_step's,
+    and a longest N whose own predicted peak fits the budget."""
+    import json
+
+    from click.testing import CliRunner
+
+    from attnmem.cli import main
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    cfg.save_pretrained(tmp_path)
+    budget = 64 * 2**20
+    res = CliRunner().invoke(main, ["plan", "--hf-config", str(tmp_path / "config.json"), "--budget", "64MiB",
+                                    "--seq-len", "128", "--json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["method"]: r for r in json.loads(res.output)["methods"]}
+    assert set(rows) == {"eager", "sdpa", "attnmem:chunked"}
+    impls = {"eager": "eager", "sdpa": "sdpa", "attnmem:chunked": "attnmem_plan0"}
+    for label, r in rows.items():
+        assert r["status"] == "ok"
+        assert r["peak_bytes"] == amhf.estimate_step(cfg, 128, attn_implementation=impls[label]).peak_bytes
+    longest = rows["attnmem:chunked"]["max_seq_len"]
+    assert amhf.estimate_step(cfg, longest, attn_implementation="attnmem_plan0").peak_bytes <= budget
+    assert rows["eager"]["max_seq_len"] < rows["attnmem:chunked"]["max_seq_len"]
+    bad = CliRunner().invoke(main, ["plan", "--hf-config", str(tmp_path / "missing.json"), "--budget", "1GiB"])
+    assert bad.exit_code != 0 and "config.json" in bad.output

@@ -29,9 +29,11 @@ keys after the last query's position are cut (as HF's sdpa path does), which als
 attnmem's bottom-right causal diagonal with HF's absolute positions. The output is returned
 as a (B, N, H, D)-contiguous tensor, so the model's ``transpose(1, 2)`` is free.
 
-Raises (per call), naming the feature: softcap (Gemma 2), attention sinks ``s_aux``
-(gpt-oss), T5's ``position_bias``, dropout > 0, ``output_attentions=True``, a head mask, a
-float bias mask, and any keyword this module does not know.
+Routed to ``attnmem.attention``: softcap (Gemma 2) as ``score_mod=scores.softcap(cap)``,
+attention sinks ``s_aux`` (gpt-oss) as ``sinks``, attention dropout in training as
+``dropout_p``. Raises (per call), naming the feature: T5's ``position_bias``,
+``output_attentions=True``, a head mask, a float bias mask, and any keyword this module does
+not know.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ except ImportError as e:  # pragma: no cover - the extra is installed wherever t
         "pip install 'attnmem[hf]' (transformers==5.24.0)"
     ) from e
 
-from .. import masks, registry
+from .. import masks, registry, scores
 from ..api import attention
 from ..masks import Mask
 
@@ -435,14 +437,21 @@ def _refuse(feature: str, alternative: str) -> None:
                      f"{alternative}")
 
 
-def _check_features(module: Any, dropout: float, kwargs: dict[str, Any]) -> None:
-    if kwargs.pop("softcap", None) is not None:
-        _refuse("softcap: attention logit soft-capping, e.g. Gemma 2",
-                "set config.attn_logit_softcapping = None, or use attn_implementation='eager'")
-    if kwargs.pop("s_aux", None) is not None:
-        _refuse("s_aux: attention sinks, e.g. gpt-oss", "use attn_implementation='eager'")
+def _features(module: Any, dropout: float, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The ``attnmem.attention`` keywords for what the layer asks (softcap, sinks, dropout);
+    raises, naming it, for what attnmem cannot serve."""
+    extra: dict[str, Any] = {}
+    cap = kwargs.pop("softcap", None)
+    if cap is not None:
+        extra["score_mod"] = scores.softcap(cap)  # Gemma 2: cap · tanh(s / cap) on the scaled scores
+    sinks = kwargs.pop("s_aux", None)
+    if sinks is not None:
+        extra["sinks"] = sinks  # gpt-oss: one logit per query head in each row's denominator
+    if dropout:
+        # HF passes the rate only in training; the pattern is drawn from torch's generator.
+        extra["dropout_p"] = float(dropout)
     if kwargs.pop("position_bias", None) is not None:
-        _refuse("position_bias: an additive relative position bias, e.g. T5",
+        _refuse("position_bias: an additive relative position bias tensor, e.g. T5",
                 "use a model without position bias, or attn_implementation='eager'")
     if kwargs.pop("output_attentions", False):
         _refuse("output_attentions=True: attnmem never forms the attention weights",
@@ -450,13 +459,11 @@ def _check_features(module: Any, dropout: float, kwargs: dict[str, Any]) -> None
     for head_mask in ("head_mask", "layer_head_mask"):
         if kwargs.pop(head_mask, None) is not None:
             _refuse(f"{head_mask}: per-head masking of attention weights", "use attn_implementation='eager'")
-    if dropout:
-        _refuse(f"dropout={dropout}: attention dropout in training",
-                "set the config's attention dropout to 0.0, call model.eval(), or use attn_implementation='eager'")
     unknown = sorted(k for k, v in kwargs.items() if k not in _HARMLESS and v is not None)
     if unknown:
         raise TypeError(f"attnmem's Hugging Face integration got keyword(s) {unknown} from "
                         f"{type(module).__name__}; it does not know what they ask for and will not ignore them")
+    return extra
 
 
 def _check_window(desc: Any, sliding_window: int | None) -> None:
@@ -487,13 +494,14 @@ def _make_attention_fn(name: str) -> Callable:
                                   **kwargs: Any) -> tuple[Tensor, None]:
         """query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D) -> ((B, Nq, Hq, D) contiguous, None)."""
         binding = _BINDINGS[name]
-        _check_features(module, dropout, kwargs)
+        extra = _features(module, dropout, kwargs)
         _check_window(attention_mask, sliding_window)
         B, _, nq, _ = query.shape
         causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
         mask, key, value = structured_mask(attention_mask, key, value, batch=B, nq=nq, is_causal=causal)
         mask = _and(mask, _cu_documents(cu_seq_lens_q, cu_seq_lens_k, nq, key.shape[2], B))
-        out = attention(query, key, value, method=binding.method, mask=mask, scale=scaling, **binding.options)
+        out = attention(query, key, value, method=binding.method, mask=mask, scale=scaling, **extra,
+                        **binding.options)
         out = out.transpose(1, 2)  # (B, Nq, Hq, D): a view when attnmem laid the output out so
         return (out if out.is_contiguous() else out.contiguous()), None
 
