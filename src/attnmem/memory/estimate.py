@@ -174,8 +174,8 @@ def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
     nqt = math.ceil(s.seq_len / max(opts.q_tile, MIN_Q_TILE))
     nkt = math.ceil(s.seq_len / opts.kv_tile)
     if _chunked_kernel(s, opts) == "fused":
-        if not s.masked and (not s.causal or s.heads == s.kv_heads):
-            return 1, 1, 0  # one operator call (unmasked, or plain causal without GQA)
+        if not s.masked:
+            return 1, 1, 0  # one operator call (unmasked or plain causal; per KV head under GQA)
         run = max(MAX_SEGMENT, opts.kv_tile)
         width = opts.kv_tile if not s.masked else min(s.seq_len, run)
         return nqt, math.ceil(s.seq_len / run) + 1, width
@@ -185,6 +185,19 @@ def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
 def _chunked_work(s: Shape, opts) -> int:
     nqt, per_tile, _ = _chunked_segments(s, opts)
     return OPS_PER_SEGMENT * nqt * per_tile
+
+
+def _chunked_grouped_causal(s: Shape) -> tuple[int, int]:
+    """Causal GQA, fused kernel: one call per KV head (its G query heads against the head
+    expanded as a view). Saved O + lse; one head group's output, lse (forward) and
+    dQ, dK, dV expanded to G heads plus three more such buffers (backward) are transient.
+    Read off traces (tests check formula == trace)."""
+    group_q = s.q_bytes // s.kv_heads
+    lse = _lse_bytes(s)
+    if not s.training:
+        return 0, s.q_bytes + lse + 2 * (group_q + lse // s.kv_heads)
+    grads = s.q_bytes + 2 * s.kv_bytes
+    return s.q_bytes + lse, grads + 6 * group_q + lse + 2 * s.itemsize
 
 
 @formula("chunked", trace_work=_chunked_work)
@@ -206,6 +219,8 @@ def _chunked(s: Shape, opts) -> tuple[int, int]:
     nqt, _, width = _chunked_segments(s, opts)
     kernel = _chunked_kernel(s, opts)
     if nqt == 1 and width == 0 and kernel == "fused":
+        if s.causal and s.heads != s.kv_heads:
+            return _chunked_grouped_causal(s)
         return _sdpa(s, opts)
     if kernel == "torch":
         return None  # the plain kernel's working set has not been written down: it is traced
@@ -281,6 +296,12 @@ class _SmallRealMode(TorchDispatchMode):
             return func(*args, **kwargs)
         with self.fake_mode:
             return func(*args, **_no_generator(kwargs))
+
+
+def small_real_mode(fake_mode) -> TorchDispatchMode:
+    """The tracing mode of ``estimate``: operators with small results run on real tensors, the
+    rest on ``fake_mode``'s fake ones (for callers that trace their own code, e.g. a whole model)."""
+    return _SmallRealMode(fake_mode)
 
 
 def _no_generator(kwargs: dict[str, Any]) -> dict[str, Any]:
