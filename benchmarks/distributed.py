@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import attnmem
 from _common import RESULTS, append_row, load_rows, log
 from attnmem.bench import Case, environment, run_case
 from attnmem.bench.cases import make_inputs
@@ -105,8 +106,8 @@ def run_scheme(scheme: str, n: int, world: int, causal: bool) -> dict:
             return {"status": "error", "reason": f"exit codes {[p.exitcode for p in procs]}"}
         ranks = [torch.load(Path(d) / f"rank{r}.pt") for r in range(world)]
     u, _ = _grid(scheme, world)
-    pred = per_rank(scheme, world_size=world, ulysses=u, batch=B, heads=H, seq_len=n, head_dim=D,
-                    causal=causal, layout="zigzag" if causal else "contiguous")
+    pred = per_rank(scheme, local_estimate=attnmem.estimate, world_size=world, ulysses=u, batch=B, heads=H,
+                    seq_len=n, head_dim=D, causal=causal, layout="zigzag" if causal else "contiguous")
     peaks = [r["peak"] for r in ranks]
     return {"status": "ok", "peak_bytes": max(peaks), "peak_mib": max(peaks) / MiB,
             "rank_peaks_mib": [p / MiB for p in peaks], "time_s": max(r["time"] for r in ranks),
