@@ -11,15 +11,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiHeadAttention
-from .cache import DEFAULT_KIND, ModelCache, make_layer_cache
+from .cache import DEFAULT_KIND, ModelCache, make_model_cache
 from .sampling import generate
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
-    """(N,) int positions -> (N, d_model) fixed sinusoidal embeddings (Vaswani et al.)."""
+    """(..., N) int positions -> (..., N, d_model) fixed sinusoidal embeddings (Vaswani et al.)."""
     half = d_model // 2
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / max(half, 1))
-    angle = positions.float()[:, None] * freq[None, :]  # (N, half)
+    angle = positions.float()[..., None] * freq  # (..., N, half)
     emb = torch.cat([angle.sin(), angle.cos()], dim=-1)
     return nn.functional.pad(emb, (0, d_model - 2 * half))
 
@@ -109,8 +109,10 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be an int tensor of shape (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
         if cache is not None:
             cache.check_model(self, tokens.shape[1])
-            position_offset = cache.length
-        if self.sequence_parallel is not None:
+        if cache is not None and self.sequence_parallel is None:
+            pos = cache.positions(*tokens.shape, tokens.device)  # (N,), or (B, N) per sequence (paged)
+        elif self.sequence_parallel is not None:
+            position_offset = cache.length if cache is not None else position_offset
             attn = self.blocks[0].attn
             pos = self.sequence_parallel.positions(tokens.shape[1], tokens.device, heads=attn.n_heads,
                                                    kv_heads=attn.kv_heads) + position_offset
@@ -125,7 +127,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, mask)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return self.ln_f(x)
 
     def forward(self, tokens: Tensor, *, mask: Any = None, cache: ModelCache | None = None) -> Tensor:
@@ -133,16 +135,16 @@ class Transformer(nn.Module):
 
     def new_cache(self, kind: str | None = None, *, max_len: int | None = None, **options: Any) -> ModelCache:
         """An empty decoding cache for this model: ``full``, ``int8``, ``sliding_window``
-        (``window=``) or ``linear_state`` (``feature_map=``); default from the method
-        (``attnmem.nn.cache.DEFAULT_KIND``)."""
+        (``window=``), ``linear_state`` (``feature_map=``), ``sink_window``, ``heavy_hitter``,
+        ``snapkv`` (``budget=``), ``int4``, ``int2`` (``residual=``) or ``paged``
+        (``block_size=``); default from the method (``attnmem.nn.cache.DEFAULT_KIND``)."""
         attn = self.blocks[0].attn
         if kind is None:
             kind = DEFAULT_KIND.get(attn.method)
             if kind is None:
                 raise ValueError(f"no decoding cache for method {attn.method!r}; pass kind= explicitly")
-        layers = [make_layer_cache(kind, kv_heads=attn.kv_heads, head_dim=attn.head_dim, max_len=max_len, **options)
-                  for _ in self.blocks]
-        return ModelCache(layers, max_len=max_len)
+        return make_model_cache(kind, layers=len(self.blocks), kv_heads=attn.kv_heads, head_dim=attn.head_dim,
+                                max_len=max_len, **options)
 
     def generate(self, prompt: Tensor, steps: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int | None = None, seed: int | None = None, cache: ModelCache | None = None) -> Tensor:
