@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import click
 
@@ -38,8 +37,7 @@ def decode_bench_cmd(contexts, kinds, d_model, heads, layers, window, steps, rou
     unknown = [k for k in names or [] if k not in cache_specs(cfg)]
     if unknown:
         raise ValueError(f"unknown cache kind(s) {', '.join(unknown)}; expected some of {', '.join(cache_specs(cfg))}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.writable_dir(out_dir, "--out")
     results = out / "decode.jsonl"
     results.unlink(missing_ok=True)
 

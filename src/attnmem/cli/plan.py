@@ -53,6 +53,8 @@ def plan_cmd(config_src, budget, layers, d_model, heads, kv_heads, ffn_mult, voc
              inference, checkpointing, methods_, plot_path, as_json) -> None:
     """Which methods fit a transformer in a memory budget; longest sequence and largest batch."""
     limit = budget
+    if plot_path is not None:
+        common.writable_file(plot_path, "--plot")
     overrides = dict(layers=layers, d_model=d_model, heads=heads, kv_heads=kv_heads, ffn_mult=ffn_mult,
                      vocab=vocab, seq_len=seq_len, batch=batch, dtype=dtype)
     if inference:
