@@ -271,7 +271,7 @@ def test_flex_block_mask_conversion_and_cpu_flex():
     """The BlockMap -> FlexAttention BlockMask conversion, checked by FlexAttention itself
     (its unfused CPU path) against the reference."""
     flex = pytest.importorskip("torch.nn.attention.flex_attention")
-    from attnmem.mechanisms.sparse import flex_block_mask
+    from attnmem.kernels import flex_block_mask
 
     q, k, v = rand_qkv(1, 4, 2, 64, 64, 16, grad=False)
     masks = [M.longformer(4, [0, 33]), M.bigbird(8), M.causal() & M.fixed(8, 2), M.strided(5)]

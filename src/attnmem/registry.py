@@ -9,7 +9,8 @@ call once into an ``Inputs`` and dispatches by name, or, for ``method="auto"``, 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -142,6 +143,12 @@ class Method:
     def extra_reasons(self, inp: Inputs, opts: Any) -> list[str]:
         return []
 
+    def check_supported(self, inp: Inputs, opts: Any) -> None:
+        """Raise ValueError listing every reason this method cannot run ``inp``."""
+        reasons = self.not_supported_reasons(inp, opts)
+        if reasons:
+            raise ValueError(f"method {self.name!r} cannot run these inputs: {'; '.join(reasons)}")
+
     def quadratic_reason(self, inp: Inputs) -> str | None:
         """Why this call would build an N×N tensor, or None. "auto" skips such methods;
         asked for by name, they still run."""
@@ -185,6 +192,24 @@ def register(method_cls: type[Method]) -> type[Method]:
         raise ValueError(f"method {inst.name!r} is already registered")
     _REGISTRY[inst.name] = inst
     return method_cls
+
+
+def unregister(name: str) -> Method:
+    """Remove a registered method and return it; ValueError for an unknown name. For methods
+    registered at test time (``registered`` below undoes its registration with it)."""
+    method = get(name)
+    del _REGISTRY[name]
+    return method
+
+
+@contextmanager
+def registered(method_cls: type[Method]) -> Iterator[Method]:
+    """Register ``method_cls`` for the duration of a ``with`` block; unregistered on exit."""
+    register(method_cls)
+    try:
+        yield _REGISTRY[method_cls.name]
+    finally:
+        _REGISTRY.pop(method_cls.name, None)
 
 
 def get(name: str) -> Method:

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from .. import masks as M
 from ..api import validate
-from ..tiled import _acc_dtype, tiled_attention_lse, tiled_backward_lse
+from ..kernels import acc_dtype, merge_partials, tiled_attention_lse, tiled_backward_lse
 from . import layout as L
 
 _KV_TAG, _DKV_TAG = 1, 2
@@ -140,16 +140,6 @@ def _wait(works: list, rank: int, world: int, what: str) -> None:
                 w.wait()
 
 
-def _merge_into(out_acc: Tensor, lse_acc: Tensor, out_s: Tensor, lse_s: Tensor) -> None:
-    """In-place online-softmax merge; rows with nothing allowed on either side stay 0 / -inf."""
-    lse = torch.logaddexp(lse_acc, lse_s)
-    finite = torch.isfinite(lse)
-    w_acc = torch.where(finite, torch.exp(lse_acc - lse), torch.zeros_like(lse)).unsqueeze(-1)
-    w_s = torch.where(finite, torch.exp(lse_s - lse), torch.zeros_like(lse)).unsqueeze(-1)
-    out_acc.mul_(w_acc).add_(out_s.to(out_acc.dtype).mul_(w_s))
-    lse_acc.copy_(lse)
-
-
 def _head_passes(hkv: int, per_pass: int) -> list[tuple[int, int]]:
     return [(a, min(a + per_pass, hkv)) for a in range(0, hkv, per_pass)]
 
@@ -157,7 +147,7 @@ def _head_passes(hkv: int, per_pass: int) -> list[tuple[int, int]]:
 def _ring_forward(r: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     B, Hq, n, D = q.shape
     G = Hq // k.shape[1]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     out = q.new_zeros(B, Hq, n, D)  # (B, Hq, N_local, D)
     lse = torch.full((B, Hq, n), -math.inf, dtype=acc, device=q.device)  # (B, Hq, N_local)
     for ha, hb in _head_passes(k.shape[1], r.heads_per_pass):
@@ -173,7 +163,7 @@ def _ring_forward(r: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Te
             for qs, ks, mask in r.pairs((r.rank - step) % r.world, n):
                 o, l_ = tiled_attention_lse(q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask=mask,
                                             **r.kernel_opts())
-                _merge_into(out_h[:, :, qs], lse_h[:, :, qs], o, l_)
+                merge_partials(out_h[:, :, qs], lse_h[:, :, qs], o, l_, inplace=True)
             if step < r.world - 1:
                 r.wait(works, f"receiving key/value block {step + 1} of {r.world - 1} (forward)")
                 kv = nxt
@@ -185,7 +175,7 @@ def _ring_forward(r: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Te
 def _ring_backward(r: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor):
     B, Hq, n, D = q.shape
     G = Hq // k.shape[1]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     dq = torch.zeros_like(q)
     dk = torch.zeros_like(k)
     dv = torch.zeros_like(v)

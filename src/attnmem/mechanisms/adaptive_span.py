@@ -27,9 +27,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..kernels import acc_dtype, resolve_kernel
 from ..masks import Mask, as_mask, eval_mask
 from ..registry import Capabilities, Inputs, Method, register
-from ..tiled import _acc_dtype, resolve_kernel
 
 
 def ramp_log_weights(spans: Tensor, ramp: int, width: int) -> Tensor:
@@ -129,7 +129,7 @@ class _BandAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, table, c: _Band):
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         tab = table.detach().to(acc)
         if c.fused:
             out, lse = _fused_band_forward(c, q, k, v, tab)
@@ -157,7 +157,7 @@ class _BandAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, table, out, lse = ctx.saved_tensors
         c: _Band = ctx.c
-        acc = _acc_dtype(q.dtype)
+        acc = acc_dtype(q.dtype)
         tab = table.detach().to(acc)
         # A row with nothing allowed has lse -inf; +inf makes its recomputed P exactly 0.
         lse = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
@@ -228,7 +228,7 @@ def adaptive_span_attention(q: Tensor, k: Tensor, v: Tensor, *, spans: Tensor | 
     if not isinstance(ramp, int) or isinstance(ramp, bool) or ramp < 0:
         raise ValueError(f"ramp must be a non-negative int, got {ramp!r}")
     Hq, D = q.shape[1], q.shape[3]
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     z = _as_spans(spans, Hq, q.device, acc)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     width = min(math.ceil(float(z.detach().max())) + ramp + (1 if ramp == 0 else 0), k.shape[2])

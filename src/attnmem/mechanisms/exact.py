@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels import KERNELS, tiled_attention
 from ..masks import Dense
 from ..reference import reference_attention
 from ..registry import Inputs, Method, register
-from ..tiled import KERNELS, tiled_attention
 
 
 @register

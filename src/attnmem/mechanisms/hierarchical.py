@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels import acc_dtype
 from ..registry import Capabilities, Inputs, Method, register
-from ..tiled import _acc_dtype
 
 
 def _coarsen(x: Tensor, count: Tensor, padded: bool) -> tuple[Tensor, Tensor]:
@@ -99,7 +99,7 @@ def hierarchical_attention(q: Tensor, k: Tensor, v: Tensor, *, block: int = 32, 
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if N == 0:
         return q.new_zeros(q.shape)
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     nr = min(block, N)
     levels = max(0, math.ceil(math.log2(N / nr)))
     n_pad = nr * 2**levels

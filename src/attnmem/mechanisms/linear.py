@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ..api import validate
 from ..registry import Capabilities, Inputs, Method, get, register
 
 FEATURE_MAPS = ("elu", "relu")
@@ -281,14 +282,10 @@ def kernel_attention(q: Tensor, k: Tensor, v: Tensor, fmap: FeatureMap, *, causa
 _FEATURE_MAPS = {"elu": EluFeatures(), "relu": ReluFeatures()}
 
 
-def _refuse(method: Method, opts, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask) -> Inputs:
+def module_inputs(method: Method, opts, q: Tensor, k: Tensor, v: Tensor, causal: bool, mask) -> Inputs:
     """Validate a module-form call the way ``attnmem.attention`` does."""
-    from ..api import validate
-
     inp = validate(q, k, v, causal=causal, mask=mask)
-    reasons = method.not_supported_reasons(inp, opts)
-    if reasons:
-        raise ValueError(f"method {method.name!r} cannot run these inputs: {'; '.join(reasons)}")
+    method.check_supported(inp, opts)
     return inp
 
 
@@ -459,7 +456,7 @@ class PerformerAttention(nn.Module):
         self.projection.copy_(w)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask=None) -> Tensor:
-        inp = _refuse(get("performer"), self.opts, q, k, v, causal, mask)
+        inp = module_inputs(get("performer"), self.opts, q, k, v, causal, mask)
         return performer_attention(q, k, v, self.projection, causal=causal, scale=inp.scale,
                                    chunk=self.opts.chunk)
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..kernels import tiled_attention
 from ..registry import Capabilities, Inputs, Method, get, register
-from ..tiled import tiled_attention
-from .linear import _refuse
+from .linear import module_inputs
 
 _DTYPES = (torch.float32, torch.float64)
 
@@ -86,7 +86,7 @@ class LinformerAttention(nn.Module):
             torch.empty(heads, opts.k, opts.max_len).uniform_(-bound, bound))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask=None) -> Tensor:
-        inp = _refuse(get("linformer"), self.opts, q, k, v, causal, mask)
+        inp = module_inputs(get("linformer"), self.opts, q, k, v, causal, mask)
         n = k.shape[2]
         if n > self.opts.max_len:
             raise ValueError(
@@ -214,7 +214,7 @@ class NystromAttention(nn.Module):
                                   groups=kv_heads, bias=False)
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask=None) -> Tensor:
-        inp = _refuse(get("nystrom"), NystromOptions(self.opts.landmarks, self.opts.pinv_iterations),
+        inp = module_inputs(get("nystrom"), NystromOptions(self.opts.landmarks, self.opts.pinv_iterations),
                       q, k, v, causal, mask)
         out = nystrom_attention(q, k, v, landmarks=self.opts.landmarks,
                                 iterations=self.opts.pinv_iterations, scale=inp.scale)

@@ -45,8 +45,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..kernels import TileContext, acc_dtype, allowed_bool, tiled_attention
 from ..registry import Inputs, Method, register
-from ..tiled import _acc_dtype, _Ctx, allowed_bool, tiled_attention
 
 MODES = ("deterministic", "stochastic")
 
@@ -70,7 +70,7 @@ def _scatter_rows(dst: Tensor, idx: Tensor, src: Tensor) -> None:
     dst.scatter_add_(2, flat, src.reshape(B, Hkv, M * kk, D))
 
 
-def select_topk(c: _Ctx, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, kk: int,
+def select_topk(c: TileContext, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, kk: int,
                 generator: torch.Generator | None = None, gumbel: bool = False) -> tuple[Tensor, Tensor]:
     """Running top-``kk`` of one query tile over its key tiles.
 
@@ -83,7 +83,7 @@ def select_topk(c: _Ctx, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, kk: int
         scores (B, Hkv, M, kk) in the accumulation dtype, -inf where a row has fewer than kk
         allowed keys, and their key indices (B, Hkv, M, kk) int64.
     """
-    acc = _acc_dtype(q_t.dtype)
+    acc = acc_dtype(q_t.dtype)
     B, Hkv, M, _ = q_t.shape
     best_s = torch.full((B, Hkv, M, kk), -math.inf, dtype=acc, device=q_t.device)
     best_i = torch.zeros((B, Hkv, M, kk), dtype=torch.int64, device=q_t.device)
@@ -119,8 +119,8 @@ class _TopKAttention(torch.autograd.Function):
     """Forward: select, softmax over the selection, gather V. Saves indices and probabilities."""
 
     @staticmethod
-    def forward(ctx, q, k, v, c: _Ctx, kk: int, generator, gumbel: bool):
-        acc = _acc_dtype(q.dtype)
+    def forward(ctx, q, k, v, c: TileContext, kk: int, generator, gumbel: bool):
+        acc = acc_dtype(q.dtype)
         out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
         idx = torch.zeros((c.B, c.Hq, c.nq, kk), dtype=torch.int64, device=q.device)  # (B, Hq, Nq, k)
         prob = torch.zeros((c.B, c.Hq, c.nq, kk), dtype=acc, device=q.device)  # (B, Hq, Nq, k)
@@ -143,8 +143,8 @@ class _TopKAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _didx):
         q, k, v, idx, prob = ctx.saved_tensors
-        c: _Ctx = ctx.c
-        acc = _acc_dtype(q.dtype)
+        c: TileContext = ctx.c
+        acc = acc_dtype(q.dtype)
         dq = torch.zeros_like(q)
         dk = torch.zeros(k.shape, dtype=acc, device=k.device)
         dv = torch.zeros(v.shape, dtype=acc, device=v.device)
@@ -180,7 +180,7 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, *, topk: int, mask=None, sca
         out (B, Hq, Nq, D) and the selected key indices (B, Hq, Nq, min(topk, Nk)).
     """
     kk = max(min(topk, k.shape[2]), 1)
-    c = _Ctx(q, k, mask, scale, q_tile, kv_tile, "torch")
+    c = TileContext(q, k, mask, scale, q_tile, kv_tile, "torch")
     return _TopKAttention.apply(q, k, v, c, kk, generator, gumbel)
 
 

@@ -13,36 +13,35 @@ Equivalent PyTorch code (O(N²), what the tests compare against)::
     out = softmax(scores, -1).nan_to_num(0) @ v             # rows with no key give zeros
 
 On CUDA, when ``torch.nn.attention.flex_attention`` imports, the same ``mask_mod`` and block
-map go to FlexAttention instead (``_flex_attention`` below); the tiled path stays the CPU path
+map go to FlexAttention instead (``attnmem.kernels.flex``); the tiled path stays the CPU path
 and the fallback.
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from .. import masks as M
-from ..registry import Inputs, Method, register
-from ..tiled import (
-    _MIN_Q_TILE,
+from ..kernels import (
     CAUSAL_TILE,
     KERNELS,
-    _Ctx,
-    _fused_bwd,
-    _fused_fwd,
-    _merge,
+    MIN_Q_TILE,
+    TileContext,
+    flex_attention,
+    flex_available,
+    flex_safe,
+    fused_backward,
+    fused_forward,
+    merge_partials,
     resolve_kernel,
     tiled_attention,
     tiled_backward,
     tiled_forward,
 )
-
-# FlexAttention's kernels tile by 128 × 128 on CUDA.
-_FLEX_TILE = 128
+from ..registry import Inputs, Method, register
 
 
 def _check_positive(name: str, val: object) -> None:
@@ -187,10 +186,10 @@ class _Sparse(Method):
         return self.pattern(opts), None
 
     def forward(self, inp: Inputs, opts) -> Tensor:
-        if inp.q.is_cuda and _flex_available():
+        if inp.q.is_cuda and flex_available():
             mask = self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
-            if _flex_safe(mask):
-                return _flex_attention(inp, mask)
+            if flex_safe(mask):
+                return flex_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale)
         local, rows = self.split(opts, inp.nq)
         mask = local if inp.mask is None else inp.mask & local
         if rows is None or not rows.numel():
@@ -201,11 +200,11 @@ class _Sparse(Method):
         # map of the local pass stays O(N·w/tile²) instead of listing every key tile for each
         # tile holding a global query, and no extra (B, H, N, D) tensor is made.
         rows = rows.to(inp.q.device)
-        q_tile = max(opts.q_tile, _MIN_Q_TILE)
-        c_local = _Ctx(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel)
+        q_tile = max(opts.q_tile, MIN_Q_TILE)
+        c_local = TileContext(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel)
         rest = _rows_outside(local, inp.mask, rows, inp.nq, inp.nk)
         q_rows = inp.q[:, :, :rows.numel()]  # only the shape matters to the context
-        c_rest = _Ctx(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel)
+        c_rest = TileContext(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel)
         return _WithGlobalRows.apply(inp.q, inp.k, inp.v, c_local, c_rest, rows)
 
 
@@ -273,10 +272,10 @@ class _WithGlobalRows(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, c_local: _Ctx, c_rest: _Ctx, rows: Tensor):
+    def forward(ctx, q, k, v, c_local: TileContext, c_rest: TileContext, rows: Tensor):
         out, lse = tiled_forward(c_local, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
         out_r, lse_r = tiled_forward(c_rest, q.index_select(2, rows), k, v)  # (B, Hq, g, D), (B, Hq, g)
-        o, lse_g = _merge(out.index_select(2, rows).to(lse.dtype), lse.index_select(2, rows), out_r, lse_r)
+        o, lse_g = merge_partials(out.index_select(2, rows).to(lse.dtype), lse.index_select(2, rows), out_r, lse_r)
         out.index_copy_(2, rows, o.to(out.dtype))
         lse.index_copy_(2, rows, lse_g)
         ctx.c = (c_local, c_rest)
@@ -312,15 +311,6 @@ class BigBirdAttention(_Sparse):
         return local, local.global_query_rows(nq)
 
 
-class _Band(M.SlidingWindow):
-    """Keys with ``lo <= j - (i + nk - nq) <= hi`` (bounds may be negative: one side of a
-    window without its centre); internal, so the public constructor's checks stay strict."""
-
-    def __init__(self, lo: int, hi: int):
-        self.left, self.right = -lo, hi
-        self.name = f"band({lo}, {hi})"
-
-
 class _StridedSplit(torch.autograd.Function):
     """The strided pattern as two disjoint passes merged by log-sum-exp.
 
@@ -334,13 +324,13 @@ class _StridedSplit(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, c_band: _Ctx, stride: int, causal: bool, scale: float):
+    def forward(ctx, q, k, v, c_band: TileContext, stride: int, causal: bool, scale: float):
         out, lse = tiled_forward(c_band, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
         for qs, ks, lq in _classes(q, k, stride):
             q_c = _stack(q[:, :, qs], k.shape[1])  # (B, Hkv, G·Lq, D)
-            o_c, l_c = _fused_fwd(q_c, k[:, :, ks], v[:, :, ks], CAUSAL_TILE if causal else None, scale)
+            o_c, l_c = fused_forward(q_c, k[:, :, ks], v[:, :, ks], CAUSAL_TILE if causal else None, scale)
             o_c, l_c = o_c.reshape(*q.shape[:2], lq, -1), l_c.reshape(*q.shape[:2], lq).to(lse.dtype)
-            o, lse_c = _merge(out[:, :, qs].to(lse.dtype), lse[:, :, qs], o_c, l_c)
+            o, lse_c = merge_partials(out[:, :, qs].to(lse.dtype), lse[:, :, qs], o_c, l_c)
             out[:, :, qs] = o.to(out.dtype)
             lse[:, :, qs] = lse_c
         ctx.c = (c_band, stride, causal, scale)
@@ -356,7 +346,7 @@ class _StridedSplit(torch.autograd.Function):
         lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, torch.inf), lse).to(q.dtype)
         hkv = k.shape[1]
         for qs, ks, lq in _classes(q, k, stride):
-            dq_c, dk_c, dv_c = _fused_bwd(_stack(dout[:, :, qs], hkv), _stack(q[:, :, qs], hkv), k[:, :, ks],
+            dq_c, dk_c, dv_c = fused_backward(_stack(dout[:, :, qs], hkv), _stack(q[:, :, qs], hkv), k[:, :, ks],
                                           v[:, :, ks], _stack(out[:, :, qs], hkv), _stack(lse_b[:, :, qs], hkv),
                                           CAUSAL_TILE if causal else None, scale)
             dq[:, :, qs] += dq_c.reshape(*q.shape[:2], lq, -1)
@@ -405,71 +395,6 @@ class StridedAttention(_Sparse):
         if not fast:
             return super().forward(inp, opts)
         s = opts.stride
-        band = _Band(-(s - 1), -1) if causal else M.Or(_Band(-(s - 1), -1), _Band(1, s - 1))
-        c_band = _Ctx(inp.q, inp.k, band, inp.scale, max(opts.q_tile, _MIN_Q_TILE), opts.kv_tile, opts.kernel)
+        band = M.Band(-(s - 1), -1) if causal else M.Or(M.Band(-(s - 1), -1), M.Band(1, s - 1))
+        c_band = TileContext(inp.q, inp.k, band, inp.scale, max(opts.q_tile, MIN_Q_TILE), opts.kv_tile, opts.kernel)
         return _StridedSplit.apply(inp.q, inp.k, inp.v, c_band, s, causal, inp.scale)
-
-
-# --- CUDA: FlexAttention with attnmem's own block map --------------------------------------
-
-
-@functools.cache
-def _flex_available() -> bool:
-    try:
-        from torch.nn.attention.flex_attention import BlockMask, flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# Masks whose mask_mod FlexAttention can trace (no side effects such as per-device caches).
-_FLEX_SAFE = (M.SlidingWindow, M.Dilated, M.GlobalTokens, M.BigBird, M.Strided, M.Fixed)
-
-
-def _flex_safe(mask: M.Mask) -> bool:
-    if isinstance(mask, (M.And, M.Or)):
-        return _flex_safe(mask.a) and _flex_safe(mask.b)
-    return isinstance(mask, _FLEX_SAFE)
-
-
-def flex_block_mask(bm: M.BlockMap, mask_mod: M.MaskMod, device: torch.device | str = "cpu"):
-    """FlexAttention ``BlockMask`` from an attnmem ``BlockMap``.
-
-    FlexAttention keeps partial and full tiles apart: ``kv_num_blocks``/``kv_indices`` list the
-    tiles whose ``mask_mod`` must run, ``full_kv_num_blocks``/``full_kv_indices`` those that run
-    unmasked; each (B=1, H=1, num_q_tiles[, num_kv_tiles]) int32, listed tiles first, ascending.
-    """
-    from torch.nn.attention.flex_attention import BlockMask
-
-    valid = bm.kv_indices >= 0
-
-    def pack(sel: Tensor) -> tuple[Tensor, Tensor]:
-        counts = sel.sum(1)
-        # A stable sort moves the selected tiles first, in their ascending order.
-        order = torch.sort((~sel).to(torch.int8), dim=1, stable=True).indices
-        idx = torch.gather(bm.kv_indices.clamp(min=0), 1, order)
-        # FlexAttention's index tables are num_kv_tiles wide (its to_dense relies on it).
-        idx = torch.nn.functional.pad(idx, (0, bm.num_kv_tiles - idx.shape[1]))
-        idx = idx.masked_fill(torch.arange(idx.shape[1])[None, :] >= counts[:, None], 0)
-        return (counts.to(torch.int32)[None, None].to(device),
-                idx.to(torch.int32)[None, None].contiguous().to(device))  # (1, 1, nqt[, nkt])
-
-    kv_num, kv_idx = pack(valid & ~bm.kv_full)
-    full_num, full_idx = pack(valid & bm.kv_full)
-    return BlockMask.from_kv_blocks(kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(bm.q_tile, bm.kv_tile),
-                                    mask_mod=mask_mod, seq_lengths=(bm.nq, bm.nk))
-
-
-@functools.cache
-def _compiled_flex():
-    from torch.nn.attention.flex_attention import flex_attention
-
-    return torch.compile(flex_attention, dynamic=False)
-
-
-def _flex_attention(inp: Inputs, mask: M.Mask) -> Tensor:  # pragma: no cover - needs CUDA
-    """The same pattern through FlexAttention (CUDA); rows with no key come back as zeros."""
-    bm = mask.block_map(inp.nq, inp.nk, _FLEX_TILE, _FLEX_TILE, batch=inp.batch, heads=inp.q_heads)
-    block_mask = flex_block_mask(bm, mask.mask_fn(inp.nq, inp.nk), inp.q.device)
-    return _compiled_flex()(inp.q, inp.k, inp.v, block_mask=block_mask, scale=inp.scale,
-                            enable_gqa=inp.q_heads != inp.kv_heads)

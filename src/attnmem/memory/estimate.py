@@ -169,14 +169,14 @@ def _chunked_kernel(s: Shape, opts) -> str:
 
 def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
     """(query tiles, segments per query tile, widest masked segment in keys)."""
-    from ..tiled import _MAX_SEGMENT, _MIN_Q_TILE
+    from ..kernels import MAX_SEGMENT, MIN_Q_TILE
 
-    nqt = math.ceil(s.seq_len / max(opts.q_tile, _MIN_Q_TILE))
+    nqt = math.ceil(s.seq_len / max(opts.q_tile, MIN_Q_TILE))
     nkt = math.ceil(s.seq_len / opts.kv_tile)
     if _chunked_kernel(s, opts) == "fused":
         if not s.masked and (not s.causal or s.heads == s.kv_heads):
             return 1, 1, 0  # one operator call (unmasked, or plain causal without GQA)
-        run = max(_MAX_SEGMENT, opts.kv_tile)
+        run = max(MAX_SEGMENT, opts.kv_tile)
         width = opts.kv_tile if not s.masked else min(s.seq_len, run)
         return nqt, math.ceil(s.seq_len / run) + 1, width
     return nqt, nkt, opts.kv_tile if (s.causal or s.masked) else 0
@@ -209,10 +209,10 @@ def _chunked(s: Shape, opts) -> tuple[int, int]:
         return _sdpa(s, opts)
     if kernel == "torch":
         return None  # the plain kernel's working set has not been written down: it is traced
-    from ..tiled import _MAX_SEGMENT, _MIN_Q_TILE
+    from ..kernels import MAX_SEGMENT, MIN_Q_TILE
 
     acc = 8 if s.itemsize == 8 else 4
-    q_tile = min(max(opts.q_tile, _MIN_Q_TILE), s.seq_len)
+    q_tile = min(max(opts.q_tile, MIN_Q_TILE), s.seq_len)
     tile = s.batch * s.heads * q_tile * s.head_dim
     lse = _lse_bytes(s)
     if not s.training:
@@ -220,7 +220,7 @@ def _chunked(s: Shape, opts) -> tuple[int, int]:
     g = s.heads // s.kv_heads
     if kernel == "fused":
         # Two consecutive merged runs of full tiles (the previous one's dK, dV are still alive).
-        run = max(min(s.seq_len - opts.kv_tile, 2 * max(_MAX_SEGMENT, opts.kv_tile)), opts.kv_tile)
+        run = max(min(s.seq_len - opts.kv_tile, 2 * max(MAX_SEGMENT, opts.kv_tile)), opts.kv_tile)
     else:
         run = opts.kv_tile
     per_key = 2 * s.batch * s.kv_heads * s.head_dim * s.itemsize  # dK and dV of one key

@@ -14,13 +14,13 @@ both read off the code. Symbols used in the docstrings, all in bytes unless coun
   (``Hq·Tq·n`` for a per-head pattern).
 
 **Sparse patterns** (``sliding_window``, ``dilated``, ``longformer``, ``bigbird``, ``strided``,
-``fixed``) run ``tiled.py`` over the block map of their pattern. Which key tiles a query tile
+``fixed``) run ``kernels.tiled`` over the block map of their pattern. Which key tiles a query tile
 lists, and how they group into kernel calls (*segments*: merged runs of full tiles, gathered
 partial tiles; at most 4096 gathered keys in the forward, 2048 keys per call in the backward),
 is the pattern's structure: the formulas take the block-map rows of a few query tiles (the
 first, a middle and the last ones: every interior tile of these patterns has the same row),
 computed by the pattern's own ``tile_states`` for those tiles only, and group them with
-``tiled.plan_segments``; cost O(N / kv_tile) per sampled tile, never a trace. The terms per
+``kernels.plan_segments``; cost O(N / kv_tile) per sampled tile, never a trace. The terms per
 segment (``_tiled_fwd_work``, ``_tiled_bwd_work``) follow ``tiled_forward``/``tiled_backward``
 line by line.
 """
@@ -34,7 +34,7 @@ import torch
 
 from .. import masks as M
 from .. import registry
-from ..tiled import _MAX_GATHER, _MAX_SEGMENT, _MIN_Q_TILE, Segment, plan_segments
+from ..kernels import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, plan_segments
 from .estimate import OPS_PER_SEGMENT, Shape, _lse_bytes, formula
 
 # Tiles sampled at each end and in the middle of a long sequence (all tiles when fewer).
@@ -211,8 +211,8 @@ def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int):
     out = []
     for i, row in zip(tiles, rows):
         tq = min(q_tile, n_q - i * q_tile)
-        fwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, gather=_MAX_GATHER)[0][2]
-        bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=_MAX_SEGMENT)[0][2]
+        fwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, gather=MAX_GATHER)[0][2]
+        bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)[0][2]
         out.append((tq, fwd, bwd, i == tiles[0] and i > 0))
     return out
 
@@ -241,10 +241,8 @@ def _strided_split(name: str, s: Shape, opts) -> bool:
 
 def _strided_band(stride: int, causal: bool) -> M.Mask:
     """The band ``StridedAttention.forward`` tiles: ``0 < |rel| < stride`` (causal: the left side)."""
-    from ..mechanisms.sparse import _Band
-
-    left = _Band(-(stride - 1), -1)
-    return left if causal else M.Or(left, _Band(1, stride - 1))
+    left = M.Band(-(stride - 1), -1)
+    return left if causal else M.Or(left, M.Band(1, stride - 1))
 
 
 def _sparse_plan_1(name: str, s: Shape, opts):
@@ -253,7 +251,7 @@ def _sparse_plan_1(name: str, s: Shape, opts):
     mask = M.causal() & local if s.causal else local
     if _strided_split(name, s, opts):
         local = mask = _strided_band(opts.stride, s.causal)
-    q_tile = max(opts.q_tile, _MIN_Q_TILE)
+    q_tile = max(opts.q_tile, MIN_Q_TILE)
     nqt = math.ceil(s.seq_len / q_tile)
     runs, calls, sampled = [], 0, 0
     for tiles in _sample_groups(nqt):
