@@ -219,8 +219,9 @@ def time_interleaved(cases: list[Case], rounds: int = 3, warmup: int = 1) -> lis
 
 
 def approx_error(method: str, seq_len: int, *, heads: int = 8, head_dim: int = 64, causal: bool = False,
-                 peaked: bool = False, seed: int = 0, **options: Any) -> float:
-    """Relative Frobenius error of ``method``'s output against exact attention, same inputs.
+                 peaked: bool = False, seed: int = 0, mask: Any = None, **options: Any) -> float:
+    """Relative Frobenius error of ``method``'s output against exact attention under the same
+    ``causal`` and ``mask`` (full attention, not the method's own pattern), same inputs.
 
     ``peaked`` builds queries close to a few keys (sharp attention), where low-rank and kernel
     approximations suffer most; otherwise q, k, v are standard normal. Stateful methods
@@ -234,8 +235,8 @@ def approx_error(method: str, seq_len: int, *, heads: int = 8, head_dim: int = 6
         idx = torch.randint(0, seq_len, (seq_len,), generator=g)
         q = 3.0 * k[:, :, idx] + 0.1 * q
     with torch.no_grad():
-        exact = attention(q, k, v, method="chunked", causal=causal)
+        exact = attention(q, k, v, method="chunked", causal=causal, mask=mask)
         attend = attend_fn(method, heads=heads, kv_heads=None, head_dim=head_dim, seq_len=seq_len,
                            options=options, seed=seed)
-        approx = attend(q, k, v, causal, None)
+        approx = attend(q, k, v, causal, mask)
     return ((approx - exact).norm() / exact.norm()).item()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from rich.table import Table
 
@@ -14,6 +16,9 @@ from ..memory.measure import MiB
 from ..memory.units import available_memory
 from . import common
 from .common import console
+
+# The cached quality results committed with the repository (benchmarks/quality.py --preset reduced).
+DEFAULT_QUALITY = Path("benchmarks/results/quality/reduced.jsonl")
 
 
 def default_methods() -> list[str]:
@@ -48,8 +53,12 @@ def default_methods() -> list[str]:
                    "(attnmem or torch version, a budget decision this --budget reverses).")
 @click.option("--retry-failed", is_flag=True, help="With --resume: run the cases that failed again.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing OUT/results.jsonl.")
+@click.option("--quality", "quality", default="auto", show_default=True,
+              help="Cached training results (benchmarks/quality.py) for the report's quality-against-memory "
+                   f"section; 'auto' reads {DEFAULT_QUALITY} when it exists, 'none' leaves the section out.")
 def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, device, causal, mask_spec,
-                forward_only, budget, repeats, repeat_budget, out_dir, resume, retry_failed, overwrite) -> None:
+                forward_only, budget, repeats, repeat_budget, out_dir, resume, retry_failed, overwrite,
+                quality) -> None:
     """Sweep methods × sequence lengths: peak memory, peak/floor, time and error per case.
 
     Cases predicted above the budget are recorded as over budget (the memory wall) instead of
@@ -66,6 +75,7 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
             raise ValueError(f"--methods: {name!r} has learned state; compare runs functional methods only")
         registry.get(name).make_options(opts)  # an unknown or bad option fails before anything runs
     check_mask_spec(mask_spec)
+    quality_path = quality_file(quality)
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
     out = common.writable_dir(out_dir, "--out")
@@ -86,8 +96,25 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
         rows = run_sweep(cfg, out / "results.jsonl", resume=resume, overwrite=overwrite,
                          retry_failed=retry_failed, on_case=on_case, on_row=on_row)
     console.print(summary_table(rows))
-    report = write_report(rows, out, budget_bytes)
+    report = write_report(rows, out, budget_bytes, quality=quality_path)
     console.print(f"results: {out / 'results.jsonl'}\nreport: {report}")
+
+
+def quality_file(spec: str) -> Path | None:
+    """``--quality``: a path, ``auto`` (the committed cache, when run from the repository) or ``none``.
+
+    Raises:
+        ValueError: a path that does not exist.
+    """
+    if spec == "none":
+        return None
+    if spec == "auto":
+        return DEFAULT_QUALITY if DEFAULT_QUALITY.exists() else None
+    path = Path(spec)
+    if not path.is_file():
+        raise ValueError(f"--quality: {spec!r} is not a file; expected a JSONL of benchmarks/quality.py, "
+                         "'auto' or 'none'")
+    return path
 
 
 def check_mask_spec(spec: str) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 from .listops import ListOps
 from .mqar import IGNORE, MQAR
 from .selective_copy import SelectiveCopy
+from .text import TextLM
 
-TASKS = {"mqar": MQAR, "listops": ListOps, "selective_copy": SelectiveCopy}
+TASKS = {"mqar": MQAR, "listops": ListOps, "selective_copy": SelectiveCopy, "text": TextLM}
 
 
 def make_task(name: str, *, seq_len: int | None = None, **options: Any):
@@ -33,4 +34,4 @@ def make_task(name: str, *, seq_len: int | None = None, **options: Any):
     return cls(**options)
 
 
-__all__ = ["TASKS", "IGNORE", "MQAR", "ListOps", "SelectiveCopy", "make_task"]
+__all__ = ["TASKS", "IGNORE", "MQAR", "ListOps", "SelectiveCopy", "TextLM", "make_task"]

@@ -327,7 +327,10 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
         raise ValueError("resume needs out_dir (where the checkpoint is)")
     task, model, opt, sched = build(config)
     data_gen = torch.Generator().manual_seed(config.seed)
-    eval_inputs, eval_labels = task.sample(config.eval_examples,
+    # A task with files of its own for evaluation (``text``) names them; the others draw held-out
+    # examples from a generator of their own.
+    eval_task = task.held_out() if hasattr(task, "held_out") else task
+    eval_inputs, eval_labels = eval_task.sample(config.eval_examples,
                                            torch.Generator().manual_seed(config.seed + EVAL_SEED_OFFSET))
     step, history, peak_bytes, train_time, train_tokens = 0, [], None, 0.0, 0
     wall_before = 0.0  # wall seconds of the earlier sessions of a resumed run

@@ -1,0 +1,247 @@
+"""What each attention method costs in task quality: trained with it, or swapped into an exact model.
+
+    # the issue's full measurement (a quiet machine; 15 minutes of training per run):
+    python benchmarks/quality.py all --preset full --out benchmarks/results/quality/full.jsonl
+    # the reduced one measured on the loaded machine (3 minutes per run, one thread):
+    python benchmarks/quality.py all --preset reduced --out benchmarks/results/quality/reduced.jsonl
+
+``train`` fits every (task, context, method, seed) of the preset with ``attnmem.tasks.fit``
+(checkpoints in ``--runs``; an interrupted run resumes). ``evaluate`` then loads each run and
+appends rows to ``--out``:
+
+* ``mode=trained``: the run's own method, scored on the fixed held-out set (bits per byte on
+  the first ``text_bytes`` validation bytes of the stdlib corpus; MQAR accuracy on the
+  held-out seed's sequences).
+* ``mode=swapped``: every registered method (``attnmem.bench.quality.method_specs``) swapped
+  into each exact-attention run, scored the same way, with its error on the q, k, v captured
+  from that model (against full exact attention under the model's mask) and, as a secondary
+  column, on random inputs (``attnmem.bench.cases.approx_error``).
+
+Every row carries the preset, the model, the seed, the corpus hash (text), the torch version,
+threads and the load average at the time. ``all`` runs both stages. The n-gram baseline
+(order 2, add-0.1) is one row of its own (``mode=baseline``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import append_row, load_rows, log
+from attnmem.bench.cases import approx_error
+from attnmem.bench.frontier import cost_rows, measure_points, summarize
+from attnmem.bench.quality import (
+    capture_attention_inputs,
+    captured_error,
+    held_out_inputs,
+    load_trained,
+    method_specs,
+    parse_spec,
+    score,
+    swap_attention,
+)
+from attnmem.tasks.text import NGram, validation_stream
+from attnmem.training import TrainConfig, fit
+
+EXACT_RUN = "sdpa"  # the method of the runs every other method is swapped into
+
+# Each preset: the model, the optimiser budget, the contexts and what to score on.
+PRESETS: dict[str, dict[str, Any]] = {
+    "reduced": {
+        "note": "reduced for a loaded 2-core CPU: d_model 64, 2 layers, context 512 vs 64, 2048 tokens "
+                "per step, <= 200 steps or 170 s per run, 1 torch thread",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True},
+        "text": {"seq_lens": [512, 64], "batch_tokens": 2048, "steps": 200, "lr": 5e-3, "warmup_steps": 20,
+                 "max_time_s": 170.0, "text_bytes": 32768},
+        "mqar": {"seq_lens": [64], "task_options": {"num_pairs": 4, "vocab_size": 64,
+                                                    "random_non_queries": False},
+                 "batch_tokens": 1024, "steps": 1500, "lr": 3e-3, "warmup_steps": 50, "max_time_s": 170.0,
+                 "examples": 256},
+        "trained_methods": ["sdpa", "sliding_window:window={w}", "topk:topk={w}", "linear"],
+        "seeds": [0, 1],
+    },
+    "smoke": {  # a few steps, to check the pipeline end to end in a minute
+        "note": "smoke test of the pipeline: a few steps, not a measurement",
+        "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "tie_embeddings": True},
+        "text": {"seq_lens": [128, 32], "batch_tokens": 512, "steps": 3, "lr": 3e-3, "warmup_steps": 1,
+                 "max_time_s": 60.0, "text_bytes": 2048},
+        "mqar": {"seq_lens": [64], "task_options": {"num_pairs": 4, "vocab_size": 64,
+                                                    "random_non_queries": False},
+                 "batch_tokens": 256, "steps": 3, "lr": 3e-3, "warmup_steps": 1, "max_time_s": 60.0,
+                 "examples": 16},
+        "trained_methods": ["sdpa", "sliding_window:window={w}"],
+        "seeds": [0],
+    },
+    "full": {
+        "note": "the issue's configuration: context 1024 vs 128, 15 minutes of training per run",
+        "model": {"d_model": 128, "n_heads": 4, "n_layers": 4, "tie_embeddings": True},
+        "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 3000, "lr": 3e-3, "warmup_steps": 100,
+                 "max_time_s": 900.0, "text_bytes": 262144},
+        "mqar": {"seq_lens": [256], "task_options": {"num_pairs": 16, "vocab_size": 64,
+                                                     "random_non_queries": False},
+                 "train_mix": [{"seq_len": 64, "num_pairs": 4}, {"seq_len": 64, "num_pairs": 4},
+                               {"seq_len": 128, "num_pairs": 8}],
+                 "batch_tokens": 4096, "steps": 4000, "lr": 3e-3, "warmup_steps": 100, "max_time_s": 900.0,
+                 "examples": 256},
+        "trained_methods": ["*"],  # every method of method_specs that trains on a causal model
+        "seeds": [0, 1, 2],
+    },
+}
+
+
+def machine() -> dict[str, Any]:
+    return {"torch": torch.__version__, "python": platform.python_version(), "threads": torch.get_num_threads(),
+            "loadavg": os.getloadavg()[0], "date": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+
+
+def run_dir(runs: Path, task: str, seq_len: int, spec: str, seed: int) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in spec)
+    return runs / task / f"N{seq_len}" / safe / f"seed{seed}"
+
+
+def trained_specs(preset: dict[str, Any], seq_len: int) -> list[str]:
+    w = max(seq_len // 8, 4)
+    names = preset["trained_methods"]
+    if names == ["*"]:
+        return [s for s in method_specs(seq_len) if not s.startswith(("reference", "linformer", "nystrom"))]
+    return [s.format(w=w) for s in names]
+
+
+def train_configs(preset: dict[str, Any], task: str) -> list[tuple[str, TrainConfig]]:
+    """(spec, config) of every run of a task; the long context's runs come first."""
+    t = preset[task]
+    # Exact attention at every context first (the long-against-short comparison), then the other
+    # methods at the longest context.
+    plan = [(n, EXACT_RUN) for n in t["seq_lens"]]
+    plan += [(t["seq_lens"][0], s) for s in trained_specs(preset, t["seq_lens"][0]) if s != EXACT_RUN]
+    out = []
+    for n, spec in plan:
+        for seed in preset["seeds"]:
+            name, opts = parse_spec(spec)
+            cfg = TrainConfig(task=task, task_options=dict(t.get("task_options", {})),
+                              train_mix=list(t.get("train_mix", [])), seq_len=n, method=name,
+                              method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
+                              steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
+                              eval_every=max(t["steps"] // 4, 1), eval_examples=16,
+                              checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t["max_time_s"], seed=seed,
+                              **preset["model"])
+            out.append((spec, cfg))
+    return out
+
+
+def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int] = (0, 1)) -> None:
+    """Every run of the preset, or with ``shard=(i, n)`` every n-th from the i-th (for n processes)."""
+    preset = PRESETS[preset_name]
+    plan = [(task, spec, cfg) for task in tasks for spec, cfg in train_configs(preset, task)]
+    for task, spec, cfg in plan[shard[0]::shard[1]]:
+        cfg = dataclasses.replace(cfg, out_dir=str(run_dir(runs, task, cfg.seq_len, spec, cfg.seed)))
+        log(f"train {task} N={cfg.seq_len} {spec} seed {cfg.seed} -> {cfg.out_dir}")
+        t0 = time.perf_counter()
+        try:
+            fit(cfg, resume=True)
+        except (ValueError, TypeError, RuntimeError) as e:
+            log(f"  failed: {type(e).__name__}: {e}")
+            continue
+        log(f"  {time.perf_counter() - t0:.0f} s")
+
+
+def _quality(task: str, s: dict[str, float]) -> dict[str, float]:
+    return {"bpb": s["bpb"]} if task == "text" else {"accuracy": s["accuracy"], "loss": s["loss"]}
+
+
+def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
+    preset = PRESETS[preset_name]
+    for task in tasks:
+        t = preset[task]
+        for spec, cfg in train_configs(preset, task):
+            path = run_dir(runs, task, cfg.seq_len, spec, cfg.seed)
+            try:
+                config, model, metrics = load_trained(str(path))
+            except ValueError as e:
+                log(f"skip {path}: {e}")
+                continue
+            from attnmem.tasks import make_task
+
+            task_obj = make_task(task, seq_len=config.seq_len, **config.task_options)
+            inputs, labels = held_out_inputs(config, task_obj, text_bytes=t.get("text_bytes", 0),
+                                             examples=t.get("examples", 256))
+            base = {"preset": preset_name, "preset_note": preset["note"], "task": task, "seq_len": config.seq_len,
+                    "seed": config.seed, "model": preset["model"], "trained_with": spec,
+                    "train_steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
+                    "train_peak_mib": metrics["peak_mib"], "heldout": len(inputs), **machine()}
+            if task == "text":
+                base.update(task_obj.corpus.describe(), text_bytes=t["text_bytes"])
+            else:
+                base["task_options"] = config.task_options
+            append_row(out, {**base, "mode": "trained", "method": spec,
+                             **_quality(task, score(model, task_obj, inputs, labels))})
+            log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
+            if spec != EXACT_RUN or config.seq_len != t["seq_lens"][0]:
+                continue
+            captures = capture_attention_inputs(model, inputs[:4])  # (4, N) windows
+            for other in method_specs(config.seq_len):
+                name, opts = parse_spec(other)
+                row = {**base, "mode": "swapped", "method": other}
+                t0 = time.perf_counter()
+                try:
+                    row.update(_quality(task, score(swap_attention(model, name, opts, seed=config.seed), task_obj,
+                                                    inputs, labels)))
+                    row["status"] = "ok"
+                except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+                    row.update(status="not applicable", reason=f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                err = captured_error(captures, name, opts, seed=config.seed)
+                row.update({f"captured_{k}": v for k, v in err.items()})
+                try:
+                    row["random_error"] = approx_error(name, min(config.seq_len, 512), heads=cfg.n_heads,
+                                                       head_dim=cfg.d_model // cfg.n_heads, causal=True, **opts)
+                except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+                    row["random_error_reason"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+                row["eval_s"] = time.perf_counter() - t0
+                append_row(out, row)
+                log(f"  swapped {other}: {row.get('bpb', row.get('accuracy'))} "
+                    f"captured error {err.get('error_mean', err.get('reason'))}")
+        points = summarize(load_rows(out)).get(task, [])
+        measure_points(points)  # peak and time of every option set at this N, cached for the report
+        for row in cost_rows(points):
+            append_row(out, {**row, "preset": preset_name, "loadavg": os.getloadavg()[0]})
+        if task == "text":
+            long_n = t["seq_lens"][0]
+            from attnmem.tasks import make_task
+
+            corpus = make_task("text", seq_len=long_n).corpus
+            ngram = NGram(order=2, alpha=0.1).fit(corpus.train)
+            append_row(out, {"preset": preset_name, "task": "text", "mode": "baseline",
+                             "method": "ngram:order=2,alpha=0.1",
+                             "bpb": ngram.bits_per_byte(validation_stream(corpus, t["text_bytes"])),
+                             "text_bytes": t["text_bytes"], **corpus.describe(), **machine()})
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["train", "evaluate", "all"])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
+    ap.add_argument("--tasks", default="text,mqar", help="comma-separated: text, mqar")
+    ap.add_argument("--runs", default="runs/quality", help="checkpoints of the training runs")
+    ap.add_argument("--out", default="benchmarks/results/quality/reduced.jsonl")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--shard", default="0/1", help="I/N: train every N-th run from the I-th (N processes)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if args.stage in ("train", "all"):
+        i, n = (int(x) for x in args.shard.split("/"))
+        train(args.preset, tasks, Path(args.runs), (i, n))
+    if args.stage in ("evaluate", "all"):
+        evaluate(args.preset, tasks, Path(args.runs), Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
