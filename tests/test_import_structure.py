@@ -191,7 +191,6 @@ REMAINING_CIRCLES: list[list[str]] = [
     # imports memory.estimate back (both inside functions).
     ["attnmem.distributed.estimate", "attnmem.memory.estimate", "attnmem.memory.formulas_approx",
      "attnmem.memory.formulas_memory", "attnmem.memory.formulas_sparse"],
-    ["attnmem.tasks", "attnmem.tasks.train"],
 ]
 REMAINING_PRIVATE: list[str] = [
     "attnmem.memory.formulas_approx imports attnmem.memory.estimate._lse_bytes",
