@@ -7,7 +7,8 @@
 
 ``train`` fits every (task, context, method, seed) of the preset with ``attnmem.tasks.fit``
 (checkpoints in ``--runs``; an interrupted run resumes). ``evaluate`` then loads each run and
-appends rows to ``--out``:
+appends rows to ``--out``; ``equal-steps`` trains the text task's shorter contexts again up to
+the step the longest context reached in its time budget (``mode=trained_equal_steps``):
 
 * ``mode=trained``: the run's own method, scored on the fixed held-out set (bits per byte on
   the first ``text_bytes`` validation bytes of the stdlib corpus; MQAR accuracy on the
@@ -153,6 +154,39 @@ def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int]
         log(f"  {time.perf_counter() - t0:.0f} s")
 
 
+def equal_steps(preset_name: str, runs: Path, out: Path) -> None:
+    """The text task's shorter contexts again, stopped at the step the longest context's run
+    reached (same schedule, same tokens): under a time budget the short context gets more
+    steps, so this separates what the context buys from what the speed buys."""
+    preset = PRESETS[preset_name]
+    t = preset["text"]
+    long_n = t["seq_lens"][0]
+    for spec, cfg in train_configs(preset, "text"):
+        if spec != EXACT_RUN or cfg.seq_len == long_n:
+            continue
+        try:
+            _, _, long_metrics = load_trained(str(run_dir(runs, "text", long_n, EXACT_RUN, cfg.seed)))
+        except ValueError as e:
+            log(f"skip: {e}")
+            continue
+        steps = long_metrics["steps"]
+        path = run_dir(runs, "text", cfg.seq_len, f"{EXACT_RUN}@step{steps}", cfg.seed)
+        cfg = dataclasses.replace(cfg, out_dir=str(path), max_time_s=None)
+        log(f"train text N={cfg.seq_len} {EXACT_RUN} seed {cfg.seed} to step {steps} -> {path}")
+        fit(cfg, resume=True, stop_at=steps)
+        config, model, metrics = load_trained(str(path))
+        from attnmem.tasks import make_task
+
+        task_obj = make_task("text", seq_len=config.seq_len)
+        inputs, labels = held_out_inputs(config, task_obj, text_bytes=t["text_bytes"], examples=0)
+        append_row(out, {"preset": preset_name, "preset_note": preset["note"], "task": "text",
+                         "seq_len": config.seq_len, "seed": config.seed, "model": preset["model"],
+                         "trained_with": EXACT_RUN, "mode": "trained_equal_steps", "method": EXACT_RUN,
+                         "train_steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
+                         "long_context_steps": steps, "text_bytes": t["text_bytes"], **task_obj.corpus.describe(),
+                         **machine(), **_quality("text", score(model, task_obj, inputs, labels))})
+
+
 def _quality(task: str, s: dict[str, float]) -> dict[str, float]:
     return {"bpb": s["bpb"]} if task == "text" else {"accuracy": s["accuracy"], "loss": s["loss"]}
 
@@ -226,7 +260,7 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["train", "evaluate", "all"])
+    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "all"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
     ap.add_argument("--tasks", default="text,mqar", help="comma-separated: text, mqar")
     ap.add_argument("--runs", default="runs/quality", help="checkpoints of the training runs")
@@ -241,6 +275,8 @@ def main() -> None:
         train(args.preset, tasks, Path(args.runs), (i, n))
     if args.stage in ("evaluate", "all"):
         evaluate(args.preset, tasks, Path(args.runs), Path(args.out))
+    if args.stage in ("equal-steps", "all") and "text" in tasks:
+        equal_steps(args.preset, Path(args.runs), Path(args.out))
 
 
 if __name__ == "__main__":
