@@ -9,8 +9,7 @@ import pytest
 
 from attnmem import registry
 from attnmem.bench.cases import Case
-from attnmem.bench.frontier import (QualityPoint, frontier, method_style, quality_section, ranking_table,
-                                    summarize)
+from attnmem.bench.frontier import QualityPoint, frontier, method_style, quality_section, ranking_table, summarize
 from attnmem.bench.report import best_exact_peaks, memory_saved, results_table
 from attnmem.bench.sweep import _error_columns
 from attnmem.cli.compare import quality_file

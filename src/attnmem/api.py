@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -54,9 +55,39 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any
     return Inputs(q, k, v, causal, user_mask, combine(causal, user_mask), float(scale))
 
 
+def validate_mods(inp: Inputs, *, score_mod: Any = None, sinks: Any = None, dropout_p: Any = 0.0,
+                  dropout_seed: Any = None, return_lse: Any = False) -> Inputs:
+    """Check the score modifications of a call and add them to its ``Inputs``."""
+    if score_mod is not None and not callable(score_mod):
+        raise TypeError("score_mod must be None or a callable score_mod(score, b, h, q_idx, kv_idx) -> score, "
+                        f"got {type(score_mod).__name__}")
+    if sinks is not None:
+        if not isinstance(sinks, Tensor):
+            raise TypeError(f"sinks must be None or a tensor of shape ({inp.q_heads},), got {type(sinks).__name__}")
+        if sinks.shape != (inp.q_heads,):
+            raise ValueError(f"sinks must have shape (Hq,) = ({inp.q_heads},), one logit per query head, "
+                             f"got {tuple(sinks.shape)}")
+        if not sinks.dtype.is_floating_point:
+            raise TypeError(f"sinks must be a floating-point tensor, got {sinks.dtype}")
+        if sinks.device != inp.q.device:
+            raise ValueError(f"sinks must be on q's device {inp.q.device}, got {sinks.device}")
+    if (isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float))
+            or not 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if dropout_seed is not None and not isinstance(dropout_seed, torch.Generator) and (
+            isinstance(dropout_seed, bool) or not isinstance(dropout_seed, int)):
+        raise TypeError(f"dropout_seed must be None, an int or a torch.Generator, got {type(dropout_seed).__name__}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
+    return dataclasses.replace(inp, score_mod=score_mod, sinks=sinks, dropout_p=float(dropout_p),
+                               dropout_seed=dropout_seed, return_lse=return_lse)
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: bool = False,
               mask: Any = None, scale: float | None = None, check_finite: bool = False,
-              **options: Any) -> Tensor:
+              score_mod: Any = None, sinks: Tensor | None = None, dropout_p: float = 0.0,
+              dropout_seed: int | torch.Generator | None = None, return_lse: bool = False,
+              **options: Any) -> Tensor | tuple[Tensor, Tensor]:
     """Softmax attention through any registered method.
 
     Args:
@@ -70,10 +101,26 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: 
         check_finite: raise ValueError if q, k or v holds NaN or ±inf. Off by default: the
             check costs a pass over the inputs, and NaN otherwise propagates to the rows that
             read it (which rows depends on the method and on the tiles it skips).
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx) -> score``, applied
+            to the scaled scores before the mask, with raw indices (``attnmem.scores`` has
+            softcap, ALiBi and T5's relative bias). Gradients reach the tensors it captures.
+        sinks: (Hq,) logits, one per query head, added to each row's softmax denominator
+            (gpt-oss): ``p_ij = exp(s_ij) / (exp(sink_h) + Σ_j exp(s_ij))``; learnable.
+        dropout_p: inverted dropout on the normalised probabilities, ``out = (P ∘ Z) V`` with
+            ``Z = 0`` with probability p, else ``1/(1-p)`` (unbiased). Applied whenever > 0:
+            pass 0.0 at evaluation (``attnmem.nn`` does so outside training).
+        dropout_seed: an int (same seed → same pattern, output and gradients), a
+            ``torch.Generator`` (one seed is drawn from it) or None (drawn from torch's global
+            generator). The pattern is a hash of (seed, b, h, q_idx, kv_idx), regenerated per
+            tile in the backward, never stored.
+        return_lse: also return the per-row log-sum-exp (B, Hq, Nq) (float32, or float64 for
+            float64 inputs; sinks included; -inf for a row with nothing to attend), for
+            ``attnmem.merge``; it carries gradients.
         **options: the method's own options (``window=...``, ``q_tile=...``).
 
     Returns:
-        (B, Hq, Nq, D). Rows with nothing to attend are zeros, with zero gradients.
+        (B, Hq, Nq, D), or ``(out, lse)`` with ``return_lse``. Rows with nothing to attend are
+        zeros, with zero gradients.
 
     Raises:
         TypeError: wrong types, dtypes, or an unknown option.
@@ -81,6 +128,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: 
             does not support the inputs (the message lists its reasons).
     """
     inp = validate(q, k, v, causal=causal, mask=mask, scale=scale)
+    inp = validate_mods(inp, score_mod=score_mod, sinks=sinks, dropout_p=dropout_p,
+                        dropout_seed=dropout_seed, return_lse=return_lse)
     if check_finite:
         for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
             if not bool(torch.isfinite(t).all()):

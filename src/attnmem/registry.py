@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .masks import Mask
+from .reference import reference_attention
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,12 @@ class Inputs:
     user_mask: Mask | None  # the mask the user gave, without causal
     mask: Mask | None  # the effective mask: causal and user_mask together
     scale: float
+    # Second-wave options (``attnmem.attention`` documents them); defaults change nothing.
+    score_mod: Callable | None = None
+    sinks: Tensor | None = None  # (Hq,)
+    dropout_p: float = 0.0
+    dropout_seed: Any = None  # int | torch.Generator | None
+    return_lse: bool = False
 
     @property
     def batch(self) -> int:
@@ -69,6 +76,11 @@ class Capabilities:
     gqa: bool = True
     devices: tuple[str, ...] = ("cpu", "cuda")
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    # Score modifications: a method honours each one it declares, and refuses the others.
+    score_mod: bool = False
+    sinks: bool = False
+    dropout: bool = False
+    return_lse: bool = False
 
 
 @dataclass(frozen=True)
@@ -111,6 +123,12 @@ class Method:
     has_module: bool = False
     # True when the method always materialises an N×N tensor: never chosen by "auto".
     quadratic: bool = False
+    # Options the registry-generated checks (tests/test_registry_matrix.py) run it with at
+    # small N: small enough that an approximation differs from exact attention there.
+    check_options: dict[str, Any] = {}
+    # Relative error allowed against ``definition`` in float64 (rounding, or a documented
+    # iteration that has not converged).
+    definition_tolerance: float = 1e-10
 
     def make_options(self, options: dict[str, Any]) -> Any:
         """Build this method's options dataclass; TypeError naming any unknown option."""
@@ -138,6 +156,14 @@ class Method:
             reasons.append(f"does not run on {inp.q.device.type} (supports {', '.join(c.devices)})")
         if inp.q.dtype not in c.dtypes:
             reasons.append(f"does not support dtype {inp.q.dtype}")
+        if inp.score_mod is not None and not c.score_mod:
+            reasons.append("does not support score_mod")
+        if inp.sinks is not None and not c.sinks:
+            reasons.append("does not support sinks")
+        if inp.dropout_p and not c.dropout:
+            reasons.append("does not support dropout_p")
+        if inp.return_lse and not c.return_lse:
+            reasons.append("does not support return_lse")
         return reasons + self.extra_reasons(inp, opts)
 
     def extra_reasons(self, inp: Inputs, opts: Any) -> list[str]:
@@ -156,6 +182,23 @@ class Method:
 
     def forward(self, inp: Inputs, opts: Any) -> Tensor:
         raise NotImplementedError
+
+    def definition(self, inp: Inputs, opts: Any) -> Tensor | None:
+        """What ``forward`` computes, written out densely (O(N²), meant for float64 at small N):
+        the oracle of the registry-generated checks. Exact methods: the reference under their
+        own mask. Approximate ones override it with their formula; None means none is written."""
+        if not self.exact:
+            return None
+        return reference_attention(inp.q, inp.k, inp.v, mask=self.effective_mask(inp, opts), scale=inp.scale)
+
+    def module_definition(self, module: torch.nn.Module, inp: Inputs, opts: Any) -> Tensor | None:
+        """For stateful methods: what ``module`` (from ``build_module``) computes on ``inp``,
+        written out densely from its parameters; None means none is written."""
+        return None
+
+    def effective_mask(self, inp: Inputs, opts: Any) -> Mask | None:
+        """The mask an exact method is exact under: the call's, and its own pattern if any."""
+        return inp.mask
 
     def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: Any) -> torch.nn.Module:
         """For stateful methods: the inner module ``attnmem.nn.MultiHeadAttention`` holds.

@@ -38,6 +38,7 @@ class DecodeConfig:
     batch: int = 1
     dtype: str = "float32"
     window: int = 1024
+    budget: int = 2048  # tokens kept by the eviction kinds (sink_window, heavy_hitter, snapkv)
     steps: int = 8  # tokens decoded per timed round
     rounds: int = 5
     # Batch-1 decoding is a chain of small ops; on a shared CPU, several threads per op wait on
@@ -53,10 +54,15 @@ def cache_specs(cfg: DecodeConfig) -> dict[str, tuple[str, int | None, dict[str,
         "int8": ("int8", None, {}),
         f"window{cfg.window}": ("sliding_window", None, {"window": cfg.window}),
         "linear": ("linear_state", None, {}),
+        "int4": ("int4", None, {}),
+        "int2": ("int2", None, {}),
+        f"sink_window{cfg.budget}": ("sink_window", None, {"budget": cfg.budget}),
+        f"heavy_hitter{cfg.budget}": ("heavy_hitter", None, {"budget": cfg.budget}),
+        f"snapkv{cfg.budget}": ("snapkv", None, {"budget": cfg.budget}),
     }
 
 
-def _model(cfg: DecodeConfig, kv_heads: int | None) -> Transformer:
+def bench_model(cfg: DecodeConfig, kv_heads: int | None) -> Transformer:
     torch.manual_seed(0)
     model = Transformer(cfg.vocab, cfg.d_model, cfg.heads, cfg.layers, kv_heads=kv_heads, method="chunked")
     return model.to(DTYPES[cfg.dtype]).eval()
@@ -64,12 +70,25 @@ def _model(cfg: DecodeConfig, kv_heads: int | None) -> Transformer:
 
 def filled_cache(model: Transformer, kind: str, context: int, cfg: DecodeConfig, *, headroom: int = 0,
                  seed: int = 0, **options: Any) -> ModelCache:
-    """A cache of ``kind`` holding ``context`` random tokens per layer (and room for ``headroom`` more)."""
-    fixed = kind in ("full", "int8")
+    """A cache of ``kind`` holding ``context`` random tokens per layer (and room for ``headroom`` more).
+
+    ``snapkv`` compresses the random prompt as its prefill would, choosing by the attention of
+    random observation-window queries (``SnapKVCache.snapshot``); the other kinds append chunk by
+    chunk (the eviction kinds evict as they go, with no attention observed).
+    """
+    fixed = kind in ("full", "int8", "int4", "int2")
     cache = model.new_cache(kind, max_len=context + headroom if fixed else None, **options)
     attn = model.blocks[0].attn
     g = torch.Generator().manual_seed(seed)
     dtype = DTYPES[cfg.dtype]
+    if kind == "snapkv":
+        for layer in cache.layers:
+            shape = (cfg.batch, attn.kv_heads, context, attn.head_dim)  # (B, Hkv, L, D)
+            k, v = torch.randn(shape, generator=g, dtype=dtype), torch.randn(shape, generator=g, dtype=dtype)
+            w = min(layer.window, context, layer.budget)
+            layer.snapshot(torch.randn(cfg.batch, cfg.heads, w, attn.head_dim, generator=g, dtype=dtype), k, v)
+        cache.length = context
+        return cache
     for layer in cache.layers:
         for a in range(0, context, FILL_CHUNK):
             n = min(FILL_CHUNK, context - a)
@@ -82,8 +101,8 @@ def filled_cache(model: Transformer, kind: str, context: int, cfg: DecodeConfig,
 
 def run_decode_bench(contexts: list[int], cfg: DecodeConfig = DecodeConfig(), kinds: list[str] | None = None,
                      on_row: Callable[[dict], None] = lambda row: None,
-                     log: Callable[[str], None] = lambda msg: None) -> list[dict]:
-    """Memory rows (one cache per kind and context, exactly L tokens) then speed rows."""
+                     log: Callable[[str], None] = lambda msg: None, timing: bool = True) -> list[dict]:
+    """Memory rows (one cache per kind and context, exactly L tokens) then, with ``timing``, speed rows."""
     specs = cache_specs(cfg)
     kinds = kinds or list(specs)
     unknown = [k for k in kinds if k not in specs]
@@ -92,13 +111,13 @@ def run_decode_bench(contexts: list[int], cfg: DecodeConfig = DecodeConfig(), ki
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
-        return _run(contexts, cfg, kinds, specs, on_row, log)
+        return _run(contexts, cfg, kinds, specs, on_row, log, timing)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(contexts, cfg, kinds, specs, on_row, log) -> list[dict]:
-    models = {hkv: _model(cfg, hkv) for hkv in {specs[k][1] for k in kinds}}
+def _run(contexts, cfg, kinds, specs, on_row, log, timing: bool = True) -> list[dict]:
+    models = {hkv: bench_model(cfg, hkv) for hkv in {specs[k][1] for k in kinds}}
     base = {"config": asdict(cfg), "env": environment()}
     rows: list[dict] = []
 
@@ -122,6 +141,8 @@ def _run(contexts, cfg, kinds, specs, on_row, log) -> list[dict]:
                 emit({"type": "memory", "kind": name, "cache_kind": kind, "context": L, "nbytes": nbytes,
                       "mib": nbytes / MiB, "kv_heads": hkv or cfg.heads, "options": opts, **ratio})
 
+        if not timing:
+            return rows
         headroom = (cfg.rounds + 1) * cfg.steps + 1
         live: dict[tuple[str, int], ModelCache] = {}
         for L in contexts:
@@ -152,6 +173,31 @@ def _run(contexts, cfg, kinds, specs, on_row, log) -> list[dict]:
     return rows
 
 
+def paged_memory(lengths: list[int], cfg: DecodeConfig = DecodeConfig(), *, block_size: int = 16,
+                 seed: int = 0) -> dict:
+    """Bytes of a paged cache holding prompts of ``lengths`` tokens (random keys/values), against
+    the tokens it holds and against a padded batch preallocated to the longest prompt."""
+    model = bench_model(cfg, None)
+    cache = model.new_cache("paged", block_size=block_size)
+    attn = model.blocks[0].attn
+    g = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[cfg.dtype]
+    for s, n in enumerate(lengths):
+        with cache.sequences([s]):
+            for layer in cache.layers:
+                k = torch.randn(1, attn.kv_heads, n, attn.head_dim, generator=g, dtype=dtype)  # (1, Hkv, n, D)
+                layer.append(k, torch.randn(k.shape, generator=g, dtype=dtype))
+            cache.advance(n)
+    per_token = cfg.layers * 2 * attn.kv_heads * attn.head_dim * torch.empty((), dtype=dtype).element_size()
+    held = cache.tokens_held()
+    padded = len(lengths) * max(lengths) * per_token
+    return {"type": "paged_memory", "lengths": lengths, "block_size": block_size, "tokens_held": held,
+            "nbytes": cache.nbytes(), "held_bytes": held * per_token,
+            "ratio_to_held": cache.nbytes() / (held * per_token),
+            "padded_bytes": padded, "ratio_to_padded": cache.nbytes() / padded,
+            "config": asdict(cfg), "env": environment()}
+
+
 def int8_error(cfg: DecodeConfig = DecodeConfig(), *, prompt: int = 1024, steps: int = 32) -> dict:
     """Error of the int8 cache against the float cache on the same decode steps.
 
@@ -159,7 +205,7 @@ def int8_error(cfg: DecodeConfig = DecodeConfig(), *, prompt: int = 1024, steps:
     decode the same ``steps`` tokens (teacher-forced). Reports the relative L2 error of the step
     logits and how often their argmax agrees.
     """
-    model = _model(cfg, None)
+    model = bench_model(cfg, None)
     g = torch.Generator().manual_seed(2)
     tokens = torch.randint(0, cfg.vocab, (cfg.batch, prompt + steps), generator=g)
     logits = {}
@@ -245,7 +291,7 @@ def plot(rows: list[dict], path: Path) -> Path:
         ax.grid(True, which="both", alpha=0.3)
     ax_mem.set_title("KV cache memory (all layers)")
     ax_speed.set_title("decoding speed, batch 1")
-    ax_speed.legend()
+    (ax_speed if ax_speed.lines else ax_mem).legend()  # a memory-only run (--no-timing) has no speed lines
     cfg = next((r["config"] for r in rows if "config" in r), {})
     fig.suptitle(f"d_model={cfg.get('d_model')}, heads={cfg.get('heads')}, layers={cfg.get('layers')}, "
                  f"{cfg.get('dtype')}, CPU")

@@ -1,12 +1,16 @@
-"""Train a small causal Transformer on a sequence split across ranks (ring attention).
+"""Train a small causal Transformer on a sequence split across ranks.
 
     torchrun --nproc-per-node 2 -m attnmem.distributed.demo --seq-len 512 --steps 40
+    torchrun --nproc-per-node 4 -m attnmem.distributed.demo --scheme hybrid --check
+
+``--scheme`` picks ring attention (default), Ulysses (all-to-all over heads) or the hybrid
+(Ulysses × ring grid; at 4 ranks 2 × 2).
 
 The task cannot be solved without attending across ranks: the sequence is random tokens and
 every position of its second half must name the sequence's FIRST token, which sits on rank 0's
 slice. A model that only saw its own slice stays at the chance loss ``log(vocab)``. Every
-rank feeds its zigzag shard of the same batch to
-``attnmem.nn.Transformer(..., sequence_parallel=True)``; the gradients of the replicated
+rank feeds its shard (``SequenceParallel.partition``) of the same batch to
+``attnmem.nn.Transformer(..., sequence_parallel=...)``; the gradients of the replicated
 parameters are summed with ``all_reduce``. ``--check`` finally compares the gathered logits
 with the same model run in one process on the whole sequence.
 
@@ -26,8 +30,8 @@ import torch
 import torch.distributed as dist
 
 from ..nn import Transformer
-from .layout import gather, shard
-from .ring import SequenceParallel
+from .layout import gather
+from .parallel import SCHEMES, SequenceParallel
 
 
 def _init() -> tuple[int, int, torch.device]:
@@ -65,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--layout", choices=["zigzag", "contiguous"], default="zigzag")
+    ap.add_argument("--scheme", choices=SCHEMES, default="ring")
     ap.add_argument("--check", action="store_true", help="compare with one process on the whole sequence")
     args = ap.parse_args(argv)
 
@@ -73,20 +78,21 @@ def main(argv: list[str] | None = None) -> None:
     if args.seq_len % (2 * world):
         raise SystemExit(f"error: --seq-len must be a multiple of 2·world_size = {2 * world}, got {args.seq_len}")
     torch.manual_seed(0)  # the same initial weights on every rank
-    sp = SequenceParallel(layout=args.layout)
+    sp = SequenceParallel(scheme=args.scheme, layout=args.layout)
     model = Transformer(args.vocab, args.d_model, args.heads, args.layers, causal=True,
                         sequence_parallel=sp).to(device)
+    part = sp.partition(args.seq_len, args.heads, args.heads)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     data = torch.Generator().manual_seed(1)  # the same batches on every rank
     n_scored = args.batch * (args.seq_len - args.seq_len // 2)
     if rank == 0:
-        print(f"ring attention demo: {world} rank(s), {args.layout} layout, N={args.seq_len} "
+        print(f"{args.scheme} sequence-parallel demo: {world} rank(s), {args.layout} layout, N={args.seq_len} "
               f"({args.seq_len // world} tokens per rank), chance loss {math.log(args.vocab):.3f}", flush=True)
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
         tokens, targets = recall_batch(args.batch, args.seq_len, args.vocab, data)
-        local_tokens = shard(tokens, world, rank, layout=args.layout, dim=1).to(device)
-        local_targets = shard(targets, world, rank, layout=args.layout, dim=1).to(device)
+        local_tokens = part.shard(tokens, rank, dim=1).to(device)
+        local_targets = part.shard(targets, rank, dim=1).to(device)
         logits = model(local_tokens)  # (B, N_local, vocab)
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), local_targets.flatten(),
                                                  ignore_index=-100, reduction="sum") / n_scored
@@ -103,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         model.eval()
         with torch.no_grad():
             tokens, _ = recall_batch(args.batch, args.seq_len, args.vocab, data)
-            local = model(shard(tokens, world, rank, layout=args.layout, dim=1).to(device))
-            full_sp = gather(local, layout=args.layout, dim=1)
+            local = model(part.shard(tokens, rank, dim=1).to(device))
+            full_sp = gather(local, layout=part, dim=1)
             # The same weights without sequence parallelism, on the whole sequence.
             single = Transformer(args.vocab, args.d_model, args.heads, args.layers, causal=True).to(device)
             single.load_state_dict(model.state_dict())
@@ -119,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
             spread = (spread - flat).abs().max()
             dist.all_reduce(spread, op=dist.ReduceOp.MAX)
         if rank == 0:
-            print(f"check: max |logits(ring, {world} ranks) - logits(one process)| = {diff:.2e} "
+            print(f"check: max |logits({args.scheme}, {world} ranks) - logits(one process)| = {diff:.2e} "
                   f"(max |logit| {scale:.1f}); weights differ across ranks by {spread.item():.1e}", flush=True)
     dist.destroy_process_group()
 

@@ -1,4 +1,4 @@
-"""How a sequence is split across ranks: contiguous slices or the zigzag layout.
+"""How a sequence is split across ranks: contiguous slices, zigzag, or balanced documents.
 
 With a causal mask and contiguous slices, rank 0's queries see only its own keys while the
 last rank's see every key: the last rank does P times the work of the first. The *zigzag*
@@ -12,17 +12,36 @@ layout cuts the sequence into ``2·P`` equal chunks and gives rank ``r`` chunks 
 ``shard``/``unshard`` move between a full sequence and the per-rank slices (no
 communication); ``gather`` collects the slices of all ranks through ``all_gather``;
 ``positions`` gives the global position of every local token (for position embeddings).
+
+Packed documents (causal attention inside each document only) unbalance both layouts: a
+rank's work is the number of (query, key) pairs it computes, Σ over its queries of the
+query's offset in its document + 1, and a rank that holds the end of a long document does
+far more than one holding many short ones. ``documents(ids, P)`` balances that work: it cuts
+every document into ``2P`` equal chunks and gives rank ``r`` chunks ``r`` and ``2P-1-r`` (the
+zigzag of each document, whose work is the same on every rank, exactly), then hands the
+``L mod 2P`` tokens left at the end of each document, one at a time, to the rank with the
+least work so far (greedy; a token's work is its offset + 1). Every rank then does the mean
+work up to about one token's worth. It returns a ``Partition``: the global positions each rank
+holds (its permutation of the sequence), which ``shard``/``unshard``/``gather`` accept in
+place of a layout name::
+
+    ids        0 0 0 0 0 0 0 0 0 1 1 1      (P = 2: document 0 has 9 tokens, document 1 has 3)
+    chunks     0 0 1 1 1 1 0 0 . . . .      (2P = 4 chunks of 2; token 8 and document 1 left over)
+    greedy     . . . . . . . . 0 1 1 1      (each to the rank with less work so far: 27 and 24 pairs)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 LAYOUTS = ("contiguous", "zigzag")
+# Layout names ``partition`` understands; "documents" needs the document ids.
+PARTITIONS = ("contiguous", "zigzag", "documents")
 
 
 def check_layout(layout: str) -> str:
@@ -77,6 +96,8 @@ def shard(x: Tensor, world_size: int, rank: int, *, layout: str = "contiguous", 
     Raises:
         ValueError: unknown layout, bad rank/world size, or a length zigzag cannot split.
     """
+    if isinstance(layout, Partition):
+        return layout.shard(x, rank, dim=dim)
     check_layout(layout)
     _check_world(world_size, rank)
     ranges = _chunk_ranges(x.shape[dim], world_size, rank, layout)
@@ -86,6 +107,8 @@ def shard(x: Tensor, world_size: int, rank: int, *, layout: str = "contiguous", 
 
 def unshard(parts: Sequence[Tensor], *, layout: str = "contiguous", dim: int = 2) -> Tensor:
     """The full sequence from every rank's part (``parts[r]`` from rank ``r``)."""
+    if isinstance(layout, Partition):
+        return layout.unshard(parts, dim=dim)
     check_layout(layout)
     if not parts:
         raise ValueError("unshard: parts must hold one tensor per rank, got none")
@@ -104,6 +127,8 @@ def unshard(parts: Sequence[Tensor], *, layout: str = "contiguous", dim: int = 2
 def positions(n: int, world_size: int, rank: int, *, layout: str = "contiguous",
               device: torch.device | str | None = None) -> Tensor:
     """(N_local,) int64 global positions of rank ``rank``'s tokens, in local order."""
+    if isinstance(layout, Partition):
+        return layout.positions[rank].to(device)
     check_layout(layout)
     _check_world(world_size, rank)
     return torch.cat([torch.arange(a, b, device=device)
@@ -116,7 +141,8 @@ def gather(x: Tensor, *, layout: str = "contiguous", group: dist.ProcessGroup | 
 
     Parts may differ in length along ``dim`` (contiguous slices of an uneven sequence).
     """
-    check_layout(layout)
+    if not isinstance(layout, Partition):
+        check_layout(layout)
     world = dist.get_world_size(group)
     length = torch.tensor([x.shape[dim]], dtype=torch.int64, device=x.device)
     lengths = [torch.empty_like(length) for _ in range(world)]
@@ -143,4 +169,164 @@ def gather(x: Tensor, *, layout: str = "contiguous", group: dist.ProcessGroup | 
     return unshard(parts, layout=layout, dim=dim)
 
 
-__all__ = ["LAYOUTS", "shard", "unshard", "gather", "positions", "local_lengths", "check_layout"]
+@dataclass(frozen=True, eq=False)
+class Partition:
+    """Which global positions every rank holds, in local order: a permutation of 0..N-1.
+
+    ``positions[r]`` (N_r,) int64 are rank r's positions; ``permutation`` is their
+    concatenation (the order of the sequence when the ranks' parts are concatenated).
+    """
+
+    positions: tuple[Tensor, ...]
+    name: str = "partition"
+
+    def __post_init__(self):
+        if not self.positions:
+            raise ValueError("a Partition needs the positions of at least one rank")
+        perm = self.permutation
+        if perm.dtype != torch.int64 or not torch.equal(perm.sort().values, torch.arange(perm.numel())):
+            raise ValueError(f"a Partition's positions must be a permutation of 0..N-1 (int64), got {perm.numel()} "
+                             "positions that are not")
+
+    @property
+    def world_size(self) -> int:
+        return len(self.positions)
+
+    @property
+    def n(self) -> int:
+        return sum(p.numel() for p in self.positions)
+
+    @property
+    def permutation(self) -> Tensor:
+        return torch.cat(list(self.positions))
+
+    @property
+    def lengths(self) -> list[int]:
+        return [p.numel() for p in self.positions]
+
+    def shard(self, x: Tensor, rank: int, *, dim: int = 2) -> Tensor:
+        _check_world(self.world_size, rank)
+        self._check_length(x.shape[dim])
+        return x.index_select(dim, self.positions[rank].to(x.device))
+
+    def unshard(self, parts: Sequence[Tensor], *, dim: int = 2) -> Tensor:
+        if len(parts) != self.world_size:
+            raise ValueError(f"unshard: expected {self.world_size} parts (one per rank), got {len(parts)}")
+        cat = torch.cat(list(parts), dim)  # the sequence in partition order
+        self._check_length(cat.shape[dim])
+        return torch.empty_like(cat).index_copy_(dim, self.permutation.to(cat.device), cat)
+
+    def _check_length(self, n: int) -> None:
+        if n != self.n:
+            raise ValueError(f"this {self.name} partition is of a sequence of {self.n} tokens, got {n}")
+
+
+def partition(layout: str | Partition, n: int, world_size: int, *, documents: Tensor | None = None) -> Partition:
+    """The ``Partition`` of a layout name: "contiguous", "zigzag" or "documents" (needs
+    ``documents``, the (N,) document id of every token; see ``documents``)."""
+    if isinstance(layout, Partition):
+        return layout
+    if layout == "documents":
+        if documents is None:
+            raise ValueError("layout='documents' needs documents=, the (N,) document id of every token")
+        return balanced_documents(documents, world_size)
+    check_layout(layout)
+    _check_world(world_size, 0)
+    return Partition(tuple(positions(n, world_size, r, layout=layout) for r in range(world_size)), name=layout)
+
+
+def document_starts(ids: Tensor) -> Tensor:
+    """(N,) int64: the position where each token's document starts (ids packed: equal ids adjacent)."""
+    ids = _check_ids(ids)
+    n = ids.numel()
+    new = torch.ones(n, dtype=torch.bool)
+    new[1:] = ids[1:] != ids[:-1]
+    first = torch.where(new, torch.arange(n), torch.zeros(n, dtype=torch.int64))
+    return torch.cummax(first, 0).values
+
+
+def _check_ids(ids: Tensor) -> Tensor:
+    if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"documents must be a (N,) integer tensor of document ids, got {got}")
+    return ids.long().cpu()
+
+
+def attention_pairs(part: Partition, documents: Tensor | None = None, *, causal: bool = True) -> list[int]:
+    """Work of every rank: the (query, key) pairs its queries attend to.
+
+    Causal: a query sees the keys from its document's start (0 without documents) to itself;
+    non-causal with documents: its whole document; neither: all N keys.
+    """
+    n = part.n
+    if documents is None:
+        start = torch.zeros(n, dtype=torch.int64)
+        end = torch.full((n,), n, dtype=torch.int64)
+    else:
+        ids = _check_ids(documents)
+        if ids.numel() != n:
+            raise ValueError(f"documents has {ids.numel()} ids, the partition {n} tokens")
+        start = document_starts(ids)
+        end = n - document_starts(ids.flip(0)).flip(0)  # one past each token's document
+    pos_all = torch.arange(n)
+    seen = (pos_all + 1 - start) if causal else (end - start)  # (N,) keys each query sees
+    return [int(seen[p].sum()) for p in part.positions]
+
+
+def imbalance(work: Sequence[int]) -> float:
+    """max / mean of the ranks' work (1.0 = perfectly balanced)."""
+    mean = sum(work) / len(work)
+    return max(work) / mean if mean else 1.0
+
+
+def balanced_documents(documents: Tensor, world_size: int) -> Partition:
+    """Partition packed documents so every rank does the same causal work (module docstring).
+
+    Args:
+        documents: (N,) document id of every token; a document is a run of equal ids.
+        world_size: ranks P.
+
+    Returns:
+        A ``Partition``; within each rank, positions are in increasing order.
+    """
+    ids = _check_ids(documents)
+    _check_world(world_size, 0)
+    n, chunks = ids.numel(), 2 * world_size
+    starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])).flatten().tolist()
+    bounds = list(zip(starts, starts[1:] + [n]))
+    owner = torch.empty(n, dtype=torch.int64)
+    work = [0] * world_size
+    tokens = [0] * world_size
+    for s, e in bounds:
+        length = e - s
+        c = length // chunks
+        if c:
+            # Zigzag inside the document: chunk r and 2P-1-r together cost the same on every rank.
+            for r in range(world_size):
+                owner[s + r * c:s + (r + 1) * c] = r
+                owner[s + (chunks - 1 - r) * c:s + (chunks - r) * c] = r
+                work[r] += c * (2 * world_size - 1) * c + c * (c + 1)
+                tokens[r] += 2 * c
+        for t in range(s + chunks * c, e):
+            r = min(range(world_size), key=lambda i: (work[i], tokens[i]))
+            owner[t] = r
+            work[r] += t - s + 1
+            tokens[r] += 1
+    order = torch.argsort(owner, stable=True)  # positions grouped by rank, ascending within each
+    return Partition(tuple(order.split(torch.bincount(owner, minlength=world_size).tolist())), name="documents")
+
+
+def random_documents(n: int, low: int, high: int, *, seed: int = 0) -> Tensor:
+    """(n,) ids of packed documents with lengths drawn uniformly from [low, high] (the last one
+    cut at n): the test and benchmark input."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = []
+    while sum(lengths) < n:
+        lengths.append(int(torch.randint(low, high + 1, (1,), generator=g)))
+    lengths[-1] -= sum(lengths) - n
+    return torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+
+
+__all__ = ["LAYOUTS", "PARTITIONS", "shard", "unshard", "gather", "positions", "local_lengths", "check_layout",
+           "Partition", "partition", "balanced_documents", "attention_pairs", "imbalance", "document_starts",
+           "random_documents"]

@@ -25,12 +25,17 @@ heads; in the backward they add about 11 · heads_per_pass / Hkv times the size 
 Causal masks per (local queries, visiting keys) pair are full, empty (skipped) or the local
 causal diagonal — see ``_Ring.pairs``. With the ``contiguous`` layout the last rank does P times
 the work of the first; ``layout="zigzag"`` (see ``attnmem.distributed.layout``) balances it.
+
+Any other mask (windows, documents, ...) is a mask of the whole sequence at global positions,
+and any ``Partition`` of the sequence (``layout.balanced_documents``) works: every rank learns
+every rank's global positions once per call, and each (my queries, visiting block) pair runs
+with the global mask evaluated at those positions (``masking.AtPositions``); the tiles it
+leaves empty are skipped.
 """
 
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,12 +47,14 @@ from .. import masks as M
 from ..api import validate
 from ..kernels import acc_dtype, merge_partials, tiled_attention_lse, tiled_backward_lse
 from . import layout as L
+from .comm import SequenceParallelError, gather_ints, nbytes, peer_errors, record, wait_all
+from .masking import AtPositions, heads_slice
 
 _KV_TAG, _DKV_TAG = 1, 2
 _ALL = slice(None)
 
 
-class RingAttentionError(RuntimeError):
+class RingAttentionError(SequenceParallelError):
     """A peer failed, exited or timed out while this rank waited on the ring."""
 
 
@@ -68,8 +75,11 @@ class _Ring:
     q_tile: int
     kv_tile: int
     kernel: str
+    # The general path: the global mask (causal included) and every rank's global positions.
+    mask: M.Mask | None = None
+    positions: tuple[Tensor, ...] | None = None
 
-    def pairs(self, src: int, n_local: int) -> list[tuple[slice, slice, M.Mask | None]]:
+    def pairs(self, src: int, n_local: int, h0: int = 0, h1: int = 0) -> list[tuple[slice, slice, M.Mask | None]]:
         """(query slice, key slice, mask) pieces of my queries × the block from rank ``src``.
 
         Positions are ordered by rank (contiguous) or by chunk (zigzag: rank r holds chunks r
@@ -80,6 +90,8 @@ class _Ring:
             zigzag       src < me: all × first half of the keys (their early chunk)
                          src > me: second half of the queries (my late chunk) × all
         """
+        if self.positions is not None:
+            return self.general_pairs(src, h0, h1)
         if not self.causal:
             return [(_ALL, _ALL, None)]
         if src == self.rank:
@@ -90,6 +102,17 @@ class _Ring:
         if src < self.rank:
             return [(_ALL, slice(0, half), None)]
         return [(slice(half, None), _ALL, None)]
+
+    def general_pairs(self, src: int, h0: int, h1: int) -> list[tuple[slice, slice, M.Mask | None]]:
+        """The global mask at (my positions, ``src``'s positions) for query heads h0:h1."""
+        q_pos, k_pos = self.positions[self.rank], self.positions[src]
+        if self.causal and int(k_pos.min()) > int(q_pos.max()):
+            return []  # every key after every query
+        if self.mask is None:
+            return [(_ALL, _ALL, None)]
+        mask = heads_slice(self.mask, h0, h1)
+        n = sum(p.numel() for p in self.positions)
+        return [(_ALL, _ALL, AtPositions(mask, q_pos, k_pos, n))]
 
     def block_len(self, step: int) -> int:
         """Length of the block this rank holds at ``step`` (the slice of rank ``me - step``)."""
@@ -109,7 +132,9 @@ class _Ring:
         ops = [dist.P2POp(dist.isend, t, self.send_to, self.group, tag) for t in sends]
         ops += [dist.P2POp(dist.irecv, r, self.recv_from, self.group, tag) for r in recvs]
         with _peer_errors(self.rank, self.world, f"sending / receiving {what}"):
-            return recvs, [*dist.batch_isend_irecv(ops), *sends]
+            works = dist.batch_isend_irecv(ops)
+        record("ring " + ("k/v" if tag == _KV_TAG else "dk/dv"), sum(nbytes(t) for t in sends))
+        return recvs, [*works, *sends]
 
     def wait(self, works: list, what: str) -> None:
         _wait(works, self.rank, self.world, what)
@@ -118,26 +143,13 @@ class _Ring:
         return dict(scale=self.scale, q_tile=self.q_tile, kv_tile=self.kv_tile, kernel=self.kernel)
 
 
-@contextmanager
 def _peer_errors(rank: int, world: int, what: str):
     """Turn a backend error (peer gone, timeout) into one RingAttentionError naming the step."""
-    try:
-        yield
-    except RuntimeError as e:
-        if isinstance(e, RingAttentionError):
-            raise
-        first = str(e).splitlines()[0] if str(e) else repr(e)
-        raise RingAttentionError(
-            f"ring_attention: rank {rank} of {world} failed while {what}: {first} (usually a peer that "
-            f"failed, exited or did not answer within the process group's timeout)"
-        ) from e
+    return peer_errors(rank, world, what, "ring_attention", RingAttentionError)
 
 
 def _wait(works: list, rank: int, world: int, what: str) -> None:
-    with _peer_errors(rank, world, what):
-        for w in works:
-            if not isinstance(w, Tensor):
-                w.wait()
+    wait_all(works, rank, world, what, "ring_attention", RingAttentionError)
 
 
 def _head_passes(hkv: int, per_pass: int) -> list[tuple[int, int]]:
@@ -160,7 +172,7 @@ def _ring_forward(r: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Te
         for step in range(r.world):
             if step < r.world - 1:
                 nxt, works = r.exchange(kv, r.block_len(step + 1), _KV_TAG, "key/value blocks (forward)")
-            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n):
+            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n, ha * G, hb * G):
                 o, l_ = tiled_attention_lse(q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask=mask,
                                             **r.kernel_opts())
                 merge_partials(out_h[:, :, qs], lse_h[:, :, qs], o, l_, inplace=True)
@@ -194,7 +206,7 @@ def _ring_backward(r: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
                 nxt, kv_works = r.exchange(kv, r.block_len(step + 1), _KV_TAG, "key/value blocks (backward)")
             # Gradients of the visiting block from my queries (None where nothing is attended).
             share: list[Tensor] | None = None
-            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n):
+            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n, ha * G, hb * G):
                 dq_p, dk_p, dv_p = tiled_backward_lse(
                     do_h[:, :, qs], q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], o_h[:, :, qs],
                     l_h[:, :, qs], mask=mask, **r.kernel_opts())
@@ -247,30 +259,29 @@ class _RingAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str, scale: float, heads_per_pass: int,
-                        group) -> tuple[list[int], int]:
+_LAYOUT_CODES = (*L.LAYOUTS, "partition")
+
+
+def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str | L.Partition, masked: bool, scale: float,
+                        heads_per_pass: int, group) -> tuple[list[int], int]:
     """All-gather each rank's configuration; the same ValueError on every rank if they differ.
 
     Returns every rank's local sequence length and the heads per pass all ranks use (the
     smallest asked for: every rank must send the same blocks).
     """
-    world = dist.get_world_size(group)
-    dev = q.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
     B, Hq, n, D = q.shape
-    mine = torch.tensor([B, Hq, k.shape[1], D, int(causal), L.LAYOUTS.index(layout),
-                         int(round(scale * 2**40)), heads_per_pass, n], dtype=torch.int64, device=dev)
-    every = [torch.empty_like(mine) for _ in range(world)]
-    what = "exchanging shapes with the other ranks"
-    with _peer_errors(dist.get_rank(group), world, what):
-        work = dist.all_gather(every, mine, group=group, async_op=True)
-    _wait([work], dist.get_rank(group), world, what)
-    table = [t.tolist() for t in every]
-    names = ["B", "Hq", "Hkv", "D", "causal", "layout", "scale"]
+    code = _LAYOUT_CODES.index("partition" if isinstance(layout, L.Partition) else layout)
+    with _peer_errors(rank, world, "exchanging shapes with the other ranks"):
+        table = gather_ints([B, Hq, k.shape[1], D, int(causal), code, int(masked), int(round(scale * 2**40)),
+                             heads_per_pass, n], group, q, "exchanging shapes with the other ranks",
+                            scheme="ring_attention", error=RingAttentionError)
+    names = ["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale"]
     for i, name in enumerate(names):
         values = [row[i] for row in table]
         if len(set(values)) > 1:
-            shown = [bool(x) for x in values] if name == "causal" else (
-                [L.LAYOUTS[x] for x in values] if name == "layout" else (
+            shown = [bool(x) for x in values] if name in ("causal", "mask") else (
+                [_LAYOUT_CODES[x] for x in values] if name == "layout" else (
                     [x / 2**40 for x in values] if name == "scale" else values))
             raise ValueError(f"ring_attention: every rank must pass the same {name}, got {shown} (by rank)")
     lengths = [row[-1] for row in table]
@@ -281,12 +292,27 @@ def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str, scale: 
             f"ring_attention: layout='zigzag' needs one even local length on every rank (two equal chunks "
             f"each), got {lengths}; shard with attnmem.distributed.shard(x, world, rank, layout='zigzag')"
         )
+    if isinstance(layout, L.Partition) and layout.lengths != lengths:
+        raise ValueError(f"ring_attention: the partition gives the ranks {layout.lengths} tokens, but they hold "
+                         f"{lengths}; shard with partition.shard(x, rank)")
     return lengths, min(row[-2] for row in table)
 
 
-def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, group: Any = None,
-                   layout: str = "contiguous", scale: float | None = None, heads_per_pass: int | None = None,
-                   q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
+def _global_positions(layout: str | L.Partition, lengths: list[int], device) -> tuple[Tensor, ...]:
+    """Every rank's global positions, for the general (masked / any partition) path."""
+    if isinstance(layout, L.Partition):
+        return tuple(p.to(device) for p in layout.positions)
+    n, world = sum(lengths), len(lengths)
+    if layout == "zigzag":
+        return tuple(L.positions(n, world, r, layout="zigzag", device=device) for r in range(world))
+    starts = [sum(lengths[:r]) for r in range(world)]
+    return tuple(torch.arange(a, a + m, device=device) for a, m in zip(starts, lengths))
+
+
+def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None, group: Any = None,
+                   layout: str | L.Partition = "contiguous", scale: float | None = None,
+                   heads_per_pass: int | None = None, q_tile: int = 256, kv_tile: int = 256,
+                   kernel: str = "auto") -> Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
     Every rank of the group calls this with its own slice of the one sequence.
@@ -296,11 +322,15 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
         k, v: this rank's keys and values (B, Hkv, N_local, D) — the same tokens as ``q``;
             ``Hq % Hkv == 0`` (GQA, never expanded).
         causal: causal self-attention over the global positions.
+        mask: a mask of the WHOLE sequence (N = Σ N_local, global positions, all heads): an
+            ``attnmem.masks.Mask`` or a bool tensor broadcastable to (B, Hq, N, N); every rank
+            passes the same one. Combined with ``causal``.
         group: the process group (default: the world). ``torch.distributed`` must be
             initialised (``torchrun`` + ``dist.init_process_group``); gloo on CPU, NCCL on CUDA.
         layout: how the sequence was split: ``"contiguous"`` (rank r holds the r-th slice;
-            slices may differ in length, e.g. ``torch.tensor_split``) or ``"zigzag"`` (see
-            ``attnmem.distributed.layout``; balanced causal work). Use ``shard``/``unshard``.
+            slices may differ in length, e.g. ``torch.tensor_split``), ``"zigzag"`` (see
+            ``attnmem.distributed.layout``; balanced causal work), or a ``Partition`` (any
+            permutation, e.g. ``balanced_documents``). Use ``shard``/``unshard``.
         scale: multiplier of QKᵀ; default ``1/sqrt(D)``.
         heads_per_pass: key/value heads sent round the ring together; fewer means smaller
             buffers in flight, more means fewer, larger messages. Default (None): on CPU the
@@ -316,7 +346,7 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
     Raises:
         RuntimeError: torch.distributed is not initialised.
         ValueError: bad shapes or options, or ranks that disagree on B, heads, D, causal,
-            layout or scale (raised on every rank alike).
+            layout, mask or scale (raised on every rank alike).
         RingAttentionError: a peer failed, exited or timed out during the ring.
     """
     if not dist.is_available() or not dist.is_initialized():
@@ -330,59 +360,33 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, gro
             f"ring_attention is self-attention over one split sequence: q and k must hold the same "
             f"tokens, got N_local={q.shape[2]} for q and {k.shape[2]} for k"
         )
-    L.check_layout(layout)
+    if not isinstance(layout, L.Partition):
+        L.check_layout(layout)
     if heads_per_pass is None:
         heads_per_pass = k.shape[1]
         if q.device.type == "cpu":
             heads_per_pass = min(k.shape[1], max(1, math.ceil(torch.get_num_threads() / q.shape[0])))
     elif not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass <= 0:
         raise ValueError(f"heads_per_pass must be a positive int or None, got {heads_per_pass!r}")
-    lengths, heads_per_pass = _check_across_ranks(q, k, causal, layout, inp.scale, heads_per_pass, group)
+    user_mask = None if mask is None else M.as_mask(mask, "mask")
+    lengths, heads_per_pass = _check_across_ranks(q, k, causal, layout, user_mask is not None, inp.scale,
+                                                  heads_per_pass, group)
+    general = user_mask is not None or isinstance(layout, L.Partition)
+    global_mask = positions = None
+    if general:
+        n = sum(lengths)
+        if user_mask is not None:
+            user_mask.check(q.shape[0], q.shape[1], n, n)
+        global_mask = M.combine(causal, user_mask)
+        positions = _global_positions(layout, lengths, q.device)
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     ring = _Ring(
         group=group, rank=rank, world=world,
         send_to=dist.get_global_rank(group, (rank + 1) % world) if group is not None else (rank + 1) % world,
         recv_from=dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world,
-        lengths=tuple(lengths), layout=layout, causal=causal, scale=inp.scale,
-        heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel,
+        lengths=tuple(lengths), layout=layout if isinstance(layout, str) else "partition", causal=causal,
+        scale=inp.scale, heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel,
+        mask=global_mask, positions=positions,
     )
     return _RingAttention.apply(q, k, v, ring)
-
-
-@dataclass(frozen=True)
-class SequenceParallel:
-    """How ``attnmem.nn`` modules split their sequence: a layout and a process group.
-
-    ``attnmem.nn.Transformer(..., sequence_parallel=True)`` uses ``SequenceParallel()``
-    (zigzag, the world group); pass an instance to choose. Each rank feeds its own tokens
-    (``shard(tokens, world, rank, layout=...)``); attention runs as ``ring_attention`` and
-    position embeddings use the tokens' global positions.
-    """
-
-    layout: str = "zigzag"
-    group: Any = None
-    heads_per_pass: int | None = None
-
-    def __post_init__(self):
-        L.check_layout(self.layout)
-
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, mask: Any = None,
-               scale: float | None = None) -> Tensor:
-        if mask is not None:
-            raise ValueError("sequence-parallel attention takes causal=True/False only, got a mask")
-        return ring_attention(q, k, v, causal=causal, group=self.group, layout=self.layout, scale=scale,
-                              heads_per_pass=self.heads_per_pass)
-
-    def positions(self, n_local: int, device: torch.device | str | None = None) -> Tensor:
-        """(N_local,) global positions of this rank's tokens (all ranks must hold equal slices
-        for zigzag; contiguous slices are gathered to find this rank's offset)."""
-        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
-        if self.layout == "zigzag":
-            return L.positions(n_local * world, world, rank, layout="zigzag", device=device)
-        dev = device if dist.get_backend(self.group) == "nccl" else "cpu"
-        mine = torch.tensor([n_local], dtype=torch.int64, device=dev)
-        every = [torch.empty_like(mine) for _ in range(world)]
-        dist.all_gather(every, mine, group=self.group)
-        start = int(sum(int(t) for t in every[:rank]))
-        return torch.arange(start, start + n_local, device=device)

@@ -3,14 +3,17 @@
 - ``tiled``: ``tiled_attention`` (autograd), ``tiled_attention_lse`` (partial attention that also
   returns its log-sum-exp), ``tiled_backward_lse`` (gradients through one block of keys given
   the whole row's log-sum-exp) and ``TileContext``, the per-call plan both passes share.
-- ``merge``: ``merge_partials``, the log-sum-exp merge of partial results.
+- ``merge``: ``merge_partials``, the log-sum-exp merge of partial results, and ``merge``
+  (``attnmem.merge``) over a list of them.
+- ``mods``: score_mod, dropout and the tensors a score_mod captures (``Mods``, ``make_mods``).
 - ``segments``: ``block_rows`` and ``plan_segments``, which keys each query tile computes.
 - ``tile``: the two tile kernels (``fused`` CPU operator, ``torch``) and ``resolve_kernel``.
 - ``flex``: the FlexAttention adapter (``flex_block_mask``, ``flex_attention``) for CUDA.
 """
 
 from .flex import FLEX_TILE, flex_attention, flex_available, flex_block_mask, flex_safe
-from .merge import merge_partials
+from .merge import merge, merge_partials
+from .mods import Mods, ScoreMod, TileMods, captured_tensors, dropout_keep, make_mods
 from .segments import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, block_rows, plan_segments
 from .tile import (
     CAUSAL_TILE,
@@ -20,14 +23,20 @@ from .tile import (
     acc_dtype,
     fused_available,
     fused_backward,
+    fused_backward_acc,
     fused_forward,
     resolve_kernel,
     torch_backward,
     torch_forward,
 )
 from .tiled import (
+    Run,
     TileContext,
+    TiledRun,
     allowed_bool,
+    apply_sinks,
+    row_dot,
+    run_exact,
     tiled_attention,
     tiled_attention_lse,
     tiled_backward,
@@ -42,4 +51,6 @@ __all__ = [
     "fused_backward", "fused_forward", "merge_partials", "plan_segments", "resolve_kernel",
     "tiled_attention", "tiled_attention_lse", "tiled_backward", "tiled_backward_lse",
     "tiled_forward", "torch_backward", "torch_forward",
+    "Mods", "ScoreMod", "TileMods", "captured_tensors", "dropout_keep", "make_mods", "merge",
+    "fused_backward_acc", "Run", "TiledRun", "apply_sinks", "row_dot", "run_exact",
 ]

@@ -71,20 +71,27 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: M.Mask, scale: float,
-                   tile: int = FLEX_TILE) -> Tensor:  # pragma: no cover - needs CUDA
+def flex_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: M.Mask | None, scale: float,
+                   tile: int = FLEX_TILE, score_mod=None) -> Tensor:  # pragma: no cover - needs CUDA
     """Exact attention under ``mask`` through FlexAttention (CUDA), over attnmem's block map.
 
     Args:
         q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with ``Hq % Hkv == 0``.
-        mask: a mask that ``flex_safe`` accepts (its ``mask_mod`` is traced by FlexAttention).
+        mask: a mask that ``flex_safe`` accepts (its ``mask_mod`` is traced by FlexAttention),
+            or None (every pair).
         scale: multiplier of QKᵀ.
         tile: the block size of the block mask (FlexAttention's kernels tile by 128 on CUDA).
+        score_mod: FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)``, passed through
+            unchanged (attnmem's score_mods have that signature). Untested here: this
+            project's machines have no GPU.
 
     Returns:
         (B, Hq, Nq, D); rows with no key come back as zeros.
     """
     nq, nk = q.shape[2], k.shape[2]
-    bm = mask.block_map(nq, nk, tile, tile, batch=q.shape[0], heads=q.shape[1])
-    block_mask = flex_block_mask(bm, mask.mask_fn(nq, nk), q.device)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+    block_mask = None
+    if mask is not None:
+        bm = mask.block_map(nq, nk, tile, tile, batch=q.shape[0], heads=q.shape[1])
+        block_mask = flex_block_mask(bm, mask.mask_fn(nq, nk), q.device)
+    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                            enable_gqa=q.shape[1] != k.shape[1])

@@ -3,14 +3,23 @@
 ``fused`` calls PyTorch's own CPU flash-attention operator (``aten._scaled_dot_product_flash_attention_for_cpu``
 and its backward, which accept an external log-sum-exp); ``torch`` is plain matmul/exp code that runs
 on any device and dtype. ``resolve_kernel`` is the one place that decides which one ``"auto"`` means.
+
+The backward kernels of ``TILE_KERNELS`` return gradients in the accumulation dtype (float32 for
+half precision; the fused one runs half-precision segments in float32), so callers add their
+partial sums unrounded and cast once. The torch kernels also take a segment's ``TileMods``
+(score_mod, dropout) and a ``delta`` replacing rowsum(dO ∘ O).
 """
 
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .mods import TileMods
 
 KERNELS = ("auto", "fused", "torch")
 FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -81,36 +90,69 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def torch_forward(q, k, v, allowed, scale):
+def torch_forward(q, k, v, allowed, scale, tm: TileMods | None = None):
+    """One segment in plain PyTorch; out and lse in the accumulation dtype."""
     allowed = _causal_bool(q, k) if allowed is CAUSAL_TILE else allowed
     acc = acc_dtype(q.dtype)
     s = torch.matmul(q.to(acc), k.to(acc).transpose(-1, -2)).mul_(scale)  # (B, Hkv, M, Tk)
+    if tm is not None and tm.mods.score_mod is not None:
+        s = tm.scores(s)
     if allowed is not None:
         s.masked_fill_(~allowed, -math.inf)
     row_max = s.amax(-1, keepdim=True)
     row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
     p = s.sub_(row_max).exp_()
     row_sum = p.sum(-1, keepdim=True)
+    keep = tm.keep(acc) if tm is not None else None
+    if keep is not None:
+        p.mul_(keep)  # the lse above stays that of the undropped probabilities
     out = torch.matmul(p, v.to(acc)).div_(row_sum.clamp_min(torch.finfo(acc).tiny))
     lse = (row_max + row_sum.log()).squeeze(-1)  # -inf where nothing was allowed
-    return out.to(q.dtype), lse
+    return out, lse
 
 
-def torch_backward(dout, q, k, v, out, lse, allowed, scale):
+def torch_backward(dout, q, k, v, out, lse, allowed, scale, tm: TileMods | None = None, delta=None):
+    """Gradients of one segment in the accumulation dtype, and those of the score_mod's
+    captured tensors. ``delta`` (B, Hkv, M), when given, replaces rowsum(dO ∘ O)."""
     allowed = _causal_bool(q, k) if allowed is CAUSAL_TILE else allowed
     acc = acc_dtype(q.dtype)
     qa, ka, va, da = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     s = torch.matmul(qa, ka.transpose(-1, -2)).mul_(scale)  # (B, Hkv, M, Tk)
+    graph = None
+    if tm is not None and tm.mods.score_mod is not None:
+        with torch.enable_grad():
+            s_raw = s.requires_grad_()
+            s_mod = tm.scores(s_raw)
+        graph = (s_raw, s_mod)
+        s = s_mod.detach().clone()  # the graph may need s_mod's values (tanh does)
     if allowed is not None:
         s.masked_fill_(~allowed, -math.inf)
     p = s.sub_(lse.unsqueeze(-1)).exp_()
-    dv = torch.matmul(p.transpose(-1, -2), da)
+    keep = tm.keep(acc) if tm is not None else None
+    dv = torch.matmul((p if keep is None else p * keep).transpose(-1, -2), da)
     dp = torch.matmul(da, va.transpose(-1, -2))
-    delta = (da * out.to(acc)).sum(-1, keepdim=True)
+    if keep is not None:
+        dp.mul_(keep)
+    delta = (da * out.to(acc)).sum(-1, keepdim=True) if delta is None else delta.to(acc).unsqueeze(-1)
     ds = p.mul_(dp.sub_(delta))
+    d_captured: tuple[Tensor | None, ...] = ()
+    if graph is not None:
+        s_raw, s_mod = graph
+        grads = torch.autograd.grad(s_mod, (s_raw, *tm.mods.captured), ds, allow_unused=True)
+        ds, d_captured = grads[0], grads[1:]
     dq = torch.matmul(ds, ka).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), qa).mul_(scale)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return dq, dk, dv, d_captured
 
 
-TILE_KERNELS = {"fused": (fused_forward, fused_backward), "torch": (torch_forward, torch_backward)}
+def fused_backward_acc(dout, q, k, v, out, lse, allowed, scale, tm=None, delta=None):
+    """The fused backward with gradients in the accumulation dtype: half-precision segments
+    run in float32, so no partial sum is rounded to bfloat16 before it is added."""
+    assert tm is None and delta is None, "the fused operator takes no score_mod, dropout or dlse"
+    if q.dtype in (torch.bfloat16, torch.float16):
+        q, k, v, dout, out = (t.float() for t in (q, k, v, dout, out))
+    dq, dk, dv = fused_backward(dout, q, k, v, out, lse.to(q.dtype), allowed, scale)
+    return dq, dk, dv, ()
+
+
+TILE_KERNELS = {"fused": (fused_forward, fused_backward_acc), "torch": (torch_forward, torch_backward)}

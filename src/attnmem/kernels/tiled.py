@@ -19,33 +19,51 @@ Both are tested against the float64 reference.
 
 GQA/MQA never copies K/V to Hq heads: the G query heads that share one KV head are stacked
 along the sequence axis, ``(B, Hq, Tq, D) -> (B, Hkv, G·Tq, D)``, so one KV head serves them all.
+
+Score modifications ride on the same schedule, still in O(N) memory (``mods.py``: score_mod and
+dropout per tile, in both passes). Around any schedule (a ``Run``), ``run_exact`` adds:
+
+* dropout's merge: with ``P = exp(S - lse)`` of the whole row, each segment's partial
+  ``Σ exp(S - lse_seg) Z V`` merges by the same log-sum-exp rule (lse of the undropped P);
+* sinks (one logit per query head) add ``exp(sink)`` to each row's denominator: they change only
+  the final normalisation, ``lse' = logaddexp(lse, sink)``, ``out' = out · exp(lse - lse')``;
+* the per-row lse as an output, with its gradient: ``∂lse/∂S = P``, so a gradient ``dlse`` only
+  shifts the backward's ``D = rowsum(dO ∘ O)`` to ``D - dlse``.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from ..masks import Mask, SlidingWindow, eval_mask
 from .merge import merge_partials
+from .mods import Mods, ScoreMod, TileMods, make_mods
 from .segments import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, block_rows, plan_segments
 from .tile import CAUSAL_TILE, TILE_KERNELS, acc_dtype, resolve_kernel
 
-# --- the autograd function ------------------------------------------------------------------
+# --- the tile schedule ----------------------------------------------------------------------
 
 
 class TileContext:
     """Everything about one tiled call that both passes need, computed once: the resolved
     kernel, the segment plans of the forward and the backward, and the bound ``mask_mod``."""
 
-    def __init__(self, q, k, mask, scale, q_tile, kv_tile, kernel):
+    def __init__(self, q, k, mask, scale, q_tile, kv_tile, kernel, mods: Mods | None = None,
+                 q_pos: Tensor | None = None):
         self.B, self.Hq, self.nq, self.D = q.shape
         self.Hkv, self.nk = k.shape[1], k.shape[2]
         self.G = self.Hq // self.Hkv
         self.scale = scale
-        self.kernel = resolve_kernel(kernel, q)
+        # The fused operator cannot run a score_mod or our dropout pattern: the torch kernel does.
+        self.mods = mods if mods is not None and mods.active else None
+        self.kernel = "torch" if self.mods is not None else resolve_kernel(kernel, q)
+        # Global query positions of q's rows, when q holds a subset of the call's rows.
+        self.q_pos = q_pos
+        self.tiles = (q_tile, kv_tile)
         self.mask = mask
         fused = self.kernel == "fused"
         # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
@@ -98,6 +116,10 @@ class TileContext:
         return m.reshape(m.shape[0], self.Hkv, self.G * (qb - qa), m.shape[-1])
 
 
+    def tile_mods(self, qa: int, qb: int, seg: Segment) -> TileMods | None:
+        return TileMods(self, qa, qb, seg) if self.mods is not None else None
+
+
 def allowed_bool(c: TileContext, qa: int, qb: int, seg: Segment) -> Tensor | None:
     """``c.allowed`` as a bool tensor (or None), for code with its own tile kernel."""
     a = c.allowed(qa, qb, seg)
@@ -107,6 +129,7 @@ def allowed_bool(c: TileContext, qa: int, qb: int, seg: Segment) -> Tensor | Non
 
 
 def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    """Output (B, Hq, Nq, D) in q's dtype and per-row lse (B, Hq, Nq) in the accumulation dtype."""
     fwd = TILE_KERNELS[c.kernel][0]
     acc = acc_dtype(q.dtype)
     if c.single_call and c.nq and c.nk:
@@ -121,8 +144,9 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tens
         q_t = c.q_view(q, qa, qb)  # (B, Hkv, G·Tq, D)
         o_t = l_t = None
         for seg in segs:
-            o_s, l_s = fwd(q_t, seg.take(k), seg.take(v),
-                           c.allowed(qa, qb, seg), c.scale)
+            tm = c.tile_mods(qa, qb, seg)
+            o_s, l_s = fwd(q_t, seg.take(k), seg.take(v), c.allowed(qa, qb, seg), c.scale,
+                           *((tm,) if tm is not None else ()))
             l_s = l_s.to(acc)
             if o_t is None:
                 o_t, l_t = (o_s, l_s) if len(segs) == 1 else (o_s.to(acc), l_s)
@@ -133,40 +157,190 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tens
     return out, lse
 
 
-def tiled_backward(c: TileContext, dout, q, k, v, out, lse):
-    bwd = TILE_KERNELS[c.kernel][1]
+def _add_all(total: list[Tensor | None], parts: Sequence[Tensor | None]) -> list[Tensor | None]:
+    if not total:
+        total = [None] * len(parts)
+    return [t if g is None else (g.clone() if t is None else t.add_(g)) for t, g in zip(total, parts)]
+
+
+def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | None = None,
+                   cast: bool = True):
+    """dq, dk, dv (and, when ``c.mods`` has captured tensors, their gradients as a 4th item).
+
+    Every partial sum is added in the accumulation dtype (float32 for half precision) and cast
+    once, at the end, unless ``cast`` is False (callers adding several passes cast themselves).
+    ``delta`` (B, Hq, Nq) replaces rowsum(dO ∘ O): ``D - dlse`` when the lse has a gradient.
+    """
+    if delta is not None and c.kernel == "fused":
+        # The fused operator computes D itself: the torch kernel, on the original tiles.
+        c = TileContext(q, k, c.mask, c.scale, *c.tiles, "torch", c.mods, c.q_pos)
+    kernel = c.kernel
+    bwd = TILE_KERNELS[kernel][1]
+    acc = acc_dtype(q.dtype)
     # A row that attends to nothing has lse -inf; +inf makes every recomputed P exactly 0.
     lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
-    if c.kernel == "fused":
-        lse_b = lse_b.float() if q.dtype == torch.bfloat16 else lse_b.to(q.dtype)
-    if c.single_call and c.nq and c.nk:
-        dq, dk, dv = bwd(c.q_view(dout, 0, c.nq), c.q_view(q, 0, c.nq), k, v,
-                         c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq),
-                         CAUSAL_TILE if c.causal_call else None, c.scale)
-        return dq.reshape(q.shape), dk, dv
-    half = q.dtype not in (torch.float32, torch.float64)
-    acc = acc_dtype(q.dtype)
-    dq = torch.zeros_like(q)
-    # Half-precision key/value gradients accumulate over query tiles in float32.
-    dk = torch.zeros(k.shape, dtype=acc if half else k.dtype, device=k.device)
-    dv = torch.zeros(v.shape, dtype=acc if half else v.dtype, device=v.device)
-    for qa, qb, segs in c.plan_bwd:
-        if not segs:
-            continue
-        q_t, do_t, o_t = c.q_view(q, qa, qb), c.q_view(dout, qa, qb), c.q_view(out, qa, qb)
-        l_t = c.q_view(lse_b, qa, qb)
-        dq_t = None
-        for seg in segs:
-            ks, vs = seg.take(k), seg.take(v)
-            dq_s, dk_s, dv_s = bwd(do_t, q_t, ks, vs, o_t, l_t, c.allowed(qa, qb, seg), c.scale)
-            dq_t = dq_s.to(acc) if dq_t is None else dq_t.add_(dq_s)
-            seg.add_into(dk, dk_s)
-            seg.add_into(dv, dv_s)
-        c.q_store(dq, qa, qb, dq_t.to(q.dtype))
-    return dq, dk.to(k.dtype), dv.to(v.dtype)
+    if kernel == "fused":
+        lse_b = lse_b.float() if q.dtype in (torch.bfloat16, torch.float16) else lse_b.to(q.dtype)
+    d_captured: list[Tensor | None] = []
+    if c.single_call and kernel == "fused" and c.nq and c.nk:
+        dq, dk, dv, _ = bwd(c.q_view(dout, 0, c.nq), c.q_view(q, 0, c.nq), k, v,
+                            c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq),
+                            CAUSAL_TILE if c.causal_call else None, c.scale)
+        dq, dk, dv = dq.reshape(q.shape), dk, dv
+    else:
+        plan = c.plan_bwd
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dk = torch.zeros(k.shape, dtype=acc, device=k.device)
+        dv = torch.zeros(v.shape, dtype=acc, device=v.device)
+        for qa, qb, segs in plan:
+            if not segs:
+                continue
+            q_t, do_t, o_t = c.q_view(q, qa, qb), c.q_view(dout, qa, qb), c.q_view(out, qa, qb)
+            l_t = c.q_view(lse_b, qa, qb)
+            d_t = c.q_view(delta, qa, qb) if delta is not None else None
+            dq_t = None
+            for seg in segs:
+                ks, vs = seg.take(k), seg.take(v)
+                tm = c.tile_mods(qa, qb, seg)
+                extra = (tm, d_t) if tm is not None or d_t is not None else ()
+                dq_s, dk_s, dv_s, dc = bwd(do_t, q_t, ks, vs, o_t, l_t, c.allowed(qa, qb, seg), c.scale, *extra)
+                dq_t = dq_s.to(acc) if dq_t is None else dq_t.add_(dq_s)
+                seg.add_into(dk, dk_s)
+                seg.add_into(dv, dv_s)
+                if dc:
+                    d_captured = _add_all(d_captured, dc)
+            c.q_store(dq, qa, qb, dq_t)
+    if cast:
+        dq, dk, dv = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    if c.mods is not None and c.mods.captured:
+        return dq, dk, dv, d_captured or [None] * len(c.mods.captured)
+    return dq, dk, dv
+
+
+def row_dot(a: Tensor, b: Tensor, dtype: torch.dtype, rows: int = 1024) -> Tensor:
+    """rowsum(a ∘ b) over D, (B, H, N, D) -> (B, H, N) in ``dtype``, a block of rows at a
+    time so that no (B, H, N, D) temporary is made."""
+    out = torch.empty(a.shape[:-1], dtype=dtype, device=a.device)
+    for r in range(0, a.shape[2], rows):
+        out[:, :, r:r + rows] = (a[:, :, r:r + rows].to(dtype) * b[:, :, r:r + rows].to(dtype)).sum(-1)
+    return out
+
+
+def apply_sinks(out: Tensor, lse: Tensor, sinks: Tensor) -> tuple[Tensor, Tensor]:
+    """Renormalise for one sink logit per query head: ``lse' = logaddexp(lse, sink_h)``,
+    ``out' = out·exp(lse - lse')`` (in place on ``out``). Rows with no key keep out = 0."""
+    s = sinks.detach().to(lse.dtype).view(1, -1, 1)  # (1, Hq, 1)
+    new = torch.logaddexp(lse, s.expand_as(lse))
+    w = torch.exp(lse - new)  # exp(-inf) = 0 where nothing was attended
+    out.mul_(w.unsqueeze(-1).to(out.dtype))
+    return out, new
+
+
+class Run:
+    """A schedule of exact attention: ``forward -> (out, lse)`` and its backward. The
+    autograd function below adds sinks and the lse's gradient around any such schedule."""
+
+    def forward(self, q, k, v) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def backward(self, dout, q, k, v, out, lse, delta):
+        raise NotImplementedError
+
+
+class TiledRun(Run):
+    """One ``TileContext`` over the whole call."""
+
+    def __init__(self, c: TileContext):
+        self.c = c
+
+    @property
+    def mods(self) -> Mods | None:
+        return self.c.mods
+
+    def forward(self, q, k, v):
+        return tiled_forward(self.c, q, k, v)
+
+    def backward(self, dout, q, k, v, out, lse, delta):
+        grads = tiled_backward(self.c, dout, q, k, v, out, lse, delta=delta)
+        return (*grads[:3], list(grads[3]) if len(grads) > 3 else [])
+
+
+class _ExactAttention(torch.autograd.Function):
+    """out, lse of a ``_Run``, with optional sinks; inputs: q, k, v, sinks, *captured."""
+
+    @staticmethod
+    def forward(ctx, run: Run, n_captured: int, q, k, v, sinks, *captured):
+        out, lse = run.forward(q, k, v)
+        if sinks is not None:
+            out, lse = apply_sinks(out, lse, sinks)
+        ctx.run, ctx.n_captured = run, n_captured
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(q, k, v, out, lse, sinks)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, sinks = ctx.saved_tensors
+        none = (None,) * (6 + ctx.n_captured)
+        if dout is None and dlse is None:
+            return none
+        acc = lse.dtype
+        if dout is None:
+            dout = torch.zeros_like(out)
+        delta = None
+        if dlse is not None or (sinks is not None and ctx.needs_input_grad[5]):
+            delta = row_dot(dout, out, acc)  # (B, Hq, Nq)
+            if dlse is not None:
+                delta = delta - dlse.to(acc)
+        dq, dk, dv, d_captured = ctx.run.backward(dout, q, k, v, out, lse,
+                                                  delta if dlse is not None else None)
+        d_sinks = None
+        if sinks is not None and ctx.needs_input_grad[5]:
+            # ∂out/∂sink = -p_sink·out and ∂lse/∂sink = p_sink, with p_sink = exp(sink - lse').
+            p_sink = torch.exp(sinks.detach().to(acc).view(1, -1, 1) - lse)  # (B, Hq, Nq)
+            d_sinks = -(p_sink * delta).sum((0, 2)).to(sinks.dtype)
+        d_captured = list(d_captured) + [None] * (ctx.n_captured - len(d_captured))
+        return (None, None, dq, dk, dv, d_sinks, *d_captured)
+
+
+def run_exact(run: Run, q: Tensor, k: Tensor, v: Tensor, *, sinks: Tensor | None = None,
+              mods: Mods | None = None, return_lse: bool = False):
+    """Apply a schedule through the autograd function: out, or (out, lse) with ``return_lse``."""
+    captured = mods.captured if mods is not None else ()
+    out, lse = _ExactAttention.apply(run, len(captured), q, k, v, sinks, *captured)
+    return (out, lse) if return_lse else out
+
+
+def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,
+                    q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto",
+                    score_mod: ScoreMod | None = None, sinks: Tensor | None = None,
+                    dropout_p: float = 0.0, dropout_seed: int | torch.Generator | None = None,
+                    return_lse: bool = False):
+    """Exact softmax attention over the block map of ``mask`` (None = all pairs).
+
+    Args:
+        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with ``Hq % Hkv == 0``.
+        mask: the effective mask (causal included), or None.
+        scale: multiplier of QKᵀ.
+        q_tile, kv_tile: tile sizes of the block map.
+        kernel: "auto", "fused" (CPU operator) or "torch" (plain PyTorch, any device); a
+            score_mod or dropout always runs the torch kernel.
+        score_mod, sinks (Hq,), dropout_p, dropout_seed, return_lse: as ``attnmem.attention``.
+
+    Returns:
+        (B, Hq, Nq, D), or ``(out, lse)`` with lse (B, Hq, Nq); rows with nothing to attend are
+        zeros.
+    """
+    mods = make_mods(score_mod, dropout_p, dropout_seed, q)
+    c = TileContext(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel, mods)
+    if mods is None and sinks is None and not return_lse:
+        return _TiledAttention.apply(q, k, v, c)
+    return run_exact(TiledRun(c), q, k, v, sinks=sinks, mods=mods, return_lse=return_lse)
 
 
 class _TiledAttention(torch.autograd.Function):
+    """The plain call (no sinks, mods or lse): the fewest moving parts on the hot path."""
+
     @staticmethod
     def forward(ctx, q, k, v, c: TileContext):
         out, lse = tiled_forward(c, q, k, v)
@@ -181,24 +355,6 @@ class _TiledAttention(torch.autograd.Function):
         return dq, dk, dv, None
 
 
-def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,
-                    q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
-    """Exact softmax attention over the block map of ``mask`` (None = all pairs).
-
-    Args:
-        q: (B, Hq, Nq, D); k, v: (B, Hkv, Nk, D) with ``Hq % Hkv == 0``.
-        mask: the effective mask (causal included), or None.
-        scale: multiplier of QKᵀ.
-        q_tile, kv_tile: tile sizes of the block map.
-        kernel: "auto", "fused" (CPU operator) or "torch" (plain PyTorch, any device).
-
-    Returns:
-        (B, Hq, Nq, D); rows with nothing to attend are zeros.
-    """
-    c = TileContext(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel)
-    return _TiledAttention.apply(q, k, v, c)
-
-
 def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,
                         q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto"
                         ) -> tuple[Tensor, Tensor]:
@@ -210,13 +366,14 @@ def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, s
 
 def tiled_backward_lse(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, *,
                        mask: Mask | None, scale: float, q_tile: int = 256, kv_tile: int = 256,
-                       kernel: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                       kernel: str = "auto", cast: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     """Gradients through one block of keys, given the output and log-sum-exp of the WHOLE row.
 
     For ring attention and other callers that split the keys: with ``out`` (B, Hq, Nq, D) and
     ``lse`` (B, Hq, Nq) merged over all key blocks, the probabilities this block recomputes are
     the global ones, so ``dq`` is this block's share of the full dq (sum the shares over the
     blocks) and ``dk``/``dv`` (B, Hkv, Nk, D) are this block's full gradients from these queries.
+    With ``cast=False`` they stay in the accumulation dtype (float32 for half precision).
     """
     c = TileContext(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel)
-    return tiled_backward(c, dout, q, k, v, out, lse)
+    return tiled_backward(c, dout, q, k, v, out, lse, cast=cast)

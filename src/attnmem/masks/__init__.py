@@ -34,7 +34,7 @@ from .blocks import EMPTY, FULL, PARTIAL, BlockMap, Grid, MaskMod, ranges_to_can
 from .custom import FromMod, from_mod
 from .dilated_window import Dilated, dilated
 from .documents import Document, document
-from .global_attention import GlobalTokens, global_tokens, longformer
+from .global_attention import GlobalTokens, global_tokens, longformer, streaming
 from .layouts import BlockSparse, block_sparse, random_blocks
 from .sparse_transformer import Fixed, Strided, fixed, strided
 from .window import Band, SlidingWindow, causal, combine, sliding_window
@@ -45,6 +45,6 @@ __all__ = [
     "block_sparse", "random_blocks",
     "SlidingWindow", "Band", "Document", "FromMod", "Dense", "BlockSparse", "And", "Or",
     "ranges_to_candidates", "union_candidates",
-    "dilated", "global_tokens", "longformer", "bigbird", "strided", "fixed",
+    "dilated", "global_tokens", "longformer", "bigbird", "strided", "fixed", "streaming",
     "Dilated", "GlobalTokens", "BigBird", "Strided", "Fixed",
 ]

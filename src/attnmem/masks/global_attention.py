@@ -7,8 +7,8 @@ from torch import Tensor
 
 from .base import Mask
 from .blocks import prefix_counts, states_from
-from .checks import window_sides
-from .window import SlidingWindow
+from .checks import check_count, window_sides
+from .window import SlidingWindow, causal
 
 
 class GlobalTokens(Mask):
@@ -83,6 +83,23 @@ def global_tokens(positions, *, queries: bool = True, keys: bool = True) -> Glob
     """Tokens at ``positions`` attend to everything (``queries``) and are attended by
     everything (``keys``)."""
     return GlobalTokens(positions, queries=queries, keys=keys)
+
+
+def streaming(window: int, sinks: int = 4) -> Mask:
+    """StreamingLLM's attention-sink window (Xiao et al., 2024): each query sees itself, the
+    ``window`` keys before it and the first ``sinks`` keys (the sink tokens), causally.
+
+    ``allowed(i, j) = j <= i' and (i' - j <= window or j < sinks)`` with ``i' = i + Nk - Nq``
+    (bottom-right alignment): ``(sliding_window(window, 0) | global_tokens(range(sinks),
+    queries=False)) & causal()``, so its block map lists O(N·(window + sinks)/tile²) tiles.
+    Composes with ``&``/``|`` like any mask.
+    """
+    window = check_count("streaming", "window", window)
+    sinks = check_count("streaming", "sinks", sinks)
+    local = SlidingWindow(window, 0)
+    if not sinks:
+        return local
+    return (local | GlobalTokens(list(range(sinks)), queries=False)) & causal()
 
 
 def longformer(window: int | tuple[int, int], positions) -> Mask:

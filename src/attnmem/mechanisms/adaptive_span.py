@@ -322,9 +322,15 @@ class AdaptiveSpan(Method):
             return ["is causal by definition (spans look backwards); pass causal=True"]
         return []
 
+    check_options = {"max_span": 16, "ramp": 4, "init_span": 9.5, "q_tile": 16}
+
     def build_module(self, *, heads, kv_heads, head_dim, opts):
         return AdaptiveSpanAttention(heads=heads, max_span=opts.max_span, ramp=opts.ramp,
                                      init_span=opts.init_span, q_tile=opts.q_tile)
+
+    def module_definition(self, module, inp: Inputs, opts) -> Tensor:
+        return adaptive_span_definition(inp.q, inp.k, inp.v, spans=module.current_spans().to(inp.q.dtype),
+                                        ramp=module.ramp, mask=inp.user_mask, scale=inp.scale)
 
 
 @dataclass(frozen=True)
@@ -347,6 +353,27 @@ class FixedSpanOptions:
         _check_int("q_tile", self.q_tile, 1)
 
 
+def adaptive_span_definition(q: Tensor, k: Tensor, v: Tensor, *, spans: Tensor, ramp: int, mask: Mask | None,
+                             scale: float) -> Tensor:
+    """Sukhbaatar et al. eq. (2)-(3) on the full matrix: weights m_z(i - j)·exp(s_ij) over the
+    causal keys (and ``mask``), normalised; ``spans`` (Hq,), one per query head."""
+    _, Hq, nq, _ = q.shape
+    nk = k.shape[2]
+    G = Hq // k.shape[1]
+    s = q @ k.repeat_interleave(G, 1).transpose(-1, -2) * scale  # (B, Hq, Nq, Nk)
+    dist = (torch.arange(nq, device=q.device)[:, None] + nk - nq
+            - torch.arange(nk, device=q.device)[None, :]).to(q.dtype)  # (Nq, Nk): i - j, aligned
+    if ramp == 0:
+        weight = (dist[None] <= spans[:, None, None]).to(q.dtype)
+    else:
+        weight = ((ramp + spans[:, None, None] - dist[None]) / ramp).clamp(0, 1)  # (Hq, Nq, Nk)
+    weight = weight * (dist >= 0)
+    if mask is not None:
+        weight = weight * mask.to_dense(nq, nk, batch=q.shape[0], heads=Hq).to(q.device)
+    w = torch.exp(s - s.amax(-1, keepdim=True)) * weight
+    return (w / w.sum(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)) @ v.repeat_interleave(G, 1)
+
+
 @register
 class AdaptiveSpanFixed(Method):
     name = "adaptive_span_fixed"
@@ -365,9 +392,16 @@ class AdaptiveSpanFixed(Method):
             reasons.append(f"spans has {len(opts.spans)} entries, expected one per query head ({inp.q_heads})")
         return reasons
 
+    check_options = {"spans": 9.5, "ramp": 4, "q_tile": 16}
+
     def forward(self, inp: Inputs, opts):
         return adaptive_span_attention(inp.q, inp.k, inp.v, spans=opts.spans, ramp=opts.ramp,
                                        mask=inp.user_mask, scale=inp.scale, q_tile=opts.q_tile)
+
+    def definition(self, inp: Inputs, opts) -> Tensor:
+        spans = torch.as_tensor(opts.spans, dtype=inp.q.dtype, device=inp.q.device).expand(inp.q_heads)
+        return adaptive_span_definition(inp.q, inp.k, inp.v, spans=spans, ramp=opts.ramp, mask=inp.user_mask,
+                                        scale=inp.scale)
 
 
 __all__ = ["AdaptiveSpanAttention", "adaptive_span_attention", "ramp_log_weights"]

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import KERNELS, tiled_attention
+from ..kernels import KERNELS, flex_attention, flex_available, flex_safe, tiled_attention
 from ..masks import Dense
 from ..reference import reference_attention
-from ..registry import Inputs, Method, register
+from ..registry import Capabilities, Inputs, Method, register
 
 
 @register
@@ -22,8 +22,10 @@ class Reference(Method):
     memory = "O(B·H·N²): the full score and probability matrices"
     summary = "softmax(QKᵀ)V with the N×N matrix; the bottleneck itself and the test oracle"
 
+    caps = Capabilities(score_mod=True, sinks=True, dropout=True, return_lse=True)
+
     def forward(self, inp: Inputs, opts) -> torch.Tensor:
-        return reference_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale)
+        return reference_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale, **mods_kwargs(inp))
 
 
 @register
@@ -97,19 +99,47 @@ class ChunkedOptions:
 @register
 class Chunked(Method):
     name = "chunked"
+    check_options = {"q_tile": 16, "kv_tile": 16}
     family = "exact"
     exact = True
     memory = "O(B·H·N·D) + O(B·H·N) log-sum-exp; empty tiles skipped"
     summary = "FlashAttention-style tiles with online softmax and recomputing backward, any mask"
     Options = ChunkedOptions
 
+    caps = Capabilities(score_mod=True, sinks=True, dropout=True, return_lse=True)
+
     def extra_reasons(self, inp, opts):
-        if opts.kernel == "fused" and inp.q.device.type != "cpu":
-            return ["kernel='fused' runs on CPU only"]
-        if opts.kernel == "fused" and inp.q.dtype == torch.float16:
-            return ["kernel='fused' does not support float16"]
-        return []
+        return fused_reasons(inp, opts)
 
     def forward(self, inp, opts):
+        if flex_score_mod_applies(inp):  # pragma: no cover - needs CUDA
+            return flex_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale, score_mod=inp.score_mod)
         return tiled_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale,
-                               q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel)
+                               q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel,
+                               **mods_kwargs(inp))
+
+
+def mods_kwargs(inp: Inputs) -> dict:
+    """The score modifications of a call, as keyword arguments of the tiled kernel."""
+    return {"score_mod": inp.score_mod, "sinks": inp.sinks, "dropout_p": inp.dropout_p,
+            "dropout_seed": inp.dropout_seed, "return_lse": inp.return_lse}
+
+
+def fused_reasons(inp: Inputs, opts) -> list[str]:
+    """Why ``kernel='fused'`` (the CPU operator) cannot run this call, if it cannot."""
+    if opts.kernel != "fused":
+        return []
+    if inp.q.device.type != "cpu":
+        return ["kernel='fused' runs on CPU only"]
+    if inp.q.dtype == torch.float16:
+        return ["kernel='fused' does not support float16"]
+    if inp.score_mod is not None or inp.dropout_p:
+        return ["kernel='fused' cannot apply a score_mod or dropout_p (kernel='auto' or 'torch' can)"]
+    return []
+
+
+def flex_score_mod_applies(inp: Inputs) -> bool:
+    """On CUDA a score_mod goes to FlexAttention (same signature), when nothing else needs the
+    tiled path: no sinks, dropout or lse, and a mask FlexAttention can trace."""
+    return (inp.q.is_cuda and inp.score_mod is not None and flex_available() and inp.sinks is None
+            and not inp.dropout_p and not inp.return_lse and (inp.mask is None or flex_safe(inp.mask)))

@@ -164,6 +164,35 @@ def hierarchical_attention(q: Tensor, k: Tensor, v: Tensor, *, block: int = 32, 
     return out.to(q.dtype)
 
 
+def _run_means(x: Tensor, level: int) -> Tensor:
+    """Each token replaced by the mean of its run of 2^level tokens (a short last run: its mean)."""
+    out, r = torch.empty_like(x), 2**level
+    for a in range(0, x.shape[-2], r):
+        out[..., a:a + r, :] = x[..., a:a + r, :].mean(-2, keepdim=True)
+    return out
+
+
+def hierarchical_definition(q: Tensor, k: Tensor, v: Tensor, *, block: int, causal: bool, scale: float) -> Tensor:
+    """The H-matrix on the full N×N matrix: pair (i, j) is scored at the finest level l where
+    their blocks of block·2^l tokens are siblings (level 0 also covers i, j in one block), with
+    queries and keys averaged over runs of 2^l; then one softmax over each row."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # (B, Hq, N, D)
+    n = q.shape[-2]
+    i, j = torch.arange(n, device=q.device)[:, None], torch.arange(n, device=q.device)[None, :]
+    bi, bj = i // block, j // block
+    level = torch.full((n, n), -1, device=q.device)
+    level[(bi == bj) | ((bi ^ 1) == bj)] = 0
+    for lvl in range(1, max(n, 2).bit_length() + 1):
+        level[(level < 0) & (((bi >> lvl) ^ 1) == (bj >> lvl))] = lvl
+    s = torch.zeros(q.shape[:-1] + (n,), dtype=q.dtype, device=q.device)  # (B, Hq, N, N)
+    for lvl in range(int(level.max()) + 1 if n else 0):
+        s = torch.where(level == lvl, _run_means(q, lvl) @ _run_means(k, lvl).transpose(-1, -2) * scale, s)
+    if causal:
+        s = s.masked_fill(j > i, -math.inf)
+    return torch.softmax(s, -1) @ v
+
+
 @dataclass(frozen=True)
 class HierarchicalOptions:
     """block: Nr, the block size of the finest level (a power of two, default 32)."""
@@ -191,5 +220,10 @@ class Hierarchical(Method):
             return [f"is self-attention only (Nq={inp.nq} != Nk={inp.nk})"]
         return []
 
+    check_options = {"block": 4}
+
     def forward(self, inp: Inputs, opts: HierarchicalOptions) -> Tensor:
         return hierarchical_attention(inp.q, inp.k, inp.v, block=opts.block, causal=inp.causal, scale=inp.scale)
+
+    def definition(self, inp: Inputs, opts: HierarchicalOptions) -> Tensor:
+        return hierarchical_definition(inp.q, inp.k, inp.v, block=opts.block, causal=inp.causal, scale=inp.scale)

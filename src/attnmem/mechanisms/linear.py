@@ -289,6 +289,30 @@ def module_inputs(method: Method, opts, q: Tensor, k: Tensor, v: Tensor, causal:
     return inp
 
 
+def kernel_definition(q: Tensor, k: Tensor, v: Tensor, phi, *, causal: bool) -> Tensor:
+    """Kernel attention written out with the N×N matrix: A = φ(Q)φ(K)ᵀ (causal: bottom-right
+    aligned), out = A V / A 1; rows with A 1 = 0 give zeros. q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D)."""
+    G = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(G, 1), v.repeat_interleave(G, 1)  # (B, Hq, Nk, D)
+    a = phi(q) @ phi(k).transpose(-1, -2)  # (B, Hq, Nq, Nk)
+    nq, nk = q.shape[2], k.shape[2]
+    if causal:
+        a = a * (torch.arange(nk, device=q.device)[None, :] <= torch.arange(nq, device=q.device)[:, None] + nk - nq)
+    den = a.sum(-1, keepdim=True)
+    return (a @ v) / torch.where(den == 0, torch.ones_like(den), den)
+
+
+def favor_features(projection: Tensor, scale: float):
+    """FAVOR+'s φ straight from the paper: φ(x) = exp(W x' - |x'|²/2) / √m with x' = x·scale^½."""
+    def phi(x: Tensor) -> Tensor:
+        x = x * math.sqrt(scale)
+        return torch.exp(x @ projection.T - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(projection.shape[0])
+    return phi
+
+
+_DEFINITION_FEATURES = {"elu": lambda x: F.elu(x) + 1, "relu": F.relu}
+
+
 @dataclass(frozen=True)
 class LinearOptions:
     """feature_map: "elu" (elu(x) + 1, Katharopoulos et al.) or "relu". chunk: queries per chunk
@@ -315,9 +339,14 @@ class Linear(Method):
     caps = Capabilities(mask=False, dtypes=_DTYPES)
     Options = LinearOptions
 
+    check_options = {"chunk": 5}
+
     def forward(self, inp: Inputs, opts: LinearOptions) -> Tensor:
         return kernel_attention(inp.q, inp.k, inp.v, _FEATURE_MAPS[opts.feature_map], causal=inp.causal,
                                 chunk=opts.chunk)
+
+    def definition(self, inp: Inputs, opts: LinearOptions) -> Tensor:
+        return kernel_definition(inp.q, inp.k, inp.v, _DEFINITION_FEATURES[opts.feature_map], causal=inp.causal)
 
 
 def orthogonal_random_features(features: int, head_dim: int, *, seed: int,
@@ -475,10 +504,16 @@ class Performer(Method):
     Options = PerformerOptions
     has_module = True
 
+    check_options = {"features": 16, "seed": 3, "chunk": 8}
+
     def forward(self, inp: Inputs, opts: PerformerOptions) -> Tensor:
         w = orthogonal_random_features(opts.features, inp.head_dim, seed=opts.seed, dtype=torch.float64)
         return performer_attention(inp.q, inp.k, inp.v, w, causal=inp.causal, scale=inp.scale,
                                    chunk=opts.chunk)
+
+    def definition(self, inp: Inputs, opts: PerformerOptions) -> Tensor:
+        w = orthogonal_random_features(opts.features, inp.head_dim, seed=opts.seed, dtype=inp.q.dtype)
+        return kernel_definition(inp.q, inp.k, inp.v, favor_features(w, inp.scale), causal=inp.causal)
 
     def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: PerformerOptions) -> nn.Module:
         return PerformerAttention(head_dim=head_dim, opts=opts)

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import attention, validate
-from ..registry import Capabilities, Method, register
+from ..registry import Capabilities, Inputs, Method, register
 
 # Each memory module reads (B, H, N, D) with N split into segments; masks other than causal do
 # not survive that split (a user mask over N×N would have to be re-indexed per segment).
@@ -366,9 +366,20 @@ class KNNMemoryAttention(SegmentMemory):
                 f"backend={self.backend!r}")
 
 
+class _SegmentMemory(Method):
+    """What both memory methods refuse beyond their capabilities: a stream is one sequence, so
+    queries and keys cover the same tokens."""
+
+    def extra_reasons(self, inp: Inputs, opts) -> list[str]:
+        if inp.nq != inp.nk:
+            return [f"needs q and k over the same tokens (got Nq={inp.nq}, Nk={inp.nk})"]
+        return []
+
+
 @register
-class RecurrentMemory(Method):
+class RecurrentMemory(_SegmentMemory):
     name = "recurrent_memory"
+    check_options = {"segment": 8, "memory": 12}
     family = "memory"
     exact = False
     stateful = True
@@ -383,8 +394,9 @@ class RecurrentMemory(Method):
 
 
 @register
-class KNNMemory(Method):
+class KNNMemory(_SegmentMemory):
     name = "knn_memory"
+    check_options = {"segment": 8, "capacity": 64, "topk": 4}
     family = "memory"
     exact = False
     stateful = True

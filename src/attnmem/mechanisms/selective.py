@@ -184,6 +184,36 @@ def topk_attention(q: Tensor, k: Tensor, v: Tensor, *, topk: int, mask=None, sca
     return _TopKAttention.apply(q, k, v, c, kk, generator, gumbel)
 
 
+def _dense_scores(q: Tensor, k: Tensor, mask, scale: float) -> Tensor:
+    """(B, Hq, Nq, Nk) scores, -inf where ``mask`` forbids the pair."""
+    s = q @ k.repeat_interleave(q.shape[1] // k.shape[1], 1).transpose(-1, -2) * scale
+    if mask is not None:
+        s = s.masked_fill(~mask.to_dense(q.shape[2], k.shape[2], batch=q.shape[0], heads=q.shape[1]).to(q.device),
+                          -math.inf)
+    return s
+
+
+def topk_definition(q: Tensor, k: Tensor, v: Tensor, *, topk: int, mask, scale: float) -> Tensor:
+    """Softmax over each row's ``topk`` best allowed scores, on the full score matrix; rows with
+    no allowed key give zeros."""
+    vv = v.repeat_interleave(q.shape[1] // k.shape[1], 1)  # (B, Hq, Nk, D)
+    top, idx = _dense_scores(q, k, mask, scale).topk(min(topk, k.shape[2]), dim=-1)  # (B, Hq, Nq, k)
+    empty = torch.isneginf(top).all(-1, keepdim=True)
+    p = torch.softmax(top.masked_fill(empty, 0.0), -1).masked_fill(torch.isneginf(top), 0.0)
+    picked = torch.gather(vv.unsqueeze(2).expand(-1, -1, q.shape[2], -1, -1), 3,
+                          idx.unsqueeze(-1).expand(-1, -1, -1, -1, v.shape[-1]))  # (B, Hq, Nq, k, D)
+    return (p.unsqueeze(-1) * picked).sum(-2)
+
+
+def hard_definition(q: Tensor, k: Tensor, v: Tensor, *, mask, scale: float) -> Tensor:
+    """Deterministic hard attention: the value row of each query's best allowed key; rows with
+    no allowed key give zeros."""
+    s = _dense_scores(q, k, mask, scale)  # (B, Hq, Nq, Nk)
+    vv = v.repeat_interleave(q.shape[1] // k.shape[1], 1)  # (B, Hq, Nk, D)
+    picked = torch.gather(vv, 2, s.argmax(-1, keepdim=True).expand(-1, -1, -1, v.shape[-1]))  # (B, Hq, Nq, D)
+    return picked.masked_fill(torch.isneginf(s).all(-1, keepdim=True), 0.0)
+
+
 @dataclass(frozen=True)
 class TopKOptions:
     """topk: keys per query (positive int, default 32). q_tile, kv_tile: tile sizes of the
@@ -207,10 +237,15 @@ class TopK(Method):
     summary = "softmax over each query's k best keys, found by a tiled running top-k merge"
     Options = TopKOptions
 
+    check_options = {"topk": 5, "q_tile": 16, "kv_tile": 16}
+
     def forward(self, inp: Inputs, opts: TopKOptions) -> Tensor:
         out, _ = topk_attention(inp.q, inp.k, inp.v, topk=opts.topk, mask=inp.mask, scale=inp.scale,
                                 q_tile=opts.q_tile, kv_tile=opts.kv_tile)
         return out
+
+    def definition(self, inp: Inputs, opts: TopKOptions) -> Tensor:
+        return topk_definition(inp.q, inp.k, inp.v, topk=opts.topk, mask=inp.mask, scale=inp.scale)
 
 
 @dataclass(frozen=True)
@@ -240,6 +275,14 @@ class Hard(Method):
     memory = "O(B·H·N) indices; stochastic training adds the O(N) tiled soft attention"
     summary = "one key per query: argmax, or a Gumbel-max sample with a straight-through gradient"
     Options = HardOptions
+
+    check_options = {"q_tile": 16, "kv_tile": 16}
+
+    def definition(self, inp: Inputs, opts: HardOptions) -> Tensor | None:
+        # The stochastic mode samples: no formula gives its output, only its distribution.
+        if opts.mode == "stochastic":
+            return None
+        return hard_definition(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale)
 
     def forward(self, inp: Inputs, opts: HardOptions) -> Tensor:
         stochastic = opts.mode == "stochastic"

@@ -29,19 +29,23 @@ from ..kernels import (
     CAUSAL_TILE,
     KERNELS,
     MIN_Q_TILE,
+    Run,
     TileContext,
     flex_attention,
     flex_available,
     flex_safe,
     fused_backward,
     fused_forward,
+    make_mods,
     merge_partials,
     resolve_kernel,
+    run_exact,
     tiled_attention,
     tiled_backward,
     tiled_forward,
 )
-from ..registry import Inputs, Method, register
+from ..registry import Capabilities, Inputs, Method, register
+from .exact import fused_reasons, mods_kwargs
 
 
 def _check_positive(name: str, val: object) -> None:
@@ -165,6 +169,7 @@ class _Sparse(Method):
 
     family = "sparse"
     exact = True
+    caps = Capabilities(score_mod=True, sinks=True, dropout=True, return_lse=True)
 
     def pattern(self, opts) -> M.Mask:
         raise NotImplementedError
@@ -174,11 +179,10 @@ class _Sparse(Method):
             self.pattern(opts).check(inp.batch, inp.q_heads, inp.nq, inp.nk)
         except ValueError as e:
             return [str(e)]
-        if opts.kernel == "fused" and inp.q.device.type != "cpu":
-            return ["kernel='fused' runs on CPU only"]
-        if opts.kernel == "fused" and inp.q.dtype == torch.float16:
-            return ["kernel='fused' does not support float16"]
-        return []
+        return fused_reasons(inp, opts)
+
+    def effective_mask(self, inp: Inputs, opts) -> M.Mask:
+        return self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
 
     def split(self, opts, nq: int) -> tuple[M.Mask, Tensor | None]:
         """(pattern without its global query rows, those rows); patterns with no global
@@ -186,31 +190,36 @@ class _Sparse(Method):
         return self.pattern(opts), None
 
     def forward(self, inp: Inputs, opts) -> Tensor:
-        if inp.q.is_cuda and flex_available():
+        plain = inp.sinks is None and not inp.dropout_p and not inp.return_lse
+        if inp.q.is_cuda and flex_available() and plain:  # pragma: no cover - needs CUDA
             mask = self.pattern(opts) if inp.mask is None else inp.mask & self.pattern(opts)
             if flex_safe(mask):
-                return flex_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale)
+                return flex_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale, score_mod=inp.score_mod)
         local, rows = self.split(opts, inp.nq)
         mask = local if inp.mask is None else inp.mask & local
         if rows is None or not rows.numel():
             return tiled_attention(inp.q, inp.k, inp.v, mask=mask, scale=inp.scale,
-                                   q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel)
+                                   q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel,
+                                   **mods_kwargs(inp))
         # Global query rows see every key. The local pattern runs over all rows, and the keys
         # it leaves out of the global rows run apart and merge in by log-sum-exp; so the block
         # map of the local pass stays O(N·w/tile²) instead of listing every key tile for each
         # tile holding a global query, and no extra (B, H, N, D) tensor is made.
         rows = rows.to(inp.q.device)
         q_tile = max(opts.q_tile, MIN_Q_TILE)
-        c_local = TileContext(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel)
+        mods = make_mods(inp.score_mod, inp.dropout_p, inp.dropout_seed, inp.q)
+        c_local = TileContext(inp.q, inp.k, mask, inp.scale, q_tile, opts.kv_tile, opts.kernel, mods)
         rest = _rows_outside(local, inp.mask, rows, inp.nq, inp.nk)
         q_rows = inp.q[:, :, :rows.numel()]  # only the shape matters to the context
-        c_rest = TileContext(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel)
-        return _WithGlobalRows.apply(inp.q, inp.k, inp.v, c_local, c_rest, rows)
+        c_rest = TileContext(q_rows, inp.k, rest, inp.scale, q_tile, opts.kv_tile, opts.kernel, mods, q_pos=rows)
+        return run_exact(_WithGlobalRows(c_local, c_rest, rows), inp.q, inp.k, inp.v, sinks=inp.sinks,
+                         mods=mods, return_lse=inp.return_lse)
 
 
 @register
 class SlidingWindowAttention(_Sparse):
     name = "sliding_window"
+    check_options = {"window": (6, 2), "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·w) scores, a tile at a time (w = left + right + 1)"
     summary = "local attention: each query sees `window` keys each side (FlashAttention window_size)"
     Options = SlidingWindowOptions
@@ -222,6 +231,7 @@ class SlidingWindowAttention(_Sparse):
 @register
 class DilatedAttention(_Sparse):
     name = "dilated"
+    check_options = {"window": 4, "dilation": 2, "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·w·d) scores, a tile at a time (w keys spread over w·d)"
     summary = "Longformer's dilated window: `window` keys each side, `dilation` apart (per head optional)"
     Options = DilatedOptions
@@ -234,6 +244,7 @@ class DilatedAttention(_Sparse):
 @register
 class LongformerAttention(_Sparse):
     name = "longformer"
+    check_options = {"window": 3, "global_tokens": (0, 20), "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·(w + g)) scores, a tile at a time (g global tokens)"
     summary = "sliding window plus global tokens that see, and are seen by, every token"
     Options = LongformerOptions
@@ -263,41 +274,44 @@ def _rows_outside(local: M.Mask, call_mask: M.Mask | None, rows: Tensor, nq: int
     return M.from_mod(mask_mod, name="global rows outside the local pattern")
 
 
-class _WithGlobalRows(torch.autograd.Function):
+class _WithGlobalRows(Run):
     """Local pattern over every row, plus the remaining keys of the global rows, merged.
 
     Both passes save nothing but the merged output and log-sum-exp: with the final lse each
     pass's backward recomputes the true probabilities of its own keys, so the two backwards
-    add up to the gradient of the whole pattern.
+    add up to the gradient of the whole pattern (in the accumulation dtype, cast once).
     """
 
-    @staticmethod
-    def forward(ctx, q, k, v, c_local: TileContext, c_rest: TileContext, rows: Tensor):
-        out, lse = tiled_forward(c_local, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
-        out_r, lse_r = tiled_forward(c_rest, q.index_select(2, rows), k, v)  # (B, Hq, g, D), (B, Hq, g)
+    def __init__(self, c_local: TileContext, c_rest: TileContext, rows: Tensor):
+        self.c_local, self.c_rest, self.rows = c_local, c_rest, rows
+
+    def forward(self, q, k, v):
+        rows = self.rows
+        out, lse = tiled_forward(self.c_local, q, k, v)  # (B, Hq, Nq, D), (B, Hq, Nq)
+        out_r, lse_r = tiled_forward(self.c_rest, q.index_select(2, rows), k, v)  # (B, Hq, g, D), (B, Hq, g)
         o, lse_g = merge_partials(out.index_select(2, rows).to(lse.dtype), lse.index_select(2, rows), out_r, lse_r)
         out.index_copy_(2, rows, o.to(out.dtype))
         lse.index_copy_(2, rows, lse_g)
-        ctx.c = (c_local, c_rest)
-        ctx.save_for_backward(q, k, v, out, lse, rows)
-        return out
+        return out, lse
 
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse, rows = ctx.saved_tensors
-        c_local, c_rest = ctx.c
-        dq, dk, dv = tiled_backward(c_local, dout, q, k, v, out, lse)
-        pick = lambda t: t.index_select(2, rows)  # noqa: E731
-        dq_r, dk_r, dv_r = tiled_backward(c_rest, pick(dout), pick(q), k, v, pick(out), pick(lse))
+    def backward(self, dout, q, k, v, out, lse, delta):
+        rows = self.rows
+        pick = lambda t: None if t is None else t.index_select(2, rows)  # noqa: E731
+        dq, dk, dv, *dc = tiled_backward(self.c_local, dout, q, k, v, out, lse, delta=delta, cast=False)
+        dq_r, dk_r, dv_r, *dc_r = tiled_backward(self.c_rest, pick(dout), pick(q), k, v, pick(out), pick(lse),
+                                                 delta=pick(delta), cast=False)
         dq.index_add_(2, rows, dq_r)
         dk.add_(dk_r)
         dv.add_(dv_r)
-        return dq, dk, dv, None, None, None
+        captured = [a if b is None else (b if a is None else a + b)
+                    for a, b in zip(dc[0], dc_r[0])] if dc else []
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), captured
 
 
 @register
 class BigBirdAttention(_Sparse):
     name = "bigbird"
+    check_options = {"block": 4, "window_blocks": 3, "global_blocks": 2, "random_blocks": 2}
     memory = "O(B·H·N·D); O(N·b·(w + g + r)) scores over blocks of b, a tile at a time"
     summary = "BigBird: block window + global blocks + seeded random blocks"
     Options = BigBirdOptions
@@ -374,6 +388,7 @@ def _stack(x: Tensor, hkv: int) -> Tensor:
 @register
 class StridedAttention(_Sparse):
     name = "strided"
+    check_options = {"stride": 5, "q_tile": 16, "kv_tile": 16}
     memory = "O(B·H·N·D); O(N·(s + N/s)) allowed pairs (fused CPU kernel: per residue class)"
     summary = "Sparse Transformer patterns: 'strided' (local + every s-th key) or 'fixed' (block + summaries)"
     Options = StridedOptions
@@ -389,7 +404,8 @@ class StridedAttention(_Sparse):
         # kernel's is_causal is top-left aligned over unstacked rows).
         call = inp.mask
         causal = isinstance(call, M.SlidingWindow) and call.left is None and call.right == 0
-        fast = (opts.pattern == "strided" and resolve_kernel(opts.kernel, inp.q) == "fused"
+        plain = inp.score_mod is None and inp.sinks is None and not inp.dropout_p and not inp.return_lse
+        fast = (opts.pattern == "strided" and resolve_kernel(opts.kernel, inp.q) == "fused" and plain
                 and inp.q.dtype in (torch.float32, torch.float64)
                 and (call is None or (causal and inp.nq == inp.nk and inp.q_heads == inp.kv_heads)))
         if not fast:

@@ -342,7 +342,8 @@ def resolve_dtype(dtype: Any) -> torch.dtype:
 
 def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int,
              dtype: Any = torch.float32, training: bool = True, kv_heads: int | None = None,
-             causal: bool = False, mask: Any = None, how: str = "auto", **options: Any) -> Estimate:
+             causal: bool = False, mask: Any = None, how: str = "auto", world_size: int | None = None,
+             scheme: str = "ring", ulysses: int | None = None, **options: Any) -> Estimate:
     """Predicted peak bytes of one ``attnmem.attention`` call (forward, + backward when
     ``training``), inputs included, without allocating the tensors.
 
@@ -355,10 +356,16 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         causal, mask: as in ``attnmem.attention`` (mask: an ``attnmem.masks.Mask``).
         how: "trace" (fake tensors), "formula" (closed form) or "auto" (the closed form where
             the method has one for these options, else the trace).
+        world_size, scheme, ulysses: with ``world_size`` = P, the peak of ONE rank of the
+            sequence split over P ranks by ``scheme`` ("ring", "ulysses", or "hybrid" with
+            ``ulysses`` ranks per Ulysses group), and the bytes each rank sends per step:
+            ``attnmem.distributed.estimate.per_rank`` (training only; ``method`` is the
+            local method of Ulysses).
         **options: the method's options.
 
     Returns:
-        An ``Estimate``: ``peak_bytes`` and the inputs / saved / transient breakdown.
+        An ``Estimate``: ``peak_bytes`` and the inputs / saved / transient breakdown (with
+        ``world_size``, a ``RankEstimate`` that adds ``sent_bytes`` per rank).
 
     Raises:
         ValueError: non-positive sizes, heads not divisible by kv_heads, unknown method, dtype
@@ -367,6 +374,12 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     """
     for name, val in (("batch", batch), ("heads", heads), ("seq_len", seq_len), ("head_dim", head_dim)):
         _check_int(name, val)
+    if world_size is not None:
+        from ..distributed.estimate import rank_estimate
+
+        return rank_estimate(method, scheme=scheme, world_size=world_size, ulysses=ulysses, batch=batch, heads=heads,
+                             seq_len=seq_len, head_dim=head_dim, kv_heads=kv_heads, dtype=dtype, training=training,
+                             causal=causal, mask=mask, **options)
     kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
     if heads % kv_heads:
         raise ValueError(f"heads={heads} is not divisible by kv_heads={kv_heads}")

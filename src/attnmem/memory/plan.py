@@ -86,6 +86,8 @@ class ModelConfig:
     num_outputs: int | None = None  # the head's width (default: vocab)
     head_rows: int | None = None  # positions per sequence that reach the head (default: seq_len)
     mask: Any = None  # an attnmem.masks.Mask besides causal, passed to attnmem.estimate
+    # Inference only: the decoding cache, {"kind": ..., **options} (attnmem.nn.cache.KINDS); None: full.
+    cache: dict[str, Any] | None = None
 
     def __post_init__(self):
         for name in ("layers", "d_model", "heads", "ffn_mult", "vocab", "seq_len", "batch"):
@@ -218,8 +220,10 @@ def model_peak(cfg: ModelConfig, method: str) -> dict[str, int]:
     ln_stats = 2 * 2 * T * 4  # mean and rstd of two LayerNorms, float32
     if not cfg.training:
         att = _attention(cfg, method, training=False)
-        kv_cache = 2 * L * T * dkv * s
-        layer_work = s * T * (2 * d + 2 * f) + att.transient_bytes
+        kv_cache, prefill_kv = 2 * L * T * dkv * s, 0
+        if cfg.cache is not None:  # another kind holds its own bytes, after the prefill's float K/V
+            kv_cache, prefill_kv = inference_cache_bytes(cfg), 2 * s * T * dkv
+        layer_work = s * T * (2 * d + 2 * f) + att.transient_bytes + prefill_kv
         peak = params + kv_cache + s * T * d + max(layer_work, gathered + TH * C * s)
         return dict(peak=peak, params=params, optimizer=0, activations=kv_cache, attention=att.transient_bytes,
                     logits=TH * C * s)
@@ -244,6 +248,19 @@ def model_peak(cfg: ModelConfig, method: str) -> dict[str, int]:
     peak = max(start_backward, in_mlp, in_attention, at_update)
     return dict(peak=int(peak), params=params, optimizer=optimizer, activations=int(stored + recompute),
                 attention=att.transient_bytes, logits=logits)
+
+
+def inference_cache_bytes(cfg: ModelConfig) -> int:
+    """Bytes of ``cfg.cache`` holding ``seq_len`` tokens per sequence, all layers
+    (``attnmem.nn.cache.cache_bytes``: each kind's own formula)."""
+    from ..nn.cache import cache_bytes
+
+    opts = dict(cfg.cache or {"kind": "full"})
+    kind = opts.pop("kind", None)
+    if kind is None:
+        raise ValueError(f"cache must name its kind, e.g. {{'kind': 'int4'}}, got {cfg.cache!r}")
+    return cache_bytes(kind, batch=cfg.batch, layers=cfg.layers, kv_heads=cfg.hkv, head_dim=cfg.head_dim,
+                       seq_len=cfg.seq_len, dtype=DTYPES[cfg.dtype], **opts)
 
 
 def _largest(fits, lo: int, hi_limit: int, step: int) -> int | None:

@@ -22,8 +22,9 @@ class MultiHeadAttention(nn.Module):
         causal: apply the causal mask in every call.
         bias: use biases in the projections.
         sequence_parallel: an ``attnmem.distributed.SequenceParallel``: the sequence is split
-            across the ranks of a process group and attention runs as ring attention (exact;
-            ``method`` is then unused). Default None: one process holds the whole sequence.
+            across the ranks of a process group and attention runs under its scheme (ring,
+            Ulysses or hybrid), which receives ``method`` and the options and refuses what it
+            cannot run. Default None: one process holds the whole sequence.
         **options: the method's options.
 
     Shapes: ``forward(x)`` takes (B, N, d_model) and returns (B, N, d_model).
@@ -72,7 +73,8 @@ class MultiHeadAttention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any = None) -> Tensor:
         if self.sequence_parallel is not None:
-            return self.sequence_parallel.attend(q, k, v, causal=self.causal, mask=mask)
+            return self.sequence_parallel.attend(q, k, v, causal=self.causal, mask=mask, method=self.method,
+                                                 **self.options)
         if self.inner is not None:
             return self.inner(q, k, v, causal=self.causal, mask=mask)
         return attention(q, k, v, method=self.method, causal=self.causal, mask=mask, **self.options)

@@ -54,7 +54,7 @@ INT8_KV_BLOCK = 4096
 INT8_MAX = 127.0
 
 
-def _positive_int(name: str, val: object, allow_none: bool = False) -> None:
+def check_positive_int(name: str, val: object, allow_none: bool = False) -> None:
     if allow_none and val is None:
         return
     if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
@@ -72,9 +72,9 @@ class LayerCache:
     kind = ""
 
     def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
-        _positive_int("kv_heads", kv_heads)
-        _positive_int("head_dim", head_dim)
-        _positive_int("max_len", max_len, allow_none=True)
+        check_positive_int("kv_heads", kv_heads)
+        check_positive_int("head_dim", head_dim)
+        check_positive_int("max_len", max_len, allow_none=True)
         self.kv_heads, self.head_dim, self.max_len = kv_heads, head_dim, max_len
         self.length = 0  # tokens seen so far
         self.batch: int | None = None
@@ -116,12 +116,19 @@ class LayerCache:
         """Bytes of the tensors this cache holds (allocated capacity, not just the used part)."""
         raise NotImplementedError
 
+    @classmethod
+    def model_cache(cls, *, layers: int, kv_heads: int, head_dim: int, max_len: int | None = None,
+                    **options: Any) -> ModelCache:
+        """A ``ModelCache`` of ``layers`` caches of this kind (kinds whose layers share state override it)."""
+        return ModelCache([cls(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len, **options)
+                           for _ in range(layers)], max_len=max_len)
+
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(kv_heads={self.kv_heads}, head_dim={self.head_dim}, "
                 f"length={self.length}, nbytes={self.nbytes()})")
 
 
-def _grow(buf: Tensor | None, like: Tensor, need: int, max_len: int | None) -> Tensor:
+def grow_buffer(buf: Tensor | None, like: Tensor, need: int, max_len: int | None) -> Tensor:
     """A (B, H, capacity, X) buffer holding at least ``need`` tokens; grows by doubling."""
     cap = 0 if buf is None else buf.shape[2]
     if need <= cap:
@@ -134,7 +141,7 @@ def _grow(buf: Tensor | None, like: Tensor, need: int, max_len: int | None) -> T
     return out
 
 
-def _attend_new(q: Tensor, keys: Tensor, values: Tensor, **window: Any) -> Tensor:
+def attend_new(q: Tensor, keys: Tensor, values: Tensor, **window: Any) -> Tensor:
     """Causal attention of the last n tokens q (B, Hq, n, D) over keys/values (B, Hkv, L, D).
 
     One new token sees every key it is given, so causality (and the window, whose keys the
@@ -151,7 +158,7 @@ def _attend_new(q: Tensor, keys: Tensor, values: Tensor, **window: Any) -> Tenso
     return attention(q, keys, values, causal=True)
 
 
-def _buffers_nbytes(*bufs: Tensor | None) -> int:
+def buffers_nbytes(*bufs: Tensor | None) -> int:
     return sum(b.numel() * b.element_size() for b in bufs if b is not None)
 
 
@@ -173,8 +180,8 @@ class KVCache(LayerCache):
     def append(self, k: Tensor, v: Tensor) -> None:
         self._check_new(k, v)
         end = self.length + k.shape[2]
-        self.k = _grow(self.k, k, end, self.max_len)
-        self.v = _grow(self.v, v, end, self.max_len)
+        self.k = grow_buffer(self.k, k, end, self.max_len)
+        self.v = grow_buffer(self.v, v, end, self.max_len)
         self.k[:, :, self.length:end] = k
         self.v[:, :, self.length:end] = v
         self.length = end
@@ -196,10 +203,10 @@ class KVCache(LayerCache):
 
     def _decode(self, q: Tensor) -> Tensor:
         """New queries (B, Hq, n, D) against everything cached."""
-        return _attend_new(q, *self.keys_values())
+        return attend_new(q, *self.keys_values())
 
     def nbytes(self):
-        return _buffers_nbytes(self.k, self.v)
+        return buffers_nbytes(self.k, self.v)
 
 
 def quantize_int8(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -234,8 +241,8 @@ class Int8KVCache(KVCache):
         end = self.length + k.shape[2]
         for name in ("k", "v"):
             quant, scale = quantize_int8(k if name == "k" else v)
-            buf = _grow(getattr(self, name), quant, end, self.max_len)
-            sbuf = _grow(getattr(self, f"{name}_scale"), scale, end, self.max_len)
+            buf = grow_buffer(getattr(self, name), quant, end, self.max_len)
+            sbuf = grow_buffer(getattr(self, f"{name}_scale"), scale, end, self.max_len)
             buf[:, :, self.length:end] = quant
             sbuf[:, :, self.length:end] = scale
             setattr(self, name, buf)
@@ -274,7 +281,7 @@ class Int8KVCache(KVCache):
         return (acc / row_sum).reshape(B, Hq, n, D)  # every row sees key 0: row_sum > 0
 
     def nbytes(self):
-        return _buffers_nbytes(self.k, self.v, self.k_scale, self.v_scale)
+        return buffers_nbytes(self.k, self.v, self.k_scale, self.v_scale)
 
 
 class SlidingWindowCache(LayerCache):
@@ -289,7 +296,7 @@ class SlidingWindowCache(LayerCache):
 
     def __init__(self, *, kv_heads: int, head_dim: int, window: int, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
-        _positive_int("window", window)
+        check_positive_int("window", window)
         self.window = window
         self.mask = masks.sliding_window(window, 0)
         self.k: Tensor | None = None  # (B, Hkv, window, D)
@@ -322,12 +329,12 @@ class SlidingWindowCache(LayerCache):
         else:
             past_k, past_v = self._ordered()
             keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, ≤w+n, D)
-        out = _attend_new(q, keys, values, mask=self.mask)
+        out = attend_new(q, keys, values, mask=self.mask)
         self.append(k, v)
         return out
 
     def nbytes(self):
-        return _buffers_nbytes(self.k, self.v)
+        return buffers_nbytes(self.k, self.v)
 
 
 class LinearStateCache(LayerCache):
@@ -348,7 +355,7 @@ class LinearStateCache(LayerCache):
                  query_map: Callable[[Tensor], Tensor] | None = None, eps: float = 1e-6, chunk: int = 256,
                  max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
-        _positive_int("chunk", chunk)
+        check_positive_int("chunk", chunk)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
             raise ValueError(f"eps must be a non-negative number, got {eps!r}")
         self.feature_map = feature_map or elu_feature_map
@@ -394,7 +401,7 @@ class LinearStateCache(LayerCache):
         return torch.cat(outs, dim=3).reshape(B, Hq, n, D)
 
     def nbytes(self):
-        return _buffers_nbytes(self.state, self.norm)
+        return buffers_nbytes(self.state, self.norm)
 
 
 KINDS: dict[str, type[LayerCache]] = {
@@ -402,12 +409,37 @@ KINDS: dict[str, type[LayerCache]] = {
 }
 
 
+def register_kind(cls: type[LayerCache]) -> type[LayerCache]:
+    """Class decorator: make ``cls`` reachable as ``make_layer_cache(cls.kind, ...)``.
+
+    The eviction, low-bit and paged kinds live in modules of their own (``cache_evict``,
+    ``cache_lowbit``, ``cache_paged``) and register here when ``attnmem.nn`` is imported.
+    """
+    if not cls.kind or cls.kind in KINDS and KINDS[cls.kind] is not cls:
+        raise ValueError(f"cache kind {cls.kind!r} of {cls.__name__} is empty or already taken")
+    KINDS[cls.kind] = cls
+    return cls
+
+
 def make_layer_cache(kind: str, *, kv_heads: int, head_dim: int, **options: Any) -> LayerCache:
-    """One layer's cache of ``kind`` (``full``, ``int8``, ``sliding_window``, ``linear_state``)."""
+    """One layer's cache of ``kind``: a key of ``KINDS`` (``full``, ``int8``, ``sliding_window``,
+    ``linear_state``, ``sink_window``, ``heavy_hitter``, ``snapkv``, ``int4``, ``int2``, ``paged``)."""
     if kind not in KINDS:
         raise ValueError(f"unknown cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
     try:
         return KINDS[kind](kv_heads=kv_heads, head_dim=head_dim, **options)
+    except TypeError as e:
+        raise TypeError(f"cache kind {kind!r}: {e}") from None
+
+
+def make_model_cache(kind: str, *, layers: int, kv_heads: int, head_dim: int, max_len: int | None = None,
+                     **options: Any) -> ModelCache:
+    """A ``ModelCache`` of ``layers`` layer caches of ``kind`` (see ``make_layer_cache``)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown cache kind {kind!r}; known kinds: {', '.join(KINDS)}")
+    try:
+        return KINDS[kind].model_cache(layers=layers, kv_heads=kv_heads, head_dim=head_dim, max_len=max_len,
+                                       **options)
     except TypeError as e:
         raise TypeError(f"cache kind {kind!r}: {e}") from None
 
@@ -419,7 +451,7 @@ class ModelCache:
     """
 
     def __init__(self, layers: list[LayerCache], *, max_len: int | None = None):
-        _positive_int("max_len", max_len, allow_none=True)
+        check_positive_int("max_len", max_len, allow_none=True)
         if not layers:
             raise ValueError("a ModelCache needs at least one layer cache")
         self.layers, self.max_len = list(layers), max_len
@@ -442,6 +474,14 @@ class ModelCache:
                 f"cache max_len={self.max_len} exceeded: it holds {self.length} tokens, got {new_tokens} more"
             )
 
+    def positions(self, batch: int, n: int, device: torch.device) -> Tensor:
+        """Positions of the next ``n`` tokens: (n,), or (batch, n) where sequences differ in length."""
+        return torch.arange(self.length, self.length + n, device=device)
+
+    def advance(self, n: int) -> None:
+        """Every layer has stored the ``n`` new tokens."""
+        self.length += n
+
     def nbytes(self) -> int:
         return sum(c.nbytes() for c in self.layers)
 
@@ -452,17 +492,25 @@ class ModelCache:
 
 def cache_bytes(kind: str, *, batch: int, layers: int, kv_heads: int, head_dim: int, seq_len: int,
                 dtype: torch.dtype = torch.float32, window: int | None = None,
-                feature_dim: int | None = None) -> int:
+                feature_dim: int | None = None, **options: Any) -> int:
     """Predicted bytes of a filled cache holding ``seq_len`` tokens (``full``/``int8`` preallocated
-    to exactly ``seq_len``), without allocating; for inference estimates."""
+    to exactly ``seq_len``), without allocating; for inference estimates. The kinds of
+    ``cache_evict``, ``cache_lowbit`` and ``cache_paged`` take their own options (``budget=``,
+    ``residual=``, ``block_size=``, ...) and answer with their class's ``predict_nbytes``."""
     item = torch.empty((), dtype=dtype).element_size()
     per_layer = batch * kv_heads
+    predict = getattr(KINDS.get(kind), "predict_nbytes", None)
+    if predict is not None:
+        return layers * predict(batch=batch, kv_heads=kv_heads, head_dim=head_dim, seq_len=seq_len, item=item,
+                                **options)
+    if options:
+        raise TypeError(f"cache kind {kind!r} takes no options {sorted(options)}")
     if kind == "full":
         per_layer *= 2 * seq_len * head_dim * item
     elif kind == "int8":
         per_layer *= 2 * seq_len * (head_dim + 4)
     elif kind == "sliding_window":
-        _positive_int("window", window)
+        check_positive_int("window", window)
         per_layer *= 2 * window * head_dim * item
     elif kind == "linear_state":
         f = feature_dim or head_dim

@@ -11,15 +11,15 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiHeadAttention
-from .cache import DEFAULT_KIND, ModelCache, make_layer_cache
+from .cache import DEFAULT_KIND, ModelCache, make_model_cache
 from .sampling import generate
 
 
 def sinusoidal_positions(positions: Tensor, d_model: int) -> Tensor:
-    """(N,) int positions -> (N, d_model) fixed sinusoidal embeddings (Vaswani et al.)."""
+    """(..., N) int positions -> (..., N, d_model) fixed sinusoidal embeddings (Vaswani et al.)."""
     half = d_model // 2
     freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=positions.device) / max(half, 1))
-    angle = positions.float()[:, None] * freq[None, :]  # (N, half)
+    angle = positions.float()[..., None] * freq  # (..., N, half)
     emb = torch.cat([angle.sin(), angle.cos()], dim=-1)
     return nn.functional.pad(emb, (0, d_model - 2 * half))
 
@@ -50,11 +50,13 @@ class Transformer(nn.Module):
         method, causal, **options: passed to every ``MultiHeadAttention``.
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
-        sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True
-            (zigzag layout, world group) or an ``attnmem.distributed.SequenceParallel``. Each
-            rank passes its own tokens (``attnmem.distributed.shard``); attention is ring
-            attention and positions are global. Gradients of the (replicated) parameters are
-            each rank's share: all-reduce them before the optimizer step.
+        sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or
+            "ring" (ring attention, zigzag layout, world group), "ulysses" (all-to-all over
+            heads, any ``method``), "hybrid" (Ulysses × ring grid), or an
+            ``attnmem.distributed.SequenceParallel``. Each rank passes its own tokens
+            (``model.sequence_parallel.partition(N, n_heads, kv_heads).shard(tokens, rank,
+            dim=1)``); positions are global. Gradients of the (replicated) parameters are each
+            rank's share: all-reduce them before the optimizer step.
 
     Shapes: ``forward(tokens)`` takes (B, N) int64 and returns logits (B, N, num_outputs).
     """
@@ -86,7 +88,14 @@ class Transformer(nn.Module):
         if sequence_parallel:
             from ..distributed import SequenceParallel
 
-            self.sequence_parallel = SequenceParallel() if sequence_parallel is True else sequence_parallel
+            if sequence_parallel is True:
+                sequence_parallel = SequenceParallel()
+            elif isinstance(sequence_parallel, str):
+                sequence_parallel = SequenceParallel(scheme=sequence_parallel)
+            elif not isinstance(sequence_parallel, SequenceParallel):
+                raise TypeError("sequence_parallel must be False, True, 'ring', 'ulysses', 'hybrid' or an "
+                                f"attnmem.distributed.SequenceParallel, got {type(sequence_parallel).__name__}")
+            self.sequence_parallel = sequence_parallel
             attn_kwargs["sequence_parallel"] = self.sequence_parallel
         self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_mult, attn_kwargs) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
@@ -100,9 +109,13 @@ class Transformer(nn.Module):
             raise ValueError(f"tokens must be an int tensor of shape (B, N), got {tuple(tokens.shape)} {tokens.dtype}")
         if cache is not None:
             cache.check_model(self, tokens.shape[1])
-            position_offset = cache.length
-        if self.sequence_parallel is not None:
-            pos = self.sequence_parallel.positions(tokens.shape[1], tokens.device) + position_offset
+        if cache is not None and self.sequence_parallel is None:
+            pos = cache.positions(*tokens.shape, tokens.device)  # (N,), or (B, N) per sequence (paged)
+        elif self.sequence_parallel is not None:
+            position_offset = cache.length if cache is not None else position_offset
+            attn = self.blocks[0].attn
+            pos = self.sequence_parallel.positions(tokens.shape[1], tokens.device, heads=attn.n_heads,
+                                                   kv_heads=attn.kv_heads) + position_offset
         else:
             pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
         x = self.embed(tokens) + sinusoidal_positions(pos, self.d_model).to(self.embed.weight.dtype)
@@ -114,7 +127,7 @@ class Transformer(nn.Module):
             else:
                 x = block(x, mask)
         if cache is not None:
-            cache.length += tokens.shape[1]
+            cache.advance(tokens.shape[1])
         return self.ln_f(x)
 
     def forward(self, tokens: Tensor, *, mask: Any = None, cache: ModelCache | None = None) -> Tensor:
@@ -122,16 +135,16 @@ class Transformer(nn.Module):
 
     def new_cache(self, kind: str | None = None, *, max_len: int | None = None, **options: Any) -> ModelCache:
         """An empty decoding cache for this model: ``full``, ``int8``, ``sliding_window``
-        (``window=``) or ``linear_state`` (``feature_map=``); default from the method
-        (``attnmem.nn.cache.DEFAULT_KIND``)."""
+        (``window=``), ``linear_state`` (``feature_map=``), ``sink_window``, ``heavy_hitter``,
+        ``snapkv`` (``budget=``), ``int4``, ``int2`` (``residual=``) or ``paged``
+        (``block_size=``); default from the method (``attnmem.nn.cache.DEFAULT_KIND``)."""
         attn = self.blocks[0].attn
         if kind is None:
             kind = DEFAULT_KIND.get(attn.method)
             if kind is None:
                 raise ValueError(f"no decoding cache for method {attn.method!r}; pass kind= explicitly")
-        layers = [make_layer_cache(kind, kv_heads=attn.kv_heads, head_dim=attn.head_dim, max_len=max_len, **options)
-                  for _ in self.blocks]
-        return ModelCache(layers, max_len=max_len)
+        return make_model_cache(kind, layers=len(self.blocks), kv_heads=attn.kv_heads, head_dim=attn.head_dim,
+                                max_len=max_len, **options)
 
     def generate(self, prompt: Tensor, steps: int, *, greedy: bool = True, temperature: float = 1.0,
                  top_k: int | None = None, seed: int | None = None, cache: ModelCache | None = None) -> Tensor:

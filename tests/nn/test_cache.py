@@ -22,7 +22,7 @@ from attnmem.nn import (
 )
 from attnmem.nn.cache import elu_feature_map, quantize_int8
 
-from .conftest import rand_qkv, rel_err
+from ..conftest import rand_qkv, rel_err
 
 # Token splits: a prefill, single steps, multi-token steps (one longer than the windows below).
 SPLITS = [5, 1, 1, 3, 1, 7, 1]
@@ -263,8 +263,8 @@ def test_errors():
         model(tokens, mask=attnmem.masks.causal(), cache=model.new_cache())
     with pytest.raises(ValueError, match=r"needs a causal layer"):
         Transformer(30, 32, 4, 1, causal=False)(tokens, cache=Transformer(30, 32, 4, 1).new_cache())
-    with pytest.raises(ValueError, match=r"unknown cache kind 'paged'"):
-        model.new_cache("paged")
+    with pytest.raises(ValueError, match=r"unknown cache kind 'pages'"):
+        model.new_cache("pages")
     with pytest.raises(ValueError, match=r"window must be a positive int, got 0"):
         model.new_cache("sliding_window", window=0)
     with pytest.raises(TypeError, match=r"cache kind 'full'"):

@@ -9,7 +9,7 @@ import torch
 import attnmem
 from attnmem.mechanisms.hierarchical import hierarchical_attention
 
-from .conftest import compare_with_reference, rand_qkv
+from ..conftest import compare_with_reference, rand_qkv
 
 
 def _coarse(x, lvl):

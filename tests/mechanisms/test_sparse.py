@@ -16,8 +16,8 @@ from attnmem import masks as M
 from attnmem import registry
 from attnmem.reference import reference_attention
 
-from .conftest import compare_with_reference, rand_qkv, rel_err
-from .test_masks import check_block_map
+from ..conftest import compare_with_reference, rand_qkv, rel_err
+from ..masks.test_masks import check_block_map
 
 TOL = 1e-10
 SPARSE = ["sliding_window", "dilated", "longformer", "bigbird", "strided"]

@@ -14,7 +14,7 @@ from attnmem.mechanisms.linear import orthogonal_random_features
 from attnmem.memory.measure import measure
 from attnmem.reference import reference_attention
 
-from .conftest import rand_qkv, rel_err
+from ..conftest import rand_qkv, rel_err
 
 APPROX = ["linear", "performer", "linformer", "nystrom"]
 

@@ -14,7 +14,7 @@ import attnmem
 from attnmem import masks as M
 from attnmem import registry
 
-from .conftest import compare_with_reference, rand_qkv
+from ..conftest import compare_with_reference, rand_qkv
 
 # Sparse methods are exact under their own pattern, not full attention: tests/test_sparse.py
 # compares them with the reference given that pattern as a dense mask.

@@ -11,7 +11,7 @@ from attnmem import masks as M
 from attnmem.memory.measure import measure
 from attnmem.reference import reference_attention
 
-from .conftest import compare_with_reference, rand_qkv
+from ..conftest import compare_with_reference, rand_qkv
 
 SMALL_TILES = {"q_tile": 16, "kv_tile": 16}  # many tiles: exercises the running merge
 

@@ -25,7 +25,7 @@ from attnmem.distributed.layout import local_lengths, positions
 from attnmem.nn import Transformer
 from attnmem.reference import reference_attention
 
-from .conftest import rel_err
+from ..conftest import rel_err
 
 TOL = 1e-10
 # How long a rank waits on a silent peer: long enough for a slow rank on a loaded machine

@@ -19,7 +19,7 @@ from attnmem.bench import Case, run_case
 from attnmem.mechanisms.memory import KNNMemoryAttention, topk_search
 from attnmem.reference import reference_attention
 
-from .conftest import rand_qkv, rel_err
+from ..conftest import rand_qkv, rel_err
 
 TOL = 1e-12
 

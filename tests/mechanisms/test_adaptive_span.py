@@ -11,7 +11,7 @@ from attnmem import masks as M
 from attnmem.mechanisms.adaptive_span import AdaptiveSpanAttention, adaptive_span_attention
 from attnmem.memory.measure import measure
 
-from .conftest import compare_with_reference, rand_qkv
+from ..conftest import compare_with_reference, rand_qkv
 
 
 def dense_definition(q, k, v, spans, ramp, mask=None):

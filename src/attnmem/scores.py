@@ -1,0 +1,197 @@
+"""Built-in score modifications, in FlexAttention's ``score_mod(score, b, h, q_idx, kv_idx)`` form.
+
+Each is a small callable object: pass it as ``attnmem.attention(..., score_mod=...)`` (or to
+``torch.nn.attention.flex_attention``, which takes the same signature). ``score`` is the scaled
+score ``q·k · scale``; the indices are raw positions (``q_idx`` in [0, Nq), ``kv_idx`` in
+[0, Nk)). attnmem calls a score_mod once per tile, with ``score`` (B, Hq, Tq, Tk) and the
+indices as broadcastable int64 tensors (b (B,1,1,1), h (1,Hq,1,1), q_idx (1,1,Tq,1),
+kv_idx (1,1,1,Tk)), so these built-ins are a few tensor ops per tile, never a Python call per
+score. Tensors they hold (ALiBi slopes, a T5 bias table) receive gradients when they require
+them.
+
+``dropout_mask`` materialises the dropout pattern of ``attnmem.attention(dropout_p=...)``
+densely, for references and tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .kernels import dropout_keep
+
+__all__ = ["softcap", "alibi", "alibi_slopes", "relative_bias", "relative_position_bucket", "dropout_mask"]
+
+
+class SoftCap:
+    """``score -> cap · tanh(score / cap)`` (Gemma 2/3, Grok; Gemma 2 uses cap = 50)."""
+
+    def __init__(self, cap: float):
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"cap must be a positive finite number, got {cap!r}")
+        self.cap = float(cap)
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        return torch.tanh(score / self.cap) * self.cap
+
+    def __repr__(self) -> str:
+        return f"softcap({self.cap:g})"
+
+
+def softcap(cap: float) -> SoftCap:
+    """Logit soft-capping: ``score' = cap · tanh(score / cap)``, smooth, ``|score'| < cap``.
+
+    Raises:
+        ValueError: ``cap`` not a positive finite number.
+    """
+    return SoftCap(cap)
+
+
+def alibi_slopes(heads: int) -> Tensor:
+    """The ALiBi slopes of Press et al. (2022) for ``heads`` heads, float32 (heads,).
+
+    For a power of two ``n``: ``m_h = 2^(-8h/n)``, h = 1..n (n = 8: 1/2, 1/4, …, 1/256). Otherwise,
+    with ``p`` the largest power of two below ``heads``: the p slopes of ``p``, then the
+    odd-indexed slopes of ``2p`` (``2^(-4h/p)``, h = 1, 3, 5, …) for the remaining heads, as in
+    the authors' code and Bloom's ``build_alibi_tensor``.
+
+    Raises:
+        ValueError: ``heads`` not a positive int.
+    """
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"heads must be a positive int, got {heads!r}")
+    p = 2 ** math.floor(math.log2(heads))
+    slopes = [2.0 ** (-8.0 * i / p) for i in range(1, p + 1)]
+    slopes += [2.0 ** (-4.0 * i / p) for i in range(1, 2 * (heads - p), 2)]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+class ALiBi:
+    """``score -> score - slope_h · |q_idx + offset - kv_idx|`` (see ``alibi``)."""
+
+    def __init__(self, slopes: Tensor, offset: int = 0):
+        if not isinstance(slopes, Tensor) or slopes.dim() != 1 or not slopes.dtype.is_floating_point:
+            got = tuple(slopes.shape) if isinstance(slopes, Tensor) else type(slopes).__name__
+            raise ValueError(f"slopes must be a 1-d floating-point tensor of one slope per head (H,), got {got}")
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+        self.slopes, self.offset = slopes, offset
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        distance = (q_idx + self.offset - kv_idx).abs().to(score.dtype)  # (1, 1, Tq, Tk)
+        return score - self.slopes.to(score.device)[h].to(score.dtype) * distance
+
+    def __repr__(self) -> str:
+        return f"alibi(H={self.slopes.numel()}, offset={self.offset})"
+
+
+def alibi(slopes: Tensor | int, *, offset: int = 0) -> ALiBi:
+    """Attention with linear biases: ``score' = score - m_h · |i + offset - j|``.
+
+    ``i = q_idx``, ``j = kv_idx``, ``m_h = slopes[h]`` (query head h). Under a causal mask this
+    is ALiBi's ``-m_h·(i - j)``; without one it is the symmetric form FlashAttention's
+    ``alibi_slopes`` computes. ``offset = Nk - Nq`` aligns query i with key i + Nk - Nq, as
+    attnmem's bottom-right causal mask and FlashAttention do (decoding with a KV cache).
+
+    Args:
+        slopes: (H,) float tensor, one per query head (``alibi_slopes(H)``; learnable if it
+            requires grad), or an int H for the standard slopes.
+        offset: added to q_idx; default 0 (Nq == Nk).
+
+    Raises:
+        ValueError: slopes not a 1-d float tensor or a positive int.
+    """
+    if isinstance(slopes, int) and not isinstance(slopes, bool):
+        slopes = alibi_slopes(slopes)
+    return ALiBi(slopes, offset)
+
+
+def relative_position_bucket(relative_position: Tensor, bidirectional: bool = True, num_buckets: int = 32,
+                             max_distance: int = 128) -> Tensor:
+    """T5's bucketing of ``relative_position = kv_idx - q_idx`` (``_relative_position_bucket``
+    of Hugging Face's T5, Mesh TensorFlow's original).
+
+    Bidirectional: half the buckets for ``relative_position > 0``, and ``n = |relative_position|``;
+    otherwise ``n = max(-relative_position, 0)`` (keys ahead all share bucket 0). Within a half of
+    ``nb`` buckets: ``n < nb/2`` is its own bucket; larger ``n`` are logarithmic,
+    ``nb/2 + floor(log(n / (nb/2)) / log(max_distance / (nb/2)) · (nb - nb/2))``, capped at nb - 1.
+    """
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets = buckets + (relative_position > 0).to(torch.long) * num_buckets
+        n = relative_position.abs()
+    else:
+        n = (-relative_position).clamp_min(0)
+    max_exact = num_buckets // 2
+    is_small = n < max_exact
+    large = max_exact + (torch.log(n.float() / max_exact) / math.log(max_distance / max_exact)
+                         * (num_buckets - max_exact)).to(torch.long)
+    large = large.clamp_max(num_buckets - 1)
+    return buckets + torch.where(is_small, n, large)
+
+
+class RelativeBias:
+    """``score -> score + table[bucket(kv_idx - q_idx), h]`` (see ``relative_bias``)."""
+
+    def __init__(self, table: Tensor, num_buckets: int, max_distance: int, bidirectional: bool):
+        for name, val in (("num_buckets", num_buckets), ("max_distance", max_distance)):
+            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
+                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        min_buckets = 4 if bidirectional else 2
+        if num_buckets < min_buckets:
+            raise ValueError(f"num_buckets must be at least {min_buckets} (bidirectional={bidirectional}), "
+                             f"got {num_buckets}")
+        max_exact = (num_buckets // 2 if bidirectional else num_buckets) // 2
+        if max_distance <= max_exact:
+            raise ValueError(f"max_distance must exceed the exact buckets' range {max_exact} "
+                             f"(num_buckets={num_buckets}, bidirectional={bidirectional}), got {max_distance}")
+        if not isinstance(table, Tensor) or table.dim() != 2 or table.shape[0] != num_buckets:
+            got = tuple(table.shape) if isinstance(table, Tensor) else type(table).__name__
+            raise ValueError(f"table must have shape (num_buckets, H) = ({num_buckets}, H), got {got}")
+        if not isinstance(bidirectional, bool):
+            raise TypeError(f"bidirectional must be a bool, got {type(bidirectional).__name__}")
+        self.table, self.num_buckets, self.max_distance = table, num_buckets, max_distance
+        self.bidirectional = bidirectional
+
+    def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        bucket = relative_position_bucket(kv_idx - q_idx, self.bidirectional, self.num_buckets,
+                                          self.max_distance)  # (1, 1, Tq, Tk)
+        bias = self.table.to(score.device).t()[h, bucket]  # (1, Hq, Tq, Tk)
+        return score + bias.to(score.dtype)
+
+    def __repr__(self) -> str:
+        return (f"relative_bias(H={self.table.shape[1]}, num_buckets={self.num_buckets}, "
+                f"max_distance={self.max_distance}, bidirectional={self.bidirectional})")
+
+
+def relative_bias(table: Tensor, num_buckets: int = 32, max_distance: int = 128,
+                  bidirectional: bool = True) -> RelativeBias:
+    """T5's learned relative-position bias: ``score' = score + table[bucket(j - i), h]``.
+
+    ``bucket`` is ``relative_position_bucket`` (T5's bucketing) of ``j - i`` (``kv_idx - q_idx``).
+    T5 does not scale its scores: call ``attnmem.attention(..., scale=1.0)`` to match it.
+
+    Args:
+        table: (num_buckets, H), as T5's ``relative_attention_bias.weight``; its gradient is
+            computed when it requires grad.
+        num_buckets, max_distance, bidirectional: T5's (32, 128, True for the encoder).
+
+    Raises:
+        ValueError: a table of another shape, or non-positive sizes.
+    """
+    return RelativeBias(table, num_buckets, max_distance, bidirectional)
+
+
+def dropout_mask(seed: int, p: float, batch: int, heads: int, nq: int, nk: int,
+                 device: torch.device | str = "cpu") -> Tensor:
+    """The dropout factor ``Z`` (B, H, Nq, Nk) float32 that ``attnmem.attention(dropout_p=p,
+    dropout_seed=seed)`` applies to its probabilities: 0 (dropped) or ``1/keep`` (quadratic:
+    for references and tests)."""
+    idx = (torch.arange(batch, device=device)[:, None, None, None],
+           torch.arange(heads, device=device)[None, :, None, None],
+           torch.arange(nq, device=device)[None, None, :, None],
+           torch.arange(nk, device=device)[None, None, None, :])
+    return dropout_keep(seed, p, *idx).float().expand(batch, heads, nq, nk)
