@@ -258,10 +258,11 @@ def ranking_table(points: list[QualityPoint], task: str) -> str:
     """The frontier against peak memory, cheapest first: the methods worth choosing."""
     key, _, higher = QUALITY_KEYS[task]
     best = best_exact_peak(points)
-    lines = [f"| rank | method | {key} | peak MiB | saved vs best exact |", "|---|---|---|---|---|"]
+    lines = [f"| rank | method | {key} (mean ± half range over seeds) | peak MiB | saved vs best exact |",
+             "|---|---|---|---|---|"]
     for i, p in enumerate(frontier(points, "peak_bytes", higher), 1):
         saved = None if best is None else 1 - p.peak_bytes / best
-        lines.append(f"| {i} | {p.spec} | {p.quality():.3f} | {p.peak_bytes / MiB:.1f} | "
+        lines.append(f"| {i} | {p.spec} | {mean_spread(p.swapped or p.trained)} | {p.peak_bytes / MiB:.1f} | "
                      f"{_fmt(saved and 100 * saved, '.0f')}{'' if saved is None else ' %'} |")
     return "\n".join(lines)
 
