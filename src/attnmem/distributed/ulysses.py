@@ -174,7 +174,7 @@ def heads_to_seq(out: Tensor, plan: HeadPlan, group: Any, heads: int) -> Tensor:
     return _HeadsToSeq.apply(out, plan, group, heads)
 
 
-def _check_initialised(scheme: str) -> None:
+def check_initialised(scheme: str) -> None:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(
             f"{scheme} needs torch.distributed initialised: launch with torchrun and call "
@@ -214,7 +214,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
             (raised on every rank alike), or what the method refuses.
         SequenceParallelError: a peer failed, exited or timed out.
     """
-    _check_initialised(SCHEME)
+    check_initialised(SCHEME)
     inp = validate(q, k, v, causal=causal, scale=scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{SCHEME} is self-attention over one split sequence: q has N_local={q.shape[2]}, "

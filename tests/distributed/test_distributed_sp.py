@@ -40,7 +40,7 @@ from attnmem.distributed.layout import random_documents
 from attnmem.nn import Transformer
 from attnmem.reference import reference_attention
 
-from .conftest import rel_err
+from ..conftest import rel_err
 
 TOL = 1e-10
 PG_TIMEOUT_S = 30
