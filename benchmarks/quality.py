@@ -69,6 +69,15 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained_methods": ["sdpa", "sliding_window:window={w}", "topk:topk={w}", "linear"],
         "seeds": [0, 1],
     },
+    "reduced-long": {  # the text pair only, longer, equal steps: does the long context pull ahead?
+        "note": "reduced, longer: d_model 64, 2 layers, context 512 vs 64, 2048 tokens per step, 400 steps "
+                "(<= 720 s) per run, 1 torch thread",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True},
+        "text": {"seq_lens": [512, 64], "batch_tokens": 2048, "steps": 400, "lr": 5e-3, "warmup_steps": 20,
+                 "max_time_s": 720.0, "text_bytes": 32768},
+        "trained_methods": ["sdpa"],
+        "seeds": [0, 1],
+    },
     "smoke": {  # a few steps, to check the pipeline end to end in a minute
         "note": "smoke test of the pipeline: a few steps, not a measurement",
         "model": {"d_model": 32, "n_heads": 2, "n_layers": 1, "tie_embeddings": True},
@@ -191,7 +200,7 @@ def _quality(task: str, s: dict[str, float]) -> dict[str, float]:
     return {"bpb": s["bpb"]} if task == "text" else {"accuracy": s["accuracy"], "loss": s["loss"]}
 
 
-def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
+def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap: bool = True) -> None:
     preset = PRESETS[preset_name]
     for task in tasks:
         t = preset[task]
@@ -218,7 +227,7 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
             append_row(out, {**base, "mode": "trained", "method": spec,
                              **_quality(task, score(model, task_obj, inputs, labels))})
             log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
-            if spec != EXACT_RUN or config.seq_len != t["seq_lens"][0]:
+            if not swap or spec != EXACT_RUN or config.seq_len != t["seq_lens"][0]:
                 continue
             captures = capture_attention_inputs(model, inputs[:4])  # (4, N) windows
             for other in method_specs(config.seq_len):
@@ -242,7 +251,7 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
                 append_row(out, row)
                 log(f"  swapped {other}: {row.get('bpb', row.get('accuracy'))} "
                     f"captured error {err.get('error_mean', err.get('reason'))}")
-        points = summarize(load_rows(out)).get(task, [])
+        points = summarize(load_rows(out)).get(task, []) if swap else []
         measure_points(points)  # peak and time of every option set at this N, cached for the report
         for row in cost_rows(points):
             append_row(out, {**row, "preset": preset_name, "loadavg": os.getloadavg()[0]})
@@ -266,6 +275,7 @@ def main() -> None:
     ap.add_argument("--runs", default="runs/quality", help="checkpoints of the training runs")
     ap.add_argument("--out", default="benchmarks/results/quality/reduced.jsonl")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-swap", action="store_true", help="evaluate: the trained rows only")
     ap.add_argument("--shard", default="0/1", help="I/N: train every N-th run from the I-th (N processes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -274,7 +284,7 @@ def main() -> None:
         i, n = (int(x) for x in args.shard.split("/"))
         train(args.preset, tasks, Path(args.runs), (i, n))
     if args.stage in ("evaluate", "all"):
-        evaluate(args.preset, tasks, Path(args.runs), Path(args.out))
+        evaluate(args.preset, tasks, Path(args.runs), Path(args.out), swap=not args.no_swap)
     if args.stage in ("equal-steps", "all") and "text" in tasks:
         equal_steps(args.preset, Path(args.runs), Path(args.out))
 
