@@ -24,7 +24,7 @@ from attnmem.nn import (
 )
 from attnmem.nn.cache_lowbit import pack, quantize, unpack
 
-from .conftest import rand_qkv, rel_err
+from ..conftest import rand_qkv, rel_err
 from .test_cache import decode_layer, mha_for
 
 SPLITS = [5, 1, 1, 3, 1, 7, 1]  # a prefill, single steps and multi-token steps
