@@ -31,6 +31,9 @@ def plan_specs(cfg, limit: int, specs: list[tuple[str, dict]] | None, on_method)
 @click.command("plan")
 @click.option("--config", "config_src", default=None,
               help=f"Preset ({', '.join(PRESETS)}) or a YAML/JSON file.")
+@click.option("--hf-config", "hf_config", default=None, type=click.Path(),
+              help="A Hugging Face config.json (or its directory): plan that model's training step "
+                   "with eager, sdpa and attnmem (needs attnmem[hf]).")
 @click.option("--budget", required=True, callback=common.size,
               help="Memory budget, e.g. 24GiB, 24G, 80GB or 8e10.")
 @click.option("--layers", type=int)
@@ -49,10 +52,18 @@ def plan_specs(cfg, limit: int, specs: list[tuple[str, dict]] | None, on_method)
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG of peak memory against sequence length.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def plan_cmd(config_src, budget, layers, d_model, heads, kv_heads, ffn_mult, vocab, seq_len, batch, dtype,
-             inference, checkpointing, methods_, plot_path, as_json) -> None:
+def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ffn_mult, vocab, seq_len, batch,
+             dtype, inference, checkpointing, methods_, plot_path, as_json) -> None:
     """Which methods fit a transformer in a memory budget; longest sequence and largest batch."""
     limit = budget
+    if plot_path is not None:
+        common.writable_file(plot_path, "--plot")
+    if hf_config is not None:
+        if config_src is not None or any(x is not None for x in (layers, d_model, heads, kv_heads, ffn_mult, vocab)):
+            raise ValueError("--hf-config describes the whole model: do not combine it with --config or shape options")
+        plan_hf(hf_config, limit, seq_len or 4096, batch or 1, dtype, not inference, checkpointing, methods_,
+                as_json)
+        return
     overrides = dict(layers=layers, d_model=d_model, heads=heads, kv_heads=kv_heads, ffn_mult=ffn_mult,
                      vocab=vocab, seq_len=seq_len, batch=batch, dtype=dtype)
     if inference:
@@ -95,3 +106,30 @@ def plan_cmd(config_src, budget, layers, d_model, heads, kv_heads, ffn_mult, voc
     console.print(table)
     if plot_path:
         console.print(f"plot: {plot_path}")
+
+
+def plan_hf(path, limit, seq_len, batch, dtype, training, checkpointing, methods_, as_json) -> None:
+    """``plan --hf-config``: each HF attention implementation and attnmem method, traced."""
+    # Imported only here: transformers is the optional extra attnmem[hf].
+    from ..integrations import hf
+
+    config = hf.load_hf_config(path)
+    rows = hf.plan_step(config, limit, seq_len=seq_len, batch=batch, methods=methods_ or [("chunked", {})],
+                        training=training,
+                        checkpointing=checkpointing, dtype=DTYPES[dtype] if dtype else None)
+    if as_json:
+        click.echo(json.dumps({"hf_config": path, "budget_bytes": limit, "seq_len": seq_len, "batch": batch,
+                               "methods": rows}, indent=2))
+        return
+    mode = "training, AdamW" if training else "inference"
+    table = Table(title=f"attnmem plan: {config.model_type} from {path}, N={seq_len} B={batch} ({mode}"
+                        f"{', checkpointing' if checkpointing else ''}); budget {limit / GiB:.1f} GiB")
+    for col in ("attention", "peak GiB", "fits", "max seq len", "max batch"):
+        table.add_column(col, justify="left" if col == "attention" else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["method"], "-", "-", "-", r["reason"][:60])
+            continue
+        table.add_row(r["method"], f"{r['peak_bytes'] / GiB:.2f}", "yes" if r["fits"] else "no",
+                      str(r["max_seq_len"] or "none fits"), str(r["max_batch"] or "none fits"))
+    console.print(table)

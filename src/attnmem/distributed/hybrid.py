@@ -26,9 +26,10 @@ from torch import Tensor
 from .. import masks as M
 from ..api import validate
 from . import layout as L
+from .comm import check_initialised
 from .masking import heads_slice
 from .ring import ring_attention
-from .ulysses import _check_initialised, check_heads, heads_plan, heads_to_seq, seq_to_heads
+from .ulysses import check_heads, heads_plan, heads_to_seq, seq_to_heads
 
 SCHEME = "sequence_parallel_attention"
 
@@ -71,7 +72,7 @@ def process_grid(*, ulysses: int, ring: int, group: Any = None) -> ProcessGrid:
     for name, val in (("ulysses", ulysses), ("ring", ring)):
         if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
             raise ValueError(f"{name} must be a positive int, got {val!r}")
-    _check_initialised(SCHEME)
+    check_initialised(SCHEME)
     world = dist.get_world_size(group)
     if ulysses * ring != world:
         raise ValueError(f"{SCHEME}: ulysses × ring must equal the group size {world}, got ulysses={ulysses}, "
@@ -153,7 +154,7 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
     if layout == "documents":
         if documents is None:
             raise ValueError("layout='documents' needs documents=, the (N,) document id of every token")
-        ring_layout = ring_partition("documents", int(L._check_ids(documents).numel()), ring, documents)
+        ring_layout = ring_partition("documents", int(L.check_ids(documents).numel()), ring, documents)
     local_mask = heads_slice(user_mask, plan.rank * plan.hq, (plan.rank + 1) * plan.hq)
     out = ring_attention(qh, kh, vh, causal=causal, mask=local_mask, group=grid.ring_group, layout=ring_layout,
                          scale=inp.scale, heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile,

@@ -237,7 +237,7 @@ def partition(layout: str | Partition, n: int, world_size: int, *, documents: Te
 
 def document_starts(ids: Tensor) -> Tensor:
     """(N,) int64: the position where each token's document starts (ids packed: equal ids adjacent)."""
-    ids = _check_ids(ids)
+    ids = check_ids(ids)
     n = ids.numel()
     new = torch.ones(n, dtype=torch.bool)
     new[1:] = ids[1:] != ids[:-1]
@@ -245,7 +245,7 @@ def document_starts(ids: Tensor) -> Tensor:
     return torch.cummax(first, 0).values
 
 
-def _check_ids(ids: Tensor) -> Tensor:
+def check_ids(ids: Tensor) -> Tensor:
     if not isinstance(ids, Tensor) or ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
         got = f"{tuple(ids.shape)} {ids.dtype}" if isinstance(ids, Tensor) else type(ids).__name__
         raise ValueError(f"documents must be a (N,) integer tensor of document ids, got {got}")
@@ -263,7 +263,7 @@ def attention_pairs(part: Partition, documents: Tensor | None = None, *, causal:
         start = torch.zeros(n, dtype=torch.int64)
         end = torch.full((n,), n, dtype=torch.int64)
     else:
-        ids = _check_ids(documents)
+        ids = check_ids(documents)
         if ids.numel() != n:
             raise ValueError(f"documents has {ids.numel()} ids, the partition {n} tokens")
         start = document_starts(ids)
@@ -289,7 +289,7 @@ def balanced_documents(documents: Tensor, world_size: int) -> Partition:
     Returns:
         A ``Partition``; within each rank, positions are in increasing order.
     """
-    ids = _check_ids(documents)
+    ids = check_ids(documents)
     _check_world(world_size, 0)
     n, chunks = ids.numel(), 2 * world_size
     starts = torch.nonzero(torch.cat([torch.ones(1, dtype=torch.bool), ids[1:] != ids[:-1]])).flatten().tolist()
@@ -329,4 +329,4 @@ def random_documents(n: int, low: int, high: int, *, seed: int = 0) -> Tensor:
 
 __all__ = ["LAYOUTS", "PARTITIONS", "shard", "unshard", "gather", "positions", "local_lengths", "check_layout",
            "Partition", "partition", "balanced_documents", "attention_pairs", "imbalance", "document_starts",
-           "random_documents"]
+           "random_documents", "check_ids"]

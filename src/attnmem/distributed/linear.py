@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import validate
-from .comm import all_gather, gather_ints
-from .ulysses import _check_initialised
+from .comm import all_gather, check_initialised, gather_ints
 
 SCHEME = "linear_context_parallel"
 FEATURE_MAPS = ("elu", "relu")
@@ -97,7 +96,7 @@ def linear_context_parallel(q: Tensor, k: Tensor, v: Tensor, *, group: Any = Non
         ValueError: bad options or shapes, or ranks that disagree.
         SequenceParallelError: a peer failed, exited or timed out.
     """
-    _check_initialised(SCHEME)
+    check_initialised(SCHEME)
     validate(q, k, v, causal=True)
     if feature_map not in FEATURE_MAPS:
         raise ValueError(f"feature_map must be one of {', '.join(FEATURE_MAPS)}, got {feature_map!r}")

@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import masks as M
 from ..api import attention, validate
 from . import layout as L
-from .comm import all_to_all, gather_ints
+from .comm import all_to_all, check_initialised, gather_ints
 from .masking import heads_slice
 
 SCHEME = "ulysses_attention"
@@ -174,14 +174,6 @@ def heads_to_seq(out: Tensor, plan: HeadPlan, group: Any, heads: int) -> Tensor:
     return _HeadsToSeq.apply(out, plan, group, heads)
 
 
-def _check_initialised(scheme: str) -> None:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"{scheme} needs torch.distributed initialised: launch with torchrun and call "
-            "torch.distributed.init_process_group('gloo' or 'nccl') first"
-        )
-
-
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None,
                       method: str = "auto", group: Any = None, layout: str | L.Partition = "contiguous",
                       scale: float | None = None, **options: Any) -> Tensor:
@@ -214,7 +206,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
             (raised on every rank alike), or what the method refuses.
         SequenceParallelError: a peer failed, exited or timed out.
     """
-    _check_initialised(SCHEME)
+    check_initialised(SCHEME)
     inp = validate(q, k, v, causal=causal, scale=scale)
     if q.shape[2] != k.shape[2]:
         raise ValueError(f"{SCHEME} is self-attention over one split sequence: q has N_local={q.shape[2]}, "

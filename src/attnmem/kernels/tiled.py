@@ -39,11 +39,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ..masks import Mask, SlidingWindow, eval_mask
+from ..masks import And, KeyPadding, Mask, SlidingWindow, eval_mask
+from .autograd import LseAttention
 from .merge import merge_partials
 from .mods import Mods, ScoreMod, TileMods, make_mods
 from .segments import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, block_rows, plan_segments
-from .tile import CAUSAL_TILE, TILE_KERNELS, acc_dtype, resolve_kernel
+from .tile import CAUSAL_TILE, TILE_KERNELS, acc_dtype, fused_backward, fused_forward, resolve_kernel
 
 # --- the tile schedule ----------------------------------------------------------------------
 
@@ -75,7 +76,16 @@ class TileContext:
         # internally in O(N) memory: one call over everything is fastest (every extra call
         # pays the intra-op threads' synchronisation), and its outputs need no copying.
         self.causal_call = self.pure_causal and fused and self.nq == self.nk
-        self.single_call = (mask is None or self.causal_call) and fused
+        # Causal GQA, or causal & key padding, on a square problem: one fused call per KV head,
+        # its G query heads against the KV head expanded to G heads (a stride-0 view, no copy),
+        # with the padding as a (B, 1, 1, Nk) additive bias (also a view when expanded), so the
+        # kernel's own is_causal applies and no tile loop runs. The backward's expanded dK/dV
+        # are transient, G heads at a time.
+        causal, padding = _causal_and_padding(mask)
+        self.key_valid = padding.valid if padding is not None else None
+        self.grouped_causal = (causal and fused and self.nq == self.nk
+                               and (self.G > 1 or self.key_valid is not None))
+        self.single_call = (mask is None or self.causal_call or self.grouped_causal) and fused
         if self.single_call:
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
@@ -128,15 +138,111 @@ def allowed_bool(c: TileContext, qa: int, qb: int, seg: Segment) -> Tensor | Non
     return a
 
 
+def _causal_and_padding(mask: Mask | None) -> tuple[bool, KeyPadding | None]:
+    """(plain causal?, its key padding) for ``causal()`` and ``causal() & key_padding(valid)``."""
+    def plain_causal(m):
+        return isinstance(m, SlidingWindow) and m.left is None and m.right == 0
+
+    if plain_causal(mask):
+        return True, None
+    if isinstance(mask, And):
+        for a, b in ((mask.a, mask.b), (mask.b, mask.a)):
+            if plain_causal(a) and isinstance(b, KeyPadding):
+                return True, b
+    return False, None
+
+
+def _bnhd_zeros(q: Tensor, c: TileContext) -> Tensor:
+    """Zeros of shape (B, Hq, Nq, D) laid out as (B, Nq, Hq, D) in memory, as SDPA's own output:
+    a caller's ``out.transpose(1, 2)`` to (B, Nq, Hq·D) (every transformer's output projection)
+    is then a view, not a copy saved beside the output that the backward keeps."""
+    return q.new_zeros(c.B, c.nq, c.Hq, c.D).transpose(1, 2)  # (B, Hq, Nq, D), strides of (B, Nq, Hq, D)
+
+
+def _is_bnhd(t: Tensor) -> bool:
+    return t.transpose(1, 2).is_contiguous()
+
+
+def _head_groups(c: TileContext, k: Tensor, v: Tensor):
+    """(query heads, keys, values) per call: all heads at once without GQA, else each KV head
+    expanded (a stride-0 view) to its G query heads, (B, G, N, D)."""
+    if c.G == 1:
+        yield slice(None), k, v
+        return
+    for j in range(c.Hkv):
+        expand = (-1, c.G, -1, -1)
+        yield slice(j * c.G, (j + 1) * c.G), k[:, j:j + 1].expand(*expand), v[:, j:j + 1].expand(*expand)
+
+
+def _key_bias(c: TileContext, q: Tensor, heads: int):
+    """The key padding as an additive (B, heads, Nq, Nk) bias, a view of (B, 1, 1, Nk); or CAUSAL_TILE."""
+    if c.key_valid is None:
+        return CAUSAL_TILE
+    valid = c.key_valid.to(q.device)
+    bias = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, -math.inf)  # (Bm, Nk)
+    return bias[:, None, None, :].expand(c.B, heads, c.nq, c.nk)
+
+
+def _grouped_causal_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    out = _bnhd_zeros(q, c)  # (B, Hq, N, D)
+    lse = torch.empty(c.B, c.Hq, c.nq, dtype=acc_dtype(q.dtype), device=q.device)  # (B, Hq, N)
+    for heads, k_g, v_g in _head_groups(c, k, v):
+        allowed = _key_bias(c, q, k_g.shape[1])
+        o_g, l_g = _causal_call(q[:, heads], k_g, v_g, allowed, c.scale, backward=False)
+        out[:, heads] = o_g
+        lse[:, heads] = l_g
+    if c.key_valid is not None:
+        # A query before a row's first real key sees nothing: lse -inf (the kernel reports 0).
+        seen = c.key_valid.to(q.device).cumsum(-1) > 0  # (Bm, N): some real key at or before
+        lse.masked_fill_(~seen[:, None, :], -math.inf)
+    return out, lse
+
+
+def _grouped_causal_backward(c: TileContext, dout, q, k, v, out, lse_b):
+    dq = torch.empty_like(q)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    for j, (heads, k_g, v_g) in enumerate(_head_groups(c, k, v)):
+        allowed = _key_bias(c, q, k_g.shape[1])
+        dq_g, dk_g, dv_g = _causal_call(q[:, heads], k_g, v_g, allowed, c.scale, backward=True,
+                                        dout=dout[:, heads], out=out[:, heads], lse=lse_b[:, heads])
+        dq[:, heads] = dq_g
+        if c.G == 1:
+            dk.copy_(dk_g)
+            dv.copy_(dv_g)
+        else:
+            dk[:, j] = dk_g.sum(1)  # (B, G, N, D) -> (B, N, D): the G heads that read KV head j
+            dv[:, j] = dv_g.sum(1)
+    return dq, dk, dv
+
+
+def _causal_call(q, k, v, allowed, scale, *, backward, dout=None, out=None, lse=None):
+    """The fused operator with its own ``is_causal`` and, optionally, an additive key bias."""
+    if allowed is CAUSAL_TILE:
+        if backward:
+            return fused_backward(dout, q, k, v, out, lse, CAUSAL_TILE, scale)
+        return fused_forward(q, k, v, CAUSAL_TILE, scale)
+    if backward:
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            dout, q, k, v, out, lse, 0.0, True, attn_mask=allowed, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, True, attn_mask=allowed,
+                                                                      scale=scale)
+
+
 def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     """Output (B, Hq, Nq, D) in q's dtype and per-row lse (B, Hq, Nq) in the accumulation dtype."""
     fwd = TILE_KERNELS[c.kernel][0]
     acc = acc_dtype(q.dtype)
+    if c.grouped_causal and c.nq:
+        return _grouped_causal_forward(c, q, k, v)
     if c.single_call and c.nq and c.nk:
         whole = CAUSAL_TILE if c.causal_call else None
-        out, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
-        return out.reshape(c.B, c.Hq, c.nq, c.D), lse.to(acc).reshape(c.B, c.Hq, c.nq)
-    out = q.new_zeros(c.B, c.Hq, c.nq, c.D)  # (B, Hq, Nq, D)
+        o_all, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
+        out = o_all.reshape(c.B, c.Hq, c.nq, c.D)
+        if not _is_bnhd(out):
+            out = _bnhd_zeros(q, c)
+            out.view(c.B, c.Hkv, c.G, c.nq, c.D).copy_(o_all.view(c.B, c.Hkv, c.G, c.nq, c.D))
+        return out, lse.to(acc).reshape(c.B, c.Hq, c.nq)
+    out = _bnhd_zeros(q, c)
     lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)
     for qa, qb, segs in c.plan:
         if not segs:
@@ -182,7 +288,9 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | N
     if kernel == "fused":
         lse_b = lse_b.float() if q.dtype in (torch.bfloat16, torch.float16) else lse_b.to(q.dtype)
     d_captured: list[Tensor | None] = []
-    if c.single_call and kernel == "fused" and c.nq and c.nk:
+    if c.grouped_causal and c.nq:
+        dq, dk, dv = _grouped_causal_backward(c, dout, q, k, v, out, lse_b)
+    elif c.single_call and kernel == "fused" and c.nq and c.nk:
         dq, dk, dv, _ = bwd(c.q_view(dout, 0, c.nq), c.q_view(q, 0, c.nq), k, v,
                             c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq),
                             CAUSAL_TILE if c.causal_call else None, c.scale)
@@ -334,25 +442,9 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale
     mods = make_mods(score_mod, dropout_p, dropout_seed, q)
     c = TileContext(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel, mods)
     if mods is None and sinks is None and not return_lse:
-        return _TiledAttention.apply(q, k, v, c)
+        # The plain call (no sinks, mods or lse): the fewest moving parts on the hot path.
+        return LseAttention.apply(q, k, v, c, tiled_forward, tiled_backward)
     return run_exact(TiledRun(c), q, k, v, sinks=sinks, mods=mods, return_lse=return_lse)
-
-
-class _TiledAttention(torch.autograd.Function):
-    """The plain call (no sinks, mods or lse): the fewest moving parts on the hot path."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, c: TileContext):
-        out, lse = tiled_forward(c, q, k, v)
-        ctx.c = c
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tiled_backward(ctx.c, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
 
 
 def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,

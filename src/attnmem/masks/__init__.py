@@ -36,12 +36,14 @@ from .dilated_window import Dilated, dilated
 from .documents import Document, document
 from .global_attention import GlobalTokens, global_tokens, longformer, streaming
 from .layouts import BlockSparse, block_sparse, random_blocks
+from .padding import KeyPadding, key_padding
 from .sparse_transformer import Fixed, Strided, fixed, strided
 from .window import Band, SlidingWindow, causal, combine, sliding_window
 
 __all__ = [
     "BlockMap", "Grid", "Mask", "MaskMod", "EMPTY", "PARTIAL", "FULL",
-    "causal", "sliding_window", "document", "from_mod", "dense", "combine", "as_mask", "eval_mask",
+    "causal", "sliding_window", "document", "key_padding", "KeyPadding", "from_mod", "dense", "combine",
+    "as_mask", "eval_mask",
     "block_sparse", "random_blocks",
     "SlidingWindow", "Band", "Document", "FromMod", "Dense", "BlockSparse", "And", "Or",
     "ranges_to_candidates", "union_candidates",

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,6 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .. import registry
 from ..api import validate
 from .measure import LiveTensorTracker, MiB
+
+if TYPE_CHECKING:
+    from ..distributed.estimate import RankEstimate
 
 # Tensors up to this many elements that do not depend on q, k, v stay real, so index code
 # (block maps, .tolist(), .item()) runs; 2**20 int64 elements are 8 MiB.
@@ -174,8 +177,8 @@ def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
     nqt = math.ceil(s.seq_len / max(opts.q_tile, MIN_Q_TILE))
     nkt = math.ceil(s.seq_len / opts.kv_tile)
     if _chunked_kernel(s, opts) == "fused":
-        if not s.masked and (not s.causal or s.heads == s.kv_heads):
-            return 1, 1, 0  # one operator call (unmasked, or plain causal without GQA)
+        if not s.masked:
+            return 1, 1, 0  # one operator call (unmasked or plain causal; per KV head under GQA)
         run = max(MAX_SEGMENT, opts.kv_tile)
         width = opts.kv_tile if not s.masked else min(s.seq_len, run)
         return nqt, math.ceil(s.seq_len / run) + 1, width
@@ -185,6 +188,19 @@ def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
 def _chunked_work(s: Shape, opts) -> int:
     nqt, per_tile, _ = _chunked_segments(s, opts)
     return OPS_PER_SEGMENT * nqt * per_tile
+
+
+def _chunked_grouped_causal(s: Shape) -> tuple[int, int]:
+    """Causal GQA, fused kernel: one call per KV head (its G query heads against the head
+    expanded as a view). Saved O + lse; one head group's output, lse (forward) and
+    dQ, dK, dV expanded to G heads plus three more such buffers (backward) are transient.
+    Read off traces (tests check formula == trace)."""
+    group_q = s.q_bytes // s.kv_heads
+    lse = _lse_bytes(s)
+    if not s.training:
+        return 0, s.q_bytes + lse + 2 * (group_q + lse // s.kv_heads)
+    grads = s.q_bytes + 2 * s.kv_bytes
+    return s.q_bytes + lse, grads + 6 * group_q + lse + 2 * s.itemsize
 
 
 @formula("chunked", trace_work=_chunked_work)
@@ -206,6 +222,8 @@ def _chunked(s: Shape, opts) -> tuple[int, int]:
     nqt, _, width = _chunked_segments(s, opts)
     kernel = _chunked_kernel(s, opts)
     if nqt == 1 and width == 0 and kernel == "fused":
+        if s.causal and s.heads != s.kv_heads:
+            return _chunked_grouped_causal(s)
         return _sdpa(s, opts)
     if kernel == "torch":
         return None  # the plain kernel's working set has not been written down: it is traced
@@ -283,6 +301,12 @@ class _SmallRealMode(TorchDispatchMode):
             return func(*args, **_no_generator(kwargs))
 
 
+def small_real_mode(fake_mode) -> TorchDispatchMode:
+    """The tracing mode of ``estimate``: operators with small results run on real tensors, the
+    rest on ``fake_mode``'s fake ones (for callers that trace their own code, e.g. a whole model)."""
+    return _SmallRealMode(fake_mode)
+
+
 def _no_generator(kwargs: dict[str, Any]) -> dict[str, Any]:
     """Fake tensors refuse random operators given a ``torch.Generator`` (``hard``'s seeded
     Gumbel noise); a fake result has no values, so the generator can go without changing memory."""
@@ -343,7 +367,7 @@ def resolve_dtype(dtype: Any) -> torch.dtype:
 def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int,
              dtype: Any = torch.float32, training: bool = True, kv_heads: int | None = None,
              causal: bool = False, mask: Any = None, how: str = "auto", world_size: int | None = None,
-             scheme: str = "ring", ulysses: int | None = None, **options: Any) -> Estimate:
+             scheme: str = "ring", ulysses: int | None = None, **options: Any) -> Estimate | RankEstimate:
     """Predicted peak bytes of one ``attnmem.attention`` call (forward, + backward when
     ``training``), inputs included, without allocating the tensors.
 
@@ -365,7 +389,8 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
 
     Returns:
         An ``Estimate``: ``peak_bytes`` and the inputs / saved / transient breakdown (with
-        ``world_size``, a ``RankEstimate`` that adds ``sent_bytes`` per rank).
+        ``world_size``, an ``attnmem.distributed.estimate.RankEstimate``: ``peak_bytes`` of one
+        rank and ``sent_bytes`` per rank).
 
     Raises:
         ValueError: non-positive sizes, heads not divisible by kv_heads, unknown method, dtype
@@ -377,9 +402,9 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     if world_size is not None:
         from ..distributed.estimate import rank_estimate
 
-        return rank_estimate(method, scheme=scheme, world_size=world_size, ulysses=ulysses, batch=batch, heads=heads,
-                             seq_len=seq_len, head_dim=head_dim, kv_heads=kv_heads, dtype=dtype, training=training,
-                             causal=causal, mask=mask, **options)
+        return rank_estimate(method, local_estimate=estimate, scheme=scheme, world_size=world_size, ulysses=ulysses,
+                             batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, kv_heads=kv_heads,
+                             dtype=resolve_dtype(dtype), training=training, causal=causal, mask=mask, **options)
     kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
     if heads % kv_heads:
         raise ValueError(f"heads={heads} is not divisible by kv_heads={kv_heads}")

@@ -18,7 +18,7 @@ from attnmem import masks as M
 from attnmem import scores as S
 from attnmem.registry import get as get_method
 
-from .conftest import rand_qkv, rel_err
+from ..conftest import rand_qkv, rel_err
 
 TOL = 1e-10
 
@@ -253,7 +253,7 @@ def test_streaming_mask_is_sink_tokens_plus_window():
     want = (j <= i) & ((i - j <= 7) | (j < 3))
     assert torch.equal(M.streaming(7, sinks=3).to_dense(nq, nk)[0, 0], want)
     q, k, v = rand_qkv(Nq=nq, D=8)
-    from .conftest import compare_with_reference
+    from ..conftest import compare_with_reference
     compare_with_reference("chunked", q, k, v, mask=M.streaming(7, sinks=3), q_tile=16, kv_tile=16)
 
 

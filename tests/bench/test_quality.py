@@ -1,0 +1,41 @@
+"""Swap-in evaluation and the error of a method on a model's captured attention inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnmem.bench.quality import capture_attention_inputs, captured_error, swap_attention
+from attnmem.nn import Transformer
+
+
+def _model(n_layers: int = 2) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(64, 32, 2, n_layers, method="chunked").eval()
+
+
+def test_swap_replaces_the_method_and_keeps_the_weights():
+    model = _model()
+    tokens = torch.randint(64, (2, 48), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        base = model(tokens)
+        narrow = swap_attention(model, "sliding_window", {"window": 4})(tokens)
+        wide = swap_attention(model, "sliding_window", {"window": 48})(tokens)
+    assert (narrow - base).abs().max() > 1e-3  # N = 48 > window: keys are dropped
+    torch.testing.assert_close(wide, base, rtol=1e-5, atol=1e-5)  # window >= N: full causal attention
+    assert model.blocks[0].attn.method == "chunked"  # the original is untouched
+    with pytest.raises(TypeError, match="window"):
+        swap_attention(model, "chunked", {"window": 4})
+
+
+def test_captured_error_is_zero_only_for_full_attention():
+    model = _model()
+    tokens = torch.randint(64, (2, 48), generator=torch.Generator().manual_seed(2))
+    caps = capture_attention_inputs(model, tokens)
+    assert [c.layer for c in caps] == [0, 1] and caps[0].q.shape == (2, 2, 48, 16) and caps[0].causal
+    assert captured_error(caps, "chunked")["error_max"] < 1e-6
+    window = captured_error(caps, "sliding_window", {"window": 4})
+    assert window["status"] == "ok" and window["error_mean"] > 1e-3
+    assert captured_error(caps, "sliding_window", {"window": 48})["error_max"] < 1e-6
+    refused = captured_error(caps, "linformer", {"max_len": 48, "k": 8})
+    assert refused["status"] == "not applicable" and "causal" in refused["reason"]
