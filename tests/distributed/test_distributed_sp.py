@@ -448,7 +448,7 @@ def test_estimate_with_world_size_predicts_per_rank_peak_and_bytes():
         two = attnmem.estimate("chunked", **shape, world_size=2, scheme=scheme, ulysses=1 if u else None)
         four = attnmem.estimate("chunked", **shape, world_size=4, scheme=scheme, ulysses=u)
         assert four.peak_bytes < two.peak_bytes < single, scheme
-        assert four.peak_bytes == four.inputs_bytes + four.saved_bytes + four.transient_bytes
+        assert four.inputs_bytes == 3 * 8 * 512 * 64 * 4 < four.peak_bytes  # the rank's q, k, v shard
         lengths = [512] * 4
         want = T.scheme_bytes(scheme, lengths=lengths, rank=0, batch=1, heads=8, kv_heads=8, head_dim=64,
                               element_size=4, ulysses=u)

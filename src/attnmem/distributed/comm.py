@@ -149,6 +149,15 @@ def all_to_all(parts: Sequence[Tensor], recv_shapes: Sequence[Sequence[int]], gr
     return [piece.view(tuple(shape)) for piece, shape in zip(recv.split(sizes_out), recv_shapes)]
 
 
+def check_initialised(scheme: str) -> None:
+    """RuntimeError unless torch.distributed is initialised."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{scheme} needs torch.distributed initialised: launch with torchrun and call "
+            "torch.distributed.init_process_group('gloo' or 'nccl') first"
+        )
+
+
 def global_rank(group: Any, group_rank: int) -> int:
     return dist.get_global_rank(group, group_rank) if group is not None else group_rank
 

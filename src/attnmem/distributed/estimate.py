@@ -26,12 +26,12 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from ..memory.estimate import Estimate
 from . import traffic as T
 from .ulysses import check_heads
 
@@ -41,21 +41,20 @@ SCHEMES = ("ring", "ulysses", "hybrid")
 _RING_BUFFERS = 10
 
 
-def _local_estimate(method: str, **kw: Any):
-    from ..memory.estimate import estimate
+# ``attnmem.estimate`` (the one-process estimate of a method), passed in by the caller: the
+# memory package calls this module, so this module does not import it back.
+LocalEstimate = Callable[..., Any]
 
-    return estimate(method, **kw)
 
-
-def _ring_peak(*, batch: int, heads: int, kv_heads: int, n: int, head_dim: int, dtype: torch.dtype,
-               heads_per_pass: int) -> int:
+def _ring_peak(local_estimate: LocalEstimate, *, batch: int, heads: int, kv_heads: int, n: int, head_dim: int,
+               dtype: torch.dtype, heads_per_pass: int) -> int:
     e = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     q = batch * heads * n * head_dim * e
     kv = batch * kv_heads * n * head_dim * e
     group = heads // kv_heads
     per_pass_kv = batch * heads_per_pass * n * head_dim * e
-    pair = _local_estimate("chunked", batch=batch, heads=group * heads_per_pass, kv_heads=heads_per_pass,
+    pair = local_estimate("chunked", batch=batch, heads=group * heads_per_pass, kv_heads=heads_per_pass,
                            seq_len=n, head_dim=head_dim, dtype=dtype, training=True)
     return (2 * (q + 2 * kv) + q + batch * heads * n * acc + _RING_BUFFERS * per_pass_kv
             + group * per_pass_kv + pair.transient_bytes)
@@ -78,8 +77,8 @@ def default_heads_per_pass(kv_heads: int, batch: int, threads: int) -> int:
     return min(kv_heads, max(1, math.ceil(threads / batch)))
 
 
-def per_rank(scheme: str, *, world_size: int, batch: int, heads: int, seq_len: int, head_dim: int,
-             kv_heads: int | None = None, dtype: Any = torch.float32, causal: bool = False,
+def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, batch: int, heads: int, seq_len: int,
+             head_dim: int, kv_heads: int | None = None, dtype: torch.dtype = torch.float32, causal: bool = False,
              layout: str = "contiguous", documents: Any = None, ulysses: int | None = None,
              method: str = "chunked", heads_per_pass: int | None = None, threads_per_rank: int = 1,
              **options: Any) -> dict[str, Any]:
@@ -87,6 +86,7 @@ def per_rank(scheme: str, *, world_size: int, batch: int, heads: int, seq_len: i
 
     Args:
         scheme: "ring", "ulysses" or "hybrid" (``ulysses`` = U ranks per Ulysses group).
+        local_estimate: ``attnmem.estimate``, for the local method's one-process peak.
         world_size: ranks P.
         batch, heads, seq_len, head_dim, kv_heads, dtype, causal: the whole problem (N = seq_len).
         layout: "contiguous", "zigzag" or "documents" (with ``documents``), for the ranks' lengths.
@@ -100,13 +100,11 @@ def per_rank(scheme: str, *, world_size: int, batch: int, heads: int, seq_len: i
     Raises:
         ValueError: an unknown scheme, a grid that does not fit, heads that do not split.
     """
-    from ..memory.estimate import resolve_dtype
-
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {', '.join(SCHEMES)}, got {scheme!r}")
     if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size <= 0:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-    dt = resolve_dtype(dtype)
+    dt = dtype
     e = torch.empty((), dtype=dt).element_size()
     kv_heads = heads if kv_heads is None else kv_heads
     u = {"ring": 1, "ulysses": world_size}.get(scheme, ulysses)
@@ -128,15 +126,15 @@ def per_rank(scheme: str, *, world_size: int, batch: int, heads: int, seq_len: i
     dout_head = batch * n_ring * head_dim * e * hq
     hpp = heads_per_pass or default_heads_per_pass(hkv, batch, threads_per_rank)
     if scheme == "ring":
-        peak = _ring_peak(batch=batch, heads=heads, kv_heads=kv_heads, n=n, head_dim=head_dim, dtype=dt,
+        peak = _ring_peak(local_estimate, batch=batch, heads=heads, kv_heads=kv_heads, n=n, head_dim=head_dim, dtype=dt,
                           heads_per_pass=hpp)
     elif scheme == "ulysses":
-        local = _local_estimate(method, batch=batch, heads=hq, kv_heads=hkv, seq_len=seq_len, head_dim=head_dim,
+        local = local_estimate(method, batch=batch, heads=hq, kv_heads=hkv, seq_len=seq_len, head_dim=head_dim,
                                 dtype=dt, training=True, causal=causal, **options)
         peak = _ulysses_peak(local.peak_bytes, seq_bytes=seq_bytes, head_bytes=head_bytes, dout_head_bytes=dout_head,
                              largest_head_bytes=dout_head)
     else:
-        ring = _ring_peak(batch=batch, heads=hq, kv_heads=hkv, n=n_ring, head_dim=head_dim, dtype=dt,
+        ring = _ring_peak(local_estimate, batch=batch, heads=hq, kv_heads=hkv, n=n_ring, head_dim=head_dim, dtype=dt,
                           heads_per_pass=hpp)
         peak = _ulysses_peak(ring, seq_bytes=seq_bytes, head_bytes=head_bytes, dout_head_bytes=dout_head,
                              largest_head_bytes=dout_head)
@@ -145,28 +143,33 @@ def per_rank(scheme: str, *, world_size: int, batch: int, heads: int, seq_len: i
 
 
 @dataclass(frozen=True)
-class RankEstimate(Estimate):
-    """``attnmem.estimate(..., world_size=P)``: one rank's peak (``inputs_bytes`` its q, k, v
-    shard; the rest, not split into saved and transient, in ``transient_bytes``) and the bytes
-    every rank sends per step."""
+class RankEstimate:
+    """``attnmem.estimate(..., world_size=P)``: one rank's predicted peak and the bytes every
+    rank sends per training step (``per_rank``); ``inputs_bytes`` is the rank's q, k, v shard."""
 
+    method: str
     scheme: str
     world_size: int
     ulysses: int
+    peak_bytes: int
+    inputs_bytes: int
     sent_bytes: tuple[int, ...]
     lengths: tuple[int, ...]
+    source: str = "formula (per rank)"
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / 2**20
 
     def __str__(self) -> str:
         return (f"{self.scheme} over {self.world_size} ranks ({self.method} locally): per-rank peak "
                 f"{self.peak_mib:.1f} MiB, sends {max(self.sent_bytes) / 2**20:.1f} MiB per step ({self.source})")
 
 
-def rank_estimate(method: str, *, scheme: str, world_size: int, ulysses: int | None, batch: int, heads: int,
-                  seq_len: int, head_dim: int, kv_heads: int | None, dtype: Any, training: bool, causal: bool,
-                  mask: Any, **options: Any) -> RankEstimate:
-    """``per_rank`` as an ``Estimate`` (the hook of ``attnmem.estimate``'s ``world_size``)."""
-    from ..memory.estimate import Shape, resolve_dtype
-
+def rank_estimate(method: str, *, local_estimate: LocalEstimate, scheme: str, world_size: int, ulysses: int | None,
+                  batch: int, heads: int, seq_len: int, head_dim: int, kv_heads: int | None, dtype: torch.dtype,
+                  training: bool, causal: bool, mask: Any, **options: Any) -> RankEstimate:
+    """``per_rank`` as the answer of ``attnmem.estimate``'s ``world_size`` hook."""
     if not training:
         raise ValueError("estimate(world_size=...) predicts training steps (forward + backward); got training=False")
     if mask is not None:
@@ -175,15 +178,13 @@ def rank_estimate(method: str, *, scheme: str, world_size: int, ulysses: int | N
         method = "chunked"
     if scheme != "ulysses" and method not in ("chunked", "reference", "sdpa"):
         raise ValueError(f"scheme={scheme!r} runs exact softmax attention (the chunked kernel); got method={method!r}")
-    p = per_rank(scheme, world_size=world_size, ulysses=ulysses, batch=batch, heads=heads, seq_len=seq_len,
-                 head_dim=head_dim, kv_heads=kv_heads, dtype=dtype, causal=causal, method=method, **options)
-    dt = resolve_dtype(dtype)
+    p = per_rank(scheme, local_estimate=local_estimate, world_size=world_size, ulysses=ulysses, batch=batch,
+                 heads=heads, seq_len=seq_len, head_dim=head_dim, kv_heads=kv_heads, dtype=dtype, causal=causal,
+                 method=method, **options)
     hkv = heads if kv_heads is None else kv_heads
-    n = max(p["lengths"])
-    shape = Shape(batch, heads, hkv, n, head_dim, dt.itemsize, str(dt).removeprefix("torch."), True, causal, False)
-    return RankEstimate(method, p["peak_bytes"], shape.inputs_bytes, 0, p["peak_bytes"] - shape.inputs_bytes,
-                        "formula (per rank)", shape, dict(options), scheme, world_size, p["ulysses"],
-                        tuple(p["sent_bytes"]), tuple(p["lengths"]))
+    inputs = batch * max(p["lengths"]) * head_dim * (heads + 2 * hkv) * torch.empty((), dtype=dtype).element_size()
+    return RankEstimate(method, scheme, world_size, p["ulysses"], p["peak_bytes"], inputs, tuple(p["sent_bytes"]),
+                        tuple(p["lengths"]))
 
 
 __all__ = ["per_rank", "rank_estimate", "RankEstimate", "SCHEMES"]

@@ -26,9 +26,10 @@ from torch import Tensor
 from .. import masks as M
 from ..api import validate
 from . import layout as L
+from .comm import check_initialised
 from .masking import heads_slice
 from .ring import ring_attention
-from .ulysses import check_heads, check_initialised, heads_plan, heads_to_seq, seq_to_heads
+from .ulysses import check_heads, heads_plan, heads_to_seq, seq_to_heads
 
 SCHEME = "sequence_parallel_attention"
 

@@ -329,4 +329,4 @@ def random_documents(n: int, low: int, high: int, *, seed: int = 0) -> Tensor:
 
 __all__ = ["LAYOUTS", "PARTITIONS", "shard", "unshard", "gather", "positions", "local_lengths", "check_layout",
            "Partition", "partition", "balanced_documents", "attention_pairs", "imbalance", "document_starts",
-           "random_documents"]
+           "random_documents", "check_ids"]

@@ -27,8 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import validate
-from .comm import all_gather, gather_ints
-from .ulysses import check_initialised
+from .comm import all_gather, check_initialised, gather_ints
 
 SCHEME = "linear_context_parallel"
 FEATURE_MAPS = ("elu", "relu")

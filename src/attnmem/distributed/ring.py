@@ -45,7 +45,7 @@ from torch import Tensor
 
 from .. import masks as M
 from ..api import validate
-from ..kernels import acc_dtype, merge_partials, tiled_attention_lse, tiled_backward_lse
+from ..kernels import LseAttention, acc_dtype, merge_partials, tiled_attention_lse, tiled_backward_lse
 from . import layout as L
 from .comm import SequenceParallelError, gather_ints, nbytes, peer_errors, record, wait_all
 from .masking import AtPositions, heads_slice
@@ -244,21 +244,6 @@ def _ring_backward(r: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
     return dq, dk, dv
 
 
-class _RingAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, ring: _Ring):
-        out, lse = _ring_forward(ring, q, k, v)
-        ctx.ring = ring
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _ring_backward(ctx.ring, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
-
-
 _LAYOUT_CODES = (*L.LAYOUTS, "partition")
 
 
@@ -389,4 +374,4 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mas
         scale=inp.scale, heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel,
         mask=global_mask, positions=positions,
     )
-    return _RingAttention.apply(q, k, v, ring)
+    return LseAttention.apply(q, k, v, ring, _ring_forward, _ring_backward)

@@ -35,7 +35,7 @@ from torch import Tensor
 from .. import masks as M
 from ..api import attention, validate
 from . import layout as L
-from .comm import all_to_all, gather_ints
+from .comm import all_to_all, check_initialised, gather_ints
 from .masking import heads_slice
 
 SCHEME = "ulysses_attention"
@@ -172,14 +172,6 @@ def seq_to_heads(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan, group: Any) ->
 def heads_to_seq(out: Tensor, plan: HeadPlan, group: Any, heads: int) -> Tensor:
     """Differentiable inverse of ``seq_to_heads`` for the output (B, H/P, N, D) -> (B, H, N_r, D)."""
     return _HeadsToSeq.apply(out, plan, group, heads)
-
-
-def check_initialised(scheme: str) -> None:
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError(
-            f"{scheme} needs torch.distributed initialised: launch with torchrun and call "
-            "torch.distributed.init_process_group('gloo' or 'nccl') first"
-        )
 
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None,

@@ -6,11 +6,13 @@
 - ``merge``: ``merge_partials``, the log-sum-exp merge of partial results, and ``merge``
   (``attnmem.merge``) over a list of them.
 - ``mods``: score_mod, dropout and the tensors a score_mod captures (``Mods``, ``make_mods``).
+- ``autograd``: ``LseAttention``, the autograd function that saves only out and lse.
 - ``segments``: ``block_rows`` and ``plan_segments``, which keys each query tile computes.
 - ``tile``: the two tile kernels (``fused`` CPU operator, ``torch``) and ``resolve_kernel``.
 - ``flex``: the FlexAttention adapter (``flex_block_mask``, ``flex_attention``) for CUDA.
 """
 
+from .autograd import LseAttention
 from .flex import FLEX_TILE, flex_attention, flex_available, flex_block_mask, flex_safe
 from .merge import merge, merge_partials
 from .mods import Mods, ScoreMod, TileMods, captured_tensors, dropout_keep, make_mods
@@ -46,7 +48,7 @@ from .tiled import (
 
 __all__ = [
     "CAUSAL_TILE", "FLEX_TILE", "FUSED_DTYPES", "KERNELS", "MAX_GATHER", "MAX_SEGMENT", "MIN_Q_TILE",
-    "TILE_KERNELS", "Segment", "TileContext", "acc_dtype", "allowed_bool", "block_rows",
+    "TILE_KERNELS", "LseAttention", "Segment", "TileContext", "acc_dtype", "allowed_bool", "block_rows",
     "flex_attention", "flex_available", "flex_block_mask", "flex_safe", "fused_available",
     "fused_backward", "fused_forward", "merge_partials", "plan_segments", "resolve_kernel",
     "tiled_attention", "tiled_attention_lse", "tiled_backward", "tiled_backward_lse",

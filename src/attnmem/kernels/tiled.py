@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from ..masks import And, KeyPadding, Mask, SlidingWindow, eval_mask
+from .autograd import LseAttention
 from .merge import merge_partials
 from .mods import Mods, ScoreMod, TileMods, make_mods
 from .segments import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, block_rows, plan_segments
@@ -441,25 +442,9 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale
     mods = make_mods(score_mod, dropout_p, dropout_seed, q)
     c = TileContext(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel, mods)
     if mods is None and sinks is None and not return_lse:
-        return _TiledAttention.apply(q, k, v, c)
+        # The plain call (no sinks, mods or lse): the fewest moving parts on the hot path.
+        return LseAttention.apply(q, k, v, c, tiled_forward, tiled_backward)
     return run_exact(TiledRun(c), q, k, v, sinks=sinks, mods=mods, return_lse=return_lse)
-
-
-class _TiledAttention(torch.autograd.Function):
-    """The plain call (no sinks, mods or lse): the fewest moving parts on the hot path."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, c: TileContext):
-        out, lse = tiled_forward(c, q, k, v)
-        ctx.c = c
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = tiled_backward(ctx.c, dout, q, k, v, out, lse)
-        return dq, dk, dv, None
 
 
 def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale: float,

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -36,6 +36,9 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .. import registry
 from ..api import validate
 from .measure import LiveTensorTracker, MiB
+
+if TYPE_CHECKING:
+    from ..distributed.estimate import RankEstimate
 
 # Tensors up to this many elements that do not depend on q, k, v stay real, so index code
 # (block maps, .tolist(), .item()) runs; 2**20 int64 elements are 8 MiB.
@@ -364,7 +367,7 @@ def resolve_dtype(dtype: Any) -> torch.dtype:
 def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int,
              dtype: Any = torch.float32, training: bool = True, kv_heads: int | None = None,
              causal: bool = False, mask: Any = None, how: str = "auto", world_size: int | None = None,
-             scheme: str = "ring", ulysses: int | None = None, **options: Any) -> Estimate:
+             scheme: str = "ring", ulysses: int | None = None, **options: Any) -> Estimate | RankEstimate:
     """Predicted peak bytes of one ``attnmem.attention`` call (forward, + backward when
     ``training``), inputs included, without allocating the tensors.
 
@@ -386,7 +389,8 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
 
     Returns:
         An ``Estimate``: ``peak_bytes`` and the inputs / saved / transient breakdown (with
-        ``world_size``, a ``RankEstimate`` that adds ``sent_bytes`` per rank).
+        ``world_size``, an ``attnmem.distributed.estimate.RankEstimate``: ``peak_bytes`` of one
+        rank and ``sent_bytes`` per rank).
 
     Raises:
         ValueError: non-positive sizes, heads not divisible by kv_heads, unknown method, dtype
@@ -398,9 +402,9 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     if world_size is not None:
         from ..distributed.estimate import rank_estimate
 
-        return rank_estimate(method, scheme=scheme, world_size=world_size, ulysses=ulysses, batch=batch, heads=heads,
-                             seq_len=seq_len, head_dim=head_dim, kv_heads=kv_heads, dtype=dtype, training=training,
-                             causal=causal, mask=mask, **options)
+        return rank_estimate(method, local_estimate=estimate, scheme=scheme, world_size=world_size, ulysses=ulysses,
+                             batch=batch, heads=heads, seq_len=seq_len, head_dim=head_dim, kv_heads=kv_heads,
+                             dtype=resolve_dtype(dtype), training=training, causal=causal, mask=mask, **options)
     kv_heads = heads if kv_heads is None else _check_int("kv_heads", kv_heads)
     if heads % kv_heads:
         raise ValueError(f"heads={heads} is not divisible by kv_heads={kv_heads}")

@@ -15,9 +15,10 @@ from .cache import (
 from .cache_evict import HeavyHitterCache, SinkWindowCache, SnapKVCache
 from .cache_lowbit import Int2KVCache, Int4KVCache
 from .cache_paged import BlockTable, PagedKVCache, PagedModelCache
+from .scores import LearnedALiBi, RelativePositionBias
 from .transformer import Transformer
 
 __all__ = ["MultiHeadAttention", "Transformer", "LayerCache", "KVCache", "Int8KVCache", "SlidingWindowCache",
            "LinearStateCache", "SinkWindowCache", "HeavyHitterCache", "SnapKVCache", "Int4KVCache", "Int2KVCache",
            "PagedKVCache", "PagedModelCache", "BlockTable", "ModelCache", "make_layer_cache", "make_model_cache",
-           "cache_bytes"]
+           "cache_bytes", "RelativePositionBias", "LearnedALiBi"]

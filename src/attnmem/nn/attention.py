@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from .. import registry
@@ -25,6 +26,13 @@ class MultiHeadAttention(nn.Module):
             across the ranks of a process group and attention runs under its scheme (ring,
             Ulysses or hybrid), which receives ``method`` and the options and refuses what it
             cannot run. Default None: one process holds the whole sequence.
+        score_mod: a FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx)``; an
+            ``nn.Module`` (e.g. ``RelativePositionBias``) is registered, so its parameters
+            train with the layer.
+        sinks: learn one sink logit per query head (gpt-oss), initialised to 0.
+        dropout: attention dropout on the probabilities, applied only while ``self.training``;
+            its pattern is drawn from torch's global generator (``torch.manual_seed`` makes it
+            reproducible).
         **options: the method's options.
 
     Shapes: ``forward(x)`` takes (B, N, d_model) and returns (B, N, d_model).
@@ -35,7 +43,8 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, *, kv_heads: int | None = None,
                  method: str = "auto", causal: bool = False, bias: bool = False,
-                 sequence_parallel: Any = None, **options: Any):
+                 sequence_parallel: Any = None, score_mod: Any = None, sinks: bool = False,
+                 dropout: float = 0.0, **options: Any):
         super().__init__()
         kv_heads = n_heads if kv_heads is None else kv_heads
         for name, val in (("d_model", d_model), ("n_heads", n_heads), ("kv_heads", kv_heads)):
@@ -60,6 +69,22 @@ class MultiHeadAttention(nn.Module):
             if m.stateful or m.has_module:
                 self.inner = m.build_module(heads=n_heads, kv_heads=kv_heads,
                                             head_dim=self.head_dim, opts=opts)
+        self._init_mods(score_mod, sinks, dropout)
+
+    def _init_mods(self, score_mod: Any, sinks: bool, dropout: float) -> None:
+        if score_mod is not None and not callable(score_mod):
+            raise TypeError(f"score_mod must be None or a callable, got {type(score_mod).__name__}")
+        if not isinstance(sinks, bool):
+            raise TypeError(f"sinks must be a bool, got {type(sinks).__name__}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        used = [n for n, on in (("score_mod", score_mod is not None), ("sinks", sinks), ("dropout", dropout > 0)) if on]
+        if used and (self.inner is not None or self.sequence_parallel is not None):
+            where = "sequence_parallel" if self.sequence_parallel is not None else f"method {self.method!r}'s module"
+            raise ValueError(f"{', '.join(used)} cannot be applied by {where}; use a functional exact method")
+        self.score_mod = score_mod  # an nn.Module here is registered as a submodule
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads)) if sinks else None
+        self.dropout = float(dropout)
 
     def split_heads(self, x: Tensor, heads: int) -> Tensor:
         B, N, _ = x.shape
@@ -77,7 +102,14 @@ class MultiHeadAttention(nn.Module):
                                                  **self.options)
         if self.inner is not None:
             return self.inner(q, k, v, causal=self.causal, mask=mask)
-        return attention(q, k, v, method=self.method, causal=self.causal, mask=mask, **self.options)
+        mods: dict[str, Any] = {}
+        if self.score_mod is not None:
+            mods["score_mod"] = self.score_mod
+        if self.sinks is not None:
+            mods["sinks"] = self.sinks.to(q.dtype)
+        if self.dropout and self.training:
+            mods["dropout_p"] = self.dropout
+        return attention(q, k, v, method=self.method, causal=self.causal, mask=mask, **mods, **self.options)
 
     def forward(self, x: Tensor, *, mask: Any = None, cache: Any = None) -> Tensor:
         """``cache``: an ``attnmem.nn.cache.LayerCache``; x then holds the new tokens only, which
