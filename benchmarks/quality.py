@@ -49,8 +49,8 @@ from attnmem.bench.quality import (
     score,
     swap_attention,
 )
-from attnmem.tasks import TrainConfig, fit
 from attnmem.tasks.text import NGram, validation_stream
+from attnmem.training import TrainConfig, fit
 
 EXACT_RUN = "sdpa"  # the method of the runs every other method is swapped into
 

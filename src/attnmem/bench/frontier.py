@@ -129,7 +129,7 @@ def short_context(rows: list[dict[str, Any]], task: str = "text", mode: str = "t
 def measure_points(points: list[QualityPoint], *, heads: int = 8, head_dim: int = 64, rounds: int = 3) -> None:
     """Fill ``peak_bytes`` and ``time_ratio`` (time / the best exact method's, interleaved) of
     each point that runs, at its ``seq_len``, causal, forward + backward."""
-    from ..tasks.train import parse_method_spec
+    from ..method_spec import parse_method_spec
     from .cases import Case, run_case, time_interleaved
 
     runnable: list[tuple[QualityPoint, Case]] = []

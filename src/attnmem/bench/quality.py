@@ -181,12 +181,12 @@ def load_trained(run_dir: str):
     Raises:
         ValueError: no checkpoint in ``run_dir``.
     """
-    from ..tasks.train import CHECKPOINT, TrainConfig, build
+    from ..training import CHECKPOINT, TrainConfig, build, load_checkpoint
 
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise ValueError(f"no checkpoint at {path}; train first")
-    state = torch.load(path, weights_only=False)
+    state = load_checkpoint(path)
     config = TrainConfig(**state["config"])
     _, model, _, _ = build(config)
     model.load_state_dict(state["model"])
@@ -228,7 +228,7 @@ def score(model: nn.Module, task: Any, inputs: Tensor, labels: Tensor, batch_siz
 def held_out_inputs(config: Any, task: Any, *, text_bytes: int, examples: int) -> tuple[Tensor, Tensor]:
     """The fixed held-out set a model is scored on: the first ``text_bytes`` validation bytes
     in windows of ``seq_len`` (text), or ``examples`` sequences from the held-out seed."""
-    from ..tasks.train import EVAL_SEED_OFFSET
+    from ..training import EVAL_SEED_OFFSET
 
     if hasattr(task, "validation_windows"):
         return task.held_out().validation_windows(text_bytes)
@@ -236,6 +236,6 @@ def held_out_inputs(config: Any, task: Any, *, text_bytes: int, examples: int) -
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    from ..tasks.train import parse_method_spec
+    from ..method_spec import parse_method_spec
 
     return parse_method_spec(spec)
