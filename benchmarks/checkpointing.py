@@ -22,7 +22,7 @@ import torch
 from _common import RESULTS, append_row, log
 from attnmem.bench import environment
 from attnmem.memory.measure import MiB, measure
-from attnmem.tasks.train import TrainConfig, build, loss_and_correct
+from attnmem.training import TrainConfig, build, loss_and_correct
 
 
 def one_step_fn(config: TrainConfig):

@@ -3,9 +3,9 @@
     python benchmarks/train_estimate.py
 
 For a few ``attnmem.tasks`` configurations and batch sizes: the peak of one training step
-predicted by ``attnmem.tasks.train.estimated_peak_fn`` (``attnmem.memory.plan.model_peak``:
+predicted by ``attnmem.training.estimated_peak_fn`` (``attnmem.memory.plan.model_peak``:
 closed forms plus ``attnmem.estimate`` for the attention; nothing allocated) and the peak
-measured by ``attnmem.tasks.train.step_peak`` (``attnmem.measure`` on a real steady-state step:
+measured by ``attnmem.training.step_peak`` (``attnmem.measure`` on a real steady-state step:
 weights, gradients, AdamW moments, activations). Rows go to
 benchmarks/results/train_estimate.jsonl as they finish.
 """
@@ -17,7 +17,7 @@ import torch
 from _common import RESULTS, append_row, log
 from attnmem.bench import environment
 from attnmem.memory.measure import MiB
-from attnmem.tasks.train import TrainConfig, build, estimated_peak_fn, step_peak
+from attnmem.training import TrainConfig, build, estimated_peak_fn, step_peak
 
 CASES = [
     ("mqar V=8192", dict(task_options={"vocab_size": 8192})),

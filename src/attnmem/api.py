@@ -40,8 +40,8 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any
     if k.shape[3] != D:
         raise ValueError(f"head dims differ: q has D={D}, k/v have D={k.shape[3]}")
     Hkv = k.shape[1]
-    if Hkv == 0 or Hq % Hkv != 0:
-        raise ValueError(f"query heads must be a multiple of key/value heads, got Hq={Hq}, Hkv={Hkv}")
+    if Hq == 0 or Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"query heads must be a positive multiple of key/value heads, got Hq={Hq}, Hkv={Hkv}")
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
     if scale is None:
@@ -55,6 +55,24 @@ def validate(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any
     return Inputs(q, k, v, causal, user_mask, combine(causal, user_mask), float(scale))
 
 
+def is_empty(inp: Inputs) -> bool:
+    """True when the call has no work: no batch, no query rows or no head dim (the output is
+    empty), or no keys (every row attends to nothing, so it is zeros)."""
+    return min(inp.batch, inp.nq, inp.head_dim, inp.nk) == 0
+
+
+class _NoWork(torch.autograd.Function):
+    """The output of a call with no work: zeros of q's shape, and zero gradients for q, k, v
+    (no output reads any input). Computed here once, so no kernel meets a zero-size tensor."""
+
+    @staticmethod
+    def forward(ctx: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        ctx.like = [(t.shape, t.dtype, t.device) for t in (q, k, v)]
+        return torch.zeros_like(q, memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return tuple(torch.zeros(shape, dtype=dtype, device=device) for shape, dtype, device in ctx.like)
 def validate_mods(inp: Inputs, *, score_mod: Any = None, sinks: Any = None, dropout_p: Any = 0.0,
                   dropout_seed: Any = None, return_lse: Any = False) -> Inputs:
     """Check the score modifications of a call and add them to its ``Inputs``."""
@@ -81,6 +99,19 @@ def validate_mods(inp: Inputs, *, score_mod: Any = None, sinks: Any = None, drop
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     return dataclasses.replace(inp, score_mod=score_mod, sinks=sinks, dropout_p=float(dropout_p),
                                dropout_seed=dropout_seed, return_lse=return_lse)
+
+
+def no_work(inp: Inputs) -> Tensor | tuple[Tensor, Tensor]:
+    """The result of a call with no work (``is_empty``): zeros, and with ``return_lse`` the
+    log-sum-exp of rows that attend to nothing: -inf, or the sink logit of the row's head."""
+    out = _NoWork.apply(inp.q, inp.k, inp.v)
+    if not inp.return_lse:
+        return out
+    B, Hq, nq = inp.q.shape[:3]
+    lse = torch.full((B, Hq, nq), -math.inf, dtype=torch.float32, device=inp.q.device)
+    if inp.sinks is not None:
+        lse = lse.maximum(inp.sinks.float()[None, :, None].expand(B, Hq, nq))  # (B, Hq, Nq)
+    return out, lse
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: bool = False,
@@ -120,7 +151,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: 
 
     Returns:
         (B, Hq, Nq, D), or ``(out, lse)`` with ``return_lse``. Rows with nothing to attend are
-        zeros, with zero gradients.
+        zeros, with zero gradients; so is a call with no keys (Nk = 0). A call with B, Nq or
+        D = 0 returns its empty output (and empty gradients) without running a kernel; zero
+        heads are refused.
 
     Raises:
         TypeError: wrong types, dtypes, or an unknown option.
@@ -128,15 +161,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: 
             does not support the inputs (the message lists its reasons).
     """
     inp = validate(q, k, v, causal=causal, mask=mask, scale=scale)
+    if not isinstance(check_finite, bool):
+        raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__} {check_finite!r}")
     inp = validate_mods(inp, score_mod=score_mod, sinks=sinks, dropout_p=dropout_p,
                         dropout_seed=dropout_seed, return_lse=return_lse)
     if check_finite:
         for name, t in (("q", inp.q), ("k", inp.k), ("v", inp.v)):
             if not bool(torch.isfinite(t).all()):
                 raise ValueError(f"{name} contains NaN or inf (check_finite=True)")
+    if not isinstance(method, str):
+        raise TypeError(f"method must be a str (a registered name or 'auto'), got {type(method).__name__}")
     if method == "auto":
         chosen = registry.choose(inp, options).method
-        return chosen.forward(inp, chosen.make_options(options))
+        opts = chosen.make_options(options)
+        return no_work(inp) if is_empty(inp) else chosen.forward(inp, opts)
     m = registry.get(method)
     if m.stateful:
         raise ValueError(
@@ -147,4 +185,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, method: str = "auto", causal: 
     reasons = m.not_supported_reasons(inp, opts)
     if reasons:
         raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
-    return m.forward(inp, opts)
+    return no_work(inp) if is_empty(inp) else m.forward(inp, opts)

@@ -69,7 +69,7 @@ def captured(monkeypatch):
 
     monkeypatch.setattr(compare_mod, "run_sweep", sweep)
     monkeypatch.setattr(plan_mod, "plan_specs", plan_specs)
-    monkeypatch.setattr(train_mod.tasks, "max_batch_under", max_batch)
+    monkeypatch.setattr(train_mod.training, "max_batch_under", max_batch)
     return seen
 
 

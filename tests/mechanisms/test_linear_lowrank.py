@@ -271,3 +271,12 @@ def test_causal_linear_memory_is_linear():
     floor = 7 * 2048 * 32 * 4
     assert peaks[1] <= 2 * floor, peaks[1] / floor
     assert peaks[1] / peaks[0] <= 4.5, peaks
+
+
+@pytest.mark.parametrize("n, extra", [(16, 0), (40, 0), (24, 100)])
+def test_nystrom_with_landmarks_at_least_nk_is_exact(n, extra):
+    """landmarks >= Nk: every key is a landmark, so the result is exact attention (float64
+    rounding), with the default pseudo-inverse steps too — not a few per cent off."""
+    q, k, v = rand_qkv(1, 2, 2, n, n, 8)
+    ref = reference_attention(q, k, v)
+    assert rel_err(attnmem.attention(q, k, v, method="nystrom", landmarks=n + extra), ref) <= 1e-10

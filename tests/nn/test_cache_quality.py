@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from attnmem.bench.decode_quality import QualityConfig, run_quality, summarize
 from attnmem.cli import main
-from attnmem.tasks.train import TrainConfig, build
+from attnmem.training import TrainConfig, build
 
 N = 32
 

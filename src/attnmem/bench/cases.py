@@ -7,6 +7,7 @@ so a figure can always be traced to how it was obtained.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 import traceback
@@ -73,32 +74,50 @@ def floor_bytes(case: Case) -> int:
     return case.floor_bytes()
 
 
+MASK_SPECS = "none, causal, window:L[:R], dense_window:L[:R], document:LEN or random_blocks:KEEP[:BLOCK]"
+
+
+def _spec_int(spec: str, what: str, raw: str, least: int) -> int:
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value != int(value) or value < least:
+        raise ValueError(f"mask spec {spec!r}: {what} must be an integer >= {least}, got {raw!r}")
+    return int(value)
+
+
 def parse_mask(spec: str, n: int) -> tuple[bool, Any]:
     """``(causal, mask)`` from a spec: none, causal, window:L[:R], document:LEN,
-    random_blocks:KEEP[:BLOCK], dense_window:L (the window as a dense bool tensor)."""
+    random_blocks:KEEP[:BLOCK], dense_window:L (the window as a dense bool tensor).
+
+    Raises:
+        ValueError: naming the spec, for an unknown name or an argument out of range
+            (window sizes ≥ 0, document length ≥ 1, 0 ≤ KEEP ≤ 1, block ≥ 1).
+    """
     name, *args = spec.split(":")
-    try:
-        nums = [float(a) for a in args]
-    except ValueError:
-        raise ValueError(f"mask spec {spec!r}: arguments must be numbers") from None
+    limits = {"none": 0, "causal": 0, "window": 2, "dense_window": 2, "document": 1, "random_blocks": 2}
+    if name not in limits or len(args) > limits[name] or (limits[name] and not args):
+        raise ValueError(f"unknown mask spec {spec!r}; expected {MASK_SPECS}")
     if name == "none":
         return False, None
     if name == "causal":
         return True, None
-    if name == "window" and nums:
-        return False, M.sliding_window(int(nums[0]), int(nums[1] if len(nums) > 1 else nums[0]))
-    if name == "dense_window" and nums:
-        w = M.sliding_window(int(nums[0]), int(nums[1] if len(nums) > 1 else nums[0]))
-        return False, w.to_dense(n, n)[0, 0]
-    if name == "document" and nums:
-        return False, M.document(torch.arange(n) // int(nums[0]))
-    if name == "random_blocks" and nums:
-        block = int(nums[1]) if len(nums) > 1 else 256
-        return False, M.random_blocks(n, n, block, keep=nums[0], seed=0)
-    raise ValueError(
-        f"unknown mask spec {spec!r}; expected none, causal, window:L[:R], dense_window:L[:R], "
-        "document:LEN or random_blocks:KEEP[:BLOCK]"
-    )
+    if name in ("window", "dense_window"):
+        left = _spec_int(spec, "L", args[0], 0)
+        right = _spec_int(spec, "R", args[1], 0) if len(args) > 1 else left
+        w = M.sliding_window(left, right)
+        return (False, w) if name == "window" else (False, w.to_dense(n, n)[0, 0])
+    if name == "document":
+        return False, M.document(torch.arange(n) // _spec_int(spec, "LEN", args[0], 1))
+    try:
+        keep = float(args[0])
+    except ValueError:
+        keep = math.nan
+    if not 0.0 <= keep <= 1.0:
+        raise ValueError(f"mask spec {spec!r}: KEEP must be a fraction in [0, 1], got {args[0]!r}")
+    block = _spec_int(spec, "BLOCK", args[1], 1) if len(args) > 1 else 256
+    return False, M.random_blocks(n, n, block, keep=keep, seed=0)
 
 
 def make_inputs(case: Case, seed: int = 0):

@@ -22,7 +22,7 @@ import torch
 
 from ..memory.measure import MiB
 from ..tasks import IGNORE
-from ..tasks.train import TaskModel, TrainConfig, build
+from ..training import CHECKPOINT, TaskModel, TrainConfig, build, load_checkpoint
 from .rows import environment
 
 # Accuracy within this many points of the full cache counts as keeping it.
@@ -48,7 +48,7 @@ class QualityConfig:
 def export_model(run_dir: str | Path, path: str | Path) -> Path:
     """Keep only the weights and the config of a run of ``attnmem train`` (its checkpoint also
     holds optimizer states and RNG states): a small file ``load_model`` reads."""
-    state = torch.load(Path(run_dir) / "checkpoint.pt", weights_only=False)
+    state = load_checkpoint(Path(run_dir) / CHECKPOINT)  # verified against its checksum
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     config = {k: v for k, v in state["config"].items() if k in fields}
     path = Path(path)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,12 +122,9 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
 def not_applicable_reasons(method: str, options: dict[str, Any], cap: Captured) -> list[str]:
     """Why ``method`` cannot run on captured inputs, asked of the method itself."""
     m = registry.get(method)
-    opts = m.make_options(options)
-    if m.stateful:  # its module answers only when it runs; the capabilities still speak
-        inp = validate(cap.q, cap.k, cap.v, causal=cap.causal, mask=cap.mask)
-        return [r for r in m.not_supported_reasons(inp, opts) if "backward" not in r]
-    inp = validate(cap.q, cap.k, cap.v, causal=cap.causal, mask=cap.mask)
-    return m.not_supported_reasons(inp, opts)
+    # A stateful method's module may refuse more when it runs (captured_error reports that too).
+    return m.not_supported_reasons(validate(cap.q, cap.k, cap.v, causal=cap.causal, mask=cap.mask),
+                                   m.make_options(options))
 
 
 @torch.no_grad()
@@ -183,14 +181,12 @@ def load_trained(run_dir: str):
     Raises:
         ValueError: no checkpoint in ``run_dir``.
     """
-    from pathlib import Path
-
-    from ..tasks.train import CHECKPOINT, TrainConfig, build
+    from ..training import CHECKPOINT, TrainConfig, build, load_checkpoint
 
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise ValueError(f"no checkpoint at {path}; train first")
-    state = torch.load(path, weights_only=False)
+    state = load_checkpoint(path)
     config = TrainConfig(**state["config"])
     _, model, _, _ = build(config)
     model.load_state_dict(state["model"])
@@ -224,7 +220,7 @@ def score(model: nn.Module, task: Any, inputs: Tensor, labels: Tensor, batch_siz
         correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
         counted += int(keep.sum())
     out = {"loss": nats / counted, "accuracy": correct / counted}
-    if task.kind == "lm" and getattr(task, "vocab_size", None) == 256 and hasattr(task, "validation_windows"):
+    if hasattr(task, "validation_windows"):  # a byte-level text task
         out["bpb"] = out["loss"] / LN2
     return out
 
@@ -232,7 +228,7 @@ def score(model: nn.Module, task: Any, inputs: Tensor, labels: Tensor, batch_siz
 def held_out_inputs(config: Any, task: Any, *, text_bytes: int, examples: int) -> tuple[Tensor, Tensor]:
     """The fixed held-out set a model is scored on: the first ``text_bytes`` validation bytes
     in windows of ``seq_len`` (text), or ``examples`` sequences from the held-out seed."""
-    from ..tasks.train import EVAL_SEED_OFFSET
+    from ..training import EVAL_SEED_OFFSET
 
     if hasattr(task, "validation_windows"):
         return task.held_out().validation_windows(text_bytes)
@@ -240,6 +236,6 @@ def held_out_inputs(config: Any, task: Any, *, text_bytes: int, examples: int) -
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    from ..tasks.train import parse_method_spec
+    from ..method_spec import parse_method_spec
 
     return parse_method_spec(spec)

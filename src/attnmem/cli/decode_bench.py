@@ -52,8 +52,7 @@ def jsonl_writer(path: Path):
 def decode_bench_cmd(contexts, kinds, d_model, heads, layers, window, budget, steps, rounds, threads, timing,
                      with_int8_error, paged_lengths, quality_model, examples, prompt, seed, out_dir):
     """Decode with each cache kind: cache MiB and tokens/s against context length, with a plot."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = common.writable_dir(out_dir, "--out")
     log = lambda msg: err_console.print(msg, style="dim", highlight=False)  # noqa: E731
     if quality_model is not None:
         _quality(Path(quality_model), out, examples, prompt, seed, threads, log)

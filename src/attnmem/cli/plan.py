@@ -56,6 +56,8 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
              dtype, inference, checkpointing, methods_, plot_path, as_json) -> None:
     """Which methods fit a transformer in a memory budget; longest sequence and largest batch."""
     limit = budget
+    if plot_path is not None:
+        common.writable_file(plot_path, "--plot")
     if hf_config is not None:
         if config_src is not None or any(x is not None for x in (layers, d_model, heads, kv_heads, ffn_mult, vocab)):
             raise ValueError("--hf-config describes the whole model: do not combine it with --config or shape options")

@@ -10,10 +10,10 @@ import click
 import torch
 from rich.table import Table
 
-from .. import tasks
+from .. import training
 from ..method_spec import format_method_spec, parse_method_list, parse_options
 from ..tasks import TASKS
-from ..tasks.train import MASK_WINDOW, TrainConfig, estimated_peak_fn, fit
+from ..training import MASK_WINDOW, TrainConfig, estimated_peak_fn, fit
 from . import common
 from .common import console, err_console
 
@@ -86,6 +86,7 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
         raise ValueError("--methods is for --sweep; use --method for a single run")
     if do_sweep and not methods_:
         raise ValueError("--sweep needs --methods, e.g. --methods 'chunked;chunked:mask_window=32'")
+    common.writable_dir(out_dir, "--out")
     if threads:
         torch.set_num_threads(threads)
     name, method_options = method
@@ -101,12 +102,12 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
                          checkpoint_every=checkpoint_every, checkpointing=checkpointing,
                          target_accuracy=target_accuracy, max_time_s=max_time_s, seed=seed, out_dir=out_dir)
     if budget is not None:
-        chosen = tasks.max_batch_under(budget, estimated_peak_fn(config))
+        chosen = training.max_batch_under(budget, estimated_peak_fn(config))
         err_console.print(f"--max-batch-under {budget} bytes: batch {chosen}")
         config = dataclasses.replace(config, batch_size=chosen)
     if do_sweep:
         specs = [format_method_spec(n, o) for n, o in parse_method_list(methods_, "--methods", distinct="spec")]
-        rows = tasks.sweep(config, specs, resume=resume, progress=not no_progress, stop_at=stop_at)
+        rows = training.sweep(config, specs, resume=resume, progress=not no_progress, stop_at=stop_at)
         console.print(metrics_table(rows, f"attnmem train --sweep: {task}, N={seq_len}"))
         console.print(f"results: {Path(out_dir) / 'sweep.md'}, {Path(out_dir) / 'sweep.png'}")
         return
@@ -114,6 +115,9 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
     Path(out_dir, "summary.json").write_text(json.dumps(result.metrics, indent=2))
     console.print(metrics_table([result.metrics], f"attnmem train: {task}, N={seq_len}"))
     m = result.metrics
+    if "eval_bpb" in m:
+        console.print(f"validation bits per byte: {m['eval_bpb']:.4f} (corpus sha256 {m['corpus_sha256'][:16]}…, "
+                      f"{m['train_files']} training / {m['validation_files']} validation files)")
     if target_accuracy is not None:
         if m["target_step"] is None:
             console.print(f"target accuracy {target_accuracy:g} not reached in {m['steps']} steps "

@@ -66,6 +66,8 @@ def random_blocks(nq: int, nk: int, block: int, keep: float, seed: int = 0) -> B
     """A random block layout keeping about ``keep`` of the blocks, deterministic in ``seed``."""
     if not 0.0 <= keep <= 1.0:
         raise ValueError(f"random_blocks: keep must be in [0, 1], got {keep!r}")
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"random_blocks: block must be a positive int, got {block!r}")
     g = torch.Generator().manual_seed(seed)
     shape = (math.ceil(nq / block), math.ceil(nk / block))
     return BlockSparse(torch.rand(shape, generator=g) < keep, block)

@@ -178,13 +178,17 @@ def nystrom_attention(q: Tensor, k: Tensor, v: Tensor, *, landmarks: int, iterat
                       scale: float) -> Tensor:
     """Nyström attention (module docstring). q (B, Hq, Nq, D); k, v (B, Hkv, Nk, D).
 
-    With m = min(landmarks, Nq, Nk) landmarks; when m = Nq = Nk the landmarks are the tokens
-    and the result is exact attention up to the pseudo-inverse iteration's convergence.
+    With m = min(landmarks, Nq, Nk) landmarks. When ``landmarks >= Nk`` every key is its own
+    landmark and the approximation's limit is exact attention (P pinv(P) P V = P V): that is
+    what is returned, computed exactly, not through the pseudo-inverse iteration (whose six
+    default steps leave a few per cent of error).
     """
     B, Hq, nq, D = q.shape
     Hkv, nk = k.shape[1], k.shape[2]
     if nq == 0 or nk == 0:
         return q.new_zeros(B, Hq, nq, v.shape[-1])
+    if landmarks >= nk:
+        return _exact(q, k, v, scale)
     m = min(landmarks, nq, nk)
     q_land = segment_means(q, m)  # (B, Hq, m, D)
     k_land = segment_means(k, m)  # (B, Hkv, m, D)
@@ -219,7 +223,7 @@ def nystrom_definition(q: Tensor, k: Tensor, v: Tensor, *, landmarks: int, itera
 
 @dataclass(frozen=True)
 class NystromOptions:
-    """landmarks: m (positive int, default 64; capped at the sequence length). pinv_iterations:
+    """landmarks: m (positive int, default 64; at least Nk gives exact attention). pinv_iterations:
     Newton–Schulz steps (positive int, default 6). conv_kernel: odd width of the depthwise
     convolution over V added to the output (0 = none, default); the conv is learned, so it
     exists only in the module form (``attnmem.nn.MultiHeadAttention``)."""

@@ -1,8 +1,7 @@
-"""Offline long-range tasks (seeded generators, no downloads) and the training loop.
+"""Offline long-range tasks: seeded generators, no downloads.
 
 ``make_task(name, seq_len=..., **options)`` builds one of ``TASKS``; ``task.sample(n, generator)``
-draws a batch of inputs and labels. ``fit(TrainConfig(...))`` (module ``attnmem.tasks.train``) trains an
-``attnmem.nn.Transformer`` on a task and reports accuracy, loss, peak memory and tokens/s.
+draws a batch of inputs and labels. Training on them lives in ``attnmem.training``.
 """
 
 from __future__ import annotations
@@ -35,7 +34,4 @@ def make_task(name: str, *, seq_len: int | None = None, **options: Any):
     return cls(**options)
 
 
-from .train import TrainConfig, TrainResult, fit, max_batch_under, sweep  # noqa: E402
-
-__all__ = ["TASKS", "IGNORE", "MQAR", "ListOps", "SelectiveCopy", "TextLM", "make_task",
-           "TrainConfig", "TrainResult", "fit", "sweep", "max_batch_under"]
+__all__ = ["TASKS", "IGNORE", "MQAR", "ListOps", "SelectiveCopy", "TextLM", "make_task"]

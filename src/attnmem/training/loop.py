@@ -4,13 +4,12 @@
 fixed held-out split every ``eval_every`` steps, and saves a checkpoint every
 ``checkpoint_every`` steps. A checkpoint holds the model, optimizer and scheduler states, the
 global torch RNG state, the data generator's state, the step and the metrics so far, and is
-written atomically (a temporary file, then ``os.replace``), so an interruption at any moment
-leaves the previous checkpoint intact. ``fit(..., resume=True)`` continues from it and
-reaches the same weights and metrics as an uninterrupted run with the same seed.
-
-``sweep(config, methods)`` trains several methods with the same budget of steps and writes a
-table (markdown and JSON) and a PNG of accuracy against peak memory.
+written atomically with a checksum (``training.checkpoint``), so an interruption at any
+moment leaves the previous checkpoint intact and a corrupted one is refused.
+``fit(..., resume=True)`` continues from it and reaches the same weights and metrics as an
+uninterrupted run with the same seed; without a checkpoint to continue, it refuses.
 """
+
 
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ import copy
 import dataclasses
 import json
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,9 +29,9 @@ from torch import Tensor, nn
 from .. import masks as M
 from .. import registry
 from ..memory.measure import MiB, measure
-from ..method_spec import parse_method_spec
 from ..nn import Transformer
-from . import IGNORE, make_task
+from ..tasks import IGNORE, make_task
+from .checkpoint import load_checkpoint, save_atomic
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
@@ -166,6 +164,7 @@ class TrainConfig:
         return f"{self.method}:{opts}" if opts else self.method
 
 
+
 # --- model -------------------------------------------------------------------------------
 
 class TaskModel(nn.Module):
@@ -264,7 +263,17 @@ def build(config: TrainConfig) -> tuple[Any, TaskModel, torch.optim.Optimizer, A
     return task, model, opt, sched
 
 
-# --- memory ------------------------------------------------------------------------------
+
+# --- the loop ----------------------------------------------------------------------------
+
+def resume_key(config: TrainConfig) -> dict[str, Any]:
+    """The settings a checkpoint must share with the run that resumes it (all but
+    ``RESUMABLE_FIELDS``)."""
+    d = dataclasses.asdict(config)
+    for key in RESUMABLE_FIELDS:
+        d.pop(key)
+    return d
+
 
 def step_peak(model: TaskModel, opt: torch.optim.Optimizer, inputs: Tensor, labels: Tensor) -> tuple[int, float]:
     """Peak bytes and time of one full training step (forward, backward, AdamW update) in the
@@ -288,110 +297,6 @@ def step_peak(model: TaskModel, opt: torch.optim.Optimizer, inputs: Tensor, labe
     return m.peak_bytes, m.time_s
 
 
-def linear_peak_fn(config: TrainConfig, probe_batches: tuple[int, int] = (4, 8)) -> Callable[[int], int]:
-    """A peak-bytes-of-a-training-step function of the batch size: two real steps measured
-    with ``attnmem.measure`` at ``probe_batches``, extrapolated linearly (peak ≈ fixed + b · per
-    sample). The probes must be large enough that activations, which grow with the batch, set
-    the peak rather than the optimizer update (parameters, gradients and AdamW state, which do
-    not); at the tiniest batches the update dominates and the line would be too flat.
-
-    ``attnmem train --max-batch-under`` uses ``estimated_peak_fn`` instead (``attnmem.plan``'s
-    prediction, nothing allocated); ``max_batch_under`` takes either.
-
-    Raises:
-        ValueError: probe batches that are not two increasing positive ints.
-    """
-    b1, b2 = probe_batches
-    if not 0 < b1 < b2:
-        raise ValueError(f"probe_batches must be two increasing positive ints, got {probe_batches!r}")
-    task, model, opt, _ = build(config)
-    g = torch.Generator().manual_seed(config.seed)
-    peaks = [step_peak(model, opt, *task.sample(b, g))[0] for b in (b1, b2)]
-    per_sample = max((peaks[1] - peaks[0]) / (b2 - b1), 0.0)
-    fixed = peaks[0] - b1 * per_sample
-    return lambda b: int(math.ceil(fixed + b * per_sample))
-
-
-def plan_config(config: TrainConfig, batch_size: int | None = None):
-    """``config``'s training step as an ``attnmem.memory.plan.ModelConfig`` (AdamW, float32): the
-    same ``Transformer`` shape, the task's vocabulary and head width, the rows that reach the head
-    (the labelled positions of a language-model task, the last token of a classification), the
-    method, its options and mask."""
-    from ..memory.plan import ModelConfig
-
-    task = make_task(config.task, seq_len=config.seq_len, **config.task_options)
-    if task.kind == "classify":
-        rows = 1
-    else:  # the most labelled positions of a few examples (MQAR: num_pairs, selective copy: num_tokens)
-        _, labels = task.sample(8, torch.Generator().manual_seed(config.seed))
-        rows = max(int((labels != IGNORE).sum(1).max()), 1)
-    return ModelConfig(layers=config.n_layers, d_model=config.d_model, heads=config.n_heads,
-                       vocab=task.vocab_size, num_outputs=task.num_outputs, head_rows=rows,
-                       seq_len=config.seq_len, batch=batch_size or config.batch_size, dtype="float32",
-                       training=True, checkpointing=config.checkpointing, causal=True,
-                       options=config.attention_options(), mask=config.mask())
-
-
-def estimated_peak_fn(config: TrainConfig) -> Callable[[int], int]:
-    """Peak bytes of one training step (weights, gradients, AdamW moments, activations) as a
-    function of the batch size, predicted by ``attnmem.memory.plan.model_peak`` (closed forms
-    plus ``attnmem.estimate`` for the attention; nothing is allocated)."""
-    from ..memory.plan import model_peak
-
-    base = plan_config(config)
-    return lambda b: model_peak(base.replace(batch=b), config.method)["peak"]
-
-
-def max_batch_under(budget_bytes: int, peak_fn: Callable[[int], int], *, limit: int = 1 << 20) -> int:
-    """The largest batch ``b <= limit`` with ``peak_fn(b) <= budget_bytes``, assuming the peak
-    grows with ``b``: doubling to bracket it, then bisection (O(log b) calls of ``peak_fn``).
-
-    Raises:
-        ValueError: a non-positive budget, or when even a batch of 1 does not fit.
-    """
-    if budget_bytes <= 0:
-        raise ValueError(f"budget must be positive, got {budget_bytes} bytes")
-    first = peak_fn(1)
-    if first > budget_bytes:
-        raise ValueError(f"a batch of 1 needs {first / MiB:.1f} MiB, more than the budget of "
-                         f"{budget_bytes / MiB:.1f} MiB")
-    lo, hi = 1, 2  # peak_fn(lo) fits; hi is the first candidate not yet known to fit
-    while hi <= limit and peak_fn(hi) <= budget_bytes:
-        lo, hi = hi, hi * 2
-    if hi > limit:
-        hi = limit + 1
-        if peak_fn(limit) <= budget_bytes:
-            return limit
-    while hi - lo > 1:  # invariant: lo fits, hi does not
-        mid = (lo + hi) // 2
-        if peak_fn(mid) <= budget_bytes:
-            lo = mid
-        else:
-            hi = mid
-    return lo
-
-
-# --- checkpoints -------------------------------------------------------------------------
-
-def save_atomic(state: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file beside ``path``, flush it to disk, then rename over ``path``:
-    a reader sees the old checkpoint or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _comparable(config: TrainConfig) -> dict[str, Any]:
-    d = dataclasses.asdict(config)
-    for key in RESUMABLE_FIELDS:
-        d.pop(key)
-    return d
-
-
-# --- the loop ----------------------------------------------------------------------------
 
 @dataclass
 class TrainResult:
@@ -432,10 +337,12 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
     ckpt = out / CHECKPOINT if out else None
     if out:
         out.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
-        if state["config"] != _comparable(config):
-            diff = sorted(k for k, v in _comparable(config).items() if state["config"].get(k) != v)
+    if resume and not ckpt.exists():
+        raise ValueError(f"resume: no checkpoint at {ckpt}; run without resume (--resume) to start from scratch")
+    if resume:
+        state = load_checkpoint(ckpt)
+        if state.get("config") != resume_key(config):
+            diff = sorted(k for k, v in resume_key(config).items() if (state.get("config") or {}).get(k) != v)
             raise ValueError(f"checkpoint {ckpt} was written by a different config (differs in: {', '.join(diff)})")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -454,7 +361,7 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
     def checkpoint() -> None:
         if ckpt is None:
             return
-        save_atomic({"config": _comparable(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
+        save_atomic({"config": resume_key(config), "model": model.state_dict(), "optimizer": opt.state_dict(),
                      "scheduler": sched.state_dict(), "torch_rng": torch.get_rng_state(),
                      "data_rng": data_gen.get_state(), "step": step, "history": history,
                      "peak_bytes": peak_bytes, "train_time": train_time, "train_tokens": train_tokens,
@@ -514,6 +421,10 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
                   "batch_size": config.batch_size, "checkpointing": config.checkpointing,
                   "peak_mib": (peak_bytes or 0) / MiB, "tokens_per_s": train_tokens / max(train_time, 1e-9),
                   "train_time_s": train_time, "wall_s": wall(), "steps": step})
+    if hasattr(task, "corpus"):  # text: bits per byte on the validation files, and which text it was
+        final.update(task.corpus.describe())
+        if "eval_loss" in final:
+            final["eval_bpb"] = final["eval_loss"] / math.log(2)
     if config.target_accuracy is not None:
         hit = first_reaching(history, config.target_accuracy)
         final.update({"target_accuracy": config.target_accuracy, "target_step": hit and hit["step"],
@@ -538,75 +449,3 @@ def _progress_bar(enabled: bool, label: str, total: int, done: int):
                  console=Console(stderr=True), transient=True)
     p.start()
     return p, p.add_task(label, total=total, completed=done)
-
-
-# --- sweep -------------------------------------------------------------------------------
-
-SWEEP_COLUMNS = ("method", "eval_accuracy", "eval_loss", "peak_mib", "tokens_per_s", "train_time_s", "steps")
-
-
-def sweep(config: TrainConfig, methods: list[str], *, resume: bool = False, progress: bool = False,
-          stop_at: int | None = None) -> list[dict]:
-    """Train each method spec (``name[:key=value,...]``) with ``config``'s budget of steps (or up to
-    ``stop_at``, the learning-rate schedule still spanning ``config.steps``); write
-    ``sweep.json``, ``sweep.md`` and ``sweep.png`` (accuracy against peak memory) to ``out_dir``.
-    Each method's run lives in ``out_dir/<spec>/``, so an interrupted sweep resumes with ``resume``.
-
-    Raises:
-        ValueError: no ``out_dir``, no methods, or a bad method spec (before anything trains).
-    """
-    if not config.out_dir:
-        raise ValueError("sweep needs out_dir")
-    if not methods:
-        raise ValueError("sweep needs at least one method")
-    out = Path(config.out_dir)
-    configs = []
-    for spec in methods:
-        name, opts = parse_method_spec(spec)
-        configs.append(dataclasses.replace(config, method=name, method_options=opts,
-                                           out_dir=str(out / _safe_dirname(spec))))
-    rows = []
-    for cfg in configs:
-        rows.append(fit(cfg, resume=resume, progress=progress, stop_at=stop_at).metrics)
-        write_sweep(rows, out)
-    return rows
-
-
-def _safe_dirname(spec: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_.=" else "_" for c in spec)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| method | eval accuracy | eval loss | peak MiB | tokens/s | train s | steps |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r.get('eval_accuracy', float('nan')):.4f} | "
-                     f"{r.get('eval_loss', float('nan')):.4f} | {r['peak_mib']:.1f} | {r['tokens_per_s']:.0f} | "
-                     f"{r['train_time_s']:.1f} | {r['steps']} |")
-    return "\n".join(lines) + "\n"
-
-
-def write_sweep(rows: list[dict], out: Path) -> None:
-    """The table as JSON and markdown, and accuracy against peak memory as a PNG."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2))
-    (out / "sweep.md").write_text(markdown_table(rows))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for r in rows:
-        ax.scatter(r["peak_mib"], r.get("eval_accuracy", float("nan")), s=40)
-        ax.annotate(r["method"], (r["peak_mib"], r.get("eval_accuracy", float("nan"))), fontsize=8,
-                    xytext=(4, 4), textcoords="offset points")
-    first = rows[0]
-    ax.set_xlabel("peak training-step memory (MiB, attnmem.measure)")
-    ax.set_ylabel("held-out accuracy")
-    ax.set_title(f"{first['task']} N={first['seq_len']}, {first['steps']} steps, batch {first['batch_size']}")
-    ax.set_ylim(-0.02, 1.02)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=120)
-    plt.close(fig)

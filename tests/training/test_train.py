@@ -8,9 +8,10 @@ import json
 import pytest
 import torch
 
-import attnmem.tasks.train as T
-from attnmem.tasks import MQAR, TrainConfig, fit, max_batch_under
-from attnmem.tasks.train import parse_method_spec
+import attnmem.training as T
+from attnmem.method_spec import parse_method_spec
+from attnmem.tasks import MQAR
+from attnmem.training import TrainConfig, fit, max_batch_under
 
 TINY = dict(task="mqar", task_options={"num_pairs": 2, "vocab_size": 16}, seq_len=32, d_model=32, n_heads=2,
             n_layers=1, batch_size=16, eval_examples=32, warmup_steps=2)
@@ -76,10 +77,10 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
         f.write(b"half a checkpoint")
         raise OSError("disk full")
 
-    monkeypatch.setattr(T.torch, "save", crash)
+    monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
         T.save_atomic({"step": 2}, path)
-    assert torch.load(path)["step"] == 1  # the old checkpoint survives a crash mid-write
+    assert T.load_checkpoint(path)["step"] == 1  # the old checkpoint survives a crash mid-write
 
 
 def test_listops_classification_and_window_mask(tmp_path):
