@@ -7,7 +7,8 @@
 
 ``train`` fits every (task, context, method, seed) of the preset with ``attnmem.tasks.fit``
 (checkpoints in ``--runs``; an interrupted run resumes). ``evaluate`` then loads each run and
-appends rows to ``--out``:
+appends rows to ``--out``; ``equal-steps`` trains the text task's shorter contexts again up to
+the step the longest context reached in its time budget (``mode=trained_equal_steps``):
 
 * ``mode=trained``: the run's own method, scored on the fixed held-out set (bits per byte on
   the first ``text_bytes`` validation bytes of the stdlib corpus; MQAR accuracy on the
@@ -66,6 +67,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "batch_tokens": 1024, "steps": 1500, "lr": 3e-3, "warmup_steps": 50, "max_time_s": 170.0,
                  "examples": 256},
         "trained_methods": ["sdpa", "sliding_window:window={w}", "topk:topk={w}", "linear"],
+        "seeds": [0, 1],
+    },
+    "reduced-long": {  # the text pair only, longer, equal steps: does the long context pull ahead?
+        "note": "reduced, longer: d_model 64, 2 layers, context 512 vs 64, 2048 tokens per step, 400 steps "
+                "(<= 720 s) per run, 1 torch thread",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True},
+        "text": {"seq_lens": [512, 64], "batch_tokens": 2048, "steps": 400, "lr": 5e-3, "warmup_steps": 20,
+                 "max_time_s": 720.0, "text_bytes": 32768},
+        "trained_methods": ["sdpa"],
         "seeds": [0, 1],
     },
     "smoke": {  # a few steps, to check the pipeline end to end in a minute
@@ -153,11 +163,44 @@ def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int]
         log(f"  {time.perf_counter() - t0:.0f} s")
 
 
+def equal_steps(preset_name: str, runs: Path, out: Path) -> None:
+    """The text task's shorter contexts again, stopped at the step the longest context's run
+    reached (same schedule, same tokens): under a time budget the short context gets more
+    steps, so this separates what the context buys from what the speed buys."""
+    preset = PRESETS[preset_name]
+    t = preset["text"]
+    long_n = t["seq_lens"][0]
+    for spec, cfg in train_configs(preset, "text"):
+        if spec != EXACT_RUN or cfg.seq_len == long_n:
+            continue
+        try:
+            _, _, long_metrics = load_trained(str(run_dir(runs, "text", long_n, EXACT_RUN, cfg.seed)))
+        except ValueError as e:
+            log(f"skip: {e}")
+            continue
+        steps = long_metrics["steps"]
+        path = run_dir(runs, "text", cfg.seq_len, f"{EXACT_RUN}@step{steps}", cfg.seed)
+        cfg = dataclasses.replace(cfg, out_dir=str(path), max_time_s=None)
+        log(f"train text N={cfg.seq_len} {EXACT_RUN} seed {cfg.seed} to step {steps} -> {path}")
+        fit(cfg, resume=True, stop_at=steps)
+        config, model, metrics = load_trained(str(path))
+        from attnmem.tasks import make_task
+
+        task_obj = make_task("text", seq_len=config.seq_len)
+        inputs, labels = held_out_inputs(config, task_obj, text_bytes=t["text_bytes"], examples=0)
+        append_row(out, {"preset": preset_name, "preset_note": preset["note"], "task": "text",
+                         "seq_len": config.seq_len, "seed": config.seed, "model": preset["model"],
+                         "trained_with": EXACT_RUN, "mode": "trained_equal_steps", "method": EXACT_RUN,
+                         "train_steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
+                         "long_context_steps": steps, "text_bytes": t["text_bytes"], **task_obj.corpus.describe(),
+                         **machine(), **_quality("text", score(model, task_obj, inputs, labels))})
+
+
 def _quality(task: str, s: dict[str, float]) -> dict[str, float]:
     return {"bpb": s["bpb"]} if task == "text" else {"accuracy": s["accuracy"], "loss": s["loss"]}
 
 
-def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
+def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap: bool = True) -> None:
     preset = PRESETS[preset_name]
     for task in tasks:
         t = preset[task]
@@ -184,7 +227,7 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
             append_row(out, {**base, "mode": "trained", "method": spec,
                              **_quality(task, score(model, task_obj, inputs, labels))})
             log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
-            if spec != EXACT_RUN or config.seq_len != t["seq_lens"][0]:
+            if not swap or spec != EXACT_RUN or config.seq_len != t["seq_lens"][0]:
                 continue
             captures = capture_attention_inputs(model, inputs[:4])  # (4, N) windows
             for other in method_specs(config.seq_len):
@@ -208,7 +251,7 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
                 append_row(out, row)
                 log(f"  swapped {other}: {row.get('bpb', row.get('accuracy'))} "
                     f"captured error {err.get('error_mean', err.get('reason'))}")
-        points = summarize(load_rows(out)).get(task, [])
+        points = summarize(load_rows(out)).get(task, []) if swap else []
         measure_points(points)  # peak and time of every option set at this N, cached for the report
         for row in cost_rows(points):
             append_row(out, {**row, "preset": preset_name, "loadavg": os.getloadavg()[0]})
@@ -226,12 +269,13 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["train", "evaluate", "all"])
+    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "all"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
     ap.add_argument("--tasks", default="text,mqar", help="comma-separated: text, mqar")
     ap.add_argument("--runs", default="runs/quality", help="checkpoints of the training runs")
     ap.add_argument("--out", default="benchmarks/results/quality/reduced.jsonl")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-swap", action="store_true", help="evaluate: the trained rows only")
     ap.add_argument("--shard", default="0/1", help="I/N: train every N-th run from the I-th (N processes)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -240,7 +284,9 @@ def main() -> None:
         i, n = (int(x) for x in args.shard.split("/"))
         train(args.preset, tasks, Path(args.runs), (i, n))
     if args.stage in ("evaluate", "all"):
-        evaluate(args.preset, tasks, Path(args.runs), Path(args.out))
+        evaluate(args.preset, tasks, Path(args.runs), Path(args.out), swap=not args.no_swap)
+    if args.stage in ("equal-steps", "all") and "text" in tasks:
+        equal_steps(args.preset, Path(args.runs), Path(args.out))
 
 
 if __name__ == "__main__":

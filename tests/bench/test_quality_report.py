@@ -53,7 +53,7 @@ def test_frontier_keeps_only_undominated_points():
                            ("topk:topk=64", 3.0, 300))]
     kept = [p.spec for p in frontier(pts, "peak_bytes", higher_is_better=False)]
     assert kept == ["sliding_window:window=64", "sdpa"]  # linear: worse and dearer than the window
-    assert "| 1 | sliding_window:window=64 | 3.200 | 0.0 | 50 % |" in ranking_table(pts, "text")
+    assert "| 1 | sliding_window:window=64 | 3.200 (1 seed) | 0.0 | 50 % |" in ranking_table(pts, "text")
 
 
 def test_quality_section_reads_cached_rows(tmp_path):

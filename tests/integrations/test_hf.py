@@ -480,7 +480,7 @@ def test_plan_hf_config_on_the_command_line(tmp_path):
     from attnmem.cli import main
 
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192)
     cfg.save_pretrained(tmp_path)
     budget = 64 * 2**20
     res = CliRunner().invoke(main, ["plan", "--hf-config", str(tmp_path / "config.json"), "--budget", "64MiB",

@@ -115,12 +115,13 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, list[QualityPoint]]:
     return out
 
 
-def short_context(rows: list[dict[str, Any]], task: str = "text") -> dict[int, list[float]]:
-    """Trained exact-attention quality by context length: the long-against-short comparison."""
+def short_context(rows: list[dict[str, Any]], task: str = "text", mode: str = "trained") -> dict[int, list[float]]:
+    """Trained exact-attention quality by context length: the long-against-short comparison
+    (``mode="trained_equal_steps"``: the shorter contexts stopped at the longest one's step)."""
     key = QUALITY_KEYS[task][0]
     by_n: dict[int, list[float]] = {}
     for r in rows:
-        if r.get("task") == task and r.get("mode") == "trained" and r.get("method") == "sdpa" and key in r:
+        if r.get("task") == task and r.get("mode") == mode and r.get("method") == "sdpa" and key in r:
             by_n.setdefault(r["seq_len"], []).append(r[key])
     return by_n
 
@@ -257,10 +258,11 @@ def ranking_table(points: list[QualityPoint], task: str) -> str:
     """The frontier against peak memory, cheapest first: the methods worth choosing."""
     key, _, higher = QUALITY_KEYS[task]
     best = best_exact_peak(points)
-    lines = [f"| rank | method | {key} | peak MiB | saved vs best exact |", "|---|---|---|---|---|"]
+    lines = [f"| rank | method | {key} (mean ± half range over seeds) | peak MiB | saved vs best exact |",
+             "|---|---|---|---|---|"]
     for i, p in enumerate(frontier(points, "peak_bytes", higher), 1):
         saved = None if best is None else 1 - p.peak_bytes / best
-        lines.append(f"| {i} | {p.spec} | {p.quality():.3f} | {p.peak_bytes / MiB:.1f} | "
+        lines.append(f"| {i} | {p.spec} | {mean_spread(p.swapped or p.trained)} | {p.peak_bytes / MiB:.1f} | "
                      f"{_fmt(saved and 100 * saved, '.0f')}{'' if saved is None else ' %'} |")
     return "\n".join(lines)
 
@@ -297,10 +299,16 @@ def quality_section(path: Path, out_dir: Path, *, measure: bool = False) -> list
         parts += ["![quality against peak memory and time](quality_frontier.png)", ""]
     contexts = short_context(rows)
     if len(contexts) > 1:
-        parts += ["Exact attention trained at each context (text, bits per byte): "
+        parts += ["Exact attention trained at each context (text, bits per byte, same time budget): "
                   + ", ".join(f"N = {n}: {mean_spread(v)}" for n, v in sorted(contexts.items(), reverse=True))
                   + "; " + "; ".join(f"{r['method']}: {r['bpb']:.3f}" for r in rows if r.get("mode") == "baseline")
                   + ".", ""]
+    equal = short_context(rows, mode="trained_equal_steps")
+    if equal and contexts:
+        longest = max(contexts)
+        parts += [f"The shorter contexts stopped at the step N = {longest} reached (same steps, same tokens): "
+                  + ", ".join(f"N = {n}: {mean_spread(v)}" for n, v in sorted(equal.items(), reverse=True))
+                  + f", against N = {longest}: {mean_spread(contexts[longest])}.", ""]
     for task, pts in by_task.items():
         parts += [f"### {task}, N = {pts[0].seq_len}: the frontier against peak memory", "",
                   ranking_table(pts, task), "", f"### {task}: every method", "", quality_table(pts, task), ""]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -121,12 +122,9 @@ def relative_error(approx: Tensor, exact: Tensor) -> float:
 def not_applicable_reasons(method: str, options: dict[str, Any], cap: Captured) -> list[str]:
     """Why ``method`` cannot run on captured inputs, asked of the method itself."""
     m = registry.get(method)
-    opts = m.make_options(options)
-    if m.stateful:  # its module answers only when it runs; the capabilities still speak
-        inp = validate(cap.q, cap.k, cap.v, causal=cap.causal, mask=cap.mask)
-        return [r for r in m.not_supported_reasons(inp, opts) if "backward" not in r]
-    inp = validate(cap.q, cap.k, cap.v, causal=cap.causal, mask=cap.mask)
-    return m.not_supported_reasons(inp, opts)
+    # A stateful method's module may refuse more when it runs (captured_error reports that too).
+    return m.not_supported_reasons(validate(cap.q, cap.k, cap.v, causal=cap.causal, mask=cap.mask),
+                                   m.make_options(options))
 
 
 @torch.no_grad()
@@ -183,8 +181,6 @@ def load_trained(run_dir: str):
     Raises:
         ValueError: no checkpoint in ``run_dir``.
     """
-    from pathlib import Path
-
     from ..training import CHECKPOINT, TrainConfig, build, load_checkpoint
 
     path = Path(run_dir) / CHECKPOINT
@@ -224,7 +220,7 @@ def score(model: nn.Module, task: Any, inputs: Tensor, labels: Tensor, batch_siz
         correct += int((logits.argmax(-1)[keep] == target[keep]).sum())
         counted += int(keep.sum())
     out = {"loss": nats / counted, "accuracy": correct / counted}
-    if task.kind == "lm" and getattr(task, "vocab_size", None) == 256 and hasattr(task, "validation_windows"):
+    if hasattr(task, "validation_windows"):  # a byte-level text task
         out["bpb"] = out["loss"] / LN2
     return out
 

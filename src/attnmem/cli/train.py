@@ -115,6 +115,9 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
     Path(out_dir, "summary.json").write_text(json.dumps(result.metrics, indent=2))
     console.print(metrics_table([result.metrics], f"attnmem train: {task}, N={seq_len}"))
     m = result.metrics
+    if "eval_bpb" in m:
+        console.print(f"validation bits per byte: {m['eval_bpb']:.4f} (corpus sha256 {m['corpus_sha256'][:16]}…, "
+                      f"{m['train_files']} training / {m['validation_files']} validation files)")
     if target_accuracy is not None:
         if m["target_step"] is None:
             console.print(f"target accuracy {target_accuracy:g} not reached in {m['steps']} steps "

@@ -421,6 +421,10 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
                   "batch_size": config.batch_size, "checkpointing": config.checkpointing,
                   "peak_mib": (peak_bytes or 0) / MiB, "tokens_per_s": train_tokens / max(train_time, 1e-9),
                   "train_time_s": train_time, "wall_s": wall(), "steps": step})
+    if hasattr(task, "corpus"):  # text: bits per byte on the validation files, and which text it was
+        final.update(task.corpus.describe())
+        if "eval_loss" in final:
+            final["eval_bpb"] = final["eval_loss"] / math.log(2)
     if config.target_accuracy is not None:
         hit = first_reaching(history, config.target_accuracy)
         final.update({"target_accuracy": config.target_accuracy, "target_step": hit and hit["step"],
