@@ -57,8 +57,8 @@ def _check_window(window: object) -> tuple[int, int]:
     sides = window if isinstance(window, (tuple, list)) else (window, window)
     if len(sides) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sides):
         unbounded = isinstance(sides, (tuple, list)) and None in sides
-        hint = ("; an unbounded side (None) is the mask attnmem.masks.sliding_window(None, 0), i.e. causal: "
-                "pass causal=True, or method='chunked' with that mask") if unbounded else ""
+        hint = ("; a side without bound (None) is not a window: (None, 0) is causal attention, "
+                "pass causal=True (or window=(N, 0))") if unbounded else ""
         raise ValueError(f"window must be a non-negative int or a (left, right) pair of them, got {window!r}{hint}")
     return int(sides[0]), int(sides[1])
 
