@@ -183,14 +183,11 @@ def test_cycle_finder_finds_a_circle_and_a_hidden_one():
     assert private_imports([Import("p.a", "p.b", ("_hidden", "shown"), 3)]) == ["p.a:3 imports p.b._hidden"]
 
 
-# What is left while other parts of issue #15 are under way, each owned by another change: the
-# CLI package (item 3), the training/tasks split (item 4) and the memory models beside the
-# methods (item 1). Nothing may be added here; an entry that is gone must be deleted.
+# What is left while the memory models move beside the methods (issue #15 item 1, another
+# change). Nothing may be added here; an entry that is gone must be deleted.
 REMAINING_CIRCLES: list[list[str]] = [
-    # distributed.estimate joined it: memory.estimate imports it for world_size, and it
-    # imports memory.estimate back (both inside functions).
-    ["attnmem.distributed.estimate", "attnmem.memory.estimate", "attnmem.memory.formulas_approx",
-     "attnmem.memory.formulas_memory", "attnmem.memory.formulas_sparse"],
+    ["attnmem.memory.estimate", "attnmem.memory.formulas_approx", "attnmem.memory.formulas_memory",
+     "attnmem.memory.formulas_sparse"],
 ]
 REMAINING_PRIVATE: list[str] = [
     "attnmem.memory.formulas_approx imports attnmem.memory.estimate._lse_bytes",
