@@ -48,15 +48,23 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None = 
         sink_col = sinks.to(s.dtype).view(1, Hq, 1, 1).expand(B, Hq, nq, 1)
         s = torch.cat([s, sink_col], -1)  # (B, Hq, Nq, Nk + 1)
     # A row with nothing allowed would be NaN after softmax; it attends to nothing: zeros.
-    empty = torch.isneginf(s).all(-1, keepdim=True)
-    s = s.masked_fill(empty, 0.0)
-    lse = torch.logsumexp(s, -1).masked_fill(empty.squeeze(-1), -math.inf)
-    p = torch.softmax(s, dim=-1).masked_fill(empty, 0.0)[..., :nk]
+    # Only a mask or a score_mod can empty a row: without them no (B, H, Nq, Nk) copy or row
+    # flags are made, so the reference's memory stays S, P and their gradients.
+    empty = torch.isneginf(s).all(-1, keepdim=True) if mask is not None or score_mod is not None else None
+    if empty is not None:
+        s = s.masked_fill(empty, 0.0)
+    p = torch.softmax(s, dim=-1)
+    if empty is not None:
+        p = p.masked_fill(empty, 0.0)
+    p = p[..., :nk]  # without sinks: all of it, a view
     if dropout_p:
         mods = make_mods(None, dropout_p, dropout_seed, q)
         p = p * dropout_keep(mods.dropout_seed, dropout_p, *idx).to(p.dtype)
     out = torch.matmul(p.reshape(B, Hkv, G * nq, nk), v)  # (B, Hkv, G·Nq, D)
     out = out.reshape(B, Hq, nq, D)
     if return_lse:
+        lse = torch.logsumexp(s, -1)
+        if empty is not None:
+            lse = lse.masked_fill(empty.squeeze(-1), -math.inf)
         return out, lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
     return out

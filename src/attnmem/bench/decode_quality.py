@@ -6,7 +6,8 @@ reads held-out sequences through a decoding cache: the first ``prompt`` tokens i
 then every later token one at a time (teacher-forced: the next input is the data's, not the
 model's guess), as generation would. Accuracy is Zoology's, over the query positions after the
 prompt: those are the predictions that must recall a key-value pair through the cache. The
-bytes are ``ModelCache.nbytes()`` at the end of the sequence (the most any kind here holds).
+bytes are ``ModelCache.nbytes()`` at the end of the sequence (the most any kind here holds;
+``full``, ``int8``, ``int4``, ``int2`` preallocated with ``max_len`` = the sequence).
 Everything is deterministic under ``seed``: the examples, the model, the caches.
 """
 
@@ -27,6 +28,7 @@ from .rows import environment
 
 # Accuracy within this many points of the full cache counts as keeping it.
 WITHIN_POINTS = 1.0
+PREALLOCATED = ("full", "int8", "int4", "int2")
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,7 @@ class QualityConfig:
     snap_window: int = 16  # snapkv's observation window
     snap_kernel: int = 5
     threads: int = 1  # one torch thread: decoding is a chain of small ops
+    names: tuple[str, ...] | None = None  # only these caches (``quality_specs`` names; "full" always runs)
 
 
 def export_model(run_dir: str | Path, path: str | Path) -> Path:
@@ -89,7 +92,10 @@ def decode_predictions(model: TaskModel, inputs: torch.Tensor, prompt: int, kind
                        **options: Any) -> tuple[torch.Tensor, int]:
     """Predictions (B, N - prompt) for the positions after the prompt, and the cache's bytes at the end."""
     net = model.net
-    cache = net.new_cache(kind, **options)
+    # Kinds that grow by doubling are preallocated to the sequence, as a server sizing its cache
+    # would: their bytes are then those of the tokens held, not of the growth slack.
+    fixed = {"max_len": inputs.shape[1]} if kind in PREALLOCATED else {}
+    cache = net.new_cache(kind, **fixed, **options)
     net.hidden(inputs[:, :prompt], cache=cache)
     preds = []
     for t in range(prompt, inputs.shape[1]):
@@ -128,6 +134,8 @@ def _run_quality(model_path, q, on_row, log) -> list[dict]:
     rows: list[dict] = []
     full_bytes = None
     for name, kind, budget, opts in quality_specs(q, N, model.net.blocks[0].attn.head_dim):
+        if q.names is not None and name not in q.names and kind != "full":
+            continue
         log(f"quality: {name}")
         preds, nbytes = decode_predictions(model, inputs, prompt, kind, **opts)
         correct = int((preds[asked] == target[asked]).sum())

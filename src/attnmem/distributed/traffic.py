@@ -13,7 +13,9 @@ int64 per rank and call, are left out). ``lengths`` are every rank's local seque
   KV heads are replicated): q, k, v go out as head shards of my n_r positions, the output
   comes back for the other ranks' positions; the backward does the same with dout, dq, dk, dv::
 
-      B·D·e · ((P-1)·n_r·(2h + 2h_kv) + (N - n_r)·(2h + 2h_kv))      ≈ 4·(P-1)/P · B·n·D·e·(Hq + Hkv)·…
+      B·D·e · ((P-1)·n_r·(2h + 2h_kv) + (N - n_r)·(2h + 2h_kv))
+
+  which for equal slices and sharded KV heads is ``4·(P-1)/P · B·n·D·e·(Hq + Hkv)``;
 
 * hybrid (U × R): the Ulysses terms inside my group of U, plus the ring terms over R with
   Hkv/U (or 1) key/value heads on the ring parts' lengths;
