@@ -84,7 +84,9 @@ class TileContext:
         causal, padding = _causal_and_padding(mask)
         self.key_valid = padding.valid if padding is not None else None
         self.grouped_causal = (causal and fused and self.nq == self.nk
-                               and (self.G > 1 or self.key_valid is not None))
+                               and ((self.G > 1 and grouped_causal_fits(self.B, self.Hq, self.Hkv, self.nq, self.D,
+                                                                        q.element_size()))
+                                    or (self.G == 1 and self.key_valid is not None)))
         self.single_call = (mask is None or self.causal_call or self.grouped_causal) and fused
         if self.single_call:
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
@@ -136,6 +138,21 @@ def allowed_bool(c: TileContext, qa: int, qb: int, seg: Segment) -> Tensor | Non
     if a is CAUSAL_TILE:
         return torch.ones(qb - qa, seg.size, dtype=torch.bool, device=c.device).tril()
     return a
+
+
+# One head group's expanded dQ, dK, dV and their copies are about six (B, G, N, D) buffers,
+# transient in the backward. Past this many bytes they would outweigh the inputs themselves
+# (1 GiB each at N = 2**20, B = 1, G = 4, D = 64), so the tile loop, whose working set is a
+# few tiles, runs instead: the one-call path is a speed path for moderate N only.
+GROUPED_CAUSAL_MAX_BYTES = 256 * 2**20
+
+
+def grouped_causal_fits(batch: int, q_heads: int, kv_heads: int, seq_len: int, head_dim: int,
+                        itemsize: int) -> bool:
+    """Whether causal GQA runs as one fused call per KV head (else tile by tile); the
+    kernel and its memory model both ask this."""
+    group_bytes = batch * (q_heads // kv_heads) * seq_len * head_dim * itemsize
+    return 6 * group_bytes <= GROUPED_CAUSAL_MAX_BYTES
 
 
 def _causal_and_padding(mask: Mask | None) -> tuple[bool, KeyPadding | None]:
@@ -233,11 +250,10 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tens
     if c.single_call and c.nq and c.nk:
         whole = CAUSAL_TILE if c.causal_call else None
         o_all, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
-        if c.G == 1:
-            out = o_all.reshape(c.B, c.Hq, c.nq, c.D)  # a view: the operator's output is (B, N, H, D) in memory
-        else:
-            out = _bnhd_zeros(q, c)  # stacked GQA rows cannot be viewed as (B, N, H, D): one copy
-            out.view(c.B, c.Hkv, c.G, c.nq, c.D).copy_(o_all.view(c.B, c.Hkv, c.G, c.nq, c.D))
+        # Without GQA a view: the operator's output is (B, N, H, D) in memory. Stacked GQA rows
+        # cannot be viewed so; they stay (B, Hq, N, D)-contiguous rather than pay a copy of the
+        # output here (a caller that needs (B, N, H, D), as HF does, copies once itself).
+        out = o_all.reshape(c.B, c.Hq, c.nq, c.D)
         return out, lse.to(acc).reshape(c.B, c.Hq, c.nq)
     out = _bnhd_zeros(q, c)
     lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)

@@ -170,6 +170,12 @@ def _chunked_kernel(s: Shape, opts) -> str:
     return "fused" if s.dtype in ("float32", "float64", "bfloat16") else "torch"
 
 
+def _grouped_causal(s: Shape) -> bool:
+    from ..kernels.tiled import grouped_causal_fits
+
+    return grouped_causal_fits(s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize)
+
+
 def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
     """(query tiles, segments per query tile, widest masked segment in keys)."""
     from ..kernels import MAX_SEGMENT, MIN_Q_TILE
@@ -177,7 +183,7 @@ def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
     nqt = math.ceil(s.seq_len / max(opts.q_tile, MIN_Q_TILE))
     nkt = math.ceil(s.seq_len / opts.kv_tile)
     if _chunked_kernel(s, opts) == "fused":
-        if not s.masked:
+        if not s.masked and (not s.causal or s.heads == s.kv_heads or _grouped_causal(s)):
             return 1, 1, 0  # one operator call (unmasked or plain causal; per KV head under GQA)
         run = max(MAX_SEGMENT, opts.kv_tile)
         width = opts.kv_tile if not s.masked else min(s.seq_len, run)
