@@ -6,7 +6,7 @@ The model is BENCHMARKS.md's MQAR recipe (N = 256, 16 pairs, vocabulary 64, d_mo
 2 layers, ``sdpa``), trained by ``attnmem train`` with seed 0 to 99 % held-out accuracy; its
 weights (``export_model``: no optimizer state, 0.4 MB) are kept in
 ``benchmarks/results/decode_quality/mqar_sdpa.pt``. ``--run DIR`` re-exports them from a run of
-``attnmem train ... --out DIR`` (the command is in BENCHMARKS.md, "KV-cache eviction, low-bit and paged caches"). Rows go to
+``attnmem train ... --out DIR`` (the command is in BENCHMARKS.md, KV-cache section). Rows go to
 ``benchmarks/results/decode_quality/decode_quality.jsonl`` as they finish, then a summary row;
 the plot beside them.
 """
