@@ -34,24 +34,56 @@ from .masks import Mask, SlidingWindow, eval_mask
 KERNELS = ("auto", "fused", "torch")
 _FUSED_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 # Below this many queries a separate query tile costs more in Python than it saves.
-_MIN_Q_TILE = 16
+MIN_Q_TILE = 16
 # Most keys in one backward call. Each call's dK/dV are transient, so this bounds the
-# backward's working memory at 2·B·Hkv·_MAX_SEGMENT·D elements.
-_MAX_SEGMENT = 2048
+# backward's working memory at 2·B·Hkv·MAX_SEGMENT·D elements.
+MAX_SEGMENT = 2048
 # Most keys gathered (copied) from scattered tiles into one forward call.
-_MAX_GATHER = 4096
+MAX_GATHER = 4096
 
 
 def _fused_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def resolve_kernel(kernel: str, q: Tensor) -> str:
+def resolve_kernel(kernel: str, device: str | torch.device, dtype: torch.dtype) -> str:
+    """The tile kernel a call runs: the option's own choice, or for "auto" the fused CPU operator
+    where it takes the dtype, else plain PyTorch. The one place this is decided: the kernels
+    and every memory model (``Method.memory_model``) ask it."""
     if kernel == "auto":
-        if q.device.type == "cpu" and q.dtype in _FUSED_DTYPES and _fused_available():
+        dev = device.type if isinstance(device, torch.device) else str(device)
+        if dev == "cpu" and dtype in _FUSED_DTYPES and _fused_available():
             return "fused"
         return "torch"
     return kernel
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """How ``tiled_attention`` runs one call: its kernel, and whether the whole call is one
+    kernel call (``single_call``; ``causal_call`` when that call uses the kernel's is_causal)."""
+
+    kernel: str
+    pure_causal: bool  # the mask is plain causal and G = 1: diagonal tiles use is_causal
+    causal_call: bool
+    single_call: bool
+
+
+def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
+              nq: int, nk: int, q_heads: int, kv_heads: int) -> CallPlan:
+    """The one decision of how a call is computed, for the kernel and the memory models alike."""
+    kernel = resolve_kernel(kernel, device, dtype)
+    fused = kernel == "fused"
+    # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
+    # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
+    pure_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
+                   and q_heads == kv_heads)
+    # Without a mask, or with a plain causal mask on a square problem (where the kernel's
+    # top-left alignment is also ours), the fused operator skips empty blocks and tiles
+    # internally in O(N) memory: one call over everything is fastest (every extra call
+    # pays the intra-op threads' synchronisation), and its outputs need no copying.
+    causal_call = pure_causal and fused and nq == nk
+    return CallPlan(kernel, pure_causal, causal_call, (mask is None or causal_call) and fused)
 
 
 @dataclass(frozen=True)
@@ -252,26 +284,19 @@ class _Ctx:
         self.Hkv, self.nk = k.shape[1], k.shape[2]
         self.G = self.Hq // self.Hkv
         self.scale = scale
-        self.kernel = resolve_kernel(kernel, q)
         self.mask = mask
+        plan = plan_call(kernel, device=q.device, dtype=q.dtype, mask=mask, nq=self.nq, nk=self.nk,
+                         q_heads=self.Hq, kv_heads=self.Hkv)
+        self.kernel, self.pure_causal = plan.kernel, plan.pure_causal
+        self.causal_call, self.single_call = plan.causal_call, plan.single_call
         fused = self.kernel == "fused"
-        # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
-        # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
-        self.pure_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
-                            and self.G == 1)
-        # Without a mask, or with a plain causal mask on a square problem (where the kernel's
-        # top-left alignment is also ours), the fused operator skips empty blocks and tiles
-        # internally in O(N) memory: one call over everything is fastest (every extra call
-        # pays the intra-op threads' synchronisation), and its outputs need no copying.
-        self.causal_call = self.pure_causal and fused and self.nq == self.nk
-        self.single_call = (mask is None or self.causal_call) and fused
         if self.single_call:
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
         # per-segment dK/dV are transient, so its segments are capped.
         rows = block_rows(mask, self.nq, self.nk, q_tile, kv_tile, self.B, self.Hq)
-        self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused, gather=_MAX_GATHER)
-        self.plan_bwd = (plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True, max_segment=_MAX_SEGMENT)
+        self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused, gather=MAX_GATHER)
+        self.plan_bwd = (plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)
                          if fused else self.plan)
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.device = q.device
@@ -411,7 +436,7 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale
     Returns:
         (B, Hq, Nq, D); rows with nothing to attend are zeros.
     """
-    c = _Ctx(q, k, mask, scale, max(q_tile, _MIN_Q_TILE), kv_tile, kernel)
+    c = _Ctx(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel)
     return _TiledAttention.apply(q, k, v, c)
 
 
@@ -420,7 +445,7 @@ def tiled_attention_lse(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, s
                         ) -> tuple[Tensor, Tensor]:
     """Forward only, also returning the per-row log-sum-exp (B, Hq, Nq); for ring attention
     and other callers that merge partial results themselves."""
-    c = _Ctx(q, k, mask, scale, max(q_tile, _MIN_Q_TILE), kv_tile, kernel)
+    c = _Ctx(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel)
     return tiled_forward(c, q, k, v)
 
 
@@ -434,5 +459,5 @@ def tiled_backward_lse(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tenso
     the global ones, so ``dq`` is this block's share of the full dq (sum the shares over the
     blocks) and ``dk``/``dv`` (B, Hkv, Nk, D) are this block's full gradients from these queries.
     """
-    c = _Ctx(q, k, mask, scale, max(q_tile, _MIN_Q_TILE), kv_tile, kernel)
+    c = _Ctx(q, k, mask, scale, max(q_tile, MIN_Q_TILE), kv_tile, kernel)
     return tiled_backward(c, dout, q, k, v, out, lse)

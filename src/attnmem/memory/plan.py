@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from .estimate import DTYPES, FORMULAS, estimate
+from .estimate import DTYPES, estimate
 from .measure import GiB, MiB
 
 # logits, log-softmax output, and the gradient of each at the start of backward
@@ -193,8 +193,8 @@ def load_config(source: str | dict[str, Any] | None = None, **overrides: Any) ->
 
 
 def _attention(cfg: ModelConfig, method: str, training: bool):
-    """One layer's attention estimate: the closed form where the method has one for these
-    options (searches then cost microseconds per step), else a trace, remembered per shape."""
+    """One layer's attention estimate: the method's closed form inside its declared domain
+    (searches then cost microseconds per step), else a trace, remembered per shape."""
     key = (method, cfg.batch, cfg.heads, cfg.hkv, cfg.seq_len, cfg.head_dim, cfg.dtype, training, cfg.causal,
            json.dumps(cfg.options, sort_keys=True, default=repr), repr(cfg.mask))
     hit = _ESTIMATES.get(key)
@@ -202,15 +202,7 @@ def _attention(cfg: ModelConfig, method: str, training: bool):
         return hit
     kw = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.hkv, seq_len=cfg.seq_len, head_dim=cfg.head_dim,
               dtype=cfg.dtype, training=training, causal=cfg.causal, mask=cfg.mask, **cfg.options)
-    est = None
-    if method in FORMULAS:
-        try:
-            est = estimate(method, how="formula", **kw)
-        except ValueError as e:
-            if "no closed-form estimate" not in str(e):
-                raise
-    if est is None:
-        est = estimate(method, how="trace", **kw)
+    est = estimate(method, how="auto", **kw)
     if len(_ESTIMATES) > 4096:
         _ESTIMATES.clear()
     _ESTIMATES[key] = est

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiHeadAttention
-from .cache import DEFAULT_KIND, ModelCache, make_layer_cache
+from .cache import ModelCache, default_kind, make_layer_cache
 from .sampling import generate
 
 
@@ -123,10 +123,10 @@ class Transformer(nn.Module):
     def new_cache(self, kind: str | None = None, *, max_len: int | None = None, **options: Any) -> ModelCache:
         """An empty decoding cache for this model: ``full``, ``int8``, ``sliding_window``
         (``window=``) or ``linear_state`` (``feature_map=``); default from the method
-        (``attnmem.nn.cache.DEFAULT_KIND``)."""
+        (its ``Method.decode_cache``, ``attnmem.nn.cache.default_kind``)."""
         attn = self.blocks[0].attn
         if kind is None:
-            kind = DEFAULT_KIND.get(attn.method)
+            kind = default_kind(attn.method)
             if kind is None:
                 raise ValueError(f"no decoding cache for method {attn.method!r}; pass kind= explicitly")
         layers = [make_layer_cache(kind, kv_heads=attn.kv_heads, head_dim=attn.head_dim, max_len=max_len, **options)
