@@ -247,6 +247,8 @@ def hierarchical_footprint(s: Shape, opts) -> Footprint | str:
     levels = max(0, math.ceil(math.log2(n / nr)))
     if levels < _HIER_MIN_LEVELS:
         return f"below {_HIER_MIN_LEVELS} levels (N <= 8·block) the peak is not modelled (traced)"
+    if s.half:
+        return f"{s.dtype} is not modelled (its float32 intermediates were not read off; traced)"
     p = nr * 2**levels
     qp, kvp, sc, r = b * h * p * d * e, b * hkv * p * d * e, b * h * p * nr * e, b * h * p * e
     gamma = 1 - 2.0 ** -(levels - 1) if levels > 1 else 0.0

@@ -323,11 +323,17 @@ def topk_footprint(s: Shape, q_tile: int, kv_tile: int, topk: int, noise: bool =
     prev_v = big if s.seq_len > q_tile else 0
     # At a score matmul the previous tile's scores (and noise) and bools are still alive; the
     # mask is evaluated next to one score tile.
-    fwd = saved + prev_v + 2 * small + max(scores * score + m * tk, score + mask, big + tile_o)
+    # Half inputs: the gathered rows are copied in the input dtype, then cast to float32.
+    gather = big * s.itemsize // acc if s.half else 0
+    # Half inputs: the float32 copies of the query tile and of the key tile being scored.
+    q_cast = s.batch * s.kv_heads * m * s.head_dim * acc if s.half else 0
+    k_cast = s.batch * s.kv_heads * tk * s.head_dim * acc if s.half else 0
+    fwd = saved + prev_v + 2 * small + max(scores * score + m * tk + q_cast + k_cast, score + mask + q_cast,
+                                           big + tile_o + gather)
     if not s.training:
         return Footprint(0, fwd)
     grads = s.q_bytes + 2 * s.kv_bytes * acc // s.itemsize
     stack = 0 if s.heads == s.kv_heads else small + tile_o  # stacked index/probability and q tiles
     # Autograd materialises a zero gradient for the int64 index output (materialize_grads).
-    bwd = saved + rows * kk * 8 + grads + 3 * big + tile_o + 3 * s.batch * s.kv_heads * m * kk * acc + stack
+    bwd = saved + rows * kk * 8 + grads + 3 * big + gather + tile_o + 3 * s.batch * s.kv_heads * m * kk * acc + stack
     return Footprint(saved, max(fwd, bwd) - saved)

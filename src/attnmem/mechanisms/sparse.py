@@ -197,7 +197,7 @@ class _Sparse(Method):
         if s.masked:
             reasons.append("a user mask besides the pattern is not modelled (traced)")
         kernel = resolve_kernel(opts.kernel, "cpu", getattr(torch, s.dtype))
-        if kernel != "fused" or s.half:
+        if kernel != "fused":
             reasons.append(f"the {kernel} tile kernel in {s.dtype} is not modelled (traced)")
         return reasons
 

@@ -141,7 +141,7 @@ def _seg_terms(s: Shape, seg: Segment, tq: int, per_head: bool, evb: int = 0) ->
     return copies, m * (1 + s.itemsize), 2 * seg.size * k1, ev
 
 
-def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int]:
+def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int, int]:
     """(forward, backward) working set of the tiled loop: the largest, over the sampled
     segments, of what one segment's kernel call keeps alive besides the O(N·D) buffers.
 
@@ -157,16 +157,20 @@ def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int
     the tile before (j = 0) + for G > 1 the stacked q tile + gathered K, V + the mask (its
     negation too, while the bias is filled: m·(2 + s)) + the outputs O (t) and lse (two lse
     tiles); merging two segments holds 4 more tiles.
+    Third: what the last tile's backward leaves bound to the loop's names when the loop ends
+    (its dQ accumulator and last call's dQ, dK, dV, gathered K, V), alive while half-precision
+    dK, dV are cast back.
     """
-    acc = 8 if s.itemsize == 8 else 4
+    acc = s.acc_itemsize
     qrow = s.batch * s.heads * s.head_dim * s.itemsize  # one query row of Q
     lrow = s.batch * s.heads * acc  # one row of lse
     g1 = s.heads == s.kv_heads
-    fwd = bwd = 0
+    fwd = bwd = tail = 0
     for run in plan_rows:
         prev_f = prev_b = None  # (tile rows, segment) of the call before
         for tq, fsegs, bsegs, lead in run:
             t = qrow * tq
+            ta = t * acc // s.itemsize  # one query tile in the accumulation dtype
             stack = 0 if g1 else 2 * t + lrow * tq  # dO is an expanded scalar: its tile is a view
             for j, seg in enumerate(bsegs):
                 copies, mask, grads, ev = _seg_terms(s, seg, tq, per_head, evb)
@@ -174,23 +178,28 @@ def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int
                 if prev_b is not None:
                     hold = _seg_terms(s, prev_b[1], prev_b[0], per_head)[2]
                     hold += qrow * prev_b[0] if j == 0 else 0
-                hold += t * min(j, 2)
+                # The tile's dQ so far and the last call's: one storage in float32/float64; a
+                # float32 accumulator beside the half-precision result for half inputs.
+                hold += (ta + t if j else 0) if s.half else t * min(j, 2)
                 if not lead:
                     base = hold + stack + copies
                     bwd = max(bwd, base + mask + t + grads, base + mask * (2 + s.itemsize) // (1 + s.itemsize),
                               base + ev)
                 prev_b = (tq, seg)
+                tail = ta + t + copies + grads if len(bsegs) > 1 else t + copies + grads
             for j, seg in enumerate(fsegs):
                 copies, mask, _, ev = _seg_terms(s, seg, tq, per_head, evb)
-                hold = t * min(j, 2) if j else (qrow * prev_f[0] + lrow * prev_f[0] if prev_f else 0)
+                # The running output and the last call's (half inputs: a float32 running output).
+                run_out = (ta + t if s.half else t * min(j, 2)) if len(fsegs) > 1 else 0
+                hold = run_out if j else (qrow * prev_f[0] + lrow * prev_f[0] if prev_f else 0)
                 base = hold + (0 if g1 else t) + copies
                 mbool = mask // (1 + s.itemsize)
                 if not lead:
                     fwd = max(fwd, base + mask + mbool, base + mask + t + 2 * lrow * tq, base + ev)
                     if j:
-                        fwd = max(fwd, hold + (0 if g1 else t) + 4 * t)
+                        fwd = max(fwd, hold + (0 if g1 else t) + 4 * ta)
                 prev_f = (tq, seg)
-    return fwd, bwd
+    return fwd, bwd, tail
 
 
 def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int):
@@ -272,7 +281,9 @@ def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
     its split path) lists every key tile, so its forward's partial segment reaches N keys: a
     Tq × N mask. Strided with ``band`` runs the tiled pass over the band only, and the peak is
     the larger of that pass's and of the residue-class loop's (``_class_work``: O(N/stride)
-    rows per class). Domain: the fused CPU kernel in float32/float64, no user mask.
+    rows per class). Half inputs (bfloat16 on the fused kernel) keep float32 accumulators: the
+    running output of a tile, its dQ, and dK, dV for the whole call (cast back at the end, both
+    alive then). Domain: the fused CPU kernel (float32, float64, bfloat16), no user mask.
     """
     # Its tensors have a few thousand elements: intra-op threads only cost synchronisation
     # (on a loaded 2-core machine, 100x the work itself).
@@ -285,19 +296,24 @@ def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
     lse = s.lse_bytes
     qrow = s.batch * s.heads * s.head_dim * s.itemsize
     lrow = lse // s.seq_len
-    fwd, bwd = _tiled_work(s, runs, per_head, evb)
+    fwd, bwd, tail = _tiled_work(s, runs, per_head, evb)
     out_lse = s.q_bytes + lse
     rows_bytes = 8 * g
     peak_fwd = out_lse + fwd
     if rest is not None:
-        rest_fwd, rest_bwd = _tiled_work(s, rest, False, evb + 2)
+        rest_fwd, rest_bwd, rest_tail = _tiled_work(s, rest, False, evb + 2)
         # index_select of the g rows of q; the rows' own output and lse
         peak_fwd = max(peak_fwd, out_lse + rows_bytes + 2 * qrow * g + lrow * g + rest_fwd)
-    grads = s.q_bytes + 2 * s.kv_bytes
+    # Half inputs: dK, dV accumulate in float32 and are cast back at the end (both kept then).
+    kv_acc = 2 * s.kv_bytes * s.acc_itemsize // s.itemsize
+    grads = s.q_bytes + kv_acc
     peak_bwd = out_lse + rows_bytes + lse + grads + bwd
+    if s.half:
+        peak_bwd = max(peak_bwd, out_lse + rows_bytes + lse + grads + 2 * s.kv_bytes + tail)
     if rest is not None:
-        peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + 4 * qrow * g + 2 * lrow * g
-                       + 2 * s.kv_bytes + rest_bwd)
+        local_grads = s.q_bytes + 2 * s.kv_bytes  # the local pass's, cast back
+        peak_bwd = max(peak_bwd, out_lse + rows_bytes + local_grads + 4 * qrow * g + 2 * lrow * g
+                       + kv_acc + max(rest_bwd, 2 * s.kv_bytes + rest_tail if s.half else 0))
     if band is not None:
         cls_fwd, cls_bwd = _class_work(s, opts.stride)
         peak_fwd = max(peak_fwd, out_lse + cls_fwd)

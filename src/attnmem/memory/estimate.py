@@ -26,6 +26,7 @@ backward beyond the inputs: the output and what autograd keeps; 0 without traini
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -42,10 +43,12 @@ from .model import Shape
 # Tensors up to this many elements that do not depend on q, k, v stay real, so index code
 # (block maps, .tolist(), .item()) runs; 2**20 int64 elements are 8 MiB.
 SMALL_NUMEL = 2**20
-# A trace stops past this many operator calls (forward and backward together), so that
-# ``how="trace"`` is bounded: on this project's 2-core CPU a trace runs some thousands of calls a
-# second, so the limit is about a minute of tracing (benchmarks/notes/memmodel.md).
+# A trace stops past this many operator calls (forward and backward together) or this many
+# seconds, whichever comes first, so that ``how="trace"`` is bounded. Calls per second vary
+# a hundredfold between methods (a tile's small index tensors are computed for real): measured
+# 66-175 calls/s for adaptive_span_fixed under load (benchmarks/notes/memmodel.md).
 TRACE_OP_LIMIT = 200_000
+TRACE_SECONDS_LIMIT = 120.0
 HOWS = ("auto", "trace", "formula")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
@@ -87,29 +90,34 @@ class Estimate:
 
 
 class TraceTooLong(RuntimeError):
-    """A trace passed ``TRACE_OP_LIMIT`` operator calls."""
+    """A trace passed ``TRACE_OP_LIMIT`` operator calls or ``TRACE_SECONDS_LIMIT`` seconds."""
 
-    def __init__(self, ops: int):
-        super().__init__(f"trace passed {ops} operator calls")
-        self.ops = ops
+    def __init__(self, ops: int, seconds: float):
+        super().__init__(f"trace stopped after {ops} operator calls, {seconds:.0f} s")
+        self.ops, self.seconds = ops, seconds
 
 
 class _SmallRealMode(TorchDispatchMode):
     """Runs operators on real tensors only when their results are small; the rest go fake.
     Counts the operator calls, and stops the trace past ``TRACE_OP_LIMIT``."""
 
-    def __init__(self, fake_mode, op_limit: int | None = None):
+    def __init__(self, fake_mode, op_limit: int | None = None, seconds_limit: float | None = None):
         super().__init__()
         self.fake_mode = fake_mode
         self.ops = 0
         self.op_limit = TRACE_OP_LIMIT if op_limit is None else op_limit
+        self.deadline = time.monotonic() + (TRACE_SECONDS_LIMIT if seconds_limit is None else seconds_limit)
+        self.start = time.monotonic()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._subclasses.fake_tensor import FakeTensor
 
-        self.ops += 1
-        if self.ops > self.op_limit:
-            raise TraceTooLong(self.op_limit)
+        # Only operators that return tensors count and may stop the trace: metadata queries
+        # (prim.device, sym_size, ...) are also called from C++ code that cannot unwind.
+        if _returns_tensors(func):
+            self.ops += 1
+            if self.ops > self.op_limit or time.monotonic() > self.deadline:
+                raise TraceTooLong(self.ops, time.monotonic() - self.start)
         kwargs = kwargs or {}
         if any(isinstance(x, FakeTensor) for x in tree_flatten((args, kwargs))[0]):
             out = func(*args, **_no_generator(kwargs))  # depends on q, k, v: fake
@@ -144,6 +152,10 @@ class _SmallRealMode(TorchDispatchMode):
             return func(*args, **kwargs)
         with self.fake_mode:
             return func(*args, **_no_generator(kwargs))
+
+
+def _returns_tensors(func) -> bool:
+    return any("Tensor" in str(r.type) for r in func._schema.returns)
 
 
 def _no_generator(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -291,8 +303,10 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     except TraceTooLong as e:
         hint = ("use how='auto' (the closed form)" if not outside else
                 f"its closed form does not cover these options ({'; '.join(outside)}): a smaller seq_len traces faster")
-        raise ValueError(f"estimate of method {method!r} stopped: the trace passed {e.ops:,} operator calls "
-                         f"(the limit, attnmem.memory.estimate.TRACE_OP_LIMIT) at seq_len={seq_len}; {hint}") from None
+        raise ValueError(f"estimate of method {method!r} stopped: the trace ran {e.ops:,} operator calls in "
+                         f"{e.seconds:.0f} s at seq_len={seq_len}, past its bound (attnmem.memory.estimate."
+                         f"TRACE_OP_LIMIT = {TRACE_OP_LIMIT:,} calls, TRACE_SECONDS_LIMIT = "
+                         f"{TRACE_SECONDS_LIMIT:.0f} s); {hint}") from None
     except Exception as e:  # noqa: BLE001  whatever a method does that fake tensors cannot follow
         raise ValueError(f"no estimate for method {method!r}: it cannot be traced on fake tensors "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"

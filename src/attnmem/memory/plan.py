@@ -317,10 +317,14 @@ def plan(config: ModelConfig | str | dict[str, Any], budget: int | float | str, 
         def fits_b(b, name=name):
             return model_peak(cfg.replace(batch=b), name)["peak"] <= limit
 
+        try:
+            longest, largest = _largest(fits_n, step, max_seq_len, step), _largest(fits_b, 1, max_batch, 1)
+        except ValueError as e:  # a search step the estimate refuses (a trace past its bound)
+            rows.append(dict(method=name, status="error", reason=str(e).splitlines()[0]))
+            continue
         rows.append(dict(method=name, status="ok", peak_bytes=parts["peak"], peak_gib=parts["peak"] / GiB,
                          fits=parts["peak"] <= limit, budget_bytes=limit,
-                         max_seq_len=_largest(fits_n, step, max_seq_len, step),
-                         max_batch=_largest(fits_b, 1, max_batch, 1), parts=parts))
+                         max_seq_len=longest, max_batch=largest, parts=parts))
     return rows
 
 
