@@ -34,7 +34,7 @@ import attnmem
 from attnmem import registry
 
 API_TIMEOUT_S = 60
-CLI_TIMEOUT_S = 120
+CLI_TIMEOUT_S = 300  # a start of the CLI took 23 s at load 15; a refusal is immediate after it
 
 
 @dataclass

@@ -57,3 +57,11 @@ def test_method_must_be_a_name(value):
     q = torch.randn(1, 1, 4, 4)
     with pytest.raises(TypeError, match="method must be a str"):
         attnmem.attention(q, q, q, method=value)
+
+
+def test_an_unbounded_window_side_points_to_the_causal_mask():
+    q = torch.randn(1, 2, 32, 8)
+    with pytest.raises(ValueError, match=r"window must be .*\(None, 0\) is causal attention, pass causal=True"):
+        attnmem.attention(q, q, q, method="sliding_window", window=(None, 0))
+    out = attnmem.attention(q, q, q, method="sliding_window", window=(32, 0))  # the spelled-out bound
+    assert torch.allclose(out, attnmem.attention(q, q, q, method="chunked", causal=True), atol=1e-6)

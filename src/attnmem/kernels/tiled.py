@@ -185,10 +185,6 @@ def _bnhd_zeros(q: Tensor, c: TileContext) -> Tensor:
     return q.new_zeros(c.B, c.nq, c.Hq, c.D).transpose(1, 2)  # (B, Hq, Nq, D), strides of (B, Nq, Hq, D)
 
 
-def _is_bnhd(t: Tensor) -> bool:
-    return t.transpose(1, 2).is_contiguous()
-
-
 def _head_groups(c: TileContext, k: Tensor, v: Tensor):
     """(query heads, keys, values) per call: all heads at once without GQA, else each KV head
     expanded (a stride-0 view) to its G query heads, (B, G, N, D)."""
@@ -263,9 +259,10 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tens
     if c.single_call and c.nq and c.nk:
         whole = CAUSAL_TILE if c.causal_call else None
         o_all, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
-        out = o_all.reshape(c.B, c.Hq, c.nq, c.D)
-        if not _is_bnhd(out):
-            out = _bnhd_zeros(q, c)
+        if c.G == 1:
+            out = o_all.reshape(c.B, c.Hq, c.nq, c.D)  # a view: the operator's output is (B, N, H, D) in memory
+        else:
+            out = _bnhd_zeros(q, c)  # stacked GQA rows cannot be viewed as (B, N, H, D): one copy
             out.view(c.B, c.Hkv, c.G, c.nq, c.D).copy_(o_all.view(c.B, c.Hkv, c.G, c.nq, c.D))
         return out, lse.to(acc).reshape(c.B, c.Hq, c.nq)
     out = _bnhd_zeros(q, c)

@@ -58,7 +58,10 @@ def _check_positive(name: str, val: object) -> None:
 def _check_window(window: object) -> tuple[int, int]:
     sides = window if isinstance(window, (tuple, list)) else (window, window)
     if len(sides) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sides):
-        raise ValueError(f"window must be a non-negative int or a (left, right) pair of them, got {window!r}")
+        unbounded = isinstance(sides, (tuple, list)) and None in sides
+        hint = ("; a side without bound (None) is not a window: (None, 0) is causal attention, "
+                "pass causal=True (or window=(N, 0))") if unbounded else ""
+        raise ValueError(f"window must be a non-negative int or a (left, right) pair of them, got {window!r}{hint}")
     return int(sides[0]), int(sides[1])
 
 
