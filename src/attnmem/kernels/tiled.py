@@ -65,7 +65,8 @@ class CallPlan:
 
 
 def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
-              nq: int, nk: int, q_heads: int, kv_heads: int, mods: bool = False) -> CallPlan:
+              batch: int, nq: int, nk: int, q_heads: int, kv_heads: int, head_dim: int,
+              mods: bool = False) -> CallPlan:
     """The one decision of how a call is computed, for the kernel (``TileContext``) and the
     memory models alike. ``mods``: a score_mod or dropout is active (the torch kernel runs it)."""
     kernel = "torch" if mods else resolve_kernel(kernel, device, dtype)
@@ -85,7 +86,10 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
     # kernel's own is_causal applies and no tile loop runs. The backward's expanded dK/dV
     # are transient, G heads at a time.
     causal, padding = _causal_and_padding(mask)
-    grouped_causal = (causal and fused and nq == nk and (q_heads > kv_heads or padding is not None))
+    grouped_causal = (causal and fused and nq == nk
+                      and ((q_heads > kv_heads
+                            and grouped_causal_fits(batch, q_heads, kv_heads, nq, head_dim, dtype.itemsize))
+                           or (q_heads == kv_heads and padding is not None)))
     single_call = (mask is None or causal_call or grouped_causal) and fused
     return CallPlan(kernel, pure_causal, causal_call, grouped_causal, single_call, padding)
 
@@ -106,8 +110,8 @@ class TileContext:
         self.q_pos = q_pos
         self.tiles = (q_tile, kv_tile)
         self.mask = mask
-        call = plan_call(kernel, device=q.device, dtype=q.dtype, mask=mask, nq=self.nq, nk=self.nk,
-                         q_heads=self.Hq, kv_heads=self.Hkv, mods=self.mods is not None)
+        call = plan_call(kernel, device=q.device, dtype=q.dtype, mask=mask, batch=self.B, nq=self.nq, nk=self.nk,
+                         q_heads=self.Hq, kv_heads=self.Hkv, head_dim=self.D, mods=self.mods is not None)
         self.kernel, self.pure_causal, self.causal_call = call.kernel, call.pure_causal, call.causal_call
         self.grouped_causal, self.single_call = call.grouped_causal, call.single_call
         self.key_valid = call.key_padding.valid if call.key_padding is not None else None
@@ -162,6 +166,21 @@ def allowed_bool(c: TileContext, qa: int, qb: int, seg: Segment) -> Tensor | Non
     if a is CAUSAL_TILE:
         return torch.ones(qb - qa, seg.size, dtype=torch.bool, device=c.device).tril()
     return a
+
+
+# One head group's expanded dQ, dK, dV and their copies are about six (B, G, N, D) buffers,
+# transient in the backward. Past this many bytes they would outweigh the inputs themselves
+# (1 GiB each at N = 2**20, B = 1, G = 4, D = 64), so the tile loop, whose working set is a
+# few tiles, runs instead: the one-call path is a speed path for moderate N only.
+GROUPED_CAUSAL_MAX_BYTES = 256 * 2**20
+
+
+def grouped_causal_fits(batch: int, q_heads: int, kv_heads: int, seq_len: int, head_dim: int,
+                        itemsize: int) -> bool:
+    """Whether causal GQA runs as one fused call per KV head (else tile by tile); the
+    kernel and its memory model both ask this."""
+    group_bytes = batch * (q_heads // kv_heads) * seq_len * head_dim * itemsize
+    return 6 * group_bytes <= GROUPED_CAUSAL_MAX_BYTES
 
 
 def _causal_and_padding(mask: Mask | None) -> tuple[bool, KeyPadding | None]:
@@ -259,11 +278,10 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tens
     if c.single_call and c.nq and c.nk:
         whole = CAUSAL_TILE if c.causal_call else None
         o_all, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
-        if c.G == 1:
-            out = o_all.reshape(c.B, c.Hq, c.nq, c.D)  # a view: the operator's output is (B, N, H, D) in memory
-        else:
-            out = _bnhd_zeros(q, c)  # stacked GQA rows cannot be viewed as (B, N, H, D): one copy
-            out.view(c.B, c.Hkv, c.G, c.nq, c.D).copy_(o_all.view(c.B, c.Hkv, c.G, c.nq, c.D))
+        # Without GQA a view: the operator's output is (B, N, H, D) in memory. Stacked GQA rows
+        # cannot be viewed so; they stay (B, Hq, N, D)-contiguous rather than pay a copy of the
+        # output here (a caller that needs (B, N, H, D), as HF does, copies once itself).
+        out = o_all.reshape(c.B, c.Hq, c.nq, c.D)
         return out, lse.to(acc).reshape(c.B, c.Hq, c.nq)
     out = _bnhd_zeros(q, c)
     lse = torch.full((c.B, c.Hq, c.nq), -math.inf, dtype=acc, device=q.device)  # (B, Hq, Nq)

@@ -164,6 +164,10 @@ class Chunked(Method):
     def memory_domain_reasons(self, shape: Shape, opts) -> list[str]:
         if _chunked_plan(shape, opts).kernel == "torch":
             return ["the plain-PyTorch tile kernel (kernel='torch', or float16) is not modelled (traced)"]
+        if shape.half:
+            # The fused kernel's low-precision path (float32 accumulation, kernels.tile) keeps
+            # buffers the closed form was not read off: up to 2.5x its figure at N = 1024.
+            return [f"the fused kernel in {shape.dtype} is not modelled (traced)"]
         return []
 
     def memory_model(self, s: Shape, opts) -> Footprint:
@@ -224,8 +228,8 @@ _USER_MASK = M.from_mod(lambda b, h, q_idx, kv_idx: q_idx >= 0, name="a user mas
 def _chunked_plan(s: Shape, opts):
     """``kernels.plan_call`` for this call on CPU, as ``tiled_attention`` decides it."""
     mask = _USER_MASK if s.masked else (M.causal() if s.causal else None)
-    return plan_call(opts.kernel, device="cpu", dtype=getattr(torch, s.dtype), mask=mask, nq=s.seq_len,
-                     nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads)
+    return plan_call(opts.kernel, device="cpu", dtype=getattr(torch, s.dtype), mask=mask, batch=s.batch,
+                     nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
 
 
 def chunked_footprint(s: Shape, opts) -> Footprint:
