@@ -14,7 +14,7 @@ Rows go to benchmarks/results/estimate.jsonl as they finish.
 
     python benchmarks/estimate.py --approx [--table-only]
 
-4. The closed forms of the approximate methods (memory/formulas_approx.py): time of
+4. The closed forms of the approximate methods (their ``Method.memory_model``): time of
    ``attnmem.estimate`` at N = 1,048,576 and the closed form against the trace and the measured
    peak at N = 16,384 (standard configuration). Rows go to benchmarks/results/estimate_approx.jsonl.
 """
@@ -28,11 +28,19 @@ import attnmem
 from _common import RESULTS, append_row, load_rows, log
 from attnmem import registry
 from attnmem.bench import Case, environment, run_case
-from attnmem.memory.estimate import FORMULAS, estimate
+from attnmem.memory.estimate import estimate
 from attnmem.memory.measure import MiB
 from attnmem.memory.plan import ModelConfig, measure_step, model_peak
 
 OUT = RESULTS / "estimate.jsonl"
+
+
+def _closed_form(name: str, **kw):
+    """The method's closed-form estimate, or None outside its declared domain."""
+    try:
+        return estimate(name, how="formula", **kw)
+    except ValueError:
+        return None
 APPROX_OUT = RESULTS / "estimate_approx.jsonl"
 APPROX = ("linear", "performer", "nystrom", "hierarchical")
 
@@ -70,7 +78,7 @@ def attention_rows(quick: bool) -> None:
                 t0 = time.perf_counter()
                 est = estimate(name, **kw)
                 est_s = time.perf_counter() - t0
-                closed = estimate(name, how="formula", **kw) if name in FORMULAS else None
+                closed = _closed_form(name, **kw)
                 out = dict(kind="attention", method=name, seq_len=n, mask=mask, measured_bytes=row["peak_bytes"],
                            estimate_bytes=est.peak_bytes, source=est.source, estimate_s=est_s,
                            formula_bytes=closed.peak_bytes if closed else None, **environment())
@@ -195,9 +203,12 @@ def main() -> None:
         rows = load_rows(OUT)
         OUT.unlink()
         for r in rows:
-            if r["kind"] == "attention" and r["method"] in FORMULAS:
-                r["formula_bytes"] = estimate(r["method"], batch=1, heads=8, seq_len=r["seq_len"], head_dim=64,
-                                              causal=r["mask"] == "causal", how="formula").peak_bytes
+            closed = None
+            if r["kind"] == "attention":
+                closed = _closed_form(r["method"], batch=1, heads=8, seq_len=r["seq_len"], head_dim=64,
+                                      causal=r["mask"] == "causal")
+            if closed is not None:
+                r["formula_bytes"] = closed.peak_bytes
             append_row(OUT, r)
         args.table_only = True
     if not args.table_only:

@@ -1,9 +1,11 @@
 """The method registry: every attention method is a small object registered by name.
 
 A method declares what it supports (``Capabilities``), its memory cost as a string, an options
-dataclass, and answers ``not_supported_reasons(inputs)``. ``attnmem.attention`` validates the
-call once into an ``Inputs`` and dispatches by name, or, for ``method="auto"``, walks
-``AUTO_PRIORITY`` and takes the first method with no reasons against it.
+dataclass, and answers ``not_supported_reasons(inputs)``. It also owns its memory model
+(``memory_model`` inside ``memory_domain_reasons``' domain, asked by ``attnmem.estimate``), the
+decode-cache kind that reproduces it (``decode_cache``) and its plot style (``style``).
+``attnmem.attention`` validates the call once into an ``Inputs`` and dispatches by name, or, for
+``method="auto"``, walks ``AUTO_PRIORITY`` and takes the first method with no reasons against it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .masks import Mask
+from .memory.model import Footprint, Shape
 from .reference import reference_attention
 
 
@@ -84,6 +87,14 @@ class Capabilities:
 
 
 @dataclass(frozen=True)
+class Style:
+    """A method's look in plots: ``colour`` (a matplotlib colour) and ``marker``."""
+
+    colour: str
+    marker: str
+
+
+@dataclass(frozen=True)
 class NoOptions:
     """This method takes no options."""
 
@@ -129,6 +140,11 @@ class Method:
     # Relative error allowed against ``definition`` in float64 (rounding, or a documented
     # iteration that has not converged).
     definition_tolerance: float = 1e-10
+    # The decode cache (attnmem.nn.cache kind) that reproduces this method one token at a time;
+    # None: decoding falls back to the "full" KV cache.
+    decode_cache: str | None = None
+    # How reports and plots draw this method: a matplotlib colour and marker, distinct per method.
+    style: Style = None  # type: ignore[assignment]  # set per method; a default is drawn at register
 
     def make_options(self, options: dict[str, Any]) -> Any:
         """Build this method's options dataclass; TypeError naming any unknown option."""
@@ -199,6 +215,23 @@ class Method:
     def effective_mask(self, inp: Inputs, opts: Any) -> Mask | None:
         """The mask an exact method is exact under: the call's, and its own pattern if any."""
         return inp.mask
+    # --- memory model: what attnmem.estimate asks (attnmem.memory.model) ----------------------
+
+    def memory_domain_reasons(self, shape: Shape, opts: Any) -> list[str]:
+        """Why ``memory_model`` does not hold for this call; empty inside its declared domain
+        (the dtypes, options and shapes its closed form was read off and checked for).
+        Outside it, ``attnmem.estimate`` traces the call on fake tensors instead."""
+        return ["has no closed-form memory model"]
+
+    def memory_model(self, shape: Shape, opts: Any) -> Footprint:
+        """Closed-form bytes of one call (forward, + ``out.sum().backward()`` when
+        ``shape.training``) beyond its inputs; called only inside the declared domain."""
+        raise NotImplementedError(f"method {self.name!r} has no closed-form memory model")
+
+    def options_for_length(self, options: dict[str, Any], seq_len: int) -> dict[str, Any]:
+        """The options a call of ``seq_len`` tokens is estimated and benchmarked with: a method
+        whose module has a maximum length fills it in here when the user gives none."""
+        return options
 
     def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: Any) -> torch.nn.Module:
         """For stateful methods: the inner module ``attnmem.nn.MultiHeadAttention`` holds.
@@ -233,6 +266,8 @@ def register(method_cls: type[Method]) -> type[Method]:
         raise ValueError(f"{method_cls.__name__} has no name")
     if inst.name in _REGISTRY:
         raise ValueError(f"method {inst.name!r} is already registered")
+    if inst.style is None:
+        inst.style = _unused_style()
     _REGISTRY[inst.name] = inst
     return method_cls
 
@@ -253,6 +288,25 @@ def registered(method_cls: type[Method]) -> Iterator[Method]:
         yield _REGISTRY[method_cls.name]
     finally:
         _REGISTRY.pop(method_cls.name, None)
+# Colours (matplotlib's tab20) and markers for methods that do not choose a style.
+_PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+            "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896", "#c5b0d5", "#c49c94",
+            "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5")
+_MARKERS = "osD^v<>pPX*hH+x"
+
+
+def _unused_style() -> Style:
+    """The first palette colour no registered method uses (then the first unused pairing)."""
+    taken = {m.style for m in _REGISTRY.values()}
+    colours = {st.colour for st in taken}
+    for i, colour in enumerate(_PALETTE):
+        if colour not in colours:
+            return Style(colour, _MARKERS[i % len(_MARKERS)])
+    for colour in _PALETTE:
+        for marker in _MARKERS:
+            if Style(colour, marker) not in taken:
+                return Style(colour, marker)
+    raise ValueError("no unused (colour, marker) pair left for a new method's style")
 
 
 def get(name: str) -> Method:

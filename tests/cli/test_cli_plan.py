@@ -19,7 +19,7 @@ def test_estimate_prints_the_breakdown_and_json():
     assert res.exit_code == 0, res.output
     assert "saved for backward" in res.output and "peak" in res.output
     res = run("estimate", "sdpa", "--seq-len", "256", "--json")
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)
     assert data["peak_bytes"] == data["inputs_bytes"] + data["saved_bytes"] + data["transient_bytes"]
 
 
@@ -27,7 +27,7 @@ def test_estimate_passes_method_options():
     res = run("estimate", "chunked", "--seq-len", "512", "--causal", "--how", "formula",
               "--option", "q_tile=128", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["options"] == {"q_tile": 128}
+    assert json.loads(res.stdout)["options"] == {"q_tile": 128}
 
 
 def test_plan_table_json_and_plot(tmp_path):
@@ -38,7 +38,7 @@ def test_plan_table_json_and_plot(tmp_path):
     assert "chunked" in res.output and png.stat().st_size > 1000
     res = run("plan", "--config", "tiny", "--budget", "64MiB", "--methods", "chunked", "--json",
               "--checkpointing", "--seq-len", "512")
-    data = json.loads(res.output)
+    data = json.loads(res.stdout)
     assert data["config"]["checkpointing"] and data["config"]["seq_len"] == 512
     assert data["methods"][0]["max_seq_len"] % 256 == 0
 
@@ -48,7 +48,7 @@ def test_plan_from_a_yaml_file(tmp_path):
     cfg.write_text("layers: 2\nd_model: 64\nheads: 4\nvocab: 100\nseq_len: 256\n")
     res = run("plan", "--config", str(cfg), "--budget", "1GB", "--methods", "sdpa", "--inference", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["config"]["training"] is False
+    assert json.loads(res.stdout)["config"]["training"] is False
 
 
 @pytest.mark.parametrize("args, message", [
@@ -76,4 +76,4 @@ def test_estimate_takes_a_mask_spec():
     res = run("estimate", "chunked", "--seq-len", "384", "--heads", "2", "--head-dim", "16",
               "--mask", "window:64", "--json")
     assert res.exit_code == 0, res.output
-    assert json.loads(res.output)["shape"]["masked"] is True
+    assert json.loads(res.stdout)["shape"]["masked"] is True

@@ -13,7 +13,8 @@ import torch
 
 import attnmem
 from attnmem import registry
-from attnmem.memory.estimate import FORMULAS, estimate
+from attnmem.api import validate
+from attnmem.memory.estimate import estimate, resolve_dtype
 
 SIZES = (192, 384, 640)  # awkward lengths: one to three query tiles of chunked's default 256
 B, H, D = 1, 4, 32
@@ -29,7 +30,9 @@ def _measured(method, n, causal, training):
     q, k, v = (torch.randn(B, H, n, D, generator=g).requires_grad_(training) for _ in range(3))
     module = None
     if method.stateful:
-        module = method.build_module(heads=H, kv_heads=H, head_dim=D, opts=method.make_options({}))
+        # Built as estimate builds it for this length (linformer: max_len = N).
+        opts = method.make_options(method.options_for_length({}, n))
+        module = method.build_module(heads=H, kv_heads=H, head_dim=D, opts=opts)
 
     def call(q, k, v):
         if module is not None:
@@ -70,54 +73,43 @@ FORMULA_CASES = [
 ]
 
 
-# Methods that are causal by definition (their spans look backwards): no non-causal call.
-CAUSAL_ONLY = {"adaptive_span", "adaptive_span_fixed"}
+def _refusals(method, case) -> list[str]:
+    """The method's own reasons against this call (what estimate must refuse it with)."""
+    n, kv = case["seq_len"], case.get("kv_heads", 8)
+    dt = resolve_dtype(case.get("dtype", torch.float32))
+    one = torch.empty((), dtype=dt)
+    q, k, v = (one.expand(1, h, n, 64) for h in (8, kv, kv))
+    inp = validate(q, k, v, causal=case["causal"])
+    opts = method.make_options(method.options_for_length({}, n))
+    return method.not_supported_reasons(inp, opts)
 
 
 @pytest.mark.parametrize("case", FORMULA_CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-@pytest.mark.parametrize("name", sorted(FORMULAS))
+@pytest.mark.parametrize("name", registry.names())
 def test_closed_form_agrees_with_trace(name, case):
-    case = dict(case)
-    if name in CAUSAL_ONLY and not case["causal"]:
-        with pytest.raises(ValueError, match="cannot run these inputs: is causal by definition"):
-            estimate(name, batch=1, heads=8, head_dim=64, **case)
-        return  # causal by definition: the refusal above is what this case checks
-    if case.get("kv_heads") and name == "sdpa":
-        # SDPA on CPU would expand K/V to 8 heads, so it refuses GQA (see its reasons).
-        with pytest.raises(ValueError, match="expand K/V"):
-            estimate(name, how="trace", batch=1, heads=8, head_dim=64, **case)
-        case.pop("kv_heads")
-    if case.get("causal") and not registry.get(name).caps.causal:
-        # nystrom (and linformer) have no causal form: estimate refuses the case, naming it.
-        with pytest.raises(ValueError, match="causal"):
-            estimate(name, how="trace", batch=1, heads=8, head_dim=64, **case)
-        return  # no causal form: the refusal above is what this case checks
+    # Every registered method: a call it cannot run is refused with its own reasons; inside its
+    # memory model's declared domain the closed form is within 5 % of the trace; outside it
+    # "formula" is refused naming why, and "auto" traces.
+    method = registry.get(name)
     kw = dict(batch=1, heads=8, head_dim=64, **case)
-    if name == "recurrent_memory":
-        # These calls are 1-2 segments of the default S = 512 (< 5·M + 3·S tokens): the peak falls
-        # inside one segment, which the closed form does not model; they are traced (checked
-        # here), and the formula is compared with traces in tests/test_estimate_memory.py.
-        with pytest.raises(ValueError, match="no closed-form"):
-            estimate(name, how="formula", **kw)
-        return  # too few segments for the closed form: its refusal above is the check
-    if name == "knn_memory":
-        # These calls are 1-2 segments of the default S = 512: the peak falls inside one segment
-        # (the retrieved keys and values, the search), which the closed form does not model; they
-        # are traced (checked here), and the formula is compared with traces in
-        # tests/test_estimate_memory.py.
-        with pytest.raises(ValueError, match="no closed-form"):
-            estimate(name, how="formula", **kw)
-        return  # too few segments for the closed form: its refusal above is the check
-    if name == "linformer":
-        # Built with max_len = 4096 > N here: E[:, :, :N] is a strided slice, which the closed form
-        # does not cover (traced; checked here). Its closed form is checked against measurements
-        # in tests/test_estimate_memory.py (the trace counts E and F, a real run does not).
-        with pytest.raises(ValueError, match="no closed-form"):
-            estimate(name, how="formula", **kw)
-        return  # N < max_len: the closed form's refusal above is the check
+    reasons = [r for r in _refusals(method, case)
+               if not (case.get("training", True) and r.startswith("has no backward"))]
+    if reasons:
+        with pytest.raises(ValueError, match="cannot run these inputs") as err:
+            estimate(name, how="trace", **kw)
+        assert all(r in str(err.value) for r in reasons), (reasons, err.value)
+        return  # a call the method cannot run: its refusal above is what this case checks
     traced = estimate(name, how="trace", **kw)
+    assert traced.source == "trace"
+    s = traced.shape
+    outside = method.memory_domain_reasons(s, method.make_options(traced.options))
+    if outside:
+        with pytest.raises(ValueError, match="no closed-form estimate") as err:
+            estimate(name, how="formula", **kw)
+        assert outside[0] in str(err.value)
+        return  # outside the declared domain: the refusal above is the check (auto traces it)
     closed = estimate(name, how="formula", **kw)
-    assert traced.source == "trace" and closed.source == "formula"
+    assert closed.source == "formula"
     assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.05 * traced.peak_bytes, (closed, traced)
 
 
@@ -184,7 +176,7 @@ def test_untraceable_method_without_formula_says_so(monkeypatch):
             return inp.q * 2
 
     monkeypatch.setitem(registry._REGISTRY, "peeker", Peeker())
-    with pytest.raises(ValueError, match="no estimate for method 'peeker'.*no closed form"):
+    with pytest.raises(ValueError, match="no estimate for method 'peeker'.*no closed form for these options"):
         estimate("peeker", batch=1, heads=2, seq_len=64, head_dim=16)
 
 

@@ -1,4 +1,4 @@
-"""Closed forms of the approximate methods (attnmem/memory/formulas_approx.py) and the plan's
+"""Closed forms of the approximate methods (their ``Method.memory_model`` under mechanisms/) and the plan's
 searches over them.
 
 Expected values: the fake-tensor trace of the same call (``how="trace"``), which
@@ -11,9 +11,10 @@ from __future__ import annotations
 import pytest
 
 import attnmem
+from attnmem import registry
 from attnmem.mechanisms.linear import orthogonal_random_features
 from attnmem.memory import estimate as estimate_mod
-from attnmem.memory.estimate import FORMULAS, estimate
+from attnmem.memory.estimate import estimate
 
 MINE = ("linear", "performer", "nystrom", "hierarchical")
 # nystrom's trace makes ~1,800 operator calls whatever N is, so "auto" traces it (≈ 0.4 s warm at
@@ -24,7 +25,9 @@ NO_CAUSAL = {"nystrom"}
 
 @pytest.mark.parametrize("name", MINE)
 def test_my_methods_have_closed_forms(name):
-    assert name in FORMULAS and FORMULAS[name].doc
+    m = registry.get(name)
+    assert type(m).memory_model is not registry.Method.memory_model  # the method states its own model
+    assert type(m).memory_domain_reasons is not registry.Method.memory_domain_reasons
 
 
 @pytest.mark.parametrize("name", MINE)
@@ -115,7 +118,9 @@ def test_plan_remembers_traced_estimates(monkeypatch):
     real = estimate_mod.trace_peak
     monkeypatch.setattr(estimate_mod, "trace_peak", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(plan_mod, "_ESTIMATES", {})
-    monkeypatch.delitem(estimate_mod.FORMULAS, "nystrom")  # as if it had no closed form
+    nystrom = registry.get("nystrom")
+    # As if it had no closed form: its declared domain excludes every call.
+    monkeypatch.setattr(nystrom, "memory_domain_reasons", lambda s, o: ["no closed form (this test)"])
     cfg = plan_mod.ModelConfig(layers=2, d_model=64, heads=4, vocab=256, seq_len=256, causal=False)
     first = plan_mod.model_peak(cfg, "nystrom")["peak"]
     assert plan_mod.model_peak(cfg, "nystrom")["peak"] == first
@@ -123,8 +128,9 @@ def test_plan_remembers_traced_estimates(monkeypatch):
 
 
 def test_linformer_is_estimated_as_built_for_the_sequence_and_refuses_causal():
-    # Without max_len, the module is built with max_len = max(N, its default 4096); an explicit
-    # max_len below N is the user's mistake and is reported as the method's own reason.
+    # Without max_len, the module is built with max_len = N (Linformer.options_for_length, as the
+    # benchmarks build it); an explicit max_len below N is the user's mistake and is reported as
+    # the method's own reason.
     kw = dict(batch=1, heads=2, head_dim=16, k=32)
     est = estimate("linformer", seq_len=8192, **kw)
     assert est.options["max_len"] == 8192 and est.peak_bytes > est.inputs_bytes

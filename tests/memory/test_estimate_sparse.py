@@ -1,7 +1,8 @@
-"""Closed forms of the sparse, selective and adaptive-span methods (memory/formulas_sparse.py).
+"""Closed forms of the sparse, selective and adaptive-span methods (mechanisms/sparse_memory.py,
+the ``memory_model`` of selective.py and adaptive_span.py).
 
 Their agreement with the fake-tensor trace runs in tests/test_estimate.py
-(``test_closed_form_agrees_with_trace`` covers every name in ``FORMULAS``); here: they answer at
+(``test_closed_form_agrees_with_trace`` covers every registered method); here: they answer at
 a million tokens, linearly, and the block-map rows they sample are the rows the kernel plans.
 """
 
@@ -12,8 +13,9 @@ import torch
 
 from attnmem import masks as M
 from attnmem import registry
-from attnmem.memory.estimate import Shape, estimate
-from attnmem.memory.formulas_sparse import _tile_rows
+from attnmem.mechanisms.sparse_memory import _tile_rows
+from attnmem.memory.estimate import estimate
+from attnmem.memory.model import Shape
 
 MILLION_CASES = [
     ("sliding_window", {}), ("dilated", {}), ("longformer", {}), ("bigbird", {}), ("strided", {}),

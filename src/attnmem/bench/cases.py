@@ -138,17 +138,16 @@ def make_inputs(case: Case, seed: int = 0):
 def attend_fn(method: str, *, heads: int, kv_heads: int | None, head_dim: int, seq_len: int,
               options: dict[str, Any], device: str = "cpu", dtype: str = "float32", seed: int = 0):
     """``f(q, k, v, causal, mask)`` running ``method``. A stateful method (``linformer``,
-    memory attention) gets its module built here, seeded, with ``max_len`` = ``seq_len`` unless
-    the options give one; its learned parameters start untrained, and a memory is cleared
-    before every call so that each repeat reads the same stream."""
+    memory attention) gets its module built here, seeded, with the options its method gives a
+    call of ``seq_len`` tokens (``Method.options_for_length``: linformer's max_len = max(N, k));
+    its learned parameters start untrained, and a memory is cleared before every call so that
+    each repeat reads the same stream."""
     m = registry.get(method)
     if not m.stateful:
         def functional(q, k, v, causal, mask):
             return attention(q, k, v, method=method, causal=causal, mask=mask, **options)
         return functional
-    opts = dict(options)
-    if "max_len" in m.info().options and "max_len" not in opts:
-        opts["max_len"] = seq_len
+    opts = m.options_for_length(dict(options), seq_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = m.build_module(heads=heads, kv_heads=kv_heads or heads, head_dim=head_dim,

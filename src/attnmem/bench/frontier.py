@@ -26,20 +26,18 @@ from .. import registry
 from ..memory.measure import MiB
 
 BEST_EXACT = ("chunked", "sdpa")  # the exact methods memory saved is counted against
-MARKERS = "osD^v<>pPXh*dH8"
 QUALITY_KEYS = {"text": ("bpb", "bits per byte (validation, lower is better)", False),
                 "mqar": ("accuracy", "MQAR accuracy (held out, higher is better)", True)}
 
 
 def method_style(name: str) -> tuple[str, str]:
-    """A colour and a marker of one method, distinct across the registry and stable between
-    reports (registration order: tab20's colours, and a marker cycle of another length)."""
-    import matplotlib
-
-    names = registry.names()
-    i = names.index(name) if name in names else len(names)
-    colour = matplotlib.colormaps["tab20"](i % 20)
-    return matplotlib.colors.to_hex(colour), MARKERS[i % len(MARKERS)]
+    """A colour and a marker of one method: its own ``Method.style`` (distinct across the
+    registry, stable between reports); black dots for a method no longer registered."""
+    try:
+        style = registry.get(name).style
+    except ValueError:
+        return "#000000", "."
+    return style.colour, style.marker
 
 
 def load_quality(path: Path) -> list[dict[str, Any]]:

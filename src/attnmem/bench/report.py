@@ -5,24 +5,23 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .. import registry
 from ..memory.units import format_bytes
+from ..registry import Style
 from .rows import Row
 
 MiB = 2**20
 
-# One colour per family, stable across reports (matplotlib's tab10).
-FAMILY_COLOURS = {
-    "exact": "#1f77b4", "sparse": "#ff7f0e", "linear": "#2ca02c", "lowrank": "#d62728",
-    "selective": "#9467bd", "adaptive": "#8c564b", "hierarchical": "#e377c2", "memory": "#7f7f7f",
-}
-_FALLBACK = ["#bcbd22", "#17becf", "#aec7e8", "#ffbb78"]
-MARKERS = "osD^v<>pPX*h"
+# Rows of a method no longer registered (an old results file) are drawn in grey.
+_UNKNOWN = Style("#000000", ".")
 
 
-def _colour(family: str) -> str:
-    if family not in FAMILY_COLOURS:
-        FAMILY_COLOURS[family] = _FALLBACK[len(FAMILY_COLOURS) % len(_FALLBACK)]
-    return FAMILY_COLOURS[family]
+def _style(method: str) -> Style:
+    """The method's own plot style (``Method.style``: a colour and marker distinct per method)."""
+    try:
+        return registry.get(method).style
+    except ValueError:
+        return _UNKNOWN
 
 
 def _ok(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -142,11 +141,12 @@ def _plot_vs_n(rows, key, ylabel, title, path: Path, budget: int | None = None, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
-    for i, (method, rs) in enumerate(sorted(_by_method(rows).items())):
+    for method, rs in sorted(_by_method(rows).items()):
         ok = [r for r in rs if r.get("status") == "ok"]
-        colour = _colour(rs[0].get("family", ""))
+        style = _style(method)
+        colour = style.colour
         if ok:
-            ax.plot([r["seq_len"] for r in ok], [key(r) for r in ok], marker=MARKERS[i % len(MARKERS)],
+            ax.plot([r["seq_len"] for r in ok], [key(r) for r in ok], marker=style.marker,
                     color=colour, label=f"{method} ({rs[0].get('family', '')})")
         over = [r for r in rs if r.get("status") == "over budget" and r.get("predicted_bytes")]
         if over and budget is not None:
@@ -177,8 +177,6 @@ def _plot_error_vs_memory(rows, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .frontier import method_style
-
     best = best_exact_peaks(rows)
     pts = [(r, memory_saved(r, best)) for r in _ok(rows)]
     pts = [(r, saved) for r, saved in pts if saved is not None and r.get("approx_error") is not None]
@@ -190,8 +188,9 @@ def _plot_error_vs_memory(rows, path: Path) -> bool:
     for r, saved in pts:
         label = r["method"] if r["method"] not in seen else None
         seen.add(r["method"])
-        colour, marker = method_style(r["method"])
-        ax.scatter(100 * saved, max(r["approx_error"], floor), color=colour, marker=marker, label=label)
+        style = _style(r["method"])
+        ax.scatter(100 * saved, max(r["approx_error"], floor), color=style.colour, marker=style.marker,
+                   label=label)
     ax.set_yscale("log")
     ax.set_xlabel(f"peak memory saved against the best exact method ({' / '.join(BEST_EXACT)}) at the same N (%)")
     ax.set_ylabel("error against full attention under the case's mask (random inputs; 0 drawn at 1e-9)")

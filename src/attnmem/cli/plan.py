@@ -80,8 +80,13 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
                   console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("plan", total=None)
 
+        err = Console(stderr=True)
+
         def on_method(name, i, total):
             progress.update(task, total=total, completed=i, description=f"plan: {name}")
+            if not err.is_terminal:
+                # A log file or CI: one line per method instead of the live bar.
+                err.print(f"plan: {i + 1}/{total} {name}", highlight=False)
 
         rows = plan_specs(cfg, limit, methods_, on_method)
     if plot_path:

@@ -32,11 +32,13 @@ from .tile import (
     torch_forward,
 )
 from .tiled import (
+    CallPlan,
     Run,
     TileContext,
     TiledRun,
     allowed_bool,
     apply_sinks,
+    plan_call,
     row_dot,
     run_exact,
     tiled_attention,
@@ -54,5 +56,5 @@ __all__ = [
     "tiled_attention", "tiled_attention_lse", "tiled_backward", "tiled_backward_lse",
     "tiled_forward", "torch_backward", "torch_forward",
     "Mods", "ScoreMod", "TileMods", "captured_tensors", "dropout_keep", "make_mods", "merge",
-    "fused_backward_acc", "Run", "TiledRun", "apply_sinks", "row_dot", "run_exact",
+    "fused_backward_acc", "CallPlan", "plan_call", "Run", "TiledRun", "apply_sinks", "row_dot", "run_exact",
 ]

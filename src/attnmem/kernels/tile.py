@@ -29,9 +29,13 @@ def fused_available() -> bool:
     return hasattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward")
 
 
-def resolve_kernel(kernel: str, q: Tensor) -> str:
+def resolve_kernel(kernel: str, device: str | torch.device, dtype: torch.dtype) -> str:
+    """The tile kernel a call runs: the option's own choice, or for "auto" the fused CPU operator
+    where it takes the dtype, else plain PyTorch. The one place this is decided: the kernels
+    and every memory model (``Method.memory_model``) ask it."""
     if kernel == "auto":
-        if q.device.type == "cpu" and q.dtype in FUSED_DTYPES and fused_available():
+        dev = device.type if isinstance(device, torch.device) else str(device)
+        if dev == "cpu" and dtype in FUSED_DTYPES and fused_available():
             return "fused"
         return "torch"
     return kernel

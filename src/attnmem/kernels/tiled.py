@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -49,6 +50,50 @@ from .tile import CAUSAL_TILE, TILE_KERNELS, acc_dtype, fused_backward, fused_fo
 # --- the tile schedule ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CallPlan:
+    """How ``tiled_attention`` runs one call: its kernel, and whether the whole call is one
+    kernel call (``single_call``; ``causal_call`` when that call uses the kernel's is_causal,
+    ``grouped_causal`` when it is one is_causal call per KV head)."""
+
+    kernel: str
+    pure_causal: bool  # the mask is plain causal and G = 1: diagonal tiles use is_causal
+    causal_call: bool
+    grouped_causal: bool
+    single_call: bool
+    key_padding: KeyPadding | None
+
+
+def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
+              batch: int, nq: int, nk: int, q_heads: int, kv_heads: int, head_dim: int,
+              mods: bool = False) -> CallPlan:
+    """The one decision of how a call is computed, for the kernel (``TileContext``) and the
+    memory models alike. ``mods``: a score_mod or dropout is active (the torch kernel runs it)."""
+    kernel = "torch" if mods else resolve_kernel(kernel, device, dtype)
+    fused = kernel == "fused"
+    # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
+    # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
+    pure_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
+                   and q_heads == kv_heads)
+    # Without a mask, or with a plain causal mask on a square problem (where the kernel's
+    # top-left alignment is also ours), the fused operator skips empty blocks and tiles
+    # internally in O(N) memory: one call over everything is fastest (every extra call
+    # pays the intra-op threads' synchronisation), and its outputs need no copying.
+    causal_call = pure_causal and fused and nq == nk
+    # Causal GQA, or causal & key padding, on a square problem: one fused call per KV head,
+    # its G query heads against the KV head expanded to G heads (a stride-0 view, no copy),
+    # with the padding as a (B, 1, 1, Nk) additive bias (also a view when expanded), so the
+    # kernel's own is_causal applies and no tile loop runs. The backward's expanded dK/dV
+    # are transient, G heads at a time.
+    causal, padding = _causal_and_padding(mask)
+    grouped_causal = (causal and fused and nq == nk
+                      and ((q_heads > kv_heads
+                            and grouped_causal_fits(batch, q_heads, kv_heads, nq, head_dim, dtype.itemsize))
+                           or (q_heads == kv_heads and padding is not None)))
+    single_call = (mask is None or causal_call or grouped_causal) and fused
+    return CallPlan(kernel, pure_causal, causal_call, grouped_causal, single_call, padding)
+
+
 class TileContext:
     """Everything about one tiled call that both passes need, computed once: the resolved
     kernel, the segment plans of the forward and the backward, and the bound ``mask_mod``."""
@@ -61,33 +106,16 @@ class TileContext:
         self.scale = scale
         # The fused operator cannot run a score_mod or our dropout pattern: the torch kernel does.
         self.mods = mods if mods is not None and mods.active else None
-        self.kernel = "torch" if self.mods is not None else resolve_kernel(kernel, q)
         # Global query positions of q's rows, when q holds a subset of the call's rows.
         self.q_pos = q_pos
         self.tiles = (q_tile, kv_tile)
         self.mask = mask
+        call = plan_call(kernel, device=q.device, dtype=q.dtype, mask=mask, batch=self.B, nq=self.nq, nk=self.nk,
+                         q_heads=self.Hq, kv_heads=self.Hkv, head_dim=self.D, mods=self.mods is not None)
+        self.kernel, self.pure_causal, self.causal_call = call.kernel, call.pure_causal, call.causal_call
+        self.grouped_causal, self.single_call = call.grouped_causal, call.single_call
+        self.key_valid = call.key_padding.valid if call.key_padding is not None else None
         fused = self.kernel == "fused"
-        # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
-        # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
-        self.pure_causal = (isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0
-                            and self.G == 1)
-        # Without a mask, or with a plain causal mask on a square problem (where the kernel's
-        # top-left alignment is also ours), the fused operator skips empty blocks and tiles
-        # internally in O(N) memory: one call over everything is fastest (every extra call
-        # pays the intra-op threads' synchronisation), and its outputs need no copying.
-        self.causal_call = self.pure_causal and fused and self.nq == self.nk
-        # Causal GQA, or causal & key padding, on a square problem: one fused call per KV head,
-        # its G query heads against the KV head expanded to G heads (a stride-0 view, no copy),
-        # with the padding as a (B, 1, 1, Nk) additive bias (also a view when expanded), so the
-        # kernel's own is_causal applies and no tile loop runs. The backward's expanded dK/dV
-        # are transient, G heads at a time.
-        causal, padding = _causal_and_padding(mask)
-        self.key_valid = padding.valid if padding is not None else None
-        self.grouped_causal = (causal and fused and self.nq == self.nk
-                               and ((self.G > 1 and grouped_causal_fits(self.B, self.Hq, self.Hkv, self.nq, self.D,
-                                                                        q.element_size()))
-                                    or (self.G == 1 and self.key_valid is not None)))
-        self.single_call = (mask is None or self.causal_call or self.grouped_causal) and fused
         if self.single_call:
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's

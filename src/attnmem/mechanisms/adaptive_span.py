@@ -29,7 +29,8 @@ from torch import Tensor, nn
 
 from ..kernels import acc_dtype, resolve_kernel
 from ..masks import Mask, as_mask, eval_mask
-from ..registry import Capabilities, Inputs, Method, register
+from ..memory.model import Footprint, Shape
+from ..registry import Capabilities, Inputs, Method, Style, register
 
 
 def ramp_log_weights(spans: Tensor, ramp: int, width: int) -> Tensor:
@@ -237,8 +238,7 @@ def adaptive_span_attention(q: Tensor, k: Tensor, v: Tensor, *, spans: Tensor | 
     band = _Band(q, k, width, max(q_tile, 1), mask, scale)
     # Fixed spans need no bias gradient, so PyTorch's fused CPU flash-attention operator (which
     # takes the bias as a float mask but does not return its gradient) can run each tile.
-    band.fused = (resolve_kernel("auto", q) == "fused" and q.dtype in (torch.float32, torch.float64)
-                  and not table.requires_grad)
+    band.fused = band_is_fused(q.device, q.dtype, learned=table.requires_grad)
     return _BandAttention.apply(q, k, v, table, band)
 
 
@@ -303,12 +303,19 @@ class AdaptiveSpanOptions:
             raise ValueError(f"init_span must be in [0, max_span={self.max_span}], got {self.init_span!r}")
 
 
+def band_is_fused(device, dtype: torch.dtype, *, learned: bool) -> bool:
+    """Whether the band's tiles run in PyTorch's fused CPU operator (float32/float64, spans with
+    no gradient) or in the PyTorch loop; the kernel and the memory model both ask this."""
+    return resolve_kernel("auto", device, dtype) == "fused" and dtype in (torch.float32, torch.float64) and not learned
+
+
 _CAPS = Capabilities(mask=True, gqa=True)
 
 
 @register
 class AdaptiveSpan(Method):
     name = "adaptive_span"
+    style = Style("#8c564b", "v")
     family = "adaptive_span"
     exact = False
     stateful = True
@@ -331,6 +338,20 @@ class AdaptiveSpan(Method):
     def module_definition(self, module, inp: Inputs, opts) -> Tensor:
         return adaptive_span_definition(inp.q, inp.k, inp.v, spans=module.current_spans().to(inp.q.dtype),
                                         ramp=module.ramp, mask=inp.user_mask, scale=inp.scale)
+
+    def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
+        return _span_domain_reasons(s)
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        """The learned module's spans start at ``init_span`` (default ``max_span``): z =
+        max_span · clamp(init / max_span, 0, 1) in float32, as ``AdaptiveSpanAttention`` holds it.
+        Training with a ramp, the spans get gradients: the PyTorch loop (``graph``); otherwise the
+        fused kernel, as ``adaptive_span_fixed``. See ``span_footprint``."""
+        init = opts.max_span if opts.init_span is None else opts.init_span
+        frac = torch.full((1,), init / opts.max_span)  # the module's parameter (float32)
+        z = float((opts.max_span * frac.clamp(0.0, 1.0)).max())
+        graph = s.training and opts.ramp > 0
+        return span_footprint(s, _span_width(s, z, opts.ramp), max(opts.q_tile, 1), graph=graph)
 
 
 @dataclass(frozen=True)
@@ -377,6 +398,7 @@ def adaptive_span_definition(q: Tensor, k: Tensor, v: Tensor, *, spans: Tensor, 
 @register
 class AdaptiveSpanFixed(Method):
     name = "adaptive_span_fixed"
+    style = Style("#c49c94", "^")
     family = "adaptive_span"
     exact = False
     memory = AdaptiveSpan.memory
@@ -402,6 +424,97 @@ class AdaptiveSpanFixed(Method):
         spans = torch.as_tensor(opts.spans, dtype=inp.q.dtype, device=inp.q.device).expand(inp.q_heads)
         return adaptive_span_definition(inp.q, inp.k, inp.v, spans=spans, ramp=opts.ramp, mask=inp.user_mask,
                                         scale=inp.scale)
+
+    def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
+        return _span_domain_reasons(s)
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        """See ``span_footprint``; the width comes from the spans as the call's accumulation
+        dtype holds them."""
+        spans = opts.spans if isinstance(opts.spans, tuple) else (opts.spans,)
+        z = torch.tensor([float(x) for x in spans], dtype=torch.float64 if s.itemsize == 8 else torch.float32)
+        return span_footprint(s, _span_width(s, float(z.max()), opts.ramp), max(opts.q_tile, 1), graph=False)
+
+
+# --- memory model -----------------------------------------------------------------------------
+
+
+def _span_domain_reasons(s: Shape) -> list[str]:
+    reasons = ["a user mask is not modelled (traced)"] if s.masked else []
+    if s.half:
+        reasons.append(f"the band loop in {s.dtype} is not modelled (traced)")
+    return reasons
+
+
+def _span_width(s: Shape, z: float, ramp: int) -> int:
+    """``adaptive_span_attention``'s band width W from the largest span z (as its dtype holds it)."""
+    return max(min(math.ceil(z) + ramp + (1 if ramp == 0 else 0), s.seq_len), 1)
+
+
+def _span_tiles(n: int, width: int, q_tile: int) -> set[tuple[tuple[int, int], tuple[int, int]]]:
+    """The distinct (previous tile, tile) pairs of ``(Tq, Tk)`` of ``adaptive_span._Band``
+    (square: query tile [qa, qb) sees keys [max(qa − W + 1, 0), qb)); the first tile's previous
+    one is (0, 0). O(N / q_tile) integer steps, no tensors."""
+    pairs, prev = set(), (0, 0)
+    for qa in range(0, n, q_tile):
+        qb = min(qa + q_tile, n)
+        cur = (qb - qa, qb - max(qa - (width - 1), 0))
+        pairs.add((prev, cur))
+        prev = cur
+    return pairs
+
+
+def span_footprint(s: Shape, width: int, q_tile: int, graph: bool) -> Footprint:
+    """Adaptive-span attention (``adaptive_span._BandAttention``): query tiles of Tq ≤ q_tile rows,
+    each against its band of Tk = min(Tq + W − 1, qb) keys, W = ⌈max span⌉ + R (+1 when R = 0),
+    at most N. Per tile, with p = Tq·Tk pairs, a = itemsize (float32/float64): the bias
+    b = Hq·p·a (per head, batch-independent), built from int64 distances (8p) and two bools per
+    pair: its peak is max(17p, 10p + 2b) (the table lookup and its masked copy);
+    S = B·Hq·p·a one score tile, t = B·Hq·Tq·D·a one query tile, k_t = B·Hkv·Tk·D·a.
+
+    saved = O + L + the (Hq, W) table (``graph``: learned spans with a ramp also keep the table's
+    autograd graph, 3 more (Hq, W) floats and one of bools).
+    Fused (fixed spans, or no gradient for the spans): the forward peaks while a tile's bias is
+    built, with the previous tile's bias, output and lse still bound (b' + t' + lse tile);
+    the backward at the same point holds L (lse with +inf) + dQ + dK + dV + the previous tile's
+    bias, dQ, dK, dV (b' + t' + 2k_t'); at a kernel call, for G > 1, the G-stacked q, O, lse
+    tiles (copies).
+    Learned spans (the PyTorch loop, which also returns the table's gradient, (Hq, W)): the
+    forward holds the previous tile's scores and output (S' + t') besides the new scores and
+    bias; the backward, at the next tile's bias (or its dP), the previous tile's bias,
+    distances, dS, dP and per-head bias gradient (b' + 8p' + 2S' + b'), or this tile's bias,
+    distances, S, dP and the previous tile's dS, dP, per-head gradient.
+    O(N·W) work, O(N·D + Tq·(Tq + W)) memory. Domain: float32/float64, causal, no user mask."""
+    a = s.itemsize
+    stack = s.heads != s.kv_heads
+    base = s.q_bytes + s.lse_bytes + s.heads * width * a  # out, lse, table
+    if graph:
+        base += 3 * s.heads * width * a + s.heads * width
+    fwd = bwd = 0
+    for (tq0, tk0), (tq, tk) in _span_tiles(s.seq_len, width, q_tile):
+        p0, p = tq0 * tk0, tq * tk
+        b0, b = s.heads * p0 * a, s.heads * p * a
+        S0, S = s.batch * b0, s.batch * b  # one score tile: B·Hq·p·a
+        t0, t = (s.batch * s.heads * x * s.head_dim * a for x in (tq0, tq))
+        k0, k = (s.batch * s.kv_heads * x * s.head_dim * a for x in (tk0, tk))
+        lr0, lr = s.batch * s.heads * tq0 * a, s.batch * s.heads * tq * a
+        build = max(17 * p, 10 * p + 2 * b)
+        if not graph:
+            fwd = max(fwd, b0 + t0 + lr0 + build, t0 + lr0 + b + (t if stack else 0) + t + lr)
+            bwd = max(bwd, b0 + t0 + 2 * k0 + build,
+                      t0 + 2 * k0 + b + (2 * t + lr if stack else 0) + t + 2 * k)
+        else:
+            fwd = max(fwd, S0 + t0 + (t if stack else 0) + S + build)
+            copies = 2 * t + lr if stack else 0  # stacked q, O tiles and their lse
+            bwd = max(bwd, b0 + 8 * p0 + 2 * S0 + b0 + copies + build,
+                      b + 8 * p + S + S0 + S0 + b0 + S + copies)
+    if not s.training:
+        return Footprint(0, base + fwd)
+    grads = s.q_bytes + 2 * s.kv_bytes + (s.heads * width * a if graph else 0)  # + the table's gradient
+    peak = max(base + fwd, base + s.lse_bytes + grads + bwd)
+    return Footprint(base, peak - base)
+
+
 
 
 __all__ = ["AdaptiveSpanAttention", "adaptive_span_attention", "ramp_log_weights"]

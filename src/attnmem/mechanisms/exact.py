@@ -7,36 +7,77 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels import KERNELS, flex_attention, flex_available, flex_safe, tiled_attention
+from .. import masks as M
+from ..kernels import (
+    KERNELS,
+    MAX_SEGMENT,
+    MIN_Q_TILE,
+    flex_attention,
+    flex_available,
+    flex_safe,
+    plan_call,
+    tiled_attention,
+)
 from ..masks import Dense
+from ..memory.model import Footprint, Shape
 from ..reference import reference_attention
-from ..registry import Capabilities, Inputs, Method, register
+from ..registry import Capabilities, Inputs, Method, Style, register
 
 
 @register
 class Reference(Method):
     name = "reference"
+    style = Style("#1f77b4", "o")
     family = "exact"
     exact = True
     quadratic = True
     memory = "O(B·H·N²): the full score and probability matrices"
     summary = "softmax(QKᵀ)V with the N×N matrix; the bottleneck itself and the test oracle"
+    decode_cache = "full"
 
     caps = Capabilities(score_mod=True, sinks=True, dropout=True, return_lse=True)
 
     def forward(self, inp: Inputs, opts) -> torch.Tensor:
         return reference_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale, **mods_kwargs(inp))
 
+    def memory_domain_reasons(self, shape: Shape, opts) -> list[str]:
+        return []  # every dtype, mask and option: the N² buffers do not depend on them
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        """With NN = B·H·N²·itemsize (one score matrix) and NB = B·H·N² bytes (one bool mask).
+        Training without a mask: saved = P + O, transient = dO + dP + dS = Q + 2·NN. With a mask
+        (causal included): saved = S + P + O + NB, transient = dP + the negated mask = NN + NB.
+        Forward only: S + P + O without a mask; 3·NN + NB with one. O(N²) either way."""
+        nn_ = s.batch * s.heads * s.seq_len * s.seq_len * s.itemsize
+        masked = s.causal or s.masked
+        nb = nn_ // s.itemsize if masked else 0
+        if not s.training:
+            return Footprint(0, (3 * nn_ + nb) if masked else (2 * nn_ + s.q_bytes))
+        if masked:
+            return Footprint(2 * nn_ + s.q_bytes + nb, nn_ + nb)
+        return Footprint(nn_ + s.q_bytes, 2 * nn_ + s.q_bytes)
+
 
 @register
 class SDPA(Method):
     name = "sdpa"
+    style = Style("#aec7e8", "s")
     family = "exact"
     exact = True
     memory = "O(B·H·N·D) without a mask; a dense mask is O(B·H·N²) and computes every score"
     # A dense mask is kept for explicit use (the benchmarks' "dense mask" peer); auto never
     # passes one here because SDPA turns it into an N×N float bias.
     summary = "torch.nn.functional.scaled_dot_product_attention (fused kernels)"
+    decode_cache = "full"
+
+    def memory_domain_reasons(self, shape: Shape, opts) -> list[str]:
+        if shape.masked:
+            return ["a dense mask is an N×N float bias, not modelled (traced)"]
+        return []
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        return sdpa_footprint(s)
+
     def extra_reasons(self, inp, opts):
         reasons = []
         if inp.q_heads != inp.kv_heads and inp.q.device.type != "cuda":
@@ -100,6 +141,8 @@ class ChunkedOptions:
 class Chunked(Method):
     name = "chunked"
     check_options = {"q_tile": 16, "kv_tile": 16}
+    style = Style("#17becf", "D")
+    decode_cache = "full"
     family = "exact"
     exact = True
     memory = "O(B·H·N·D) + O(B·H·N) log-sum-exp; empty tiles skipped"
@@ -117,6 +160,18 @@ class Chunked(Method):
         return tiled_attention(inp.q, inp.k, inp.v, mask=inp.mask, scale=inp.scale,
                                q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel,
                                **mods_kwargs(inp))
+
+    def memory_domain_reasons(self, shape: Shape, opts) -> list[str]:
+        if _chunked_plan(shape, opts).kernel == "torch":
+            return ["the plain-PyTorch tile kernel (kernel='torch', or float16) is not modelled (traced)"]
+        if shape.half:
+            # The fused kernel's low-precision path (float32 accumulation, kernels.tile) keeps
+            # buffers the closed form was not read off: up to 2.5x its figure at N = 1024.
+            return [f"the fused kernel in {shape.dtype} is not modelled (traced)"]
+        return []
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        return chunked_footprint(s, opts)
 
 
 def mods_kwargs(inp: Inputs) -> dict:
@@ -143,3 +198,76 @@ def flex_score_mod_applies(inp: Inputs) -> bool:
     tiled path: no sinks, dropout or lse, and a mask FlexAttention can trace."""
     return (inp.q.is_cuda and inp.score_mod is not None and flex_available() and inp.sinks is None
             and not inp.dropout_p and not inp.return_lse and (inp.mask is None or flex_safe(inp.mask)))
+
+
+def sdpa_footprint(s: Shape) -> Footprint:
+    """Training: saved = O + lse; transient = dO + dQ + dK + dV − lse (lse is freed before
+    the last gradient appears). Forward only: transient = O. No N² term."""
+    if not s.training:
+        return Footprint(0, s.q_bytes)
+    return Footprint(s.q_bytes + s.lse_bytes, 2 * s.q_bytes + 2 * s.kv_bytes - s.lse_bytes)
+
+
+def grouped_causal_footprint(s: Shape) -> Footprint:
+    """Causal GQA, fused kernel: one call per KV head (its G query heads against the head
+    expanded as a view). Saved O + lse; one head group's output, lse (forward) and
+    dQ, dK, dV expanded to G heads plus three more such buffers (backward) are transient.
+    Read off traces (tests check formula == trace)."""
+    group_q = s.q_bytes // s.kv_heads
+    lse = s.lse_bytes
+    if not s.training:
+        return Footprint(0, s.q_bytes + lse + 2 * (group_q + lse // s.kv_heads))
+    grads = s.q_bytes + 2 * s.kv_bytes
+    return Footprint(s.q_bytes + lse, grads + 6 * group_q + lse + 2 * s.itemsize)
+
+
+# Stands for any user mask in the kernel decision (which asks only whether a mask is causal).
+_USER_MASK = M.from_mod(lambda b, h, q_idx, kv_idx: q_idx >= 0, name="a user mask")
+
+
+def _chunked_plan(s: Shape, opts):
+    """``kernels.plan_call`` for this call on CPU, as ``tiled_attention`` decides it."""
+    mask = _USER_MASK if s.masked else (M.causal() if s.causal else None)
+    return plan_call(opts.kernel, device="cpu", dtype=getattr(torch, s.dtype), mask=mask, batch=s.batch,
+                     nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
+
+
+def chunked_footprint(s: Shape, opts) -> Footprint:
+    """Fused kernel without a mask, or plain causal without GQA: one operator call, as sdpa;
+    plain causal with GQA: one call per KV head (``grouped_causal_footprint``).
+    Tiled, with G = Hq/Hkv,
+    t = B·Hq·q_tile·D elements (one query tile), R = min(N − kv_tile, 2·2048) keys (two consecutive
+    merged runs of full tiles), W = kv_tile keys per masked segment (causal; other masks up to
+    2048, an upper bound):
+
+    saved = O + lse;
+    transient = dQ + dK + dV (dK, dV in float32 for half inputs) + 2·lse + four tile copies
+    (q, O, dO, dQ; plus a float32 dQ tile for half inputs) + dK, dV of one run
+    (2·B·Hkv·R·D) + the masked tile's bias (q_tile·W); for G > 1 also dK, dV of the masked
+    segment and the G-stacked bias and bools (G·q_tile·W·(itemsize + 1)).
+    Linear in N. Forward only: O + lse + five tile buffers in the accumulation dtype.
+    Domain: the fused kernel (float32, float64, bfloat16 on CPU). These terms were read off
+    traces of the tiled code (tests check formula ≈ trace)."""
+    plan = _chunked_plan(s, opts)
+    if plan.grouped_causal:
+        return grouped_causal_footprint(s)
+    if plan.single_call:
+        return sdpa_footprint(s)
+    acc = s.acc_itemsize
+    q_tile = min(max(opts.q_tile, MIN_Q_TILE), s.seq_len)
+    width = opts.kv_tile if not s.masked else min(s.seq_len, max(MAX_SEGMENT, opts.kv_tile))
+    tile = s.batch * s.heads * q_tile * s.head_dim
+    lse = s.lse_bytes
+    if not s.training:
+        return Footprint(0, s.q_bytes + lse + 5 * tile * acc)
+    g = s.heads // s.kv_heads
+    # Two consecutive merged runs of full tiles (the previous one's dK, dV are still alive).
+    run = max(min(s.seq_len - opts.kv_tile, 2 * max(MAX_SEGMENT, opts.kv_tile)), opts.kv_tile)
+    per_key = 2 * s.batch * s.kv_heads * s.head_dim * s.itemsize  # dK and dV of one key
+    grads = s.q_bytes + 2 * s.kv_bytes * (acc // s.itemsize if s.half else 1)
+    work = 4 * tile * s.itemsize + (tile * acc if s.half else 0)  # tile copies; half: dQ tile in float32
+    if g == 1:
+        work += run * per_key + q_tile * width * s.itemsize
+    else:
+        work += (run + width) * per_key + g * q_tile * width * (s.itemsize + 1)
+    return Footprint(s.q_bytes + lse, grads + 2 * lse + work)

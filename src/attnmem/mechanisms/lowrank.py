@@ -25,7 +25,8 @@ import torch
 from torch import Tensor, nn
 
 from ..kernels import tiled_attention
-from ..registry import Capabilities, Inputs, Method, get, register
+from ..memory.model import Footprint, Shape, outside
+from ..registry import Capabilities, Inputs, Method, Style, get, register
 from .linear import module_inputs
 
 _DTYPES = (torch.float32, torch.float64)
@@ -106,6 +107,7 @@ class LinformerAttention(nn.Module):
 @register
 class Linformer(Method):
     name = "linformer"
+    style = Style("#d62728", "p")
     family = "lowrank"
     exact = False
     stateful = True
@@ -130,6 +132,21 @@ class Linformer(Method):
         return [r for r in super().not_supported_reasons(inp, opts) if r != "does not support causal=True"]
 
     check_options = {"max_len": 64, "k": 8}
+
+    def options_for_length(self, options, seq_len):
+        """A module built for exactly this length unless ``max_len`` is given: max_len = N, or k
+        when N < k (E and F have k ≤ max_len rows). The estimate, the plan and the benchmarks
+        all size E and F this way."""
+        if "max_len" in options:
+            return options
+        k = options.get("k", LinformerOptions.k)
+        return {**options, "max_len": max(seq_len, k) if isinstance(k, int) else seq_len}
+
+    def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
+        return outside(linformer_footprint(s, opts))
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        return linformer_footprint(s, opts)
 
     def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: LinformerOptions) -> nn.Module:
         return LinformerAttention(kv_heads=kv_heads, opts=opts)
@@ -271,6 +288,7 @@ class NystromAttention(nn.Module):
 @register
 class Nystrom(Method):
     name = "nystrom"
+    style = Style("#ff9896", "H")
     family = "lowrank"
     exact = False
     has_module = True
@@ -300,3 +318,79 @@ class Nystrom(Method):
 
     def build_module(self, *, heads: int, kv_heads: int, head_dim: int, opts: NystromOptions) -> nn.Module:
         return NystromAttention(kv_heads=kv_heads, opts=opts)
+
+    def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
+        return outside(nystrom_footprint(s, opts))
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        return nystrom_footprint(s, opts)
+
+
+# --- memory model -----------------------------------------------------------------------------
+# Each closed form returns the bytes of one call beyond its inputs (forward, +
+# ``out.sum().backward()`` when ``s.training``) or, outside its domain, the reason (a str); the
+# terms are read off the code above and checked against the fake-tensor trace
+# (tests/test_estimate*.py). Notation: B batch, H = Hq query heads, Hkv key/value heads, N
+# sequence length, D head dim, s bytes per element; Q = B·H·N·D·s, KV = B·Hkv·N·D·s.
+
+
+def linformer_footprint(s: Shape, opts) -> Footprint | str:
+    """k projected rows, E and F (1, k, max_len) float32 parameters, K_low = E·K and
+    V_low = F·V (B·Hkv·k·D each), then exact fused attention of the N queries over k keys.
+    E and F count in full (2·k·max_len·4) once the call touches them, as the trace and the
+    benchmark harness (``attnmem.bench.run_case``) count them.
+
+    Training: saved = O + L(N) (one log-sum-exp per query row) + E + F + K_low + V_low.
+    Transient = dQ + dK + dV + E.grad + F.grad (2·k·max_len·4) + the un-reduced gradient of E
+    broadcast over the B·Hkv batch of the product (B·Hkv·k·N·4, before its sum) − L(N) −
+    K_low − V_low (freed before the peak, in E·K's backward). Forward only: O + L(N) + E + F +
+    K_low + V_low (+ one more L(N) under GQA, in the fused kernel). Linear in N.
+
+    Only for the default layout: float32, N = max_len (so the slice E[:, :, :N] is E itself,
+    no copy), one projection for all heads (not per_head, not share_kv), B = 1 and Hkv > 1;
+    other options (float64 copies of E and F, non-contiguous slices, other broadcasts: +12.5 %
+    at B = 2, Hkv = 1) are traced."""
+    b, h, hkv, n, d = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim
+    if s.dtype != "float32" or opts.share_kv or opts.per_head or n != opts.max_len or b != 1 or hkv == 1:
+        return ("only the default layout is modelled: float32, N = max_len, one projection for all heads, "
+                "B = 1, Hkv > 1 (traced)")
+    k = opts.k
+    lse = b * h * n * 4
+    low = 2 * b * hkv * k * d * 4
+    params = 2 * k * opts.max_len * 4
+    if not s.training:
+        return Footprint(0, s.q_bytes + lse + params + low + (lse if h != hkv else 0))
+    grads = s.q_bytes + 2 * s.kv_bytes
+    bcast = b * hkv * k * n * 4
+    return Footprint(s.q_bytes + lse + params + low, grads + params + bcast - lse - low)
+
+
+def nystrom_footprint(s: Shape, opts) -> Footprint | str:
+    """m = min(landmarks, N) landmarks, it = pinv_iterations; MM = B·H·m²·s (one landmark
+    kernel), MD = B·H·m·D·s (one landmark row block), L(n) = one log-sum-exp per row of n.
+    Both N×m factors run as exact fused attention (saving output + lse), so nothing is N×m.
+
+    Training: saved = O + L(N) + (6·it + 2)·MM (the kernel, Z₀, and per Newton–Schulz step
+    AZ, 7I − AZ, 15I − AZ(…), 13I − AZ(…), Z/4 and the new Z) + 4·MD (Q̃, K̃ repeated to the
+    H heads, attention(Q̃, K, V) and W) + L(m). Transient = MD + the larger of two backward
+    moments: attention(Q̃, K, V)'s backward (dQ of the final factor + its dK, dV + the copy
+    AccumulateGrad makes of one: Q + 3·KV), and the segment means' backward at the end
+    (O + dQ + the broadcast dQ̃ and its sum: 3·Q, + dK + dV, minus what was saved).
+    Forward only: the larger of the pseudo-inverse's first step (Q̃, K̃ (Hkv heads), K̃
+    repeated, 7 MM buffers, 3 m×m identities) and the final factor (O + L(N) + 4·MD + the
+    kernel). Not for conv_kernel > 0 (module form: traced). Linear in N."""
+    if opts.conv_kernel:
+        return "conv_kernel > 0 (the module form) is not modelled (traced)"
+    b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    m = min(opts.landmarks, n)
+    mm, md, md_kv = b * h * m * m * e, b * h * m * d * e, b * hkv * m * d * e
+    lse_n = s.lse_bytes
+    lse_m = lse_n * m // n
+    if not s.training:
+        pinv = 2 * md + md_kv + 7 * mm + 3 * m * m * e
+        final = s.q_bytes + lse_n + 3 * md + md_kv + mm
+        return Footprint(0, max(pinv, final))
+    saved = s.q_bytes + lse_n + (6 * opts.pinv_iterations + 2) * mm + 4 * md + lse_m
+    p1 = s.q_bytes + 3 * s.kv_bytes
+    p2 = 4 * s.q_bytes + 2 * s.kv_bytes - saved
+    return Footprint(saved, md + max(p1, p2))

@@ -41,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..api import attention, validate
-from ..registry import Capabilities, Inputs, Method, register
+from ..memory.model import Footprint, Shape, outside
+from ..registry import Capabilities, Inputs, Method, Style, register
 
 # Each memory module reads (B, H, N, D) with N split into segments; masks other than causal do
 # not survive that split (a user mask over N×N would have to be re-indexed per segment).
@@ -380,6 +381,7 @@ class _SegmentMemory(Method):
 class RecurrentMemory(_SegmentMemory):
     name = "recurrent_memory"
     check_options = {"segment": 8, "memory": 12}
+    style = Style("#7f7f7f", "*")
     family = "memory"
     exact = False
     stateful = True
@@ -392,11 +394,18 @@ class RecurrentMemory(_SegmentMemory):
         return RecurrentMemoryAttention(heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                         segment=opts.segment, memory=opts.memory)
 
+    def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
+        return outside(recurrent_footprint(s, opts))
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        return recurrent_footprint(s, opts)
+
 
 @register
 class KNNMemory(_SegmentMemory):
     name = "knn_memory"
     check_options = {"segment": 8, "capacity": 64, "topk": 4}
+    style = Style("#c7c7c7", "X")
     family = "memory"
     exact = False
     stateful = True
@@ -409,3 +418,133 @@ class KNNMemory(_SegmentMemory):
         return KNNMemoryAttention(heads=heads, kv_heads=kv_heads, head_dim=head_dim, segment=opts.segment,
                                   capacity=opts.capacity, topk=opts.topk, gate=opts.gate,
                                   search_chunk=opts.search_chunk, backend=opts.backend)
+
+    def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
+        return outside(knn_footprint(s, opts))
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        return knn_footprint(s, opts)
+
+
+# --- memory model -----------------------------------------------------------------------------
+# Each closed form returns the bytes of one call beyond its inputs (forward, +
+# ``out.sum().backward()`` when ``s.training``) or, outside its domain, the reason (a str); the
+# terms are read off the code above and checked against the fake-tensor trace
+# (tests/test_estimate*.py). Notation: B batch, H = Hq query heads, Hkv key/value heads, N
+# sequence length, D head dim, s bytes per element; Q = B·H·N·D·s, KV = B·Hkv·N·D·s.
+
+
+def recurrent_footprint(s: Shape, opts) -> Footprint | str:
+    """S = segment, M = memory, nseg = ⌈N/S⌉ segments; segment j has S_j tokens (the last
+    one N − (nseg − 1)·S) and attends over its memory of m_j = min(M, j·S) cached tokens plus
+    itself, as one chunked call over the concatenation K_j = [memory, segment] (m_j + S_j keys).
+
+    Training: saved = O + every segment's output and log-sum-exp (N·(q + l)) + K_j and V_j of
+    every segment with a memory (Σ_j 2·(m_j + S_j)·kv; the first segment, or M = 0, uses k, v
+    themselves) + the final memory held by the module (2·min(M, N)·kv). The backward walks
+    the segments last to first; each slice ``q[:, :, a:a+S]`` turns its gradient into a
+    full-length buffer, which is added out of place to q.grad (likewise k, v). The peak is at
+    the first such addition (the second-to-last segment, the last one's gradients having been
+    taken as they are): dQ + dK + dV, minus the two segments' freed saved tensors, plus the
+    larger of (adding dQ: a full-length buffer and the sum, 2·N·q) and (adding dK: 2·N·kv, with
+    that segment's dV_j (m + S keys) and dQ_j (S rows) still alive). Causal or not alike.
+
+    Forward only: the segment outputs and their concatenation (2·N·q) + the memory
+    (2·min(M, N)·kv). Linear in N.
+
+    Both hold once N ≥ 5·M + 3·S and nseg ≥ 3 (both last segments' memories are then full):
+    beyond, one segment's own working set (its K_j, V_j, the old and new memory, its output and
+    the masked tile's buffers under causal: at most about (5·M + 3·S)·q) is smaller than the
+    full-length terms above. Shorter calls — a few segments, cheap to trace — are traced
+    (None); there the peak falls inside one segment's kernel (off by up to 15 % at
+    N = 5·S, M = 3·S, causal)."""
+    b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    seg, mem = opts.segment, opts.memory
+    qt, kvt = b * h * d * e, b * hkv * d * e
+    lt = b * h * (8 if e == 8 else 4)
+    nseg = math.ceil(n / seg)
+    mem_final = 2 * min(mem, n) * kvt
+    if n < 5 * mem + 3 * seg or nseg < 3:
+        return "shorter than 5·memory + 3·segment tokens or 3 segments: the peak is inside one segment (traced)"
+    if not s.training:
+        return Footprint(0, 2 * n * qt + mem_final)
+
+    def seg_len(j: int) -> int:
+        return min(seg, n - j * seg)
+
+    def concat(j: int) -> int:  # K_j and V_j of segment j (none without a memory)
+        m = min(mem, j * seg)
+        return 2 * (m + seg_len(j)) * kvt if m > 0 else 0
+
+    # Segments 1 .. nseg-1 have m_j = min(M, j·S): full ones (m = M) from j ≥ ⌈M/S⌉ on.
+    full_from = math.ceil(mem / seg) if mem > 0 else nseg
+    concat_all = sum(concat(j) for j in range(1, min(full_from, nseg)))
+    if full_from < nseg:
+        full = nseg - full_from - 1  # full-memory segments of full length (the last one apart)
+        concat_all += full * 2 * (mem + seg) * kvt + concat(nseg - 1)
+    saved = n * qt + n * (qt + lt) + concat_all + mem_final
+    freed = sum(concat(j) + seg_len(j) * (qt + lt) for j in (nseg - 1, nseg - 2))
+    grads = n * qt + 2 * n * kvt
+    add_q = 2 * n * qt
+    add_k = 2 * n * kvt + (min(mem, (nseg - 2) * seg) + seg) * kvt + seg * qt
+    return Footprint(saved, grads - freed + max(add_q, add_k))
+
+
+def knn_footprint(s: Shape, opts) -> Footprint | str:
+    """S = segment, C = capacity, G = H/Hkv, nseg = ⌈N/S⌉ segments of S_j tokens (the last one
+    N − (nseg − 1)·S); segment j ≥ 1 retrieves k_j = min(topk, C, j·S) stored keys per query.
+    The store (2·B·Hkv·C·D·s) is allocated at the first write and held by the module.
+
+    Training: saved = O (N·q) + the store + Σ_j P_j, where segment j ≥ 1 keeps P_j = its
+    retrieved keys and values (2·B·Hkv·G·S_j·k_j·D·s), the softmax output over retrieved ∪
+    local (B·Hkv·G·S_j·(k_j + S_j)·s), the causal mask (S_j² bytes, causal only), log g
+    (H float32: the gate's log-sigmoid) and, under GQA (G > 1), the (B, Hkv, G·S_j, D) copy of
+    its queries; segment 0 (an empty store) keeps only its local softmax (B·Hkv·G·S_0²·s), its
+    mask and its query copy. The backward walks the segments last to first and accumulates
+    q, k, v's gradients as recurrent_memory does: the peak is at the first out-of-place
+    addition, dQ + dK + dV minus the last two segments' P_j, plus the larger of (adding dQ:
+    2·N·q) and (adding dK: 2·N·kv with that segment's dV_j and dQ_j still alive, S·(kv + q)).
+    Causal or not alike.
+
+    Forward only: the segment outputs and their concatenation (2·N·q) + the store. Linear in N.
+
+    Both hold once nseg ≥ 3 and N·q ≥ 3·(P + search), P one full segment's saved terms and
+    search = B·H·S·min(search_chunk, C)·s its search scores: beyond, one segment's own working
+    set (its saved terms, the local scores, the gathers and the search) is smaller than the
+    full-length terms above. Shorter calls are traced (None), and so are the options not read
+    off here (a fixed gate, the faiss backend, dtypes other than float32 and float64)."""
+    b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
+    if opts.gate is not None or opts.backend != "torch" or s.dtype not in ("float32", "float64"):
+        return "a fixed gate, the faiss backend or half precision is not modelled (traced)"
+    seg, cap = opts.segment, opts.capacity
+    g = h // hkv
+    bh = b * hkv
+    qt, kvt = b * h * d * e, b * hkv * d * e
+    nseg = math.ceil(n / seg)
+    store = 2 * bh * cap * d * e
+
+    def seg_len(j: int) -> int:
+        return min(seg, n - j * seg)
+
+    def kept(j: int, sj: int | None = None) -> int:  # P_j: what segment j saves for backward
+        sj = seg_len(j) if sj is None else sj
+        mask = sj * sj if s.causal else 0
+        qcopy = bh * g * sj * d * e if g > 1 else 0
+        if j == 0:
+            return bh * g * sj * sj * e + mask + qcopy
+        kj = min(opts.topk, cap, j * seg)
+        return 2 * bh * g * sj * kj * d * e + bh * g * sj * (kj + sj) * e + mask + h * 4 + qcopy
+
+    search = bh * g * seg * min(opts.search_chunk, cap) * e
+    if nseg < 3 or n * qt < 3 * (kept(nseg, seg) + search):
+        return "fewer than 3 segments, or one segment's working set rivals the full-length terms (traced)"
+    if not s.training:
+        return Footprint(0, 2 * n * qt + store)
+    # Segments 1 .. nseg-1: k_j = min(topk, C) from j ≥ ⌈topk/S⌉ on (all but the last of full length).
+    full_from = min(math.ceil(opts.topk / seg), nseg - 1)
+    kept_all = sum(kept(j) for j in range(full_from)) + kept(nseg - 1)
+    kept_all += (nseg - 1 - full_from) * kept(full_from, seg)
+    saved = n * qt + store + kept_all
+    grads = n * qt + 2 * n * kvt
+    freed = kept(nseg - 1) + kept(nseg - 2)
+    return Footprint(saved, grads - freed + max(2 * n * qt, 2 * n * kvt + seg * (kvt + qt)))

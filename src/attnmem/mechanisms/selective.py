@@ -46,7 +46,8 @@ import torch
 from torch import Tensor
 
 from ..kernels import TileContext, acc_dtype, allowed_bool, tiled_attention
-from ..registry import Inputs, Method, register
+from ..memory.model import Footprint, Shape
+from ..registry import Inputs, Method, Style, register
 
 MODES = ("deterministic", "stochastic")
 
@@ -231,6 +232,7 @@ class TopKOptions:
 @register
 class TopK(Method):
     name = "topk"
+    style = Style("#9467bd", "P")
     family = "selective"
     exact = False
     memory = "O(B·H·N·k) indices and probabilities; O(q_tile·kv_tile) scores at a time"
@@ -246,6 +248,12 @@ class TopK(Method):
 
     def definition(self, inp: Inputs, opts: TopKOptions) -> Tensor:
         return topk_definition(inp.q, inp.k, inp.v, topk=opts.topk, mask=inp.mask, scale=inp.scale)
+
+    def memory_domain_reasons(self, s: Shape, opts: TopKOptions) -> list[str]:
+        return ["a user mask is not modelled (traced)"] if s.masked else []
+
+    def memory_model(self, s: Shape, opts: TopKOptions) -> Footprint:
+        return topk_footprint(s, opts.q_tile, opts.kv_tile, opts.topk)
 
 
 @dataclass(frozen=True)
@@ -270,6 +278,7 @@ class HardOptions:
 @register
 class Hard(Method):
     name = "hard"
+    style = Style("#c5b0d5", "+")
     family = "selective"
     exact = False
     memory = "O(B·H·N) indices; stochastic training adds the O(N) tiled soft attention"
@@ -296,3 +305,78 @@ class Hard(Method):
         # Straight-through: the value is the sample, q and k get the soft attention's gradient.
         soft = tiled_attention(inp.q, inp.k, inp.v.detach(), mask=inp.mask, scale=inp.scale)
         return hard + (soft - soft.detach())
+
+    def memory_domain_reasons(self, s: Shape, opts: HardOptions) -> list[str]:
+        reasons = ["a user mask is not modelled (traced)"] if s.masked else []
+        if opts.mode == "stochastic" and s.training:
+            reasons.append("the stochastic mode's straight-through soft attention is not modelled (traced)")
+        return reasons
+
+    def memory_model(self, s: Shape, opts: HardOptions) -> Footprint:
+        """``topk``'s closed form with k = 1 (deterministic: the argmax). The stochastic mode adds
+        the Gumbel noise (one score tile); training, it also runs the tiled soft attention of the
+        straight-through gradient, outside this model's domain."""
+        return topk_footprint(s, opts.q_tile, opts.kv_tile, 1, noise=opts.mode == "stochastic")
+
+
+# --- memory model -----------------------------------------------------------------------------
+
+
+def _topk_terms(s: Shape, q_tile: int, kv_tile: int, kk: int) -> tuple[int, int, int, int, int]:
+    """(BIG, S, M, Tk, number of key tiles of the widest query tile) of ``_TopKAttention``."""
+    acc = 8 if s.itemsize == 8 else 4
+    tq, tk = min(q_tile, s.seq_len), min(kv_tile, s.seq_len)
+    m = (s.heads // s.kv_heads) * tq  # stacked query rows per KV head
+    big = s.batch * s.kv_heads * m * kk * s.head_dim * acc  # gathered K or V rows of one tile
+    score = s.batch * s.kv_heads * m * tk * acc  # one score tile
+    return big, score, m, tk, math.ceil(s.seq_len / tk)
+
+
+def topk_footprint(s: Shape, q_tile: int, kv_tile: int, topk: int, noise: bool = False) -> Footprint:
+    """Selective attention (``selective._TopKAttention``), k = min(topk, N) keys per query,
+    M = G·Tq stacked rows per query tile, Tk = min(kv_tile, N), a = accumulation itemsize:
+    BIG = B·Hkv·M·k·D·a (the gathered keys or values of one tile), S = B·Hkv·M·Tk·a (one score
+    tile).
+
+    saved = O + the chosen indices (B·Hq·N·k int64) + their probabilities (B·Hq·N·k·a);
+    forward: O + indices + probabilities + the previous tile's gathered V (BIG) + the larger of
+    two score tiles and the previous tile's M·Tk mask bools while the next one is computed (one
+    tile when a row has a single key tile; ``noise``: the Gumbel noise of ``hard``'s sampling,
+    one more), one score tile with the evaluation of a causal key tile's mask (int64
+    relative positions and bools, 11 bytes per pair, and the M·Tk stacked bools), and the
+    tile's own gathered V (BIG) with its output;
+    backward: the forward's saved + the zero gradient autograd makes for the index output
+    (B·Hq·N·k int64) + dQ + dK + dV (in a) + 3·BIG (the gathered K and V of a
+    tile and one per-key gradient being scattered into dK or dV) + the tile's dQ and a few
+    M·k buffers. Linear in N (O(N·k)), never N²."""
+    acc = 8 if s.itemsize == 8 else 4
+    kk = max(min(topk, s.seq_len), 1)
+    big, score, m, tk, nkt = _topk_terms(s, q_tile, kv_tile, kk)
+    rows = s.batch * s.heads * s.seq_len
+    sel = rows * kk * (8 + acc)  # indices and probabilities
+    saved = s.q_bytes + sel
+    small = s.batch * s.kv_heads * m * kk * (8 + acc)  # one tile's running best scores and indices
+    tile_o = s.batch * s.kv_heads * m * s.head_dim * acc
+    scores = (2 if nkt > 1 else 1) + (1 if noise else 0)
+    mask = 0
+    if s.causal:
+        tq = min(q_tile, s.seq_len)
+        mask = tq * tk * 11 + m * tk  # the evaluation (int64 positions and bools), the stacked bools
+    # The previous tile's gathered V lives on only when there is a previous tile.
+    prev_v = big if s.seq_len > q_tile else 0
+    # At a score matmul the previous tile's scores (and noise) and bools are still alive; the
+    # mask is evaluated next to one score tile.
+    # Half inputs: the gathered rows are copied in the input dtype, then cast to float32.
+    gather = big * s.itemsize // acc if s.half else 0
+    # Half inputs: the float32 copies of the query tile and of the key tile being scored.
+    q_cast = s.batch * s.kv_heads * m * s.head_dim * acc if s.half else 0
+    k_cast = s.batch * s.kv_heads * tk * s.head_dim * acc if s.half else 0
+    fwd = saved + prev_v + 2 * small + max(scores * score + m * tk + q_cast + k_cast, score + mask + q_cast,
+                                           big + tile_o + gather)
+    if not s.training:
+        return Footprint(0, fwd)
+    grads = s.q_bytes + 2 * s.kv_bytes * acc // s.itemsize
+    stack = 0 if s.heads == s.kv_heads else small + tile_o  # stacked index/probability and q tiles
+    # Autograd materialises a zero gradient for the int64 index output (materialize_grads).
+    bwd = saved + rows * kk * 8 + grads + 3 * big + gather + tile_o + 3 * s.batch * s.kv_heads * m * kk * acc + stack
+    return Footprint(saved, max(fwd, bwd) - saved)

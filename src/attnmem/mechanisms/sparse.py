@@ -44,8 +44,10 @@ from ..kernels import (
     tiled_backward,
     tiled_forward,
 )
-from ..registry import Capabilities, Inputs, Method, register
+from ..memory.model import Footprint, Shape
+from ..registry import Capabilities, Inputs, Method, Style, register
 from .exact import fused_reasons, mods_kwargs
+from .sparse_memory import sparse_footprint
 
 
 def _check_positive(name: str, val: object) -> None:
@@ -192,6 +194,27 @@ class _Sparse(Method):
         queries return (pattern, None)."""
         return self.pattern(opts), None
 
+    def split_band(self, opts, s: Shape) -> M.Mask | None:
+        """The band the tiled pass covers when the pattern runs split (strided), else None."""
+        return None
+
+    def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
+        reasons = []
+        if s.masked:
+            reasons.append("a user mask besides the pattern is not modelled (traced)")
+        kernel = resolve_kernel(opts.kernel, "cpu", getattr(torch, s.dtype))
+        if kernel != "fused":
+            reasons.append(f"the {kernel} tile kernel in {s.dtype} is not modelled (traced)")
+        elif s.half:
+            # The fused kernel's low-precision path (float32 accumulation, kernels.tile) keeps
+            # buffers the closed form was not read off: about 20-75 % above its figure at N = 1024.
+            reasons.append(f"the fused kernel in {s.dtype} is not modelled (traced)")
+        return reasons
+
+    def memory_model(self, s: Shape, opts) -> Footprint:
+        local, rows = self.split(opts, s.seq_len)
+        return sparse_footprint(s, opts, local, rows, self.split_band(opts, s))
+
     def forward(self, inp: Inputs, opts) -> Tensor:
         plain = inp.sinks is None and not inp.dropout_p and not inp.return_lse
         if inp.q.is_cuda and flex_available() and plain:  # pragma: no cover - needs CUDA
@@ -223,6 +246,8 @@ class _Sparse(Method):
 class SlidingWindowAttention(_Sparse):
     name = "sliding_window"
     check_options = {"window": (6, 2), "q_tile": 16, "kv_tile": 16}
+    style = Style("#ff7f0e", "d")
+    decode_cache = "sliding_window"
     memory = "O(B·H·N·D); O(N·w) scores, a tile at a time (w = left + right + 1)"
     summary = "local attention: each query sees `window` keys each side (FlashAttention window_size)"
     Options = SlidingWindowOptions
@@ -235,6 +260,7 @@ class SlidingWindowAttention(_Sparse):
 class DilatedAttention(_Sparse):
     name = "dilated"
     check_options = {"window": 4, "dilation": 2, "q_tile": 16, "kv_tile": 16}
+    style = Style("#ffbb78", "8")
     memory = "O(B·H·N·D); O(N·w·d) scores, a tile at a time (w keys spread over w·d)"
     summary = "Longformer's dilated window: `window` keys each side, `dilation` apart (per head optional)"
     Options = DilatedOptions
@@ -248,6 +274,7 @@ class DilatedAttention(_Sparse):
 class LongformerAttention(_Sparse):
     name = "longformer"
     check_options = {"window": 3, "global_tokens": (0, 20), "q_tile": 16, "kv_tile": 16}
+    style = Style("#bcbd22", "x")
     memory = "O(B·H·N·D); O(N·(w + g)) scores, a tile at a time (g global tokens)"
     summary = "sliding window plus global tokens that see, and are seen by, every token"
     Options = LongformerOptions
@@ -315,6 +342,7 @@ class _WithGlobalRows(Run):
 class BigBirdAttention(_Sparse):
     name = "bigbird"
     check_options = {"block": 4, "window_blocks": 3, "global_blocks": 2, "random_blocks": 2}
+    style = Style("#dbdb8d", "1")
     memory = "O(B·H·N·D); O(N·b·(w + g + r)) scores over blocks of b, a tile at a time"
     summary = "BigBird: block window + global blocks + seeded random blocks"
     Options = BigBirdOptions
@@ -392,6 +420,7 @@ def _stack(x: Tensor, hkv: int) -> Tensor:
 class StridedAttention(_Sparse):
     name = "strided"
     check_options = {"stride": 5, "q_tile": 16, "kv_tile": 16}
+    style = Style("#9edae5", "2")
     memory = "O(B·H·N·D); O(N·(s + N/s)) allowed pairs (fused CPU kernel: per residue class)"
     summary = "Sparse Transformer patterns: 'strided' (local + every s-th key) or 'fixed' (block + summaries)"
     Options = StridedOptions
@@ -401,19 +430,46 @@ class StridedAttention(_Sparse):
             return M.fixed(opts.stride, opts.summary)
         return M.strided(opts.stride)
 
+    def splits(self, opts, *, device, dtype: torch.dtype, call_mask: M.Mask | None, nq: int, nk: int,
+               q_heads: int, kv_heads: int) -> bool:
+        """Whether the call runs as band + residue classes (``_StridedSplit``): pattern
+        "strided", the fused CPU kernel in float32/float64 (its gradients are added in place), no
+        user mask, and for causal a square problem without GQA (the kernel's is_causal is
+        top-left aligned over unstacked rows). The forward and the memory model both ask this."""
+        causal = _plain_causal(call_mask)
+        return (opts.pattern == "strided" and resolve_kernel(opts.kernel, device, dtype) == "fused"
+                and dtype in (torch.float32, torch.float64)
+                and (call_mask is None or (causal and nq == nk and q_heads == kv_heads)))
+
     def forward(self, inp: Inputs, opts) -> Tensor:
-        # The residue-class split needs the fused CPU kernel (float32/float64: its gradients are
-        # added in place), no user mask, and for causal a square problem without GQA (the
-        # kernel's is_causal is top-left aligned over unstacked rows).
-        call = inp.mask
-        causal = isinstance(call, M.SlidingWindow) and call.left is None and call.right == 0
+        # The residue-class split (``splits``) runs no score modification: those calls tile
+        # the whole pattern.
         plain = inp.score_mod is None and inp.sinks is None and not inp.dropout_p and not inp.return_lse
-        fast = (opts.pattern == "strided" and resolve_kernel(opts.kernel, inp.q) == "fused" and plain
-                and inp.q.dtype in (torch.float32, torch.float64)
-                and (call is None or (causal and inp.nq == inp.nk and inp.q_heads == inp.kv_heads)))
-        if not fast:
+        if not plain or not self.splits(opts, device=inp.q.device, dtype=inp.q.dtype, call_mask=inp.mask,
+                                        nq=inp.nq, nk=inp.nk, q_heads=inp.q_heads, kv_heads=inp.kv_heads):
             return super().forward(inp, opts)
-        s = opts.stride
-        band = M.Band(-(s - 1), -1) if causal else M.Or(M.Band(-(s - 1), -1), M.Band(1, s - 1))
+        causal = _plain_causal(inp.mask)
+        band = strided_band(opts.stride, causal)
         c_band = TileContext(inp.q, inp.k, band, inp.scale, max(opts.q_tile, MIN_Q_TILE), opts.kv_tile, opts.kernel)
-        return _StridedSplit.apply(inp.q, inp.k, inp.v, c_band, s, causal, inp.scale)
+        return _StridedSplit.apply(inp.q, inp.k, inp.v, c_band, opts.stride, causal, inp.scale)
+
+    def split_band(self, opts, s: Shape) -> M.Mask | None:
+        call_mask = _USER_MASK if s.masked else (M.causal() if s.causal else None)
+        if self.splits(opts, device="cpu", dtype=getattr(torch, s.dtype), call_mask=call_mask, nq=s.seq_len,
+                       nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads):
+            return strided_band(opts.stride, s.causal)
+        return None
+
+
+# Stands for any user mask in the split decision (which asks only whether a mask is causal).
+_USER_MASK = M.from_mod(lambda b, h, q_idx, kv_idx: q_idx >= 0, name="a user mask")
+
+
+def _plain_causal(mask: M.Mask | None) -> bool:
+    return isinstance(mask, M.SlidingWindow) and mask.left is None and mask.right == 0
+
+
+def strided_band(stride: int, causal: bool) -> M.Mask:
+    """The band ``StridedAttention`` tiles when split: ``0 < |rel| < stride`` (causal: its left side)."""
+    left = M.Band(-(stride - 1), -1)
+    return left if causal else M.Or(left, M.Band(1, stride - 1))

@@ -10,12 +10,14 @@ Two ways to the same number:
   keeps every tensor of at most ``SMALL_NUMEL`` elements that does not depend on q, k, v real
   (index tensors, masks of one tile), and makes every larger one fake. Nothing O(N·D) or O(N²)
   is ever allocated.
-* **formula**: a closed form per method (``FORMULAS``, registered with ``@formula``) that states
-  the method's asymptotics in bytes. It answers where tracing would be slow — the tile loop of
-  ``chunked`` runs O((N/tile)²) Python iterations even on fake tensors — and is tested against
-  the trace at moderate N. ``how="auto"`` uses the closed form wherever the method has one for
-  the call's options, and traces otherwise. (``trace_work``, roughly the Python-level operator
-  calls of one trace, tells how slow the trace it replaces would be.)
+* **formula**: the method's own closed form (``Method.memory_model``, written beside its kernel
+  under ``mechanisms/``), which holds inside the domain the method declares
+  (``Method.memory_domain_reasons``: the dtypes, options and shapes it was read off and checked
+  for). It answers where tracing would be slow — the tile loop of ``chunked`` runs
+  O((N/tile)²) Python iterations even on fake tensors — and is tested against the trace inside
+  its domain. ``how="auto"`` uses the closed form wherever the method declares one for the
+  call, and traces otherwise. A trace stops past ``TRACE_OP_LIMIT`` operator calls with an
+  error that says so (``how="trace"`` of a tiled method at N = 2**20 would run for minutes).
 
 The breakdown splits the peak into ``inputs`` (q, k, v), ``saved`` (held between forward and
 backward beyond the inputs: the output and what autograd keeps; 0 without training) and
@@ -25,6 +27,8 @@ backward beyond the inputs: the output and what autograd keeps; 0 without traini
 from __future__ import annotations
 
 import math
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
@@ -36,6 +40,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from .. import registry
 from ..api import validate
 from .measure import LiveTensorTracker, MiB
+from .model import Shape
 
 if TYPE_CHECKING:
     from ..distributed.estimate import RankEstimate
@@ -43,39 +48,15 @@ if TYPE_CHECKING:
 # Tensors up to this many elements that do not depend on q, k, v stay real, so index code
 # (block maps, .tolist(), .item()) runs; 2**20 int64 elements are 8 MiB.
 SMALL_NUMEL = 2**20
-# Operator calls one segment of chunked's tile loop makes in forward and backward together.
-OPS_PER_SEGMENT = 80
+# A trace stops past this many operator calls (forward and backward together) or this many
+# seconds, whichever comes first, so that ``how="trace"`` is bounded. Calls per second vary
+# a hundredfold between methods (a tile's small index tensors are computed for real): measured
+# 66-175 calls/s for adaptive_span_fixed under load (benchmarks/notes/memmodel.md).
+TRACE_OP_LIMIT = 200_000
+TRACE_SECONDS_LIMIT = 120.0
 HOWS = ("auto", "trace", "formula")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16,
           "float16": torch.float16}
-
-
-@dataclass(frozen=True)
-class Shape:
-    """One attention call's sizes, as the formulas see them."""
-
-    batch: int
-    heads: int
-    kv_heads: int
-    seq_len: int
-    head_dim: int
-    itemsize: int
-    dtype: str
-    training: bool
-    causal: bool
-    masked: bool  # a user mask besides causal
-
-    @property
-    def q_bytes(self) -> int:
-        return self.batch * self.heads * self.seq_len * self.head_dim * self.itemsize
-
-    @property
-    def kv_bytes(self) -> int:
-        return self.batch * self.kv_heads * self.seq_len * self.head_dim * self.itemsize
-
-    @property
-    def inputs_bytes(self) -> int:
-        return self.q_bytes + 2 * self.kv_bytes
 
 
 @dataclass(frozen=True)
@@ -110,167 +91,38 @@ class Estimate:
                 f"{self.saved_bytes / MiB:.1f} + transient {self.transient_bytes / MiB:.1f} MiB ({self.source})")
 
 
-# --- closed forms -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Formula:
-    """``bytes(shape, opts) -> (saved, transient)``; ``trace_work(shape, opts)`` estimates
-    how many operator calls a trace of the same call would make."""
-
-    fn: Callable[[Shape, Any], tuple[int, int] | None]  # None: no closed form for these options
-    trace_work: Callable[[Shape, Any], int]
-    doc: str
-
-
-FORMULAS: dict[str, Formula] = {}
-
-
-def formula(name: str, *, trace_work: Callable[[Shape, Any], int] | None = None):
-    """Register the closed form of method ``name``; its docstring is the documented formula."""
-    def deco(fn):
-        FORMULAS[name] = Formula(fn, trace_work or (lambda s, o: 0), (fn.__doc__ or "").strip())
-        return fn
-    return deco
-
-
-def _lse_bytes(s: Shape) -> int:
-    """One float32 log-sum-exp per query row (float64 for float64 inputs)."""
-    return s.batch * s.heads * s.seq_len * (8 if s.itemsize == 8 else 4)
-
-
-@formula("sdpa")
-def _sdpa(s: Shape, opts) -> tuple[int, int]:
-    """Training: saved = O + lse; transient = dO + dQ + dK + dV − lse (lse is freed before
-    the last gradient appears). Forward only: transient = O. No N² term."""
-    if not s.training:
-        return 0, s.q_bytes
-    return s.q_bytes + _lse_bytes(s), 2 * s.q_bytes + 2 * s.kv_bytes - _lse_bytes(s)
-
-
-@formula("reference")
-def _reference(s: Shape, opts) -> tuple[int, int]:
-    """With NN = B·H·N²·itemsize (one score matrix) and NB = B·H·N² bytes (one bool mask).
-    Training without a mask: saved = P + O, transient = dO + dP + dS = Q + 2·NN. With a mask
-    (causal included): saved = S + P + O + NB, transient = dP + the negated mask = NN + NB.
-    Forward only: S + P + O without a mask; 3·NN + NB with one. O(N²) either way."""
-    nn_ = s.batch * s.heads * s.seq_len * s.seq_len * s.itemsize
-    masked = s.causal or s.masked
-    nb = nn_ // s.itemsize if masked else 0
-    if not s.training:
-        return 0, (3 * nn_ + nb) if masked else (2 * nn_ + s.q_bytes)
-    if masked:
-        return 2 * nn_ + s.q_bytes + nb, nn_ + nb
-    return nn_ + s.q_bytes, 2 * nn_ + s.q_bytes
-
-
-def _chunked_kernel(s: Shape, opts) -> str:
-    if opts.kernel != "auto":
-        return opts.kernel
-    return "fused" if s.dtype in ("float32", "float64", "bfloat16") else "torch"
-
-
-def _grouped_causal(s: Shape) -> bool:
-    from ..kernels.tiled import grouped_causal_fits
-
-    return grouped_causal_fits(s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize)
-
-
-def _chunked_segments(s: Shape, opts) -> tuple[int, int, int]:
-    """(query tiles, segments per query tile, widest masked segment in keys)."""
-    from ..kernels import MAX_SEGMENT, MIN_Q_TILE
-
-    nqt = math.ceil(s.seq_len / max(opts.q_tile, MIN_Q_TILE))
-    nkt = math.ceil(s.seq_len / opts.kv_tile)
-    if _chunked_kernel(s, opts) == "fused":
-        if not s.masked and (not s.causal or s.heads == s.kv_heads or _grouped_causal(s)):
-            return 1, 1, 0  # one operator call (unmasked or plain causal; per KV head under GQA)
-        run = max(MAX_SEGMENT, opts.kv_tile)
-        width = opts.kv_tile if not s.masked else min(s.seq_len, run)
-        return nqt, math.ceil(s.seq_len / run) + 1, width
-    return nqt, nkt, opts.kv_tile if (s.causal or s.masked) else 0
-
-
-def _chunked_work(s: Shape, opts) -> int:
-    nqt, per_tile, _ = _chunked_segments(s, opts)
-    return OPS_PER_SEGMENT * nqt * per_tile
-
-
-def _chunked_grouped_causal(s: Shape) -> tuple[int, int]:
-    """Causal GQA, fused kernel: one call per KV head (its G query heads against the head
-    expanded as a view). Saved O + lse; one head group's output, lse (forward) and
-    dQ, dK, dV expanded to G heads plus three more such buffers (backward) are transient.
-    Read off traces (tests check formula == trace)."""
-    group_q = s.q_bytes // s.kv_heads
-    lse = _lse_bytes(s)
-    if not s.training:
-        return 0, s.q_bytes + lse + 2 * (group_q + lse // s.kv_heads)
-    grads = s.q_bytes + 2 * s.kv_bytes
-    return s.q_bytes + lse, grads + 6 * group_q + lse + 2 * s.itemsize
-
-
-@formula("chunked", trace_work=_chunked_work)
-def _chunked(s: Shape, opts) -> tuple[int, int]:
-    """Fused kernel without a mask, or plain causal without GQA: one operator call, as sdpa.
-    Tiled, with G = Hq/Hkv,
-    t = B·Hq·q_tile·D elements (one query tile), R = min(N − kv_tile, 2·2048) keys (two consecutive
-    merged runs of full tiles; kv_tile for the plain kernel), W = kv_tile keys per masked
-    segment (causal; other masks up to 2048, an upper bound):
-
-    saved = O + lse;
-    transient = dQ + dK + dV (dK, dV in float32 for half inputs) + 2·lse + four tile copies
-    (q, O, dO, dQ; plus a float32 dQ tile for half inputs) + dK, dV of one run
-    (2·B·Hkv·R·D) + the masked tile's bias (q_tile·W); for G > 1 also dK, dV of the masked
-    segment and the G-stacked bias and bools (G·q_tile·W·(itemsize + 1)).
-    Linear in N. Forward only: O + lse + five tile buffers in the accumulation dtype.
-    The plain-PyTorch kernel (kernel="torch", float16) has no closed form here: it is traced.
-    These terms were read off traces of the tiled code (tests check formula ≈ trace)."""
-    nqt, _, width = _chunked_segments(s, opts)
-    kernel = _chunked_kernel(s, opts)
-    if nqt == 1 and width == 0 and kernel == "fused":
-        if s.causal and s.heads != s.kv_heads:
-            return _chunked_grouped_causal(s)
-        return _sdpa(s, opts)
-    if kernel == "torch":
-        return None  # the plain kernel's working set has not been written down: it is traced
-    from ..kernels import MAX_SEGMENT, MIN_Q_TILE
-
-    acc = 8 if s.itemsize == 8 else 4
-    q_tile = min(max(opts.q_tile, MIN_Q_TILE), s.seq_len)
-    tile = s.batch * s.heads * q_tile * s.head_dim
-    lse = _lse_bytes(s)
-    if not s.training:
-        return 0, s.q_bytes + lse + 5 * tile * acc
-    g = s.heads // s.kv_heads
-    if kernel == "fused":
-        # Two consecutive merged runs of full tiles (the previous one's dK, dV are still alive).
-        run = max(min(s.seq_len - opts.kv_tile, 2 * max(MAX_SEGMENT, opts.kv_tile)), opts.kv_tile)
-    else:
-        run = opts.kv_tile
-    per_key = 2 * s.batch * s.kv_heads * s.head_dim * s.itemsize  # dK and dV of one key
-    half = s.itemsize == 2
-    grads = s.q_bytes + 2 * s.kv_bytes * (acc // s.itemsize if half else 1)
-    work = 4 * tile * s.itemsize + (tile * acc if half else 0)  # tile copies; half: dQ tile in float32
-    if g == 1:
-        work += run * per_key + q_tile * width * s.itemsize
-    else:
-        work += (run + width) * per_key + g * q_tile * width * (s.itemsize + 1)
-    return s.q_bytes + lse, grads + 2 * lse + work
-
-
 # --- tracing ---------------------------------------------------------------------------------
 
 
-class _SmallRealMode(TorchDispatchMode):
-    """Runs operators on real tensors only when their results are small; the rest go fake."""
+class TraceTooLong(RuntimeError):
+    """A trace passed ``TRACE_OP_LIMIT`` operator calls or ``TRACE_SECONDS_LIMIT`` seconds."""
 
-    def __init__(self, fake_mode):
+    def __init__(self, ops: int, seconds: float):
+        super().__init__(f"trace stopped after {ops} operator calls, {seconds:.0f} s")
+        self.ops, self.seconds = ops, seconds
+
+
+class _SmallRealMode(TorchDispatchMode):
+    """Runs operators on real tensors only when their results are small; the rest go fake.
+    Counts the operator calls, and stops the trace past ``TRACE_OP_LIMIT``."""
+
+    def __init__(self, fake_mode, op_limit: int | None = None, seconds_limit: float | None = None):
         super().__init__()
         self.fake_mode = fake_mode
+        self.ops = 0
+        self.op_limit = TRACE_OP_LIMIT if op_limit is None else op_limit
+        self.deadline = time.monotonic() + (TRACE_SECONDS_LIMIT if seconds_limit is None else seconds_limit)
+        self.start = time.monotonic()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         from torch._subclasses.fake_tensor import FakeTensor
 
+        # Only operators that return tensors count and may stop the trace: metadata queries
+        # (prim.device, sym_size, ...) are also called from C++ code that cannot unwind.
+        if _returns_tensors(func):
+            self.ops += 1
+            if self.ops > self.op_limit or time.monotonic() > self.deadline:
+                raise TraceTooLong(self.ops, time.monotonic() - self.start)
         kwargs = kwargs or {}
         if any(isinstance(x, FakeTensor) for x in tree_flatten((args, kwargs))[0]):
             out = func(*args, **_no_generator(kwargs))  # depends on q, k, v: fake
@@ -309,8 +161,13 @@ class _SmallRealMode(TorchDispatchMode):
 
 def small_real_mode(fake_mode) -> TorchDispatchMode:
     """The tracing mode of ``estimate``: operators with small results run on real tensors, the
-    rest on ``fake_mode``'s fake ones (for callers that trace their own code, e.g. a whole model)."""
-    return _SmallRealMode(fake_mode)
+    rest on ``fake_mode``'s fake ones (for callers that trace their own code, e.g. a whole model:
+    unbounded, unlike an attention call's trace)."""
+    return _SmallRealMode(fake_mode, op_limit=sys.maxsize, seconds_limit=math.inf)
+
+
+def _returns_tensors(func) -> bool:
+    return any("Tensor" in str(r.type) for r in func._schema.returns)
 
 
 def _no_generator(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -425,9 +282,8 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     if method == "auto":
         method = registry.choose(inp, options).method.name
     m = registry.get(method)
-    if "max_len" in getattr(m.Options, "__dataclass_fields__", {}) and "max_len" not in options:
-        # A module with a maximum length (linformer) is estimated as built for this sequence.
-        options = {**options, "max_len": max(seq_len, m.Options.__dataclass_fields__["max_len"].default)}
+    # A module with a maximum length (linformer) is estimated as built for this sequence.
+    options = m.options_for_length(dict(options), seq_len)
     opts = m.make_options(options)
     if training and not m.caps.backward:
         raise ValueError(f"method {method!r} has no backward; estimate it with training=False")
@@ -438,18 +294,15 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     reasons = m.not_supported_reasons(inp, opts)
     if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
         raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
-    f = FORMULAS.get(method)
-    if f is not None and f.fn(shape, opts) is None:
-        f = None
-    # Every closed form is tested against the trace (within 5 %, most to the byte) and answers in
-    # milliseconds to about a second at any N, while a trace costs the fake-tensor import on
-    # its first call and grows with the number of tiles: "auto" takes the closed form wherever
-    # one exists for these options, and traces the rest.
-    use_formula = how == "formula" or (how == "auto" and f is not None)
-    if use_formula:
-        if f is None:
-            raise ValueError(f"method {method!r} has no closed-form estimate for these options; use how='trace'")
-        saved, transient = f.fn(shape, opts)
+    outside = m.memory_domain_reasons(shape, opts)
+    # A method's closed form is tested against the trace inside its declared domain (within 5 %,
+    # most to the byte) and answers in milliseconds at any N, while a trace grows with the number
+    # of tiles: "auto" takes the closed form wherever the method declares one, and traces the rest.
+    if how == "formula" or (how == "auto" and not outside):
+        if outside:
+            raise ValueError(f"method {method!r} has no closed-form estimate for these options "
+                             f"({'; '.join(outside)}); use how='trace'")
+        saved, transient = m.memory_model(shape, opts)
         return Estimate(method, shape.inputs_bytes + saved + transient, shape.inputs_bytes, saved, transient,
                         "formula", shape, dict(options))
     # Imported here: FakeTensorMode pulls in much of torch's compiler stack (seconds, once).
@@ -473,16 +326,16 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     try:
         with _SmallRealMode(fake_mode):
             peak, inputs, after_forward = trace_peak(call, q, k, v, training)
+    except TraceTooLong as e:
+        hint = ("use how='auto' (the closed form)" if not outside else
+                f"its closed form does not cover these options ({'; '.join(outside)}): a smaller seq_len traces faster")
+        raise ValueError(f"estimate of method {method!r} stopped: the trace ran {e.ops:,} operator calls in "
+                         f"{e.seconds:.0f} s at seq_len={seq_len}, past its bound (attnmem.memory.estimate."
+                         f"TRACE_OP_LIMIT = {TRACE_OP_LIMIT:,} calls, TRACE_SECONDS_LIMIT = "
+                         f"{TRACE_SECONDS_LIMIT:.0f} s); {hint}") from None
     except Exception as e:  # noqa: BLE001  whatever a method does that fake tensors cannot follow
-        if f is not None and how == "auto":
-            saved, transient = f.fn(shape, opts)
-            return Estimate(method, shape.inputs_bytes + saved + transient, shape.inputs_bytes, saved,
-                            transient, "formula", shape, dict(options))
         raise ValueError(f"no estimate for method {method!r}: it cannot be traced on fake tensors "
                          f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
-                         + ("" if f is not None else " and has no closed form in attnmem.memory.estimate.FORMULAS")
-                         ) from e
+                         f" and has no closed form for these options ({'; '.join(outside) or 'none'})") from e
     saved = after_forward - inputs
     return Estimate(method, peak, inputs, saved, peak - inputs - saved, "trace", shape, dict(options))
-# The closed forms of the other methods register themselves with @formula on import.
-from . import formulas_approx, formulas_memory, formulas_sparse  # noqa: E402,F401

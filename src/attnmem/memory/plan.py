@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
-from .estimate import DTYPES, FORMULAS, estimate
+from .estimate import DTYPES, estimate
 from .measure import GiB, MiB
 from .units import parse_bytes
 
@@ -180,8 +180,8 @@ def load_config(source: str | dict[str, Any] | None = None, **overrides: Any) ->
 
 
 def _attention(cfg: ModelConfig, method: str, training: bool):
-    """One layer's attention estimate: the closed form where the method has one for these
-    options (searches then cost microseconds per step), else a trace, remembered per shape."""
+    """One layer's attention estimate: the method's closed form inside its declared domain
+    (searches then cost microseconds per step), else a trace, remembered per shape."""
     key = (method, cfg.batch, cfg.heads, cfg.hkv, cfg.seq_len, cfg.head_dim, cfg.dtype, training, cfg.causal,
            json.dumps(cfg.options, sort_keys=True, default=repr), repr(cfg.mask))
     hit = _ESTIMATES.get(key)
@@ -189,15 +189,7 @@ def _attention(cfg: ModelConfig, method: str, training: bool):
         return hit
     kw = dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.hkv, seq_len=cfg.seq_len, head_dim=cfg.head_dim,
               dtype=cfg.dtype, training=training, causal=cfg.causal, mask=cfg.mask, **cfg.options)
-    est = None
-    if method in FORMULAS:
-        try:
-            est = estimate(method, how="formula", **kw)
-        except ValueError as e:
-            if "no closed-form estimate" not in str(e):
-                raise
-    if est is None:
-        est = estimate(method, how="trace", **kw)
+    est = estimate(method, how="auto", **kw)
     if len(_ESTIMATES) > 4096:
         _ESTIMATES.clear()
     _ESTIMATES[key] = est
@@ -327,10 +319,14 @@ def plan(config: ModelConfig | str | dict[str, Any], budget: int | float | str, 
         def fits_b(b, name=name):
             return model_peak(cfg.replace(batch=b), name)["peak"] <= limit
 
+        try:
+            longest, largest = _largest(fits_n, step, max_seq_len, step), _largest(fits_b, 1, max_batch, 1)
+        except ValueError as e:  # a search step the estimate refuses (a trace past its bound)
+            rows.append(dict(method=name, status="error", reason=str(e).splitlines()[0]))
+            continue
         rows.append(dict(method=name, status="ok", peak_bytes=parts["peak"], peak_gib=parts["peak"] / GiB,
                          fits=parts["peak"] <= limit, budget_bytes=limit,
-                         max_seq_len=_largest(fits_n, step, max_seq_len, step),
-                         max_batch=_largest(fits_b, 1, max_batch, 1), parts=parts))
+                         max_seq_len=longest, max_batch=largest, parts=parts))
     return rows
 
 

@@ -16,8 +16,8 @@ A cache defines the attention its layer does at decode time: ``full`` and ``int8
 softmax attention, ``sliding_window`` is causal softmax attention within the window
 (``attnmem.attention(..., method="chunked", causal=True, mask=masks.sliding_window(w, 0))``),
 and ``linear_state`` is causal linear attention ``φ(q)ᵀS / φ(q)ᵀz`` (Katharopoulos et al.,
-2020). Pick the kind that matches the model's method: ``DEFAULT_KIND`` maps method names to
-cache kinds and is the hook for methods added later (``linear`` and ``performer`` use
+2020). Pick the kind that matches the model's method: each method names its own
+(``Method.decode_cache``, read by ``default_kind``; ``linear`` and ``performer`` use
 ``linear_state``; pass the method's own feature map as ``feature_map``).
 
 Every layer cache takes ``attend(mha, q, k, v)`` — queries (B, Hq, n, D) of ``n`` new tokens and
@@ -35,18 +35,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import masks
+from .. import masks, registry
 from ..api import attention
 
-# Method name -> the cache kind that reproduces its attention at decode time. Methods added
-# later register here. Wiring ``linear``/``performer`` to ``linear_state``: pass the method's key
-# and query feature maps as ``feature_map``/``query_map`` and ``eps=0`` where the method only
-# guards exact-zero denominators. A FAVOR+ key stabiliser fitted over all keys must be frozen at
-# the prefill (S and z scale by exp(old - new) if it is ever raised).
-DEFAULT_KIND: dict[str, str] = {
-    "auto": "full", "reference": "full", "sdpa": "full", "chunked": "full",
-    "sliding_window": "sliding_window", "linear": "linear_state", "performer": "linear_state",
-}
+
+def default_kind(method: str) -> str | None:
+    """The cache kind that reproduces ``method``'s attention at decode time: the method's own
+    ``decode_cache`` (``Method.decode_cache``; "auto" decodes with the full cache), or None.
+
+    Wiring ``linear``/``performer`` to ``linear_state``: pass the method's key and query feature
+    maps as ``feature_map``/``query_map`` and ``eps=0`` where the method only guards exact-zero
+    denominators. A FAVOR+ key stabiliser fitted over all keys must be frozen at the prefill
+    (S and z scale by exp(old - new) if it is ever raised).
+    """
+    if method == "auto":
+        return "full"
+    return registry.get(method).decode_cache
+
 
 # Keys of the int8 cache are dequantised this many at a time, so a step never holds a float
 # copy of the whole cache.

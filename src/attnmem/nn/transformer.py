@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import MultiHeadAttention
-from .cache import DEFAULT_KIND, ModelCache, make_model_cache
+from .cache import ModelCache, default_kind, make_model_cache
 from .sampling import generate
 
 
@@ -137,10 +137,11 @@ class Transformer(nn.Module):
         """An empty decoding cache for this model: ``full``, ``int8``, ``sliding_window``
         (``window=``), ``linear_state`` (``feature_map=``), ``sink_window``, ``heavy_hitter``,
         ``snapkv`` (``budget=``), ``int4``, ``int2`` (``residual=``) or ``paged``
-        (``block_size=``); default from the method (``attnmem.nn.cache.DEFAULT_KIND``)."""
+        (``block_size=``); default from the method (its ``Method.decode_cache``,
+        ``attnmem.nn.cache.default_kind``)."""
         attn = self.blocks[0].attn
         if kind is None:
-            kind = DEFAULT_KIND.get(attn.method)
+            kind = default_kind(attn.method)
             if kind is None:
                 raise ValueError(f"no decoding cache for method {attn.method!r}; pass kind= explicitly")
         return make_model_cache(kind, layers=len(self.blocks), kv_heads=attn.kv_heads, head_dim=attn.head_dim,

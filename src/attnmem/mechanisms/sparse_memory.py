@@ -1,0 +1,325 @@
+"""The memory model of the sparse patterns (``sliding_window``, ``dilated``, ``longformer``,
+``bigbird``, ``strided``): what ``kernels.tiled``'s loop over their block map keeps alive.
+
+The loop over query tiles keeps a few O(N·D) buffers for the whole call and, on top of them,
+a working set that lives for one tile. So the closed form is
+
+    peak = the O(N·D) buffers alive at that point + the largest working set of one tile,
+
+both read off the code. Symbols used in the docstrings, all in bytes unless counted:
+
+* ``Q = B·Hq·N·D·s`` (one query-shaped tensor, ``s`` = itemsize), ``K = B·Hkv·N·D·s``;
+  ``L = B·Hq·N·a`` one log-sum-exp per query row (``a`` = 4, 8 for float64);
+* ``t = B·Hq·Tq·D·s`` one query tile of ``Tq`` rows, ``k1 = B·Hkv·D·s`` one key (of K or V);
+* ``G = Hq / Hkv``; a mask tile of ``Tq`` rows and ``n`` keys has ``m = G·Tq·n`` elements
+  (``Hq·Tq·n`` for a per-head pattern).
+
+Which key tiles a query tile lists, and how they group into kernel calls (*segments*: merged
+runs of full tiles, gathered partial tiles; at most 4096 gathered keys in the forward, 2048 keys
+per call in the backward), is the pattern's structure: the model takes the block-map rows of a
+few query tiles (the first, a middle and the last ones: every interior tile of these patterns
+has the same row), computed by the pattern's own ``tile_states`` for those tiles only, and
+groups them with ``kernels.plan_segments``; cost O(N / kv_tile) per sampled tile, never a trace.
+The terms per segment follow ``tiled_forward``/``tiled_backward`` line by line.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .. import masks as M
+from ..kernels import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, plan_segments
+from ..memory.model import Footprint, Shape
+
+# Tiles sampled at each end and in the middle of a long sequence (all tiles when fewer).
+_EDGE_TILES = 4
+
+
+# --- block-map rows of a few query tiles ---------------------------------------------------
+
+
+def _sample_groups(nqt: int) -> list[list[int]]:
+    """Runs of consecutive query tiles to look at: all of them when few, else the first, a middle
+    and the last ``_EDGE_TILES`` (a run not starting at tile 0 starts one tile early: that tile
+    only precedes the others, see ``_tiled_work``)."""
+    if nqt <= 6 * _EDGE_TILES:
+        return [list(range(nqt))]
+    mid = nqt // 2
+    return [list(range(_EDGE_TILES)), list(range(mid - 1, mid + _EDGE_TILES)),
+            list(range(nqt - _EDGE_TILES - 1, nqt))]
+
+
+def _tile_rows(mask: M.Mask, s: Shape, q_tile: int, kv_tile: int, tiles: list[int]) -> list[list[tuple[int, bool]]]:
+    """``BlockMap.rows()`` of the query tiles ``tiles`` only: the pattern's ``tile_states``
+    against every key tile, empties dropped."""
+    g = M.Grid(s.seq_len, s.seq_len, q_tile, kv_tile, s.batch, s.heads)
+    nkt = g.num_kv_tiles
+    qi = torch.tensor(tiles, dtype=torch.int64)[:, None].expand(len(tiles), nkt)
+    ki = torch.arange(nkt, dtype=torch.int64)[None, :].expand(len(tiles), nkt)
+    states = mask.tile_states(g, qi, ki)  # (tiles, nkt)
+    rows = []
+    for r in states.tolist():
+        rows.append([(j, st == M.FULL) for j, st in enumerate(r) if st != M.EMPTY])
+    return rows
+
+
+def _rest_rows(local: M.Mask, s: Shape, positions: torch.Tensor, q_tile: int, kv_tile: int
+               ) -> list[list[tuple[int, bool]]]:
+    """Block rows of sparse.py's ``_rows_outside``: the global query rows at ``positions`` against
+    the keys the call allows and ``local`` does not, per tile of ``q_tile`` global rows."""
+    n, nkt = s.seq_len, math.ceil(s.seq_len / kv_tile)
+    g1 = M.Grid(n, n, 1, kv_tile, s.batch, s.heads)  # one query per "tile": a state per row
+    ki = torch.arange(nkt, dtype=torch.int64)
+    ka, kb = ki * kv_tile, torch.clamp((ki + 1) * kv_tile, max=n)
+    rows = []
+    for a in range(0, len(positions), q_tile):
+        pos = positions[a:a + q_tile]
+        first, r = int(pos[0]), len(pos)
+        if int(pos[-1]) - first == r - 1 and first % r == 0:
+            # Consecutive, aligned rows (BigBird's global blocks): one tile of r rows.
+            gr = M.Grid(n, n, r, kv_tile, s.batch, s.heads)
+            local_st = local.tile_states(gr, torch.full((1, nkt), first // r, dtype=torch.int64), ki[None, :])
+            pos = pos[-1:] if s.causal else pos[:1]
+            if s.causal:  # the tile's call states: full below its first row, empty above its last
+                lo = torch.where((kb - 1) <= first, M.FULL, torch.where(ka > int(pos[0]), M.EMPTY, M.PARTIAL))
+                call_st = lo.to(torch.int8)[None, :]
+            else:
+                call_st = torch.full((1, nkt), M.FULL, dtype=torch.int8)
+            empty = (call_st == M.EMPTY) | (local_st == M.FULL)
+            full = (call_st == M.FULL) & (local_st == M.EMPTY)
+            rows.append([(j, bool(full[0, j])) for j in range(nkt) if not bool(empty[0, j])])
+            continue
+        local_st = local.tile_states(g1, pos[:, None].expand(-1, nkt), ki[None, :].expand(len(pos), -1))
+        if s.causal:
+            call_st = torch.full(local_st.shape, M.PARTIAL, dtype=torch.int8)
+            call_st[(kb - 1)[None, :] <= pos[:, None]] = M.FULL
+            call_st[ka[None, :] > pos[:, None]] = M.EMPTY
+        else:
+            call_st = torch.full(local_st.shape, M.FULL, dtype=torch.int8)
+        empty = (call_st == M.EMPTY) | (local_st == M.FULL)
+        full = (call_st == M.FULL) & (local_st == M.EMPTY)
+        all_empty, all_full = empty.all(0).tolist(), full.all(0).tolist()
+        rows.append([(j, all_full[j]) for j in range(nkt) if not all_empty[j]])
+    return rows
+
+
+# --- the tiled kernel's working set ----------------------------------------------------------
+
+
+def _mask_rows(s: Shape, per_head: bool) -> int:
+    """Rows of one stacked mask tile per query row: G (head-independent), Hq (per head)."""
+    if per_head:
+        return s.heads
+    return s.heads // s.kv_heads
+
+
+def _eval_bytes(mask: M.Mask, heads: int) -> int:
+    """Bytes per (query, key) pair alive at the peak of evaluating ``mask``'s mask_mod on a tile,
+    read off each mask_mod: int64 relative positions (8), int64 remainders (8), bools (1)."""
+    if isinstance(mask, (M.And, M.Or)):
+        # a's result (1) stays while b runs; then both and the combined result.
+        return max(_eval_bytes(mask.a, heads), 1 + _eval_bytes(mask.b, heads), 3)
+    if isinstance(mask, M.SlidingWindow):
+        return 11  # rel, the running result, one comparison, the new result
+    if isinstance(mask, M.Dilated):
+        return 8 + 9 * heads if mask.per_head else 17  # rel, rel % d (per head: Hq of them), ==
+    if isinstance(mask, (M.BigBird, M.Strided)):
+        return 17  # rel (or kb - qb), its abs / remainder, one comparison
+    return 2  # GlobalTokens, Fixed: gathers of per-position flags, a bool or two per pair
+
+
+def _seg_terms(s: Shape, seg: Segment, tq: int, per_head: bool, evb: int = 0) -> tuple[int, int, int, int]:
+    """(gathered K, V copies, mask bools + float bias, dK + dV, mask evaluation) bytes of one
+    segment (the evaluation: ``evb`` bytes per pair, then the G-stacked copy of its bools)."""
+    k1 = s.batch * s.kv_heads * s.head_dim * s.itemsize
+    copies = 0 if seg.contiguous else 2 * seg.size * k1
+    m = _mask_rows(s, per_head) * tq * seg.size if seg.masked else 0
+    pairs = tq * seg.size if seg.masked else 0
+    ev = max(evb * pairs, pairs + (m if m != pairs else 0))
+    return copies, m * (1 + s.itemsize), 2 * seg.size * k1, ev
+
+
+def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int, int]:
+    """(forward, backward) working set of the tiled loop: the largest, over the sampled
+    segments, of what one segment's kernel call keeps alive besides the O(N·D) buffers.
+
+    ``plan_rows``: runs of ``(Tq, forward segments, backward segments, lead)`` of consecutive
+    tiles; a ``lead`` tile only precedes the next (its own segments are not counted).
+
+    Backward, at segment j of a tile, with p the segment before it (maybe of the tile before):
+    the previous call's dK, dV (2·p keys) + dQ of the tile (dq_t: 0, 1 or 2 tiles for j = 0, 1,
+    ≥ 2, plus the last dQ of the tile before when j = 0) + for G > 1 the stacked q, O, dO tiles
+    and their lse (3·t + lse tile) + gathered K, V (2·n keys, when not contiguous) + the mask
+    (bools + float bias, m·(1 + s)) + the call's outputs dQ (t) and dK, dV (2·n keys).
+    Forward, at segment j: the running output (j ≥ 1: 1 tile, j ≥ 2: 2) or the last output of
+    the tile before (j = 0) + for G > 1 the stacked q tile + gathered K, V + the mask (its
+    negation too, while the bias is filled: m·(2 + s)) + the outputs O (t) and lse (two lse
+    tiles); merging two segments holds 4 more tiles.
+    Third: what the last tile's backward leaves bound to the loop's names when the loop ends
+    (its dQ accumulator and last call's dQ, dK, dV, gathered K, V), alive while half-precision
+    dK, dV are cast back.
+    """
+    acc = s.acc_itemsize
+    qrow = s.batch * s.heads * s.head_dim * s.itemsize  # one query row of Q
+    lrow = s.batch * s.heads * acc  # one row of lse
+    g1 = s.heads == s.kv_heads
+    fwd = bwd = tail = 0
+    for run in plan_rows:
+        prev_f = prev_b = None  # (tile rows, segment) of the call before
+        for tq, fsegs, bsegs, lead in run:
+            t = qrow * tq
+            ta = t * acc // s.itemsize  # one query tile in the accumulation dtype
+            stack = 0 if g1 else 2 * t + lrow * tq  # dO is an expanded scalar: its tile is a view
+            for j, seg in enumerate(bsegs):
+                copies, mask, grads, ev = _seg_terms(s, seg, tq, per_head, evb)
+                hold = 0
+                if prev_b is not None:
+                    hold = _seg_terms(s, prev_b[1], prev_b[0], per_head)[2]
+                    hold += qrow * prev_b[0] if j == 0 else 0
+                # The tile's dQ so far and the last call's: one storage in float32/float64; a
+                # float32 accumulator beside the half-precision result for half inputs.
+                hold += (ta + t if j else 0) if s.half else t * min(j, 2)
+                if not lead:
+                    base = hold + stack + copies
+                    bwd = max(bwd, base + mask + t + grads, base + mask * (2 + s.itemsize) // (1 + s.itemsize),
+                              base + ev)
+                prev_b = (tq, seg)
+                tail = ta + t + copies + grads if len(bsegs) > 1 else t + copies + grads
+            for j, seg in enumerate(fsegs):
+                copies, mask, _, ev = _seg_terms(s, seg, tq, per_head, evb)
+                # The running output and the last call's (half inputs: a float32 running output).
+                run_out = (ta + t if s.half else t * min(j, 2)) if len(fsegs) > 1 else 0
+                hold = run_out if j else (qrow * prev_f[0] + lrow * prev_f[0] if prev_f else 0)
+                base = hold + (0 if g1 else t) + copies
+                mbool = mask // (1 + s.itemsize)
+                if not lead:
+                    fwd = max(fwd, base + mask + mbool, base + mask + t + 2 * lrow * tq, base + ev)
+                    if j:
+                        fwd = max(fwd, hold + (0 if g1 else t) + 4 * ta)
+                prev_f = (tq, seg)
+    return fwd, bwd, tail
+
+
+def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int):
+    """``(Tq, forward segments, backward segments)`` per sampled tile, grouped as the code does."""
+    out = []
+    for i, row in zip(tiles, rows):
+        tq = min(q_tile, n_q - i * q_tile)
+        fwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, gather=MAX_GATHER)[0][2]
+        bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)[0][2]
+        out.append((tq, fwd, bwd, i == tiles[0] and i > 0))
+    return out
+
+
+def _class_work(s: Shape, stride: int) -> tuple[int, int]:
+    """(forward, backward) working set of ``_StridedSplit``'s loop over residue classes, besides
+    out, lse (and dQ, dK, dV): with Lc = ⌈N/stride⌉ rows per class, c = B·Hq·Lc·D·s one class
+    of Q (c_k of K), l = B·Hq·Lc·a one class of lse.
+
+    Forward, at the merge of class r: the previous class's merged output and lse (c + l, still
+    bound to the loop's names) + this class's output and lse (c + l) + the merge's
+    new lse, its two weights, its finite flags (3l + B·Hq·Lc bools) and the two weighted outputs
+    and their sum (3c); for G > 1 the G-stacked query rows (c: a copy unless stride divides N,
+    when every head's rows line up as one view). Backward: lse with +inf for empty rows (L) +
+    the previous and this class's dQ, dK, dV (2·(c + 2·c_k)); for G > 1 (copies unless stride
+    divides N) the stacked q and O rows and their lse (2c + l; dO is an expanded scalar, its
+    rows are a view)."""
+    acc = 8 if s.itemsize == 8 else 4
+    lc = math.ceil(s.seq_len / stride)
+    c = s.batch * s.heads * lc * s.head_dim * s.itemsize
+    ck = s.batch * s.kv_heads * lc * s.head_dim * s.itemsize
+    lrow = s.batch * s.heads * lc
+    l1 = lrow * acc
+    stack = s.heads != s.kv_heads and s.seq_len % stride != 0
+    fwd = 5 * c + 5 * l1 + lrow + (c if stack else 0)
+    bwd = s.lse_bytes + 2 * (c + 2 * ck) + (2 * c + l1 if stack else 0)
+    return fwd, bwd
+
+
+
+
+def _sampled_plan(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None, band: M.Mask | None):
+    """The sampled plan of one call: (local runs, per-head?, rest runs or None, global rows,
+    mask evaluation bytes per pair). ``band``: the pattern runs as band + residue classes."""
+    mask = M.causal() & local if s.causal else local
+    if band is not None:
+        local = mask = band
+    q_tile = max(opts.q_tile, MIN_Q_TILE)
+    nqt = math.ceil(s.seq_len / q_tile)
+    runs = []
+    for tiles in _sample_groups(nqt):
+        rows_ = _tile_rows(mask, s, q_tile, opts.kv_tile, tiles)
+        runs.append(_plan_rows(rows_, tiles, s.seq_len, s.seq_len, q_tile, opts.kv_tile))
+    per_head = isinstance(local, M.Dilated) and local.per_head
+    rest = None
+    g = 0
+    if rows is not None and rows.numel():
+        g = rows.numel()
+        rest_rows = _rest_rows(local, s, rows, q_tile, opts.kv_tile)
+        rest = [_plan_rows(rest_rows, list(range(len(rest_rows))), g, s.seq_len, q_tile, opts.kv_tile)]
+    return runs, per_head, rest, g, _eval_bytes(mask, s.heads)
+
+
+def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
+                     band: M.Mask | None) -> Footprint:
+    """The closed form shared by the sparse patterns (see the module docstring for symbols).
+
+    ``local``, ``rows``: the pattern without its global query rows, and those rows
+    (``_Sparse.split``); ``band``: the band ``0 < |rel| < stride`` when strided runs as band +
+    residue classes (``StridedAttention.splits``), else None.
+
+    saved = O + L (+ the g global row indices, int64, for longformer and bigbird);
+    forward peak = Q + 2K + O + L + the forward working set of the widest segment;
+    backward peak = Q + 2K + O + L (saved) + L (lse with +inf for empty rows) + dQ + dK + dV +
+    the backward working set of the widest segment (``_tiled_work``). With g global query
+    rows (computed apart, then merged): after the local pass, the rows' own pass holds
+    g-row copies of q, dO, O (3·g rows), its dQ and lse, and a whole dK, dV (2K) besides the
+    local pass's dQ + dK + dV; its keys are every key the local pattern leaves out, in 2048-key
+    calls. Linear in N (O(N·(w + g)) allowed pairs, a tile at a time); fixed (and strided off
+    its split path) lists every key tile, so its forward's partial segment reaches N keys: a
+    Tq × N mask. Strided with ``band`` runs the tiled pass over the band only, and the peak is
+    the larger of that pass's and of the residue-class loop's (``_class_work``: O(N/stride)
+    rows per class). Half inputs (bfloat16 on the fused kernel) keep float32 accumulators: the
+    running output of a tile, its dQ, and dK, dV for the whole call (cast back at the end, both
+    alive then). Domain: the fused CPU kernel (float32, float64, bfloat16), no user mask.
+    """
+    # Its tensors have a few thousand elements: intra-op threads only cost synchronisation
+    # (on a loaded 2-core machine, 100x the work itself).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runs, per_head, rest, g, evb = _sampled_plan(s, opts, local, rows, band)
+    finally:
+        torch.set_num_threads(threads)
+    lse = s.lse_bytes
+    qrow = s.batch * s.heads * s.head_dim * s.itemsize
+    lrow = lse // s.seq_len
+    fwd, bwd, tail = _tiled_work(s, runs, per_head, evb)
+    out_lse = s.q_bytes + lse
+    rows_bytes = 8 * g
+    peak_fwd = out_lse + fwd
+    if rest is not None:
+        rest_fwd, rest_bwd, rest_tail = _tiled_work(s, rest, False, evb + 2)
+        # index_select of the g rows of q; the rows' own output and lse
+        peak_fwd = max(peak_fwd, out_lse + rows_bytes + 2 * qrow * g + lrow * g + rest_fwd)
+    # Half inputs: dK, dV accumulate in float32 and are cast back at the end (both kept then).
+    kv_acc = 2 * s.kv_bytes * s.acc_itemsize // s.itemsize
+    grads = s.q_bytes + kv_acc
+    peak_bwd = out_lse + rows_bytes + lse + grads + bwd
+    if s.half:
+        peak_bwd = max(peak_bwd, out_lse + rows_bytes + lse + grads + 2 * s.kv_bytes + tail)
+    if rest is not None:
+        local_grads = s.q_bytes + 2 * s.kv_bytes  # the local pass's, cast back
+        peak_bwd = max(peak_bwd, out_lse + rows_bytes + local_grads + 4 * qrow * g + 2 * lrow * g
+                       + kv_acc + max(rest_bwd, 2 * s.kv_bytes + rest_tail if s.half else 0))
+    if band is not None:
+        cls_fwd, cls_bwd = _class_work(s, opts.stride)
+        peak_fwd = max(peak_fwd, out_lse + cls_fwd)
+        if s.training:
+            peak_bwd = max(peak_bwd, out_lse + grads + cls_bwd)
+    saved = out_lse + rows_bytes
+    if not s.training:
+        return Footprint(0, peak_fwd)
+    return Footprint(saved, max(peak_fwd, peak_bwd) - saved)
