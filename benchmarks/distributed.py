@@ -1,7 +1,8 @@
 """Ring, Ulysses and hybrid sequence parallelism on 2 and 4 gloo ranks; layout work imbalance.
 
     python benchmarks/distributed.py [--n 4096] [--ranks 2 4] [--schemes ring ulysses hybrid]
-                                     [--masks causal none] [--imbalance-only]
+                                     [--masks causal none] [--imbalance-only] [--heads 8]
+                                     [--ulysses-heads-per-pass C]
 
 Standard configuration (DESIGN.md): CPU, float32, B=1, H=8, D=64, forward + backward
 (``out.sum().backward()``). Every rank measures itself with ``attnmem.measure`` (the tracked
@@ -10,9 +11,11 @@ scheme) and counts the bytes it sends with ``attnmem.distributed.count_traffic``
 the largest per-rank peak, the slowest rank's time and every rank's bytes, beside the
 predictions of ``attnmem.distributed.estimate.per_rank``. Cores are split between the ranks
 (``torch.set_num_threads(max(1, cores // P))``). Causal runs use the zigzag layout (the ring
-level of the hybrid); the hybrid runs at 4 ranks as 2 × 2. The single-process ``chunked`` peer
-is measured right before each scheme (interleaved), at the same N. Rows are appended to
-benchmarks/results/distributed.jsonl.
+level of the hybrid); the hybrid runs at 4 ranks as 2 × 2. ``--ulysses-heads-per-pass C`` runs
+Ulysses and the hybrid's Ulysses level C query heads per rank at a time, recomputed in the
+backward (``heads_per_pass``); ``--heads`` changes H (a non-standard configuration: say so).
+The single-process ``chunked`` peer is measured right before each scheme (interleaved), at the
+same N. Rows are appended to benchmarks/results/distributed.jsonl.
 
 The imbalance part needs no ranks: packed documents with lengths uniform in [L, 10·L]
 (``layout.random_documents``), and for each layout the work (attention pairs, causal within
@@ -60,14 +63,15 @@ def _grid(scheme: str, world: int) -> tuple[int, int]:
     return {"ring": (1, world), "ulysses": (world, 1), "hybrid": (2, world // 2)}[scheme]
 
 
-def _rank(rank, world, store, n, causal, scheme, result_dir, repeats):
+def _rank(rank, world, store, n, causal, scheme, result_dir, repeats, heads, passes):
     torch.set_num_threads(max(1, CORES // world))
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
                             timeout=timedelta(minutes=20))
     u, r = _grid(scheme, world)
     layout = "zigzag" if causal else "contiguous"
     part = hybrid_partition(layout, n, ulysses=u, ring=r)
-    q, k, v = (part.shard(t.detach(), rank).clone().requires_grad_(True) for t in make_inputs(Case("chunked", n)))
+    inputs = make_inputs(Case("chunked", n, heads=heads))
+    q, k, v = (part.shard(t.detach(), rank).clone().requires_grad_(True) for t in inputs)
     if scheme == "hybrid":
         process_grid(ulysses=u, ring=r)  # new_group is collective: outside the measured step
 
@@ -75,8 +79,9 @@ def _rank(rank, world, store, n, causal, scheme, result_dir, repeats):
         if scheme == "ring":
             return ring_attention(q, k, v, causal=causal, layout=layout)
         if scheme == "ulysses":
-            return ulysses_attention(q, k, v, causal=causal, layout=layout, method="chunked")
-        return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=layout, causal=causal)
+            return ulysses_attention(q, k, v, causal=causal, layout=layout, method="chunked", heads_per_pass=passes)
+        return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=layout, causal=causal,
+                                           ulysses_heads_per_pass=passes)
 
     def step(q, k, v):
         for t in (q, k, v):
@@ -98,10 +103,12 @@ def _rank(rank, world, store, n, causal, scheme, result_dir, repeats):
     dist.destroy_process_group()
 
 
-def run_scheme(scheme: str, n: int, world: int, causal: bool, repeats: int) -> dict:
+def run_scheme(scheme: str, n: int, world: int, causal: bool, repeats: int, heads: int = H,
+               passes: int | None = None) -> dict:
     with tempfile.TemporaryDirectory() as d:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_rank, args=(r, world, f"{d}/store", n, causal, scheme, d, repeats))
+        procs = [ctx.Process(target=_rank, args=(r, world, f"{d}/store", n, causal, scheme, d, repeats,
+                                                          heads, passes))
                  for r in range(world)]
         t0 = time.perf_counter()
         for p in procs:
@@ -113,8 +120,9 @@ def run_scheme(scheme: str, n: int, world: int, causal: bool, repeats: int) -> d
             return {"status": "error", "reason": f"exit codes {[p.exitcode for p in procs]}"}
         ranks = [torch.load(Path(d) / f"rank{r}.pt") for r in range(world)]
     u, _ = _grid(scheme, world)
-    pred = per_rank(scheme, local_estimate=attnmem.estimate, world_size=world, ulysses=u, batch=B, heads=H,
-                    seq_len=n, head_dim=D, causal=causal, layout="zigzag" if causal else "contiguous")
+    pred = per_rank(scheme, local_estimate=attnmem.estimate, world_size=world, ulysses=u, batch=B, heads=heads,
+                    seq_len=n, head_dim=D, causal=causal, layout="zigzag" if causal else "contiguous",
+                    ulysses_heads_per_pass=passes if scheme != "ring" else None)
     peaks = [r["peak"] for r in ranks]
     return {"status": "ok", "peak_bytes": max(peaks), "peak_mib": max(peaks) / MiB,
             "rank_peaks_mib": [p / MiB for p in peaks], "time_s": max(r["time"] for r in ranks),
@@ -185,6 +193,9 @@ def main() -> None:
     ap.add_argument("--imbalance-n", type=int, default=16384)
     ap.add_argument("--out", type=Path, default=RESULTS / "distributed.jsonl")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--heads", type=int, default=H, help="H = Hkv (standard: 8)")
+    ap.add_argument("--ulysses-heads-per-pass", type=int, default=None,
+                    help="heads_per_pass of Ulysses and of the hybrid's Ulysses level (default: all at once)")
     args = ap.parse_args()
     if not args.table_only:
         rows = imbalance_rows(args.imbalance_n, [2, 4, 8], [200, 400], seeds=3)
@@ -201,15 +212,19 @@ def main() -> None:
                     if scheme == "hybrid" and world < 4:
                         continue  # 2 ranks: a 2 × 1 or 1 × 2 grid is Ulysses or ring alone
                     log(f"N={args.n} mask={mask}: chunked")
-                    peer = run_case(Case("chunked", args.n, mask=mask), repeats=args.repeats, warmup=0)
+                    peer = run_case(Case("chunked", args.n, heads=args.heads, mask=mask), repeats=args.repeats,
+                                    warmup=0)
                     log(f"  chunked: {peer.get('peak_mib', 0):.1f} MiB {peer.get('time_s', 0):.2f} s; "
                         f"{scheme} P={world}")
                     u, _ = _grid(scheme, world)
-                    row = {"kind": "scheme", "scheme": scheme, "seq_len": args.n, "batch": B, "heads": H, "head_dim": D,
+                    passes = args.ulysses_heads_per_pass if scheme != "ring" else None
+                    row = {"kind": "scheme", "scheme": scheme, "seq_len": args.n, "batch": B, "heads": args.heads,
+                           "head_dim": D, "ulysses_heads_per_pass": passes,
                            "dtype": "float32", "device": "cpu", "causal": causal, "ranks": world, "ulysses": u,
                            "threads_per_rank": max(1, CORES // world), "backend": "gloo", **env,
                            "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-                           **run_scheme(scheme, args.n, world, causal, args.repeats), "repeats": args.repeats,
+                           **run_scheme(scheme, args.n, world, causal, args.repeats, args.heads, passes),
+                           "repeats": args.repeats,
                            "peer": {k: peer.get(k) for k in ("method", "status", "peak_bytes", "peak_mib", "time_s")}}
                     log(f"  {scheme} P={world}: {row.get('peak_mib', 0):.1f} MiB {row.get('time_s', 0):.2f} s "
                         f"sent {row.get('sent_bytes')} predicted {row.get('predicted_sent_bytes')}")

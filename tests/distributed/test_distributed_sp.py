@@ -60,6 +60,7 @@ class Case:
     grid: tuple[int, int] | None = None  # (ulysses, ring) at 4 ranks; 2 ranks use (2, 1) and (1, 2) alternately
     batch: int = 1
     worlds: tuple[int, ...] = (2, 4)
+    passes: int | None = None  # heads_per_pass of Ulysses (or the hybrid's Ulysses level)
 
     def n(self, world: int) -> int:
         return 8 * world + (3 if self.layout == "uneven" else 0)
@@ -77,7 +78,13 @@ CASES = [
     Case("u_mqa_window_uneven", "ulysses", hkv=1, mask="window", layout="uneven", batch=2),
     Case("u_documents", "ulysses", mask="documents", layout="documents"),
     Case("u_linear_method", "ulysses", method="linear"),
+    # Passes of one query head, recomputed in the backward: at 2 ranks two query heads share a
+    # KV head (sent once per pass); at 4 the KV heads are replicated.
+    Case("u_passes_gqa_zigzag", "ulysses", hkv=2, layout="zigzag", passes=1),
+    Case("u_passes_dense_heads_uneven", "ulysses", causal=False, mask="dense_heads", layout="uneven", passes=1,
+         batch=2),
     Case("h_causal_zigzag_gqa", "hybrid", hkv=2, layout="zigzag"),
+    Case("h_passes_documents", "hybrid", mask="documents", layout="documents", passes=1),
     Case("h_documents", "hybrid", mask="documents", layout="documents", grid=(1, 4)),
     Case("h_window", "hybrid", mask="window", grid=(4, 1)),
     Case("h_full_dense_heads", "hybrid", causal=False, mask="dense_heads", layout="zigzag"),
@@ -129,13 +136,14 @@ def _run(case: Case, world: int, q, k, v):
     mask = _mask(case, n)
     part = _partition(case, world)
     if case.scheme == "ulysses":
-        return ulysses_attention(q, k, v, causal=case.causal, mask=mask, method=case.method, layout=part)
+        return ulysses_attention(q, k, v, causal=case.causal, mask=mask, method=case.method, layout=part,
+                                 heads_per_pass=case.passes)
     if case.scheme == "hybrid":
         u, r = case.ulysses_ring(world)
         layout = "contiguous" if case.layout == "uneven" else case.layout
         docs = _documents(n) if case.layout == "documents" else None
         return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=layout, causal=case.causal,
-                                           mask=mask, documents=docs)
+                                           mask=mask, documents=docs, ulysses_heads_per_pass=case.passes)
     if case.scheme == "ring":
         return ring_attention(q, k, v, causal=case.causal, mask=mask, layout=part, heads_per_pass=1)
     return linear_context_parallel(q, k, v, feature_map="relu" if case.method == "relu" else "elu", chunk=3)
@@ -267,10 +275,11 @@ def _predicted_bytes(case: Case, world: int, rank: int) -> int:
     part = _partition(case, world)
     shape = dict(batch=case.batch, heads=case.hq, kv_heads=case.hkv, head_dim=D, element_size=8)
     if case.scheme == "ulysses":
-        return T.ulysses_bytes(lengths=part.lengths, rank=rank, **shape)
+        return T.ulysses_bytes(lengths=part.lengths, rank=rank, heads_per_pass=case.passes, **shape)
     if case.scheme == "hybrid":
         u, r = case.ulysses_ring(world)
-        return T.hybrid_bytes(lengths=part.lengths, rank=rank, ulysses=u, ring=r, **shape)
+        return T.hybrid_bytes(lengths=part.lengths, rank=rank, ulysses=u, ring=r, ulysses_heads_per_pass=case.passes,
+                              **shape)
     if case.scheme == "ring":
         return T.ring_bytes(lengths=part.lengths, rank=rank, **shape)
     return T.linear_bytes(world=world, **shape)

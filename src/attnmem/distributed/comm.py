@@ -138,8 +138,12 @@ def all_to_all(parts: Sequence[Tensor], recv_shapes: Sequence[Sequence[int]], gr
     to the other ranks.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
-    send = torch.cat([p.reshape(-1) for p in parts])  # (Σ numel,): part s for rank s
     sizes_in = [p.numel() for p in parts]
+    # Each part is copied straight into its place in one flat buffer: ``cat`` of reshaped
+    # strided slices would hold a copy of every part and the buffer at once.
+    send = parts[0].new_empty(sum(sizes_in))  # (Σ numel,): part s for rank s
+    for piece, part in zip(send.split(sizes_in), parts):
+        piece.view(part.shape).copy_(part)
     sizes_out = [int(torch.Size(s).numel()) for s in recv_shapes]
     recv = send.new_empty(sum(sizes_out))
     with peer_errors(rank, world, what, scheme):

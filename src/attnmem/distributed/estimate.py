@@ -18,7 +18,11 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
   H/P heads (its ``attnmem.estimate`` peak, + I + one head shard of dout), the backward
   all-to-alls (2·I + I_h + two buffers: the head shards' gradients, which autograd holds
   until the exchange ends, and the sequence shards' being filled);
-* hybrid: the same with the ring (on N/R positions of H/U heads) as the local method.
+* hybrid: the same with the ring (on N/R positions of H/U heads) as the local method;
+* with ``ulysses_heads_per_pass`` = c (passes recomputed in the backward), the largest of: the
+  forward (I + the output shard + the local method's training peak on c heads), the local
+  backward (I + the zeroed gradients I + one pass of dout + the local training peak on c
+  heads) and the inverse exchange (2·I + the pass's head gradients + two buffers).
 
 ``benchmarks/distributed.py`` compares the prediction with the measured peaks.
 """
@@ -72,6 +76,13 @@ def _ulysses_peak(local_peak: int, *, seq_bytes: int, head_bytes: int, dout_head
     return max(forward_exchange, local, backward_exchange)
 
 
+def _passes_peak(local_peak: int, *, seq_bytes: int, out_bytes: int, pass_bytes: int, dout_pass_bytes: int) -> int:
+    forward = seq_bytes + out_bytes + local_peak
+    backward = 2 * seq_bytes + dout_pass_bytes + local_peak
+    inverse_exchange = 2 * seq_bytes + pass_bytes + 2 * dout_pass_bytes
+    return max(forward, backward, inverse_exchange)
+
+
 def default_heads_per_pass(kv_heads: int, batch: int, threads: int) -> int:
     """``ring_attention``'s default on CPU: the fewest KV heads that give each thread a (b, h) pair."""
     return min(kv_heads, max(1, math.ceil(threads / batch)))
@@ -81,7 +92,7 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
              head_dim: int, kv_heads: int | None = None, dtype: torch.dtype = torch.float32, causal: bool = False,
              layout: str = "contiguous", documents: Any = None, ulysses: int | None = None,
              method: str = "chunked", heads_per_pass: int | None = None, threads_per_rank: int = 1,
-             **options: Any) -> dict[str, Any]:
+             ulysses_heads_per_pass: int | None = None, **options: Any) -> dict[str, Any]:
     """Predicted per-rank peak and bytes sent of one training step of ``scheme``.
 
     Args:
@@ -92,6 +103,8 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
         layout: "contiguous", "zigzag" or "documents" (with ``documents``), for the ranks' lengths.
         method, **options: the local method of Ulysses (default ``chunked``).
         heads_per_pass: the ring's; default ``ring_attention``'s on CPU for ``threads_per_rank``.
+        ulysses_heads_per_pass: ``heads_per_pass`` of Ulysses (or of the hybrid's Ulysses level):
+            query heads per rank per pass, recomputed in the backward; None: all at once.
 
     Returns:
         dict: ``peak_bytes`` (the largest rank's), ``sent_bytes`` (one per rank), ``lengths``
@@ -115,8 +128,10 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
     from .hybrid import hybrid_partition
 
     lengths = hybrid_partition(layout, seq_len, ulysses=u, ring=r, documents=documents).lengths
+    passes = None if scheme == "ring" else ulysses_heads_per_pass
     sent = [T.scheme_bytes(scheme, lengths=lengths, rank=i, batch=batch, heads=heads, kv_heads=kv_heads,
-                           head_dim=head_dim, element_size=e, ulysses=u) for i in range(world_size)]
+                           head_dim=head_dim, element_size=e, ulysses=u, ulysses_heads_per_pass=passes)
+            for i in range(world_size)]
     n = max(lengths)
     n_ring = max(sum(lengths[j * u:(j + 1) * u]) for j in range(r))
     hq = heads // u
@@ -125,7 +140,13 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
     head_bytes = batch * n_ring * head_dim * e * (hq + 2 * hkv)
     dout_head = batch * n_ring * head_dim * e * hq
     hpp = heads_per_pass or default_heads_per_pass(hkv, batch, threads_per_rank)
-    if scheme == "ring":
+    if passes is not None:
+        peak = _passes_rank_peak(scheme, local_estimate, passes, batch=batch, hq=hq, hkv=hkv, n=n, n_ring=n_ring,
+                                 seq_len=seq_len, head_dim=head_dim, dtype=dt, causal=causal, method=method,
+                                 seq_bytes=seq_bytes, out_bytes=batch * heads * n * head_dim * e,
+                                 threads_per_rank=threads_per_rank, heads_per_pass=heads_per_pass,
+                                 options=options)
+    elif scheme == "ring":
         peak = _ring_peak(local_estimate, batch=batch, heads=heads, kv_heads=kv_heads, n=n, head_dim=head_dim, dtype=dt,
                           heads_per_pass=hpp)
     elif scheme == "ulysses":
@@ -139,7 +160,30 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
         peak = _ulysses_peak(ring, seq_bytes=seq_bytes, head_bytes=head_bytes, dout_head_bytes=dout_head,
                              largest_head_bytes=dout_head)
     return {"scheme": scheme, "world_size": world_size, "ulysses": u, "ring": r, "peak_bytes": int(peak),
-            "sent_bytes": sent, "lengths": lengths, "heads_per_pass": hpp}
+            "sent_bytes": sent, "lengths": lengths, "heads_per_pass": hpp, "ulysses_heads_per_pass": passes}
+
+
+def _passes_rank_peak(scheme: str, local_estimate: LocalEstimate, passes: int, *, batch: int, hq: int, hkv: int,
+                      n: int, n_ring: int, seq_len: int, head_dim: int, dtype: torch.dtype, causal: bool, method: str,
+                      seq_bytes: int, out_bytes: int, threads_per_rank: int, heads_per_pass: int | None,
+                      options: dict) -> int:
+    """Per-rank peak of Ulysses (or the hybrid) run ``passes`` query heads per rank at a time."""
+    group = hq // hkv
+    if passes <= 0 or hq % passes or (passes % group and group % passes):
+        raise ValueError(f"ulysses_heads_per_pass must be a positive int dividing the {hq} query heads of each rank "
+                         f"and a multiple or a divisor of the {group} query heads per key/value head; got {passes!r}")
+    kvc = passes // group if passes >= group else 1
+    e = torch.empty((), dtype=dtype).element_size()
+    if scheme == "ulysses":
+        local = local_estimate(method, batch=batch, heads=passes, kv_heads=kvc, seq_len=seq_len, head_dim=head_dim,
+                               dtype=dtype, training=True, causal=causal, **options).peak_bytes
+    else:
+        hpp = heads_per_pass or default_heads_per_pass(kvc, batch, threads_per_rank)
+        local = _ring_peak(local_estimate, batch=batch, heads=passes, kv_heads=kvc, n=n_ring, head_dim=head_dim,
+                           dtype=dtype, heads_per_pass=hpp)
+    position = batch * n_ring * head_dim * e  # one head over the positions a pass sees
+    return _passes_peak(local, seq_bytes=seq_bytes, out_bytes=out_bytes,
+                        pass_bytes=position * (passes + 2 * kvc), dout_pass_bytes=position * passes)
 
 
 @dataclass(frozen=True)

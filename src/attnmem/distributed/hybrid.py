@@ -29,7 +29,7 @@ from . import layout as L
 from .comm import check_initialised
 from .masking import heads_slice
 from .ring import ring_attention
-from .ulysses import check_heads, heads_plan, heads_to_seq, seq_to_heads
+from .ulysses import HeadPass, check_heads, heads_plan, heads_to_seq, run_in_passes, seq_to_heads
 
 SCHEME = "sequence_parallel_attention"
 
@@ -117,8 +117,8 @@ def hybrid_partition(layout: str, n: int, *, ulysses: int, ring: int, documents:
 def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int, ring: int,
                                 layout: str = "contiguous", causal: bool = False, mask: Any = None,
                                 documents: Tensor | None = None, group: Any = None, scale: float | None = None,
-                                heads_per_pass: int | None = None, q_tile: int = 256, kv_tile: int = 256,
-                                kernel: str = "auto") -> Tensor:
+                                heads_per_pass: int | None = None, ulysses_heads_per_pass: int | None = None,
+                                q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
     """Exact attention over a U × R grid of ranks (module docstring); every rank calls it.
 
     Args:
@@ -133,6 +133,10 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
             tokens; pass ``mask=attnmem.masks.document(ids)`` for document attention.
         group: the process group of all U·R ranks (default: the world).
         scale, heads_per_pass, q_tile, kv_tile, kernel: as in ``ring_attention``.
+        ulysses_heads_per_pass: as ``heads_per_pass`` of ``ulysses_attention``: None (default)
+            rings all Hq/U heads of a rank at once; an int c rings them c at a time, saving only
+            the inputs and recomputing each pass's ring forward in the backward (per-rank memory
+            of one pass's heads; one more ring forward; more q, k, v traffic).
 
     Returns:
         This rank's output (B, Hq, N_local, D); differentiable.
@@ -149,16 +153,23 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
         raise ValueError(f"layout must be one of {', '.join(L.PARTITIONS)}, got {layout!r}")
     user_mask = None if mask is None else M.as_mask(mask, "mask")
     plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, grid.ulysses_group, SCHEME)
-    qh, kh, vh = seq_to_heads(q, k, v, plan, grid.ulysses_group)  # (B, Hq/U, N_ring, D): ring part j
     ring_layout: str | L.Partition = layout
     if layout == "documents":
         if documents is None:
             raise ValueError("layout='documents' needs documents=, the (N,) document id of every token")
         ring_layout = ring_partition("documents", int(L.check_ids(documents).numel()), ring, documents)
-    local_mask = heads_slice(user_mask, plan.rank * plan.hq, (plan.rank + 1) * plan.hq)
-    out = ring_attention(qh, kh, vh, causal=causal, mask=local_mask, group=grid.ring_group, layout=ring_layout,
-                         scale=inp.scale, heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile,
-                         kernel=kernel)
+    first = plan.rank * plan.hq  # my first global query head
+
+    def run(qh: Tensor, kh: Tensor, vh: Tensor, p: HeadPass) -> Tensor:
+        """Ring attention over my ring group on one pass's heads of ring part j: (B, h, N_ring, D)."""
+        return ring_attention(qh, kh, vh, causal=causal, mask=heads_slice(user_mask, first + p.q[0], first + p.q[1]),
+                              group=grid.ring_group, layout=ring_layout, scale=inp.scale,
+                              heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel)
+
+    if ulysses_heads_per_pass is not None:
+        return run_in_passes(q, k, v, run, plan, ulysses_heads_per_pass, grid.ulysses_group, SCHEME)
+    qh, kh, vh = seq_to_heads(q, k, v, plan, grid.ulysses_group)  # (B, Hq/U, N_ring, D): ring part j
+    out = run(qh, kh, vh, HeadPass((0, plan.hq), (0, plan.hkv)))
     return heads_to_seq(out, plan, grid.ulysses_group, q.shape[1])
 
 

@@ -15,10 +15,16 @@ int64 per rank and call, are left out). ``lengths`` are every rank's local seque
 
       B·D·e · ((P-1)·n_r·(2h + 2h_kv) + (N - n_r)·(2h + 2h_kv))
 
-  which for equal slices and sharded KV heads is ``4·(P-1)/P · B·n·D·e·(Hq + Hkv)``;
+  which for equal slices and sharded KV heads is ``4·(P-1)/P · B·n·D·e·(Hq + Hkv)``. With
+  ``heads_per_pass`` = c (passes recomputed in the backward) the backward sends each pass's
+  q, k, v out again, and a KV head read by several passes (c < Hq/Hkv) goes out once per
+  pass: with h'_kv = (h/c) · (KV heads of a pass)::
+
+      B·D·e · ((P-1)·n_r·(3h + 4h'_kv) + (N - n_r)·(2h + 2h'_kv))
 
 * hybrid (U × R): the Ulysses terms inside my group of U, plus the ring terms over R with
-  Hkv/U (or 1) key/value heads on the ring parts' lengths;
+  Hkv/U (or 1) key/value heads on the ring parts' lengths; with Ulysses passes, the ring's
+  forward runs twice (``3·Σ_{t<R-1}`` blocks instead of 2) on h'_kv key/value heads;
 * linear context parallel: the state (B, Hkv, F, D+1) all-gathered forward and its gradient
   backward: ``2·(P-1)·B·Hkv·F·(D+1)·e`` (F = D for elu/relu features).
 """
@@ -29,13 +35,15 @@ from collections.abc import Sequence
 
 
 def ring_bytes(*, lengths: Sequence[int], rank: int, batch: int, heads: int, kv_heads: int, head_dim: int,
-               element_size: int) -> int:
-    """Bytes rank ``rank`` sends in one ring_attention forward + backward."""
+               element_size: int, forwards: int = 1) -> int:
+    """Bytes rank ``rank`` sends in one ring_attention backward and ``forwards`` forwards
+    (2 when a Ulysses pass recomputes it)."""
     world = len(lengths)
     if world == 1:
         return 0
     held = [lengths[(rank - t) % world] for t in range(world)]  # block held at step t
-    elements = 2 * sum(held[:world - 1]) + sum(held)  # k/v twice (fwd, bwd), dk/dv at every step
+    # k/v at P-1 steps of every forward and of the backward, dk/dv at every step
+    elements = (forwards + 1) * sum(held[:world - 1]) + sum(held)
     return 2 * batch * kv_heads * head_dim * element_size * elements
 
 
@@ -43,28 +51,42 @@ def _ulysses_kv_heads(heads: int, kv_heads: int, world: int) -> int:
     return kv_heads // world if kv_heads % world == 0 else 1
 
 
+def sent_kv_heads(heads: int, kv_heads: int, world: int, heads_per_pass: int | None) -> int:
+    """Key/value heads a rank's passes exchange in all: h_kv, or more when passes of
+    ``heads_per_pass`` query heads share a KV head (each pass sends it)."""
+    h, h_kv = heads // world, _ulysses_kv_heads(heads, kv_heads, world)
+    if heads_per_pass is None:
+        return h_kv
+    group = h // h_kv
+    per_pass = heads_per_pass // group if heads_per_pass >= group else 1
+    return h // heads_per_pass * per_pass
+
+
 def ulysses_bytes(*, lengths: Sequence[int], rank: int, batch: int, heads: int, kv_heads: int, head_dim: int,
-                  element_size: int) -> int:
+                  element_size: int, heads_per_pass: int | None = None) -> int:
     """Bytes rank ``rank`` sends in one ulysses_attention forward + backward."""
     world = len(lengths)
-    h, h_kv = heads // world, _ulysses_kv_heads(heads, kv_heads, world)
+    h, h_kv = heads // world, sent_kv_heads(heads, kv_heads, world, heads_per_pass)
     mine, others = lengths[rank], sum(lengths) - lengths[rank]
     # forward: q, k, v out (my positions to P-1 ranks), out back (their positions, my heads);
-    # backward: dout out, dq, dk, dv back.
-    per_position = (world - 1) * mine * (2 * h + 2 * h_kv) + others * (2 * h + 2 * h_kv)
+    # backward: dout out, dq, dk, dv back (and, with passes, q, k, v out again).
+    out_heads = 2 * h + 2 * h_kv if heads_per_pass is None else 3 * h + 4 * h_kv
+    per_position = (world - 1) * mine * out_heads + others * (2 * h + 2 * h_kv)
     return batch * head_dim * element_size * per_position
 
 
 def hybrid_bytes(*, lengths: Sequence[int], rank: int, ulysses: int, ring: int, batch: int, heads: int,
-                 kv_heads: int, head_dim: int, element_size: int) -> int:
+                 kv_heads: int, head_dim: int, element_size: int, ulysses_heads_per_pass: int | None = None) -> int:
     """Bytes rank ``rank`` (= j·U + u) sends in one sequence_parallel_attention forward + backward."""
     j, u = divmod(rank, ulysses)
     group = list(lengths[j * ulysses:(j + 1) * ulysses])
     ring_lengths = [sum(lengths[i * ulysses:(i + 1) * ulysses]) for i in range(ring)]
     shape = dict(batch=batch, head_dim=head_dim, element_size=element_size)
-    return (ulysses_bytes(lengths=group, rank=u, heads=heads, kv_heads=kv_heads, **shape)
+    return (ulysses_bytes(lengths=group, rank=u, heads=heads, kv_heads=kv_heads, heads_per_pass=ulysses_heads_per_pass,
+                          **shape)
             + ring_bytes(lengths=ring_lengths, rank=j, heads=heads // ulysses,
-                         kv_heads=_ulysses_kv_heads(heads, kv_heads, ulysses), **shape))
+                         kv_heads=sent_kv_heads(heads, kv_heads, ulysses, ulysses_heads_per_pass),
+                         forwards=1 if ulysses_heads_per_pass is None else 2, **shape))
 
 
 def linear_bytes(*, world: int, batch: int, heads: int, kv_heads: int, head_dim: int, element_size: int,
@@ -75,17 +97,20 @@ def linear_bytes(*, world: int, batch: int, heads: int, kv_heads: int, head_dim:
 
 
 def scheme_bytes(scheme: str, *, lengths: Sequence[int], rank: int, batch: int, heads: int, kv_heads: int,
-                 head_dim: int, element_size: int, ulysses: int | None = None) -> int:
-    """Bytes for ``scheme`` in "ring", "ulysses", "hybrid" (``ulysses`` = U) or "linear"."""
+                 head_dim: int, element_size: int, ulysses: int | None = None,
+                 ulysses_heads_per_pass: int | None = None) -> int:
+    """Bytes for ``scheme`` in "ring", "ulysses", "hybrid" (``ulysses`` = U) or "linear";
+    ``ulysses_heads_per_pass``: the ``heads_per_pass`` of Ulysses or of the hybrid's Ulysses level."""
     shape = dict(batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, element_size=element_size)
     if scheme == "ring":
         return ring_bytes(lengths=lengths, rank=rank, **shape)
     if scheme == "ulysses":
-        return ulysses_bytes(lengths=lengths, rank=rank, **shape)
+        return ulysses_bytes(lengths=lengths, rank=rank, heads_per_pass=ulysses_heads_per_pass, **shape)
     if scheme == "hybrid":
         if ulysses is None or len(lengths) % ulysses:
             raise ValueError(f"scheme='hybrid' needs ulysses= dividing the {len(lengths)} ranks, got {ulysses!r}")
-        return hybrid_bytes(lengths=lengths, rank=rank, ulysses=ulysses, ring=len(lengths) // ulysses, **shape)
+        return hybrid_bytes(lengths=lengths, rank=rank, ulysses=ulysses, ring=len(lengths) // ulysses,
+                            ulysses_heads_per_pass=ulysses_heads_per_pass, **shape)
     if scheme == "linear":
         return linear_bytes(world=len(lengths), **shape)
     raise ValueError(f"scheme must be one of ring, ulysses, hybrid, linear, got {scheme!r}")

@@ -25,7 +25,8 @@ gradients are summed on the way back. Any other Hkv is refused.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -50,6 +51,9 @@ class HeadPlan:
     hq: int  # query heads per rank
     kv_heads: int  # Hkv of the inputs
     lengths: tuple[int, ...]
+    # Global position of every rank's tokens, when the layout is not contiguous in rank order:
+    # the exchanges then place them straight into sequence order (no reordering copies).
+    positions: tuple[Tensor, ...] | None = None
 
     @property
     def kv_replicas(self) -> int:
@@ -69,6 +73,30 @@ class HeadPlan:
         return b - a
 
 
+@dataclass(frozen=True)
+class HeadPass:
+    """One pass: local query heads ``q`` = [a, b) of every rank and the local KV heads ``kv`` they read."""
+
+    q: tuple[int, int]
+    kv: tuple[int, int]
+
+
+def head_passes(plan: HeadPlan, heads_per_pass: int, scheme: str = SCHEME) -> list[HeadPass]:
+    """The passes of ``heads_per_pass`` local query heads; ValueError unless they split evenly
+    and each pass reads whole KV heads (a multiple of the query heads per KV head, or a divisor)."""
+    group = plan.hq // plan.hkv  # local query heads per local KV head
+    if (not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass <= 0
+            or plan.hq % heads_per_pass or (heads_per_pass % group and group % heads_per_pass)):
+        raise ValueError(
+            f"{scheme}: heads_per_pass must be a positive int dividing the {plan.hq} query heads of each rank and "
+            f"a multiple or a divisor of the {group} query heads per key/value head; got {heads_per_pass!r}")
+    passes = []
+    for a in range(0, plan.hq, heads_per_pass):
+        b = a + heads_per_pass
+        passes.append(HeadPass((a, b), (a // group, (b - 1) // group + 1)))
+    return passes
+
+
 def check_heads(hq: int, hkv: int, world: int, scheme: str = SCHEME) -> None:
     """ValueError unless Hq and Hkv can be split over ``world`` ranks (module docstring)."""
     if hq % world:
@@ -83,42 +111,63 @@ def check_heads(hq: int, hkv: int, world: int, scheme: str = SCHEME) -> None:
         )
 
 
+def _head_starts(plan: HeadPlan, is_kv: bool) -> list[int]:
+    """First global head of every rank's share of q (or of k/v)."""
+    return [plan.kv_range(s)[0] if is_kv else s * plan.hq for s in range(plan.world)]
+
+
 def _to_heads(plan: HeadPlan, tensors: list[Tensor], kv: list[bool], group: Any) -> list[Tensor]:
-    """Sequence shards (B, H, N_r, D) -> head shards (B, h, N, D) in rank order of positions.
+    """Sequence shards (B, H, N_r, D) -> head shards (B, h, N, D), in sequence order when
+    ``plan.positions`` is set, else in rank order.
 
     One all-to-all per tensor, so that the send and receive buffers of only one are alive.
     """
-    return [_one_to_heads(plan, t, is_kv, group) for t, is_kv in zip(tensors, kv)]
+    return [_one_to_heads(plan, t, (0, plan.hkv if is_kv else plan.hq), is_kv, group) for t, is_kv in zip(tensors, kv)]
 
 
-def _one_to_heads(plan: HeadPlan, t: Tensor, is_kv: bool, group: Any) -> Tensor:
-    h = plan.hkv if is_kv else plan.hq
-    ranges = [plan.kv_range(s) if is_kv else (s * plan.hq, (s + 1) * plan.hq) for s in range(plan.world)]
-    shapes = [(t.shape[0], h, plan.lengths[s], t.shape[3]) for s in range(plan.world)]  # (B, h, N_s, D)
-    pieces = all_to_all([t[:, a:b] for a, b in ranges], shapes, group, "exchanging sequence shards for head shards",
+def _one_to_heads(plan: HeadPlan, t: Tensor, local: tuple[int, int], is_kv: bool, group: Any) -> Tensor:
+    """Local heads ``local`` = [a, b) of every rank's share, over every position: (B, b-a, N, D)."""
+    a, b = local
+    parts = [t[:, st + a:st + b] for st in _head_starts(plan, is_kv)]  # (B, b-a, N_r, D) for rank s
+    shapes = [(t.shape[0], b - a, plan.lengths[s], t.shape[3]) for s in range(plan.world)]  # (B, b-a, N_s, D)
+    pieces = all_to_all(parts, shapes, group, "exchanging sequence shards for head shards",
                         kind="ulysses", scheme=SCHEME)
-    return torch.cat(pieces, 2)  # (B, h, N, D)
+    if plan.positions is None:
+        return torch.cat(pieces, 2)  # (B, b-a, N, D)
+    full = pieces[0].new_empty(t.shape[0], b - a, sum(plan.lengths), t.shape[3])  # (B, b-a, N, D)
+    for pos, piece in zip(plan.positions, pieces):
+        full.index_copy_(2, pos, piece)
+    return full
 
 
 def _to_sequence(plan: HeadPlan, tensors: list[Tensor], kv: list[bool], full_heads: list[int],
                  group: Any) -> list[Tensor]:
     """The inverse: head shards (B, h, N, D) -> sequence shards (B, H, N_r, D); a KV head that
     was replicated comes back from every reader and is summed. One tensor at a time."""
-    return [_one_to_sequence(plan, t, is_kv, heads, group) for t, is_kv, heads in zip(tensors, kv, full_heads)]
+    out = []
+    for t, is_kv, heads in zip(tensors, kv, full_heads):
+        seq = t.new_zeros(t.shape[0], heads, plan.lengths[plan.rank], t.shape[3])  # (B, H, N_r, D)
+        _add_to_sequence(plan, t, (0, t.shape[1]), is_kv, seq, group)
+        out.append(seq)
+    return out
 
 
-def _one_to_sequence(plan: HeadPlan, t: Tensor, is_kv: bool, heads: int, group: Any) -> Tensor:
+def _add_to_sequence(plan: HeadPlan, t: Tensor, local: tuple[int, int], is_kv: bool, seq: Tensor,
+                     group: Any) -> None:
+    """Add head shard ``t`` (B, b-a, N, D), local heads ``local`` of every rank, into this rank's
+    sequence shard ``seq`` (B, H, N_r, D) in place."""
+    a, b = local
     starts = [sum(plan.lengths[:s]) for s in range(plan.world)]
     n = plan.lengths[plan.rank]
-    parts = [t[:, :, starts[s]:starts[s] + plan.lengths[s]] for s in range(plan.world)]  # (B, h, N_s, D)
-    shapes = [(t.shape[0], t.shape[1], n, t.shape[3])] * plan.world  # (B, h, N_r, D) from every rank
+    if plan.positions is None:
+        parts = [t[:, :, starts[s]:starts[s] + plan.lengths[s]] for s in range(plan.world)]  # (B, b-a, N_s, D)
+    else:
+        parts = [t.index_select(2, pos) for pos in plan.positions]  # (B, b-a, N_s, D)
+    shapes = [(t.shape[0], b - a, n, t.shape[3])] * plan.world  # (B, b-a, N_r, D) from every rank
     pieces = all_to_all(parts, shapes, group, "returning head shards to sequence shards", kind="ulysses",
                         scheme=SCHEME)
-    out = t.new_zeros(t.shape[0], heads, n, t.shape[3])  # (B, H, N_r, D)
-    for s, piece in enumerate(pieces):
-        a, b = plan.kv_range(s) if is_kv else (s * plan.hq, (s + 1) * plan.hq)
-        out[:, a:b] += piece
-    return out
+    for st, piece in zip(_head_starts(plan, is_kv), pieces):
+        seq[:, st + a:st + b] += piece
 
 
 class _SeqToHeads(torch.autograd.Function):
@@ -145,6 +194,54 @@ class _HeadsToSeq(torch.autograd.Function):
         return _to_heads(ctx.plan, [dout.contiguous()], [False], ctx.group)[0], None, None, None
 
 
+# A pass's local attention: (q, k, v) head shards of the pass -> its output (B, b-a, N, D).
+LocalRun = Callable[[Tensor, Tensor, Tensor, HeadPass], Tensor]
+
+
+def _pass_inputs(plan: HeadPlan, q: Tensor, k: Tensor, v: Tensor, p: HeadPass, group: Any) -> list[Tensor]:
+    """The pass's head shards of q (B, b-a, N, D), k and v (B, kv_b-kv_a, N, D), one all-to-all each."""
+    return [_one_to_heads(plan, t, rng, is_kv, group) for t, rng, is_kv in ((q, p.q, False), (k, p.kv, True),
+                                                                           (v, p.kv, True))]
+
+
+class _Passes(torch.autograd.Function):
+    """Exchange, local attention and inverse exchange, one pass of heads at a time, saving only
+    the sequence shards: the backward exchanges each pass's q, k, v again and recomputes its
+    local forward before its backward, so one pass's head shards are alive at a time."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, run: LocalRun, plan: HeadPlan, passes: list[HeadPass], group):
+        out = q.new_zeros(q.shape)  # (B, Hq, N_r, D)
+        for p in passes:
+            _add_to_sequence(plan, run(*_pass_inputs(plan, q, k, v, p, group), p), p.q, False, out, group)
+        ctx.save_for_backward(q, k, v)
+        ctx.run, ctx.plan, ctx.passes, ctx.group = run, plan, passes, group
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        plan, group = ctx.plan, ctx.group
+        grads = [torch.zeros_like(t) for t in (q, k, v)]  # (B, H, N_r, D), filled pass by pass
+        for p in ctx.passes:
+            heads = [t.requires_grad_() for t in _pass_inputs(plan, q, k, v, p, group)]
+            dout_heads = _one_to_heads(plan, dout, p.q, False, group)  # (B, b-a, N, D)
+            with torch.enable_grad():
+                out_heads = ctx.run(*heads, p)
+            local = list(torch.autograd.grad(out_heads, heads, dout_heads))
+            del heads, dout_heads, out_heads
+            for grad, rng, is_kv in zip(grads, (p.q, p.kv, p.kv), (False, True, True)):
+                _add_to_sequence(plan, local.pop(0), rng, is_kv, grad, group)
+        return (*grads, None, None, None, None)
+
+
+def run_in_passes(q: Tensor, k: Tensor, v: Tensor, run: LocalRun, plan: HeadPlan, heads_per_pass: int,
+                  group: Any, scheme: str = SCHEME) -> Tensor:
+    """Differentiable: sequence shards in, ``run`` on every pass of ``heads_per_pass`` heads, sequence
+    shards of the output back (B, Hq, N_r, D); per-rank memory of one pass's head shards."""
+    return _Passes.apply(q, k, v, run, plan, head_passes(plan, heads_per_pass, scheme), group)
+
+
 def heads_plan(q: Tensor, k: Tensor, causal: bool, layout: Any, masked: bool, scale: float, group: Any,
                scheme: str = SCHEME) -> HeadPlan:
     """Handshake: every rank's shapes must agree (the same ValueError on every rank if not)."""
@@ -165,7 +262,8 @@ def heads_plan(q: Tensor, k: Tensor, causal: bool, layout: Any, masked: bool, sc
 
 
 def seq_to_heads(q: Tensor, k: Tensor, v: Tensor, plan: HeadPlan, group: Any) -> tuple[Tensor, Tensor, Tensor]:
-    """Differentiable: (B, H, N_r, D) slices -> (B, H/P, N, D) with positions in rank order."""
+    """Differentiable: (B, H, N_r, D) slices -> (B, H/P, N, D) (in sequence order when
+    ``plan.positions`` is set, else in rank order)."""
     return _SeqToHeads.apply(q, k, v, plan, group)
 
 
@@ -176,7 +274,7 @@ def heads_to_seq(out: Tensor, plan: HeadPlan, group: Any, heads: int) -> Tensor:
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None,
                       method: str = "auto", group: Any = None, layout: str | L.Partition = "contiguous",
-                      scale: float | None = None, **options: Any) -> Tensor:
+                      scale: float | None = None, heads_per_pass: int | None = None, **options: Any) -> Tensor:
     """Exact (or the method's own) attention over a sequence split across ``group``, by heads.
 
     Every rank of the group calls this with its slice of the one sequence.
@@ -195,6 +293,13 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
             "zigzag", or a ``Partition`` (e.g. ``balanced_documents``); the full sequence is put
             back in order before the local call.
         scale: multiplier of QKᵀ; default ``1/sqrt(D)``.
+        heads_per_pass: None (default) runs all Hq/P heads of a rank at once and keeps what the
+            method saves for the backward. An int c runs them c at a time, saving nothing but
+            the inputs: the backward exchanges each pass's q, k, v again and recomputes its
+            forward. Per-rank memory then holds one pass's full-sequence heads instead of all
+            Hq/P, for one more local forward and ``(P-1)/P`` more q, k, v traffic
+            (``attnmem.distributed.traffic``). c must divide Hq/P and be a multiple or a
+            divisor of Hq/Hkv.
         **options: the method's own options (``window=``, ``q_tile=``, ...).
 
     Returns:
@@ -203,7 +308,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
     Raises:
         RuntimeError: torch.distributed is not initialised.
         ValueError: heads that do not split over the group, bad shapes, ranks that disagree
-            (raised on every rank alike), or what the method refuses.
+            (raised on every rank alike), a ``heads_per_pass`` that does not split the heads,
+            or what the method refuses.
         SequenceParallelError: a peer failed, exited or timed out.
     """
     check_initialised(SCHEME)
@@ -218,16 +324,20 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
     n = sum(plan.lengths)
     if user_mask is not None:
         user_mask.check(q.shape[0], q.shape[1], n, n)
-    qh, kh, vh = seq_to_heads(q, k, v, plan, group)  # (B, Hq/P, N, D), positions in rank order
     order = _rank_order(layout, plan)
     if order is not None:
-        inverse = torch.argsort(order).to(q.device)
-        qh, kh, vh = (t.index_select(2, inverse) for t in (qh, kh, vh))  # (B, h, N, D) in sequence order
-    local_mask = heads_slice(user_mask, plan.rank * plan.hq, (plan.rank + 1) * plan.hq)
-    out = attention(qh, kh, vh, method=method, causal=causal, mask=local_mask, scale=inp.scale, **options)
-    if order is not None:
-        out = out.index_select(2, order.to(q.device))  # (B, h, N, D) back in rank order
-    return heads_to_seq(out, plan, group, q.shape[1])
+        plan = replace(plan, positions=tuple(order.to(q.device).split(list(plan.lengths))))
+    first = plan.rank * plan.hq  # my first global query head
+
+    def run(qh: Tensor, kh: Tensor, vh: Tensor, p: HeadPass) -> Tensor:
+        """Local attention on the full sequence of one pass's heads, (B, h, N, D) in sequence order."""
+        local_mask = heads_slice(user_mask, first + p.q[0], first + p.q[1])
+        return attention(qh, kh, vh, method=method, causal=causal, mask=local_mask, scale=inp.scale, **options)
+
+    if heads_per_pass is not None:
+        return run_in_passes(q, k, v, run, plan, heads_per_pass, group)
+    qh, kh, vh = seq_to_heads(q, k, v, plan, group)  # (B, Hq/P, N, D) in sequence order
+    return heads_to_seq(run(qh, kh, vh, HeadPass((0, plan.hq), (0, plan.hkv))), plan, group, q.shape[1])
 
 
 def _rank_order(layout: str | L.Partition, plan: HeadPlan) -> Tensor | None:
@@ -246,4 +356,4 @@ def _rank_order(layout: str | L.Partition, plan: HeadPlan) -> Tensor | None:
     return L.partition("zigzag", n, plan.world).permutation
 
 
-__all__ = ["ulysses_attention", "check_heads", "HeadPlan"]
+__all__ = ["ulysses_attention", "check_heads", "HeadPlan", "HeadPass", "head_passes", "run_in_passes"]
