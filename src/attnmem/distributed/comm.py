@@ -129,21 +129,47 @@ def gather_ints(values: Sequence[int], group: Any, like: Tensor, what: str,
     return [t.tolist() for t in all_gather(mine, group, what, scheme=scheme, error=error)]
 
 
-def all_to_all(parts: Sequence[Tensor], recv_shapes: Sequence[Sequence[int]], group: Any, what: str,
+@dataclass(frozen=True)
+class Rows:
+    """``source.index_select(dim, index)`` as a part of ``all_to_all``: gathered straight into
+    the send buffer, so the part never exists as a tensor of its own."""
+
+    source: Tensor
+    dim: int
+    index: Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        shape = list(self.source.shape)
+        shape[self.dim] = self.index.numel()
+        return torch.Size(shape)
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def copy_into(self, dst: Tensor) -> None:
+        torch.index_select(self.source, self.dim, self.index, out=dst)
+
+
+def all_to_all(parts: Sequence[Tensor | Rows], recv_shapes: Sequence[Sequence[int]], group: Any, what: str,
                *, kind: str, scheme: str = "sequence-parallel attention") -> list[Tensor]:
     """Send ``parts[s]`` to group rank ``s``; return the tensors received, one per rank.
 
     One ``all_to_all_single`` over flat buffers, so the parts may differ in size (uneven
-    sequence slices). gloo and NCCL both implement it. Counts the bytes of the parts sent
-    to the other ranks.
+    sequence slices); a part may be ``Rows`` (gathered positions). gloo and NCCL both
+    implement it. Counts the bytes of the parts sent to the other ranks.
     """
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     sizes_in = [p.numel() for p in parts]
+    like = parts[0].source if isinstance(parts[0], Rows) else parts[0]
     # Each part is copied straight into its place in one flat buffer: ``cat`` of reshaped
     # strided slices would hold a copy of every part and the buffer at once.
-    send = parts[0].new_empty(sum(sizes_in))  # (Σ numel,): part s for rank s
+    send = like.new_empty(sum(sizes_in))  # (Σ numel,): part s for rank s
     for piece, part in zip(send.split(sizes_in), parts):
-        piece.view(part.shape).copy_(part)
+        if isinstance(part, Rows):
+            part.copy_into(piece.view(part.shape))
+        else:
+            piece.view(part.shape).copy_(part)
     sizes_out = [int(torch.Size(s).numel()) for s in recv_shapes]
     recv = send.new_empty(sum(sizes_out))
     with peer_errors(rank, world, what, scheme):

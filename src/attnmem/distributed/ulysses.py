@@ -36,7 +36,7 @@ from torch import Tensor
 from .. import masks as M
 from ..api import attention, validate
 from . import layout as L
-from .comm import all_to_all, check_initialised, gather_ints
+from .comm import Rows, all_to_all, check_initialised, gather_ints
 from .masking import heads_slice
 
 SCHEME = "ulysses_attention"
@@ -162,7 +162,7 @@ def _add_to_sequence(plan: HeadPlan, t: Tensor, local: tuple[int, int], is_kv: b
     if plan.positions is None:
         parts = [t[:, :, starts[s]:starts[s] + plan.lengths[s]] for s in range(plan.world)]  # (B, b-a, N_s, D)
     else:
-        parts = [t.index_select(2, pos) for pos in plan.positions]  # (B, b-a, N_s, D)
+        parts = [Rows(t, 2, pos) for pos in plan.positions]  # (B, b-a, N_s, D), gathered into the buffer
     shapes = [(t.shape[0], b - a, n, t.shape[3])] * plan.world  # (B, b-a, N_r, D) from every rank
     pieces = all_to_all(parts, shapes, group, "returning head shards to sequence shards", kind="ulysses",
                         scheme=SCHEME)
@@ -178,7 +178,7 @@ class _SeqToHeads(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        grads = _to_sequence(ctx.plan, [dq.contiguous(), dk.contiguous(), dv.contiguous()],
+        grads = _to_sequence(ctx.plan, [dq, dk, dv],
                              [False, True, True], list(ctx.heads), ctx.group)
         return (*grads, None, None)
 
@@ -187,11 +187,11 @@ class _HeadsToSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, plan: HeadPlan, group, heads: int):
         ctx.plan, ctx.group = plan, group
-        return _to_sequence(plan, [out.contiguous()], [False], [heads], group)[0]
+        return _to_sequence(plan, [out], [False], [heads], group)[0]
 
     @staticmethod
     def backward(ctx, dout):
-        return _to_heads(ctx.plan, [dout.contiguous()], [False], ctx.group)[0], None, None, None
+        return _to_heads(ctx.plan, [dout], [False], ctx.group)[0], None, None, None
 
 
 # A pass's local attention: (q, k, v) head shards of the pass -> its output (B, b-a, N, D).
