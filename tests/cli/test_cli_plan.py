@@ -77,3 +77,15 @@ def test_estimate_takes_a_mask_spec():
               "--mask", "window:64", "--json")
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["shape"]["masked"] is True
+
+
+def test_plan_world_size_table_and_json():
+    res = run("plan", "--config", "tiny", "--budget", "1GiB", "--world-size", "4", "--seq-len", "1024")
+    assert res.exit_code == 0, res.output
+    assert all(s in res.output for s in ("ring", "ulysses", "hybrid", "2×2"))
+    res = run("plan", "--config", "tiny", "--budget", "1GiB", "--world-size", "4", "--seq-len", "1024", "--json",
+              "--schemes", "ulysses", "--ulysses-heads-per-pass", "1")
+    (row,) = json.loads(res.stdout)["schemes"]
+    assert row["scheme"] == "ulysses" and row["status"] == "ok" and len(row["sent_bytes_per_step"]) == 4
+    res = run("plan", "--config", "tiny", "--budget", "1GiB", "--ulysses", "2")
+    assert res.exit_code != 0 and "--ulysses describes a sequence-parallel plan" in res.output

@@ -171,7 +171,7 @@ def _transformer(sp, **kw):
 
 # (name, SequenceParallel, Transformer options): the schemes a model reaches by name, and causal
 # linear attention, which the ring scheme runs as linear_context_parallel.
-MODELS = [("ulysses", "ulysses", {}), ("hybrid", "hybrid", {}),
+MODELS = [("ring", "ring", {}), ("ulysses", "ulysses", {}), ("hybrid", "hybrid", {}),
           ("linear", SequenceParallel(scheme="ring", layout="contiguous"), {"method": "linear", "chunk": 4})]
 
 
@@ -198,12 +198,13 @@ def _correctness(rank, world, out_dir: Path):
         tokens, dlogits = _transformer_inputs(world)
         model = _transformer(sp, **kw)
         part = model.sequence_parallel.partition(tokens.shape[1], 4, 2)
-        logits = model(part.shard(tokens, rank, dim=1))
-        logits.backward(part.shard(dlogits, rank, dim=1))
+        with count_traffic() as traffic:
+            logits = model(part.shard(tokens, rank, dim=1))
+            logits.backward(part.shard(dlogits, rank, dim=1))
         for p in model.parameters():
             dist.all_reduce(p.grad)
-        torch.save({"logits": logits.detach(), **{n: p.grad for n, p in model.named_parameters()}},
-                   out_dir / f"transformer_{scheme}_{rank}.pt")
+        torch.save({"logits": logits.detach(), "sent": traffic.payload_bytes,
+                    **{n: p.grad for n, p in model.named_parameters()}}, out_dir / f"transformer_{scheme}_{rank}.pt")
     # Heads that do not split over the group: the same ValueError on every rank.
     q = torch.randn(1, 3, 4, D, dtype=torch.float64)
     try:
@@ -311,11 +312,18 @@ def test_schemes_match_single_process(tmp_path, world):
         u, ring = (2, world // 2) if scheme == "hybrid" and world == 4 else (1, world)
         part = {"hybrid": hybrid_partition("zigzag", tokens.shape[1], ulysses=u, ring=ring),
                 "ulysses": partition("zigzag", tokens.shape[1], world),
+                "ring": partition("zigzag", tokens.shape[1], world),
                 "linear": partition("contiguous", tokens.shape[1], world)}[scheme]
         got = part.unshard([p["logits"] for p in parts], dim=1)
         assert rel_err(got, logits.detach()) <= TOL, scheme
         for name, p in model.named_parameters():
             assert rel_err(parts[0][name], p.grad) <= TOL, f"transformer ({scheme}) grad {name}"
+        if scheme != "linear":
+            # attnmem.plan(world_size=P) predicts the bytes of the model's step, counted here.
+            cfg = attnmem.ModelConfig(layers=1, d_model=16, heads=4, kv_heads=2, vocab=11, seq_len=tokens.shape[1],
+                                      batch=2, dtype="float64")
+            (row,) = attnmem.plan(cfg, "1GiB", world_size=world, schemes=[scheme])
+            assert row["sent_bytes_per_step"] == [p["sent"] for p in parts], scheme
     for r in range(world):
         heads = (tmp_path / f"heads_{r}.txt").read_text()
         assert f"Hq=3 is not a multiple of the group size P={world}" in heads, heads
@@ -468,3 +476,49 @@ def test_estimate_with_world_size_predicts_per_rank_peak_and_bytes():
         attnmem.estimate("chunked", batch=1, heads=8, seq_len=64, head_dim=8, world_size=4, scheme="hybrid")
     with pytest.raises(ValueError, match="runs exact softmax"):
         attnmem.estimate("topk", batch=1, heads=8, seq_len=64, head_dim=8, world_size=4, scheme="ring")
+
+
+def test_passes_closed_forms_written_out():
+    # Ulysses with passes (recomputed): the backward sends q, k, v out again. P = 4, n = 1024 per
+    # rank, H = Hkv = 8 (h = 2 per rank), one head per pass: out 3h + 4h_kv = 14 heads' worth from
+    # my positions to 3 ranks, 2h + 2h_kv = 8 back for the 3072 others.
+    shape = dict(batch=1, heads=8, kv_heads=8, head_dim=64, element_size=4)
+    n = 1024
+    assert T.ulysses_bytes(lengths=[n] * 4, rank=0, heads_per_pass=1, **shape) == (3 * n * 14 + 3 * n * 8) * 64 * 4
+    # GQA 8/2 at P = 2: h = 4, h_kv = 1 (4 query heads per KV head); passes of 2 query heads send
+    # the KV head twice (h'_kv = 2), passes of 4 once.
+    gqa = {**shape, "kv_heads": 2}
+    assert T.sent_kv_heads(8, 2, 2, 2) == 2 and T.sent_kv_heads(8, 2, 2, 4) == 1 == T.sent_kv_heads(8, 2, 2, None)
+    assert T.ulysses_bytes(lengths=[n] * 2, rank=1, heads_per_pass=2, **gqa) == (n * (12 + 8) + n * (8 + 4)) * 64 * 4
+    # The hybrid's ring forward runs twice per pass: 3 blocks of k and v at R - 1 steps, + dk/dv at R.
+    ring = T.ring_bytes(lengths=[2 * n] * 2, rank=0, forwards=2, **{**shape, "heads": 4, "kv_heads": 4})
+    assert ring == 2 * 4 * 64 * 4 * (3 * 2 * n + 2 * 2 * n)
+    assert T.hybrid_bytes(lengths=[n] * 4, rank=2, ulysses=2, ring=2, ulysses_heads_per_pass=1, **shape) == (
+        T.ulysses_bytes(lengths=[n] * 2, rank=0, heads_per_pass=1, **shape) + ring)
+
+
+def test_plan_with_world_size_gives_estimates_figures():
+    # attnmem.plan(world_size=P): one row per scheme whose figures are attnmem.estimate's (the
+    # counters are compared with them in test_schemes_match_single_process).
+    cfg = attnmem.ModelConfig(layers=3, d_model=512, heads=8, vocab=256, seq_len=2048)
+    shape = dict(batch=1, heads=8, kv_heads=8, seq_len=2048, head_dim=64, causal=True, dtype="float32")
+    for passes in (None, 1):
+        rows = attnmem.plan(cfg, "12MiB", world_size=4, ulysses_heads_per_pass=passes)
+        assert [r["scheme"] for r in rows] == ["ring", "ulysses", "hybrid"]
+        single = attnmem.estimate("chunked", **shape).peak_bytes
+        for row in rows:
+            est = attnmem.estimate("chunked", **shape, world_size=4, scheme=row["scheme"], layout="zigzag",
+                                   ulysses=2 if row["scheme"] == "hybrid" else None, ulysses_heads_per_pass=passes)
+            assert row["status"] == "ok" and row["attention_peak_bytes"] == est.peak_bytes, row
+            assert row["sent_bytes_per_layer"] == list(est.sent_bytes)
+            assert row["sent_bytes_per_step"] == [3 * b for b in est.sent_bytes]
+            assert row["single_process_peak_bytes"] == single and row["fits"] == (est.peak_bytes <= 12 * 2**20)
+    # A method the ring cannot run is a row with its reason; Ulysses runs it.
+    rows = attnmem.plan(cfg, "1GiB", world_size=4, methods=["topk"], schemes=["ring", "ulysses"])
+    assert rows[0]["status"] == "error" and "exact softmax" in rows[0]["reason"] and rows[1]["status"] == "ok"
+    with pytest.raises(ValueError, match="pass world_size= too"):
+        attnmem.plan(cfg, "1GiB", ulysses=2)
+    with pytest.raises(ValueError, match="training=False"):
+        attnmem.plan(cfg.replace(training=False), "1GiB", world_size=4)
+    with pytest.raises(ValueError, match="schemes must be among"):
+        attnmem.plan(cfg, "1GiB", world_size=4, schemes=["tree"])

@@ -52,10 +52,26 @@ def plan_specs(cfg, limit: int, specs: list[tuple[str, dict]] | None, on_method)
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False),
               help="Write a PNG of peak memory against sequence length.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option("--world-size", type=click.IntRange(min=1), default=None,
+              help="Sequence parallelism over this many ranks: one layer's attention per rank and the bytes "
+                   "each rank sends per step, for ring, Ulysses and the hybrid.")
+@click.option("--schemes", default=None, help="With --world-size: schemes, comma-separated (default: all).")
+@click.option("--ulysses", type=click.IntRange(min=1), default=None,
+              help="With --world-size: ranks per Ulysses group of the hybrid (default: SequenceParallel's).")
+@click.option("--ulysses-heads-per-pass", type=click.IntRange(min=1), default=None,
+              help="With --world-size: heads_per_pass of Ulysses and of the hybrid's Ulysses level.")
 def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ffn_mult, vocab, seq_len, batch,
-             dtype, inference, checkpointing, methods_, plot_path, as_json) -> None:
+             dtype, inference, checkpointing, methods_, plot_path, as_json, world_size, schemes, ulysses,
+             ulysses_heads_per_pass) -> None:
     """Which methods fit a transformer in a memory budget; longest sequence and largest batch."""
     limit = budget
+    parallel = dict(schemes=schemes, ulysses=ulysses, ulysses_heads_per_pass=ulysses_heads_per_pass)
+    if world_size is None:
+        given = [k for k, v in parallel.items() if v is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} describes a sequence-parallel plan: add --world-size")
+    elif hf_config is not None or plot_path is not None:
+        raise ValueError("--world-size plans one layer's attention per rank: it takes neither --hf-config nor --plot")
     if plot_path is not None:
         common.writable_file(plot_path, "--plot")
     if hf_config is not None:
@@ -73,6 +89,9 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
     cfg = load_config(config_src, **overrides)
     for name, opts in methods_ or []:
         registry.get(name).make_options(opts)  # unknown names and options fail before any search
+    if world_size is not None:
+        plan_world(cfg, limit, methods_, world_size, as_json, **parallel)
+        return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     # Methods without a closed form are traced at every step of the searches: show progress.
@@ -111,6 +130,34 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
     console.print(table)
     if plot_path:
         console.print(f"plot: {plot_path}")
+
+
+def plan_world(cfg, limit: int, specs: list[tuple[str, dict]] | None, world_size: int, as_json: bool, *,
+               schemes: str | None, ulysses: int | None, ulysses_heads_per_pass: int | None) -> None:
+    """``plan --world-size``: ``plan(..., world_size=P)`` per method spec, as a table or JSON."""
+    names = [s.strip() for s in schemes.split(",") if s.strip()] if schemes else None
+    rows = []
+    for name, opts in specs or [("chunked", {})]:
+        rows += plan(cfg.replace(options={**cfg.options, **opts}), limit, methods=[name], world_size=world_size,
+                     schemes=names, ulysses=ulysses, ulysses_heads_per_pass=ulysses_heads_per_pass)
+    if as_json:
+        click.echo(json.dumps({"config": dict(cfg.__dict__), "budget_bytes": limit, "world_size": world_size,
+                               "schemes": rows}, indent=2))
+        return
+    table = Table(title=(f"attnmem plan: one layer's attention per rank over {world_size} ranks, "
+                         f"{cfg.layers}L H={cfg.heads}/{cfg.hkv} D={cfg.head_dim} N={cfg.seq_len} B={cfg.batch} "
+                         f"{cfg.dtype} (training); budget {limit / GiB:.1f} GiB"))
+    for col in ("scheme", "method", "grid U×R", "per-rank peak MiB", "× 1 process", "MiB sent per rank per step",
+                "fits"):
+        table.add_column(col, justify="left" if col in ("scheme", "method") else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["scheme"], r["method"], "-", "-", "-", "-", r["reason"][:60])
+            continue
+        table.add_row(r["scheme"], r["method"], f"{r['ulysses']}×{r['ring']}", f"{r['attention_peak_mib']:.1f}",
+                      f"{r['peak_ratio']:.3f}", f"{max(r['sent_bytes_per_step']) / 2**20:.2f}",
+                      "yes" if r["fits"] else "no")
+    console.print(table)
 
 
 def plan_hf(path, limit, seq_len, batch, dtype, training, checkpointing, methods_, as_json) -> None:

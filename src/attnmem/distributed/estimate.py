@@ -30,7 +30,7 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -231,4 +231,62 @@ def rank_estimate(method: str, *, local_estimate: LocalEstimate, scheme: str, wo
                         tuple(p["lengths"]))
 
 
-__all__ = ["per_rank", "rank_estimate", "RankEstimate", "SCHEMES"]
+
+
+def default_ulysses(world_size: int, heads: int, kv_heads: int) -> int:
+    """The hybrid's U by default (``SequenceParallel``'s rule): the largest proper divisor of
+    the world size that splits the query heads and shards or replicates the KV heads (U = P when
+    P is the only one, 1 when none splits)."""
+    fits = [u for u in range(1, world_size + 1) if world_size % u == 0 and heads % u == 0
+            and (kv_heads % u == 0 or u % kv_heads == 0)]
+    proper = [u for u in fits if u < world_size] or fits
+    return max(proper)
+
+
+def plan_ranks(cfg: Any, budget: int, *, local_estimate: LocalEstimate, world_size: int,
+               schemes: Sequence[str] | None = None, methods: Sequence[str] | None = None,
+               ulysses: int | None = None, ulysses_heads_per_pass: int | None = None,
+               layout: str = "zigzag") -> list[dict[str, Any]]:
+    """``attnmem.plan(..., world_size=P)``: one layer's attention of ``cfg`` (a ``ModelConfig``)
+    over P ranks, per scheme (and local method): the per-rank peak and the bytes every rank
+    sends per training step, as ``attnmem.estimate(..., world_size=P)`` answers them (its
+    ``local_estimate``); each layer makes one such call, so a step sends ``layers`` times the
+    call's bytes. ``fits``: the per-rank attention peak (the call alone) within ``budget``.
+    """
+    if not cfg.training:
+        raise ValueError("plan(world_size=...) predicts training steps; got a config with training=False")
+    rows = []
+    single: dict[str, int] = {}
+    for scheme in schemes or SCHEMES:
+        if scheme not in SCHEMES:
+            raise ValueError(f"schemes must be among {', '.join(SCHEMES)}, got {scheme!r}")
+        u = ulysses if ulysses is not None else default_ulysses(world_size, cfg.heads, cfg.hkv)
+        for method in methods or ["chunked"]:
+            row: dict[str, Any] = dict(scheme=scheme, method=method, world_size=world_size,
+                                       ulysses=u if scheme == "hybrid" else None)
+            try:
+                if method not in single:
+                    single[method] = local_estimate(method, **_shape(cfg)).peak_bytes
+                est = local_estimate(method, **_shape(cfg), world_size=world_size, scheme=scheme,
+                                     ulysses=u if scheme == "hybrid" else None, layout=layout,
+                                     ulysses_heads_per_pass=ulysses_heads_per_pass)
+            except ValueError as e:
+                rows.append({**row, "status": "error", "reason": str(e).splitlines()[0]})
+                continue
+            rows.append({**row, "status": "ok", "ulysses": est.ulysses, "ring": world_size // est.ulysses,
+                         "attention_peak_bytes": est.peak_bytes, "attention_peak_mib": est.peak_mib,
+                         "single_process_peak_bytes": single[method],
+                         "peak_ratio": est.peak_bytes / single[method], "fits": est.peak_bytes <= budget,
+                         "budget_bytes": budget, "lengths": list(est.lengths),
+                         "sent_bytes_per_layer": list(est.sent_bytes),
+                         "sent_bytes_per_step": [cfg.layers * b for b in est.sent_bytes]})
+    return rows
+
+
+def _shape(cfg: Any) -> dict[str, Any]:
+    """One layer's attention call of a ``ModelConfig``, as ``estimate``'s keywords."""
+    return dict(batch=cfg.batch, heads=cfg.heads, kv_heads=cfg.hkv, seq_len=cfg.seq_len, head_dim=cfg.head_dim,
+                dtype=cfg.dtype, training=True, causal=cfg.causal, mask=cfg.mask, **cfg.options)
+
+
+__all__ = ["per_rank", "rank_estimate", "RankEstimate", "SCHEMES", "plan_ranks", "default_ulysses"]

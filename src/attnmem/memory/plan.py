@@ -282,7 +282,8 @@ def seq_step(cfg: ModelConfig, method: str) -> int:
 
 def plan(config: ModelConfig | str | dict[str, Any], budget: int | float | str, *,
          methods: list[str] | None = None, max_seq_len: int = 2**24, max_batch: int = 2**16,
-         on_method: Any = None) -> list[dict[str, Any]]:
+         on_method: Any = None, world_size: int | None = None, schemes: list[str] | None = None,
+         ulysses: int | None = None, ulysses_heads_per_pass: int | None = None) -> list[dict[str, Any]]:
     """For every method: predicted peak of ``config``, whether it fits ``budget``, and the longest
     sequence (a multiple of the method's tile) and largest batch that fit, both searched over
     the estimate (binary search; the estimate grows monotonically in N and B).
@@ -292,12 +293,27 @@ def plan(config: ModelConfig | str | dict[str, Any], budget: int | float | str, 
         budget: bytes, or a size string such as ``"24GiB"`` or ``"80GB"``.
         methods: method names (default: every stateless method with a backward when training).
         on_method: called as ``on_method(name, index, total)`` before each method (progress).
+        world_size, schemes, ulysses, ulysses_heads_per_pass: with ``world_size`` = P, one row
+            per sequence-parallel scheme ("ring", "ulysses", "hybrid" with U = ``ulysses``,
+            default ``SequenceParallel``'s) and method (default chunked) instead: one layer's
+            attention per rank — ``attention_peak_bytes`` against the single-process peak, and
+            ``sent_bytes_per_layer`` / ``sent_bytes_per_step`` (× layers) of every rank, as
+            ``attnmem.estimate(..., world_size=P)`` predicts them
+            (``attnmem.distributed.estimate.plan_ranks``). Training configs only.
 
     Raises:
         ValueError: a bad config, budget or method name.
     """
     cfg = config if isinstance(config, ModelConfig) else load_config(config)
     limit = parse_budget(budget)
+    if world_size is not None:
+        from ..distributed.estimate import plan_ranks
+
+        return plan_ranks(cfg, limit, local_estimate=estimate, world_size=world_size, schemes=schemes,
+                          methods=methods, ulysses=ulysses, ulysses_heads_per_pass=ulysses_heads_per_pass)
+    for name, val in (("schemes", schemes), ("ulysses", ulysses), ("ulysses_heads_per_pass", ulysses_heads_per_pass)):
+        if val is not None:
+            raise ValueError(f"{name}= describes a sequence-parallel plan: pass world_size= too, got {name}={val!r}")
     if methods is None:
         methods = [m.name for m in registry.methods()
                    if not m.stateful and (m.supports.backward or not cfg.training)]
