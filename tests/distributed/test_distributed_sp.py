@@ -172,6 +172,7 @@ def _transformer(sp, **kw):
 # (name, SequenceParallel, Transformer options): the schemes a model reaches by name, and causal
 # linear attention, which the ring scheme runs as linear_context_parallel.
 MODELS = [("ring", "ring", {}), ("ulysses", "ulysses", {}), ("hybrid", "hybrid", {}),
+          ("ulysses_passes", SequenceParallel(scheme="ulysses", ulysses_heads_per_pass=1), {}),
           ("linear", SequenceParallel(scheme="ring", layout="contiguous"), {"method": "linear", "chunk": 4})]
 
 
@@ -312,6 +313,7 @@ def test_schemes_match_single_process(tmp_path, world):
         u, ring = (2, world // 2) if scheme == "hybrid" and world == 4 else (1, world)
         part = {"hybrid": hybrid_partition("zigzag", tokens.shape[1], ulysses=u, ring=ring),
                 "ulysses": partition("zigzag", tokens.shape[1], world),
+                "ulysses_passes": partition("zigzag", tokens.shape[1], world),
                 "ring": partition("zigzag", tokens.shape[1], world),
                 "linear": partition("contiguous", tokens.shape[1], world)}[scheme]
         got = part.unshard([p["logits"] for p in parts], dim=1)
@@ -322,7 +324,9 @@ def test_schemes_match_single_process(tmp_path, world):
             # attnmem.plan(world_size=P) predicts the bytes of the model's step, counted here.
             cfg = attnmem.ModelConfig(layers=1, d_model=16, heads=4, kv_heads=2, vocab=11, seq_len=tokens.shape[1],
                                       batch=2, dtype="float64")
-            (row,) = attnmem.plan(cfg, "1GiB", world_size=world, schemes=[scheme])
+            passes = 1 if scheme == "ulysses_passes" else None
+            (row,) = attnmem.plan(cfg, "1GiB", world_size=world, schemes=[scheme.removesuffix("_passes")],
+                                  ulysses_heads_per_pass=passes)
             assert row["sent_bytes_per_step"] == [p["sent"] for p in parts], scheme
     for r in range(world):
         heads = (tmp_path / f"heads_{r}.txt").read_text()
@@ -432,6 +436,10 @@ def test_sequence_parallel_options_are_checked():
         SequenceParallel(layout="documents")
     with pytest.raises(ValueError, match="grid of scheme='hybrid'"):
         SequenceParallel(scheme="ring", ulysses=2)
+    with pytest.raises(ValueError, match="takes ulysses_heads_per_pass="):
+        SequenceParallel(scheme="ulysses", heads_per_pass=2)
+    with pytest.raises(ValueError, match="takes heads_per_pass="):
+        SequenceParallel(scheme="ring", ulysses_heads_per_pass=2)
     with pytest.raises(TypeError, match="sequence_parallel must be"):
         Transformer(11, 16, 2, 1, sequence_parallel=3)
     with pytest.raises(ValueError, match="scheme must be one of"):

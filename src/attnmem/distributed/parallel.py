@@ -38,12 +38,16 @@ class SequenceParallel:
       largest proper divisor of the world size that splits the heads, × the rest).
 
     Masks passed to the modules are masks of the whole sequence (global positions).
+    ``heads_per_pass`` is the ring's (KV heads per pass: "ring" and the hybrid's ring);
+    ``ulysses_heads_per_pass`` is Ulysses' (query heads per rank per pass, recomputed in the
+    backward: "ulysses" and the hybrid's Ulysses level).
     """
 
     scheme: str = "ring"
     layout: str = "zigzag"
     group: Any = None
     heads_per_pass: int | None = None
+    ulysses_heads_per_pass: int | None = None
     ulysses: int | None = None
     ring: int | None = None
     documents: Tensor | None = None
@@ -57,6 +61,10 @@ class SequenceParallel:
             raise ValueError("layout='documents' needs documents=, the (N,) document id of every token")
         if (self.ulysses is not None or self.ring is not None) and self.scheme != "hybrid":
             raise ValueError(f"ulysses=/ring= set the grid of scheme='hybrid', got scheme={self.scheme!r}")
+        if self.heads_per_pass is not None and self.scheme == "ulysses":
+            raise ValueError("heads_per_pass= is the ring's; scheme='ulysses' takes ulysses_heads_per_pass=")
+        if self.ulysses_heads_per_pass is not None and self.scheme == "ring":
+            raise ValueError("ulysses_heads_per_pass= is Ulysses'; scheme='ring' takes heads_per_pass=")
 
     def grid(self, heads: int, kv_heads: int) -> tuple[int, int]:
         """(U, R) of the hybrid scheme for these heads."""
@@ -83,7 +91,7 @@ class SequenceParallel:
         if self.scheme == "ulysses":
             part = self._layout_for(q)
             return ulysses_attention(q, k, v, causal=causal, mask=mask, method=method, group=self.group,
-                                     layout=part, scale=scale, **options)
+                                     layout=part, scale=scale, heads_per_pass=self.ulysses_heads_per_pass, **options)
         if method == "linear" and self.scheme == "ring":
             return self._linear(q, k, v, causal, mask, options)
         if method not in _EXACT:
@@ -101,7 +109,8 @@ class SequenceParallel:
         u, r = self.grid(q.shape[1], k.shape[1])
         return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=self.layout, causal=causal,
                                            mask=mask, documents=self.documents, group=self.group, scale=scale,
-                                           heads_per_pass=self.heads_per_pass, **options)
+                                           heads_per_pass=self.heads_per_pass,
+                                           ulysses_heads_per_pass=self.ulysses_heads_per_pass, **options)
 
     def _layout_for(self, q: Tensor) -> str | L.Partition:
         if self.layout != "documents":
