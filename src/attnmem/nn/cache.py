@@ -95,6 +95,13 @@ class LayerCache:
         if not mha.causal:
             raise ValueError("decoding with a cache needs a causal layer (causal=True)")
 
+    def check_stateless_module(self, mha: Any) -> None:
+        """``check_module``, and ValueError when the layer's method has learned state, which a
+        cache of keys and values (however they are held) cannot stand in for."""
+        self.check_module(mha)
+        if mha.inner is not None:
+            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+
     def _check_new(self, k: Tensor, v: Tensor) -> None:
         if k.dim() != 4 or k.shape != v.shape or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
             raise ValueError(
@@ -196,9 +203,7 @@ class KVCache(LayerCache):
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def attend(self, mha, q, k, v):
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         prefill = self.length == 0
         self.append(k, v)
         if prefill:

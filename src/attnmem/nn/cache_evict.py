@@ -121,9 +121,7 @@ class EvictingCache(LayerCache):
         self._evict()
 
     def attend(self, mha: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         self._check_new(k, v)
         if self.length == 0:
             out = mha.attend(q, k, v)  # the prefill: the method's own path over the whole prompt

@@ -170,9 +170,7 @@ class LowBitKVCache(LayerCache):
         return torch.cat([b[0] for b in blocks], dim=2), torch.cat([b[1] for b in blocks], dim=2)
 
     def attend(self, mha: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         self._check_new(k, v)
         if self.length == 0:
             out = mha.attend(q, k, v)  # the prefill: the method's own path, on the float keys/values

@@ -208,9 +208,7 @@ class PagedKVCache(LayerCache):
         return ids
 
     def attend(self, mha: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         ids = self._write(k, v)
         n = k.shape[2]
         outs = []
