@@ -166,16 +166,24 @@ def dense(tensor: Tensor) -> Dense:
 
 
 
-class And(Mask):
-    """Pairs allowed by both masks."""
+class Combined(Mask):
+    """Two masks joined by a set operation (``And``, ``Or``); each is checked for the shapes."""
+
+    symbol = ""
 
     def __init__(self, a: Mask, b: Mask):
         self.a, self.b = a, b
-        self.name = f"({a!r} & {b!r})"
+        self.name = f"({a!r} {self.symbol} {b!r})"
 
     def check(self, batch, heads, nq, nk):
         self.a.check(batch, heads, nq, nk)
         self.b.check(batch, heads, nq, nk)
+
+
+class And(Combined):
+    """Pairs allowed by both masks."""
+
+    symbol = "&"
 
     def mask_fn(self, nq, nk):
         fa, fb = self.a.mask_fn(nq, nk), self.b.mask_fn(nq, nk)
@@ -193,16 +201,10 @@ class And(Mask):
         return ca if ca.shape[1] <= cb.shape[1] else cb
 
 
-class Or(Mask):
+class Or(Combined):
     """Pairs allowed by either mask."""
 
-    def __init__(self, a: Mask, b: Mask):
-        self.a, self.b = a, b
-        self.name = f"({a!r} | {b!r})"
-
-    def check(self, batch, heads, nq, nk):
-        self.a.check(batch, heads, nq, nk)
-        self.b.check(batch, heads, nq, nk)
+    symbol = "|"
 
     def mask_fn(self, nq, nk):
         fa, fb = self.a.mask_fn(nq, nk), self.b.mask_fn(nq, nk)
