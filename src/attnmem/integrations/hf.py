@@ -63,6 +63,7 @@ except ImportError as e:  # pragma: no cover - the extra is installed wherever t
 from .. import masks, registry, scores
 from ..api import attention
 from ..masks import Mask
+from ..memory.measure import MiB, Peak
 
 #: The transformers release whose mask functions this module recognises (pinned by the extra).
 TESTED_VERSION = "5.24.0"
@@ -596,7 +597,7 @@ def init_optimizer_state(model: Any, opt: torch.optim.Optimizer | None) -> None:
 
 
 @dataclass(frozen=True)
-class StepEstimate:
+class StepEstimate(Peak):
     """Predicted peak of one steady-state step, by tracing it on fake tensors."""
 
     peak_bytes: int
@@ -606,12 +607,8 @@ class StepEstimate:
     attn_implementation: str
     seconds: float
 
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / 2**20
-
     def __str__(self) -> str:
-        return (f"{self.attn_implementation}: peak {self.peak_mib:.1f} MiB (state {self.state_bytes / 2**20:.1f} MiB), "
+        return (f"{self.attn_implementation}: peak {self.peak_mib:.1f} MiB (state {self.state_bytes / MiB:.1f} MiB), "
                 f"B={self.batch} N={self.seq_len}, traced in {self.seconds:.1f} s")
 
 
