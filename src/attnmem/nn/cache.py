@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import masks, registry
 from ..api import attention
+from ..checks import check_positive_int
 
 
 def default_kind(method: str) -> str | None:
@@ -57,13 +58,6 @@ def default_kind(method: str) -> str | None:
 # copy of the whole cache.
 INT8_KV_BLOCK = 4096
 INT8_MAX = 127.0
-
-
-def check_positive_int(name: str, val: object, allow_none: bool = False) -> None:
-    if allow_none and val is None:
-        return
-    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {val!r}")
 
 
 def elu_feature_map(x: Tensor) -> Tensor:

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import LayerCache, buffers_nbytes, check_positive_int, register_kind
+from ..checks import check_positive_int
+from .cache import LayerCache, buffers_nbytes, register_kind
 
 # Prompt queries whose attention rows are materialised at a time while the prefill scores are
 # accumulated (H2O, SnapKV): bounds that transient to rows × prompt length per head.

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import LayerCache, buffers_nbytes, check_positive_int, grow_buffer, register_kind
+from ..checks import check_positive_int
+from .cache import LayerCache, buffers_nbytes, grow_buffer, register_kind
 
 # Quantised tokens dequantised at a time while decoding (rounded up to whole key groups).
 LOWBIT_KV_BLOCK = 4096

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, check_positive_int, register_kind
+from ..checks import check_positive_int
+from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, register_kind
 
 # A pool that must grow grows by at least this fraction of its blocks: few reallocations, and at
 # most this much unused capacity beyond the blocks in use.
