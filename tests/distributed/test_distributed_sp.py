@@ -215,6 +215,11 @@ def _correctness(rank, world, out_dir: Path):
         ulysses_attention(torch.randn(1, 12, 4, D, dtype=torch.float64), k, k)
     except ValueError as e:
         (out_dir / f"kvheads_{rank}.txt").write_text(str(e))
+    q = torch.randn(1, 2 * world, 4, D, dtype=torch.float64)
+    try:
+        ulysses_attention(q, q, q, heads_per_pass=3)
+    except ValueError as e:
+        (out_dir / f"passes_{rank}.txt").write_text(str(e))
 
 
 def _peer_exits(rank, world, out_dir: Path):
@@ -294,6 +299,8 @@ def test_schemes_match_single_process(tmp_path, world):
         heads = (tmp_path / f"heads_{r}.txt").read_text()
         assert f"Hq=3 is not a multiple of the group size P={world}" in heads, heads
         assert "Hkv=3" in (tmp_path / f"kvheads_{r}.txt").read_text()
+        assert "heads_per_pass must be a positive int dividing the 2 query heads" in (
+            tmp_path / f"passes_{r}.txt").read_text()
 
 
 def test_peer_that_exits_fails_the_others(tmp_path):

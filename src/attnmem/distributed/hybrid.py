@@ -152,7 +152,8 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
     if layout not in L.PARTITIONS:
         raise ValueError(f"layout must be one of {', '.join(L.PARTITIONS)}, got {layout!r}")
     user_mask = None if mask is None else M.as_mask(mask, "mask")
-    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, grid.ulysses_group, SCHEME)
+    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, grid.ulysses_group, SCHEME,
+                      heads_per_pass=ulysses_heads_per_pass)
     ring_layout: str | L.Partition = layout
     if layout == "documents":
         if documents is None:

@@ -243,14 +243,17 @@ def run_in_passes(q: Tensor, k: Tensor, v: Tensor, run: LocalRun, plan: HeadPlan
 
 
 def heads_plan(q: Tensor, k: Tensor, causal: bool, layout: Any, masked: bool, scale: float, group: Any,
-               scheme: str = SCHEME) -> HeadPlan:
-    """Handshake: every rank's shapes must agree (the same ValueError on every rank if not)."""
+               scheme: str = SCHEME, heads_per_pass: int | None = None) -> HeadPlan:
+    """Handshake: every rank's shapes (and passes) must agree (the same ValueError on every rank if not)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     B, Hq, n, D = q.shape
     code = (*L.PARTITIONS, "partition").index(layout if isinstance(layout, str) else "partition")
-    table = gather_ints([B, Hq, k.shape[1], D, int(causal), code, int(masked), int(round(scale * 2**40)), n],
+    # Passes decide how many exchanges a call makes: ranks that disagree would wait on each other.
+    passes = heads_per_pass if isinstance(heads_per_pass, int) and not isinstance(heads_per_pass, bool) else -1
+    table = gather_ints([B, Hq, k.shape[1], D, int(causal), code, int(masked), int(round(scale * 2**40)),
+                         0 if heads_per_pass is None else passes, n],
                         group, q, "exchanging shapes with the other ranks", scheme=scheme)
-    for i, name in enumerate(["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale"]):
+    for i, name in enumerate(["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale", "heads_per_pass"]):
         values = [row[i] for row in table]
         if len(set(values)) > 1:
             raise ValueError(f"{scheme}: every rank must pass the same {name}, got {values} (by rank)")
@@ -320,7 +323,7 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
     if not isinstance(layout, L.Partition):
         L.check_layout(layout)
     user_mask = None if mask is None else M.as_mask(mask, "mask")
-    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, group)
+    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, group, heads_per_pass=heads_per_pass)
     n = sum(plan.lengths)
     if user_mask is not None:
         user_mask.check(q.shape[0], q.shape[1], n, n)
