@@ -287,7 +287,7 @@ def test_schemes_match_single_process(tmp_path, world):
             assert rel_err(parts[0][name], p.grad) <= TOL, f"transformer ({scheme}) grad {name}"
         if scheme != "linear":
             # attnmem.plan(world_size=P) predicts the bytes of the model's step, counted here.
-            cfg = attnmem.ModelConfig(layers=1, d_model=16, heads=4, kv_heads=2, vocab=11, seq_len=tokens.shape[1],
+            cfg = attnmem.ModelConfig(layers=1, d_model=16, heads=4, kv_heads=2, vocab=VOCAB, seq_len=tokens.shape[1],
                                       batch=2, dtype="float64")
             passes = 1 if scheme == "ulysses_passes" else None
             (row,) = attnmem.plan(cfg, "1GiB", world_size=world, schemes=[scheme.removesuffix("_passes")],
