@@ -247,3 +247,24 @@ def test_tied_readout_is_the_scaled_embedding():
     assert model.net.embed.weight.grad is not None
     with pytest.raises(ValueError, match="tie_embeddings"):
         TrainConfig(task="listops", seq_len=64, task_options={"min_length": 16}, tie_embeddings=True)
+
+
+def test_window_warmup_narrows_attention_in_the_first_steps(monkeypatch):
+    cfg = TrainConfig(**{**TINY, "seq_len": 32, "window_warmup": 6, "window_start": 4, "steps": 8, "eval_every": 8})
+    # Stages of equal length from 4 keys, doubling up to seq_len / 2; the run's own mask after.
+    assert [cfg.warmup_window(s) for s in range(8)] == [4, 4, 8, 8, 16, 16, None, None]
+    assert dataclasses.replace(cfg, window_start=32).warmup_window(0) is None  # the window covers the sequence
+    seen = []
+    forward = T.TaskModel.scored
+
+    def record(self, x, y):
+        mask = self.attn_mask
+        seen.append(None if mask is None else (mask.left, mask.right))
+        return forward(self, x, y)
+
+    monkeypatch.setattr(T.TaskModel, "scored", record)
+    result = fit(cfg)
+    train = [m for m in seen if m is not None]  # the peak step and evaluation see the model's own mask
+    assert train == [(3, 0), (3, 0), (7, 0), (7, 0), (15, 0), (15, 0)] and result.model.attn_mask is None
+    with pytest.raises(ValueError, match="window_warmup"):
+        TrainConfig(**TINY, window_warmup=-1)
