@@ -237,6 +237,9 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap:
             except ValueError as e:
                 log(f"skip {path}: {e}")
                 continue
+            if t.get("max_time_s") is None and metrics["steps"] < cfg.steps:  # a fixed-steps run still going
+                log(f"skip {path}: step {metrics['steps']} of {cfg.steps}, unfinished")
+                continue
             from attnmem.tasks import make_task
 
             task_obj = make_task(task, seq_len=config.seq_len, **config.task_options)

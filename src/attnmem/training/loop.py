@@ -122,7 +122,7 @@ class TrainConfig:
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {val!r}")
-        _positive_int("window_start", self.window_start)
+        check_positive_int("window_start", self.window_start)
         if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
                                                      and 0 < self.target_accuracy <= 1):
             raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
