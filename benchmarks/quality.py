@@ -253,12 +253,17 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap:
                 base.update(task_obj.corpus.describe(), text_bytes=t["text_bytes"])
             else:
                 base["task_options"] = config.task_options
-            row = {**base, "mode": "trained", "method": spec, **_quality(task, score(model, task_obj, inputs, labels))}
-            if task == "text" and "scored_offset" in t:
-                row.update(full_context_bpb(model, task_obj, t))
-            append_row(out, row)
-            log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
-            if not swap or spec != exact_run(preset) or config.seq_len != t["seq_lens"][0]:
+            done = {r["mode"] for r in load_rows(out) if r.get("preset") == preset_name and r.get("task") == task
+                    and (r.get("seq_len"), r.get("seed"), r.get("trained_with"), r.get("train_steps"))
+                    == (config.seq_len, config.seed, spec, metrics["steps"])}  # an evaluation run again resumes
+            if "trained" not in done:
+                row = {**base, "mode": "trained", "method": spec,
+                       **_quality(task, score(model, task_obj, inputs, labels))}
+                if task == "text" and "scored_offset" in t:
+                    row.update(full_context_bpb(model, task_obj, t))
+                append_row(out, row)
+                log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
+            if not swap or "swapped" in done or spec != exact_run(preset) or config.seq_len != t["seq_lens"][0]:
                 continue
             captures = capture_attention_inputs(model, inputs[:4])  # (4, N) windows
             for other in method_specs(config.seq_len):
