@@ -12,6 +12,7 @@ import attnmem.training as T
 from attnmem.method_spec import parse_method_spec
 from attnmem.tasks import MQAR
 from attnmem.training import TrainConfig, fit, max_batch_under
+from attnmem.training.loop import ADDED_FIELDS
 
 TINY = dict(task="mqar", task_options={"num_pairs": 2, "vocab_size": 16}, seq_len=32, d_model=32, n_heads=2,
             n_layers=1, batch_size=16, eval_examples=32, warmup_steps=2)
@@ -67,6 +68,19 @@ def test_resume_refuses_a_different_config(tmp_path):
         fit(other, resume=True)
     with pytest.raises(ValueError, match="out_dir"):
         fit(TrainConfig(**TINY, steps=2), resume=True)
+
+
+def test_resume_reads_a_checkpoint_from_before_window_warmup(tmp_path):
+    cfg = TrainConfig(**TINY, steps=2, eval_every=2, checkpoint_every=1, out_dir=str(tmp_path))
+    fit(cfg, stop_at=1)
+    path = tmp_path / T.CHECKPOINT
+    state = T.load_checkpoint(path)
+    for key in ADDED_FIELDS:  # as an older attnmem wrote it
+        del state["config"][key]
+    T.save_atomic(state, path)
+    assert fit(cfg, resume=True).metrics["steps"] == 2
+    with pytest.raises(ValueError, match="window_warmup"):  # a warm-up the old run did not have is refused
+        fit(dataclasses.replace(cfg, window_warmup=1), resume=True)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):

@@ -42,6 +42,8 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 # shortens) a run: the cosine schedule follows the new total from there on, so only an
 # unchanged ``steps`` reproduces an uninterrupted run exactly.
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
+# Fields added after checkpoints were already written, with the value that reproduces those runs.
+ADDED_FIELDS = {"window_warmup": 0, "window_start": 32}
 
 
 @dataclass
@@ -373,8 +375,9 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
         raise ValueError(f"resume: no checkpoint at {ckpt}; run without resume (--resume) to start from scratch")
     if resume:
         state = load_checkpoint(ckpt)
-        if state.get("config") != resume_key(config):
-            diff = sorted(k for k, v in resume_key(config).items() if (state.get("config") or {}).get(k) != v)
+        saved = {**ADDED_FIELDS, **(state.get("config") or {})}  # a checkpoint from before a field existed
+        if saved != resume_key(config):
+            diff = sorted(k for k, v in resume_key(config).items() if saved.get(k) != v)
             raise ValueError(f"checkpoint {ckpt} was written by a different config (differs in: {', '.join(diff)})")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
