@@ -4,6 +4,11 @@
     python benchmarks/quality.py all --preset full --out benchmarks/results/quality/full.jsonl
     # the reduced one measured on the loaded machine (3 minutes per run, one thread):
     python benchmarks/quality.py all --preset reduced --out benchmarks/results/quality/reduced.jsonl
+    # the text target alone (context 1024 vs 128, 3 seeds, fixed steps; benchmarks/notes/quality.md):
+    python benchmarks/quality.py train --preset target --tasks text --runs runs/quality_target
+    python benchmarks/quality.py evaluate --preset target --tasks text --runs runs/quality_target \
+        --out benchmarks/results/quality/target.jsonl --no-swap
+    python benchmarks/quality.py summary --preset target --tasks text --out benchmarks/results/quality/target.jsonl
 
 ``train`` fits every (task, context, method, seed) of the preset with ``attnmem.tasks.fit``
 (checkpoints in ``--runs``; an interrupted run resumes). ``evaluate`` then loads each run and
@@ -17,6 +22,13 @@ the step the longest context reached in its time budget (``mode=trained_equal_st
   into each exact-attention run, scored the same way, with its error on the q, k, v captured
   from that model (against full exact attention under the model's mask) and, as a secondary
   column, on random inputs (``attnmem.bench.cases.approx_error``).
+
+With a preset's ``scored_offset`` the text rows also carry ``bpb_full_context``: the same
+validation bytes for every context, each predicted with at least 7/8 of the model's context
+(``TextLM.scored_windows``); the n-gram is scored on those bytes too. ``summary`` then compares
+the exact method's longest context with its shortest over seeds (``mode=summary`` rows: mean,
+standard deviation and range per context, the margin against 3 × the larger range, and the
+n-gram). ``evaluate`` skips rows already in ``--out``, and fixed-steps runs still in progress.
 
 Every row carries the preset, the model, the seed, the corpus hash (text), the torch version,
 threads and the load average at the time. ``all`` runs both stages. The n-gram baseline
@@ -94,9 +106,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "target": {  # the text target, with a recipe that learns within the budget (notes/quality.md)
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
-                "tied embeddings, 2048 tokens per step, 1200 steps (about 13 minutes per context-1024 run on one "
-                "loaded core, under 15 on a quiet one), lr 1e-2 (warm-up 50, cosine), attention-window warm-up "
-                "over the first 400 steps (32 keys doubling to 512), 1 torch thread",
+                "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
+                "under load average 17, under 15 minutes on quiet cores), lr 1e-2 (warm-up 50, cosine), "
+                "attention-window warm-up over the first 400 steps (32 keys doubling to 512), 1 torch thread",
         "exact": "chunked",
         "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True},
         "text": {"seq_lens": [1024, 128], "batch_tokens": 2048, "steps": 1200, "lr": 1e-2, "warmup_steps": 50,

@@ -13,7 +13,9 @@ every result, so a figure names the exact text it was measured on.
 Quality is reported in bits per byte (the cross-entropy in base 2, per predicted byte). The
 baseline is an order-``k`` byte n-gram (``NGram``, default order 2: the next byte given the two
 before it) with add-``alpha`` smoothing, fit on the training split and scored on the same
-validation bytes as the models (``validation_stream``).
+validation bytes as the models (``validation_stream``; ``scored_stream`` for the bytes
+``TextLM.scored_windows`` scores: the same bytes for every context, each with nearly its full
+context).
 """
 
 from __future__ import annotations
