@@ -4,6 +4,11 @@
     python benchmarks/quality.py all --preset full --out benchmarks/results/quality/full.jsonl
     # the reduced one measured on the loaded machine (3 minutes per run, one thread):
     python benchmarks/quality.py all --preset reduced --out benchmarks/results/quality/reduced.jsonl
+    # the text target alone (context 1024 vs 128, 3 seeds, fixed steps; benchmarks/notes/quality.md):
+    python benchmarks/quality.py train --preset target --tasks text --runs runs/quality_target
+    python benchmarks/quality.py evaluate --preset target --tasks text --runs runs/quality_target \
+        --out benchmarks/results/quality/target.jsonl --no-swap
+    python benchmarks/quality.py summary --preset target --tasks text --out benchmarks/results/quality/target.jsonl
 
 ``train`` fits every (task, context, method, seed) of the preset with ``attnmem.tasks.fit``
 (checkpoints in ``--runs``; an interrupted run resumes). ``evaluate`` then loads each run and
@@ -17,6 +22,13 @@ the step the longest context reached in its time budget (``mode=trained_equal_st
   into each exact-attention run, scored the same way, with its error on the q, k, v captured
   from that model (against full exact attention under the model's mask) and, as a secondary
   column, on random inputs (``attnmem.bench.cases.approx_error``).
+
+With a preset's ``scored_offset`` the text rows also carry ``bpb_full_context``: the same
+validation bytes for every context, each predicted with at least 7/8 of the model's context
+(``TextLM.scored_windows``); the n-gram is scored on those bytes too. ``summary`` then compares
+the exact method's longest context with its shortest over seeds (``mode=summary`` rows: mean,
+standard deviation and range per context, the margin against 3 × the larger range, and the
+n-gram). ``evaluate`` skips rows already in ``--out``, and fixed-steps runs still in progress.
 
 Every row carries the preset, the model, the seed, the corpus hash (text), the torch version,
 threads and the load average at the time. ``all`` runs both stages. The n-gram baseline
@@ -42,6 +54,7 @@ from attnmem.bench.frontier import cost_rows, measure_points, summarize
 from attnmem.bench.quality import (
     capture_attention_inputs,
     captured_error,
+    context_margin,
     held_out_inputs,
     load_trained,
     method_specs,
@@ -49,10 +62,11 @@ from attnmem.bench.quality import (
     score,
     swap_attention,
 )
-from attnmem.tasks.text import NGram, validation_stream
+from attnmem.tasks.text import NGram, scored_stream, validation_stream
 from attnmem.training import TrainConfig, fit
+from attnmem.training.loop import CHECKPOINT
 
-EXACT_RUN = "sdpa"  # the method of the runs every other method is swapped into
+EXACT_RUN = "sdpa"  # the method of the runs every other method is swapped into (a preset's "exact" overrides it)
 
 # Each preset: the model, the optimiser budget, the contexts and what to score on.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -90,6 +104,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained_methods": ["sdpa", "sliding_window:window={w}"],
         "seeds": [0],
     },
+    "target": {  # the issue's text target, with a recipe that learns within the budget (notes/quality.md)
+        "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
+                "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
+                "under load average 17, under 15 minutes on quiet cores), lr 1e-2 (warm-up 50, cosine), "
+                "attention-window warm-up over the first 400 steps (32 keys doubling to 512), 1 torch thread",
+        "exact": "chunked",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True},
+        "text": {"seq_lens": [1024, 128], "batch_tokens": 2048, "steps": 1200, "lr": 1e-2, "warmup_steps": 50,
+                 "window_warmup": 400, "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024},
+        "trained_methods": ["chunked"],
+        "seeds": [0, 1, 2],
+    },
     "full": {
         "note": "the issue's configuration: context 1024 vs 128, 15 minutes of training per run",
         "model": {"d_model": 128, "n_heads": 4, "n_layers": 4, "tie_embeddings": True},
@@ -117,6 +143,15 @@ def run_dir(runs: Path, task: str, seq_len: int, spec: str, seed: int) -> Path:
     return runs / task / f"N{seq_len}" / safe / f"seed{seed}"
 
 
+def has_checkpoint(cfg: TrainConfig) -> bool:
+    """Whether ``cfg``'s run was interrupted and can be resumed (fit refuses resume=True without one)."""
+    return (Path(cfg.out_dir) / CHECKPOINT).exists()
+
+
+def exact_run(preset: dict[str, Any]) -> str:
+    return preset.get("exact", EXACT_RUN)
+
+
 def trained_specs(preset: dict[str, Any], seq_len: int) -> list[str]:
     w = max(seq_len // 8, 4)
     names = preset["trained_methods"]
@@ -130,8 +165,9 @@ def train_configs(preset: dict[str, Any], task: str) -> list[tuple[str, TrainCon
     t = preset[task]
     # Exact attention at every context first (the long-against-short comparison), then the other
     # methods at the longest context.
-    plan = [(n, EXACT_RUN) for n in t["seq_lens"]]
-    plan += [(t["seq_lens"][0], s) for s in trained_specs(preset, t["seq_lens"][0]) if s != EXACT_RUN]
+    exact = exact_run(preset)
+    plan = [(n, exact) for n in t["seq_lens"]]
+    plan += [(t["seq_lens"][0], s) for s in trained_specs(preset, t["seq_lens"][0]) if s != exact]
     out = []
     for n, spec in plan:
         for seed in preset["seeds"]:
@@ -140,8 +176,9 @@ def train_configs(preset: dict[str, Any], task: str) -> list[tuple[str, TrainCon
                               train_mix=list(t.get("train_mix", [])), seq_len=n, method=name,
                               method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
                               steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
+                              window_warmup=t.get("window_warmup", 0),
                               eval_every=max(t["steps"] // 4, 1), eval_examples=16,
-                              checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t["max_time_s"], seed=seed,
+                              checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t.get("max_time_s"), seed=seed,
                               **preset["model"])
             out.append((spec, cfg))
     return out
@@ -156,7 +193,7 @@ def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int]
         log(f"train {task} N={cfg.seq_len} {spec} seed {cfg.seed} -> {cfg.out_dir}")
         t0 = time.perf_counter()
         try:
-            fit(cfg, resume=True)
+            fit(cfg, resume=has_checkpoint(cfg))
         except (ValueError, TypeError, RuntimeError) as e:
             log(f"  failed: {type(e).__name__}: {e}")
             continue
@@ -170,19 +207,20 @@ def equal_steps(preset_name: str, runs: Path, out: Path) -> None:
     preset = PRESETS[preset_name]
     t = preset["text"]
     long_n = t["seq_lens"][0]
+    exact = exact_run(preset)
     for spec, cfg in train_configs(preset, "text"):
-        if spec != EXACT_RUN or cfg.seq_len == long_n:
+        if spec != exact or cfg.seq_len == long_n:
             continue
         try:
-            _, _, long_metrics = load_trained(str(run_dir(runs, "text", long_n, EXACT_RUN, cfg.seed)))
+            _, _, long_metrics = load_trained(str(run_dir(runs, "text", long_n, exact, cfg.seed)))
         except ValueError as e:
             log(f"skip: {e}")
             continue
         steps = long_metrics["steps"]
-        path = run_dir(runs, "text", cfg.seq_len, f"{EXACT_RUN}@step{steps}", cfg.seed)
+        path = run_dir(runs, "text", cfg.seq_len, f"{exact}@step{steps}", cfg.seed)
         cfg = dataclasses.replace(cfg, out_dir=str(path), max_time_s=None)
-        log(f"train text N={cfg.seq_len} {EXACT_RUN} seed {cfg.seed} to step {steps} -> {path}")
-        fit(cfg, resume=True, stop_at=steps)
+        log(f"train text N={cfg.seq_len} {exact} seed {cfg.seed} to step {steps} -> {path}")
+        fit(cfg, resume=has_checkpoint(cfg), stop_at=steps)
         config, model, metrics = load_trained(str(path))
         from attnmem.tasks import make_task
 
@@ -190,7 +228,7 @@ def equal_steps(preset_name: str, runs: Path, out: Path) -> None:
         inputs, labels = held_out_inputs(config, task_obj, text_bytes=t["text_bytes"], examples=0)
         append_row(out, {"preset": preset_name, "preset_note": preset["note"], "task": "text",
                          "seq_len": config.seq_len, "seed": config.seed, "model": preset["model"],
-                         "trained_with": EXACT_RUN, "mode": "trained_equal_steps", "method": EXACT_RUN,
+                         "trained_with": exact, "mode": "trained_equal_steps", "method": exact,
                          "train_steps": metrics["steps"], "train_time_s": metrics["train_time_s"],
                          "long_context_steps": steps, "text_bytes": t["text_bytes"], **task_obj.corpus.describe(),
                          **machine(), **_quality("text", score(model, task_obj, inputs, labels))})
@@ -211,6 +249,9 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap:
             except ValueError as e:
                 log(f"skip {path}: {e}")
                 continue
+            if t.get("max_time_s") is None and metrics["steps"] < cfg.steps:  # a fixed-steps run still going
+                log(f"skip {path}: step {metrics['steps']} of {cfg.steps}, unfinished")
+                continue
             from attnmem.tasks import make_task
 
             task_obj = make_task(task, seq_len=config.seq_len, **config.task_options)
@@ -224,10 +265,17 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap:
                 base.update(task_obj.corpus.describe(), text_bytes=t["text_bytes"])
             else:
                 base["task_options"] = config.task_options
-            append_row(out, {**base, "mode": "trained", "method": spec,
-                             **_quality(task, score(model, task_obj, inputs, labels))})
-            log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
-            if not swap or spec != EXACT_RUN or config.seq_len != t["seq_lens"][0]:
+            done = {r["mode"] for r in load_rows(out) if r.get("preset") == preset_name and r.get("task") == task
+                    and (r.get("seq_len"), r.get("seed"), r.get("trained_with"), r.get("train_steps"))
+                    == (config.seq_len, config.seed, spec, metrics["steps"])}  # an evaluation run again resumes
+            if "trained" not in done:
+                row = {**base, "mode": "trained", "method": spec,
+                       **_quality(task, score(model, task_obj, inputs, labels))}
+                if task == "text" and "scored_offset" in t:
+                    row.update(full_context_bpb(model, task_obj, t))
+                append_row(out, row)
+                log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
+            if not swap or "swapped" in done or spec != exact_run(preset) or config.seq_len != t["seq_lens"][0]:
                 continue
             captures = capture_attention_inputs(model, inputs[:4])  # (4, N) windows
             for other in method_specs(config.seq_len):
@@ -261,15 +309,62 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap:
 
             corpus = make_task("text", seq_len=long_n).corpus
             ngram = NGram(order=2, alpha=0.1).fit(corpus.train)
-            append_row(out, {"preset": preset_name, "task": "text", "mode": "baseline",
-                             "method": "ngram:order=2,alpha=0.1",
-                             "bpb": ngram.bits_per_byte(validation_stream(corpus, t["text_bytes"])),
-                             "text_bytes": t["text_bytes"], **corpus.describe(), **machine()})
+            row = {"preset": preset_name, "task": "text", "mode": "baseline", "method": "ngram:order=2,alpha=0.1",
+                   "bpb": ngram.bits_per_byte(validation_stream(corpus, t["text_bytes"])),
+                   "text_bytes": t["text_bytes"], **corpus.describe(), **machine()}
+            if "scored_offset" in t:
+                row["bpb_full_context"] = ngram.bits_per_byte(scored_stream(corpus, t["text_bytes"],
+                                                                            t["scored_offset"], ngram.order))
+                row["scored_offset"] = t["scored_offset"]
+            append_row(out, row)
+
+
+def full_context_bpb(model: torch.nn.Module, task_obj: Any, t: dict[str, Any]) -> dict[str, Any]:
+    """Bits per byte on the validation bytes after ``scored_offset``, each predicted with at least
+    7/8 of the model's context (``TextLM.scored_windows``, stride seq_len / 8): every context
+    scores the same bytes, none of them from a nearly empty window."""
+    stride = max(task_obj.seq_len // 8, 1)
+    inputs, labels = task_obj.held_out().scored_windows(t["text_bytes"], stride=stride, offset=t["scored_offset"])
+    return {"bpb_full_context": score(model, task_obj, inputs, labels)["bpb"], "scored_stride": stride,
+            "scored_offset": t["scored_offset"]}
+
+
+def summary(preset_name: str, out: Path) -> None:
+    """The text target from the rows in ``out``: the exact method's long context against its
+    short one over seeds, and against the n-gram baseline, in both scorings."""
+    preset = PRESETS[preset_name]
+    long_n, short_n = preset["text"]["seq_lens"][:2]
+    rows = [r for r in load_rows(out) if r.get("preset") == preset_name and r.get("task") == "text"]
+    trained = [r for r in rows if r.get("mode") == "trained" and r.get("method") == exact_run(preset)]
+    baseline = next((r for r in reversed(rows) if r.get("mode") == "baseline"), None)
+    if baseline is None or not trained:
+        log(f"summary: {out} has no trained rows or no baseline row of preset {preset_name!r}; evaluate first")
+        return
+    for metric in ("bpb", "bpb_full_context"):
+        if metric not in baseline:
+            continue
+
+        def by_seed(n: int, metric: str = metric) -> list[float]:
+            latest = {r["seed"]: r[metric] for r in trained if r["seq_len"] == n and metric in r}
+            return [latest[s] for s in sorted(latest)]
+
+        long, short = by_seed(long_n), by_seed(short_n)
+        if not long or not short:
+            continue
+        result = context_margin(long, short, baseline[metric])
+        append_row(out, {"preset": preset_name, "task": "text", "mode": "summary", "metric": metric,
+                         "long_seq_len": long_n, "short_seq_len": short_n, "long_values": long,
+                         "short_values": short, **result, "corpus_sha256": baseline["corpus_sha256"], **machine()})
+        log(f"{metric}: N={long_n} {result['long']['mean']:.4f} (range {result['long']['range']:.4f}, "
+            f"std {result['long']['std']:.4f}), N={short_n} {result['short']['mean']:.4f} (range "
+            f"{result['short']['range']:.4f}, std {result['short']['std']:.4f}); margin {result['margin']:.4f} = "
+            f"{result['margin_over_spread']:.1f} x spread; n-gram {baseline[metric]:.4f}; "
+            f"beats short by 3x spread: {result['beats_short']}, beats n-gram: {result['beats_baseline']}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "all"])
+    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "summary", "all"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
     ap.add_argument("--tasks", default="text,mqar", help="comma-separated: text, mqar")
     ap.add_argument("--runs", default="runs/quality", help="checkpoints of the training runs")
@@ -287,6 +382,8 @@ def main() -> None:
         evaluate(args.preset, tasks, Path(args.runs), Path(args.out), swap=not args.no_swap)
     if args.stage in ("equal-steps", "all") and "text" in tasks:
         equal_steps(args.preset, Path(args.runs), Path(args.out))
+    if args.stage in ("summary", "all") and "text" in tasks:
+        summary(args.preset, Path(args.out))
 
 
 if __name__ == "__main__":

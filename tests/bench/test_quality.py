@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnmem.bench.quality import capture_attention_inputs, captured_error, swap_attention
+from attnmem.bench.quality import (
+    capture_attention_inputs,
+    captured_error,
+    context_margin,
+    seed_stats,
+    swap_attention,
+)
 from attnmem.nn import Transformer
 
 
@@ -39,3 +45,18 @@ def test_captured_error_is_zero_only_for_full_attention():
     assert captured_error(caps, "sliding_window", {"window": 48})["error_max"] < 1e-6
     refused = captured_error(caps, "linformer", {"max_len": 48, "k": 8})
     assert refused["status"] == "not applicable" and "causal" in refused["reason"]
+
+
+def test_context_margin_against_hand_computed_spreads():
+    assert seed_stats([2.0, 2.2, 2.1]) == pytest.approx({"mean": 2.1, "std": 0.1, "range": 0.2, "n": 3})
+    assert seed_stats([3.0])["std"] == 0.0
+    # margin 0.5 over a spread of 0.1 (the short context's range): 5 x, met; baseline 2.2 beaten.
+    met = context_margin([2.0, 2.05, 2.02], [2.5, 2.6, 2.55], baseline=2.2)
+    assert met["margin"] == pytest.approx(2.55 - 2.0233333, abs=1e-6) and met["spread"] == pytest.approx(0.1)
+    assert met["beats_short"] and met["beats_baseline"] and not met["short_beats_baseline"]
+    # the same margin over a wider spread misses; one long seed above the baseline misses it.
+    missed = context_margin([1.8, 2.3, 2.0], [2.5, 2.6, 2.55], baseline=2.2)
+    assert not missed["beats_short"] and not missed["beats_baseline"]
+    assert not context_margin([2.6], [2.5], baseline=3.0)["beats_short"]  # the short context won
+    with pytest.raises(ValueError, match="at least one"):
+        seed_stats([])

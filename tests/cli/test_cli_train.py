@@ -9,6 +9,7 @@ from click.testing import CliRunner
 
 from attnmem.cli import main
 from attnmem.memory.units import parse_bytes
+from attnmem.training import CHECKPOINT, load_checkpoint
 
 TINY = ["--task-option", "num_pairs=2", "--task-option", "vocab_size=16", "--seq-len", "32", "--d-model", "32",
         "--layers", "1", "--batch", "8", "--eval-examples", "16", "--warmup", "1", "--threads", "1", "--no-progress"]
@@ -48,9 +49,10 @@ def test_train_target_accuracy_and_mix(tmp_path):
 
 def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
     r = CliRunner().invoke(main, ["train", *TINY, "--steps", "10", "--stop-at", "2", "--eval-every", "1",
-                                  "--out", str(tmp_path)])
+                                  "--window-warmup", "4", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    assert load_checkpoint(tmp_path / CHECKPOINT)["config"]["window_warmup"] == 4  # the flag reaches the run
 
 
 @pytest.mark.parametrize("args,word", [

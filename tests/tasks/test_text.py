@@ -8,8 +8,8 @@ import math
 import pytest
 import torch
 
-from attnmem.tasks import make_task
-from attnmem.tasks.text import NGram, bits_per_byte, is_validation, load_corpus, python_files
+from attnmem.tasks import IGNORE, make_task
+from attnmem.tasks.text import NGram, bits_per_byte, is_validation, load_corpus, python_files, scored_stream
 
 
 @pytest.fixture
@@ -91,3 +91,29 @@ def test_ngram_against_hand_computed_counts():
     assert trigram.bits_per_byte(torch.tensor(list(b"abca"))) == pytest.approx(expected)
     with pytest.raises(ValueError, match="fit"):
         NGram().bits_per_byte(stream)
+
+
+def test_scored_windows_give_every_context_the_same_bytes_with_full_context(tiny_root):
+    stream = _load(tiny_root, validation_percent=25.0).validation.long()
+    scored = {}
+    for seq_len, stride in ((32, 4), (8, 2), (8, 8)):
+        held = make_task("text", seq_len=seq_len, root=str(tiny_root), validation_percent=25.0).held_out()
+        x, y = held.scored_windows(40, stride=stride, offset=32)
+        assert x.shape == y.shape == (40 // stride, seq_len)
+        keep = y != IGNORE
+        assert keep.sum() == 40 and keep[:, -stride:].all() and not keep[:, :-stride].any()
+        # Each window is the stream itself: inputs at positions e - seq_len .. e - 1, labels one on.
+        for j in range(x.shape[0]):
+            end = 32 + stride * (j + 1)
+            assert torch.equal(x[j], stream[end - seq_len:end])
+            assert torch.equal(y[j][keep[j]], stream[end - stride + 1:end + 1])
+        scored[(seq_len, stride)] = y[keep]
+    # Whatever the context and stride: the same 40 bytes, the ones an n-gram is scored on too.
+    assert all(torch.equal(v, stream[33:73]) for v in scored.values())
+    assert torch.equal(scored_stream(held.corpus, 40, 32, order=2), stream[31:73])
+    with pytest.raises(ValueError, match="stride"):
+        held.scored_windows(40, stride=9, offset=32)
+    with pytest.raises(ValueError, match="multiple"):
+        held.scored_windows(41, stride=2, offset=32)
+    with pytest.raises(ValueError, match="offset"):
+        held.scored_windows(40, stride=2, offset=5)

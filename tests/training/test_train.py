@@ -12,6 +12,7 @@ import attnmem.training as T
 from attnmem.method_spec import parse_method_spec
 from attnmem.tasks import MQAR
 from attnmem.training import TrainConfig, fit, max_batch_under
+from attnmem.training.loop import ADDED_FIELDS
 
 TINY = dict(task="mqar", task_options={"num_pairs": 2, "vocab_size": 16}, seq_len=32, d_model=32, n_heads=2,
             n_layers=1, batch_size=16, eval_examples=32, warmup_steps=2)
@@ -67,6 +68,19 @@ def test_resume_refuses_a_different_config(tmp_path):
         fit(other, resume=True)
     with pytest.raises(ValueError, match="out_dir"):
         fit(TrainConfig(**TINY, steps=2), resume=True)
+
+
+def test_resume_reads_a_checkpoint_from_before_window_warmup(tmp_path):
+    cfg = TrainConfig(**TINY, steps=2, eval_every=2, checkpoint_every=1, out_dir=str(tmp_path))
+    fit(cfg, stop_at=1)
+    path = tmp_path / T.CHECKPOINT
+    state = T.load_checkpoint(path)
+    for key in ADDED_FIELDS:  # as an older attnmem wrote it
+        del state["config"][key]
+    T.save_atomic(state, path)
+    assert fit(cfg, resume=True).metrics["steps"] == 2
+    with pytest.raises(ValueError, match="window_warmup"):  # a warm-up the old run did not have is refused
+        fit(dataclasses.replace(cfg, window_warmup=1), resume=True)
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -247,3 +261,24 @@ def test_tied_readout_is_the_scaled_embedding():
     assert model.net.embed.weight.grad is not None
     with pytest.raises(ValueError, match="tie_embeddings"):
         TrainConfig(task="listops", seq_len=64, task_options={"min_length": 16}, tie_embeddings=True)
+
+
+def test_window_warmup_narrows_attention_in_the_first_steps(monkeypatch):
+    cfg = TrainConfig(**{**TINY, "seq_len": 32, "window_warmup": 6, "window_start": 4, "steps": 8, "eval_every": 8})
+    # Stages of equal length from 4 keys, doubling up to seq_len / 2; the run's own mask after.
+    assert [cfg.warmup_window(s) for s in range(8)] == [4, 4, 8, 8, 16, 16, None, None]
+    assert dataclasses.replace(cfg, window_start=32).warmup_window(0) is None  # the window covers the sequence
+    seen = []
+    forward = T.TaskModel.scored
+
+    def record(self, x, y):
+        mask = self.attn_mask
+        seen.append(None if mask is None else (mask.left, mask.right))
+        return forward(self, x, y)
+
+    monkeypatch.setattr(T.TaskModel, "scored", record)
+    result = fit(cfg)
+    train = [m for m in seen if m is not None]  # the peak step and evaluation see the model's own mask
+    assert train == [(3, 0), (3, 0), (7, 0), (7, 0), (15, 0), (15, 0)] and result.model.attn_mask is None
+    with pytest.raises(ValueError, match="window_warmup"):
+        TrainConfig(**TINY, window_warmup=-1)

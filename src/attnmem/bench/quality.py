@@ -239,3 +239,37 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
     from ..method_spec import parse_method_spec
 
     return parse_method_spec(spec)
+
+
+# --- long context against short: the text target ------------------------------------------
+
+def seed_stats(values: list[float]) -> dict[str, float]:
+    """Mean, sample standard deviation (0 for one value) and range (max − min) over seeds.
+
+    Raises:
+        ValueError: no values.
+    """
+    if not values:
+        raise ValueError("seed_stats needs at least one value")
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else 0.0
+    return {"mean": mean, "std": var ** 0.5, "range": max(values) - min(values), "n": len(values)}
+
+
+def context_margin(long: list[float], short: list[float], baseline: float, *, factor: float = 3.0) -> dict[str, Any]:
+    """Whether a long context beats a short one by more than seed noise, and a baseline.
+
+    ``long`` and ``short`` are one figure per seed (bits per byte: lower is better). The margin
+    is ``mean(short) − mean(long)``; the spread is the larger of the two groups' ranges
+    (max − min over seeds, the stricter of range and standard deviation for a few seeds). The
+    target is met when the margin is at least ``factor`` × that spread and every long-context
+    seed is below ``baseline``.
+    """
+    a, b = seed_stats(long), seed_stats(short)
+    spread = max(a["range"], b["range"])
+    margin = b["mean"] - a["mean"]
+    return {"long": a, "short": b, "margin": margin, "spread": spread, "factor": factor,
+            "margin_over_spread": margin / spread if spread > 0 else float("inf"),
+            "beats_short": margin >= factor * spread and margin > 0,
+            "baseline": baseline, "beats_baseline": max(long) < baseline,
+            "short_beats_baseline": max(short) < baseline}

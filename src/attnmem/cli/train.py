@@ -55,6 +55,9 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--lr", default=3e-3, type=float, show_default=True)
 @click.option("--weight-decay", default=0.1, type=float, show_default=True)
 @click.option("--warmup", default=50, type=click.IntRange(min=0), show_default=True)
+@click.option("--window-warmup", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Steps at the start that attend only to the last 32 keys, doubling in equal stages up to "
+                   "seq_len / 2 (TrainConfig.window_warmup).")
 @click.option("--eval-every", default=100, type=click.IntRange(min=1), show_default=True)
 @click.option("--eval-examples", default=256, type=click.IntRange(min=1), show_default=True)
 @click.option("--checkpoint-every", default=100, type=click.IntRange(min=1), show_default=True)
@@ -73,7 +76,8 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint(s).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, seq_len, d_model, heads, layers,
-              tie_embeddings, batch, steps, lr, weight_decay, warmup, eval_every, eval_examples, checkpoint_every,
+              tie_embeddings, batch, steps, lr, weight_decay, warmup, window_warmup, eval_every, eval_examples,
+              checkpoint_every,
               checkpointing, stop_at, target_accuracy, max_time_s, budget, seed, threads, out_dir, resume,
               no_progress) -> None:
     """Train a small Transformer on a long-range task; report accuracy, loss, peak memory, tokens/s.
@@ -98,7 +102,8 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
                          method=name, method_options=method_options, d_model=d_model, n_heads=heads,
                          n_layers=layers, tie_embeddings=tie_embeddings,
                          batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup, eval_every=eval_every, eval_examples=eval_examples,
+                         warmup_steps=warmup, window_warmup=window_warmup, eval_every=eval_every,
+                         eval_examples=eval_examples,
                          checkpoint_every=checkpoint_every, checkpointing=checkpointing,
                          target_accuracy=target_accuracy, max_time_s=max_time_s, seed=seed, out_dir=out_dir)
     if budget is not None:

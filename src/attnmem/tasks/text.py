@@ -13,7 +13,9 @@ every result, so a figure names the exact text it was measured on.
 Quality is reported in bits per byte (the cross-entropy in base 2, per predicted byte). The
 baseline is an order-``k`` byte n-gram (``NGram``, default order 2: the next byte given the two
 before it) with add-``alpha`` smoothing, fit on the training split and scored on the same
-validation bytes as the models (``validation_stream``).
+validation bytes as the models (``validation_stream``; ``scored_stream`` for the bytes
+``TextLM.scored_windows`` scores: the same bytes for every context, each with nearly its full
+context).
 """
 
 from __future__ import annotations
@@ -187,6 +189,50 @@ class TextLM:
             raise ValueError(f"total_bytes={total_bytes} must be a multiple of seq_len={self.seq_len}")
         stream = validation_stream(self.corpus, total_bytes)
         return stream[:-1].view(-1, self.seq_len), stream[1:].view(-1, self.seq_len)  # (W, seq_len)
+
+
+    def scored_windows(self, total_bytes: int, *, stride: int, offset: int) -> tuple[Tensor, Tensor]:
+        """Predictions of validation bytes ``offset + 1 .. offset + total_bytes``, each with at
+        least ``seq_len - stride`` bytes of context: windows of ``seq_len`` ending every
+        ``stride`` bytes, of whose labels only the last ``stride`` are scored (the others are
+        ``IGNORE``). Models of different ``seq_len`` given the same ``offset`` and
+        ``total_bytes`` predict exactly the same bytes, each with (nearly) its full context, so
+        the comparison of a long context with a short one is not a comparison of how often each
+        restarts from an empty window (``validation_windows``).
+
+        Returns inputs and labels (total_bytes / stride, seq_len) int64.
+
+        Raises:
+            ValueError: ``stride`` outside [1, seq_len], ``total_bytes`` not a multiple of it, an
+                ``offset`` below ``seq_len - stride`` (the first window would start before the
+                split) or bytes beyond the split.
+        """
+        from .mqar import IGNORE
+
+        if not isinstance(stride, int) or isinstance(stride, bool) or not 1 <= stride <= self.seq_len:
+            raise ValueError(f"stride must be an int in [1, seq_len={self.seq_len}], got {stride!r}")
+        if total_bytes <= 0 or total_bytes % stride:
+            raise ValueError(f"total_bytes={total_bytes} must be a positive multiple of stride={stride}")
+        if not isinstance(offset, int) or offset < self.seq_len - stride:
+            raise ValueError(f"offset must be an int >= seq_len - stride = {self.seq_len - stride}, got {offset!r}")
+        stream = validation_stream(self.corpus, offset + total_bytes)  # (offset + total_bytes + 1,)
+        ends = offset + stride * torch.arange(1, total_bytes // stride + 1)  # (W,) last input position + 1
+        index = ends[:, None] - self.seq_len + torch.arange(self.seq_len)  # (W, seq_len) input positions
+        labels = stream[index + 1].clone()
+        labels[:, :self.seq_len - stride] = IGNORE
+        return stream[index], labels
+
+
+def scored_stream(corpus: Corpus, total_bytes: int, offset: int, order: int) -> Tensor:
+    """The bytes an order-``order`` n-gram needs to predict what ``TextLM.scored_windows``
+    scores: validation bytes ``offset + 1 - order .. offset + total_bytes``.
+
+    Raises:
+        ValueError: ``offset + 1 < order``, or bytes beyond the split.
+    """
+    if offset + 1 < order:
+        raise ValueError(f"offset={offset} leaves fewer than order={order} bytes of history")
+    return validation_stream(corpus, offset + total_bytes)[offset + 1 - order:]
 
 
 def validation_stream(corpus: Corpus, total_bytes: int) -> Tensor:

@@ -42,6 +42,8 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 # shortens) a run: the cosine schedule follows the new total from there on, so only an
 # unchanged ``steps`` reproduces an uninterrupted run exactly.
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
+# Fields added after checkpoints were already written, with the value that reproduces those runs.
+ADDED_FIELDS = {"window_warmup": 0, "window_start": 32}
 
 
 @dataclass
@@ -58,6 +60,15 @@ class TrainConfig:
         seq_len: tokens per example (ListOps: the padded ``max_length``).
         method, method_options: the attention method and its options (``mask_window=W`` in
             ``method_options`` adds a causal sliding-window mask of W keys instead).
+        window_warmup, window_start: the first ``window_warmup`` training steps attend only to the
+            last W keys of each query (a causal sliding-window mask on top of the run's own),
+            W = ``window_start`` and then doubling, in equal stages, up to seq_len / 2. At the
+            start attention is nearly uniform over all earlier positions, so over a long window
+            the gradient that teaches a head to read the last few tokens is diluted by the
+            window's length (a context-1024 byte model stays at bigram quality for hundreds of
+            steps); the narrow window learns that first, at every position of the full window,
+            and each doubling adds keys the heads have not yet seen at most twice over.
+            Evaluation always uses the run's own mask. 0 (the default) turns it off.
         d_model, n_heads, n_layers: model shape.
         tie_embeddings: read out with the token embedding (scaled by d_model^-1/2) instead of a
             separate output matrix (language-model tasks only).
@@ -81,6 +92,8 @@ class TrainConfig:
     seq_len: int = 256
     method: str = "chunked"
     method_options: dict[str, Any] = field(default_factory=dict)
+    window_warmup: int = 0
+    window_start: int = 32
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
@@ -107,8 +120,11 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be an int >= 0, got {self.warmup_steps!r}")
+        for name in ("warmup_steps", "window_warmup"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {val!r}")
+        check_positive_int("window_start", self.window_start)
         if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
                                                      and 0 < self.target_accuracy <= 1):
             raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
@@ -153,6 +169,16 @@ class TrainConfig:
     def mask(self) -> M.Mask | None:
         window = self.method_options.get(MASK_WINDOW)
         return None if window is None else M.sliding_window(window - 1, 0)
+
+    def warmup_window(self, step: int) -> int | None:
+        """The attention window (keys per query) of training step ``step`` (0-based) under
+        ``window_warmup``; None once it is over (or when the window would cover the sequence)."""
+        if step >= self.window_warmup or self.window_start >= self.seq_len:
+            return None
+        widths = [self.window_start]
+        while widths[-1] * 2 < self.seq_len:
+            widths.append(widths[-1] * 2)
+        return widths[step * len(widths) // self.window_warmup]
 
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.method_options.items()))
@@ -293,6 +319,19 @@ def step_peak(model: TaskModel, opt: torch.optim.Optimizer, inputs: Tensor, labe
 
 
 
+def warmup_scored(model: TaskModel, window: int | None, inputs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """``model.scored`` with attention narrowed to the last ``window`` keys (None: the model's own mask)."""
+    if window is None:
+        return model.scored(inputs, labels)
+    own = model.attn_mask
+    narrow = M.sliding_window(window - 1, 0)
+    model.attn_mask = narrow if own is None else own & narrow
+    try:
+        return model.scored(inputs, labels)
+    finally:
+        model.attn_mask = own
+
+
 @dataclass
 class TrainResult:
     """The final metrics, every evaluation, and the model at the end."""
@@ -336,8 +375,9 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
         raise ValueError(f"resume: no checkpoint at {ckpt}; run without resume (--resume) to start from scratch")
     if resume:
         state = load_checkpoint(ckpt)
-        if state.get("config") != resume_key(config):
-            diff = sorted(k for k, v in resume_key(config).items() if (state.get("config") or {}).get(k) != v)
+        saved = {**ADDED_FIELDS, **(state.get("config") or {})}  # a checkpoint from before a field existed
+        if saved != resume_key(config):
+            diff = sorted(k for k, v in resume_key(config).items() if saved.get(k) != v)
             raise ValueError(f"checkpoint {ckpt} was written by a different config (differs in: {', '.join(diff)})")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -381,7 +421,7 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
             inputs, labels = next_batch()
             t0 = time.perf_counter()
             opt.zero_grad(set_to_none=True)
-            loss = training_loss(*model.scored(inputs, labels))
+            loss = training_loss(*warmup_scored(model, config.warmup_window(step), inputs, labels))
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             opt.step()
