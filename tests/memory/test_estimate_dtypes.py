@@ -24,12 +24,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # has not been written down): estimate traces them, bounded by TRACE_OP_LIMIT. Listed here so
 # that this test fails when one is closed or a new gap opens.
 KNOWN_TRACED = {
-    ("adaptive_span", "bfloat16"), ("adaptive_span", "float16"),
-    ("adaptive_span_fixed", "bfloat16"), ("adaptive_span_fixed", "float16"),
     ("chunked", "float16"), ("knn_memory", "bfloat16"), ("knn_memory", "float16"),
     ("sliding_window", "float16"), ("dilated", "float16"), ("longformer", "float16"),
     ("bigbird", "float16"), ("strided", "float16"),
-    ("hierarchical", "bfloat16"), ("hierarchical", "float16"),
 }
 
 
