@@ -76,8 +76,9 @@ def main() -> None:
     print("| method | dtype | seconds | source | predicted peak GiB |\n|---|---|---|---|---|", flush=True)
     for name in registry.names():
         for dtype in args.dtypes.split(","):
-            row = dict(method=name, dtype=dtype, **run(ONE.format(name=name, dtype=dtype, n=args.seq_len),
-                                                       args.timeout))
+            # A finished row names its method and dtype itself; a timeout or crash does not.
+            row = {"method": name, "dtype": dtype} | run(ONE.format(name=name, dtype=dtype, n=args.seq_len),
+                                                         args.timeout)
             row.update(seq_len=args.seq_len, **env)
             with RESULTS.open("a") as f:
                 f.write(json.dumps(row) + "\n")

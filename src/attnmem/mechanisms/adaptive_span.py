@@ -440,10 +440,7 @@ class AdaptiveSpanFixed(Method):
 
 
 def _span_domain_reasons(s: Shape) -> list[str]:
-    reasons = ["a user mask is not modelled (traced)"] if s.masked else []
-    if s.half:
-        reasons.append(f"the band loop in {s.dtype} is not modelled (traced)")
-    return reasons
+    return ["a user mask is not modelled (traced)"] if s.masked else []
 
 
 def _span_width(s: Shape, z: float, ramp: int) -> int:
@@ -467,30 +464,34 @@ def _span_tiles(n: int, width: int, q_tile: int) -> set[tuple[tuple[int, int], t
 def span_footprint(s: Shape, width: int, q_tile: int, graph: bool) -> Footprint:
     """Adaptive-span attention (``adaptive_span._BandAttention``): query tiles of Tq ≤ q_tile rows,
     each against its band of Tk = min(Tq + W − 1, qb) keys, W = ⌈max span⌉ + R (+1 when R = 0),
-    at most N. Per tile, with p = Tq·Tk pairs, a = itemsize (float32/float64): the bias
-    b = Hq·p·a (per head, batch-independent), built from int64 distances (8p) and two bools per
-    pair: its peak is max(17p, 10p + 2b) (the table lookup and its masked copy);
+    at most N. Per tile, with p = Tq·Tk pairs, a = the accumulation dtype's bytes (4 for half
+    inputs): the bias b = Hq·p·a (per head, batch-independent), built from int64 distances (8p)
+    and two bools per pair: its peak is max(17p, 10p + 2b) (the table lookup and its masked copy);
     S = B·Hq·p·a one score tile, t = B·Hq·Tq·D·a one query tile, k_t = B·Hkv·Tk·D·a.
 
-    saved = O + L + the (Hq, W) table (``graph``: learned spans with a ramp also keep the table's
-    autograd graph, 3 more (Hq, W) floats and one of bools).
-    Fused (fixed spans, or no gradient for the spans): the forward peaks while a tile's bias is
-    built, with the previous tile's bias, output and lse still bound (b' + t' + lse tile);
-    the backward at the same point holds L (lse with +inf) + dQ + dK + dV + the previous tile's
-    bias, dQ, dK, dV (b' + t' + 2k_t'); at a kernel call, for G > 1, the G-stacked q, O, lse
-    tiles (copies).
-    Learned spans (the PyTorch loop, which also returns the table's gradient, (Hq, W)): the
-    forward holds the previous tile's scores and output (S' + t') besides the new scores and
-    bias; the backward, at the next tile's bias (or its dP), the previous tile's bias,
-    distances, dS, dP and per-head bias gradient (b' + 8p' + 2S' + b'), or this tile's bias,
-    distances, S, dP and the previous tile's dS, dP, per-head gradient.
-    O(N·W) work, O(N·D + Tq·(Tq + W)) memory. Domain: float32/float64, causal, no user mask."""
-    a = s.itemsize
+    saved = O + L + the (Hq, W) table in the accumulation dtype (``graph``: learned spans with a
+    ramp also keep the table's autograd graph, 3 more (Hq, W) floats and one of bools).
+    Fused (float32/float64 with fixed spans, or no gradient for the spans; ``band_is_fused``):
+    the forward peaks while a tile's bias is built, with the previous tile's bias, output and lse
+    still bound (b' + t' + lse tile); the backward at the same point holds L (lse with +inf) +
+    dQ + dK + dV + the previous tile's bias, dQ, dK, dV (b' + t' + 2k_t'); at a kernel call, for
+    G > 1, the G-stacked q, O, lse tiles (copies).
+    The PyTorch loop (learned spans, which also returns the table's gradient (Hq, W); and every
+    half-precision call): the forward holds the previous tile's scores and output (S' + t')
+    besides the new scores and bias; the backward, at the next tile's bias (or its dP), the
+    previous tile's bias, distances, dS, dP (and, learning, per-head bias gradient: b' + 8p' +
+    2S' + b'), or this tile's bias, distances, S, dP and the previous tile's dS, dP, per-head
+    gradient. In half precision its tiles are float32 copies (q, dO, O and the band's K, V:
+    3t + 2k_t), dK and dV accumulate in float32 (dQ is stored per tile in the input dtype) and
+    are cast back at the end, beside the last tile's names: at long N the peak.
+    O(N·W) work, O(N·D + Tq·(Tq + W)) memory. Domain: causal, no user mask."""
+    a = s.acc_itemsize
     stack = s.heads != s.kv_heads
+    loop = not band_is_fused("cpu", getattr(torch, s.dtype), learned=graph)
     base = s.q_bytes + s.lse_bytes + s.heads * width * a  # out, lse, table
     if graph:
         base += 3 * s.heads * width * a + s.heads * width
-    fwd = bwd = 0
+    fwd = bwd = tail = 0
     for (tq0, tk0), (tq, tk) in _span_tiles(s.seq_len, width, q_tile):
         p0, p = tq0 * tk0, tq * tk
         b0, b = s.heads * p0 * a, s.heads * p * a
@@ -499,22 +500,31 @@ def span_footprint(s: Shape, width: int, q_tile: int, graph: bool) -> Footprint:
         k0, k = (s.batch * s.kv_heads * x * s.head_dim * a for x in (tk0, tk))
         lr0, lr = s.batch * s.heads * tq0 * a, s.batch * s.heads * tq * a
         build = max(17 * p, 10 * p + 2 * b)
-        if not graph:
+        if not loop:
             fwd = max(fwd, b0 + t0 + lr0 + build, t0 + lr0 + b + (t if stack else 0) + t + lr)
             bwd = max(bwd, b0 + t0 + 2 * k0 + build,
                       t0 + 2 * k0 + b + (2 * t + lr if stack else 0) + t + 2 * k)
+            continue
+        ph0 = b0 if graph else 0  # the previous tile's per-head bias gradient
+        if s.half:
+            q_t = t  # a float32 copy of the query tile
+            copies = 3 * t + 2 * k + (lr if stack else 0)  # float32 q, dO, O tiles and K, V band
+            fwd = max(fwd, S0 + t0 + q_t + k + S)  # K's float32 band while the scores are made
         else:
-            fwd = max(fwd, S0 + t0 + (t if stack else 0) + S + build)
+            q_t = t if stack else 0
             copies = 2 * t + lr if stack else 0  # stacked q, O tiles and their lse
-            bwd = max(bwd, b0 + 8 * p0 + 2 * S0 + b0 + copies + build,
-                      b + 8 * p + S + S0 + S0 + b0 + S + copies)
+        fwd = max(fwd, S0 + t0 + q_t + S + build)
+        bwd = max(bwd, b0 + 8 * p0 + 2 * S0 + ph0 + copies + build,
+                  b + 8 * p + S + 2 * S0 + ph0 + S + copies)
+        tail = b + 8 * p + 2 * S + (b if graph else 0) + copies  # the last tile's names
     if not s.training:
         return Footprint(0, base + fwd)
-    grads = s.q_bytes + 2 * s.kv_bytes + (s.heads * width * a if graph else 0)  # + the table's gradient
+    kv_grads = 2 * s.kv_bytes * a // s.itemsize if loop else 2 * s.kv_bytes  # dK, dV: float32 in the loop
+    grads = s.q_bytes + kv_grads + (s.heads * width * a if graph else 0)  # + the table's gradient
     peak = max(base + fwd, base + s.lse_bytes + grads + bwd)
+    if loop and s.half:  # dK, dV cast back at the end
+        peak = max(peak, base + s.lse_bytes + grads + 2 * s.kv_bytes + tail)
     return Footprint(base, peak - base)
-
-
 
 
 __all__ = ["AdaptiveSpanAttention", "adaptive_span_attention", "ramp_log_weights"]

@@ -24,6 +24,7 @@ With ``N <= block`` there is only the diagonal block: exact attention.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -281,9 +282,9 @@ def hierarchical_footprint(s: Shape, opts) -> Footprint | str:
     levels = max(0, math.ceil(math.log2(n / nr)))
     if levels < _HIER_MIN_LEVELS:
         return f"below {_HIER_MIN_LEVELS} levels (N <= 8·block) the peak is not modelled (traced)"
-    if s.half:
-        return f"{s.dtype} is not modelled (its float32 intermediates were not read off; traced)"
     p = nr * 2**levels
+    if s.half:
+        return _half_footprint(s, opts, padded=p > n)
     qp, kvp, sc, r = b * h * p * d * e, b * hkv * p * d * e, b * h * p * nr * e, b * h * p * e
     gamma = 1 - 2.0 ** -(levels - 1) if levels > 1 else 0.0
     padded = p > n
@@ -312,3 +313,18 @@ def hierarchical_footprint(s: Shape, opts) -> Footprint | str:
     # In the forward, the function's locals (level 0's raw scores among them) are alive too.
     accumulate = saved + max(2 * qp + sc, 3 * qp if padded else 0)
     return Footprint(saved, int(max(level0_backward, accumulate)) - saved)
+
+
+def _half_footprint(s: Shape, opts, padded: bool) -> Footprint:
+    """Half precision: ``hierarchical_attention`` casts q, k, v to float32 first and runs every
+    level in float32, so its memory is the float32 call's (the form above at 4 bytes) plus those
+    float32 copies (Q32 + 2·KV32, held by autograd); padded, the padding takes the copies' place
+    (the float32 form already counts the padded copies). The output is cast back, so the saved
+    output is the input dtype's (Q32 − Q fewer bytes). Checked against the trace in bfloat16
+    and float16 (tests/memory/test_estimate_dtypes.py)."""
+    s32 = dataclasses.replace(s, itemsize=4, dtype="float32")
+    full = hierarchical_footprint(s32, opts)
+    assert isinstance(full, Footprint)  # the same levels as this call
+    copies = 0 if padded else s32.q_bytes + 2 * s32.kv_bytes
+    saved = full.saved + copies - (s32.q_bytes - s.q_bytes) if s.training else 0
+    return Footprint(saved, full.saved + full.transient + copies - saved)

@@ -201,10 +201,6 @@ class _Sparse(Method):
         kernel = resolve_kernel(opts.kernel, "cpu", getattr(torch, s.dtype))
         if kernel != "fused":
             reasons.append(f"the {kernel} tile kernel in {s.dtype} is not modelled (traced)")
-        elif s.half:
-            # The fused kernel's low-precision path (float32 accumulation, kernels.tile) keeps
-            # buffers the closed form was not read off: about 20-75 % above its figure at N = 1024.
-            reasons.append(f"the fused kernel in {s.dtype} is not modelled (traced)")
         return reasons
 
     def memory_model(self, s: Shape, opts) -> Footprint:

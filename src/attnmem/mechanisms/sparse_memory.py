@@ -60,8 +60,9 @@ def _tile_rows(mask: M.Mask, s: Shape, q_tile: int, kv_tile: int, tiles: list[in
     ki = torch.arange(nkt, dtype=torch.int64)[None, :].expand(len(tiles), nkt)
     states = mask.tile_states(g, qi, ki)  # (tiles, nkt)
     rows = []
-    for r in states.tolist():
-        rows.append([(j, st == M.FULL) for j, st in enumerate(r) if st != M.EMPTY])
+    for r in states:
+        listed = torch.nonzero(r != M.EMPTY).flatten()  # the key tiles this query tile computes
+        rows.append(list(zip(listed.tolist(), (r[listed] == M.FULL).tolist())))
     return rows
 
 
@@ -89,7 +90,8 @@ def _rest_rows(local: M.Mask, s: Shape, positions: torch.Tensor, q_tile: int, kv
                 call_st = torch.full((1, nkt), M.FULL, dtype=torch.int8)
             empty = (call_st == M.EMPTY) | (local_st == M.FULL)
             full = (call_st == M.FULL) & (local_st == M.EMPTY)
-            rows.append([(j, bool(full[0, j])) for j in range(nkt) if not bool(empty[0, j])])
+            empty_j, full_j = empty[0].tolist(), full[0].tolist()  # Python lists: no per-element tensor indexing
+            rows.append([(j, full_j[j]) for j in range(nkt) if not empty_j[j]])
             continue
         local_st = local.tile_states(g1, pos[:, None].expand(-1, nkt), ki[None, :].expand(len(pos), -1))
         if s.causal:
@@ -130,15 +132,19 @@ def _eval_bytes(mask: M.Mask, heads: int) -> int:
     return 2  # GlobalTokens, Fixed: gathers of per-position flags, a bool or two per pair
 
 
-def _seg_terms(s: Shape, seg: Segment, tq: int, per_head: bool, evb: int = 0) -> tuple[int, int, int, int]:
+def _seg_terms(s: Shape, seg: Segment, tq: int, per_head: bool, evb: int = 0,
+               backward: bool = False) -> tuple[int, int, int, int]:
     """(gathered K, V copies, mask bools + float bias, dK + dV, mask evaluation) bytes of one
-    segment (the evaluation: ``evb`` bytes per pair, then the G-stacked copy of its bools)."""
+    segment (the evaluation: ``evb`` bytes per pair, then the G-stacked copy of its bools).
+    ``backward``: the backward's call, which runs half-precision segments in float32
+    (``kernels.tile.fused_backward_acc``): its bias and its dK, dV are float32."""
     k1 = s.batch * s.kv_heads * s.head_dim * s.itemsize
+    a = s.acc_itemsize if backward else s.itemsize
     copies = 0 if seg.contiguous else 2 * seg.size * k1
     m = _mask_rows(s, per_head) * tq * seg.size if seg.masked else 0
     pairs = tq * seg.size if seg.masked else 0
     ev = max(evb * pairs, pairs + (m if m != pairs else 0))
-    return copies, m * (1 + s.itemsize), 2 * seg.size * k1, ev
+    return copies, m * (1 + a), 2 * seg.size * k1 * a // s.itemsize, ev
 
 
 def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int, int]:
@@ -150,9 +156,12 @@ def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int
 
     Backward, at segment j of a tile, with p the segment before it (maybe of the tile before):
     the previous call's dK, dV (2·p keys) + dQ of the tile (dq_t: 0, 1 or 2 tiles for j = 0, 1,
-    ≥ 2, plus the last dQ of the tile before when j = 0) + for G > 1 the stacked q, O, dO tiles
-    and their lse (3·t + lse tile) + gathered K, V (2·n keys, when not contiguous) + the mask
-    (bools + float bias, m·(1 + s)) + the call's outputs dQ (t) and dK, dV (2·n keys).
+    ≥ 2, plus the last dQ of the tile before when j = 0) + for G > 1 the stacked q, O tiles
+    and their lse (2·t + lse tile) + gathered K, V (2·n keys, when not contiguous) + the mask
+    (bools + float bias, m·(1 + a)) + the call's outputs dQ (t) and dK, dV (2·n keys). Half
+    inputs run each call in float32 (``fused_backward_acc``): a = 4, and dQ, dK, dV, the bias
+    and float32 copies of the q, dO, O tiles and the n keys of K, V (3·t + 2·n keys) are
+    float32 (twice their half-precision bytes).
     Forward, at segment j: the running output (j ≥ 1: 1 tile, j ≥ 2: 2) or the last output of
     the tile before (j = 0) + for G > 1 the stacked q tile + gathered K, V + the mask (its
     negation too, while the bias is filled: m·(2 + s)) + the outputs O (t) and lse (two lse
@@ -173,20 +182,21 @@ def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int
             ta = t * acc // s.itemsize  # one query tile in the accumulation dtype
             stack = 0 if g1 else 2 * t + lrow * tq  # dO is an expanded scalar: its tile is a view
             for j, seg in enumerate(bsegs):
-                copies, mask, grads, ev = _seg_terms(s, seg, tq, per_head, evb)
+                copies, mask, grads, ev = _seg_terms(s, seg, tq, per_head, evb, backward=True)
+                # Half inputs: the float32 copies of the q, dO, O tiles and of the keys.
+                casts = 3 * ta + grads if s.half else 0
                 hold = 0
                 if prev_b is not None:
-                    hold = _seg_terms(s, prev_b[1], prev_b[0], per_head)[2]
-                    hold += qrow * prev_b[0] if j == 0 else 0
-                # The tile's dQ so far and the last call's: one storage in float32/float64; a
-                # float32 accumulator beside the half-precision result for half inputs.
-                hold += (ta + t if j else 0) if s.half else t * min(j, 2)
+                    hold = _seg_terms(s, prev_b[1], prev_b[0], per_head, backward=True)[2]
+                    hold += qrow * prev_b[0] * acc // s.itemsize if j == 0 else 0
+                # The tile's dQ so far and the last call's (one storage after the first call).
+                hold += ta * min(j, 2)
                 if not lead:
                     base = hold + stack + copies
-                    bwd = max(bwd, base + mask + t + grads, base + mask * (2 + s.itemsize) // (1 + s.itemsize),
-                              base + ev)
+                    bwd = max(bwd, base + casts + mask + ta + grads,
+                              base + casts + mask * (2 + acc) // (1 + acc), base + ev)
                 prev_b = (tq, seg)
-                tail = ta + t + copies + grads if len(bsegs) > 1 else t + copies + grads
+                tail = (2 * ta if len(bsegs) > 1 else ta) + stack + copies + grads
             for j, seg in enumerate(fsegs):
                 copies, mask, _, ev = _seg_terms(s, seg, tq, per_head, evb)
                 # The running output and the last call's (half inputs: a float32 running output).
@@ -301,19 +311,23 @@ def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
     rows_bytes = 8 * g
     peak_fwd = out_lse + fwd
     if rest is not None:
-        rest_fwd, rest_bwd, rest_tail = _tiled_work(s, rest, False, evb + 2)
+        rest_fwd, rest_bwd, _ = _tiled_work(s, rest, False, evb + 2)
         # index_select of the g rows of q; the rows' own output and lse
         peak_fwd = max(peak_fwd, out_lse + rows_bytes + 2 * qrow * g + lrow * g + rest_fwd)
-    # Half inputs: dK, dV accumulate in float32 and are cast back at the end (both kept then).
-    kv_acc = 2 * s.kv_bytes * s.acc_itemsize // s.itemsize
-    grads = s.q_bytes + kv_acc
+    # Half inputs: dQ, dK, dV accumulate in float32 and are cast back at the end (both kept then).
+    r = s.acc_itemsize // s.itemsize
+    kv_acc = 2 * s.kv_bytes * r
+    grads = r * s.q_bytes + kv_acc
+    casts = s.q_bytes + 2 * s.kv_bytes if s.half else 0
     peak_bwd = out_lse + rows_bytes + lse + grads + bwd
-    if s.half:
-        peak_bwd = max(peak_bwd, out_lse + rows_bytes + lse + grads + 2 * s.kv_bytes + tail)
+    if s.half and rest is None:
+        peak_bwd = max(peak_bwd, out_lse + rows_bytes + lse + grads + casts + tail)
     if rest is not None:
-        local_grads = s.q_bytes + 2 * s.kv_bytes  # the local pass's, cast back
-        peak_bwd = max(peak_bwd, out_lse + rows_bytes + local_grads + 4 * qrow * g + 2 * lrow * g
-                       + kv_acc + max(rest_bwd, 2 * s.kv_bytes + rest_tail if s.half else 0))
+        # The local pass's gradients stay in the accumulation dtype until the end.
+        peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + 4 * qrow * g + 2 * lrow * g
+                       + kv_acc + rest_bwd)
+        if s.half:  # the casts back, with the rows' pass's dQ, dK, dV still bound
+            peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + r * qrow * g + kv_acc + casts)
     if band is not None:
         cls_fwd, cls_bwd = _class_work(s, opts.stride)
         peak_fwd = max(peak_fwd, out_lse + cls_fwd)
