@@ -184,7 +184,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     amhf.register("chunked", name="attnmem")
     with open("/proc/cpuinfo") as f:
-        cpu = f.read().split("model name")[1].split("\n")[0].strip(": ")
+        cpu = f.read().split("model name")[1].split("\n")[0].strip(": \t")
     print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
                       "loadavg": loadavg()}), flush=True)
     if args.mask_build:
