@@ -1,16 +1,22 @@
 """One training step of Hugging Face Llama- and Mistral-shaped models: eager, HF sdpa, attnmem.
 
-Small widths (d = 256, 8 query heads of 32, 2 KV heads, 2 layers, vocabulary 1024) so that
-attention dominates at long N. For each (model, N, padding) the step — forward with the model's
-own loss, backward, AdamW step — is measured for its peak (``attnmem.measure``'s tracker, every
-live tensor counted, parameters and optimizer state included) and predicted by
-``estimate_step`` (fake tensors) beside it. Times are ratios against HF ``sdpa`` measured in the
-same run, interleaved (attnmem, sdpa, attnmem, ...), medians; the load average is recorded.
-Padded cases left-pad ``N // 64`` tokens (1.6 %). ``eager`` runs only where its N² scores fit
-``--eager-max``; above that its peak is ``estimate_step``'s alone.
+Small widths, long N, so that attention's memory is what is measured: d = 128, 4 query heads of
+32, 2 KV heads (GQA), FFN 256, 2 layers, vocabulary 256 (at d = 256 and vocabulary 1024 the
+logits, MLP and AdamW state were most of attnmem's peak). Mistral: ``sliding_window = 1024``.
+For each (model, N, padding, implementation) the step — forward with the model's own loss,
+backward, AdamW step, gradients freed — is predicted by ``estimate_step`` (fake tensors) and,
+where that prediction fits ``--measure-max-mib``, measured for its peak (``attnmem.measure``'s
+tracker: every live tensor, parameters and optimizer state included). Padded cases left-pad
+``N // 64`` tokens (1.6 %).
 
-    PYTHONPATH=src python benchmarks/hf.py --seq-lens 4096,8192 --repeats 3
-    PYTHONPATH=src python benchmarks/hf.py --mask-build     # mask construction at N = 8192
+Times (``--timing``, or only those with ``--timing-only``) are the issue's target ratios, each
+pair interleaved in one process (A, B, A, B, ...), medians of the per-pair ratios, with
+/proc/loadavg before and after: Llama unpadded attnmem vs HF sdpa, and padded vs unpadded
+attnmem for both models.
+
+    PYTHONPATH=src python benchmarks/hf.py                                  # memory table
+    PYTHONPATH=src python benchmarks/hf.py --timing-only --seq-lens 8192 --repeats 5
+    PYTHONPATH=src python benchmarks/hf.py --mask-build                     # mask construction
 """
 
 from __future__ import annotations
@@ -26,12 +32,18 @@ from transformers import LlamaConfig, MistralConfig
 import attnmem.integrations.hf as amhf
 from attnmem.memory.measure import MiB, track_peak
 
-SHAPE = {"vocab_size": 1024, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2,
-         "num_attention_heads": 8, "num_key_value_heads": 2, "max_position_embeddings": 65536}
+SHAPE = {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 65536}
+IMPLS = ("eager", "sdpa", "attnmem")
 
 
 def configs(window: int) -> dict:
     return {"llama": LlamaConfig(**SHAPE), "mistral": MistralConfig(**SHAPE, sliding_window=window)}
+
+
+def loadavg() -> list[str]:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[:3]
 
 
 def prepared(cfg, impl: str, n: int, pad: int):
@@ -45,43 +57,70 @@ def measured_peak(cfg, impl: str, n: int, pad: int) -> int:
     return peak
 
 
-def time_ratio(cfg, impl: str, peer: str, n: int, pad: int, repeats: int) -> tuple[float, float, float]:
-    """(median time of impl, of peer, median of the per-pair ratios), interleaved."""
-    a, b = prepared(cfg, impl, n, pad), prepared(cfg, peer, n, pad)
-    for model, opt, inputs in (a, b):
+def time_ratio(a: tuple, b: tuple, repeats: int) -> dict:
+    """Steps ``a`` and ``b`` — each (config, impl, N, pad) — interleaved after one warm-up each:
+    their median times and the median of the per-pair ratios a / b."""
+    steps = [prepared(*case) for case in (a, b)]
+    for model, opt, inputs in steps:
         amhf.train_step(model, opt, inputs)  # warm-up
-    ta, tb = [], []
+    times: list[list[float]] = [[], []]
     for _ in range(repeats):
-        for (model, opt, inputs), out in ((a, ta), (b, tb)):
+        for (model, opt, inputs), out in zip(steps, times):
             t0 = time.perf_counter()
             amhf.train_step(model, opt, inputs)
             out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb), statistics.median(x / y for x, y in zip(ta, tb))
+    return {"time_a_s": statistics.median(times[0]), "time_b_s": statistics.median(times[1]),
+            "ratio": statistics.median(x / y for x, y in zip(*times)), "pairs": repeats}
 
 
-def run_steps(args) -> list[dict]:
-    amhf.register("chunked", name="attnmem")
+def memory_rows(args) -> list[dict]:
     rows = []
-    for model_name, cfg in configs(args.window).items():
+    for model_name in args.models:
+        cfg = configs(args.window)[model_name]
         for n in args.seq_lens:
-            for pad in (0, n // 64):
-                for impl in ("eager", "sdpa", "attnmem"):
-                    t0 = time.perf_counter()
+            for pad in (0, n // 64) if args.padding == "both" else ((0,) if args.padding == "none" else (n // 64,)):
+                for impl in args.impls:
                     est = amhf.estimate_step(cfg, n, attn_implementation=impl, pad=pad)
-                    est_s = time.perf_counter() - t0
-                    row = {"model": model_name, "impl": impl, "N": n, "pad": pad, "estimate_mib": est.peak_bytes / MiB,
-                           "estimate_s": est_s}
-                    if impl != "eager" or n <= args.eager_max:
+                    row = {"model": model_name, "impl": impl, "N": n, "pad": pad, "estimate_mib": est.peak_mib,
+                           "estimate_s": est.seconds}
+                    if est.peak_mib <= args.measure_max_mib:
                         peak = measured_peak(cfg, impl, n, pad)
                         row["peak_mib"] = peak / MiB
                         row["estimate_error"] = est.peak_bytes / peak - 1
-                    if impl == "attnmem" and args.repeats:
-                        t_a, t_s, ratio = time_ratio(cfg, "attnmem", "sdpa", n, pad, args.repeats)
-                        row.update(time_s=t_a, sdpa_time_s=t_s, time_vs_sdpa=ratio)
-                    row["loadavg"] = open("/proc/loadavg").read().split()[:3]
+                    row["loadavg"] = loadavg()
                     rows.append(row)
                     print(json.dumps(row), flush=True)
     return rows
+
+
+def timing_rows(args) -> list[dict]:
+    """The issue's time targets: Llama unpadded attnmem / sdpa; padded / unpadded attnmem."""
+    cfgs = configs(args.window)
+    rows = []
+    for n in args.seq_lens:
+        pairs = [("llama", "attnmem / sdpa, unpadded", (cfgs["llama"], "attnmem", n, 0), (cfgs["llama"], "sdpa", n, 0))]
+        pairs += [(m, "attnmem padded / unpadded", (cfgs[m], "attnmem", n, n // 64), (cfgs[m], "attnmem", n, 0))
+                  for m in args.models]
+        for model_name, what, a, b in pairs:
+            before = loadavg()
+            row = {"model": model_name, "N": n, "ratio_of": what, **time_ratio(a, b, args.repeats),
+                   "loadavg_before": before, "loadavg_after": loadavg()}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    """The memory rows as the BENCHMARKS table (MiB)."""
+    lines = ["| model | N | padding | impl | measured peak MiB | estimate_step MiB | error | trace s | load avg |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        measured = f"{r['peak_mib']:.1f}" if "peak_mib" in r else "not run (predicted only)"
+        error = f"{100 * r['estimate_error']:+.2f} %" if "estimate_error" in r else "–"
+        pad = f"{r['pad']} left" if r["pad"] else "none"
+        lines.append(f"| {r['model']} | {r['N']} | {pad} | {r['impl']} | {measured} | {r['estimate_mib']:.1f} | "
+                     f"{error} | {r['estimate_s']:.1f} | {r['loadavg'][0]} |")
+    return "\n".join(lines)
 
 
 def mask_build(n: int = 8192, repeats: int = 20) -> list[dict]:
@@ -119,7 +158,7 @@ def mask_build(n: int = 8192, repeats: int = 20) -> list[dict]:
             build()
             times.append(time.perf_counter() - t0)
         row = {"mask": name, "N": n, "build_ms": statistics.median(times) * 1e3, "build_peak_kib": (peak - base) / 1024,
-               "loadavg": open("/proc/loadavg").read().split()[:3]}
+               "loadavg": loadavg()}
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
@@ -127,21 +166,34 @@ def mask_build(n: int = 8192, repeats: int = 20) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--seq-lens", default="4096,8192")
+    p.add_argument("--seq-lens", default="4096,8192,16384,32768")
+    p.add_argument("--models", default="llama,mistral")
+    p.add_argument("--impls", default=",".join(IMPLS), help="Among eager, sdpa, attnmem.")
+    p.add_argument("--padding", choices=("both", "none", "left"), default="both")
     p.add_argument("--window", type=int, default=1024, help="Mistral's sliding_window.")
-    p.add_argument("--repeats", type=int, default=3, help="Interleaved timed steps per implementation (0: none).")
-    p.add_argument("--eager-max", type=int, default=4096, help="Largest N at which eager runs for real.")
+    p.add_argument("--measure-max-mib", type=float, default=6144,
+                   help="Run a case for real only when estimate_step predicts at most this peak.")
+    p.add_argument("--timing", action="store_true", help="Also the interleaved time ratios.")
+    p.add_argument("--timing-only", action="store_true", help="Only the interleaved time ratios.")
+    p.add_argument("--repeats", type=int, default=3, help="Interleaved pairs per time ratio.")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mask-build", action="store_true", help="Only the mask-construction benchmark.")
     args = p.parse_args()
     args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    args.models, args.impls = args.models.split(","), args.impls.split(",")
     torch.set_num_threads(args.threads)
-    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(),
-                      "cpu": open("/proc/cpuinfo").read().split("model name")[1].split("\n")[0].strip(": ")}))
+    amhf.register("chunked", name="attnmem")
+    with open("/proc/cpuinfo") as f:
+        cpu = f.read().split("model name")[1].split("\n")[0].strip(": \t")
+    print(json.dumps({"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu,
+                      "loadavg": loadavg()}), flush=True)
     if args.mask_build:
         mask_build()
-    else:
-        run_steps(args)
+        return
+    if not args.timing_only:
+        print(markdown(memory_rows(args)), flush=True)
+    if args.timing or args.timing_only:
+        timing_rows(args)
 
 
 if __name__ == "__main__":

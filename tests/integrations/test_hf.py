@@ -444,6 +444,23 @@ def test_estimate_step_equals_measured_peak(impl, pad):
     assert abs(est.peak_bytes - peak) <= 0.02 * peak
 
 
+@pytest.mark.parametrize("arch, pad", [("llama", 9), ("qwen2", 0)])
+def test_estimate_step_replay_equals_tracing_every_layer(arch, pad):
+    """Each distinct attention call traced once and replayed in every layer gives the bytes of
+    tracing every layer: GQA with left padding (a mask description per call); hybrid layers,
+    one full and two sliding-window (two kinds of call, the second one replayed)."""
+    amhf.register(name="attnmem_replay", **TILES)
+    t = transformers
+    small = {"vocab_size": VOCAB, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    cfg = {"llama": lambda: t.LlamaConfig(**small),
+           "qwen2": lambda: t.Qwen2Config(**small, use_sliding_window=True, sliding_window=12, max_window_layers=1),
+           }[arch]()
+    peaks = {replay: amhf.estimate_step(cfg, 48, batch=2, attn_implementation="attnmem_replay", pad=pad,
+                                        replay=replay).peak_bytes for replay in (False, True)}
+    assert peaks[True] == peaks[False]
+
+
 def test_estimate_step_refuses_bad_arguments():
     with pytest.raises(TypeError, match="model_or_config"):
         amhf.estimate_step("llama", 128)

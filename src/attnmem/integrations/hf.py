@@ -38,10 +38,12 @@ not know.
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 import math
 import re
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -495,19 +497,238 @@ def _make_attention_fn(name: str) -> Callable:
                                   **kwargs: Any) -> tuple[Tensor, None]:
         """query (B, Hq, Nq, D), key/value (B, Hkv, Nk, D) -> ((B, Nq, Hq, D) contiguous, None)."""
         binding = _BINDINGS[name]
+        softcap = kwargs.get("softcap")
         extra = _features(module, dropout, kwargs)
         _check_window(attention_mask, sliding_window)
         B, _, nq, _ = query.shape
         causal = is_causal if is_causal is not None else bool(getattr(module, "is_causal", True))
-        mask, key, value = structured_mask(attention_mask, key, value, batch=B, nq=nq, is_causal=causal)
-        mask = _and(mask, _cu_documents(cu_seq_lens_q, cu_seq_lens_k, nq, key.shape[2], B))
-        out = attention(query, key, value, method=binding.method, mask=mask, scale=scaling, **extra,
-                        **binding.options)
-        out = out.transpose(1, 2)  # (B, Nq, Hq, D): a view when attnmem laid the output out so
-        return (out if out.is_contiguous() else out.contiguous()), None
+
+        def call(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+            mask, k, v = structured_mask(attention_mask, k, v, batch=B, nq=nq, is_causal=causal)
+            mask = _and(mask, _cu_documents(cu_seq_lens_q, cu_seq_lens_k, nq, k.shape[2], B))
+            out = attention(q, k, v, method=binding.method, mask=mask, scale=scaling, **extra, **binding.options)
+            out = out.transpose(1, 2)  # (B, Nq, Hq, D): a view when attnmem laid the output out so
+            return out if out.is_contiguous() else out.contiguous()
+
+        replay = _REPLAY.get()
+        # Sinks, dropout and packed cu_seq_lens carry per-call tensors or randomness: traced always.
+        if (replay is not None and cu_seq_lens_q is None and cu_seq_lens_k is None and set(extra) <= {"score_mod"}
+                and (attention_mask is None or isinstance(attention_mask, HFMask))):
+            signature = (name, binding.method, repr(sorted(binding.options.items())), replay.mask_id(attention_mask),
+                         causal, scaling, softcap)
+            return replay(signature, call, (query, key, value)), None
+        return call(query, key, value), None
 
     attnmem_attention_forward.__qualname__ = f"attnmem_attention_forward[{name}]"
     return attnmem_attention_forward
+
+
+# --- estimate_step's shortcut: each distinct attention call traced once ----------------------
+#
+# The layers of a model call attention with the same shapes, strides and mask description, and
+# on fake tensors the tiled kernel's Python loop is most of a step's trace (thousands of fake
+# operators per call with a sliding window). So each distinct call is traced once, ALONE, on
+# fresh fake inputs laid out as the model's (under a fork of the step's tracker, which counts
+# the storages alive already), and every layer's call replays what that trace saw: the forward's
+# transient above its inputs, its output, the storages it leaves alive (and which of them its
+# backward frees), which inputs its graph saves, the backward's transient and its gradients.
+# Replayed, a call changes the step's live bytes exactly as tracing it would; tests compare
+# both to the byte.
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Enough about a tensor to allocate one laid out like it: ``group`` numbers the distinct
+    storages among the tensors described together (q, k, v may share one)."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    offset: int
+    dtype: torch.dtype
+    device: torch.device
+    nbytes: int
+    group: int
+
+    @property
+    def plain(self) -> bool:
+        """Whether the storage holds exactly this tensor (then ``empty_strided`` makes it)."""
+        extent = 1 + sum((n - 1) * st for n, st in zip(self.shape, self.stride)) if all(self.shape) else 0
+        return self.offset == 0 and self.nbytes == extent * self.dtype.itemsize
+
+
+def _layouts(tensors: tuple[Tensor | None, ...]) -> tuple[_Layout | None, ...]:
+    groups: dict[int, int] = {}
+    out: list[_Layout | None] = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        st = t.untyped_storage()
+        group = groups.setdefault(id(st), len(groups))
+        out.append(_Layout(tuple(t.shape), tuple(t.stride()), t.storage_offset(), t.dtype, t.device, st.nbytes(),
+                           group))
+    return tuple(out)
+
+
+def _alike(layouts: tuple[_Layout | None, ...]) -> list[Tensor | None]:
+    """Fresh tensors (fake ones when large, in a trace) with these layouts and storage sharing."""
+    shared = {g: sum(lay is not None and lay.group == g for lay in layouts) > 1 for g in range(len(layouts))}
+    buffers: dict[int, Tensor] = {}
+    out: list[Tensor | None] = []
+    for lay in layouts:
+        if lay is None:
+            out.append(None)
+        elif lay.plain and not shared[lay.group]:
+            out.append(torch.empty_strided(lay.shape, lay.stride, dtype=lay.dtype, device=lay.device))
+        else:
+            if lay.group not in buffers:
+                buffers[lay.group] = torch.empty(lay.nbytes, dtype=torch.uint8, device=lay.device)
+            flat = buffers[lay.group].view(lay.dtype)  # (nbytes / itemsize,)
+            out.append(flat.as_strided(lay.shape, lay.stride, lay.offset))
+    return out
+
+
+def _saved_storage_ids(out: Tensor) -> set[int]:
+    """Storages the autograd graph behind ``out`` saves for its backward (before it runs)."""
+    ids: set[int] = set()
+    seen: set[int] = set()
+    stack = [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        values = list(getattr(node, "saved_tensors", ()) or ())  # a custom Function's context
+        values += [getattr(node, attr) for attr in dir(node) if attr.startswith("_saved_")]
+        for val in values:
+            for t in val if isinstance(val, (tuple, list)) else (val,):
+                if isinstance(t, Tensor):
+                    ids.add(id(t.untyped_storage()))
+        stack += [fn for fn, _ in node.next_functions]
+    return ids
+
+
+@dataclass(frozen=True)
+class _BackwardTrace:
+    excess: int  # peak above the live bytes at the backward's start
+    grads: tuple[_Layout | None, ...]  # of q, k, v (None where no gradient is asked)
+    freed: tuple[int, ...]  # indices into ``_CallTrace.kept`` of the storages the backward frees
+
+
+class _CallTrace:
+    """One attention call traced alone: its forward when first met, its backward when the
+    step's backward first reaches a call of this kind (the gradient's layout is known then)."""
+
+    def __init__(self, tracker: Any, call: Callable, layouts: tuple[_Layout | None, ...],
+                 needs_grad: tuple[bool, ...]):
+        self.tracker = tracker
+        self.backwards: dict[_Layout | None, _BackwardTrace] = {}
+        # ``call`` is not kept: its closure holds the step's mask description, whose padding
+        # tensor the step frees after its forward.
+        with tracker.paused():
+            inputs = [x.requires_grad_(r) for x, r in zip(_alike(layouts), needs_grad)]
+            sub = tracker.fork()
+            sub.track_tree(inputs)
+            before, start = sub.storages(), sub.live
+            sub.peak = start
+            with sub, torch.enable_grad():
+                out = call(*inputs)
+            saved = _saved_storage_ids(out)  # unpacking a saved output is an operator: untracked too
+        out_storage = out.untyped_storage()
+        new = [ref for key, ref in sub.storages().items() if before.get(key) is not ref]
+        if not any(ref() is out_storage for ref in new):
+            raise RuntimeError("estimate_step: an attention output that shares an input's storage cannot be "
+                               "replayed; pass replay=False")
+        self.excess = sub.peak - start
+        (self.out,) = _layouts((out,))
+        self.out_saved = id(out_storage) in saved
+        self.saved_inputs = tuple(i for i, x in enumerate(inputs) if id(x.untyped_storage()) in saved)
+        kept = [ref for ref in new if ref() is not out_storage]
+        self.kept = tuple(ref().nbytes() for ref in kept)
+        self._graph: tuple | None = (inputs, out, sub, kept)
+
+    def backward(self, dout: Tensor) -> _BackwardTrace:
+        (layout,) = _layouts((dout,))
+        if layout not in self.backwards:
+            if self._graph is None:
+                raise RuntimeError("estimate_step: two calls of one kind met gradients laid out differently; "
+                                   "the replay traced one; pass replay=False")
+            inputs, out, sub, kept = self._graph
+            self._graph = None
+            with self.tracker.paused():
+                (grad_out,) = _alike((layout,))
+                sub.track(grad_out)
+                before, start = sub.storages(), sub.live
+                sub.peak = start
+                wanted = [x for x in inputs if x.requires_grad]
+                with sub:
+                    grads = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True))
+                full = tuple(next(grads) if x.requires_grad else None for x in inputs)
+            for g in full:
+                if g is not None and id(g.untyped_storage()) in before:
+                    raise RuntimeError("estimate_step: an attention gradient that shares a storage alive before "
+                                       "its backward cannot be replayed; pass replay=False")
+            freed = tuple(i for i, ref in enumerate(kept) if ref() is None)
+            self.backwards[layout] = _BackwardTrace(sub.peak - start, _layouts(full), freed)
+        return self.backwards[layout]
+
+
+class _Replayed(torch.autograd.Function):
+    """A traced call's memory effect on the step's tracker, in both passes; no arithmetic."""
+
+    @staticmethod
+    def forward(ctx, trace: _CallTrace, *inputs: Tensor) -> Tensor:
+        trace.tracker.reserve(trace.excess)
+        (out,) = _alike((trace.out,))
+        device = trace.out.device
+        ctx.kept = [torch.empty(n, dtype=torch.uint8, device=device) for n in trace.kept]
+        ctx.trace = trace
+        # What the call's graph saves stays alive until its backward, as it would.
+        ctx.save_for_backward(*(inputs[i] for i in trace.saved_inputs), *((out,) if trace.out_saved else ()))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        bwd = ctx.trace.backward(dout)
+        ctx.trace.tracker.reserve(bwd.excess)
+        for i in bwd.freed:
+            ctx.kept[i] = None
+        return (None, *_alike(bwd.grads))
+
+
+class _Replay:
+    """The ``estimate_step`` shortcut, active while one step is traced (``_REPLAY``)."""
+
+    def __init__(self, tracker: Any):
+        self.tracker = tracker
+        self.traces: dict[tuple, _CallTrace] = {}
+        # A weak reference per mask description: holding it would keep its padding tensor alive
+        # past the forward, which the step itself does not.
+        self._masks: dict[int, tuple[weakref.ref, int]] = {}
+        self._serial = 0
+
+    def mask_id(self, mask: Any) -> int | None:
+        """A number per mask description (a new object at a reused id gets a new one)."""
+        if mask is None:
+            return None
+        known = self._masks.get(id(mask))
+        if known is None or known[0]() is not mask:
+            self._serial += 1
+            known = self._masks[id(mask)] = (weakref.ref(mask), self._serial)
+        return known[1]
+
+    def __call__(self, signature: tuple, call: Callable, inputs: tuple[Tensor, ...]) -> Tensor:
+        needs_grad = tuple(x.requires_grad for x in inputs)
+        if not torch.is_grad_enabled() or not any(needs_grad):
+            return call(*inputs)
+        layouts = _layouts(inputs)
+        key = (signature, layouts, needs_grad)
+        if key not in self.traces:
+            self.traces[key] = _CallTrace(self.tracker, call, layouts, needs_grad)
+        return _Replayed.apply(self.traces[key], *inputs)
+
+
+_REPLAY: contextvars.ContextVar[_Replay | None] = contextvars.ContextVar("attnmem_hf_replay", default=None)
 
 
 # --- memory of one training step, predicted on fake tensors ----------------------------------
@@ -629,7 +850,7 @@ class StepEstimate(Peak):
 
 def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: bool = True,
                   optimizer: str = "adamw", checkpointing: bool = False, dtype: torch.dtype | None = None,
-                  pad: int = 0, attn_implementation: str | None = None) -> StepEstimate:
+                  pad: int = 0, attn_implementation: str | None = None, replay: bool = True) -> StepEstimate:
     """Peak bytes of one training (or inference) step of a transformers model, nothing allocated.
 
     The model is rebuilt from its config on fake tensors (``FakeTensorMode``) and one step —
@@ -646,6 +867,10 @@ def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: 
         dtype: parameter dtype (default: the config's / float32).
         pad: left-padding tokens per row (an attention mask is passed when > 0).
         attn_implementation: the name to run (default: the config's).
+        replay: trace each distinct attnmem attention call once, alone, and replay its memory
+            effect in every layer that makes it (the same bytes as tracing every layer, which
+            ``replay=False`` does; the tests compare both). Not with ``checkpointing``, whose
+            backward re-runs the forward.
 
     Raises:
         TypeError/ValueError: wrong argument types or values.
@@ -671,8 +896,12 @@ def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: 
     state = state_tensors(model, opt)
     tracker.track_tree((state, inputs))
     start = tracker.live
-    with small_real_mode(fake_mode), tracker:
-        train_step(model, opt, inputs, training)
+    token = _REPLAY.set(_Replay(tracker) if replay and training and not checkpointing else None)
+    try:
+        with small_real_mode(fake_mode), tracker:
+            train_step(model, opt, inputs, training)
+    finally:
+        _REPLAY.reset(token)
     return StepEstimate(tracker.peak, start, seq_len, batch, impl, time.perf_counter() - t0)
 
 

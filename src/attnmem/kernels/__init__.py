@@ -38,6 +38,7 @@ from .tiled import (
     TiledRun,
     allowed_bool,
     apply_sinks,
+    native_gqa,
     plan_call,
     row_dot,
     run_exact,
@@ -56,5 +57,6 @@ __all__ = [
     "tiled_attention", "tiled_attention_lse", "tiled_backward", "tiled_backward_lse",
     "tiled_forward", "torch_backward", "torch_forward",
     "Mods", "ScoreMod", "TileMods", "captured_tensors", "dropout_keep", "make_mods", "merge",
-    "fused_backward_acc", "CallPlan", "plan_call", "Run", "TiledRun", "apply_sinks", "row_dot", "run_exact",
+    "fused_backward_acc", "CallPlan", "native_gqa", "plan_call", "Run", "TiledRun", "apply_sinks", "row_dot",
+    "run_exact",
 ]

@@ -33,6 +33,7 @@ dropout per tile, in both passes). Around any schedule (a ``Run``), ``run_exact`
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -224,14 +225,32 @@ def _key_bias(c: TileContext, q: Tensor, heads: int):
     return bias[:, None, None, :].expand(c.B, heads, c.nq, c.nk)
 
 
+@functools.cache
+def native_gqa() -> bool:
+    """Whether the CPU flash operator takes K/V with fewer heads than Q (torch >= 2.5 does, in
+    both passes): then causal GQA is one call, as SDPA's ``enable_gqa``, with no head loop."""
+    q, kv = torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)
+    try:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, True)
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(out, q, kv, kv, out, lse, 0.0, True)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _grouped_causal_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    out = _bnhd_zeros(q, c)  # (B, Hq, N, D)
-    lse = torch.empty(c.B, c.Hq, c.nq, dtype=acc_dtype(q.dtype), device=q.device)  # (B, Hq, N)
-    for heads, k_g, v_g in _head_groups(c, k, v):
-        allowed = _key_bias(c, q, k_g.shape[1])
-        o_g, l_g = _causal_call(q[:, heads], k_g, v_g, allowed, c.scale, backward=False)
-        out[:, heads] = o_g
-        lse[:, heads] = l_g
+    if native_gqa():
+        # One call over every head; its output is (B, Hq, N, D) laid out as (B, N, Hq, D).
+        out, lse = _causal_call(q, k, v, _key_bias(c, q, c.Hq), c.scale, backward=False)
+        lse = lse.to(acc_dtype(q.dtype))  # (B, Hq, N)
+    else:
+        out = _bnhd_zeros(q, c)  # (B, Hq, N, D)
+        lse = torch.empty(c.B, c.Hq, c.nq, dtype=acc_dtype(q.dtype), device=q.device)  # (B, Hq, N)
+        for heads, k_g, v_g in _head_groups(c, k, v):
+            allowed = _key_bias(c, q, k_g.shape[1])
+            o_g, l_g = _causal_call(q[:, heads], k_g, v_g, allowed, c.scale, backward=False)
+            out[:, heads] = o_g
+            lse[:, heads] = l_g
     if c.key_valid is not None:
         # A query before a row's first real key sees nothing: lse -inf (the kernel reports 0).
         seen = c.key_valid.to(q.device).cumsum(-1) > 0  # (Bm, N): some real key at or before
@@ -240,6 +259,8 @@ def _grouped_causal_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> 
 
 
 def _grouped_causal_backward(c: TileContext, dout, q, k, v, out, lse_b):
+    if native_gqa():
+        return _causal_call(q, k, v, _key_bias(c, q, c.Hq), c.scale, backward=True, dout=dout, out=out, lse=lse_b)
     dq = torch.empty_like(q)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     for j, (heads, k_g, v_g) in enumerate(_head_groups(c, k, v)):

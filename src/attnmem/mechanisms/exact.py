@@ -16,6 +16,7 @@ from ..kernels import (
     flex_attention,
     flex_available,
     flex_safe,
+    native_gqa,
     plan_call,
     tiled_attention,
 )
@@ -207,10 +208,16 @@ def sdpa_footprint(s: Shape) -> Footprint:
 
 
 def grouped_causal_footprint(s: Shape) -> Footprint:
-    """Causal GQA, fused kernel: one call per KV head (its G query heads against the head
-    expanded as a view). Saved O + lse; one head group's output, lse (forward) and
-    dQ, dK, dV expanded to G heads plus three more such buffers (backward) are transient.
-    Read off traces (tests check formula == trace)."""
+    """Causal GQA, fused kernel. Where the operator takes K/V with fewer heads (``native_gqa``):
+    one call over every head, SDPA's terms (forward only: O and lse) plus two scalars. Else one
+    call per KV head (its G query heads against the head expanded as a view): saved O + lse;
+    one head group's output, lse (forward) and dQ, dK, dV expanded to G heads plus three more
+    such buffers (backward) are transient. Read off traces (tests check formula == trace)."""
+    if native_gqa():
+        if not s.training:
+            return Footprint(0, s.q_bytes + s.lse_bytes)
+        saved, transient = sdpa_footprint(s)
+        return Footprint(saved, transient + 2 * s.itemsize)
     group_q = s.q_bytes // s.kv_heads
     lse = s.lse_bytes
     if not s.training:

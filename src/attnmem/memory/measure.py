@@ -14,7 +14,8 @@ from __future__ import annotations
 import statistics
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,12 +46,16 @@ class LiveTensorTracker(TorchDispatchMode):
         self.peak = 0
         self._sizes: dict[int, int] = {}
         self._refs: dict[int, weakref.ref] = {}
+        self._paused = 0
 
     def track(self, t: torch.Tensor) -> None:
         try:
             st = t.untyped_storage()
         except (NotImplementedError, RuntimeError):
             return  # sparse or otherwise storage-less tensors
+        self._track_storage(st)
+
+    def _track_storage(self, st: torch.UntypedStorage) -> None:
         key = id(st)
         size = st.nbytes()
         old = self._sizes.get(key)
@@ -64,6 +69,35 @@ class LiveTensorTracker(TorchDispatchMode):
         self.live -= self._sizes.pop(key, 0)
         self._refs.pop(key, None)
 
+    def storages(self) -> dict[int, weakref.ref]:
+        """The live tracked storages now: ``{id: weak reference}`` (the reference object stays
+        the same while its storage lives, so a new storage that reuses an id is told apart)."""
+        return dict(self._refs)
+
+    def fork(self) -> LiveTensorTracker:
+        """A new tracker that already counts this one's live storages, so that a side
+        measurement's new storages are told apart from those already alive."""
+        other = LiveTensorTracker()
+        for ref in list(self._refs.values()):
+            st = ref()
+            if st is not None:
+                other._track_storage(st)
+        return other
+
+    def reserve(self, extra: int) -> None:
+        """Count ``extra`` bytes above the live ones toward the peak (a transient known from
+        elsewhere, e.g. a call whose trace is replayed)."""
+        self.peak = max(self.peak, self.live + extra)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Operators run untracked inside (tensors a side measurement creates and drops)."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
     def track_tree(self, obj: Any) -> None:
         for leaf in tree_flatten(obj)[0]:
             if isinstance(leaf, torch.Tensor):
@@ -73,6 +107,8 @@ class LiveTensorTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._paused:
+            return out
         for leaf in tree_flatten(out)[0]:
             if isinstance(leaf, torch.Tensor):
                 self.track(leaf)
