@@ -22,18 +22,14 @@ each document) of every rank: max / mean.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import attnmem
 from _common import RESULTS, append_row, load_rows, log
+from _ranks import CORES, run_ranks, threads_per_rank
 from attnmem.bench import Case, environment, run_case
 from attnmem.bench.cases import make_inputs
 from attnmem.distributed import (
@@ -51,7 +47,6 @@ from attnmem.distributed.estimate import per_rank
 from attnmem.distributed.layout import random_documents
 from attnmem.memory.measure import MiB, measure
 
-CORES = os.cpu_count() or 1
 SCHEMES = ("ring", "ulysses", "hybrid")
 B, H, D = 1, 8, 64
 
@@ -60,10 +55,7 @@ def _grid(scheme: str, world: int) -> tuple[int, int]:
     return {"ring": (1, world), "ulysses": (world, 1), "hybrid": (2, world // 2)}[scheme]
 
 
-def _rank(rank, world, store, n, causal, scheme, result_dir, repeats):
-    torch.set_num_threads(max(1, CORES // world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=20))
+def _rank(rank, world, n, causal, scheme, repeats) -> dict:
     u, r = _grid(scheme, world)
     layout = "zigzag" if causal else "contiguous"
     part = hybrid_partition(layout, n, ulysses=u, ring=r)
@@ -92,34 +84,18 @@ def _rank(rank, world, store, n, causal, scheme, result_dir, repeats):
         # (measure's repeats after a second tracked run, whose bytes are not counted).
         dist.barrier()
         seconds = measure(step, q, k, v, repeats=repeats, warmup=0).time_s
-    torch.save({"peak": m.peak_bytes, "time": seconds, "sent": traffic.sent_bytes,
-                "payload": traffic.payload_bytes, "by_kind": dict(traffic.by_kind), "threads": torch.get_num_threads()},
-               Path(result_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"peak": m.peak_bytes, "time": seconds, "sent": traffic.sent_bytes,
+            "payload": traffic.payload_bytes, "by_kind": dict(traffic.by_kind), "threads": torch.get_num_threads()}
 
 
 def run_scheme(scheme: str, n: int, world: int, causal: bool, repeats: int) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_rank, args=(r, world, f"{d}/store", n, causal, scheme, d, repeats))
-                 for r in range(world)]
-        t0 = time.perf_counter()
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        wall = time.perf_counter() - t0
-        if any(p.exitcode for p in procs):
-            return {"status": "error", "reason": f"exit codes {[p.exitcode for p in procs]}"}
-        ranks = [torch.load(Path(d) / f"rank{r}.pt") for r in range(world)]
+    row, ranks = run_ranks(world, _rank, n, causal, scheme, repeats)
+    if row["status"] != "ok":
+        return row
     u, _ = _grid(scheme, world)
     pred = per_rank(scheme, local_estimate=attnmem.estimate, world_size=world, ulysses=u, batch=B, heads=H,
                     seq_len=n, head_dim=D, causal=causal, layout="zigzag" if causal else "contiguous")
-    peaks = [r["peak"] for r in ranks]
-    return {"status": "ok", "peak_bytes": max(peaks), "peak_mib": max(peaks) / MiB,
-            "rank_peaks_mib": [p / MiB for p in peaks], "time_s": max(r["time"] for r in ranks),
-            "rank_times_s": [r["time"] for r in ranks], "wall_s_with_startup": wall,
-            "sent_bytes": [r["sent"] for r in ranks], "payload_bytes": [r["payload"] for r in ranks],
+    return {**row, "sent_bytes": [r["sent"] for r in ranks], "payload_bytes": [r["payload"] for r in ranks],
             "by_kind": [r["by_kind"] for r in ranks],
             "predicted_peak_bytes": pred["peak_bytes"], "predicted_sent_bytes": pred["sent_bytes"]}
 
@@ -207,7 +183,7 @@ def main() -> None:
                     u, _ = _grid(scheme, world)
                     row = {"kind": "scheme", "scheme": scheme, "seq_len": args.n, "batch": B, "heads": H, "head_dim": D,
                            "dtype": "float32", "device": "cpu", "causal": causal, "ranks": world, "ulysses": u,
-                           "threads_per_rank": max(1, CORES // world), "backend": "gloo", **env,
+                           "threads_per_rank": threads_per_rank(world), "backend": "gloo", **env,
                            "loadavg": Path("/proc/loadavg").read_text().split()[:3],
                            **run_scheme(scheme, args.n, world, causal, args.repeats), "repeats": args.repeats,
                            "peer": {k: peer.get(k) for k in ("method", "status", "peak_bytes", "peak_mib", "time_s")}}

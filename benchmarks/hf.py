@@ -36,12 +36,7 @@ def configs(window: int) -> dict:
 
 def prepared(cfg, impl: str, n: int, pad: int):
     torch.manual_seed(0)
-    model = amhf.build_model(cfg)
-    model.set_attn_implementation(impl)
-    model.train()
-    opt = amhf.make_optimizer(model, "adamw")
-    amhf.init_optimizer_state(model, opt)
-    return model, opt, amhf.step_inputs(cfg, n, 1, pad)
+    return amhf.prepare_step(cfg, impl, n, 1, pad=pad)
 
 
 def measured_peak(cfg, impl: str, n: int, pad: int) -> int:

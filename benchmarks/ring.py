@@ -16,29 +16,19 @@ benchmarks/results/ring.jsonl as they finish.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
-import time
-from datetime import timedelta
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from _common import RESULTS, append_row, load_rows, log
+from _ranks import CORES, run_ranks, threads_per_rank
 from attnmem.bench import Case, environment, floor_bytes, run_case
 from attnmem.bench.cases import make_inputs
 from attnmem.distributed import ring_attention, shard
-from attnmem.memory.measure import MiB, measure
-
-CORES = os.cpu_count() or 1
+from attnmem.memory.measure import measure
 
 
-def _rank(rank, world, store, n, causal, result_dir, repeats, heads_per_pass):
-    torch.set_num_threads(max(1, CORES // world))
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(minutes=20))
+def _rank(rank, world, n, causal, repeats, heads_per_pass) -> dict:
     layout = "zigzag" if causal else "contiguous"
     q, k, v = (shard(t.detach(), world, rank, layout=layout).clone().requires_grad_(True)
                for t in make_inputs(Case("chunked", n)))
@@ -50,29 +40,11 @@ def _rank(rank, world, store, n, causal, result_dir, repeats, heads_per_pass):
 
     dist.barrier()
     m = measure(step, q, k, v, repeats=repeats, warmup=0)
-    torch.save({"peak": m.peak_bytes, "time": m.time_s, "times": m.times_s},
-               Path(result_dir) / f"rank{rank}.pt")
-    dist.destroy_process_group()
+    return {"peak": m.peak_bytes, "time": m.time_s, "times": m.times_s}
 
 
 def run_ring(n: int, world: int, causal: bool, repeats: int, heads_per_pass: int) -> dict:
-    with tempfile.TemporaryDirectory() as d:
-        ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_rank, args=(r, world, f"{d}/store", n, causal, d, repeats, heads_per_pass))
-                 for r in range(world)]
-        t0 = time.perf_counter()
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
-        wall = time.perf_counter() - t0
-        if any(p.exitcode for p in procs):
-            return {"status": "error", "reason": f"exit codes {[p.exitcode for p in procs]}"}
-        ranks = [torch.load(Path(d) / f"rank{r}.pt") for r in range(world)]
-    peaks = [r["peak"] for r in ranks]
-    return {"status": "ok", "peak_bytes": max(peaks), "peak_mib": max(peaks) / MiB,
-            "rank_peaks_mib": [p / MiB for p in peaks], "time_s": max(r["time"] for r in ranks),
-            "rank_times_s": [r["time"] for r in ranks], "wall_s_with_startup": wall}
+    return run_ranks(world, _rank, n, causal, repeats, heads_per_pass)[0]
 
 
 def table(rows: list[dict]) -> str:
@@ -90,7 +62,7 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {r['seq_len']} | {mask} | chunked (round {r['round']}) | 1 | {CORES} | — "
                          f"| {peer['peak_mib']:.0f} | 1 | {peer['time_s']:.2f} | 1 |")
         lines.append(f"| {r['seq_len']} | {mask} | ring (round {r['round']}) | {r['ranks']} "
-                     f"| {max(1, CORES // r['ranks'])} | {r.get('heads_per_pass') or 'auto'} | {r['peak_mib']:.0f} "
+                     f"| {threads_per_rank(r['ranks'])} | {r.get('heads_per_pass') or 'auto'} | {r['peak_mib']:.0f} "
                      f"| {ratio_m} | {r['time_s']:.2f} | {ratio_t} |")
     return "\n".join(lines)
 
@@ -119,7 +91,7 @@ def main() -> None:
                     row = {"method": "ring", "seq_len": args.n, "batch": 1, "heads": 8, "head_dim": 64,
                            "dtype": "float32", "device": "cpu", "causal": causal,
                            "layout": "zigzag" if causal else "contiguous", "ranks": world, "round": rnd,
-                           "threads_per_rank": max(1, CORES // world), "backend": "gloo", **env,
+                           "threads_per_rank": threads_per_rank(world), "backend": "gloo", **env,
                            "floor_bytes": floor_bytes(Case("chunked", args.n)),
                            "heads_per_pass": args.heads_per_pass,
                            **run_ring(args.n, world, causal, args.repeats, args.heads_per_pass),

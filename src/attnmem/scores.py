@@ -27,6 +27,7 @@ import math
 import torch
 from torch import Tensor
 
+from .checks import check_positive_int
 from .kernels import dropout_keep
 
 __all__ = ["softcap", "alibi", "alibi_slopes", "relative_bias", "relative_position_bucket", "dropout_mask"]
@@ -157,8 +158,7 @@ class RelativeBias:
 
     def __init__(self, table: Tensor, num_buckets: int, max_distance: int, bidirectional: bool):
         for name, val in (("num_buckets", num_buckets), ("max_distance", max_distance)):
-            if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, val)
         min_buckets = 4 if bidirectional else 2
         if num_buckets < min_buckets:
             raise ValueError(f"num_buckets must be at least {min_buckets} (bidirectional={bidirectional}), "

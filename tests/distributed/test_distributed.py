@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from attnmem import masks as M
 from attnmem.distributed import ring_attention, shard, unshard
@@ -26,6 +23,7 @@ from attnmem.nn import Transformer
 from attnmem.reference import reference_attention
 
 from ..conftest import rel_err
+from .ranks import spawn_ranks
 
 TOL = 1e-10
 # How long a rank waits on a silent peer: long enough for a slow rank on a loaded machine
@@ -74,12 +72,6 @@ def _transformer_inputs(world):
 
 
 # --- what each rank runs -------------------------------------------------------------------
-
-
-def _init(rank, world, store, timeout_s):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
 
 
 def _correctness(rank, world, out_dir: Path):
@@ -145,57 +137,11 @@ def _peer_silent(rank, world, out_dir: Path):
 SCENARIOS = {"correctness": _correctness, "peer_exits": _peer_exits, "peer_silent": _peer_silent}
 
 
-def _rank_main(rank, world, store, out_dir, scenario):
-    out_dir = Path(out_dir)
-    try:
-        _init(rank, world, store, SILENT_TIMEOUT_S if scenario == "peer_silent" else PG_TIMEOUT_S)
-        SCENARIOS[scenario](rank, world, out_dir)
-        (out_dir / f"ok_{rank}").write_text("")
-    except BaseException as e:  # noqa: BLE001  (reported to the parent, which asserts)
-        (out_dir / f"error_{rank}.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _context():
-    # A fork server imports torch once for every rank of every test (importing it in each
-    # spawned rank took ~25 s on the loaded 2-core machine); it is a fresh process that has
-    # started no threads, so forking from it is safe, unlike forking the test process.
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "attnmem", __name__])
-    return ctx
-
-
 def _spawn(tmp_path: Path, world: int, scenario: str, wait_for=None) -> dict[int, str | None]:
-    """Run ``scenario`` on ``world`` ranks; return each waited rank's error text (None = ok).
-
-    Ranks not in ``wait_for`` are killed once the waited ones end. Fails if a waited rank
-    is still running after JOIN_TIMEOUT_S: the hang this module guards against.
-    """
-    ctx = _context()
-    store = tmp_path / "store"
-    procs = [ctx.Process(target=_rank_main, args=(r, world, str(store), str(tmp_path), scenario), daemon=True)
-             for r in range(world)]
-    for p in procs:
-        p.start()
-    wait_for = list(range(world)) if wait_for is None else wait_for
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for r in wait_for:
-        procs[r].join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r in wait_for if procs[r].is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S} s"
-    result = {}
-    for r in wait_for:
-        err = tmp_path / f"error_{r}.txt"
-        result[r] = err.read_text() if err.exists() else None
-        if result[r] is None:
-            assert (tmp_path / f"ok_{r}").exists(), f"rank {r} ended without a result (exit {procs[r].exitcode})"
-    return result
+    """``spawn_ranks`` of a scenario by name; the silent-peer one waits only SILENT_TIMEOUT_S."""
+    timeout_s = SILENT_TIMEOUT_S if scenario == "peer_silent" else PG_TIMEOUT_S
+    return spawn_ranks(tmp_path, world, SCENARIOS[scenario], pg_timeout_s=timeout_s, join_timeout_s=JOIN_TIMEOUT_S,
+                       wait_for=wait_for)
 
 
 def _reference(case, world):

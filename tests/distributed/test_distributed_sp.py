@@ -12,15 +12,12 @@ from __future__ import annotations
 
 import os
 import time
-import traceback
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import attnmem
 from attnmem import masks as M
@@ -41,6 +38,7 @@ from attnmem.nn import Transformer
 from attnmem.reference import reference_attention
 
 from ..conftest import rel_err
+from .ranks import spawn_ranks
 
 TOL = 1e-10
 PG_TIMEOUT_S = 30
@@ -222,45 +220,9 @@ def _peer_exits(rank, world, out_dir: Path):
 SCENARIOS = {"correctness": _correctness, "peer_exits": _peer_exits}
 
 
-def _rank_main(rank, world, store, out_dir, scenario):
-    out_dir = Path(out_dir)
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world,
-                                timeout=timedelta(seconds=PG_TIMEOUT_S))
-        SCENARIOS[scenario](rank, world, out_dir)
-        (out_dir / f"ok_{rank}").write_text("")
-    except BaseException as e:  # noqa: BLE001  (reported to the parent, which asserts)
-        (out_dir / f"error_{rank}.txt").write_text(f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def _spawn(tmp_path: Path, world: int, scenario: str, wait_for=None) -> dict[int, str | None]:
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "torch.distributed", "attnmem", __name__])
-    procs = [ctx.Process(target=_rank_main, args=(r, world, str(tmp_path / "store"), str(tmp_path), scenario),
-                         daemon=True) for r in range(world)]
-    for p in procs:
-        p.start()
-    wait_for = list(range(world)) if wait_for is None else wait_for
-    deadline = time.monotonic() + JOIN_TIMEOUT_S
-    for r in wait_for:
-        procs[r].join(max(0.0, deadline - time.monotonic()))
-    hung = [r for r in wait_for if procs[r].is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join()
-    assert not hung, f"ranks {hung} still running after {JOIN_TIMEOUT_S} s"
-    result = {}
-    for r in wait_for:
-        err = tmp_path / f"error_{r}.txt"
-        result[r] = err.read_text() if err.exists() else None
-        if result[r] is None:
-            assert (tmp_path / f"ok_{r}").exists(), f"rank {r} ended without a result (exit {procs[r].exitcode})"
-    return result
+    return spawn_ranks(tmp_path, world, SCENARIOS[scenario], pg_timeout_s=PG_TIMEOUT_S,
+                       join_timeout_s=JOIN_TIMEOUT_S, wait_for=wait_for)
 
 
 def _predicted_bytes(case: Case, world: int, rank: int) -> int:

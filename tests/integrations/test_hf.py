@@ -437,12 +437,7 @@ def test_estimate_step_equals_measured_peak(impl, pad):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
     est = amhf.estimate_step(cfg, 96, batch=2, attn_implementation=impl, pad=pad)
     torch.manual_seed(0)
-    model = amhf.build_model(cfg)
-    model.set_attn_implementation(impl)
-    model.train()
-    opt = amhf.make_optimizer(model, "adamw")
-    amhf.init_optimizer_state(model, opt)
-    inputs = amhf.step_inputs(cfg, 96, 2, pad)
+    model, opt, inputs = amhf.prepare_step(cfg, impl, 96, 2, pad=pad)
     peak, base = track_peak(lambda state, inp: amhf.train_step(model, opt, inp), amhf.state_tensors(model, opt),
                             inputs)
     assert est.state_bytes == base

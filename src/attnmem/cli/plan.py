@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 import click
 from rich.console import Console
@@ -26,6 +27,21 @@ def plan_specs(cfg, limit: int, specs: list[tuple[str, dict]] | None, on_method)
         on_method(name, i, len(specs))
         rows += plan(cfg.replace(options={**cfg.options, **opts}), limit, methods=[name])
     return rows
+
+
+def fit_table(title: str, first: str, rows: list[dict], peak_gib: Callable[[dict], float]) -> Table:
+    """One row per planned method (column ``first`` names it): its peak, whether it fits, and the
+    longest sequence and largest batch that do; a refused method shows why."""
+    table = Table(title=title)
+    for col in (first, "peak GiB", "fits", "max seq len", "max batch"):
+        table.add_column(col, justify="left" if col == first else "right")
+    for r in rows:
+        if r["status"] != "ok":
+            table.add_row(r["method"], "-", "-", "-", r["reason"][:60])
+            continue
+        table.add_row(r["method"], f"{peak_gib(r):.2f}", "yes" if r["fits"] else "no",
+                      str(r["max_seq_len"] or "none fits"), str(r["max_batch"] or "none fits"))
+    return table
 
 
 @click.command("plan")
@@ -97,18 +113,10 @@ def plan_cmd(config_src, hf_config, budget, layers, d_model, heads, kv_heads, ff
                                "params": cfg.params(), "methods": rows}, indent=2))
         return
     mode = "training, AdamW" if cfg.training else "inference, KV cache"
-    table = Table(title=(f"attnmem plan: {cfg.layers}L d={cfg.d_model} H={cfg.heads}/{cfg.hkv} N={cfg.seq_len} "
-                         f"B={cfg.batch} {cfg.dtype} ({mode}{', checkpointing' if cfg.checkpointing else ''}); "
-                         f"budget {limit / GiB:.1f} GiB"))
-    for col in ("method", "peak GiB", "fits", "max seq len", "max batch"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for r in rows:
-        if r["status"] != "ok":
-            table.add_row(r["method"], "-", "-", "-", r["reason"][:60])
-            continue
-        table.add_row(r["method"], f"{r['peak_gib']:.2f}", "yes" if r["fits"] else "no",
-                      str(r["max_seq_len"] or "none fits"), str(r["max_batch"] or "none fits"))
-    console.print(table)
+    title = (f"attnmem plan: {cfg.layers}L d={cfg.d_model} H={cfg.heads}/{cfg.hkv} N={cfg.seq_len} "
+             f"B={cfg.batch} {cfg.dtype} ({mode}{', checkpointing' if cfg.checkpointing else ''}); "
+             f"budget {limit / GiB:.1f} GiB")
+    console.print(fit_table(title, "method", rows, lambda r: r["peak_gib"]))
     if plot_path:
         console.print(f"plot: {plot_path}")
 
@@ -127,14 +135,6 @@ def plan_hf(path, limit, seq_len, batch, dtype, training, checkpointing, methods
                                "methods": rows}, indent=2))
         return
     mode = "training, AdamW" if training else "inference"
-    table = Table(title=f"attnmem plan: {config.model_type} from {path}, N={seq_len} B={batch} ({mode}"
-                        f"{', checkpointing' if checkpointing else ''}); budget {limit / GiB:.1f} GiB")
-    for col in ("attention", "peak GiB", "fits", "max seq len", "max batch"):
-        table.add_column(col, justify="left" if col == "attention" else "right")
-    for r in rows:
-        if r["status"] != "ok":
-            table.add_row(r["method"], "-", "-", "-", r["reason"][:60])
-            continue
-        table.add_row(r["method"], f"{r['peak_bytes'] / GiB:.2f}", "yes" if r["fits"] else "no",
-                      str(r["max_seq_len"] or "none fits"), str(r["max_batch"] or "none fits"))
-    console.print(table)
+    title = (f"attnmem plan: {config.model_type} from {path}, N={seq_len} B={batch} ({mode}"
+             f"{', checkpointing' if checkpointing else ''}); budget {limit / GiB:.1f} GiB")
+    console.print(fit_table(title, "attention", rows, lambda r: r["peak_bytes"] / GiB))

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from ..memory.measure import MiB, Peak
 from . import traffic as T
 from .ulysses import check_heads
 
@@ -143,7 +144,7 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
 
 
 @dataclass(frozen=True)
-class RankEstimate:
+class RankEstimate(Peak):
     """``attnmem.estimate(..., world_size=P)``: one rank's predicted peak and the bytes every
     rank sends per training step (``per_rank``); ``inputs_bytes`` is the rank's q, k, v shard."""
 
@@ -157,13 +158,9 @@ class RankEstimate:
     lengths: tuple[int, ...]
     source: str = "formula (per rank)"
 
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / 2**20
-
     def __str__(self) -> str:
         return (f"{self.scheme} over {self.world_size} ranks ({self.method} locally): per-rank peak "
-                f"{self.peak_mib:.1f} MiB, sends {max(self.sent_bytes) / 2**20:.1f} MiB per step ({self.source})")
+                f"{self.peak_mib:.1f} MiB, sends {max(self.sent_bytes) / MiB:.1f} MiB per step ({self.source})")
 
 
 def rank_estimate(method: str, *, local_estimate: LocalEstimate, scheme: str, world_size: int, ulysses: int | None,

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import masks as M
 from ..api import validate
+from ..checks import check_positive_int
 from . import layout as L
 from .comm import check_initialised
 from .masking import heads_slice
@@ -70,8 +71,7 @@ def process_grid(*, ulysses: int, ring: int, group: Any = None) -> ProcessGrid:
         ValueError: U·R is not the group's size, or U, R are not positive ints.
     """
     for name, val in (("ulysses", ulysses), ("ring", ring)):
-        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-            raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_int(name, val)
     check_initialised(SCHEME)
     world = dist.get_world_size(group)
     if ulysses * ring != world:

@@ -8,10 +8,10 @@ the global ``mask_mod`` at the right indices, so any attnmem mask works unchange
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from .. import masks as M
+from ..masks.base import PerDevice
 
 
 class AtPositions(M.Mask):
@@ -32,13 +32,10 @@ class AtPositions(M.Mask):
             raise ValueError(f"AtPositions built for {self.q_pos.numel()}×{self.k_pos.numel()} pairs, "
                              f"used for {nq}×{nk}")
         fn = self.inner.mask_fn(self.n, self.n)
-        cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        held = PerDevice(self.q_pos, self.k_pos)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            dev = q_idx.device
-            if dev not in cache:
-                cache[dev] = (self.q_pos.to(dev), self.k_pos.to(dev))
-            qp, kp = cache[dev]
+            qp, kp = held.on(q_idx.device)
             return fn(b, h, qp[q_idx], kp[kv_idx])
 
         return mask_mod

@@ -63,6 +63,7 @@ except ImportError as e:  # pragma: no cover - the extra is installed wherever t
 from .. import masks, registry, scores
 from ..api import attention
 from ..masks import Mask
+from ..memory.measure import MiB, Peak
 
 #: The transformers release whose mask functions this module recognises (pinned by the extra).
 TESTED_VERSION = "5.24.0"
@@ -595,8 +596,23 @@ def init_optimizer_state(model: Any, opt: torch.optim.Optimizer | None) -> None:
     opt.zero_grad(set_to_none=True)
 
 
+def prepare_step(config: Any, impl: str, seq_len: int, batch: int = 1, *, training: bool = True,
+                 optimizer: str = "adamw", checkpointing: bool = False, dtype: torch.dtype | None = None,
+                 pad: int = 0) -> tuple[Any, torch.optim.Optimizer | None, dict[str, Tensor]]:
+    """The model, optimizer (with its state) and inputs of one steady-state ``train_step``:
+    what ``estimate_step`` traces on fake tensors, and what a measurement runs for real."""
+    model = build_model(config, dtype)
+    model.set_attn_implementation(impl)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train(training)
+    opt = make_optimizer(model, optimizer) if training else None
+    init_optimizer_state(model, opt)
+    return model, opt, step_inputs(config, seq_len, batch, pad)
+
+
 @dataclass(frozen=True)
-class StepEstimate:
+class StepEstimate(Peak):
     """Predicted peak of one steady-state step, by tracing it on fake tensors."""
 
     peak_bytes: int
@@ -606,12 +622,8 @@ class StepEstimate:
     attn_implementation: str
     seconds: float
 
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / 2**20
-
     def __str__(self) -> str:
-        return (f"{self.attn_implementation}: peak {self.peak_mib:.1f} MiB (state {self.state_bytes / 2**20:.1f} MiB), "
+        return (f"{self.attn_implementation}: peak {self.peak_mib:.1f} MiB (state {self.state_bytes / MiB:.1f} MiB), "
                 f"B={self.batch} N={self.seq_len}, traced in {self.seconds:.1f} s")
 
 
@@ -653,14 +665,8 @@ def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: 
     t0 = time.perf_counter()
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with small_real_mode(fake_mode):
-        model = build_model(config, dtype)
-        model.set_attn_implementation(impl)
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.train(training)
-        opt = make_optimizer(model, optimizer) if training else None
-        init_optimizer_state(model, opt)
-        inputs = step_inputs(config, seq_len, batch, pad)
+        model, opt, inputs = prepare_step(config, impl, seq_len, batch, training=training, optimizer=optimizer,
+                                          checkpointing=checkpointing, dtype=dtype, pad=pad)
     tracker = LiveTensorTracker()
     state = state_tensors(model, opt)
     tracker.track_tree((state, inputs))
@@ -672,7 +678,7 @@ def estimate_step(model_or_config: Any, seq_len: int, batch: int = 1, training: 
 
 __all__ = [
     "register", "use", "registered", "mask_interface", "HFMask", "structured_mask", "estimate_step",
-    "StepEstimate", "train_step", "step_inputs", "build_model", "make_optimizer", "state_tensors",
+    "StepEstimate", "prepare_step", "train_step", "step_inputs", "build_model", "make_optimizer", "state_tensors",
     "init_optimizer_state", "plan_step", "load_hf_config",
     "TESTED_VERSION",
 ]

@@ -10,6 +10,21 @@ from torch import Tensor
 from .blocks import EMPTY, FULL, PARTIAL, BlockMap, Grid, MaskMod, dense_tile_states, union_candidates
 
 
+class PerDevice:
+    """Tensors a ``mask_mod`` reads, copied once to each device it is called on: the tile
+    states evaluate it on the CPU, the kernels on the inputs' device, so one copy per call
+    would repeat a host-device transfer for every tile."""
+
+    def __init__(self, *tensors: Tensor):
+        self.tensors = tensors
+        self.copies: dict[torch.device, tuple[Tensor, ...]] = {}
+
+    def on(self, device: torch.device) -> tuple[Tensor, ...]:
+        if device not in self.copies:
+            self.copies[device] = tuple(t.to(device) for t in self.tensors)
+        return self.copies[device]
+
+
 class Mask:
     """Base class: subclasses define ``mask_fn`` and, where they can, the structural hooks."""
 
@@ -139,13 +154,10 @@ class Dense(Mask):
             )
 
     def mask_fn(self, nq, nk):
-        t = self.tensor
-        cache: dict[torch.device, Tensor] = {}
+        held = PerDevice(self.tensor)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            if q_idx.device not in cache:
-                cache[q_idx.device] = t.to(q_idx.device)
-            m = cache[q_idx.device]
+            (m,) = held.on(q_idx.device)
             pick = [i if size > 1 else torch.zeros_like(i)
                     for i, size in zip(torch.broadcast_tensors(b, h, q_idx, kv_idx), m.shape)]
             return m[pick[0], pick[1], pick[2], pick[3]]
@@ -166,16 +178,24 @@ def dense(tensor: Tensor) -> Dense:
 
 
 
-class And(Mask):
-    """Pairs allowed by both masks."""
+class Combined(Mask):
+    """Two masks joined by a set operation (``And``, ``Or``); each is checked for the shapes."""
+
+    symbol = ""
 
     def __init__(self, a: Mask, b: Mask):
         self.a, self.b = a, b
-        self.name = f"({a!r} & {b!r})"
+        self.name = f"({a!r} {self.symbol} {b!r})"
 
     def check(self, batch, heads, nq, nk):
         self.a.check(batch, heads, nq, nk)
         self.b.check(batch, heads, nq, nk)
+
+
+class And(Combined):
+    """Pairs allowed by both masks."""
+
+    symbol = "&"
 
     def mask_fn(self, nq, nk):
         fa, fb = self.a.mask_fn(nq, nk), self.b.mask_fn(nq, nk)
@@ -193,16 +213,10 @@ class And(Mask):
         return ca if ca.shape[1] <= cb.shape[1] else cb
 
 
-class Or(Mask):
+class Or(Combined):
     """Pairs allowed by either mask."""
 
-    def __init__(self, a: Mask, b: Mask):
-        self.a, self.b = a, b
-        self.name = f"({a!r} | {b!r})"
-
-    def check(self, batch, heads, nq, nk):
-        self.a.check(batch, heads, nq, nk)
-        self.b.check(batch, heads, nq, nk)
+    symbol = "|"
 
     def mask_fn(self, nq, nk):
         fa, fb = self.a.mask_fn(nq, nk), self.b.mask_fn(nq, nk)

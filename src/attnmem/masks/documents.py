@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import Mask
+from .base import Mask, PerDevice
 from .blocks import states_from
 
 
@@ -44,13 +44,10 @@ class Document(Mask):
 
     def mask_fn(self, nq, nk):
         self._check_lengths(nq, nk)
-        cache: dict[torch.device, tuple[Tensor, Tensor]] = {}
+        held = PerDevice(self.q_ids, self.kv_ids)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            dev = q_idx.device
-            if dev not in cache:
-                cache[dev] = (self.q_ids.to(dev), self.kv_ids.to(dev))
-            qi, ki = cache[dev]
+            qi, ki = held.on(q_idx.device)
             qv = qi[q_idx] if qi.dim() == 1 else qi[b if qi.shape[0] > 1 else 0, q_idx]
             kv = ki[kv_idx] if ki.dim() == 1 else ki[b if ki.shape[0] > 1 else 0, kv_idx]
             return qv == kv

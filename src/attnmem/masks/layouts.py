@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import Mask
+from .base import Mask, PerDevice
 from .blocks import states_from
 
 
@@ -39,12 +39,11 @@ class BlockSparse(Mask):
             )
 
     def mask_fn(self, nq, nk):
-        cache: dict[torch.device, Tensor] = {}
+        held = PerDevice(self.layout)
 
         def mask_mod(b, h, q_idx, kv_idx):
-            if q_idx.device not in cache:
-                cache[q_idx.device] = self.layout.to(q_idx.device)
-            return cache[q_idx.device][q_idx // self.block, kv_idx // self.block]
+            (layout,) = held.on(q_idx.device)
+            return layout[q_idx // self.block, kv_idx // self.block]
 
         return mask_mod
 

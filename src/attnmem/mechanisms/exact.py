@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import masks as M
+from ..checks import check_positive_fields
 from ..kernels import (
     KERNELS,
     MAX_SEGMENT,
@@ -129,10 +130,7 @@ class ChunkedOptions:
     kernel: str = "auto"
 
     def __post_init__(self):
-        for name in ("q_tile", "kv_tile"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+        check_positive_fields(self, ("q_tile", "kv_tile"))
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 

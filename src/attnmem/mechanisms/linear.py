@@ -43,17 +43,13 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from ..api import validate
+from ..checks import check_positive_int
 from ..memory.model import Footprint, Shape
 from ..registry import Capabilities, Inputs, Method, Style, get, register
 
 FEATURE_MAPS = ("elu", "relu")
 # Float32/64 only: the running state sums N products, which bfloat16/float16 cannot hold.
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _check_positive_int(name: str, val: object) -> None:
-    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
 
 
 def _causal_allowed(a: int, b: int, p: int, e: int, offset: int, device) -> Tensor:
@@ -327,7 +323,7 @@ class LinearOptions:
     def __post_init__(self):
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {', '.join(FEATURE_MAPS)}, got {self.feature_map!r}")
-        _check_positive_int("chunk", self.chunk)
+        check_positive_int("chunk", self.chunk)
 
 
 @register
@@ -467,8 +463,8 @@ class PerformerOptions:
     chunk: int = 1024
 
     def __post_init__(self):
-        _check_positive_int("features", self.features)
-        _check_positive_int("chunk", self.chunk)
+        check_positive_int("features", self.features)
+        check_positive_int("chunk", self.chunk)
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise ValueError(f"seed must be an int, got {self.seed!r}")
 

@@ -24,17 +24,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from ..checks import check_positive_int
 from ..kernels import tiled_attention
 from ..memory.model import Footprint, Shape, outside
 from ..registry import Capabilities, Inputs, Method, Style, get, register
 from .linear import module_inputs
 
 _DTYPES = (torch.float32, torch.float64)
-
-
-def _check_positive_int(name: str, val: object) -> None:
-    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
 
 
 def _exact(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
@@ -58,8 +54,8 @@ class LinformerOptions:
     per_head: bool = False
 
     def __post_init__(self):
-        _check_positive_int("max_len", self.max_len)
-        _check_positive_int("k", self.k)
+        check_positive_int("max_len", self.max_len)
+        check_positive_int("k", self.k)
         if self.k > self.max_len:
             raise ValueError(f"k must be at most max_len={self.max_len}, got k={self.k}")
         for name in ("share_kv", "per_head"):
@@ -250,8 +246,8 @@ class NystromOptions:
     conv_kernel: int = 0
 
     def __post_init__(self):
-        _check_positive_int("landmarks", self.landmarks)
-        _check_positive_int("pinv_iterations", self.pinv_iterations)
+        check_positive_int("landmarks", self.landmarks)
+        check_positive_int("pinv_iterations", self.pinv_iterations)
         c = self.conv_kernel
         if not isinstance(c, int) or isinstance(c, bool) or c < 0 or (c and c % 2 == 0):
             raise ValueError(f"conv_kernel must be 0 or a positive odd int, got {c!r}")

@@ -45,16 +45,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_fields
 from ..kernels import TileContext, acc_dtype, allowed_bool, tiled_attention
 from ..memory.model import Footprint, Shape
 from ..registry import Inputs, Method, Style, register
 
 MODES = ("deterministic", "stochastic")
-
-
-def _check_positive(name: str, val: object) -> None:
-    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
 
 
 def _gather_rows(x: Tensor, idx: Tensor) -> Tensor:
@@ -225,8 +221,7 @@ class TopKOptions:
     kv_tile: int = 1024
 
     def __post_init__(self):
-        for name in ("topk", "q_tile", "kv_tile"):
-            _check_positive(name, getattr(self, name))
+        check_positive_fields(self, ("topk", "q_tile", "kv_tile"))
 
 
 @register
@@ -271,8 +266,7 @@ class HardOptions:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise ValueError(f"seed must be an int or None, got {self.seed!r}")
-        for name in ("q_tile", "kv_tile"):
-            _check_positive(name, getattr(self, name))
+        check_positive_fields(self, ("q_tile", "kv_tile"))
 
 
 @register

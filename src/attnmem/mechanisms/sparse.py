@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import masks as M
+from ..checks import check_positive_int
 from ..kernels import (
     CAUSAL_TILE,
     KERNELS,
@@ -50,11 +51,6 @@ from .exact import fused_reasons, mods_kwargs
 from .sparse_memory import sparse_footprint
 
 
-def _check_positive(name: str, val: object) -> None:
-    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
-
-
 def _check_window(window: object) -> tuple[int, int]:
     sides = window if isinstance(window, (tuple, list)) else (window, window)
     if len(sides) != 2 or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in sides):
@@ -75,8 +71,8 @@ class TileOptions:
     kernel: str = "auto"
 
     def __post_init__(self):
-        _check_positive("q_tile", self.q_tile)
-        _check_positive("kv_tile", self.kv_tile)
+        check_positive_int("q_tile", self.q_tile)
+        check_positive_int("kv_tile", self.kv_tile)
         if self.kernel not in KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
 
@@ -106,7 +102,7 @@ class DilatedOptions(SlidingWindowOptions):
         if not dils:
             raise ValueError("dilation must be a positive int or one per head, got ()")
         for d in dils:
-            _check_positive("dilation", d)
+            check_positive_int("dilation", d)
 
 
 @dataclass(frozen=True)
@@ -164,7 +160,7 @@ class StridedOptions(TileOptions):
         super().__post_init__()
         if self.pattern not in ("strided", "fixed"):
             raise ValueError(f"pattern must be 'strided' or 'fixed', got {self.pattern!r}")
-        _check_positive("stride", self.stride)
+        check_positive_int("stride", self.stride)
         if self.pattern == "fixed":
             M.fixed(self.stride, self.summary)
 

@@ -39,7 +39,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import registry
 from ..api import validate
-from .measure import LiveTensorTracker, MiB
+from .measure import LiveTensorTracker, MiB, Peak
 from .model import Shape
 
 if TYPE_CHECKING:
@@ -60,7 +60,7 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 
 @dataclass(frozen=True)
-class Estimate:
+class Estimate(Peak):
     """Predicted peak bytes of one attention call and where they go.
 
     ``peak_bytes == inputs_bytes + saved_bytes + transient_bytes``; ``source`` is "trace" or
@@ -75,10 +75,6 @@ class Estimate:
     source: str
     shape: Shape
     options: dict[str, Any]
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / MiB
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

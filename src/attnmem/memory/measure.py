@@ -26,6 +26,16 @@ MiB = 2**20
 GiB = 2**30
 
 
+class Peak:
+    """What every measured or predicted result has: ``peak_bytes``, and that in MiB."""
+
+    peak_bytes: int
+
+    @property
+    def peak_mib(self) -> float:
+        return self.peak_bytes / MiB
+
+
 class LiveTensorTracker(TorchDispatchMode):
     """Counts the bytes of live tensor storages created while active, and their peak."""
 
@@ -75,7 +85,7 @@ class LiveTensorTracker(TorchDispatchMode):
 
 
 @dataclass
-class Measurement:
+class Measurement(Peak):
     """Peak bytes of all live tensors during one run, and the median wall time of repeats."""
 
     peak_bytes: int
@@ -83,10 +93,6 @@ class Measurement:
     baseline_bytes: int
     times_s: list[float] = field(default_factory=list)
     device: str = "cpu"
-
-    @property
-    def peak_mib(self) -> float:
-        return self.peak_bytes / MiB
 
     def __str__(self) -> str:
         return f"peak {self.peak_mib:.1f} MiB, time {self.time_s * 1e3:.1f} ms ({self.device})"

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .. import registry
 from ..api import attention
+from ..checks import check_positive_int
 
 
 class MultiHeadAttention(nn.Module):
@@ -48,8 +49,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         kv_heads = n_heads if kv_heads is None else kv_heads
         for name, val in (("d_model", d_model), ("n_heads", n_heads), ("kv_heads", kv_heads)):
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, val)
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
         if n_heads % kv_heads:

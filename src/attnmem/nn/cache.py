@@ -37,6 +37,7 @@ from torch import Tensor
 
 from .. import masks, registry
 from ..api import attention
+from ..checks import check_positive_int
 
 
 def default_kind(method: str) -> str | None:
@@ -57,13 +58,6 @@ def default_kind(method: str) -> str | None:
 # copy of the whole cache.
 INT8_KV_BLOCK = 4096
 INT8_MAX = 127.0
-
-
-def check_positive_int(name: str, val: object, allow_none: bool = False) -> None:
-    if allow_none and val is None:
-        return
-    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {val!r}")
 
 
 def elu_feature_map(x: Tensor) -> Tensor:
@@ -94,6 +88,13 @@ class LayerCache:
             )
         if not mha.causal:
             raise ValueError("decoding with a cache needs a causal layer (causal=True)")
+
+    def check_stateless_module(self, mha: Any) -> None:
+        """``check_module``, and ValueError when the layer's method has learned state, which a
+        cache of keys and values (however they are held) cannot stand in for."""
+        self.check_module(mha)
+        if mha.inner is not None:
+            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
 
     def _check_new(self, k: Tensor, v: Tensor) -> None:
         if k.dim() != 4 or k.shape != v.shape or k.shape[1] != self.kv_heads or k.shape[3] != self.head_dim:
@@ -196,9 +197,7 @@ class KVCache(LayerCache):
         return self.k[:, :, : self.length], self.v[:, :, : self.length]
 
     def attend(self, mha, q, k, v):
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         prefill = self.length == 0
         self.append(k, v)
         if prefill:

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .cache import LayerCache, buffers_nbytes, check_positive_int, register_kind
+from ..checks import check_positive_int
+from .cache import LayerCache, buffers_nbytes, register_kind
 
 # Prompt queries whose attention rows are materialised at a time while the prefill scores are
 # accumulated (H2O, SnapKV): bounds that transient to rows × prompt length per head.
@@ -121,9 +122,7 @@ class EvictingCache(LayerCache):
         self._evict()
 
     def attend(self, mha: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         self._check_new(k, v)
         if self.length == 0:
             out = mha.attend(q, k, v)  # the prefill: the method's own path over the whole prompt

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import LayerCache, buffers_nbytes, check_positive_int, grow_buffer, register_kind
+from ..checks import check_positive_int
+from .cache import LayerCache, buffers_nbytes, grow_buffer, register_kind
 
 # Quantised tokens dequantised at a time while decoding (rounded up to whole key groups).
 LOWBIT_KV_BLOCK = 4096
@@ -170,9 +171,7 @@ class LowBitKVCache(LayerCache):
         return torch.cat([b[0] for b in blocks], dim=2), torch.cat([b[1] for b in blocks], dim=2)
 
     def attend(self, mha: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         self._check_new(k, v)
         if self.length == 0:
             out = mha.attend(q, k, v)  # the prefill: the method's own path, on the float keys/values

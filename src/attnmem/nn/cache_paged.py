@@ -27,7 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, check_positive_int, register_kind
+from ..checks import check_positive_int
+from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, register_kind
 
 # A pool that must grow grows by at least this fraction of its blocks: few reallocations, and at
 # most this much unused capacity beyond the blocks in use.
@@ -208,9 +209,7 @@ class PagedKVCache(LayerCache):
         return ids
 
     def attend(self, mha: Any, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        self.check_module(mha)
-        if mha.inner is not None:
-            raise ValueError(f"method {mha.method!r} has learned state; a {self.kind!r} cache cannot decode it")
+        self.check_stateless_module(mha)
         ids = self._write(k, v)
         n = k.shape[2]
         outs = []

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..checks import check_positive_int
 from .attention import MultiHeadAttention
 from .cache import ModelCache, default_kind, make_model_cache
 from .sampling import generate
@@ -67,8 +68,7 @@ class Transformer(nn.Module):
                  sequence_parallel: Any = False, **options: Any):
         super().__init__()
         for name, val in (("vocab_size", vocab_size), ("n_layers", n_layers), ("ffn_mult", ffn_mult)):
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"{name} must be a positive int, got {val!r}")
+            check_positive_int(name, val)
         if checkpointing and method != "auto":
             from .. import registry
 

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_fields
+
 PAD = 0
 DIGIT0 = 1
 OPERATORS = ("MIN", "MAX", "MED", "SM")
@@ -84,10 +86,7 @@ class ListOps:
     vocab_size = VOCAB_SIZE
 
     def __post_init__(self):
-        for name in ("max_length", "min_length", "max_depth"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"listops: {name} must be a positive int, got {val!r}")
+        check_positive_fields(self, ("max_length", "min_length", "max_depth"), where="listops")
         if not isinstance(self.max_args, int) or self.max_args < 2:
             raise ValueError(f"listops: max_args must be an int >= 2, got {self.max_args!r}")
         if self.min_length > self.max_length:

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_fields
+
 IGNORE = -100
 
 
@@ -51,10 +53,7 @@ class MQAR:
     kind = "lm"
 
     def __post_init__(self):
-        for name in ("seq_len", "num_pairs", "vocab_size"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"mqar: {name} must be a positive int, got {val!r}")
+        check_positive_fields(self, ("seq_len", "num_pairs", "vocab_size"), where="mqar")
         if self.vocab_size % 2:
             raise ValueError(f"mqar: vocab_size must be even (keys and values split it), got {self.vocab_size}")
         if self.num_pairs > self.vocab_size // 2 - 1:

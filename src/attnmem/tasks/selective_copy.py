@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_fields
 from .mqar import IGNORE
 
 BLANK, SEP = 0, 1
@@ -47,10 +48,7 @@ class SelectiveCopy:
     kind = "lm"
 
     def __post_init__(self):
-        for name in ("seq_len", "num_tokens", "vocab_size"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-                raise ValueError(f"selective_copy: {name} must be a positive int, got {val!r}")
+        check_positive_fields(self, ("seq_len", "num_tokens", "vocab_size"), where="selective_copy")
         if not isinstance(self.noise_vocab, int) or self.noise_vocab < 0:
             raise ValueError(f"selective_copy: noise_vocab must be an int >= 0, got {self.noise_vocab!r}")
         if self.data_start >= self.vocab_size:

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..checks import check_positive_int
+
 BYTES = 256
 EXCLUDED_DIRS = ("site-packages", "dist-packages", "__pycache__")
 LN2 = math.log(2.0)
@@ -83,8 +85,7 @@ def load_corpus(root: str | None = None, *, max_file_bytes: int = 65536, max_tra
     """
     for name, val in (("max_file_bytes", max_file_bytes), ("max_train_bytes", max_train_bytes),
                       ("max_validation_bytes", max_validation_bytes)):
-        if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-            raise ValueError(f"text: {name} must be a positive int, got {val!r}")
+        check_positive_int(name, val, where="text")
     if not 0 < validation_percent < 100:
         raise ValueError(f"text: validation_percent must be in (0, 100), got {validation_percent!r}")
     root = root or stdlib_root()
@@ -144,8 +145,7 @@ class TextLM:
     num_outputs = BYTES
 
     def __post_init__(self):
-        if not isinstance(self.seq_len, int) or isinstance(self.seq_len, bool) or self.seq_len <= 0:
-            raise ValueError(f"text: seq_len must be a positive int, got {self.seq_len!r}")
+        check_positive_int("seq_len", self.seq_len, where="text")
         if self.split not in ("train", "validation"):
             raise ValueError(f"text: split must be 'train' or 'validation', got {self.split!r}")
         if self.data.numel() < self.seq_len + 1:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .. import masks as M
 from .. import registry
+from ..checks import check_positive_fields, check_positive_int
 from ..memory.measure import MiB, measure
 from ..nn import Transformer
 from ..tasks import IGNORE, make_task
@@ -41,11 +42,6 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 # shortens) a run: the cosine schedule follows the new total from there on, so only an
 # unchanged ``steps`` reproduces an uninterrupted run exactly.
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
-
-
-def _positive_int(name: str, val: Any) -> None:
-    if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
-        raise ValueError(f"{name} must be a positive int, got {val!r}")
 
 
 @dataclass
@@ -105,9 +101,8 @@ class TrainConfig:
     out_dir: str | None = None
 
     def __post_init__(self):
-        for name in ("seq_len", "d_model", "n_heads", "n_layers", "batch_size", "steps", "eval_every",
-                     "eval_examples", "checkpoint_every"):
-            _positive_int(name, getattr(self, name))
+        check_positive_fields(self, ("seq_len", "d_model", "n_heads", "n_layers", "batch_size", "steps",
+                                     "eval_every", "eval_examples", "checkpoint_every"))
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
@@ -121,7 +116,7 @@ class TrainConfig:
             raise ValueError(f"max_time_s must be a positive number of seconds, got {self.max_time_s!r}")
         window = self.method_options.get(MASK_WINDOW)
         if window is not None:
-            _positive_int(MASK_WINDOW, window)
+            check_positive_int(MASK_WINDOW, window)
         target = make_task(self.task, seq_len=self.seq_len, **self.task_options)  # validates the task options
         if self.tie_embeddings and (target.kind != "lm" or target.num_outputs != target.vocab_size):
             raise ValueError(f"tie_embeddings needs a language-model task with one output per token; {self.task} "
