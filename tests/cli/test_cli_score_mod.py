@@ -59,3 +59,14 @@ def test_bad_spec_is_one_line_and_default_methods_are_those_that_can():
     assert r.exit_code == 2 and "--score-mod" in r.output and "positive" in r.output, r.output
     able = default_methods(score_mod=True)
     assert "chunked" in able and "sliding_window" in able and "linear" not in able and "sdpa" not in able
+
+
+def test_methods_table_shows_the_modifications():
+    r = CliRunner().invoke(main, ["methods"])
+    assert r.exit_code == 0, r.output
+    block = r.output.split("\nchunked ")[1].split("\n\n")[0]
+    assert "score_mod ✓  sinks ✓  dropout ✓  return_lse ✓" in block, block
+    linear = r.output.split("\nlinear ")[1].split("\n\n")[0]
+    assert "score_mod ·" in linear, linear
+    js = {m["name"]: m["supports"] for m in json.loads(CliRunner().invoke(main, ["methods", "--json"]).output)}
+    assert js["chunked"]["score_mod"] and js["chunked"]["dropout"] and not js["sdpa"]["score_mod"]
