@@ -132,7 +132,7 @@ class TileContext:
         self.Hkv, self.nk = k.shape[1], k.shape[2]
         self.G = self.Hq // self.Hkv
         self.scale = scale
-        # The fused operator cannot run a score_mod or our dropout pattern: the torch kernel does.
+        # Active score modifications choose the kernel (``mods_kernel``): their fast kind or the torch kernel.
         self.mods = mods if mods is not None and mods.active else None
         # Global query positions of q's rows, when q holds a subset of the call's rows.
         self.q_pos = q_pos
@@ -508,7 +508,7 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale
         scale: multiplier of QKᵀ.
         q_tile, kv_tile: tile sizes of the block map.
         kernel: "auto", "fused" (CPU operator) or "torch" (plain PyTorch, any device); a
-            score_mod or dropout always runs the torch kernel.
+            score_mod or dropout runs its fast path (``mods_kernel``) or the torch kernel.
         score_mod, sinks (Hq,), dropout_p, dropout_seed, return_lse: as ``attnmem.attention``.
 
     Returns:
