@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import attnmem
+from attnmem import registry
 from attnmem.reference import reference_attention
 
 
@@ -44,6 +45,18 @@ def compare_with_reference(method, q, k, v, *, causal=False, mask=None, scale=No
             assert torch.isfinite(a).all(), f"d{name} has NaN/inf"
             assert rel_err(a, b) <= tol, f"d{name} rel err {rel_err(a, b)}"
     return out
+
+
+def compare_or_refused(method, q, k, v, *, causal=False, mask=None, **options):
+    """``compare_with_reference`` where ``method`` supports the call; where it does not, the
+    call must raise its "cannot run" ValueError (and None is returned)."""
+    inp = attnmem.validate(q, k, v, causal=causal, mask=mask)
+    m = registry.get(method)
+    if m.not_supported_reasons(inp, m.make_options(options)):
+        with pytest.raises(ValueError, match="cannot run"):
+            attnmem.attention(q, k, v, method=method, causal=causal, mask=mask, **options)
+        return None
+    return compare_with_reference(method, q, k, v, causal=causal, mask=mask, **options)
 
 
 @pytest.fixture(autouse=True)

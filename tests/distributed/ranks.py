@@ -19,6 +19,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 Scenario = Callable[[int, int, Path], None]
+VOCAB = 11  # of the small transformers the model-level cases train
+
+
+def transformer_inputs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens (2, n) and a float64 gradient of the logits (2, n, VOCAB), the same on every rank."""
+    g = torch.Generator().manual_seed(5)
+    return torch.randint(0, VOCAB, (2, n), generator=g), torch.randn(2, n, VOCAB, generator=g, dtype=torch.float64)
 
 
 def _rank_main(rank: int, world: int, store: str, out_dir: str, scenario: Scenario, pg_timeout_s: float) -> None:
@@ -76,3 +83,14 @@ def spawn_ranks(tmp_path: Path, world: int, scenario: Scenario, *, pg_timeout_s:
         if result[r] is None:
             assert (tmp_path / f"ok_{r}").exists(), f"rank {r} ended without a result (exit {procs[r].exitcode})"
     return result
+
+
+def peer_exit_error(tmp_path: Path, scenario: Scenario, *, pg_timeout_s: float, join_timeout_s: float) -> str:
+    """Rank 0's error text when ``scenario`` on 2 ranks has rank 1 die mid-step; fails if rank 0
+    raised nothing, or only after ``join_timeout_s`` (a hang the timeout merely ended)."""
+    t0 = time.monotonic()
+    errors = spawn_ranks(tmp_path, 2, scenario, pg_timeout_s=pg_timeout_s, join_timeout_s=join_timeout_s,
+                         wait_for=[0])
+    assert errors[0] is not None, "rank 0 ended without an error although its peer exited"
+    assert time.monotonic() - t0 < join_timeout_s
+    return errors[0]

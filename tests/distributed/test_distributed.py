@@ -23,7 +23,7 @@ from attnmem.nn import Transformer
 from attnmem.reference import reference_attention
 
 from ..conftest import rel_err
-from .ranks import spawn_ranks
+from .ranks import VOCAB, peer_exit_error, spawn_ranks, transformer_inputs
 
 TOL = 1e-10
 # How long a rank waits on a silent peer: long enough for a slow rank on a loaded machine
@@ -62,13 +62,11 @@ def _inputs(case, world, seed=0):
 
 def _transformer(**kw):
     torch.manual_seed(0)
-    return Transformer(11, 16, 2, 2, kv_heads=1, causal=True, **kw).double()
+    return Transformer(VOCAB, 16, 2, 2, kv_heads=1, causal=True, **kw).double()
 
 
 def _transformer_inputs(world):
-    g = torch.Generator().manual_seed(5)
-    n = 6 * world
-    return torch.randint(0, 11, (2, n), generator=g), torch.randn(2, n, 11, generator=g, dtype=torch.float64)
+    return transformer_inputs(6 * world)
 
 
 # --- what each rank runs -------------------------------------------------------------------
@@ -185,11 +183,9 @@ def test_ring_matches_reference(tmp_path, world):
 
 
 def test_peer_that_exits_fails_the_others(tmp_path):
-    t0 = time.monotonic()
-    errors = _spawn(tmp_path, 2, "peer_exits", wait_for=[0])
-    assert errors[0] is not None and errors[0].startswith("RingAttentionError"), errors[0]
-    assert "rank 0 of 2" in errors[0] and "backward" in errors[0]
-    assert time.monotonic() - t0 < JOIN_TIMEOUT_S
+    err = peer_exit_error(tmp_path, _peer_exits, pg_timeout_s=PG_TIMEOUT_S, join_timeout_s=JOIN_TIMEOUT_S)
+    assert err.startswith("RingAttentionError"), err
+    assert "rank 0 of 2" in err and "backward" in err
 
 
 def test_silent_peer_times_out(tmp_path):

@@ -38,7 +38,7 @@ from attnmem.nn import Transformer
 from attnmem.reference import reference_attention
 
 from ..conftest import rel_err
-from .ranks import spawn_ranks
+from .ranks import VOCAB, peer_exit_error, spawn_ranks, transformer_inputs
 
 TOL = 1e-10
 PG_TIMEOUT_S = 30
@@ -156,7 +156,7 @@ def _reference(case: Case, world: int) -> dict[str, torch.Tensor]:
 
 def _transformer(sp, **kw):
     torch.manual_seed(0)
-    return Transformer(11, 16, 4, 1, kv_heads=2, causal=True, sequence_parallel=sp, **kw).double()
+    return Transformer(VOCAB, 16, 4, 1, kv_heads=2, causal=True, sequence_parallel=sp, **kw).double()
 
 
 # (name, SequenceParallel, Transformer options): the schemes a model reaches by name, and causal
@@ -166,9 +166,7 @@ MODELS = [("ulysses", "ulysses", {}), ("hybrid", "hybrid", {}),
 
 
 def _transformer_inputs(world):
-    g = torch.Generator().manual_seed(5)
-    n = 8 * world
-    return torch.randint(0, 11, (2, n), generator=g), torch.randn(2, n, 11, generator=g, dtype=torch.float64)
+    return transformer_inputs(8 * world)
 
 
 def _correctness(rank, world, out_dir: Path):
@@ -276,11 +274,9 @@ def test_schemes_match_single_process(tmp_path, world):
 
 
 def test_peer_that_exits_fails_the_others(tmp_path):
-    t0 = time.monotonic()
-    errors = _spawn(tmp_path, 2, "peer_exits", wait_for=[0])
-    assert errors[0] is not None and errors[0].startswith("SequenceParallelError"), errors[0]
-    assert "ulysses_attention: rank 0 of 2" in errors[0] and "head shards" in errors[0]
-    assert time.monotonic() - t0 < JOIN_TIMEOUT_S
+    err = peer_exit_error(tmp_path, _peer_exits, pg_timeout_s=PG_TIMEOUT_S, join_timeout_s=JOIN_TIMEOUT_S)
+    assert err.startswith("SequenceParallelError"), err
+    assert "ulysses_attention: rank 0 of 2" in err and "head shards" in err
     assert issubclass(SequenceParallelError, RuntimeError)
 
 
@@ -378,9 +374,9 @@ def test_sequence_parallel_options_are_checked():
     with pytest.raises(ValueError, match="grid of scheme='hybrid'"):
         SequenceParallel(scheme="ring", ulysses=2)
     with pytest.raises(TypeError, match="sequence_parallel must be"):
-        Transformer(11, 16, 2, 1, sequence_parallel=3)
+        Transformer(VOCAB, 16, 2, 1, sequence_parallel=3)
     with pytest.raises(ValueError, match="scheme must be one of"):
-        Transformer(11, 16, 2, 1, sequence_parallel="rings")
+        Transformer(VOCAB, 16, 2, 1, sequence_parallel="rings")
     # A method the ring cannot run is refused, never silently replaced by exact attention.
     q = torch.zeros(1, 2, 4, 4)
     with pytest.raises(ValueError, match="method='topk' is neither: use sequence_parallel='ulysses'"):

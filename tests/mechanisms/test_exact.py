@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 import attnmem
 from attnmem import masks as M
-from attnmem import registry
 
-from ..conftest import compare_with_reference, rand_qkv
+from ..conftest import compare_or_refused, compare_with_reference, rand_qkv
 
 # Sparse methods are exact under their own pattern, not full attention: tests/test_sparse.py
 # compares them with the reference given that pattern as a dense mask.
@@ -45,17 +44,6 @@ def _mask_cases(Nq, Nk):
     }
 
 
-def _run_or_refused(method, q, k, v, causal, mask, **opts):
-    inp = attnmem.validate(q, k, v, causal=causal, mask=mask)
-    m = registry.get(method)
-    reasons = m.not_supported_reasons(inp, m.make_options(opts))
-    if reasons:
-        with pytest.raises(ValueError, match="cannot run"):
-            attnmem.attention(q, k, v, method=method, causal=causal, mask=mask, **opts)
-        return None
-    return compare_with_reference(method, q, k, v, causal=causal, mask=mask, **opts)
-
-
 # The N = 1000 shape runs the structured cases only; the small shapes cover every mask kind.
 CASES = [
     pytest.param(shape, case, id=f"{'x'.join(map(str, shape))}-{case}")
@@ -71,7 +59,7 @@ def test_exact_against_reference(method, shape, case):
     B, Hq, Hkv, Nq, Nk, D = shape
     q, k, v = rand_qkv(B, Hq, Hkv, Nq, Nk, D)
     causal, mask = _mask_cases(Nq, Nk)[case]
-    _run_or_refused(method, q, k, v, causal, mask)
+    compare_or_refused(method, q, k, v, causal=causal, mask=mask)
 
 
 @pytest.mark.parametrize("kernel", ["fused", "torch"])

@@ -19,6 +19,20 @@ from attnmem.memory.estimate import estimate
 SMALL = dict(segment=64, memory=128)
 
 
+def assert_formula_linear_in_n(monkeypatch, method: str, **kw) -> None:
+    """At N = 2**20 and 2**19 ``method`` is estimated by its closed form (a trace would raise),
+    and its peak doubles with N: memory linear in N."""
+    def no_trace(*a, **k):
+        raise AssertionError("traced")
+
+    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
+    shape = dict(batch=1, heads=8, head_dim=64, **kw)
+    big = estimate(method, seq_len=2**20, **shape)
+    half = estimate(method, seq_len=2**19, **shape)
+    assert big.source == "formula" and half.source == "formula"
+    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+
+
 @pytest.mark.parametrize("case", [
     dict(seq_len=1024, causal=True),
     dict(seq_len=1000, causal=True, kv_heads=2),  # a shorter last segment; GQA
@@ -48,15 +62,7 @@ def test_recurrent_memory_short_calls_are_traced():
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
 def test_recurrent_memory_at_a_million_tokens_uses_the_formula(monkeypatch, causal, training):
-    def no_trace(*a, **k):
-        raise AssertionError("traced")
-
-    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
-    kw = dict(batch=1, heads=8, head_dim=64, causal=causal, training=training)  # default S=512, M=2048
-    big = estimate("recurrent_memory", seq_len=2**20, **kw)
-    half = estimate("recurrent_memory", seq_len=2**19, **kw)
-    assert big.source == "formula" and half.source == "formula"
-    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+    assert_formula_linear_in_n(monkeypatch, "recurrent_memory", causal=causal, training=training)  # S=512, M=2048
 
 
 @pytest.mark.parametrize("training", [True, False])
@@ -80,15 +86,7 @@ def test_linformer_other_options_are_traced():
 
 @pytest.mark.parametrize("training", [True, False])
 def test_linformer_at_a_million_tokens_uses_the_formula(monkeypatch, training):
-    def no_trace(*a, **k):
-        raise AssertionError("traced")
-
-    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
-    kw = dict(batch=1, heads=8, head_dim=64, training=training)
-    big = estimate("linformer", seq_len=2**20, **kw)
-    half = estimate("linformer", seq_len=2**19, **kw)
-    assert big.source == "formula" and half.source == "formula"
-    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+    assert_formula_linear_in_n(monkeypatch, "linformer", training=training)
 
 
 # knn_memory with a small store and search chunk so that the closed form's range (nseg ≥ 3 and
@@ -130,12 +128,4 @@ def test_knn_memory_short_calls_and_other_options_are_traced():
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("causal", [True, False])
 def test_knn_memory_at_a_million_tokens_uses_the_formula(monkeypatch, causal, training):
-    def no_trace(*a, **k):
-        raise AssertionError("traced")
-
-    monkeypatch.setattr(est_mod, "trace_peak", no_trace)
-    kw = dict(batch=1, heads=8, head_dim=64, causal=causal, training=training)  # default S, C, topk
-    big = estimate("knn_memory", seq_len=2**20, **kw)
-    half = estimate("knn_memory", seq_len=2**19, **kw)
-    assert big.source == "formula" and half.source == "formula"
-    assert 1.9 < big.peak_bytes / half.peak_bytes < 2.1
+    assert_formula_linear_in_n(monkeypatch, "knn_memory", causal=causal, training=training)  # default S, C, topk

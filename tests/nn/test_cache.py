@@ -25,7 +25,7 @@ from attnmem.nn.cache import elu_feature_map, quantize_int8
 from ..conftest import rand_qkv, rel_err
 
 # Token splits: a prefill, single steps, multi-token steps (one longer than the windows below).
-SPLITS = [5, 1, 1, 3, 1, 7, 1]
+SPLITS = [5, 1, 1, 3, 1, 7, 1]  # a prefill, single steps and multi-token steps
 N = sum(SPLITS)
 
 
@@ -42,10 +42,12 @@ def mha_for(heads, kv_heads, D, method="chunked"):
     return MultiHeadAttention(heads * D, heads, kv_heads=kv_heads, method=method, causal=True).double()
 
 
-def decode_mha(mha, x, cache, splits=SPLITS):
+def decode_in_pieces(module, x, cache, splits=SPLITS):
+    """``module`` (a layer or a model) called on ``x`` piece by piece along the sequence, with
+    ``cache``: a prefill, single steps and multi-token steps; the outputs joined."""
     outs, a = [], 0
     for n in splits:
-        outs.append(mha(x[:, a:a + n], cache=cache))
+        outs.append(module(x[:, a:a + n], cache=cache))
         a += n
     return torch.cat(outs, dim=1)
 
@@ -58,7 +60,7 @@ def test_full_cache_matches_full_forward(method, kv_heads):
     x = torch.randn(2, N, 32, dtype=torch.float64)
     want = mha(x)
     cache = KVCache(kv_heads=kv_heads, head_dim=8)
-    got = decode_mha(mha, x, cache)
+    got = decode_in_pieces(mha, x, cache)
     assert rel_err(got, want) <= 1e-10
     # GQA/MQA stores only the key/value heads: 2 (k, v) * B * Hkv * N * D * 8 bytes, no padding
     # beyond the doubling growth.
@@ -69,7 +71,7 @@ def test_full_cache_matches_full_forward(method, kv_heads):
 def test_full_cache_preallocated_max_len_and_overflow():
     mha = mha_for(2, 2, 8)
     cache = KVCache(kv_heads=2, head_dim=8, max_len=N)
-    decode_mha(mha, torch.randn(1, N, 16, dtype=torch.float64), cache)
+    decode_in_pieces(mha, torch.randn(1, N, 16, dtype=torch.float64), cache)
     assert cache.nbytes() == 2 * 1 * 2 * N * 8 * 8  # exactly max_len tokens allocated
     with pytest.raises(ValueError, match=rf"max_len={N} exceeded: it holds {N} tokens, got 1 more"):
         mha(torch.randn(1, 1, 16, dtype=torch.float64), cache=cache)
@@ -93,11 +95,7 @@ def test_sliding_window_cache_matches_windowed_model():
     tokens = torch.randint(0, 50, (1, N))
     want = model(tokens, mask=attnmem.masks.sliding_window(3, 0))
     cache = model.new_cache("sliding_window", window=3)
-    got, a = [], 0
-    for n in SPLITS:
-        got.append(model(tokens[:, a:a + n], cache=cache))
-        a += n
-    assert rel_err(torch.cat(got, 1), want) <= 1e-10
+    assert rel_err(decode_in_pieces(model, tokens, cache), want) <= 1e-10
 
 
 def test_int8_cache_exact_when_values_are_representable():
@@ -182,11 +180,7 @@ def test_linear_state_model_decoding_matches_one_call():
     tokens = torch.randint(0, 50, (2, N))
     whole = model(tokens, cache=model.new_cache("linear_state"))
     cache = model.new_cache("linear_state", chunk=3)
-    got, a = [], 0
-    for n in SPLITS:
-        got.append(model(tokens[:, a:a + n], cache=cache))
-        a += n
-    assert rel_err(torch.cat(got, 1), whole) <= 1e-10
+    assert rel_err(decode_in_pieces(model, tokens, cache), whole) <= 1e-10
 
 
 @pytest.mark.parametrize("kv_heads", [4, 1])
@@ -195,11 +189,7 @@ def test_model_cache_matches_full_forward(kv_heads):
     tokens = torch.randint(0, 50, (2, N))
     want = model(tokens)
     cache = model.new_cache(max_len=N)
-    got, a = [], 0
-    for n in SPLITS:
-        got.append(model(tokens[:, a:a + n], cache=cache))
-        a += n
-    assert rel_err(torch.cat(got, 1), want) <= 1e-10
+    assert rel_err(decode_in_pieces(model, tokens, cache), want) <= 1e-10
     assert cache.length == N
     assert cache.nbytes() == cache_bytes("full", batch=2, layers=2, kv_heads=kv_heads, head_dim=8, seq_len=N,
                                          dtype=torch.float64)

@@ -25,23 +25,12 @@ from attnmem.nn import (
 from attnmem.nn.cache_lowbit import pack, quantize, unpack
 
 from ..conftest import rand_qkv, rel_err
-from .test_cache import decode_layer, mha_for
-
-SPLITS = [5, 1, 1, 3, 1, 7, 1]  # a prefill, single steps and multi-token steps
-N = sum(SPLITS)
+from .test_cache import N, decode_in_pieces, decode_layer, mha_for
 
 # kind -> options whose budget covers N tokens (nothing evicted or quantised)
 AMPLE = {"sink_window": {"budget": N, "sinks": 2}, "heavy_hitter": {"budget": N + 3},
          "snapkv": {"budget": N, "window": 3}, "int4": {"residual": N, "group": 4},
          "int2": {"residual": N + 5, "group": 4}, "paged": {"block_size": 4}}
-
-
-def decode_model(model, tokens, cache, splits=SPLITS):
-    out, a = [], 0
-    for n in splits:
-        out.append(model(tokens[:, a:a + n], cache=cache))
-        a += n
-    return torch.cat(out, dim=1)
 
 
 @pytest.mark.parametrize("kind", sorted(AMPLE))
@@ -50,8 +39,8 @@ def test_budget_covering_the_context_equals_the_full_cache(kind, kv_heads):
     torch.manual_seed(3)
     model = Transformer(50, 32, 4, 2, kv_heads=kv_heads, method="chunked").double().eval()
     tokens = torch.randint(0, 50, (2, N))
-    want = decode_model(model, tokens, model.new_cache("full"))
-    got = decode_model(model, tokens, model.new_cache(kind, **AMPLE[kind]))
+    want = decode_in_pieces(model, tokens, model.new_cache("full"))
+    got = decode_in_pieces(model, tokens, model.new_cache(kind, **AMPLE[kind]))
     assert rel_err(got, want) <= 1e-12
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..figures import pyplot, save
 from ..memory.measure import MiB
 from ..nn import Transformer
 from ..nn.cache import KVCache, ModelCache
@@ -272,10 +273,7 @@ def markdown_tables(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Two panels: cache MiB and tokens/s against context length, one line per kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax_mem, ax_speed) = plt.subplots(1, 2, figsize=(11, 4.2))
     for ax, typ, key, label in ((ax_mem, "memory", "mib", "cache MiB"),
@@ -295,8 +293,5 @@ def plot(rows: list[dict], path: Path) -> Path:
     cfg = next((r["config"] for r in rows if "config" in r), {})
     fig.suptitle(f"d_model={cfg.get('d_model')}, heads={cfg.get('heads')}, layers={cfg.get('layers')}, "
                  f"{cfg.get('dtype')}, CPU")
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

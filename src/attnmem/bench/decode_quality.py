@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from ..figures import pyplot, save
 from ..memory.measure import MiB
 from ..tasks import IGNORE
 from ..training import CHECKPOINT, TaskModel, TrainConfig, build, load_checkpoint
@@ -184,10 +185,7 @@ def markdown_table(rows: list[dict]) -> str:
 
 def plot(rows: list[dict], path: Path) -> Path:
     """Accuracy against cache bytes (ratio to the full cache), one line per kind."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     rows = [r for r in rows if r.get("type") == "quality"]
     fig, ax = plt.subplots(figsize=(7, 4.5))
@@ -203,8 +201,5 @@ def plot(rows: list[dict], path: Path) -> Path:
                  f"({first['queries_counted']} queries)", fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
+from ..figures import pyplot, save
 from ..memory.measure import MiB
 
 BEST_EXACT = ("chunked", "sdpa")  # the exact methods memory saved is counted against
@@ -188,10 +189,7 @@ def plot_frontier(points_by_task: dict[str, list[QualityPoint]], path: Path) -> 
     """Quality against peak memory (left) and time (right), a row per task; filled markers are
     the swapped-in quality, hollow ones the trained-from-scratch quality, and the line joins
     the frontier's points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     tasks = [t for t, ps in points_by_task.items() if any(p.peak_bytes for p in ps)]
     if not tasks:
@@ -224,9 +222,7 @@ def plot_frontier(points_by_task: dict[str, list[QualityPoint]], path: Path) -> 
             ax.set_title(f"{task}, N = {pts[0].seq_len}: filled = swapped in, hollow = trained with it")
             ax.grid(True, which="both", alpha=0.3)
         axes[row][1].legend(fontsize=6, ncol=2, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path)
     return True
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
+from ..figures import pyplot, save
 from ..memory.units import format_bytes
 from ..registry import Style
 from .rows import Row
@@ -135,11 +136,9 @@ def lra_table(rows: list[dict[str, Any]], lengths=_LRA_LENGTHS) -> str:
 
 
 def _plot_vs_n(rows, key, ylabel, title, path: Path, budget: int | None = None, floor: bool = False) -> None:
-    import matplotlib
     import matplotlib.ticker
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 5.5))
     for method, rs in sorted(_by_method(rows).items()):
@@ -167,16 +166,11 @@ def _plot_vs_n(rows, key, ylabel, title, path: Path, budget: int | None = None, 
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
 
 
 def _plot_error_vs_memory(rows, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     best = best_exact_peaks(rows)
     pts = [(r, memory_saved(r, best)) for r in _ok(rows)]
@@ -198,9 +192,7 @@ def _plot_error_vs_memory(rows, path: Path) -> bool:
     ax.set_title("What the memory saving costs: error against memory saved")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save(fig, path, dpi=120)
     return True
 
 

@@ -13,7 +13,9 @@ from .blocks import EMPTY, FULL, PARTIAL, BlockMap, Grid, MaskMod, dense_tile_st
 class PerDevice:
     """Tensors a ``mask_mod`` reads, copied once to each device it is called on: the tile
     states evaluate it on the CPU, the kernels on the inputs' device, so one copy per call
-    would repeat a host-device transfer for every tile."""
+    would repeat a host-device transfer for every tile. The first call on a device writes to
+    this holder, a side effect FlexAttention's trace refuses: a mask using one stays out of
+    ``kernels.flex.FLEX_SAFE``."""
 
     def __init__(self, *tensors: Tensor):
         self.tensors = tensors

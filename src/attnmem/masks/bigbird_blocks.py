@@ -8,7 +8,7 @@ import random
 import torch
 from torch import Tensor
 
-from .base import Mask, PerDevice
+from .base import Mask
 from .blocks import Grid, prefix_counts, ranges_to_candidates, states_from, union_candidates
 from .checks import check_count
 
@@ -96,11 +96,14 @@ class BigBird(Mask):
         return table
 
     def mask_fn(self, nq, nk):
-        held = PerDevice(*self.tables(nq, nk))
+        gq, gk, rnd = self.tables(nq, nk)
         block, radius = self.block, self.radius
 
         def mask_mod(b, h, q_idx, kv_idx):
-            fq, fk, table = held.on(q_idx.device)
+            # Copied per call, not held in a masks.base.PerDevice: FlexAttention traces this
+            # mask_mod and refuses one that writes to state outside it (its per-device dict).
+            dev = q_idx.device
+            fq, fk, table = gq.to(dev), gk.to(dev), rnd.to(dev)
             qb, kb = q_idx // block, kv_idx // block
             allowed = ((kb - qb).abs() <= radius) | fq[qb] | fk[kb]
             for c in range(table.shape[1]):

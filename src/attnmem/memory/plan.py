@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import registry
+from ..figures import pyplot, save
 from .estimate import DTYPES, estimate
 from .measure import GiB, MiB
 from .units import parse_bytes
@@ -338,10 +339,7 @@ def sweep(cfg: ModelConfig, methods: list[str], seq_lens: list[int]) -> dict[str
 def plot(cfg: ModelConfig, methods: list[str], budget_bytes: int, path: str | Path,
          seq_lens: list[int] | None = None) -> Path:
     """PNG of predicted peak memory against sequence length per method, with the budget line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     if seq_lens is None:
         seq_lens = [2**k for k in range(8, 21)]
@@ -363,11 +361,7 @@ def plot(cfg: ModelConfig, methods: list[str], budget_bytes: int, path: str | Pa
                  + (", checkpointing" if cfg.checkpointing else ""))
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def measure_step(cfg: ModelConfig, method: str, *, seed: int = 0) -> int:

@@ -164,6 +164,30 @@ def attend_new(q: Tensor, keys: Tensor, values: Tensor, **window: Any) -> Tensor
     return attention(q, keys, values, causal=True)
 
 
+class RunningSoftmax:
+    """``softmax(s) @ V`` over key blocks seen one at a time (online softmax): the running row
+    max, row sum and unnormalised output of query rows ``like`` (B, Hkv, R, D)."""
+
+    def __init__(self, like: Tensor):
+        self.row_max = torch.full(like.shape[:3] + (1,), -math.inf, dtype=like.dtype, device=like.device)
+        self.row_sum = torch.zeros_like(self.row_max)
+        self.acc = torch.zeros_like(like)
+
+    def add(self, s: Tensor, values: Tensor, p_scale: Tensor | None = None) -> None:
+        """Scores ``s`` (B, Hkv, R, t) of one block and its values (B, Hkv, t, D); ``p_scale``
+        multiplies the probabilities (a per-token value scale that factors out of ``p @ V``)."""
+        new_max = torch.maximum(self.row_max, s.amax(-1, keepdim=True))
+        p = torch.exp(s - new_max)
+        correction = torch.exp(self.row_max - new_max)
+        self.row_sum = self.row_sum * correction + p.sum(-1, keepdim=True)
+        self.acc = self.acc * correction + (p if p_scale is None else p * p_scale) @ values
+        self.row_max = new_max
+
+    def output(self) -> Tensor:
+        """(B, Hkv, R, D); every row must have seen a key (row_sum > 0)."""
+        return self.acc / self.row_sum
+
+
 def buffers_nbytes(*bufs: Tensor | None) -> int:
     return sum(b.numel() * b.element_size() for b in bufs if b is not None)
 
@@ -263,9 +287,7 @@ class Int8KVCache(KVCache):
         scale = 1.0 / math.sqrt(D)
         # Row r is token r % n, at position L - n + r % n; it sees keys at positions <= that.
         row_pos = (L - n) + torch.arange(G * n, device=q.device) % n  # (G·n,)
-        row_max = torch.full((B, Hkv, G * n, 1), -math.inf, dtype=q.dtype, device=q.device)
-        row_sum = torch.zeros((B, Hkv, G * n, 1), dtype=q.dtype, device=q.device)
-        acc = torch.zeros((B, Hkv, G * n, D), dtype=q.dtype, device=q.device)
+        run = RunningSoftmax(qg)
         for a in range(0, L, INT8_KV_BLOCK):
             b = min(a + INT8_KV_BLOCK, L)
             # The per-token scales factor out of the dot products: apply them to the (G·n, blk)
@@ -276,13 +298,8 @@ class Int8KVCache(KVCache):
             if b - 1 > L - n:  # only the tail block holds keys some new token must not see
                 keep = torch.arange(a, b, device=q.device)[None, :] <= row_pos[:, None]
                 s = s.masked_fill(~keep, -math.inf)
-            new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-            p = torch.exp(s - new_max)
-            correction = torch.exp(row_max - new_max)
-            row_sum = row_sum * correction + p.sum(-1, keepdim=True)
-            acc = acc * correction + (p * v_scale) @ self.v[:, :, a:b].to(q.dtype)
-            row_max = new_max
-        return (acc / row_sum).reshape(B, Hq, n, D)  # every row sees key 0: row_sum > 0
+            run.add(s, self.v[:, :, a:b].to(q.dtype), v_scale)
+        return run.output().reshape(B, Hq, n, D)  # every row sees key 0
 
     def nbytes(self):
         return buffers_nbytes(self.k, self.v, self.k_scale, self.v_scale)

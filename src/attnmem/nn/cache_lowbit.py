@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_positive_int
-from .cache import LayerCache, buffers_nbytes, grow_buffer, register_kind
+from .cache import LayerCache, RunningSoftmax, buffers_nbytes, grow_buffer, register_kind
 
 # Quantised tokens dequantised at a time while decoding (rounded up to whole key groups).
 LOWBIT_KV_BLOCK = 4096
@@ -187,21 +187,14 @@ class LowBitKVCache(LayerCache):
         """One new query (B, Hq, 1, D) over every held token, block by block (online softmax)."""
         B, Hq, _, D = q.shape
         qg = q.reshape(B, self.kv_heads, Hq // self.kv_heads, D) / math.sqrt(D)  # (B, Hkv, G, D)
-        row_max = torch.full(qg.shape[:3] + (1,), -math.inf, dtype=q.dtype, device=q.device)
-        row_sum = torch.zeros_like(row_max)
-        acc = torch.zeros_like(qg)
+        run = RunningSoftmax(qg)
         blocks = self.dequantized_blocks()
         for keys, values in (*blocks, (self.k_res, self.v_res)):
             if keys.shape[2] == 0:
                 continue
             s = qg @ keys.to(q.dtype).transpose(-1, -2)  # (B, Hkv, G, t)
-            new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
-            p = torch.exp(s - new_max)
-            correction = torch.exp(row_max - new_max)
-            row_sum = row_sum * correction + p.sum(-1, keepdim=True)
-            acc = acc * correction + p @ values.to(q.dtype)
-            row_max = new_max
-        return (acc / row_sum).reshape(B, Hq, 1, D)
+            run.add(s, values.to(q.dtype))
+        return run.output().reshape(B, Hq, 1, D)
 
     def nbytes(self) -> int:
         return buffers_nbytes(self.k_codes, self.v_codes, self.k_step, self.k_lo, self.v_step, self.v_lo,

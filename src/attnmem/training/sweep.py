@@ -7,6 +7,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from ..figures import pyplot, save
 from ..method_spec import parse_method_spec
 from .loop import CHECKPOINT, TrainConfig, fit
 
@@ -63,10 +64,7 @@ def write_sweep(rows: list[dict], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps(rows, indent=2))
     (out / "sweep.md").write_text(markdown_table(rows))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
@@ -79,6 +77,4 @@ def write_sweep(rows: list[dict], out: Path) -> None:
     ax.set_title(f"{first['task']} N={first['seq_len']}, {first['steps']} steps, batch {first['batch_size']}")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "sweep.png", dpi=120)
-    plt.close(fig)
+    save(fig, out / "sweep.png", dpi=120)
