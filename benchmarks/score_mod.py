@@ -2,9 +2,13 @@
 
 Standard configuration: CPU, float32, B=1, H=8, D=64, forward + backward.
 
-    python benchmarks/score_mod.py memory [--n 16384] [--check-n 1024]
-    python benchmarks/score_mod.py time [--n 8192] [--repeats 3]
-    python benchmarks/score_mod.py window [--ns 2048,4096,8192]
+    python benchmarks/score_mod.py memory [--target] [--n N] [--check-n 1024] [--how real|trace]
+    python benchmarks/score_mod.py time [--target] [--n N] [--repeats 5]
+    python benchmarks/score_mod.py window [--target] [--ns 1024,2048,4096]
+    python benchmarks/score_mod.py all [--target]
+
+Without ``--target`` the sizes are small (a quick look, well under 3 minutes in all); with it they
+are the issue's: memory at N = 16384, time at N = 8192, the window at 2048, 4096, 8192.
 
 ``memory`` counts the peak of every live tensor with ``attnmem.measure``'s tracker
 (``LiveTensorTracker``); at the large N it runs the call on fake tensors (as
@@ -12,7 +16,10 @@ Standard configuration: CPU, float32, B=1, H=8, D=64, forward + backward.
 ``attnmem.measure`` run give the same bytes. Peers: SDPA with the equivalent dense float bias
 (ALiBi, relative bias: the only CPU alternative), eager attention (softcap and sinks, which no
 SDPA argument expresses) and SDPA's own dropout. ``time`` interleaves the cases (A, B, C, …
-repeated) and prints medians and the load average.
+repeated) and prints medians and the load average: ALiBi and softcap against plain
+``chunked`` (causal, no score_mod) and against SDPA with the equivalent dense float bias.
+``--how trace`` traces attnmem at the large N too (the generic dropout path runs for minutes
+there on a loaded machine); the check at ``--check-n`` shows trace and measurement agree.
 """
 
 from __future__ import annotations
@@ -85,7 +92,8 @@ def traced_peak(call, n: int) -> int:
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with fake_mode:
         q, k, v = (torch.empty(B, H, n, D).requires_grad_() for _ in range(3))  # (B, H, N, D)
-    with _SmallRealMode(fake_mode):
+    # The tile loops of the generic path run ~10**6 operators at N = 16384: no trace bound here.
+    with _SmallRealMode(fake_mode, op_limit=10**9, seconds_limit=1e6):
         peak, _, _ = trace_peak(call, q, k, v, True)
     return peak
 
@@ -104,12 +112,14 @@ def memory(args) -> None:
         real, fake = real_peak(call, args.check_n), traced_peak(call, args.check_n)
         print(f"check N={args.check_n} {name}: measured {real / MiB:.2f} MiB, traced {fake / MiB:.2f} MiB")
     n = args.n
-    print(f"N={n}: attnmem measured for real (attnmem.measure); peers traced on fake tensors (their "
-          "N x N tensors would not fit this shared machine)")
+    how = "measured for real (attnmem.measure)" if args.how == "real" else "traced on fake tensors"
+    print(f"N={n}: attnmem {how}; peers traced on fake tensors (their N x N tensors would not fit this "
+          "shared machine)")
     print(f"| feature | attnmem peak (MiB) | / floor {floor_bytes(n) / MiB:.0f} MiB | peer | peer peak (MiB) | ratio |")
     print("|---|---|---|---|---|---|")
     for name, (call, peer_name, peer) in cases(n).items():
-        mine, theirs = real_peak(call, n), traced_peak(peer, n)
+        mine = real_peak(call, n) if args.how == "real" else traced_peak(call, n)
+        theirs = traced_peak(peer, n)
         print(f"| {name} | {mine / MiB:.1f} | {mine / floor_bytes(n):.3f} | {peer_name} | {theirs / MiB:.0f} | "
               f"{mine / theirs:.4f} |", flush=True)
 
@@ -120,7 +130,12 @@ def timed(call, q, k, v) -> float:
     return time.perf_counter() - t0
 
 
+def load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def time_cases(args) -> None:
+    """Interleaved fwd+bwd: chunked, ALiBi, softcap, SDPA + the dense ALiBi bias (A, B, C, D, ...)."""
     torch.set_num_threads(args.threads)
     n = args.n
     q, k, v = (torch.randn(B, H, n, D).requires_grad_() for _ in range(3))  # (B, H, N, D)
@@ -130,26 +145,28 @@ def time_cases(args) -> None:
         "alibi": c["alibi"][0], "softcap": c["softcap"][0], "sdpa+dense alibi bias": c["alibi"][2],
     }
     times: dict[str, list[float]] = {name: [] for name in runs}
-    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    load0 = load()
     for call in runs.values():  # warm-up
         timed(call, q, k, v)
     for _ in range(args.repeats):
         for name, call in runs.items():
             times[name].append(timed(call, q, k, v))
-    load1 = Path("/proc/loadavg").read_text().split()[:3]
     base = statistics.median(times["chunked"])
     sdpa = statistics.median(times["sdpa+dense alibi bias"])
     print(f"# time, fwd+bwd, causal, N={n}, CPU float32 B={B} H={H} D={D}, threads {args.threads}, "
-          f"torch {torch.__version__}, load {' '.join(load0)} -> {' '.join(load1)} (measured under load)")
+          f"torch {torch.__version__}, load {load0} -> {load()} (measured under load), {args.repeats} interleaved "
+          "repeats, medians")
+    print("| case | median (s) | / chunked | / sdpa+dense bias |")
+    print("|---|---|---|---|")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name}: median {med:.2f} s of {len(ts)}; / chunked {med / base:.2f}; / sdpa+bias {med / sdpa:.2f}")
+        print(f"| {name} | {med:.2f} | {med / base:.2f} | {med / sdpa:.2f} |")
 
 
 def window(args) -> None:
     torch.set_num_threads(args.threads)
     ns = [int(x) for x in args.ns.split(",")]
-    load0 = Path("/proc/loadavg").read_text().split()[:3]
+    load0 = load()
     results: dict[int, list[float]] = {n: [] for n in ns}
     inputs = {n: [torch.randn(B, H, n, D).requires_grad_() for _ in range(3)] for n in ns}
 
@@ -161,30 +178,39 @@ def window(args) -> None:
     for _ in range(args.repeats):
         for n in ns:
             results[n].append(timed(call, *inputs[n]))
-    load1 = Path("/proc/loadavg").read_text().split()[:3]
     print(f"# sliding_window((256, 0)) + ALiBi, fwd+bwd, threads {args.threads}, "
-          f"load {' '.join(load0)} -> {' '.join(load1)} (measured under load)")
+          f"load {load0} -> {load()} (measured under load); time per query constant = tiles outside skipped")
     for n in ns:
         med = statistics.median(results[n])
         print(f"N={n}: median {med:.2f} s, {med / n * 1e6:.1f} µs per query")
 
 
+# Quick sizes, and the issue's targets (--target).
+SIZES = {False: {"memory": 4096, "time": 2048, "window": "1024,2048,4096"},
+         True: {"memory": 16384, "time": 8192, "window": "2048,4096,8192"}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("memory")
-    m.add_argument("--n", type=int, default=16384)
-    m.add_argument("--check-n", type=int, default=1024)
-    t = sub.add_parser("time")
-    t.add_argument("--n", type=int, default=8192)
-    t.add_argument("--repeats", type=int, default=3)
-    t.add_argument("--threads", type=int, default=2)
-    w = sub.add_parser("window")
-    w.add_argument("--ns", default="2048,4096,8192")
-    w.add_argument("--repeats", type=int, default=3)
-    w.add_argument("--threads", type=int, default=2)
+    parsers = {name: sub.add_parser(name) for name in ("memory", "time", "window", "all")}
+    for sp in parsers.values():
+        sp.add_argument("--target", action="store_true", help="the issue's sizes (N = 16384 / 8192)")
+        sp.add_argument("--threads", type=int, default=2)
+        sp.add_argument("--repeats", type=int, default=5)
+        sp.add_argument("--check-n", type=int, default=1024)
+        sp.add_argument("--how", choices=("real", "trace"), default="real")
+        sp.add_argument("--n", type=int, default=None)
+        sp.add_argument("--ns", default=None)
     args = p.parse_args()
-    {"memory": memory, "time": time_cases, "window": window}[args.cmd](args)
+    sizes = SIZES[args.target]
+    cmds = ["memory", "time", "window"] if args.cmd == "all" else [args.cmd]
+    for cmd in cmds:
+        sub_args = argparse.Namespace(**vars(args))
+        if sub_args.n is None:
+            sub_args.n = sizes[cmd] if cmd != "window" else None
+        sub_args.ns = sub_args.ns or sizes["window"]
+        {"memory": memory, "time": time_cases, "window": window}[cmd](sub_args)
 
 
 if __name__ == "__main__":

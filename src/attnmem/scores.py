@@ -9,6 +9,13 @@ kv_idx (1,1,1,Tk)), so these built-ins are a few tensor ops per tile, never a Py
 score. Tensors they hold (ALiBi slopes, a T5 bias table) receive gradients when they require
 them.
 
+The fast paths of the tiled kernel (``attnmem.kernels.mods``) read two declarations here:
+``alibi`` and ``relative_bias`` are additive biases of the indices alone
+(``additive_bias(h, q_idx, kv_idx, dtype)``: each tile's bias goes to the fused CPU operator),
+and ``softcap`` declares its cap (``softcap``: a tile kernel with the derivative written out).
+With a learned table or slopes (requiring grad) the generic path runs, which computes their
+gradients.
+
 ``dropout_mask`` materialises the dropout pattern of ``attnmem.attention(dropout_p=...)``
 densely, for references and tests.
 """
@@ -36,6 +43,11 @@ class SoftCap:
 
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         return torch.tanh(score / self.cap) * self.cap
+
+    @property
+    def softcap(self) -> float:
+        """The cap, declared for the tiled kernel's softcap fast path."""
+        return self.cap
 
     def __repr__(self) -> str:
         return f"softcap({self.cap:g})"
@@ -83,6 +95,13 @@ class ALiBi:
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         distance = (q_idx + self.offset - kv_idx).abs().to(score.dtype)  # (1, 1, Tq, Tk)
         return score - self.slopes.to(score.device)[h].to(score.dtype) * distance
+
+    def additive_bias(self, h: Tensor, q_idx: Tensor, kv_idx: Tensor, dtype: torch.dtype) -> Tensor:
+        """``-slope_h · |q_idx + offset - kv_idx|`` as a (1, Hq, Tq, Tk) tensor of ``dtype``
+        (the score_mod is ``score + additive_bias``); slopes detached."""
+        distance = (q_idx + self.offset - kv_idx).abs_().to(dtype)  # (1, 1, Tq, Tk)
+        neg_slopes = -self.slopes.detach().to(device=distance.device, dtype=dtype)[h]  # (1, Hq, 1, 1)
+        return distance * neg_slopes
 
     def __repr__(self) -> str:
         return f"alibi(H={self.slopes.numel()}, offset={self.offset})"
@@ -161,6 +180,17 @@ class RelativeBias:
                                           self.max_distance)  # (1, 1, Tq, Tk)
         bias = self.table.to(score.device).t()[h, bucket]  # (1, Hq, Tq, Tk)
         return score + bias.to(score.dtype)
+
+    def additive_bias(self, h: Tensor, q_idx: Tensor, kv_idx: Tensor, dtype: torch.dtype) -> Tensor:
+        """``table[bucket(kv_idx - q_idx), h]`` as a (1, Hq, Tq, Tk) tensor of ``dtype``, table
+        detached. The buckets are computed once per distinct offset ``kv_idx - q_idx`` (at most
+        Tq + Tk - 1 of them), then gathered: no logarithm per score."""
+        offsets = kv_idx - q_idx  # (1, 1, Tq, Tk)
+        low = int(offsets.min())
+        distinct = torch.arange(low, int(offsets.max()) + 1, device=offsets.device)  # (L,)
+        bucket = relative_position_bucket(distinct, self.bidirectional, self.num_buckets, self.max_distance)
+        per_head = self.table.detach().to(device=offsets.device, dtype=dtype).t()[:, bucket]  # (H, L)
+        return per_head[h[0, :, 0, 0]][:, offsets[0, 0] - low].unsqueeze(0)  # (1, Hq, Tq, Tk)
 
     def __repr__(self) -> str:
         return (f"relative_bias(H={self.table.shape[1]}, num_buckets={self.num_buckets}, "

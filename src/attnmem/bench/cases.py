@@ -42,13 +42,16 @@ class Case:
     mask: str = "none"
     forward_only: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    score_mod: str = "none"  # a SCORE_MOD_SPECS spec
 
     def key(self) -> str:
-        """Identifies a case in results files (for --resume)."""
+        """Identifies a case in results files (for --resume); rows without a score_mod keep
+        the key they had before score_mod existed."""
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.options.items()))
+        mod = f"|score_mod={self.score_mod}" if self.score_mod != "none" else ""
         return (f"{self.method}|N={self.seq_len}|B={self.batch}|H={self.heads}|Hkv={self.kv_heads}|"
                 f"D={self.head_dim}|{self.dtype}|{self.device}|causal={self.causal}|mask={self.mask}|"
-                f"fwd={self.forward_only}|{opts}")
+                f"fwd={self.forward_only}|{opts}{mod}")
 
     @functools.cached_property
     def attention_mask(self) -> tuple[bool, Any]:
@@ -120,6 +123,33 @@ def parse_mask(spec: str, n: int) -> tuple[bool, Any]:
     return False, M.random_blocks(n, n, block, keep=keep, seed=0)
 
 
+SCORE_MOD_SPECS = "none, softcap[:CAP] (default cap 50, Gemma 2's) or alibi (the standard slopes of H heads)"
+
+
+def parse_score_mod(spec: str, heads: int):
+    """The score_mod of a spec (``SCORE_MOD_SPECS``), or None for "none".
+
+    Raises:
+        ValueError: naming the spec, for an unknown name or a cap that is not a positive number.
+    """
+    from .. import scores
+
+    name, *args = spec.split(":")
+    if name == "none" and not args:
+        return None
+    if name == "alibi" and not args:
+        return scores.alibi(heads)
+    if name == "softcap" and len(args) <= 1:
+        try:
+            cap = float(args[0]) if args else 50.0
+        except ValueError:
+            cap = math.nan
+        if not (math.isfinite(cap) and cap > 0):
+            raise ValueError(f"score_mod spec {spec!r}: CAP must be a positive number, got {args[0]!r}")
+        return scores.softcap(cap)
+    raise ValueError(f"unknown score_mod spec {spec!r}; expected {SCORE_MOD_SPECS}")
+
+
 def make_inputs(case: Case, seed: int = 0):
     dtype, dev = DTYPES[case.dtype], torch.device(case.device)
     g = torch.Generator().manual_seed(seed)
@@ -136,17 +166,23 @@ def make_inputs(case: Case, seed: int = 0):
 
 
 def attend_fn(method: str, *, heads: int, kv_heads: int | None, head_dim: int, seq_len: int,
-              options: dict[str, Any], device: str = "cpu", dtype: str = "float32", seed: int = 0):
+              options: dict[str, Any], device: str = "cpu", dtype: str = "float32", seed: int = 0,
+              score_mod: str = "none"):
     """``f(q, k, v, causal, mask)`` running ``method``. A stateful method (``linformer``,
     memory attention) gets its module built here, seeded, with the options its method gives a
     call of ``seq_len`` tokens (``Method.options_for_length``: linformer's max_len = max(N, k));
     its learned parameters start untrained, and a memory is cleared before every call so that
     each repeat reads the same stream."""
     m = registry.get(method)
+    mod = parse_score_mod(score_mod, heads)
     if not m.stateful:
+        extra = {"score_mod": mod} if mod is not None else {}
+
         def functional(q, k, v, causal, mask):
-            return attention(q, k, v, method=method, causal=causal, mask=mask, **options)
+            return attention(q, k, v, method=method, causal=causal, mask=mask, **options, **extra)
         return functional
+    if mod is not None:
+        raise ValueError(f"score_mod {score_mod!r}: method {method!r} has learned state; its module takes no score_mod")
     opts = m.options_for_length(dict(options), seq_len)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -168,7 +204,8 @@ def case_fn(case: Case):
     tracker counts them."""
     causal, mask = case.attention_mask
     attend = attend_fn(case.method, heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim,
-                       seq_len=case.seq_len, options=case.options, device=case.device, dtype=case.dtype)
+                       seq_len=case.seq_len, options=case.options, device=case.device, dtype=case.dtype,
+                       score_mod=case.score_mod)
 
     def run(q, k, v):
         if case.forward_only:

@@ -44,7 +44,8 @@ def _config_line(rows: list[dict[str, Any]]) -> str:
     mask = "causal" if r.get("causal") else r.get("mask", "none")
     hkv = r.get("kv_heads") or r["heads"]
     return (f"device {r['device']}, {r['dtype']}, B={r['batch']}, H={r['heads']}, Hkv={hkv}, "
-            f"D={r['head_dim']}, mask {mask}, {pass_}; torch {r.get('torch')}, {r.get('cpu_threads')} CPU threads, "
+            f"D={r['head_dim']}, mask {mask}, score_mod {r.get('score_mod', 'none')}, {pass_}; "
+            f"torch {r.get('torch')}, {r.get('cpu_threads')} CPU threads, "
             f"{r.get('processor')}")
 
 

@@ -52,6 +52,7 @@ class Row:
     forward_only: bool
     options: dict[str, Any]
     status: str
+    score_mod: str = "none"
     reason: str = ""
     family: str = ""
     exact: bool = False

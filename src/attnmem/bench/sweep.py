@@ -20,10 +20,10 @@ from typing import Any
 import torch
 
 from .. import registry
-from ..api import validate
+from ..api import validate, validate_mods
 from ..memory.estimate import estimate
 from ..version import __version__
-from .cases import DTYPES, Case, approx_error, floor_bytes, parse_mask, run_case
+from .cases import DTYPES, Case, approx_error, floor_bytes, parse_mask, parse_score_mod, run_case
 from .rows import Row
 
 ERROR_SEQ_LEN = 1024  # approximation errors are measured at min(N, this)
@@ -50,11 +50,13 @@ class SweepConfig:
     time_budget_s: float | None = 1.0
     budget_bytes: int = 0
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    score_mod: str = "none"  # a bench.cases.SCORE_MOD_SPECS spec, applied to every method
 
     def cases(self) -> list[Case]:
         return [Case(method=m, seq_len=n, batch=self.batch, heads=self.heads, kv_heads=self.kv_heads,
                      head_dim=self.head_dim, dtype=self.dtype, device=self.device, causal=self.causal,
-                     mask=self.mask, forward_only=self.forward_only, options=dict(self.options.get(m, {})))
+                     mask=self.mask, forward_only=self.forward_only, options=dict(self.options.get(m, {})),
+                     score_mod=self.score_mod)
                 for n in self.seq_lens for m in self.methods]
 
 
@@ -63,10 +65,12 @@ def predict_peak(case: Case) -> tuple[int, str]:
     ``attnmem.estimate`` (a trace under fake tensors, or the method's closed form), or, where
     that cannot answer, a coarse bound (the floor, plus the N×N matrices of a quadratic call)."""
     causal, mask = case.attention_mask
+    mod = parse_score_mod(case.score_mod, case.heads)
+    extra = {"score_mod": mod} if mod is not None else {}
     try:
         est = estimate(case.method, batch=case.batch, heads=case.heads, seq_len=case.seq_len,
                        head_dim=case.head_dim, dtype=DTYPES[case.dtype], training=not case.forward_only,
-                       kv_heads=case.kv_heads, causal=causal, mask=mask, **case.options)
+                       kv_heads=case.kv_heads, causal=causal, mask=mask, **case.options, **extra)
         return int(est.peak_bytes), f"attnmem.estimate ({est.source})"
     except (ValueError, TypeError, RuntimeError, NotImplementedError):
         pass
@@ -94,6 +98,9 @@ def unsupported_reasons(case: Case) -> list[str]:
     hkv = case.kv_heads or case.heads
     q, k, v = (one.expand(case.batch, h, case.seq_len, case.head_dim) for h in (case.heads, hkv, hkv))
     inp = validate(q, k, v, causal=causal, mask=mask)
+    mod = parse_score_mod(case.score_mod, case.heads)
+    if mod is not None:
+        inp = validate_mods(inp, score_mod=mod)
     return m.not_supported_reasons(inp, m.make_options(case.options))
 
 
@@ -157,6 +164,8 @@ def _error_columns(method: str, case: Case, cache: dict[str, dict[str, float]]) 
     drops keys the case's mask allows and is measured like any approximation."""
     if registry.get(method).family == "exact":
         return {"approx_error": 0.0, "approx_error_peaked": 0.0}
+    if case.score_mod != "none":
+        return {}  # the error measurement knows no score_mod: left out rather than measured without it
     if method not in cache:
         n = min(case.seq_len, ERROR_SEQ_LEN)
         causal, mask = parse_mask(case.mask, n)

@@ -8,7 +8,7 @@ import click
 from rich.table import Table
 
 from .. import registry
-from ..bench.cases import DTYPES, parse_mask
+from ..bench.cases import DTYPES, SCORE_MOD_SPECS, parse_mask, parse_score_mod
 from ..bench.report import write_report
 from ..bench.rows import Row
 from ..bench.sweep import SweepConfig, run_sweep
@@ -21,9 +21,26 @@ from .common import console
 DEFAULT_QUALITY = Path("benchmarks/results/quality/reduced.jsonl")
 
 
-def default_methods() -> list[str]:
-    """Methods that run from the functional API with their default options."""
-    return [m.name for m in registry.methods() if not m.stateful]
+def default_methods(*, score_mod: bool = False) -> list[str]:
+    """Methods that run from the functional API with their default options (and, with
+    ``score_mod``, honour a score_mod)."""
+    return [m.name for m in registry.methods() if not m.stateful and (m.supports.score_mod or not score_mod)]
+
+
+def check_score_mod_spec(spec: str, heads: int) -> None:
+    """A bad ``--score-mod`` fails here, before anything runs."""
+    try:
+        parse_score_mod(spec, heads)
+    except ValueError as e:
+        raise ValueError(f"--score-mod: {e}") from None
+
+
+def refuse_without_score_mod(names: list[str], spec: str) -> None:
+    """A listed method that cannot honour a score_mod is an error, never a run without it."""
+    cannot = [name for name in names if not registry.get(name).caps.score_mod]
+    if cannot:
+        able = ", ".join(default_methods(score_mod=True))
+        raise ValueError(f"--score-mod {spec}: {', '.join(cannot)} cannot apply a score_mod; methods that can: {able}")
 
 
 @click.command("compare")
@@ -40,6 +57,9 @@ def default_methods() -> list[str]:
 @click.option("--causal", is_flag=True, help="Causal attention.")
 @click.option("--mask", "mask_spec", default="none",
               help="none, causal, window:L[:R], dense_window:L, document:LEN, random_blocks:KEEP[:BLOCK].")
+@click.option("--score-mod", "score_mod", default="none", show_default=True,
+              help=f"A built-in score modification for every method: {SCORE_MOD_SPECS}. Without --methods, "
+                   "only the methods that honour a score_mod run; a listed method that cannot is an error.")
 @click.option("--forward-only", is_flag=True, help="Measure the forward pass only (inference).")
 @click.option("--budget", default=None, callback=common.size,
               help="Memory budget, e.g. 8GiB, 8G, 8.6GB or 8e9 (default: half the free memory).")
@@ -57,7 +77,7 @@ def default_methods() -> list[str]:
               help="Cached training results (benchmarks/quality.py) for the report's quality-against-memory "
                    f"section; 'auto' reads {DEFAULT_QUALITY} when it exists, 'none' leaves the section out.")
 def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, device, causal, mask_spec,
-                forward_only, budget, repeats, repeat_budget, out_dir, resume, retry_failed, overwrite,
+                score_mod, forward_only, budget, repeats, repeat_budget, out_dir, resume, retry_failed, overwrite,
                 quality) -> None:
     """Sweep methods × sequence lengths: peak memory, peak/floor, time and error per case.
 
@@ -68,7 +88,10 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
     """
     import torch
 
-    specs = methods_ or [(name, {}) for name in default_methods()]
+    check_score_mod_spec(score_mod, heads)
+    specs = methods_ or [(name, {}) for name in default_methods(score_mod=score_mod != "none")]
+    if score_mod != "none":
+        refuse_without_score_mod([name for name, _ in specs], score_mod)
     names = [name for name, _ in specs]
     for name, opts in specs:
         if registry.get(name).stateful:  # unknown names fail here too, before anything runs
@@ -85,7 +108,8 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
     cfg = SweepConfig(methods=names, seq_lens=seq_lens, batch=batch, heads=heads, kv_heads=kv_heads,
                       head_dim=head_dim, dtype=dtype, device=device, causal=causal, mask=mask_spec,
                       forward_only=forward_only, repeats=repeats, time_budget_s=repeat_budget,
-                      budget_bytes=budget_bytes, options={name: opts for name, opts in specs if opts})
+                      budget_bytes=budget_bytes, options={name: opts for name, opts in specs if opts},
+                      score_mod=score_mod)
     with common.StepProgress("compare", len(seq_lens) * len(names)) as progress:
         def on_case(case, i, total):
             progress.start(i, f"{case.method} N={case.seq_len}", total)
@@ -134,15 +158,17 @@ def outcome(row: Row) -> str:
 
 
 def summary_table(rows: list[Row]) -> Table:
-    table = Table(title="attnmem compare")
+    mods = sorted({r.score_mod for r in rows if r.score_mod != "none"})
+    table = Table(title="attnmem compare" + (f", score_mod {', '.join(mods)}" if mods else ""))
     for col in ("method", "N", "peak MiB", "peak/floor", "time s", "error", "status"):
         table.add_column(col, justify="right" if col not in ("method", "status") else "left")
     for r in rows:
+        method = r.method if r.score_mod == "none" else f"{r.method} ({r.score_mod})"
         if r.status == "ok":
             err = r.approx_error
-            table.add_row(r.method, str(r.seq_len), f"{r.peak_mib:.1f}", f"{r.peak_over_floor:.2f}",
+            table.add_row(method, str(r.seq_len), f"{r.peak_mib:.1f}", f"{r.peak_over_floor:.2f}",
                           f"{r.time_s:.3f}", "" if err is None else f"{err:.2g}", "ok")
         else:
-            table.add_row(r.method, str(r.seq_len), "-", "-", "-", "",
+            table.add_row(method, str(r.seq_len), "-", "-", "-", "",
                           f"{r.status}: {r.reason}"[:70] + f" (floor {r.floor_bytes / MiB:.0f} MiB)")
     return table

@@ -23,6 +23,8 @@ def method_block(m: registry.MethodInfo, width: int) -> list[str]:
     lines = [f"{m.name:<{NAME_W}}{m.family:<{FAMILY_W}}{caps}".rstrip()]
     if len(lines[0]) > width:
         lines = [m.name, f"  {m.family}", f"  {caps}"]
+    lines.append(f"  {'modifies':<9}score_mod {YES[s.score_mod]}  sinks {YES[s.sinks]}  dropout {YES[s.dropout]}  "
+                 f"return_lse {YES[s.return_lse]}")
     for label, text in (("memory", m.memory), ("options", ", ".join(m.options) or "none"),
                         ("state", "learned parameters or state: attnmem.nn only" if m.stateful else "")):
         if text:
@@ -42,7 +44,9 @@ def methods_cmd(as_json: bool) -> None:
             "summary": m.summary, "options": list(m.options), "stateful": m.stateful,
             "supports": {"causal": m.supports.causal, "mask": m.supports.mask,
                          "backward": m.supports.backward, "gqa": m.supports.gqa,
-                         "devices": list(m.supports.devices)},
+                         "devices": list(m.supports.devices), "score_mod": m.supports.score_mod,
+                         "sinks": m.supports.sinks, "dropout": m.supports.dropout,
+                         "return_lse": m.supports.return_lse},
         } for m in infos], indent=2))
         return
     width = min(shutil.get_terminal_size((80, 24)).columns, 100)

@@ -15,7 +15,7 @@
 from .autograd import LseAttention
 from .flex import FLEX_TILE, flex_attention, flex_available, flex_block_mask, flex_safe
 from .merge import merge, merge_partials
-from .mods import Mods, ScoreMod, TileMods, captured_tensors, dropout_keep, make_mods
+from .mods import Mods, ScoreMod, TileMods, captured_tensors, dropout_keep, fast_kind, make_mods
 from .segments import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, block_rows, plan_segments
 from .tile import (
     CAUSAL_TILE,
@@ -56,7 +56,7 @@ __all__ = [
     "fused_backward", "fused_forward", "merge_partials", "plan_segments", "resolve_kernel",
     "tiled_attention", "tiled_attention_lse", "tiled_backward", "tiled_backward_lse",
     "tiled_forward", "torch_backward", "torch_forward",
-    "Mods", "ScoreMod", "TileMods", "captured_tensors", "dropout_keep", "make_mods", "merge",
+    "Mods", "ScoreMod", "TileMods", "captured_tensors", "dropout_keep", "fast_kind", "make_mods", "merge",
     "fused_backward_acc", "CallPlan", "native_gqa", "plan_call", "Run", "TiledRun", "apply_sinks", "row_dot",
     "run_exact",
 ]

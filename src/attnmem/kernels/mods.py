@@ -8,6 +8,18 @@
 * dropout acts on the normalised probabilities, ``out = (P ∘ Z) V`` with ``Z ∈ {0, 1/(1-p)}``.
   ``Z`` is a counter-based hash of (seed, b, h, q_idx, kv_idx) (``dropout_keep``), so both
   passes regenerate it per tile, whatever the tiling, and nothing is stored.
+
+Two kinds of score_mod have a fast path (``Mods.fast``, chosen by ``fast_kind``), used when
+nothing captured needs a gradient and there is no dropout:
+
+* ``"bias"``: an additive bias of the indices alone (ALiBi, a fixed T5 table), declared by an
+  ``additive_bias(h, q_idx, kv_idx, dtype)`` method (returning a new tensor). Each segment's
+  bias is built once per pass as a small float tile and handed to the fused CPU operator as
+  its ``attn_mask``: no Python call per score, no autograd, the operator's own kernel. The
+  backward drops provably negligible pairs from it (``tile.NEGLIGIBLE``).
+* ``"softcap"``: ``cap·tanh(s/cap)``, declared by a float ``softcap`` attribute. It needs the
+  scores themselves, so a dedicated torch-ops tile kernel computes it with its derivative
+  written out (``1 - tanh²``) instead of recording autograd per tile.
 """
 
 from __future__ import annotations
@@ -102,12 +114,14 @@ class Mods:
     score_mod: FlexAttention-style ``score_mod(score, b, h, q_idx, kv_idx) -> score``.
     captured: the tensors the score_mod reads that need gradients (``captured_tensors``).
     dropout_p, dropout_seed: dropout on the normalised probabilities (``dropout_keep``).
+    fast: ``fast_kind`` of the call ("bias", "softcap" or "" for the generic path).
     """
 
     score_mod: ScoreMod | None = None
     captured: tuple[Tensor, ...] = field(default=(), repr=False)
     dropout_p: float = 0.0
     dropout_seed: int = 0
+    fast: str = ""
 
     @property
     def active(self) -> bool:
@@ -137,12 +151,33 @@ class TileMods:
         out = out.to(s.dtype).expand(s4.shape)
         return out.reshape(s.shape)  # (B, Hkv, G·Tq, Tk)
 
+    def bias(self, dtype: torch.dtype) -> Tensor:
+        """The additive bias of a ``"bias"`` score_mod on this tile, (1, Hkv, G·Tq, Tk)."""
+        c = self.c
+        bias = self.mods.score_mod.additive_bias(self.h, self.q_idx, self.kv_idx, dtype)
+        bias = bias.expand(1, c.Hq, self.tq, self.tk)  # (1, Hq, Tq, Tk)
+        # Contiguous, and never a score_mod's own buffer: the fused backward fills it in place.
+        return bias.reshape(1, c.Hkv, c.G * self.tq, self.tk).contiguous()  # (1, Hkv, G·Tq, Tk)
+
     def keep(self, dtype: torch.dtype) -> Tensor | None:
         if not self.mods.dropout_p:
             return None
         c = self.c
         z = dropout_keep(self.mods.dropout_seed, self.mods.dropout_p, self.b, self.h, self.q_idx, self.kv_idx)
         return z.to(dtype).expand(c.B, c.Hq, self.tq, self.tk).reshape(c.B, c.Hkv, c.G * self.tq, self.tk)
+
+
+def fast_kind(score_mod: ScoreMod | None, captured: tuple[Tensor, ...], dropout_p: float) -> str:
+    """Which fast path a call's score modifications take: "bias" (``additive_bias`` declared),
+    "softcap" (a float ``softcap`` declared), or "" (generic: autograd per tile). A captured
+    tensor needing a gradient, or dropout, takes the generic path, which computes both."""
+    if score_mod is None or captured or dropout_p:
+        return ""
+    if callable(getattr(score_mod, "additive_bias", None)):
+        return "bias"
+    if isinstance(getattr(score_mod, "softcap", None), float):
+        return "softcap"
+    return ""
 
 
 def make_mods(score_mod: ScoreMod | None, dropout_p: float, dropout_seed: int | torch.Generator | None,
@@ -158,4 +193,4 @@ def make_mods(score_mod: ScoreMod | None, dropout_p: float, dropout_seed: int | 
         else:
             seed = int(torch.randint(0, 2 ** 62, (1,), generator=dropout_seed).item())
     captured = captured_tensors(score_mod, acc_dtype(q.dtype), q.device) if score_mod is not None else ()
-    return Mods(score_mod, captured, float(dropout_p), seed)
+    return Mods(score_mod, captured, float(dropout_p), seed, fast_kind(score_mod, captured, dropout_p))

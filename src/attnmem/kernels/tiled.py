@@ -67,10 +67,13 @@ class CallPlan:
 
 def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
               batch: int, nq: int, nk: int, q_heads: int, kv_heads: int, head_dim: int,
-              mods: bool = False) -> CallPlan:
+              mods: str | None = None) -> CallPlan:
     """The one decision of how a call is computed, for the kernel (``TileContext``) and the
-    memory models alike. ``mods``: a score_mod or dropout is active (the torch kernel runs it)."""
-    kernel = "torch" if mods else resolve_kernel(kernel, device, dtype)
+    memory models alike. ``mods``: None (no score_mod or dropout), or the ``Mods.fast`` kind of
+    the active ones: "bias" (the fused operator with a per-tile bias, where it takes the dtype),
+    "softcap" (its own torch-ops tile kernel), "" (the generic torch kernel). An explicit
+    ``kernel="torch"`` always runs the generic torch kernel."""
+    kernel = mods_kernel(kernel, device, dtype, mods)
     fused = kernel == "fused"
     # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
     # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
@@ -91,8 +94,33 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
                       and ((q_heads > kv_heads
                             and grouped_causal_fits(batch, q_heads, kv_heads, nq, head_dim, dtype.itemsize))
                            or (q_heads == kv_heads and padding is not None)))
-    single_call = (mask is None or causal_call or grouped_causal) and fused
+    if mods is not None:
+        # A tile's bias is a (G·Tq × Tk) tensor: one call over everything would be N².
+        causal_call = grouped_causal = False
+    single_call = (mask is None or causal_call or grouped_causal) and fused and mods is None
     return CallPlan(kernel, pure_causal, causal_call, grouped_causal, single_call, padding)
+
+
+def mods_kernel(kernel: str, device: str | torch.device, dtype: torch.dtype, mods: str | None) -> str:
+    """The tile kernel of a call with score modifications of fast kind ``mods`` (see ``plan_call``)."""
+    if mods is None:
+        return resolve_kernel(kernel, device, dtype)
+    if kernel == "torch" or mods == "":
+        return "torch"
+    if mods == "softcap":
+        return "softcap"
+    # "bias": the operator adds the tile's bias in the inputs' dtype; half precision would round
+    # it (ALiBi's slope·distance) before the add, so only float32/float64 take this path.
+    fused = resolve_kernel(kernel, device, dtype) == "fused" and dtype in (torch.float32, torch.float64)
+    return "fused" if fused else "torch"
+
+
+# Most keys per segment of a tiled call with a score bias (both passes): the bias of one
+# segment is a (B, Hq, Tq, BIAS_SEGMENT) float tensor, 8 MiB at Hq = 8, Tq = 256 in float32.
+BIAS_SEGMENT = 1024
+# Most keys per segment of the softcap kernel: its (G·Tq × Tk) score, probability and dP tiles
+# are transient, 2 MiB each at Hq = 8, Tq = 256 in float32.
+SOFTCAP_SEGMENT = 256
 
 
 class TileContext:
@@ -105,14 +133,15 @@ class TileContext:
         self.Hkv, self.nk = k.shape[1], k.shape[2]
         self.G = self.Hq // self.Hkv
         self.scale = scale
-        # The fused operator cannot run a score_mod or our dropout pattern: the torch kernel does.
+        # Active score modifications choose the kernel (``mods_kernel``): their fast kind or the torch kernel.
         self.mods = mods if mods is not None and mods.active else None
         # Global query positions of q's rows, when q holds a subset of the call's rows.
         self.q_pos = q_pos
         self.tiles = (q_tile, kv_tile)
         self.mask = mask
         call = plan_call(kernel, device=q.device, dtype=q.dtype, mask=mask, batch=self.B, nq=self.nq, nk=self.nk,
-                         q_heads=self.Hq, kv_heads=self.Hkv, head_dim=self.D, mods=self.mods is not None)
+                         q_heads=self.Hq, kv_heads=self.Hkv, head_dim=self.D,
+                         mods=self.mods.fast if self.mods is not None else None)
         self.kernel, self.pure_causal, self.causal_call = call.kernel, call.pure_causal, call.causal_call
         self.grouped_causal, self.single_call = call.grouped_causal, call.single_call
         self.key_valid = call.key_padding.valid if call.key_padding is not None else None
@@ -122,9 +151,15 @@ class TileContext:
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
         # per-segment dK/dV are transient, so its segments are capped.
         rows = block_rows(mask, self.nq, self.nk, q_tile, kv_tile, self.B, self.Hq)
-        self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused, gather=MAX_GATHER)
-        self.plan_bwd = (plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)
-                         if fused else self.plan)
+        cap = {"fused": BIAS_SEGMENT, "softcap": SOFTCAP_SEGMENT}.get(self.kernel) if self.mods is not None else None
+        if cap is not None:
+            # Both passes evaluate the score modification per segment: one cap for both.
+            self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True, max_segment=cap)
+            self.plan_bwd = self.plan
+        else:
+            self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused, gather=MAX_GATHER)
+            self.plan_bwd = (plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True,
+                                           max_segment=MAX_SEGMENT) if fused else self.plan)
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.device = q.device
 
@@ -494,7 +529,7 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, *, mask: Mask | None, scale
         scale: multiplier of QKᵀ.
         q_tile, kv_tile: tile sizes of the block map.
         kernel: "auto", "fused" (CPU operator) or "torch" (plain PyTorch, any device); a
-            score_mod or dropout always runs the torch kernel.
+            score_mod or dropout runs its fast path (``mods_kernel``) or the torch kernel.
         score_mod, sinks (Hq,), dropout_p, dropout_seed, return_lse: as ``attnmem.attention``.
 
     Returns:

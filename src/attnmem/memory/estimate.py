@@ -38,7 +38,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .. import registry
-from ..api import validate
+from ..api import validate, validate_mods
+from ..kernels import acc_dtype, captured_tensors, fast_kind
 from .measure import LiveTensorTracker, MiB, Peak
 from .model import Shape
 
@@ -178,13 +179,22 @@ def _to_meta(x):
     return x.to("meta") if isinstance(x, torch.Tensor) else x
 
 
-def _attention_fn(name: str, causal: bool, mask: Any, opts_dict: dict[str, Any], module):
+def mods_kind(score_mod: Any, dropout_p: float, dtype: torch.dtype) -> str | None:
+    """``Shape.mods`` of a call: None without score_mod and dropout, else ``fast_kind``."""
+    if score_mod is None and not dropout_p:
+        return None
+    captured = captured_tensors(score_mod, acc_dtype(dtype), torch.device("cpu")) if score_mod is not None else ()
+    return fast_kind(score_mod, captured, dropout_p)
+
+
+def _attention_fn(name: str, causal: bool, mask: Any, opts_dict: dict[str, Any], module,
+                  mods: dict[str, Any] | None = None):
     from ..api import attention
 
     def call(q, k, v):
         if module is not None:
             return module(q, k, v, causal=causal, mask=mask)
-        return attention(q, k, v, method=name, causal=causal, mask=mask, **opts_dict)
+        return attention(q, k, v, method=name, causal=causal, mask=mask, **opts_dict, **(mods or {}))
 
     return call
 
@@ -226,7 +236,8 @@ def resolve_dtype(dtype: Any) -> torch.dtype:
 def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int,
              dtype: Any = torch.float32, training: bool = True, kv_heads: int | None = None,
              causal: bool = False, mask: Any = None, how: str = "auto", world_size: int | None = None,
-             scheme: str = "ring", ulysses: int | None = None, **options: Any) -> Estimate | RankEstimate:
+             scheme: str = "ring", ulysses: int | None = None, score_mod: Any = None, sinks: Any = None,
+             dropout_p: float = 0.0, **options: Any) -> Estimate | RankEstimate:
     """Predicted peak bytes of one ``attnmem.attention`` call (forward, + backward when
     ``training``), inputs included, without allocating the tensors.
 
@@ -237,6 +248,8 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         training: forward + ``out.sum().backward()`` with q, k, v requiring grad; else
             forward under ``torch.no_grad()``.
         causal, mask: as in ``attnmem.attention`` (mask: an ``attnmem.masks.Mask``).
+        score_mod, sinks, dropout_p: as in ``attnmem.attention`` (sinks a (heads,) tensor); the
+            kernel path they take (``kernels.plan_call``) is the one the estimate models.
         how: "trace" (fake tensors), "formula" (closed form) or "auto" (the closed form where
             the method has one for these options, else the trace).
         world_size, scheme, ulysses: with ``world_size`` = P, the peak of ONE rank of the
@@ -258,7 +271,12 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     """
     for name, val in (("batch", batch), ("heads", heads), ("seq_len", seq_len), ("head_dim", head_dim)):
         _check_int(name, val)
+    mods = {name: val for name, val in (("score_mod", score_mod), ("sinks", sinks)) if val is not None}
+    if not (isinstance(dropout_p, (int, float)) and not isinstance(dropout_p, bool) and dropout_p == 0):
+        mods["dropout_p"] = dropout_p
     if world_size is not None:
+        if mods:
+            raise ValueError(f"{', '.join(mods)}: the per-rank estimate (world_size) does not model them")
         from ..distributed.estimate import rank_estimate
 
         return rank_estimate(method, local_estimate=estimate, scheme=scheme, world_size=world_size, ulysses=ulysses,
@@ -275,6 +293,8 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     one = torch.empty((), dtype=dt)
     q, k, v = (one.expand(batch, h, seq_len, head_dim) for h in (heads, kv_heads, kv_heads))  # (B, H, N, D)
     inp = validate(q, k, v, causal=causal, mask=mask)
+    if mods:
+        inp = validate_mods(inp, **mods)
     if method == "auto":
         method = registry.choose(inp, options).method.name
     m = registry.get(method)
@@ -285,12 +305,16 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         raise ValueError(f"method {method!r} has no backward; estimate it with training=False")
     shape = Shape(batch, heads, kv_heads, seq_len, head_dim, dt.itemsize, str(dt).removeprefix("torch."),
                   bool(training), bool(causal),
-                  mask is not None)
+                  mask is not None, mods_kind(score_mod, dropout_p, dt), sinks is not None)
     # Stateful methods state their limits too (their modules would raise them mid-trace).
     reasons = m.not_supported_reasons(inp, opts)
     if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
         raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
     outside = m.memory_domain_reasons(shape, opts)
+    if shape.mods is not None or shape.sinks:
+        # No closed form models a score_mod, sinks or dropout yet: their tiles and kernel
+        # (kernels.plan_call) are traced, which follows the very path the call takes.
+        outside = [*outside, "score_mod, sinks and dropout are not in the closed form (traced)"]
     # A method's closed form is tested against the trace inside its declared domain (within 5 %,
     # most to the byte) and answers in milliseconds at any N, while a trace grows with the number
     # of tiles: "auto" takes the closed form wherever the method declares one, and traces the rest.
@@ -318,7 +342,7 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
     if training:
         for t in (q, k, v):
             t.requires_grad_(True)
-    call = _attention_fn(method, causal, mask, dict(options), module)
+    call = _attention_fn(method, causal, mask, dict(options), module, mods)
     try:
         with _SmallRealMode(fake_mode):
             peak, inputs, after_forward = trace_peak(call, q, k, v, training)

@@ -26,6 +26,10 @@ class Shape:
     training: bool
     causal: bool
     masked: bool  # a user mask besides causal
+    # Score modifications: None without score_mod and dropout, else their fast kind
+    # (``kernels.mods.fast_kind``: "bias", "softcap", or "" for the generic path).
+    mods: str | None = None
+    sinks: bool = False
 
     @property
     def q_bytes(self) -> int:

@@ -1,0 +1,138 @@
+"""The fast paths of the built-in score_mods, against the dense reference and the generic path.
+
+ALiBi and a fixed T5 table run the fused CPU operator with a per-tile bias; softcap runs its own
+tile kernel with the derivative written out. Each must agree with the written-out definition
+(``dense_reference``) in float64 as the generic path does, and in float32 be within
+FlashAttention's rule of the generic path's own error (both against float64).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnmem
+from attnmem import masks as M
+from attnmem import scores as S
+from attnmem.kernels import make_mods, plan_call
+from attnmem.kernels.tile import NEGLIGIBLE, _drop_negligible_
+
+from ..conftest import rand_qkv, rel_err
+from .test_score_mod import allowed_of, check, dense_reference
+
+
+def _fixed_table(heads=4, buckets=32):
+    return torch.randn(buckets, heads, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+
+
+BUILTINS = {
+    "softcap": lambda: S.softcap(0.9),
+    "alibi": lambda: S.alibi(4, offset=12),
+    "relative": lambda: S.relative_bias(_fixed_table(), 32, 40, bidirectional=True),
+}
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+def test_builtins_take_their_fast_path(name):
+    q, _, _ = rand_qkv(Hq=4, Nq=8, D=4, dtype=torch.float32)
+    mods = make_mods(BUILTINS[name](), 0.0, None, q)
+    want = "softcap" if name == "softcap" else "bias"
+    assert mods.fast == want
+    kw = dict(device="cpu", mask=M.causal(), batch=1, nq=64, nk=64, q_heads=4, kv_heads=4, head_dim=8)
+    plan = plan_call("auto", dtype=torch.float32, mods=mods.fast, **kw)
+    assert plan.kernel == ("softcap" if name == "softcap" else "fused") and not plan.single_call
+    # An explicit kernel="torch" runs the generic path; bfloat16 never adds a rounded bias.
+    assert plan_call("torch", dtype=torch.float32, mods=mods.fast, **kw).kernel == "torch"
+    bf16 = plan_call("auto", dtype=torch.bfloat16, mods=mods.fast, **kw).kernel
+    assert bf16 == ("softcap" if name == "softcap" else "torch")
+
+
+def test_learned_parameters_or_dropout_take_the_generic_path():
+    q, _, _ = rand_qkv(Hq=4, Nq=8, D=4)
+    learned = S.alibi(S.alibi_slopes(4).double().requires_grad_())
+    assert make_mods(learned, 0.0, None, q).fast == ""
+    assert make_mods(S.softcap(3.0), 0.1, 0, q).fast == ""
+    assert make_mods(lambda s, b, h, i, j: s * 2, 0.0, None, q).fast == ""
+
+
+FAST_CASES = [
+    ("chunked", {"q_tile": 16, "kv_tile": 16}, {"causal": True, "Nk": 52}),
+    ("chunked", {"q_tile": 16, "kv_tile": 16}, {"causal": False, "Nk": 52, "Hkv": 1}),
+    ("chunked", {}, {"causal": True, "Nk": 40}),
+    ("sliding_window", {"window": (9, 3), "q_tile": 16, "kv_tile": 16}, {"causal": False, "Nk": 52}),
+    ("longformer", {"window": 5, "global_tokens": (0, 17), "q_tile": 16, "kv_tile": 16}, {"causal": True, "Nk": 52}),
+]
+
+
+@pytest.mark.parametrize("name", list(BUILTINS))
+@pytest.mark.parametrize(("method", "options", "shape"), FAST_CASES,
+                         ids=[f"{m}-{i}" for i, (m, _, _) in enumerate(FAST_CASES)])
+def test_fast_paths_float64_against_the_definition(name, method, options, shape):
+    """Outputs, lse and every gradient (sinks included) at 1e-10, GQA and Nq != Nk among them."""
+    sinks = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    check(method, options, Nq=40, score_mod=BUILTINS[name](), sinks=sinks,
+          scale=1.0 if name == "relative" else None, **shape)
+
+
+def _errors(score_mod, kernel, q, k, v, causal):
+    """The float32 call's output and gradient errors against the float64 definition."""
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    out = attnmem.attention(q32, k32, v32, method="chunked", causal=causal, score_mod=score_mod, kernel=kernel,
+                            q_tile=32, kv_tile=32)
+    allowed = allowed_of("chunked", {}, causal, q.shape[2], k.shape[2], 1, q.shape[1])
+    ref, _ = dense_reference(q, k, v, allowed=allowed, score_mod=score_mod)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    got = torch.autograd.grad(out, (q32, k32, v32), g.float())
+    want = torch.autograd.grad(ref, (q, k, v), g)
+    return [rel_err(out.double(), ref)] + [rel_err(a.double(), b) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("name", ["softcap", "alibi_steep", "relative"])
+def test_fast_paths_float32_within_twice_the_generic_error(name):
+    """FlashAttention's rule against the generic path, with ALiBi slopes steep enough that the
+    backward drops negligible pairs (``NEGLIGIBLE``)."""
+    q, k, v = rand_qkv(Hq=4, Nq=96, Nk=96, D=16, seed=3)
+    mod = S.alibi(torch.tensor([2.0, 1.0, 0.5, 0.25])) if name == "alibi_steep" else BUILTINS[name]()
+    fast = _errors(mod, "auto", q, k, v, causal=True)
+    generic = _errors(mod, "torch", q, k, v, causal=True)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), fast, generic):
+        assert a <= 2 * b + 1e-7, f"{what}: fast {a:.3g} > 2 x generic {b:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dropped_pairs_are_provably_negligible(dtype):
+    """Every pair the backward drops has P < exp(-NEGLIGIBLE), P from the dense definition."""
+    q, k, v = rand_qkv(Hq=2, Nq=24, Nk=300, D=8, seed=4, grad=False)
+    q = q * 3  # wide scores: the bound must hold for them too
+    slopes = torch.tensor([0.9, 0.3], dtype=torch.float64)
+    mod = S.alibi(slopes)
+    _, lse = dense_reference(q, k, v, score_mod=mod)  # (1, 2, 24)
+    s = (q @ k.transpose(-1, -2)) / math.sqrt(8)
+    qi, ki = torch.arange(24).view(1, 1, 24, 1), torch.arange(300).view(1, 1, 1, 300)
+    bias = mod.additive_bias(torch.arange(2).view(1, 2, 1, 1), qi, ki, dtype)  # (1, 2, 24, 300)
+    dropped = torch.isneginf(_drop_negligible_(bias.clone(), q.to(dtype), k.to(dtype), lse.to(dtype),
+                                               1 / math.sqrt(8)))
+    assert dropped.any() and not dropped.all()
+    p = torch.exp(s + bias.double() - lse.unsqueeze(-1))  # (1, 2, 24, 300)
+    assert p[dropped].max() < math.exp(-NEGLIGIBLE[dtype])
+
+
+def test_sliding_window_with_alibi_skips_tiles_outside():
+    """The bias path runs only the block map's tiles: count the fused calls per pass."""
+    q, k, v = rand_qkv(Hq=2, Nq=256, D=8, dtype=torch.float32)
+    calls = []
+    op = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+    class Count(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is op:
+                calls.append(args[2].shape[2])  # keys per call
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        attnmem.attention(q, k, v, method="sliding_window", window=(32, 0), score_mod=S.alibi(2), q_tile=32,
+                          kv_tile=32)
+    # 8 query tiles, each its diagonal tile plus at most one tile of the window behind it.
+    assert 8 <= len(calls) <= 16 and max(calls) <= 64, calls
