@@ -46,7 +46,7 @@ lines = []
 rows = attnmem.plan("llama3-8b", "80GB",
                     on_method=lambda name, i, total: lines.append((name, time.perf_counter() - t1)))
 print(json.dumps(dict(kind="plan", import_s=t1 - t0, seconds=time.perf_counter() - t1, per_method=lines,
-                      statuses={{r["method"]: r["status"] for r in rows}})))
+                      statuses={r["method"]: r["status"] for r in rows})))
 """
 
 

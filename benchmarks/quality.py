@@ -4,7 +4,7 @@
     python benchmarks/quality.py all --preset full --out benchmarks/results/quality/full.jsonl
     # the reduced one measured on the loaded machine (3 minutes per run, one thread):
     python benchmarks/quality.py all --preset reduced --out benchmarks/results/quality/reduced.jsonl
-    # the text target alone (context 1024 vs 128, 3 seeds, fixed steps; benchmarks/notes/quality.md):
+    # the text target alone (context 1024 vs 128, 3 seeds, fixed steps; BENCHMARKS.md, session 4 quality section):
     python benchmarks/quality.py train --preset target --tasks text --runs runs/quality_target
     python benchmarks/quality.py evaluate --preset target --tasks text --runs runs/quality_target \
         --out benchmarks/results/quality/target.jsonl --no-swap

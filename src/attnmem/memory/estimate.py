@@ -52,7 +52,7 @@ SMALL_NUMEL = 2**20
 # A trace stops past this many operator calls (forward and backward together) or this many
 # seconds, whichever comes first, so that ``how="trace"`` is bounded. Calls per second vary
 # a hundredfold between methods (a tile's small index tensors are computed for real): measured
-# 66-175 calls/s for adaptive_span_fixed under load (benchmarks/notes/memmodel.md).
+# 66-175 calls/s for adaptive_span_fixed under load (BENCHMARKS.md, "Memory models beside the methods").
 TRACE_OP_LIMIT = 200_000
 TRACE_SECONDS_LIMIT = 120.0
 HOWS = ("auto", "trace", "formula")
