@@ -3,6 +3,7 @@
 Standard configuration: CPU, float32, B=1, H=8, D=64, forward + backward.
 
     python benchmarks/score_mod.py memory [--target] [--n N] [--check-n 1024] [--how real|trace]
+        [--cases softcap,dropout]
     python benchmarks/score_mod.py time [--target] [--n N] [--repeats 5]
     python benchmarks/score_mod.py window [--target] [--ns 1024,2048,4096]
     python benchmarks/score_mod.py all [--target]
@@ -108,7 +109,10 @@ def real_peak(call, n: int) -> int:
 
 def memory(args) -> None:
     print(f"# memory, fwd+bwd, CPU float32 B={B} H={H} D={D}, torch {torch.__version__}")
+    chosen = args.cases.split(",") if args.cases else list(cases(1))
     for name, (call, _, _) in cases(args.check_n).items():
+        if name not in chosen:
+            continue
         real, fake = real_peak(call, args.check_n), traced_peak(call, args.check_n)
         print(f"check N={args.check_n} {name}: measured {real / MiB:.2f} MiB, traced {fake / MiB:.2f} MiB")
     n = args.n
@@ -118,6 +122,8 @@ def memory(args) -> None:
     print(f"| feature | attnmem peak (MiB) | / floor {floor_bytes(n) / MiB:.0f} MiB | peer | peer peak (MiB) | ratio |")
     print("|---|---|---|---|---|---|")
     for name, (call, peer_name, peer) in cases(n).items():
+        if name not in chosen:
+            continue
         mine = real_peak(call, n) if args.how == "real" else traced_peak(call, n)
         theirs = traced_peak(peer, n)
         print(f"| {name} | {mine / MiB:.1f} | {mine / floor_bytes(n):.3f} | {peer_name} | {theirs / MiB:.0f} | "
@@ -202,6 +208,7 @@ def main() -> None:
         sp.add_argument("--how", choices=("real", "trace"), default="real")
         sp.add_argument("--n", type=int, default=None)
         sp.add_argument("--ns", default=None)
+        sp.add_argument("--cases", default=None, help="memory: comma-separated features (default all)")
     args = p.parse_args()
     sizes = SIZES[args.target]
     cmds = ["memory", "time", "window"] if args.cmd == "all" else [args.cmd]

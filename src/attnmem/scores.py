@@ -103,6 +103,34 @@ class ALiBi:
         neg_slopes = -self.slopes.detach().to(device=distance.device, dtype=dtype)[h]  # (1, Hq, 1, 1)
         return distance * neg_slopes
 
+    def row_bias(self, h: Tensor, q_first: int, q_last: int, kv_idx: Tensor, kv_first: int, kv_last: int,
+                 dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """The bias of a block whose keys lie all on one side of every query's diagonal, as a
+        row of keys and a per-query shift: ``bias = row - shift`` (see ``row_bias`` of
+        ``attnmem.kernels.mods``); None when the keys straddle a query's diagonal.
+
+        ``q_first``/``q_last`` and ``kv_first``/``kv_last`` bound the block's query and key
+        positions (``kv_idx``, (1, 1, 1, Tk), need not be contiguous). Keys all at or before the
+        diagonal (``j₁ = kv_last <= q_first + offset``):
+        ``-m·(i + offset - j) = m·(j - j₁) - m·(i + offset - j₁)``; all at or after it
+        (``j₀ = kv_first >= q_last + offset``): ``-m·(j - i - offset) = -m·(j - j₀) - m·(j₀ - i - offset)``.
+        The row is 0 at the nearest key and falls off away from it, so the pairs that carry
+        weight have small values, as in the dense bias: no large value is rounded beside them.
+        Returns ((1, Hq, 1, Tk), (1, Hq, Tq)) of ``dtype``.
+        """
+        j0, j1 = kv_first, kv_last
+        slopes = self.slopes.detach().to(device=kv_idx.device, dtype=dtype)[h[0, :, 0, 0]]  # (Hq,)
+        rows = torch.arange(q_first + self.offset, q_last + self.offset + 1, device=kv_idx.device)  # (Tq,)
+        if j1 <= q_first + self.offset:
+            near, sign = j1, 1
+        elif j0 >= q_last + self.offset:
+            near, sign = j0, -1
+        else:
+            return None
+        row = (kv_idx.reshape(-1) - near).to(dtype).mul_(sign)  # (Tk,): <= 0
+        shift = (rows - near).to(dtype).mul_(sign)  # (Tq,): >= 0
+        return row * slopes[None, :, None, None], shift * slopes[None, :, None]
+
     def __repr__(self) -> str:
         return f"alibi(H={self.slopes.numel()}, offset={self.offset})"
 

@@ -76,11 +76,11 @@ def test_fast_paths_float64_against_the_definition(name, method, options, shape)
           scale=1.0 if name == "relative" else None, **shape)
 
 
-def _errors(score_mod, kernel, q, k, v, causal):
+def _errors(score_mod, kernel, q, k, v, causal, tile=32):
     """The float32 call's output and gradient errors against the float64 definition."""
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     out = attnmem.attention(q32, k32, v32, method="chunked", causal=causal, score_mod=score_mod, kernel=kernel,
-                            q_tile=32, kv_tile=32)
+                            q_tile=tile, kv_tile=tile)
     allowed = allowed_of("chunked", {}, causal, q.shape[2], k.shape[2], 1, q.shape[1])
     ref, _ = dense_reference(q, k, v, allowed=allowed, score_mod=score_mod)
     g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
@@ -136,3 +136,71 @@ def test_sliding_window_with_alibi_skips_tiles_outside():
                           kv_tile=32)
     # 8 query tiles, each its diagonal tile plus at most one tile of the window behind it.
     assert 8 <= len(calls) <= 16 and max(calls) <= 64, calls
+
+
+@pytest.mark.parametrize(("q_first", "q_last", "keys", "side"), [
+    (40, 47, [0, 1, 5, 30, 40], "before"),   # gathered keys, the last one on row 40's diagonal
+    (10, 17, [17, 20, 63], "after"),
+    (10, 17, [5, 15], None),                  # straddles row 10..17's diagonals
+])
+@pytest.mark.parametrize("offset", [0, 3])
+def test_alibi_row_bias_is_the_bias(q_first, q_last, keys, side, offset):
+    """``row - shift`` is exactly the dense ALiBi bias on the block; None when keys straddle."""
+    mod = S.alibi(torch.tensor([0.5, 0.0625, 3.0]), offset=offset)
+    keys = torch.tensor(keys) + (offset if side is not None else 0)
+    h = torch.arange(3).view(1, 3, 1, 1)
+    kv = keys.view(1, 1, 1, -1)
+    got = mod.row_bias(h, q_first, q_last, kv, int(keys.min()), int(keys.max()), torch.float64)
+    if side is None:
+        assert got is None
+        return
+    row, shift = got  # (1, 3, 1, Tk), (1, 3, Tq)
+    assert row.max() <= 0 and shift.min() >= 0
+    qi = torch.arange(q_first, q_last + 1).view(1, 1, -1, 1)
+    want = mod.additive_bias(h, qi, kv, torch.float64)  # (1, 3, Tq, Tk)
+    torch.testing.assert_close(row - shift.unsqueeze(-1), want, rtol=0, atol=0)
+
+
+def _count_row_calls(monkeypatch):
+    from attnmem.kernels import tile
+
+    calls = {"forward": 0, "backward": 0}
+    for name in calls:
+        inner = getattr(tile, f"_row_bias_{name}")
+
+        def counted(*args, _inner=inner, _name=name):
+            calls[_name] += 1
+            return _inner(*args)
+
+        monkeypatch.setattr(tile, f"_row_bias_{name}", counted)
+    return calls
+
+
+@pytest.mark.parametrize(("nq", "nk", "causal", "offset"),
+                         [(700, 700, True, 0), (40, 300, True, 260), (40, 2100, False, 0)])
+def test_alibi_row_path_float64_against_the_definition(monkeypatch, nq, nk, causal, offset):
+    """Query tiles of 512 see whole key blocks before (and, unmasked past 2048 keys, after) their diagonal:
+    those take the row bias in both passes; output and gradients at 1e-10."""
+    calls = _count_row_calls(monkeypatch)
+    q, k, v = rand_qkv(Hq=4, Nq=nq, Nk=nk, D=8, seed=6)
+    mod = S.alibi(torch.tensor([2.0, 0.5, 1 / 16, 1 / 256]), offset=offset)
+    out = attnmem.attention(q, k, v, method="chunked", causal=causal, score_mod=mod)
+    ref, _ = dense_reference(q, k, v, allowed=allowed_of("chunked", {}, causal, nq, nk, 1, 4), score_mod=mod)
+    assert rel_err(out, ref) <= 1e-10
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel_err(got, want) <= 1e-10
+    assert calls["forward"] and calls["backward"]
+
+
+def test_alibi_row_path_float32_within_twice_the_generic_error(monkeypatch):
+    """FlashAttention's rule on the row path, with slopes steep enough (2 … 1/256) that far rows
+    of a tile would sit at exp(-slope·distance) and the backward drops negligible pairs."""
+    calls = _count_row_calls(monkeypatch)
+    q, k, v = rand_qkv(Hq=4, Nq=600, Nk=600, D=16, seed=3)
+    mod = S.alibi(torch.tensor([2.0, 0.5, 1 / 16, 1 / 256]))
+    fast = _errors(mod, "auto", q, k, v, causal=True)
+    assert calls["forward"] and calls["backward"]
+    generic = _errors(mod, "torch", q, k, v, causal=True, tile=200)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), fast, generic):
+        assert a <= 2 * b + 1e-7, f"{what}: fast {a:.3g} > 2 x generic {b:.3g}"

@@ -141,6 +141,7 @@ class TileMods:
         self.q_idx = rows[None, None, :, None]
         self.kv_idx = seg.positions(dev)[None, None, None, :]
         self.tq, self.tk = qb - qa, seg.size
+        self.qa, self.seg = qa, seg
 
     def scores(self, s: Tensor) -> Tensor:
         c = self.c
@@ -158,6 +159,20 @@ class TileMods:
         bias = bias.expand(1, c.Hq, self.tq, self.tk)  # (1, Hq, Tq, Tk)
         # Contiguous, and never a score_mod's own buffer: the fused backward fills it in place.
         return bias.reshape(1, c.Hkv, c.G * self.tq, self.tk).contiguous()  # (1, Hkv, G·Tq, Tk)
+
+    def row_bias(self, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+        """A ``"bias"`` score_mod's bias on this tile as ``row - shift``, a (1, Hkv, 1, Tk) row of
+        keys (a broadcast ``attn_mask`` of the fused operator, nothing per pair to build) and a
+        (1, Hkv, Tq) shift per query that moves the tile's lse; None where the score_mod
+        declares no ``row_bias`` or the tile does not allow one (stacked GQA rows, a subset of
+        query rows, keys straddling a query's diagonal)."""
+        c = self.c
+        row_bias = getattr(self.mods.score_mod, "row_bias", None)
+        if row_bias is None or c.G > 1 or c.q_pos is not None:
+            return None
+        kv_first = min(a for a, _ in self.seg.ranges)
+        kv_last = max(b for _, b in self.seg.ranges) - 1
+        return row_bias(self.h, self.qa, self.qa + self.tq - 1, self.kv_idx, kv_first, kv_last, dtype)
 
     def keep(self, dtype: torch.dtype) -> Tensor | None:
         if not self.mods.dropout_p:

@@ -74,8 +74,16 @@ def _fused_bias(q: Tensor, allowed, tm: TileMods | None) -> Tensor | None:
     return bias if mask is None else torch.where(mask, bias, -math.inf)
 
 
+def _row_bias(allowed, tm: TileMods | None, dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
+    """The tile's bias as (row, shift) (``TileMods.row_bias``) on an unmasked tile, else None."""
+    return tm.row_bias(dtype) if tm is not None and allowed is None else None
+
+
 def fused_forward(q, k, v, allowed, scale, tm: TileMods | None = None):
     """One segment through the fused CPU operator; ``tm`` only for a ``"bias"`` score_mod."""
+    row_bias = _row_bias(allowed, tm, q.dtype)
+    if row_bias is not None and k.shape[-2] and q.shape[-2]:
+        return _row_bias_forward(q, k, v, scale, *row_bias)
     causal = allowed is CAUSAL_TILE
     bias = _fused_bias(q, allowed, tm)
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
@@ -104,14 +112,49 @@ _REACH_SLACK = 1.01
 
 def _drop_negligible_(bias: Tensor, q: Tensor, k: Tensor, lse: Tensor, scale: float) -> Tensor:
     """``bias`` with -inf (in place) where the backward's probability is provably < exp(-NEGLIGIBLE)."""
-    reach = q.norm(dim=-1) * (k.norm(dim=-1).amax(-1, keepdim=True) * (abs(scale) * _REACH_SLACK))  # (B, Hkv, M)
-    floor = (lse - reach).amin() - NEGLIGIBLE[q.dtype]  # a 0-d tensor; lse is +inf on empty rows
+    floor = (lse - _reach(q, k, scale)).amin() - NEGLIGIBLE[q.dtype]  # a 0-d tensor; lse is +inf on empty rows
     if is_fake(floor):
         return bias  # a memory trace (attnmem.estimate): no values, and the pass is in place
     return torch.nn.functional.threshold_(bias, float(floor), -math.inf)
 
 
+def _reach(q: Tensor, k: Tensor, scale: float) -> Tensor:
+    """``scale·|q_i|·max_j |k_j|`` (B, Hkv, M), with slack: bounds every |s_ij| (Cauchy-Schwarz)."""
+    return q.norm(dim=-1) * (k.norm(dim=-1).amax(-1, keepdim=True) * (abs(scale) * _REACH_SLACK))
+
+
+# A tile whose bias is a row of keys minus a per-query shift (``TileMods.row_bias``: ALiBi off
+# the diagonal) runs the forward with the (1, Hkv, 1, Tk) row as a broadcast attn_mask: softmax
+# ignores a per-row constant, so only the lse moves, by -shift, and nothing per pair is built.
+# Keys the row makes negligible against the tile's nearest key are dropped (-inf) per head.
+# The backward recomputes P against the row's whole lse, whose shift spans slope·Tq across the
+# tile's rows: with the row alone, far rows would see subnormal probabilities, which slow the
+# operator's products several-fold. So it builds the exact bias ``row - shift`` (one pass per
+# pair) and drops its negligible pairs as ``_drop_negligible_`` does (one more, in place).
+
+
+def _row_bias_forward(q, k, v, scale, row, shift):
+    # Against the tile's own nearest key (row 0, score >= -reach) a key with row value r has
+    # relative weight <= exp(2·reach + r): below exp(-NEGLIGIBLE) it changes this tile's sum
+    # by less than the dtype's rounding.
+    reach = _reach(q, k, scale).amax(-1).amax(0)  # (Hkv,)
+    floor = -(2 * reach + NEGLIGIBLE[q.dtype]).view(1, -1, 1, 1)  # (1, Hkv, 1, 1)
+    row = row.masked_fill_(row < floor, -math.inf)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, k, v, 0.0, False, attn_mask=row, scale=scale)
+    return out, lse - shift
+
+
+def _row_bias_backward(dout, q, k, v, out, lse, scale, row, shift):
+    bias = _drop_negligible_(row - shift.unsqueeze(-1), q, k, lse, scale)  # (1, Hkv, M, Tk)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        dout, q, k, v, out, lse, 0.0, False, attn_mask=bias, scale=scale)
+
+
 def fused_backward(dout, q, k, v, out, lse, allowed, scale, tm: TileMods | None = None):
+    row_bias = _row_bias(allowed, tm, q.dtype)
+    if row_bias is not None and k.shape[-2] and q.shape[-2]:
+        return _row_bias_backward(dout, q, k, v, out, lse, scale, *row_bias)
     bias = _fused_bias(q, allowed, tm)
     if tm is not None and k.shape[-2] and q.shape[-2]:
         bias = _drop_negligible_(bias, q, k, lse, scale)

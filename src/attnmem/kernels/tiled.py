@@ -118,6 +118,12 @@ def mods_kernel(kernel: str, device: str | torch.device, dtype: torch.dtype, mod
 # Most keys per segment of a tiled call with a score bias (both passes): the bias of one
 # segment is a (B, Hq, Tq, BIAS_SEGMENT) float tensor, 8 MiB at Hq = 8, Tq = 256 in float32.
 BIAS_SEGMENT = 1024
+# A score_mod with a ``row_bias`` (ALiBi) under no mask or plain causal, without GQA: the bias
+# of a tile off the diagonal is a row of keys (``TileMods.row_bias``), so the forward builds
+# nothing per pair and only the backward's bias tile, (B, Hq, Tq, ROW_BIAS_SEGMENT), is made:
+# larger tiles then pay off (fewer calls and merges), 32 MiB at Hq = 8, Tq = 512 in float32.
+ROW_BIAS_Q_TILE = 512
+ROW_BIAS_SEGMENT = 2048
 # Most keys per segment of the softcap kernel: its (G·Tq × Tk) score, probability and dP tiles
 # are transient, 2 MiB each at Hq = 8, Tq = 256 in float32.
 SOFTCAP_SEGMENT = 256
@@ -146,12 +152,14 @@ class TileContext:
         self.grouped_causal, self.single_call = call.grouped_causal, call.single_call
         self.key_valid = call.key_padding.valid if call.key_padding is not None else None
         fused = self.kernel == "fused"
+        cap = {"fused": BIAS_SEGMENT, "softcap": SOFTCAP_SEGMENT}.get(self.kernel) if self.mods is not None else None
+        if fused and cap is not None and self.row_bias_tiles(mask):
+            q_tile, cap = max(q_tile, ROW_BIAS_Q_TILE), ROW_BIAS_SEGMENT
         if self.single_call:
             q_tile, kv_tile = max(q_tile, self.nq, 1), max(kv_tile, self.nk, 1)
         # The forward keeps only (Tq × D) per segment, so it merges freely; the backward's
         # per-segment dK/dV are transient, so its segments are capped.
         rows = block_rows(mask, self.nq, self.nk, q_tile, kv_tile, self.B, self.Hq)
-        cap = {"fused": BIAS_SEGMENT, "softcap": SOFTCAP_SEGMENT}.get(self.kernel) if self.mods is not None else None
         if cap is not None:
             # Both passes evaluate the score modification per segment: one cap for both.
             self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True, max_segment=cap)
@@ -162,6 +170,11 @@ class TileContext:
                                            max_segment=MAX_SEGMENT) if fused else self.plan)
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.device = q.device
+
+    def row_bias_tiles(self, mask: Mask | None) -> bool:
+        """Whether the larger tiles of a ``row_bias`` score_mod apply (see ``ROW_BIAS_Q_TILE``)."""
+        declared = callable(getattr(self.mods.score_mod, "row_bias", None))
+        return declared and self.G == 1 and self.q_pos is None and (mask is None or self.pure_causal)
 
     def q_view(self, x: Tensor, qa: int, qb: int) -> Tensor:
         """(B, Hq, Nq, ...) -> this tile as (B, Hkv, G·Tq, ...)."""
