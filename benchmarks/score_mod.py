@@ -154,9 +154,14 @@ def time_cases(args) -> None:
     load0 = load()
     for call in runs.values():  # warm-up
         timed(call, q, k, v)
-    for _ in range(args.repeats):
+    for r in range(args.repeats):
         for name, call in runs.items():
             times[name].append(timed(call, q, k, v))
+        # Written as it goes: each repeat's times and the ratios so far.
+        so_far = {name: statistics.median(ts) for name, ts in times.items()}
+        print(f"repeat {r + 1}/{args.repeats} (load {load()}): " + ", ".join(
+            f"{name} {times[name][-1]:.2f} s ({so_far[name] / so_far['chunked']:.2f} x chunked)" for name in runs),
+            flush=True)
     base = statistics.median(times["chunked"])
     sdpa = statistics.median(times["sdpa+dense alibi bias"])
     print(f"# time, fwd+bwd, causal, N={n}, CPU float32 B={B} H={H} D={D}, threads {args.threads}, "
