@@ -24,7 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # has not been written down): estimate traces them, bounded by TRACE_OP_LIMIT. Listed here so
 # that this test fails when one is closed or a new gap opens.
 KNOWN_TRACED = {
-    ("chunked", "float16"), ("knn_memory", "bfloat16"), ("knn_memory", "float16"),
+    ("chunked", "float16"),
     ("sliding_window", "float16"), ("dilated", "float16"), ("longformer", "float16"),
     ("bigbird", "float16"), ("strided", "float16"),
 }
