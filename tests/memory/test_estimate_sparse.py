@@ -72,10 +72,27 @@ def test_options_change_the_closed_form():
 
 def test_cases_without_a_closed_form_are_traced():
     kw = dict(batch=1, heads=2, seq_len=128, head_dim=16)
-    assert estimate("sliding_window", kernel="torch", **kw).source == "trace"
+    assert estimate("sliding_window", mask=M.sliding_window(4), **kw).source == "trace"
     assert estimate("hard", mode="stochastic", **kw).source == "trace"
     with pytest.raises(ValueError, match="no closed-form estimate"):
-        estimate("sliding_window", how="formula", dtype=torch.float16, **kw)  # the torch kernel
+        estimate("sliding_window", how="formula", dtype=torch.float16, mask=M.sliding_window(4), **kw)
+
+
+@pytest.mark.parametrize("name, case", [
+    ("sliding_window", dict(kv_heads=2, window=24)), ("longformer", dict(training=False, window=16)),
+    ("bigbird", dict(kv_heads=2, block=16)),
+], ids=str)
+def test_plain_kernel_closed_form_agrees_with_trace(name, case):
+    # The plain-PyTorch tile kernel (kernel="torch"; float16 runs it under "auto"): one key tile
+    # per call (kernels/tile.py's ``torch_tile_bytes``) in the loop of sparse_memory's
+    # ``_torch_work``, global rows and GQA stacking included; float16 causal at N = 1024 is
+    # tests/memory/test_estimate_dtypes.py's.
+    kw = {**dict(batch=1, heads=4, seq_len=160, head_dim=16, causal=True, kernel="torch", q_tile=16, kv_tile=16,
+                 dtype=torch.float16), **case}
+    traced = estimate(name, how="trace", **kw)
+    closed = estimate(name, **kw)
+    assert closed.source == "formula"
+    assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.05 * traced.peak_bytes, (closed, traced)
 
 
 @pytest.mark.parametrize("name", ["adaptive_span", "adaptive_span_fixed"])

@@ -24,6 +24,7 @@ from ..masks import Dense
 from ..memory.model import Footprint, Shape
 from ..reference import reference_attention
 from ..registry import Capabilities, Inputs, Method, Style, register
+from .sparse_memory import sparse_footprint
 
 
 @register
@@ -161,8 +162,9 @@ class Chunked(Method):
                                **mods_kwargs(inp))
 
     def memory_domain_reasons(self, shape: Shape, opts) -> list[str]:
-        if _chunked_plan(shape, opts).kernel == "torch":
-            return ["the plain-PyTorch tile kernel (kernel='torch', or float16) is not modelled (traced)"]
+        if _chunked_plan(shape, opts).kernel == "torch" and shape.masked:
+            return ["a user mask on the plain-PyTorch tile kernel (kernel='torch', or float16) is not "
+                    "modelled (traced)"]
         if shape.half and shape.masked:
             # The tiled form bounds any mask's segments by 2048 keys: 15-35 % above the trace
             # in bfloat16 at N = 1024 (a window, documents), past the 5 % the tests hold it to.
@@ -254,6 +256,9 @@ def chunked_footprint(s: Shape, opts) -> Footprint:
     Domain: the fused kernel (float32, float64, bfloat16 on CPU). These terms were read off
     traces of the tiled code (tests check formula ≈ trace)."""
     plan = _chunked_plan(s, opts)
+    if plan.kernel == "torch":
+        # Tile by tile, one key tile per call: the loop the sparse patterns share.
+        return sparse_footprint(s, opts, None, None, None)
     if plan.grouped_causal:
         return grouped_causal_footprint(s)
     if plan.single_call:
