@@ -239,6 +239,7 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
     qrow = s.batch * s.heads * s.head_dim * s.itemsize  # one query row of Q
     lrow = s.batch * s.heads * acc  # one row of lse
     fwd = bwd = tail = 0
+    seen = set()  # segments whose terms are already counted: a row lists thousands of like ones
     for run in plan_rows:
         prev = None  # (Tq, keys) of the call before
         for tq, segs, _, lead, qa in run:
@@ -248,16 +249,23 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
             for j, seg in enumerate(segs):
                 n = seg.size
                 tk = e * n * s.head_dim * acc
+                tail = (2 * ta if len(segs) > 1 else ta) + stack_b + 2 * tk
                 diagonal = pure_causal and seg.masked and seg.contiguous and seg.ranges[0] == (qa, qa + tq)
+                key = (tq, n, seg.masked, diagonal, min(j, 2), prev, lead)
+                prev = (tq, n)
+                if key in seen:
+                    continue
+                seen.add(key)
                 bools = _mask_rows(s, per_head) * tq * n if seg.masked and not diagonal else 0
                 ev = 0 if diagonal else _seg_terms(s, seg, tq, per_head, evb)[3]
                 call_f, call_b = torch_tile_bytes(batch_heads=e, rows=g * tq, keys=n, head_dim=s.head_dim,
                                                   itemsize=s.itemsize, causal_tile=diagonal, mask_bytes=bools)
-                if prev is None:
+                before = key[5]
+                if before is None:
                     hold_f = hold_b = 0
                 else:
-                    p_ta = qrow * prev[0] * acc // s.itemsize
-                    p_tk = e * prev[1] * s.head_dim * acc
+                    p_ta = qrow * before[0] * acc // s.itemsize
+                    p_tk = e * before[1] * s.head_dim * acc
                     hold_f = p_ta + lrow * prev[0] if j == 0 else (ta + lrow * tq) * min(j, 2)
                     hold_b = 2 * p_tk + (p_ta if j == 0 else ta * min(j, 2))
                 if not lead:
@@ -265,8 +273,6 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
                     fwd = max(fwd, hold_f + stack_f + bools + call_f, hold_f + stack_f + ev)
                     if j:
                         fwd = max(fwd, stack_f + 5 * ta + 6 * lrow * tq)
-                prev = (tq, n)
-                tail = (2 * ta if len(segs) > 1 else ta) + stack_b + 2 * tk
     return fwd, bwd, tail
 
 
