@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..masks import And, KeyPadding, Mask, SlidingWindow, eval_mask
 from .autograd import LseAttention
@@ -263,13 +264,18 @@ def _key_bias(c: TileContext, q: Tensor, heads: int):
 @functools.cache
 def native_gqa() -> bool:
     """Whether the CPU flash operator takes K/V with fewer heads than Q (torch >= 2.5 does, in
-    both passes): then causal GQA is one call, as SDPA's ``enable_gqa``, with no head loop."""
-    q, kv = torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)
-    try:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, True)
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(out, q, kv, kv, out, lse, 0.0, True)
-    except RuntimeError:
-        return False
+    both passes): then causal GQA is one call, as SDPA's ``enable_gqa``, with no head loop.
+
+    The answer is cached at the first call, which may come inside ``attnmem.estimate``'s trace
+    or a memory measurement: the probe runs outside every dispatch mode, on real tensors, so
+    it is the real kernels that answer and no mode sees (or counts) its tensors."""
+    with _disable_current_modes():
+        q, kv = torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, True)
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(out, q, kv, kv, out, lse, 0.0, True)
+        except RuntimeError:
+            return False
     return True
 
 
