@@ -100,11 +100,12 @@ def test_closed_form_agrees_with_trace_in_half_precision(name, dtype, case):
 @pytest.mark.parametrize("case", [dict(causal=True, kv_heads=2), dict(causal=True, kv_heads=4, training=False)],
                          ids=str)
 def test_chunked_tile_loop_in_bfloat16_agrees_with_trace(monkeypatch, case):
-    # Causal GQA past GROUPED_CAUSAL_MAX_BYTES runs tile by tile (at N = 2**20 for any G): with
-    # the bound at 0 the loop runs at N = 1024 too, where it can be traced. Its float32
-    # accumulators and the end's casts back are in the closed form.
+    # Without native GQA (torch < 2.5), causal GQA past GROUPED_CAUSAL_MAX_BYTES runs tile by
+    # tile (at N = 2**20 for any G): with the bound at 0 the loop runs at N = 1024 too, where it
+    # can be traced. Its float32 accumulators and the end's casts back are in the closed form.
     import attnmem.kernels.tiled as tiled
 
+    monkeypatch.setattr(tiled, "native_gqa", lambda: False)
     monkeypatch.setattr(tiled, "GROUPED_CAUSAL_MAX_BYTES", 0)
     kw = dict(batch=1, heads=8, seq_len=1024, head_dim=64, dtype="bfloat16", **case)
     traced = estimate("chunked", how="trace", **kw)

@@ -304,7 +304,7 @@ def _tiled_half_footprint(s: Shape, opts, q_tile: int, width: int) -> Footprint:
     bound: 2·r·p·k1, p ≤ 2048 keys), and on the masked segment its float32 bias and bools
     (G·Tq·n·(4 + 1)); for G > 1 the G-stacked q and O tiles and their lse (2t + B·Hq·Tq·4). At the
     end the float32 gradients and their casts back are alive together, with the last tile's
-    names: that term is the peak at long N. Domain: causal GQA past ``grouped_causal_fits`` (no
+    names: that term is the peak at long N. Domain: causal GQA without native GQA past ``grouped_causal_fits`` (no
     user mask), whose last query tile has N − kv_tile full keys in 2048-key calls, then the
     diagonal tile (n = kv_tile)."""
     r = s.acc_itemsize // s.itemsize
