@@ -253,7 +253,9 @@ def chunked_footprint(s: Shape, opts) -> Footprint:
     (2·B·Hkv·R·D) + the masked tile's bias (q_tile·W); for G > 1 also dK, dV of the masked
     segment and the G-stacked bias and bools (G·q_tile·W·(itemsize + 1)).
     Linear in N. Forward only: O + lse + five tile buffers in the accumulation dtype.
-    Domain: the fused kernel (float32, float64, bfloat16 on CPU). These terms were read off
+    The plain-PyTorch kernel (kernel="torch", float16) runs tile by tile, one key tile per call:
+    ``sparse_memory.sparse_footprint`` with every key (or the causal ones) as the pattern.
+    Domain: no user mask on that kernel, none in half precision. These terms were read off
     traces of the tiled code (tests check formula ≈ trace)."""
     plan = _chunked_plan(s, opts)
     if plan.kernel == "torch":

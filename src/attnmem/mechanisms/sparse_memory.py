@@ -319,7 +319,7 @@ def _class_work(s: Shape, stride: int) -> tuple[int, int]:
 
 
 
-def _sampled_plan(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None, band: M.Mask | None):
+def _sampled_plan(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | None, band: M.Mask | None):
     """The sampled plan of one call: (local runs, per-head?, rest runs or None, global rows,
     mask evaluation bytes per pair). ``band``: the pattern runs as band + residue classes."""
     if local is None:  # chunked: every key, or the causal ones
@@ -354,7 +354,7 @@ def tile_plan(s: Shape, opts, mask: M.Mask | None):
                      nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
 
 
-def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
+def sparse_footprint(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | None,
                      band: M.Mask | None) -> Footprint:
     """The closed form shared by the sparse patterns (see the module docstring for symbols).
 
@@ -375,7 +375,9 @@ def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
     the larger of that pass's and of the residue-class loop's (``_class_work``: O(N/stride)
     rows per class). Half inputs (bfloat16 on the fused kernel) keep float32 accumulators: the
     running output of a tile, its dQ, and dK, dV for the whole call (cast back at the end, both
-    alive then). Domain: the fused CPU kernel (float32, float64, bfloat16), no user mask.
+    alive then). The plain-PyTorch tile kernel (``kernels.plan_call``'s choice for kernel="torch"
+    and float16) has the same O(N·D) terms around its own working set (``_torch_work``).
+    ``local`` None: chunked's every key (or the causal ones). Domain: no user mask.
     """
     # Its tensors have a few thousand elements: intra-op threads only cost synchronisation
     # (on a loaded 2-core machine, 100x the work itself).
