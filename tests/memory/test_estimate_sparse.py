@@ -112,3 +112,20 @@ def test_adaptive_span_width_follows_its_spans():
     fixed = estimate("adaptive_span_fixed", spans=128, training=False, **kw).peak_bytes
     learned = estimate("adaptive_span", max_span=1024, init_span=128.0, training=False, **kw).peak_bytes
     assert fixed == learned  # without training both run the fused kernel over the same band
+
+
+@pytest.mark.parametrize("name", ["chunked", "sliding_window", "dilated", "longformer", "bigbird", "strided"])
+def test_plain_kernel_closed_form_counts_like_tiles_once(monkeypatch, name):
+    # At N = 2**20 a row lists up to 4096 like key tiles; the closed form drops those that would
+    # repeat a counted one (``_like_tiles_dropped``). The answer must be that of every tile.
+    import attnmem.mechanisms.sparse_memory as sm
+
+    cases = [dict(seq_len=700, q_tile=64, kv_tile=128, causal=False), dict(seq_len=1000, kv_heads=2, causal=True),
+             dict(seq_len=900, q_tile=64, kv_tile=64, causal=True, training=False),
+             dict(seq_len=2000, q_tile=128, kv_tile=64, causal=True, kv_heads=1)]
+    for case in cases:
+        kw = dict(batch=1, heads=4, head_dim=32, dtype=torch.float16, how="formula", **case)
+        fast = estimate(name, **kw).peak_bytes
+        with monkeypatch.context() as m:
+            m.setattr(sm, "_like_tiles_dropped", lambda row, n_k, kv_tile: row)
+            assert estimate(name, **kw).peak_bytes == fast, case

@@ -276,6 +276,25 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
     return fwd, bwd, tail
 
 
+def _like_tiles_dropped(row: list[tuple[int, bool]], n_k: int, kv_tile: int) -> list[tuple[int, bool]]:
+    """A block row for one-key-tile segments without what ``_torch_work`` would count twice:
+    past the second of a run of like tiles (same kind and size), a tile's call and what the loop
+    holds around it repeat the second's once both sit at positions j ≥ 2 (the tile before them
+    alike). The first three tiles and the last (the loop's end) stay, so every position class is
+    kept: a kept tile at j ≥ 2 stays at a position ≥ 2."""
+    out: list[tuple[int, bool]] = []
+    last, run = None, 0
+    for i, (j, full) in enumerate(row):
+        kind = (full, min((j + 1) * kv_tile, n_k) - j * kv_tile)
+        run = run + 1 if kind == last else 1
+        last = kind
+        if run <= 2 or i <= 2:
+            out.append((j, full))
+    if row and out[-1] != row[-1]:
+        out.append(row[-1])
+    return out
+
+
 def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int, merge: bool = True):
     """``(Tq, forward segments, backward segments, lead, first query row)`` per sampled tile,
     grouped as the code does (``merge``: the fused kernel's segments; else one key tile each,
@@ -287,7 +306,8 @@ def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int, merge
             fwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, gather=MAX_GATHER)[0][2]
             bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)[0][2]
         else:
-            fwd = bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=False)[0][2]
+            fwd = bwd = plan_segments([_like_tiles_dropped(row, n_k, kv_tile)], n_q, n_k, q_tile, kv_tile,
+                                      merge=False)[0][2]
         out.append((tq, fwd, bwd, i == tiles[0] and i > 0, i * q_tile))
     return out
 
