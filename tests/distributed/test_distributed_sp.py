@@ -59,6 +59,7 @@ class Case:
     batch: int = 1
     worlds: tuple[int, ...] = (2, 4)
     passes: int | None = None  # heads_per_pass of Ulysses (or the hybrid's Ulysses level)
+    blocks: int | None = None  # query_blocks of Ulysses (or the hybrid); None: the default (P with passes)
 
     def n(self, world: int) -> int:
         return 8 * world + (3 if self.layout == "uneven" else 0)
@@ -81,6 +82,12 @@ CASES = [
     Case("u_passes_gqa_zigzag", "ulysses", hkv=2, layout="zigzag", passes=1),
     Case("u_passes_dense_heads_uneven", "ulysses", causal=False, mask="dense_heads", layout="uneven", passes=1,
          batch=2),
+    # Query blocks: with passes they are on by default (P blocks: the two cases above); 3 blocks
+    # (not P) of uneven slices under a window with replicated KV heads; blocks over all heads of a
+    # rank at once (no passes) on documents; and passes without blocks (the recomputed local method).
+    Case("u_blocks_window_mqa_uneven", "ulysses", hkv=1, mask="window", layout="uneven", passes=1, blocks=3, batch=2),
+    Case("u_blocks_documents", "ulysses", mask="documents", layout="documents", blocks=2),
+    Case("u_passes_unblocked_gqa_window", "ulysses", hkv=2, mask="window", layout="zigzag", passes=1, blocks=1),
     Case("h_causal_zigzag_gqa", "hybrid", hkv=2, layout="zigzag"),
     Case("h_passes_documents", "hybrid", mask="documents", layout="documents", passes=1),
     Case("h_documents", "hybrid", mask="documents", layout="documents", grid=(1, 4)),
@@ -135,7 +142,7 @@ def _run(case: Case, world: int, q, k, v):
     part = _partition(case, world)
     if case.scheme == "ulysses":
         return ulysses_attention(q, k, v, causal=case.causal, mask=mask, method=case.method, layout=part,
-                                 heads_per_pass=case.passes)
+                                 heads_per_pass=case.passes, query_blocks=case.blocks)
     if case.scheme == "hybrid":
         u, r = case.ulysses_ring(world)
         layout = "contiguous" if case.layout == "uneven" else case.layout
@@ -242,7 +249,8 @@ def _predicted_bytes(case: Case, world: int, rank: int) -> int:
     part = _partition(case, world)
     shape = dict(batch=case.batch, heads=case.hq, kv_heads=case.hkv, head_dim=D, element_size=8)
     if case.scheme == "ulysses":
-        return T.ulysses_bytes(lengths=part.lengths, rank=rank, heads_per_pass=case.passes, **shape)
+        return T.ulysses_bytes(lengths=part.lengths, rank=rank, heads_per_pass=case.passes,
+                               query_blocks=case.blocks or 1, **shape)
     if case.scheme == "hybrid":
         u, r = case.ulysses_ring(world)
         return T.hybrid_bytes(lengths=part.lengths, rank=rank, ulysses=u, ring=r, ulysses_heads_per_pass=case.passes,

@@ -63,9 +63,15 @@ def sent_kv_heads(heads: int, kv_heads: int, world: int, heads_per_pass: int | N
 
 
 def ulysses_bytes(*, lengths: Sequence[int], rank: int, batch: int, heads: int, kv_heads: int, head_dim: int,
-                  element_size: int, heads_per_pass: int | None = None) -> int:
-    """Bytes rank ``rank`` sends in one ulysses_attention forward + backward."""
+                  element_size: int, heads_per_pass: int | None = None, query_blocks: int = 1) -> int:
+    """Bytes rank ``rank`` sends in one ulysses_attention forward + backward.
+
+    Query blocks send every element of the passes path once, in more messages: the same bytes
+    (``query_blocks`` > 1 without passes is one pass of all Hq/P heads).
+    """
     world = len(lengths)
+    if query_blocks > 1 and heads_per_pass is None:
+        heads_per_pass = heads // world
     h, h_kv = heads // world, sent_kv_heads(heads, kv_heads, world, heads_per_pass)
     mine, others = lengths[rank], sum(lengths) - lengths[rank]
     # forward: q, k, v out (my positions to P-1 ranks), out back (their positions, my heads);

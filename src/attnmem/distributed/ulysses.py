@@ -243,7 +243,7 @@ def run_in_passes(q: Tensor, k: Tensor, v: Tensor, run: LocalRun, plan: HeadPlan
 
 
 def heads_plan(q: Tensor, k: Tensor, causal: bool, layout: Any, masked: bool, scale: float, group: Any,
-               scheme: str = SCHEME, heads_per_pass: int | None = None) -> HeadPlan:
+               scheme: str = SCHEME, heads_per_pass: int | None = None, query_blocks: int = 1) -> HeadPlan:
     """Handshake: every rank's shapes (and passes) must agree (the same ValueError on every rank if not)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     B, Hq, n, D = q.shape
@@ -251,9 +251,10 @@ def heads_plan(q: Tensor, k: Tensor, causal: bool, layout: Any, masked: bool, sc
     # Passes decide how many exchanges a call makes: ranks that disagree would wait on each other.
     passes = heads_per_pass if isinstance(heads_per_pass, int) and not isinstance(heads_per_pass, bool) else -1
     table = gather_ints([B, Hq, k.shape[1], D, int(causal), code, int(masked), int(round(scale * 2**40)),
-                         0 if heads_per_pass is None else passes, n],
+                         0 if heads_per_pass is None else passes, query_blocks, n],
                         group, q, "exchanging shapes with the other ranks", scheme=scheme)
-    for i, name in enumerate(["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale", "heads_per_pass"]):
+    for i, name in enumerate(["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale", "heads_per_pass",
+                              "query_blocks"]):
         values = [row[i] for row in table]
         if len(set(values)) > 1:
             raise ValueError(f"{scheme}: every rank must pass the same {name}, got {values} (by rank)")
@@ -277,7 +278,8 @@ def heads_to_seq(out: Tensor, plan: HeadPlan, group: Any, heads: int) -> Tensor:
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None,
                       method: str = "auto", group: Any = None, layout: str | L.Partition = "contiguous",
-                      scale: float | None = None, heads_per_pass: int | None = None, **options: Any) -> Tensor:
+                      scale: float | None = None, heads_per_pass: int | None = None, query_blocks: int | None = None,
+                      **options: Any) -> Tensor:
     """Exact (or the method's own) attention over a sequence split across ``group``, by heads.
 
     Every rank of the group calls this with its slice of the one sequence.
@@ -303,6 +305,14 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
             Hq/P, for one more local forward and ``(P-1)/P`` more q, k, v traffic
             (``attnmem.distributed.traffic``). c must divide Hq/P and be a multiple or a
             divisor of Hq/Hkv.
+        query_blocks: Q > 1 splits every pass's queries into Q contiguous blocks of positions
+            (``attnmem.distributed.query_blocks``): the full-sequence k, v of the pass stay, the
+            queries, output and their gradients are exchanged and attended a block at a time
+            (the tiled exact kernel, so ``method`` "chunked" or "auto"; the same bytes sent,
+            more messages). Per pass a rank then holds about 4 + 6/Q full-sequence tensors of
+            the pass's heads instead of 8. None (default): P when ``heads_per_pass`` is given
+            and the method is "chunked" or "auto" with at most the tile options, else 1. With
+            ``heads_per_pass=None`` and Q > 1 one pass holds all Hq/P heads.
         **options: the method's own options (``window=``, ``q_tile=``, ...).
 
     Returns:
@@ -312,7 +322,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
         RuntimeError: torch.distributed is not initialised.
         ValueError: heads that do not split over the group, bad shapes, ranks that disagree
             (raised on every rank alike), a ``heads_per_pass`` that does not split the heads,
-            or what the method refuses.
+            ``query_blocks`` not a positive int at most N or with a method other than the tiled
+            kernel, or what the method refuses.
         SequenceParallelError: a peer failed, exited or timed out.
     """
     check_initialised(SCHEME)
@@ -323,8 +334,14 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
     if not isinstance(layout, L.Partition):
         L.check_layout(layout)
     user_mask = None if mask is None else M.as_mask(mask, "mask")
-    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, group, heads_per_pass=heads_per_pass)
+    # query_blocks imports this module's exchanges, so it is imported here, not at the top.
+    from .query_blocks import check_block_count, resolve_query_blocks, run_query_blocks
+
+    blocks = resolve_query_blocks(query_blocks, heads_per_pass, method, options, dist.get_world_size(group))
+    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, group, heads_per_pass=heads_per_pass,
+                      query_blocks=blocks)
     n = sum(plan.lengths)
+    check_block_count(blocks, n)
     if user_mask is not None:
         user_mask.check(q.shape[0], q.shape[1], n, n)
     order = _rank_order(layout, plan)
@@ -337,6 +354,9 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
         local_mask = heads_slice(user_mask, first + p.q[0], first + p.q[1])
         return attention(qh, kh, vh, method=method, causal=causal, mask=local_mask, scale=inp.scale, **options)
 
+    if blocks > 1:
+        return run_query_blocks(q, k, v, plan=plan, heads_per_pass=heads_per_pass or plan.hq, query_blocks=blocks,
+                                causal=causal, mask=user_mask, scale=inp.scale, tiles=options, group=group)
     if heads_per_pass is not None:
         return run_in_passes(q, k, v, run, plan, heads_per_pass, group)
     qh, kh, vh = seq_to_heads(q, k, v, plan, group)  # (B, Hq/P, N, D) in sequence order
