@@ -59,7 +59,8 @@ class Case:
     batch: int = 1
     worlds: tuple[int, ...] = (2, 4)
     passes: int | None = None  # heads_per_pass of Ulysses (or the hybrid's Ulysses level)
-    blocks: int | None = None  # query_blocks of Ulysses (or the hybrid); None: the default (P with passes)
+    blocks: int | None = None  # query_blocks of Ulysses; None: the default (P with passes)
+    kv_blocks: int | None = None  # kv_blocks of the ring (or the hybrid's); None: the default
 
     def n(self, world: int) -> int:
         return 8 * world + (3 if self.layout == "uneven" else 0)
@@ -89,12 +90,14 @@ CASES = [
     Case("u_blocks_documents", "ulysses", mask="documents", layout="documents", blocks=2),
     Case("u_passes_unblocked_gqa_window", "ulysses", hkv=2, mask="window", layout="zigzag", passes=1, blocks=1),
     Case("h_causal_zigzag_gqa", "hybrid", hkv=2, layout="zigzag"),
-    Case("h_passes_documents", "hybrid", mask="documents", layout="documents", passes=1),
+    Case("h_passes_documents", "hybrid", mask="documents", layout="documents", passes=1),  # 2 kv blocks (default)
+    Case("h_passes_zigzag_gqa_kv_blocks", "hybrid", hkv=2, layout="zigzag", passes=1, grid=(1, 4), kv_blocks=3),
     Case("h_documents", "hybrid", mask="documents", layout="documents", grid=(1, 4)),
     Case("h_window", "hybrid", mask="window", grid=(4, 1)),
     Case("h_full_dense_heads", "hybrid", causal=False, mask="dense_heads", layout="zigzag"),
     Case("r_window_zigzag", "ring", hkv=2, mask="window", layout="zigzag"),
     Case("r_documents", "ring", mask="documents", layout="documents"),
+    Case("r_kv_blocks_uneven", "ring", layout="uneven", kv_blocks=3),
     Case("l_elu_gqa", "linear", hkv=2, method="linear"),
     Case("l_relu_uneven", "linear", layout="uneven", method="relu", batch=2),
 ]
@@ -148,9 +151,13 @@ def _run(case: Case, world: int, q, k, v):
         layout = "contiguous" if case.layout == "uneven" else case.layout
         docs = _documents(n) if case.layout == "documents" else None
         return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=layout, causal=case.causal,
-                                           mask=mask, documents=docs, ulysses_heads_per_pass=case.passes)
+                                           mask=mask, documents=docs, ulysses_heads_per_pass=case.passes,
+                                           kv_blocks=case.kv_blocks)
     if case.scheme == "ring":
-        return ring_attention(q, k, v, causal=case.causal, mask=mask, layout=part, heads_per_pass=1)
+        if case.layout in ("contiguous", "uneven", "zigzag"):
+            part = "contiguous" if case.layout == "uneven" else case.layout  # the fast (unmasked) pair rules
+        return ring_attention(q, k, v, causal=case.causal, mask=mask, layout=part, heads_per_pass=1,
+                              kv_blocks=case.kv_blocks or 1)
     return linear_context_parallel(q, k, v, feature_map="relu" if case.method == "relu" else "elu", chunk=3)
 
 
