@@ -11,8 +11,8 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
 
 * ring: I and its gradients, out and lse, the ring's buffers (this pass's k/v block, the
   next, two travelling dk/dv and this block's share: 10 key/value heads' worth per head in a
-  pass), one pass of dout, and the local ``chunked`` kernel's transient on one (N/P)² pair
-  (from ``attnmem.estimate``);
+  pass, of one piece's length with ``kv_blocks``), one pass of dout, and the local
+  ``chunked`` kernel's transient on one (N/P)² pair (from ``attnmem.estimate``);
 * Ulysses, the largest of: the forward all-to-alls (I + I_h + the send and receive buffers
   of one tensor: they run one tensor at a time), the local method on the full sequence of
   H/P heads (its ``attnmem.estimate`` peak, + I + one head shard of dout), the backward

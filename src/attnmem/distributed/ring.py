@@ -22,6 +22,12 @@ backward, two travelling gradients), the ring runs once per group of ``heads_per
 heads; in the backward they add about 11 · heads_per_pass / Hkv times the size of the local q
 (for Hq = Hkv) to the local q, k, v, out, dq, dk, dv.
 
+``kv_blocks`` = m cuts each rank's block into m pieces of positions and turns the ring once
+per piece (in each head pass): the buffers in flight are a piece's, 1/m of the block's, and the
+bytes sent are the same (``traffic``). The causal pairs below are cut to the piece: in the own
+block, the queries before the piece skip it, those in it take the causal square, those after
+take it whole.
+
 Causal masks per (local queries, visiting keys) pair are full, empty (skipped) or the local
 causal diagonal — see ``_Ring.pairs``. With the ``contiguous`` layout the last rank does P times
 the work of the first; ``layout="zigzag"`` (see ``attnmem.distributed.layout``) balances it.

@@ -22,9 +22,15 @@ int64 per rank and call, are left out). ``lengths`` are every rank's local seque
 
       B·D·e · ((P-1)·n_r·(3h + 4h'_kv) + (N - n_r)·(2h + 2h'_kv))
 
+  Query blocks (``query_blocks`` > 1) send each of those elements once too, in more
+  messages: the same bytes as the passes path (without ``heads_per_pass`` they are one pass
+  of all h heads).
+
 * hybrid (U × R): the Ulysses terms inside my group of U, plus the ring terms over R with
   Hkv/U (or 1) key/value heads on the ring parts' lengths; with Ulysses passes, the ring's
-  forward runs twice (``3·Σ_{t<R-1}`` blocks instead of 2) on h'_kv key/value heads;
+  forward runs twice (``3·Σ_{t<R-1}`` blocks instead of 2) on h'_kv key/value heads. The
+  ring's ``kv_blocks`` (pieces of each block, one rotation each) change no byte: at every step
+  the pieces of one block sum to the block;
 * linear context parallel: the state (B, Hkv, F, D+1) all-gathered forward and its gradient
   backward: ``2·(P-1)·B·Hkv·F·(D+1)·e`` (F = D for elu/relu features).
 """

@@ -17,6 +17,11 @@ exchanges; the local method's own backward in between). Per step (forward + back
 rank sends ``2·(P-1)/P · B·N_r·D·(2·Hq + 2·Hkv)`` elements (q, k, v and out; then dout, dq, dk,
 dv) — see ``attnmem.distributed.traffic``.
 
+With ``heads_per_pass`` (passes of c heads, recomputed in the backward) a rank holds one
+pass's full-sequence heads at a time; with ``query_blocks`` as well (by default P blocks when
+passes run on the tiled kernel) only the pass's k and v are full-sequence, and its queries,
+output and their gradients go a block of positions at a time (``query_blocks``).
+
 Heads: Hq must be a multiple of P. Key/value heads are sharded when Hkv is a multiple of P;
 when Hkv < P and P is a multiple of Hkv (GQA/MQA), each KV head is **replicated** to the
 P/Hkv ranks whose query heads read it (sent P/Hkv times: more traffic, never wrong), and their
