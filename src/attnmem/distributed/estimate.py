@@ -26,8 +26,8 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
 * with query blocks Q > 1 as well (``query_blocks``; by default Q = P for Ulysses with passes
   on the tiled kernel), the backward of a pass: 2·I + the pass's full-sequence k, v and their
   gradients (4 tensors of c_kv heads) + one block's q, dout, out and dq (N/Q positions of c
-  heads) + the tiled kernel's training peak on one (N/Q)² block × key-chunk pair. The forward
-  and the final exchange of dk, dv hold less.
+  heads) + the tiled kernel's training peak on one (N/Q)² block × key-chunk pair less that
+  pair's inputs (views or counted). The forward and the final exchange of dk, dv hold less.
 
 ``benchmarks/distributed.py`` compares the prediction with the measured peaks.
 """
@@ -209,8 +209,9 @@ def _blocks_rank_peak(local_estimate: LocalEstimate, passes: int, blocks: int, *
     full_kv = batch * seq_len * head_dim * e * kvc  # one full-sequence tensor of the pass's KV heads
     block_q = batch * block * head_dim * e * passes  # one block of the pass's query heads
     pair = local_estimate("chunked", batch=batch, heads=passes, kv_heads=kvc, seq_len=block, head_dim=head_dim,
-                          dtype=dtype, training=True, causal=causal, **options).peak_bytes
-    return 2 * seq_bytes + 4 * full_kv + 4 * block_q + pair
+                          dtype=dtype, training=True, causal=causal, **options)
+    # The pair's own inputs are not new: its queries are the block's (counted), its keys views of k, v.
+    return 2 * seq_bytes + 4 * full_kv + 4 * block_q + pair.peak_bytes - pair.inputs_bytes
 
 
 def _passes_rank_peak(scheme: str, local_estimate: LocalEstimate, passes: int, *, batch: int, hq: int, hkv: int,

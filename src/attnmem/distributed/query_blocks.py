@@ -234,9 +234,11 @@ class _BlockedPasses(torch.autograd.Function):
                 _block_add_to_sequence(plan, dqb.to(q.dtype), p.q, blk, grads[0], group)
                 del dqb
             del kh, vh
-            for grad, d in ((grads[1], dk), (grads[2], dv)):
-                _add_to_sequence(plan, d.to(grad.dtype), p.kv, True, grad, group)
-            del dk, dv
+            # One at a time, and no name left holding this pass's dk or dv into the next pass.
+            _add_to_sequence(plan, dk.to(grads[1].dtype), p.kv, True, grads[1], group)
+            del dk
+            _add_to_sequence(plan, dv.to(grads[2].dtype), p.kv, True, grads[2], group)
+            del dv
         return (*grads, None, None)
 
 
