@@ -43,6 +43,7 @@ import torch
 
 from ..memory.measure import MiB, Peak
 from . import traffic as T
+from .query_blocks import resolve_query_blocks
 from .ulysses import check_heads
 
 SCHEMES = ("ring", "ulysses", "hybrid")
@@ -143,8 +144,6 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
     passes = None if scheme == "ring" else ulysses_heads_per_pass
     blocks = 1
     if scheme == "ulysses":
-        from .query_blocks import resolve_query_blocks
-
         blocks = resolve_query_blocks(query_blocks, passes, method, options, u, f"scheme={scheme!r}")
     elif query_blocks not in (None, 1):
         raise ValueError(f"query_blocks= is Ulysses'; scheme={scheme!r} takes kv_blocks=, got {query_blocks!r}")

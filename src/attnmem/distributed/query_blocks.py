@@ -41,8 +41,8 @@ from torch import Tensor
 from .. import masks as M
 from ..kernels import acc_dtype, merge_partials, tiled_attention_lse, tiled_backward_lse
 from .comm import Rows, all_to_all
+from .heads import SCHEME, HeadPass, HeadPlan, add_to_sequence, head_passes, head_starts, one_to_heads
 from .masking import AtPositions, heads_slice
-from .ulysses import SCHEME, HeadPass, HeadPlan, _add_to_sequence, _head_starts, _one_to_heads, head_passes
 
 # The local methods query blocks run: attnmem's exact tiled kernel, under the names that reach it.
 BLOCK_METHODS = ("chunked", "auto")
@@ -108,7 +108,7 @@ def _block_to_heads(plan: HeadPlan, t: Tensor, local: tuple[int, int], blk: Quer
     """Local heads ``local`` = [a, b) of every rank's share at positions [start, stop): (B, b-a, stop-start, D)."""
     a, b = local
     mine = blk.local[plan.rank]
-    parts = [Rows(t[:, st + a:st + b], 2, mine) for st in _head_starts(plan, False)]  # (B, b-a, my tokens, D)
+    parts = [Rows(t[:, st + a:st + b], 2, mine) for st in head_starts(plan, False)]  # (B, b-a, my tokens, D)
     shapes = [(t.shape[0], b - a, i.numel(), t.shape[3]) for i in blk.local]  # (B, b-a, rank s's tokens, D)
     pieces = all_to_all(parts, shapes, group, "exchanging a query block for head shards", kind="ulysses",
                         scheme=SCHEME)
@@ -128,7 +128,7 @@ def _block_add_to_sequence(plan: HeadPlan, t: Tensor, local: tuple[int, int], bl
     shapes = [(t.shape[0], b - a, mine.numel(), t.shape[3])] * plan.world  # (B, b-a, my tokens, D) from each
     pieces = all_to_all(parts, shapes, group, "returning a query block to sequence shards", kind="ulysses",
                         scheme=SCHEME)
-    for st, piece in zip(_head_starts(plan, False), pieces):
+    for st, piece in zip(head_starts(plan, False), pieces):
         seq[:, st + a:st + b].index_add_(2, mine, piece.to(seq.dtype))
 
 
@@ -204,7 +204,7 @@ class _BlockedPasses(torch.autograd.Function):
         plan = run.plan
         out = q.new_zeros(q.shape)  # (B, Hq, N_r, D)
         for p in run.passes:
-            kh, vh = (_one_to_heads(plan, t, p.kv, True, group) for t in (k, v))  # (B, c_kv, N, D)
+            kh, vh = (one_to_heads(plan, t, p.kv, True, group) for t in (k, v))  # (B, c_kv, N, D)
             for blk in run.blocks:
                 qb = _block_to_heads(plan, q, p.q, blk, group)  # (B, c, block, D)
                 ob, _ = run.forward_block(qb, kh, vh, blk, p)
@@ -223,7 +223,7 @@ class _BlockedPasses(torch.autograd.Function):
         grads = [torch.zeros_like(t) for t in (q, k, v)]  # (B, H, N_r, D), filled pass by pass
         acc = acc_dtype(q.dtype)
         for p in run.passes:
-            kh, vh = (_one_to_heads(plan, t, p.kv, True, group) for t in (k, v))  # (B, c_kv, N, D)
+            kh, vh = (one_to_heads(plan, t, p.kv, True, group) for t in (k, v))  # (B, c_kv, N, D)
             dk, dv = (torch.zeros(kh.shape, dtype=acc, device=kh.device) for _ in range(2))  # (B, c_kv, N, D)
             for blk in run.blocks:
                 qb = _block_to_heads(plan, q, p.q, blk, group)  # (B, c, block, D)
@@ -235,9 +235,9 @@ class _BlockedPasses(torch.autograd.Function):
                 del dqb
             del kh, vh
             # One at a time, and no name left holding this pass's dk or dv into the next pass.
-            _add_to_sequence(plan, dk.to(grads[1].dtype), p.kv, True, grads[1], group)
+            add_to_sequence(plan, dk.to(grads[1].dtype), p.kv, True, grads[1], group)
             del dk
-            _add_to_sequence(plan, dv.to(grads[2].dtype), p.kv, True, grads[2], group)
+            add_to_sequence(plan, dv.to(grads[2].dtype), p.kv, True, grads[2], group)
             del dv
         return (*grads, None, None)
 
