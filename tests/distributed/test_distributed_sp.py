@@ -234,6 +234,13 @@ def _correctness(rank, world, out_dir: Path):
         ulysses_attention(q, q, q, heads_per_pass=3)
     except ValueError as e:
         (out_dir / f"passes_{rank}.txt").write_text(str(e))
+    # More blocks than positions, or pieces than a rank's tokens: the same ValueError on every rank.
+    for name, fn in (("qblocks", lambda: ulysses_attention(q, q, q, heads_per_pass=1, query_blocks=4 * world + 1)),
+                     ("kvblocks", lambda: ring_attention(q, q, q, kv_blocks=5))):
+        try:
+            fn()
+        except ValueError as e:
+            (out_dir / f"{name}_{rank}.txt").write_text(str(e))
 
 
 # Per-rank peaks at 4 ranks (float32, causal, zigzag, one head per pass): Ulysses with its default
@@ -367,6 +374,10 @@ def test_schemes_match_single_process(tmp_path, world):
         assert "Hkv=3" in (tmp_path / f"kvheads_{r}.txt").read_text()
         assert "heads_per_pass must be a positive int dividing the 2 query heads" in (
             tmp_path / f"passes_{r}.txt").read_text()
+        assert f"query_blocks must be at most the sequence length {4 * world}, got {4 * world + 1}" in (
+            tmp_path / f"qblocks_{r}.txt").read_text()
+        assert "kv_blocks must be at most the shortest local length 4, got 5" in (
+            tmp_path / f"kvblocks_{r}.txt").read_text()
 
 
 def test_peer_that_exits_fails_the_others(tmp_path):
@@ -489,6 +500,32 @@ def test_sequence_parallel_options_are_checked():
         SequenceParallel(layout="zigzag").attend(q, q, q, causal=True, method="linear")
     with pytest.raises(ValueError, match="takes only the options q_tile"):
         SequenceParallel().attend(q, q, q, causal=True, method="chunked", window=3)
+
+
+def test_block_options_are_checked():
+    from attnmem.distributed.query_blocks import resolve_query_blocks
+
+    # The default: P blocks with passes on the tiled kernel, none otherwise.
+    assert resolve_query_blocks(None, 1, "chunked", {"q_tile": 64}, 4) == 4
+    assert resolve_query_blocks(None, None, "chunked", {}, 4) == 1 == resolve_query_blocks(None, 1, "linear", {}, 4)
+    with pytest.raises(ValueError, match="query_blocks must be a positive int or None, got 0"):
+        resolve_query_blocks(0, 1, "chunked", {}, 4)
+    with pytest.raises(ValueError, match="query_blocks=2 runs the exact tiled kernel .* got method='linear'"):
+        resolve_query_blocks(2, 1, "linear", {}, 4)
+    with pytest.raises(ValueError, match="query_blocks=2 takes only the options q_tile, kv_tile, kernel .* window"):
+        resolve_query_blocks(2, 1, "chunked", {"window": 3}, 4)
+    shape = dict(batch=1, heads=8, seq_len=64, head_dim=8, world_size=4)
+    with pytest.raises(ValueError, match="scheme='ring' takes kv_blocks="):
+        attnmem.estimate("chunked", **shape, scheme="ring", query_blocks=2)
+    with pytest.raises(ValueError, match="scheme='ulysses' takes query_blocks="):
+        attnmem.estimate("chunked", **shape, scheme="ulysses", kv_blocks=2)
+    # The blocks lower the predicted peak and leave the bytes as they are.
+    blocked, whole = (attnmem.estimate("chunked", **shape, scheme="ulysses", ulysses_heads_per_pass=1, query_blocks=b)
+                      for b in (None, 1))
+    assert blocked.peak_bytes < whole.peak_bytes and blocked.sent_bytes == whole.sent_bytes
+    pieces, block = (attnmem.estimate("chunked", **shape, scheme="hybrid", ulysses=2, ulysses_heads_per_pass=1,
+                                      kv_blocks=m) for m in (None, 1))
+    assert pieces.peak_bytes < block.peak_bytes and pieces.sent_bytes == block.sent_bytes
 
 
 def test_needs_a_process_group():

@@ -140,9 +140,9 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
             of one pass's heads; one more ring forward; more q, k, v traffic).
         kv_blocks: ``ring_attention``'s: pieces every ring rank's key/value block travels in
             (same bytes, more messages; the ring's buffers in flight shrink by that factor).
-            With passes those buffers are most of what a pass holds (the pass's full ring part
-            is k and v; its queries are only a quarter of it), so they, not query blocks, are
-            what is cut. None (default): 2 with ``ulysses_heads_per_pass``, else 1.
+            With passes those buffers are most of what a pass holds (about 12 of its ~17
+            tensors of the ring part; the queries' side is about 5), so they, not the queries,
+            are what is cut. None (default): 2 with ``ulysses_heads_per_pass``, else 1.
 
     Returns:
         This rank's output (B, Hq, N_local, D); differentiable.

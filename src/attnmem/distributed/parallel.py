@@ -49,11 +49,11 @@ class SequenceParallel:
     group: Any = None
     heads_per_pass: int | None = None
     ulysses_heads_per_pass: int | None = None
-    query_blocks: int | None = None
-    kv_blocks: int | None = None
     ulysses: int | None = None
     ring: int | None = None
     documents: Tensor | None = None
+    query_blocks: int | None = None
+    kv_blocks: int | None = None
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
