@@ -72,7 +72,7 @@ def query_blocks_of(plan: HeadPlan, blocks: int, device: torch.device) -> list[Q
     for rng in torch.arange(n).tensor_split(blocks):
         a, b = int(rng[0]), int(rng[-1]) + 1
         local = tuple(((pos >= a) & (pos < b)).nonzero().flatten() for pos in positions)
-        out.append(QueryBlock(a, b, local, tuple(pos[i] - a for pos, i in zip(positions, local))))
+        out.append(QueryBlock(start=a, stop=b, local=local, rows=tuple(pos[i] - a for pos, i in zip(positions, local))))
     return out
 
 
