@@ -80,7 +80,7 @@ def test_cases_without_a_closed_form_are_traced():
 
 @pytest.mark.parametrize("name, case", [
     ("sliding_window", dict(kv_heads=2, window=24)), ("longformer", dict(training=False, window=16)),
-    ("bigbird", dict(kv_heads=2, block=16)),
+    ("bigbird", dict(kv_heads=2, block=16, seq_len=96)),
 ], ids=str)
 def test_plain_kernel_closed_form_agrees_with_trace(name, case):
     # The plain-PyTorch tile kernel (kernel="torch"; float16 runs it under "auto"): one key tile
