@@ -98,7 +98,7 @@ def capture_attention_inputs(model: nn.Module, tokens: Tensor, **forward_kwargs:
     captured: list[Captured] = []
 
     def hook(module: MultiHeadAttention, args: tuple, kwargs: dict, output: Tensor) -> None:
-        q, k, v = module.project(args[0])  # (B, Hq, N, D), (B, Hkv, N, D) ×2
+        q, k, v = module.project(args[0], kwargs.get("positions"))  # (B, Hq, N, D), (B, Hkv, N, D) ×2
         captured.append(Captured(layer=len(captured), q=q, k=k, v=v, causal=module.causal,
                                  mask=kwargs.get("mask")))
 
