@@ -52,6 +52,7 @@ from _common import append_row, load_rows, log
 from attnmem.bench.cases import approx_error
 from attnmem.bench.frontier import cost_rows, measure_points, summarize
 from attnmem.bench.quality import (
+    bpb_by_position,
     capture_attention_inputs,
     captured_error,
     context_margin,
@@ -273,6 +274,8 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap:
                        **_quality(task, score(model, task_obj, inputs, labels))}
                 if task == "text" and "scored_offset" in t:
                     row.update(full_context_bpb(model, task_obj, t))
+                if task == "text":  # does the model read its context? (better with position if so)
+                    row["bpb_by_position"] = bpb_by_position(model, inputs, labels)
                 append_row(out, row)
                 log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
             if not swap or "swapped" in done or spec != exact_run(preset) or config.seq_len != t["seq_lens"][0]:
