@@ -105,7 +105,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained_methods": ["sdpa", "sliding_window:window={w}"],
         "seeds": [0],
     },
-    "target": {  # the issue's text target, with a recipe that learns within the budget (notes/quality.md)
+    "target": {  # the issue's text target, session 5's recipe (benchmarks/notes/quality.md)
+        "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
+                "rotary positions, tied embeddings, 8192 tokens per step (8 windows of 1024, 64 of 128), 600 "
+                "steps (about 11 minutes per context-1024 run on 2 quiet cores, two runs side by side), lr 1e-2 "
+                "(warm-up 50, cosine), 1 torch thread",
+        "exact": "chunked",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
+        "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 600, "lr": 1e-2, "warmup_steps": 50,
+                 "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024},
+        "trained_methods": ["chunked"],
+        "seeds": [0, 1, 2],
+    },
+    "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
                 "under load average 17, under 15 minutes on quiet cores), lr 1e-2 (warm-up 50, cosine), "
@@ -199,6 +211,23 @@ def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int]
             log(f"  failed: {type(e).__name__}: {e}")
             continue
         log(f"  {time.perf_counter() - t0:.0f} s")
+
+
+def train_in_processes(preset_name: str, tasks: str, runs: str, threads: int, jobs: int) -> None:
+    """``train`` as ``jobs`` processes, shard i of jobs each; returns when all have ended.
+
+    Raises:
+        RuntimeError: a process that exited with an error.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, "train", "--preset", preset_name, "--tasks", tasks, "--runs", runs,
+           "--threads", str(threads)]
+    procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{jobs}"]) for i in range(jobs)]
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"train shards {failed} of {jobs} failed; see their output above")
 
 
 def equal_steps(preset_name: str, runs: Path, out: Path) -> None:
@@ -375,16 +404,23 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-swap", action="store_true", help="evaluate: the trained rows only")
     ap.add_argument("--shard", default="0/1", help="I/N: train every N-th run from the I-th (N processes)")
+    ap.add_argument("--jobs", type=int, default=1, help="train: run the shards as this many processes at once "
+                                                        "(each with --threads threads)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.stage in ("train", "all"):
+    if args.stage in ("train", "all") and args.jobs > 1:
+        train_in_processes(args.preset, args.tasks, args.runs, args.threads, args.jobs)
+    elif args.stage in ("train", "all"):
         i, n = (int(x) for x in args.shard.split("/"))
         train(args.preset, tasks, Path(args.runs), (i, n))
     if args.stage in ("evaluate", "all"):
         evaluate(args.preset, tasks, Path(args.runs), Path(args.out), swap=not args.no_swap)
     if args.stage in ("equal-steps", "all") and "text" in tasks:
-        equal_steps(args.preset, Path(args.runs), Path(args.out))
+        if PRESETS[args.preset]["text"].get("max_time_s"):
+            equal_steps(args.preset, Path(args.runs), Path(args.out))
+        else:
+            log(f"equal-steps: preset {args.preset!r} trains every context for the same fixed steps already")
     if args.stage in ("summary", "all") and "text" in tasks:
         summary(args.preset, Path(args.out))
 
