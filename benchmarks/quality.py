@@ -213,8 +213,29 @@ def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int]
         log(f"  {time.perf_counter() - t0:.0f} s")
 
 
-def train_in_processes(preset_name: str, tasks: str, runs: str, threads: int, jobs: int) -> None:
-    """``train`` as ``jobs`` processes, shard i of jobs each; returns when all have ended.
+def throughput(preset_name: str, out: Path, shard: tuple[int, int], probe_steps: int) -> None:
+    """Seconds per training step of the text task's exact runs, one per context (seed 0), timed
+    over ``probe_steps`` steps after two untimed ones: what a fixed-steps preset's runs cost,
+    in a few minutes (``--jobs 2``: the contexts side by side, as the runs are trained)."""
+    preset = PRESETS[preset_name]
+    exact = exact_run(preset)
+    plan = [cfg for spec, cfg in train_configs(preset, "text") if spec == exact and cfg.seed == preset["seeds"][0]]
+    for cfg in plan[shard[0]::shard[1]]:
+        fit(dataclasses.replace(cfg, steps=2, eval_every=2, eval_examples=1))  # first-call costs, untimed
+        timed = fit(dataclasses.replace(cfg, eval_every=cfg.steps, eval_examples=1), stop_at=probe_steps)
+        per_step = timed.metrics["train_time_s"] / probe_steps
+        append_row(out, {"preset": preset_name, "task": "text", "mode": "throughput", "method": exact,
+                         "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "probe_steps": probe_steps,
+                         "s_per_step": per_step, "steps": cfg.steps, "projected_train_s": per_step * cfg.steps,
+                         **machine()})
+        log(f"throughput N={cfg.seq_len}: {per_step:.3f} s per step -> {per_step * cfg.steps:.0f} s for "
+            f"{cfg.steps} steps (load {os.getloadavg()[0]:.1f})")
+
+
+def in_processes(stage: str, preset_name: str, tasks: str, runs: str, out: str, threads: int, jobs: int,
+                 probe_steps: int) -> None:
+    """``stage`` (train, throughput) as ``jobs`` processes, shard i of jobs each; returns when
+    all have ended.
 
     Raises:
         RuntimeError: a process that exited with an error.
@@ -222,12 +243,12 @@ def train_in_processes(preset_name: str, tasks: str, runs: str, threads: int, jo
     import subprocess
     import sys
 
-    cmd = [sys.executable, __file__, "train", "--preset", preset_name, "--tasks", tasks, "--runs", runs,
-           "--threads", str(threads)]
+    cmd = [sys.executable, __file__, stage, "--preset", preset_name, "--tasks", tasks, "--runs", runs,
+           "--out", out, "--threads", str(threads), "--probe-steps", str(probe_steps)]
     procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{jobs}"]) for i in range(jobs)]
     failed = [i for i, p in enumerate(procs) if p.wait() != 0]
     if failed:
-        raise RuntimeError(f"train shards {failed} of {jobs} failed; see their output above")
+        raise RuntimeError(f"{stage} shards {failed} of {jobs} failed; see their output above")
 
 
 def equal_steps(preset_name: str, runs: Path, out: Path) -> None:
@@ -396,7 +417,7 @@ def summary(preset_name: str, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "summary", "all"])
+    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "summary", "all", "throughput"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
     ap.add_argument("--tasks", default="text,mqar", help="comma-separated: text, mqar")
     ap.add_argument("--runs", default="runs/quality", help="checkpoints of the training runs")
@@ -406,13 +427,20 @@ def main() -> None:
     ap.add_argument("--shard", default="0/1", help="I/N: train every N-th run from the I-th (N processes)")
     ap.add_argument("--jobs", type=int, default=1, help="train: run the shards as this many processes at once "
                                                         "(each with --threads threads)")
+    ap.add_argument("--probe-steps", type=int, default=20, help="throughput: timed steps per context")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    i, n = (int(x) for x in args.shard.split("/"))
+    if args.stage == "throughput" and args.jobs > 1:
+        in_processes("throughput", args.preset, args.tasks, args.runs, args.out, args.threads, args.jobs,
+                     args.probe_steps)
+    elif args.stage == "throughput":
+        throughput(args.preset, Path(args.out), (i, n), args.probe_steps)
     if args.stage in ("train", "all") and args.jobs > 1:
-        train_in_processes(args.preset, args.tasks, args.runs, args.threads, args.jobs)
+        in_processes("train", args.preset, args.tasks, args.runs, args.out, args.threads, args.jobs,
+                     args.probe_steps)
     elif args.stage in ("train", "all"):
-        i, n = (int(x) for x in args.shard.split("/"))
         train(args.preset, tasks, Path(args.runs), (i, n))
     if args.stage in ("evaluate", "all"):
         evaluate(args.preset, tasks, Path(args.runs), Path(args.out), swap=not args.no_swap)
