@@ -428,7 +428,16 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="train: run the shards as this many processes at once "
                                                         "(each with --threads threads)")
     ap.add_argument("--probe-steps", type=int, default=20, help="throughput: timed steps per context")
+    ap.add_argument("--seeds", default=None, help="comma-separated: only these of the preset's seeds (e.g. to "
+                                                  "evaluate two seeds in two processes)")
     args = ap.parse_args()
+    if args.seeds is not None:
+        wanted = [int(x) for x in args.seeds.split(",")]
+        unknown = sorted(set(wanted) - set(PRESETS[args.preset]["seeds"]))
+        if unknown:
+            raise ValueError(f"--seeds {unknown} are not seeds of preset {args.preset!r}: "
+                             f"{PRESETS[args.preset]['seeds']}")
+        PRESETS[args.preset] = {**PRESETS[args.preset], "seeds": wanted}
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     i, n = (int(x) for x in args.shard.split("/"))
