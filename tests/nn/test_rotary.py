@@ -96,3 +96,11 @@ def test_bad_position_options_are_refused():
         rotary(torch.randn(1, 1, 4, 8), torch.arange(5))
     with pytest.raises(ValueError, match="positions must be one of"):
         TrainConfig(task="text", seq_len=64, positions="learned")
+
+
+def test_rotary_in_bfloat16_keeps_the_angles_of_far_positions():
+    x = torch.randn(1, 1, 3, 8, dtype=torch.float64)
+    pos = torch.tensor([1000, 3000, 9000])
+    want = rotary(x, pos)
+    got = rotary(x.bfloat16(), pos).double()
+    assert rel_err(got, want) <= 2e-2  # bf16 rounding of x and the result only, not of the angles

@@ -39,10 +39,11 @@ def rotary(x: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor:
                          f"{tuple(positions.shape)}")
     half = D // 2
     freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # (D/2,) = base^(-2i/D)
-    angle = (positions.double()[..., None] * freq).to(x.dtype)  # (N, D/2) or (B, N, D/2)
+    angle = positions.double()[..., None] * freq  # (N, D/2) or (B, N, D/2)
     if angle.dim() == 3:
         angle = angle[:, None]  # (B, 1, N, D/2): the same angles for every head
-    cos, sin = angle.cos(), angle.sin()
+    # cos and sin in float64, then cast: an angle rounded to bf16 at position 1000 is off by radians
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
     a, b = x[..., :half], x[..., half:]  # (B, H, N, D/2) each
     return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 

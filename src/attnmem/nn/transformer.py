@@ -57,9 +57,8 @@ class Transformer(nn.Module):
             embeddings added to the input. "rotary": nothing added to the input; every
             attention layer rotates its q and k by the tokens' positions
             (``attnmem.nn.attention.rotary``), so attention scores depend on relative
-            positions. Rotary learns to read the previous bytes far sooner on the byte-level
-            text task at context 1024 (benchmarks/notes/quality.md); sinusoidal there stays at
-            bigram quality for the whole 15-minute budget.
+            positions. On the byte-level text task at context 1024 it learns to read the
+            context where sinusoidal stayed at bigram quality (benchmarks/notes/quality.md).
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
         sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or

@@ -72,8 +72,8 @@ class TrainConfig:
             Evaluation always uses the run's own mask. 0 (the default) turns it off.
         d_model, n_heads, n_layers: model shape.
         positions: "sinusoidal" (added to the input) or "rotary" (q and k rotated in every
-            attention layer); see ``attnmem.nn.Transformer``. The text presets use rotary: with
-            sinusoidal positions a context-1024 byte model stays at bigram quality.
+            attention layer); see ``attnmem.nn.Transformer``. The text ``target`` preset uses rotary:
+            with sinusoidal positions its context-1024 byte model stayed at bigram quality.
         tie_embeddings: read out with the token embedding (scaled by d_model^-1/2) instead of a
             separate output matrix (language-model tasks only).
         batch_size, steps, lr, weight_decay, warmup_steps, grad_clip: optimisation.
