@@ -108,8 +108,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "target": {  # the issue's text target, session 5's recipe (benchmarks/notes/quality.md)
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "rotary positions, tied embeddings, 8192 tokens per step (8 windows of 1024, 64 of 128), 300 "
-                "steps (about 6 minutes per context-1024 run on 2 quiet cores, two runs side by side), lr 1e-2 "
-                "(warm-up 50, cosine), 1 torch thread",
+                "steps (603-831 s of training steps per context-1024 run at load 14-19, two runs side by side), "
+                "lr 1e-2 (warm-up 50, cosine), 1 torch thread",
         "exact": "chunked",
         "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
         "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 300, "lr": 1e-2, "warmup_steps": 50,
