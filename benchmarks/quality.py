@@ -117,6 +117,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained_methods": ["chunked"],
         "seeds": [0, 1, 2],
     },
+    "target-long": {  # the target's recipe with the steps 15 minutes allow on quieter cores (one seed: a probe)
+        "note": "the target's recipe, 900 steps (0.89 s per context-1024 step at load 10, two side by side: "
+                "about 13 minutes), seed 0 only",
+        "exact": "chunked",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
+        "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 900, "lr": 1e-2, "warmup_steps": 50,
+                 "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024},
+        "trained_methods": ["chunked"],
+        "seeds": [0],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
