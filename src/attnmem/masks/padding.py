@@ -45,6 +45,16 @@ class KeyPadding(Mask):
 
         return mask_mod
 
+    def all_valid(self, start: int, stop: int) -> bool:
+        """Whether keys ``[start, stop)`` are valid in every batch row (host prefix counts, no sync)."""
+        return bool((self._counts[:, stop] - self._counts[:, start] == stop - start).all())
+
+    def empty_rows(self, left: int) -> Tensor:
+        """(Bm, Nk) bools, on the host: queries of a square problem whose window ``[q - left, q]``
+        holds no valid key."""
+        stop = torch.arange(1, self._counts.shape[1])
+        return self._counts[:, stop] == self._counts[:, (stop - 1 - left).clamp_min(0)]
+
     def _tile_counts(self, g: Grid, ki: Tensor) -> tuple[Tensor, Tensor]:
         ka = ki * g.kv_tile
         kb = torch.clamp(ka + g.kv_tile, max=g.nk)
