@@ -125,8 +125,8 @@ def _timed_call(q, k, v, mask) -> float:
 def band_rows(args) -> list[dict]:
     """Mistral's attention call alone (forward + backward, its shape: 4 query heads of 32, 2 KV
     heads), the window run banded (``sliding_window(W - 1, 0)``, kernels.banded) against the
-    same pairs through the tile loop (``causal() & sliding_window(W - 1, 0)``, an intersection
-    the kernel does not run banded), interleaved."""
+    same window through the tile loop, as before kernels.banded (``masks.Band(1 - W, 0)``: the
+    same mask function and tile states, a class ``plan_call`` leaves to the tile loop), interleaved."""
     from attnmem import masks as M
 
     rows = []
@@ -135,7 +135,7 @@ def band_rows(args) -> list[dict]:
         q = torch.randn(1, n, 4, 32, generator=g).transpose(1, 2).requires_grad_()  # (B, H, N, D) as HF lays it
         k, v = (torch.randn(1, n, 2, 32, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
         masks = {"banded": M.sliding_window(args.window - 1, 0),
-                 "tile loop": M.causal() & M.sliding_window(args.window - 1, 0)}
+                 "tile loop": M.Band(1 - args.window, 0)}
 
         for mask in masks.values():
             _timed_call(q, k, v, mask)  # warm-up

@@ -81,7 +81,7 @@ def test_float32_error_is_near_sdpa():
     ("Nq != Nk: the band's alignment is the square one's", dict(nk=150)),
     ("a window with keys after the query", dict(mask=M.sliding_window(8, 2))),
     ("causal & window is an intersection, not one window", dict(mask=M.causal() & M.sliding_window(8, 0))),
-    ("Band has its own mask function", dict(mask=M.Band(-8, 0))),
+    ("Band (the pieces methods split windows into) is not the user's window", dict(mask=M.Band(-8, 0))),
     ("the torch kernel", dict(kernel="torch")),
 ])
 def test_other_calls_keep_the_tile_loop(why, kwargs):

@@ -39,7 +39,8 @@ def band_of(mask: Mask | None) -> tuple[int, KeyPadding | None] | None:
     """``(left, key padding)`` for ``sliding_window(left, 0)`` and ``sliding_window(left, 0) &
     key_padding(valid)`` (either order); None for any other mask."""
     def window(m: Mask) -> int | None:
-        # Exactly the class: ``Band`` (a subclass) has its own mask function.
+        # Exactly the user's window: ``Band`` (a subclass, the pieces methods split windows
+        # into; benchmarks/hf.py --band times the tile loop with it) keeps the tile loop.
         if type(m) is SlidingWindow and m.left is not None and m.right == 0:
             return m.left
         return None
