@@ -1,4 +1,4 @@
-"""``attnmem.checks``: the one positive-int check behind every option and argument that takes one."""
+"""``attnmem.checks``: the positive-int and count checks behind every option and argument that takes one."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from attnmem.checks import check_positive_fields, check_positive_int
+from attnmem.checks import check_count, check_positive_fields, check_positive_int
 from attnmem.mechanisms.exact import ChunkedOptions
 from attnmem.tasks.mqar import MQAR
 
@@ -51,3 +51,15 @@ def test_the_callers_keep_their_messages():
         ChunkedOptions(kv_tile=0)
     with pytest.raises(ValueError, match=r"^mqar: num_pairs must be a positive int, got True$"):
         MQAR(num_pairs=True)
+
+
+@pytest.mark.parametrize("val,minimum", [(0, 0), (5, 0), (1, 1), (2**40, 3)])
+def test_counts_at_or_above_the_minimum_pass_and_come_back(val, minimum):
+    assert check_count("bigbird", "random_blocks", val, minimum) == val
+
+
+@pytest.mark.parametrize("val,minimum,kind", [(-1, 0, "non-negative"), (0, 1, ">= 1"), (True, 0, "non-negative"),
+                                              (2.0, 0, "non-negative"), ("3", 1, ">= 1")])
+def test_a_bad_count_is_refused_naming_the_method_the_argument_and_the_bound(val, minimum, kind):
+    with pytest.raises(ValueError, match=rf"^bigbird: block must be an int {kind}, got {val!r}$"):
+        check_count("bigbird", "block", val, minimum)

@@ -28,3 +28,12 @@ def check_positive_fields(obj: object, names: Iterable[str], *, where: str = "")
     dataclass's ``__post_init__``)."""
     for name in names:
         check_positive_int(name, getattr(obj, name), where=where)
+
+
+def check_count(fn: str, arg: str, val: object, minimum: int = 0) -> int:
+    """``val`` if it is an int >= ``minimum`` (a count, a block size, a seed); ValueError naming
+    ``fn`` and ``arg`` otherwise."""
+    if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
+        kind = "non-negative" if minimum == 0 else f">= {minimum}"
+        raise ValueError(f"{fn}: {arg} must be an int {kind}, got {val!r}")
+    return val

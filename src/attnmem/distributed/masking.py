@@ -44,7 +44,7 @@ class AtPositions(M.Mask):
 def _head_dependent(mask: M.Mask) -> bool:
     if isinstance(mask, M.Dense):
         return mask.tensor.shape[1] > 1
-    if isinstance(mask, (M.And, M.Or)):
+    if isinstance(mask, M.Combined):
         return _head_dependent(mask.a) or _head_dependent(mask.b)
     # A user's mask_mod may read h; the structured masks are the same for every head.
     return isinstance(mask, M.FromMod) or not isinstance(

@@ -31,7 +31,7 @@ FLEX_SAFE = (M.SlidingWindow, M.Dilated, M.GlobalTokens, M.BigBird, M.Strided, M
 
 
 def flex_safe(mask: M.Mask) -> bool:
-    if isinstance(mask, (M.And, M.Or)):
+    if isinstance(mask, M.Combined):
         return flex_safe(mask.a) and flex_safe(mask.b)
     return isinstance(mask, FLEX_SAFE)
 

@@ -28,7 +28,7 @@ Masks combine with ``&`` and ``|``; ``from_mod`` wraps any attention-gym style `
 """
 
 
-from .base import And, Dense, Mask, Or, as_mask, dense, eval_mask
+from .base import And, Combined, Dense, Mask, Or, as_mask, dense, eval_mask
 from .bigbird_blocks import BigBird, bigbird
 from .blocks import EMPTY, FULL, PARTIAL, BlockMap, Grid, MaskMod, ranges_to_candidates, union_candidates
 from .custom import FromMod, from_mod
@@ -45,7 +45,7 @@ __all__ = [
     "causal", "sliding_window", "document", "key_padding", "KeyPadding", "from_mod", "dense", "combine",
     "as_mask", "eval_mask",
     "block_sparse", "random_blocks",
-    "SlidingWindow", "Band", "Document", "FromMod", "Dense", "BlockSparse", "And", "Or",
+    "SlidingWindow", "Band", "Document", "FromMod", "Dense", "BlockSparse", "And", "Or", "Combined",
     "ranges_to_candidates", "union_candidates",
     "dilated", "global_tokens", "longformer", "bigbird", "strided", "fixed", "streaming",
     "Dilated", "GlobalTokens", "BigBird", "Strided", "Fixed",

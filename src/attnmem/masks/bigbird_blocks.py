@@ -8,9 +8,9 @@ import random
 import torch
 from torch import Tensor
 
+from ..checks import check_count
 from .base import Mask
 from .blocks import Grid, prefix_counts, ranges_to_candidates, states_from, union_candidates
-from .checks import check_count
 
 
 class BigBird(Mask):

@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-
-def check_count(fn: str, arg: str, val: object, minimum: int = 0) -> int:
-    if not isinstance(val, int) or isinstance(val, bool) or val < minimum:
-        kind = "non-negative" if minimum == 0 else f">= {minimum}"
-        raise ValueError(f"{fn}: {arg} must be an int {kind}, got {val!r}")
-    return val
+from ..checks import check_count
 
 
 def window_sides(fn: str, window: object) -> tuple[int, int]:

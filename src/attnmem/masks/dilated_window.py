@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..checks import check_count
 from .base import Mask
 from .blocks import PARTIAL
-from .checks import check_count, window_sides
+from .checks import window_sides
 from .window import SlidingWindow
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..checks import check_count
 from .base import Mask
 from .blocks import prefix_counts, states_from
-from .checks import check_count, window_sides
+from .checks import window_sides
 from .window import SlidingWindow, causal
 
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..checks import check_count
 from .base import Mask
 from .blocks import EMPTY, FULL, states_from
-from .checks import check_count
 from .window import SlidingWindow
 
 

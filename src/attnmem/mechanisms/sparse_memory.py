@@ -120,7 +120,7 @@ def _mask_rows(s: Shape, per_head: bool) -> int:
 def _eval_bytes(mask: M.Mask, heads: int) -> int:
     """Bytes per (query, key) pair alive at the peak of evaluating ``mask``'s mask_mod on a tile,
     read off each mask_mod: int64 relative positions (8), int64 remainders (8), bools (1)."""
-    if isinstance(mask, (M.And, M.Or)):
+    if isinstance(mask, M.Combined):
         # a's result (1) stays while b runs; then both and the combined result.
         return max(_eval_bytes(mask.a, heads), 1 + _eval_bytes(mask.b, heads), 3)
     if isinstance(mask, M.SlidingWindow):
