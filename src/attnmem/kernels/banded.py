@@ -124,6 +124,8 @@ def banded_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
         dq_s, dk_s, dv_s = op(dout[:, :, qa:qb], q[:, :, qa:qb], k[:, :, ka:qb], v[:, :, ka:qb],
                               out[:, :, qa:qb], lse[:, :, qa:qb], 0.0, False, attn_mask=bias, scale=scale)
         dq[:, :, qa:qb] = dq_s
-        dk[:, :, ka:qb] += dk_s
-        dv[:, :, ka:qb] += dv_s
+        # In place on the views (``+=`` on an index would also write the view back: two more
+        # operators per segment, which a fake-tensor trace pays for).
+        dk[:, :, ka:qb].add_(dk_s)
+        dv[:, :, ka:qb].add_(dv_s)
     return dq, dk, dv
