@@ -126,7 +126,8 @@ def band_rows(args) -> list[dict]:
     """Mistral's attention call alone (forward + backward, its shape: 4 query heads of 32, 2 KV
     heads), the window run banded (``sliding_window(W - 1, 0)``, kernels.banded) against the
     same window through the tile loop, as before kernels.banded (``masks.Band(1 - W, 0)``: the
-    same mask function and tile states, a class ``plan_call`` leaves to the tile loop), interleaved."""
+    same mask function and tile states, a class ``plan_call`` leaves to the tile loop), and banded
+    with the step's N // 64 left pads, interleaved."""
     from attnmem import masks as M
 
     rows = []
@@ -134,8 +135,11 @@ def band_rows(args) -> list[dict]:
         g = torch.Generator().manual_seed(0)
         q = torch.randn(1, n, 4, 32, generator=g).transpose(1, 2).requires_grad_()  # (B, H, N, D) as HF lays it
         k, v = (torch.randn(1, n, 2, 32, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
+        valid = torch.ones(1, n, dtype=torch.bool)
+        valid[0, :n // 64] = False  # the step benchmark's left padding
         masks = {"banded": M.sliding_window(args.window - 1, 0),
-                 "tile loop": M.Band(1 - args.window, 0)}
+                 "tile loop": M.Band(1 - args.window, 0),
+                 "banded padded": M.sliding_window(args.window - 1, 0) & M.key_padding(valid)}
 
         for mask in masks.values():
             _timed_call(q, k, v, mask)  # warm-up
@@ -146,8 +150,11 @@ def band_rows(args) -> list[dict]:
                 times[name].append(_timed_call(q, k, v, mask))
         row = {"N": n, "window": args.window, "banded_s": statistics.median(times["banded"]),
                "tile_loop_s": statistics.median(times["tile loop"]),
+               "banded_padded_s": statistics.median(times["banded padded"]),
                "ratio_banded_over_tile_loop": statistics.median(a / b for a, b in zip(times["banded"],
                                                                                       times["tile loop"])),
+               "ratio_padded_over_unpadded": statistics.median(a / b for a, b in zip(times["banded padded"],
+                                                                                     times["banded"])),
                "pairs": args.repeats, "loadavg_before": before, "loadavg_after": loadavg()}
         rows.append(row)
         print(json.dumps(row), flush=True)
