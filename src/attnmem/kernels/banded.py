@@ -63,20 +63,22 @@ def band_bias(rows: int, left: int, dtype: torch.dtype, device: torch.device) ->
     return below.add_(above)
 
 
-def _segments(n: int, left: int, q_tile: int):
-    """``(qa, qb, ka, c0)`` per query segment: its keys ``[ka, qb)`` are the strip's columns
-    ``[c0, c0 + qb - ka)``."""
-    for qa in range(0, n, q_tile):
-        ka = max(qa - left, 0)
-        yield qa, min(qa + q_tile, n), ka, ka - (qa - left)
+def _segments(n: int, left: int, q_tile: int, padding: KeyPadding | None):
+    """``(qa, qb, ka, c0, padded)`` per query segment: its keys ``[ka, qb)`` are the strip's
+    columns ``[c0, c0 + qb - ka)``; ``padded`` when one of them is padding."""
+    starts = list(range(0, n, q_tile))
+    keys = [(max(qa - left, 0), min(qa + q_tile, n)) for qa in starts]
+    full = padding.all_valid(*map(list, zip(*keys))) if padding is not None else [True] * len(starts)
+    for qa, (ka, qb), ok in zip(starts, keys, full):
+        yield qa, qb, ka, ka - (qa - left), not ok
 
 
-def _segment_bias(strip: Tensor, pad: Tensor | None, padding: KeyPadding | None, qa: int, qb: int, ka: int,
-                  c0: int, batch: int, heads: int) -> Tensor:
+def _segment_bias(strip: Tensor, pad: Tensor | None, padded: bool, qa: int, qb: int, ka: int, c0: int,
+                  batch: int, heads: int) -> Tensor:
     """The segment's additive mask (B, Hq, Tq, K): a view of the strip, plus the keys' padding
-    where any of them is padded (a (Bm, 1, Tq, K) tensor; decided on the host's prefix counts)."""
+    where one of them is padded (a (Bm, 1, Tq, K) tensor)."""
     bias = strip[:qb - qa, c0:c0 + qb - ka]  # (Tq, K), a view
-    if pad is not None and not padding.all_valid(ka, qb):
+    if padded:
         bias = bias + pad[:, None, None, ka:qb]  # (Bm, 1, Tq, K)
     return bias.expand(batch, heads, qb - qa, qb - ka)
 
@@ -99,8 +101,8 @@ def banded_forward(q: Tensor, k: Tensor, v: Tensor, *, left: int, scale: float, 
     lse = q.new_empty(B, Hq, n)  # (B, Hq, N)
     strip = band_bias(min(q_tile, n), left, q.dtype, q.device)
     pad = _pad_bias(padding, q)
-    for qa, qb, ka, c0 in _segments(n, left, q_tile):
-        bias = _segment_bias(strip, pad, padding, qa, qb, ka, c0, B, Hq)
+    for qa, qb, ka, c0, padded in _segments(n, left, q_tile, padding):
+        bias = _segment_bias(strip, pad, padded, qa, qb, ka, c0, B, Hq)
         o_s, l_s = op(q[:, :, qa:qb], k[:, :, ka:qb], v[:, :, ka:qb], 0.0, False, attn_mask=bias, scale=scale)
         out[:, :, qa:qb] = o_s
         lse[:, :, qa:qb] = l_s
@@ -119,8 +121,8 @@ def banded_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, 
     dk, dv = torch.zeros_like(k), torch.zeros_like(v)  # neighbouring segments' bands overlap
     strip = band_bias(min(q_tile, n), left, q.dtype, q.device)
     pad = _pad_bias(padding, q)
-    for qa, qb, ka, c0 in _segments(n, left, q_tile):
-        bias = _segment_bias(strip, pad, padding, qa, qb, ka, c0, B, Hq)
+    for qa, qb, ka, c0, padded in _segments(n, left, q_tile, padding):
+        bias = _segment_bias(strip, pad, padded, qa, qb, ka, c0, B, Hq)
         dq_s, dk_s, dv_s = op(dout[:, :, qa:qb], q[:, :, qa:qb], k[:, :, ka:qb], v[:, :, ka:qb],
                               out[:, :, qa:qb], lse[:, :, qa:qb], 0.0, False, attn_mask=bias, scale=scale)
         dq[:, :, qa:qb] = dq_s

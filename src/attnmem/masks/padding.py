@@ -45,9 +45,11 @@ class KeyPadding(Mask):
 
         return mask_mod
 
-    def all_valid(self, start: int, stop: int) -> bool:
-        """Whether keys ``[start, stop)`` are valid in every batch row (host prefix counts, no sync)."""
-        return bool((self._counts[:, stop] - self._counts[:, start] == stop - start).all())
+    def all_valid(self, starts: list[int], stops: list[int]) -> list[bool]:
+        """Per range ``[starts[i], stops[i])``: whether all its keys are valid in every batch row
+        (from the host prefix counts: no device sync, a few operators for all ranges)."""
+        a, b = torch.tensor(starts, dtype=torch.int64), torch.tensor(stops, dtype=torch.int64)
+        return (self._counts[:, b] - self._counts[:, a] == b - a).all(0).tolist()
 
     def empty_rows(self, left: int) -> Tensor:
         """(Bm, Nk) bools, on the host: queries of a square problem whose window ``[q - left, q]``
