@@ -58,7 +58,7 @@ def _grid(scheme: str, world: int) -> tuple[int, int]:
     return {"ring": (1, world), "ulysses": (world, 1), "hybrid": (2, world // 2)}[scheme]
 
 
-def _rank(rank, world, n, causal, scheme, repeats, heads, passes) -> dict:
+def _rank(rank, world, n, causal, scheme, repeats, heads, passes, blocks, kv_blocks) -> dict:
     u, r = _grid(scheme, world)
     layout = "zigzag" if causal else "contiguous"
     part = hybrid_partition(layout, n, ulysses=u, ring=r)
@@ -69,11 +69,12 @@ def _rank(rank, world, n, causal, scheme, repeats, heads, passes) -> dict:
 
     def attend(q, k, v):
         if scheme == "ring":
-            return ring_attention(q, k, v, causal=causal, layout=layout)
+            return ring_attention(q, k, v, causal=causal, layout=layout, kv_blocks=kv_blocks or 1)
         if scheme == "ulysses":
-            return ulysses_attention(q, k, v, causal=causal, layout=layout, method="chunked", heads_per_pass=passes)
+            return ulysses_attention(q, k, v, causal=causal, layout=layout, method="chunked", heads_per_pass=passes,
+                                     query_blocks=blocks)
         return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=layout, causal=causal,
-                                           ulysses_heads_per_pass=passes)
+                                           ulysses_heads_per_pass=passes, kv_blocks=kv_blocks)
 
     def step(q, k, v):
         for t in (q, k, v):
@@ -94,14 +95,15 @@ def _rank(rank, world, n, causal, scheme, repeats, heads, passes) -> dict:
 
 
 def run_scheme(scheme: str, n: int, world: int, causal: bool, repeats: int, heads: int = H,
-               passes: int | None = None) -> dict:
-    row, ranks = run_ranks(world, _rank, n, causal, scheme, repeats, heads, passes)
+               passes: int | None = None, blocks: int | None = None, kv_blocks: int | None = None) -> dict:
+    row, ranks = run_ranks(world, _rank, n, causal, scheme, repeats, heads, passes, blocks, kv_blocks)
     if row["status"] != "ok":
         return row
     u, _ = _grid(scheme, world)
     pred = per_rank(scheme, local_estimate=attnmem.estimate, world_size=world, ulysses=u, batch=B, heads=heads,
                     seq_len=n, head_dim=D, causal=causal, layout="zigzag" if causal else "contiguous",
-                    ulysses_heads_per_pass=passes if scheme != "ring" else None)
+                    ulysses_heads_per_pass=passes if scheme != "ring" else None,
+                    query_blocks=blocks, kv_blocks=kv_blocks)
     return {**row, "sent_bytes": [r["sent"] for r in ranks], "payload_bytes": [r["payload"] for r in ranks],
             "by_kind": [r["by_kind"] for r in ranks],
             "predicted_peak_bytes": pred["peak_bytes"], "predicted_sent_bytes": pred["sent_bytes"]}
@@ -171,6 +173,11 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=H, help="H = Hkv (standard: 8)")
     ap.add_argument("--ulysses-heads-per-pass", type=int, default=None,
                     help="heads_per_pass of Ulysses and of the hybrid's Ulysses level (default: all at once)")
+    ap.add_argument("--query-blocks", type=int, default=None,
+                    help="query_blocks of Ulysses (default: its own, P blocks with passes)")
+    ap.add_argument("--kv-blocks", type=int, default=None,
+                    help="kv_blocks of the ring and of the hybrid's ring (default: theirs; the hybrid's is 2 "
+                         "with passes)")
     args = ap.parse_args()
     if not args.table_only:
         rows = imbalance_rows(args.imbalance_n, [2, 4, 8], [200, 400], seeds=3)
@@ -193,12 +200,16 @@ def main() -> None:
                         f"{scheme} P={world}")
                     u, _ = _grid(scheme, world)
                     passes = args.ulysses_heads_per_pass if scheme != "ring" else None
+                    blocks = args.query_blocks if scheme == "ulysses" else None
+                    kv_blocks = args.kv_blocks if scheme != "ulysses" else None
                     row = {"kind": "scheme", "scheme": scheme, "seq_len": args.n, "batch": B, "heads": args.heads,
                            "head_dim": D, "ulysses_heads_per_pass": passes,
+                           "query_blocks": blocks, "kv_blocks": kv_blocks,
                            "dtype": "float32", "device": "cpu", "causal": causal, "ranks": world, "ulysses": u,
                            "threads_per_rank": threads_per_rank(world), "backend": "gloo", **env,
                            "loadavg": Path("/proc/loadavg").read_text().split()[:3],
-                           **run_scheme(scheme, args.n, world, causal, args.repeats, args.heads, passes),
+                           **run_scheme(scheme, args.n, world, causal, args.repeats, args.heads, passes, blocks,
+                                        kv_blocks),
                            "repeats": args.repeats,
                            "peer": {k: peer.get(k) for k in ("method", "status", "peak_bytes", "peak_mib", "time_s")}}
                     log(f"  {scheme} P={world}: {row.get('peak_mib', 0):.1f} MiB {row.get('time_s', 0):.2f} s "

@@ -59,6 +59,8 @@ class Case:
     batch: int = 1
     worlds: tuple[int, ...] = (2, 4)
     passes: int | None = None  # heads_per_pass of Ulysses (or the hybrid's Ulysses level)
+    blocks: int | None = None  # query_blocks of Ulysses; None: the default (P with passes)
+    kv_blocks: int | None = None  # kv_blocks of the ring (or the hybrid's); None: the default
 
     def n(self, world: int) -> int:
         return 8 * world + (3 if self.layout == "uneven" else 0)
@@ -81,13 +83,21 @@ CASES = [
     Case("u_passes_gqa_zigzag", "ulysses", hkv=2, layout="zigzag", passes=1),
     Case("u_passes_dense_heads_uneven", "ulysses", causal=False, mask="dense_heads", layout="uneven", passes=1,
          batch=2),
+    # Query blocks: with passes they are on by default (P blocks: the two cases above); 3 blocks
+    # (not P) of uneven slices under a window with replicated KV heads; blocks over all heads of a
+    # rank at once (no passes) on documents; and passes without blocks (the recomputed local method).
+    Case("u_blocks_window_mqa_uneven", "ulysses", hkv=1, mask="window", layout="uneven", passes=1, blocks=3, batch=2),
+    Case("u_blocks_documents", "ulysses", mask="documents", layout="documents", blocks=2),
+    Case("u_passes_unblocked_gqa_window", "ulysses", hkv=2, mask="window", layout="zigzag", passes=1, blocks=1),
     Case("h_causal_zigzag_gqa", "hybrid", hkv=2, layout="zigzag"),
-    Case("h_passes_documents", "hybrid", mask="documents", layout="documents", passes=1),
+    Case("h_passes_documents", "hybrid", mask="documents", layout="documents", passes=1),  # 2 kv blocks (default)
+    Case("h_passes_zigzag_gqa_kv_blocks", "hybrid", hkv=2, layout="zigzag", passes=1, grid=(1, 4), kv_blocks=3),
     Case("h_documents", "hybrid", mask="documents", layout="documents", grid=(1, 4)),
     Case("h_window", "hybrid", mask="window", grid=(4, 1)),
     Case("h_full_dense_heads", "hybrid", causal=False, mask="dense_heads", layout="zigzag"),
     Case("r_window_zigzag", "ring", hkv=2, mask="window", layout="zigzag"),
     Case("r_documents", "ring", mask="documents", layout="documents"),
+    Case("r_kv_blocks_uneven", "ring", layout="uneven", kv_blocks=3),
     Case("l_elu_gqa", "linear", hkv=2, method="linear"),
     Case("l_relu_uneven", "linear", layout="uneven", method="relu", batch=2),
 ]
@@ -135,15 +145,19 @@ def _run(case: Case, world: int, q, k, v):
     part = _partition(case, world)
     if case.scheme == "ulysses":
         return ulysses_attention(q, k, v, causal=case.causal, mask=mask, method=case.method, layout=part,
-                                 heads_per_pass=case.passes)
+                                 heads_per_pass=case.passes, query_blocks=case.blocks)
     if case.scheme == "hybrid":
         u, r = case.ulysses_ring(world)
         layout = "contiguous" if case.layout == "uneven" else case.layout
         docs = _documents(n) if case.layout == "documents" else None
         return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=layout, causal=case.causal,
-                                           mask=mask, documents=docs, ulysses_heads_per_pass=case.passes)
+                                           mask=mask, documents=docs, ulysses_heads_per_pass=case.passes,
+                                           kv_blocks=case.kv_blocks)
     if case.scheme == "ring":
-        return ring_attention(q, k, v, causal=case.causal, mask=mask, layout=part, heads_per_pass=1)
+        if case.layout in ("contiguous", "uneven", "zigzag"):
+            part = "contiguous" if case.layout == "uneven" else case.layout  # the fast (unmasked) pair rules
+        return ring_attention(q, k, v, causal=case.causal, mask=mask, layout=part, heads_per_pass=1,
+                              kv_blocks=case.kv_blocks or 1)
     return linear_context_parallel(q, k, v, feature_map="relu" if case.method == "relu" else "elu", chunk=3)
 
 
@@ -202,6 +216,8 @@ def _correctness(rank, world, out_dir: Path):
             dist.all_reduce(p.grad)
         torch.save({"logits": logits.detach(), "sent": traffic.payload_bytes,
                     **{n: p.grad for n, p in model.named_parameters()}}, out_dir / f"transformer_{scheme}_{rank}.pt")
+    if world == 4:
+        _measure_peaks(rank, out_dir)
     # Heads that do not split over the group: the same ValueError on every rank.
     q = torch.randn(1, 3, 4, D, dtype=torch.float64)
     try:
@@ -218,6 +234,62 @@ def _correctness(rank, world, out_dir: Path):
         ulysses_attention(q, q, q, heads_per_pass=3)
     except ValueError as e:
         (out_dir / f"passes_{rank}.txt").write_text(str(e))
+    # More blocks than positions, or pieces than a rank's tokens: the same ValueError on every rank.
+    for name, fn in (("qblocks", lambda: ulysses_attention(q, q, q, heads_per_pass=1, query_blocks=4 * world + 1)),
+                     ("kvblocks", lambda: ring_attention(q, q, q, kv_blocks=5))):
+        try:
+            fn()
+        except ValueError as e:
+            (out_dir / f"{name}_{rank}.txt").write_text(str(e))
+
+
+# Per-rank peaks at 4 ranks (float32, causal, zigzag, one head per pass): Ulysses with its default
+# query blocks against query_blocks=1, the 2 × 2 hybrid with its default kv blocks against kv_blocks=1.
+PEAK_N, PEAK_H, PEAK_D = 512, 8, 16
+PEAK_RUNS = {"ulysses_blocks": ("ulysses", {}), "ulysses_unblocked": ("ulysses", {"query_blocks": 1}),
+             "hybrid_kv_blocks": ("hybrid", {}), "hybrid_unblocked": ("hybrid", {"kv_blocks": 1})}
+
+
+def _measure_peaks(rank, out_dir: Path):
+    from attnmem.memory.measure import measure
+
+    g = torch.Generator().manual_seed(11)
+    full = [torch.randn(1, PEAK_H, PEAK_N, PEAK_D, generator=g) for _ in range(3)]
+    peaks = {}
+    for name, (scheme, kw) in PEAK_RUNS.items():
+        u = 4 if scheme == "ulysses" else 2
+        part = hybrid_partition("zigzag", PEAK_N, ulysses=u, ring=4 // u)
+        q, k, v = (part.shard(t, rank).clone().requires_grad_(True) for t in full)
+
+        def step(q, k, v, scheme=scheme, kw=kw):
+            for t in (q, k, v):
+                t.grad = None
+            if scheme == "ulysses":
+                out = ulysses_attention(q, k, v, causal=True, layout="zigzag", method="chunked", heads_per_pass=1, **kw)
+            else:
+                out = sequence_parallel_attention(q, k, v, ulysses=2, ring=2, layout="zigzag", causal=True,
+                                                  ulysses_heads_per_pass=1, **kw)
+            out.sum().backward()
+
+        peaks[name] = measure(step, q, k, v, repeats=0, warmup=0).peak_bytes
+    torch.save(peaks, out_dir / f"peaks_{rank}.pt")
+
+
+def _check_peaks(tmp_path: Path):
+    from attnmem.distributed.estimate import per_rank
+
+    peaks = {name: max(torch.load(tmp_path / f"peaks_{r}.pt")[name] for r in range(4)) for name in PEAK_RUNS}
+    # The blocks cut the peak (their reason to exist) ...
+    assert peaks["ulysses_blocks"] < peaks["ulysses_unblocked"], peaks
+    assert peaks["hybrid_kv_blocks"] < peaks["hybrid_unblocked"], peaks
+    # ... and estimate(world_size=...)'s closed forms follow the measurement within 15 % (the
+    # standard N = 2048 figures are in benchmarks/notes/dist.md).
+    for name, (scheme, kw) in PEAK_RUNS.items():
+        u = 2 if scheme == "hybrid" else None
+        want = per_rank(scheme, local_estimate=attnmem.estimate, world_size=4, ulysses=u, batch=1, heads=PEAK_H,
+                        seq_len=PEAK_N, head_dim=PEAK_D, causal=True, layout="zigzag", ulysses_heads_per_pass=1,
+                        **kw)["peak_bytes"]
+        assert 0.85 <= want / peaks[name] <= 1.15, (name, want, peaks[name])
 
 
 def _peer_exits(rank, world, out_dir: Path):
@@ -242,7 +314,8 @@ def _predicted_bytes(case: Case, world: int, rank: int) -> int:
     part = _partition(case, world)
     shape = dict(batch=case.batch, heads=case.hq, kv_heads=case.hkv, head_dim=D, element_size=8)
     if case.scheme == "ulysses":
-        return T.ulysses_bytes(lengths=part.lengths, rank=rank, heads_per_pass=case.passes, **shape)
+        return T.ulysses_bytes(lengths=part.lengths, rank=rank, heads_per_pass=case.passes,
+                               query_blocks=case.blocks or 1, **shape)
     if case.scheme == "hybrid":
         u, r = case.ulysses_ring(world)
         return T.hybrid_bytes(lengths=part.lengths, rank=rank, ulysses=u, ring=r, ulysses_heads_per_pass=case.passes,
@@ -293,12 +366,18 @@ def test_schemes_match_single_process(tmp_path, world):
             (row,) = attnmem.plan(cfg, "1GiB", world_size=world, schemes=[scheme.removesuffix("_passes")],
                                   ulysses_heads_per_pass=passes)
             assert row["sent_bytes_per_step"] == [p["sent"] for p in parts], scheme
+    if world == 4:
+        _check_peaks(tmp_path)
     for r in range(world):
         heads = (tmp_path / f"heads_{r}.txt").read_text()
         assert f"Hq=3 is not a multiple of the group size P={world}" in heads, heads
         assert "Hkv=3" in (tmp_path / f"kvheads_{r}.txt").read_text()
         assert "heads_per_pass must be a positive int dividing the 2 query heads" in (
             tmp_path / f"passes_{r}.txt").read_text()
+        assert f"query_blocks must be at most the sequence length {4 * world}, got {4 * world + 1}" in (
+            tmp_path / f"qblocks_{r}.txt").read_text()
+        assert "kv_blocks must be at most the shortest local length 4, got 5" in (
+            tmp_path / f"kvblocks_{r}.txt").read_text()
 
 
 def test_peer_that_exits_fails_the_others(tmp_path):
@@ -405,6 +484,10 @@ def test_sequence_parallel_options_are_checked():
         SequenceParallel(scheme="ulysses", heads_per_pass=2)
     with pytest.raises(ValueError, match="takes heads_per_pass="):
         SequenceParallel(scheme="ring", ulysses_heads_per_pass=2)
+    with pytest.raises(ValueError, match="scheme='hybrid' takes kv_blocks="):
+        SequenceParallel(scheme="hybrid", query_blocks=2)
+    with pytest.raises(ValueError, match="scheme='ulysses' takes query_blocks="):
+        SequenceParallel(scheme="ulysses", kv_blocks=2)
     with pytest.raises(TypeError, match="sequence_parallel must be"):
         Transformer(VOCAB, 16, 2, 1, sequence_parallel=3)
     with pytest.raises(ValueError, match="scheme must be one of"):
@@ -417,6 +500,32 @@ def test_sequence_parallel_options_are_checked():
         SequenceParallel(layout="zigzag").attend(q, q, q, causal=True, method="linear")
     with pytest.raises(ValueError, match="takes only the options q_tile"):
         SequenceParallel().attend(q, q, q, causal=True, method="chunked", window=3)
+
+
+def test_block_options_are_checked():
+    from attnmem.distributed.query_blocks import resolve_query_blocks
+
+    # The default: P blocks with passes on the tiled kernel, none otherwise.
+    assert resolve_query_blocks(None, 1, "chunked", {"q_tile": 64}, 4) == 4
+    assert resolve_query_blocks(None, None, "chunked", {}, 4) == 1 == resolve_query_blocks(None, 1, "linear", {}, 4)
+    with pytest.raises(ValueError, match="query_blocks must be a positive int or None, got 0"):
+        resolve_query_blocks(0, 1, "chunked", {}, 4)
+    with pytest.raises(ValueError, match="query_blocks=2 runs the exact tiled kernel .* got method='linear'"):
+        resolve_query_blocks(2, 1, "linear", {}, 4)
+    with pytest.raises(ValueError, match="query_blocks=2 takes only the options q_tile, kv_tile, kernel .* window"):
+        resolve_query_blocks(2, 1, "chunked", {"window": 3}, 4)
+    shape = dict(batch=1, heads=8, seq_len=64, head_dim=8, world_size=4)
+    with pytest.raises(ValueError, match="scheme='ring' takes kv_blocks="):
+        attnmem.estimate("chunked", **shape, scheme="ring", query_blocks=2)
+    with pytest.raises(ValueError, match="scheme='ulysses' takes query_blocks="):
+        attnmem.estimate("chunked", **shape, scheme="ulysses", kv_blocks=2)
+    # The blocks lower the predicted peak and leave the bytes as they are.
+    blocked, whole = (attnmem.estimate("chunked", **shape, scheme="ulysses", ulysses_heads_per_pass=1, query_blocks=b)
+                      for b in (None, 1))
+    assert blocked.peak_bytes < whole.peak_bytes and blocked.sent_bytes == whole.sent_bytes
+    pieces, block = (attnmem.estimate("chunked", **shape, scheme="hybrid", ulysses=2, ulysses_heads_per_pass=1,
+                                      kv_blocks=m) for m in (None, 1))
+    assert pieces.peak_bytes < block.peak_bytes and pieces.sent_bytes == block.sent_bytes
 
 
 def test_needs_a_process_group():

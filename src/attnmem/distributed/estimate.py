@@ -11,8 +11,8 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
 
 * ring: I and its gradients, out and lse, the ring's buffers (this pass's k/v block, the
   next, two travelling dk/dv and this block's share: 10 key/value heads' worth per head in a
-  pass), one pass of dout, and the local ``chunked`` kernel's transient on one (N/P)² pair
-  (from ``attnmem.estimate``);
+  pass, of one piece's length with ``kv_blocks``), one pass of dout, and the local
+  ``chunked`` kernel's transient on one (N/P)² pair (from ``attnmem.estimate``);
 * Ulysses, the largest of: the forward all-to-alls (I + I_h + the send and receive buffers
   of one tensor: they run one tensor at a time), the local method on the full sequence of
   H/P heads (its ``attnmem.estimate`` peak, + I + one head shard of dout), the backward
@@ -22,7 +22,12 @@ Ulysses all-to-all (the same size, or larger when KV heads are replicated):
 * with ``ulysses_heads_per_pass`` = c (passes recomputed in the backward), the largest of: the
   forward (I + the output shard + the local method's training peak on c heads), the local
   backward (I + the zeroed gradients I + one pass of dout + the local training peak on c
-  heads) and the inverse exchange (2·I + the pass's head gradients + two buffers).
+  heads) and the inverse exchange (2·I + the pass's head gradients + two buffers);
+* with query blocks Q > 1 as well (``query_blocks``; by default Q = P for Ulysses with passes
+  on the tiled kernel), the backward of a pass: 2·I + the pass's full-sequence k, v and their
+  gradients (4 tensors of c_kv heads) + one block's q, dout, out and dq (N/Q positions of c
+  heads) + the tiled kernel's training peak on one (N/Q)² block × key-chunk pair less that
+  pair's inputs (views or counted). The forward and the final exchange of dk, dv hold less.
 
 ``benchmarks/distributed.py`` compares the prediction with the measured peaks.
 """
@@ -38,6 +43,7 @@ import torch
 
 from ..memory.measure import MiB, Peak
 from . import traffic as T
+from .query_blocks import resolve_query_blocks
 from .ulysses import check_heads
 
 SCHEMES = ("ring", "ulysses", "hybrid")
@@ -52,16 +58,17 @@ LocalEstimate = Callable[..., Any]
 
 
 def _ring_peak(local_estimate: LocalEstimate, *, batch: int, heads: int, kv_heads: int, n: int, head_dim: int,
-               dtype: torch.dtype, heads_per_pass: int) -> int:
+               dtype: torch.dtype, heads_per_pass: int, kv_blocks: int = 1) -> int:
     e = torch.empty((), dtype=dtype).element_size()
     acc = 8 if dtype == torch.float64 else 4
     q = batch * heads * n * head_dim * e
     kv = batch * kv_heads * n * head_dim * e
     group = heads // kv_heads
     per_pass_kv = batch * heads_per_pass * n * head_dim * e
+    piece_kv = batch * heads_per_pass * -(-n // kv_blocks) * head_dim * e  # one piece of a block
     pair = local_estimate("chunked", batch=batch, heads=group * heads_per_pass, kv_heads=heads_per_pass,
                            seq_len=n, head_dim=head_dim, dtype=dtype, training=True)
-    return (2 * (q + 2 * kv) + q + batch * heads * n * acc + _RING_BUFFERS * per_pass_kv
+    return (2 * (q + 2 * kv) + q + batch * heads * n * acc + _RING_BUFFERS * piece_kv
             + group * per_pass_kv + pair.transient_bytes)
 
 
@@ -93,7 +100,8 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
              head_dim: int, kv_heads: int | None = None, dtype: torch.dtype = torch.float32, causal: bool = False,
              layout: str = "contiguous", documents: Any = None, ulysses: int | None = None,
              method: str = "chunked", heads_per_pass: int | None = None, threads_per_rank: int = 1,
-             ulysses_heads_per_pass: int | None = None, **options: Any) -> dict[str, Any]:
+             ulysses_heads_per_pass: int | None = None, query_blocks: int | None = None,
+             kv_blocks: int | None = None, **options: Any) -> dict[str, Any]:
     """Predicted per-rank peak and bytes sent of one training step of ``scheme``.
 
     Args:
@@ -106,6 +114,10 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
         heads_per_pass: the ring's; default ``ring_attention``'s on CPU for ``threads_per_rank``.
         ulysses_heads_per_pass: ``heads_per_pass`` of Ulysses (or of the hybrid's Ulysses level):
             query heads per rank per pass, recomputed in the backward; None: all at once.
+        query_blocks: Ulysses' ``query_blocks`` (None: its default, P blocks with passes on
+            the tiled kernel, else 1).
+        kv_blocks: the ring's (and the hybrid's ring's) ``kv_blocks`` (None: the default, 1 for
+            the ring, 2 for the hybrid with passes, else 1).
 
     Returns:
         dict: ``peak_bytes`` (the largest rank's), ``sent_bytes`` (one per rank), ``lengths``
@@ -130,6 +142,14 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
 
     lengths = hybrid_partition(layout, seq_len, ulysses=u, ring=r, documents=documents).lengths
     passes = None if scheme == "ring" else ulysses_heads_per_pass
+    blocks = 1
+    if scheme == "ulysses":
+        blocks = resolve_query_blocks(query_blocks, passes, method, options, u, f"scheme={scheme!r}")
+    elif query_blocks not in (None, 1):
+        raise ValueError(f"query_blocks= is Ulysses'; scheme={scheme!r} takes kv_blocks=, got {query_blocks!r}")
+    if scheme == "ulysses" and kv_blocks not in (None, 1):
+        raise ValueError(f"kv_blocks= is the ring's; scheme='ulysses' takes query_blocks=, got {kv_blocks!r}")
+    pieces = kv_blocks if kv_blocks is not None else (2 if scheme == "hybrid" and passes is not None else 1)
     sent = [T.scheme_bytes(scheme, lengths=lengths, rank=i, batch=batch, heads=heads, kv_heads=kv_heads,
                            head_dim=head_dim, element_size=e, ulysses=u, ulysses_heads_per_pass=passes)
             for i in range(world_size)]
@@ -141,15 +161,18 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
     head_bytes = batch * n_ring * head_dim * e * (hq + 2 * hkv)
     dout_head = batch * n_ring * head_dim * e * hq
     hpp = heads_per_pass or default_heads_per_pass(hkv, batch, threads_per_rank)
-    if passes is not None:
+    if blocks > 1:
+        peak = _blocks_rank_peak(local_estimate, passes or hq, blocks, batch=batch, hq=hq, hkv=hkv, seq_len=seq_len,
+                                 head_dim=head_dim, dtype=dt, causal=causal, seq_bytes=seq_bytes, options=options)
+    elif passes is not None:
         peak = _passes_rank_peak(scheme, local_estimate, passes, batch=batch, hq=hq, hkv=hkv, n=n, n_ring=n_ring,
                                  seq_len=seq_len, head_dim=head_dim, dtype=dt, causal=causal, method=method,
                                  seq_bytes=seq_bytes, out_bytes=batch * heads * n * head_dim * e,
                                  threads_per_rank=threads_per_rank, heads_per_pass=heads_per_pass,
-                                 options=options)
+                                 options=options, kv_blocks=pieces)
     elif scheme == "ring":
         peak = _ring_peak(local_estimate, batch=batch, heads=heads, kv_heads=kv_heads, n=n, head_dim=head_dim, dtype=dt,
-                          heads_per_pass=hpp)
+                          heads_per_pass=hpp, kv_blocks=pieces)
     elif scheme == "ulysses":
         local = local_estimate(method, batch=batch, heads=hq, kv_heads=hkv, seq_len=seq_len, head_dim=head_dim,
                                 dtype=dt, training=True, causal=causal, **options)
@@ -157,23 +180,45 @@ def per_rank(scheme: str, *, local_estimate: LocalEstimate, world_size: int, bat
                              largest_head_bytes=dout_head)
     else:
         ring = _ring_peak(local_estimate, batch=batch, heads=hq, kv_heads=hkv, n=n_ring, head_dim=head_dim, dtype=dt,
-                          heads_per_pass=hpp)
+                          heads_per_pass=hpp, kv_blocks=pieces)
         peak = _ulysses_peak(ring, seq_bytes=seq_bytes, head_bytes=head_bytes, dout_head_bytes=dout_head,
                              largest_head_bytes=dout_head)
     return {"scheme": scheme, "world_size": world_size, "ulysses": u, "ring": r, "peak_bytes": int(peak),
-            "sent_bytes": sent, "lengths": lengths, "heads_per_pass": hpp, "ulysses_heads_per_pass": passes}
+            "sent_bytes": sent, "lengths": lengths, "heads_per_pass": hpp, "ulysses_heads_per_pass": passes,
+            "query_blocks": blocks, "kv_blocks": pieces}
+
+
+def _kv_per_pass(passes: int, hq: int, hkv: int) -> int:
+    """KV heads one pass of ``passes`` query heads reads; ValueError unless the passes split the heads."""
+    group = hq // hkv
+    if passes <= 0 or hq % passes or (passes % group and group % passes):
+        raise ValueError(f"ulysses_heads_per_pass must be a positive int dividing the {hq} query heads of each rank "
+                         f"and a multiple or a divisor of the {group} query heads per key/value head; got {passes!r}")
+    return passes // group if passes >= group else 1
+
+
+def _blocks_rank_peak(local_estimate: LocalEstimate, passes: int, blocks: int, *, batch: int, hq: int, hkv: int,
+                      seq_len: int, head_dim: int, dtype: torch.dtype, causal: bool, seq_bytes: int,
+                      options: dict) -> int:
+    """Per-rank peak of Ulysses with passes of ``passes`` heads and ``blocks`` query blocks
+    (the backward of a pass, module docstring)."""
+    kvc = _kv_per_pass(passes, hq, hkv)
+    e = torch.empty((), dtype=dtype).element_size()
+    block = -(-seq_len // blocks)  # the largest block (tensor_split sizes)
+    full_kv = batch * seq_len * head_dim * e * kvc  # one full-sequence tensor of the pass's KV heads
+    block_q = batch * block * head_dim * e * passes  # one block of the pass's query heads
+    pair = local_estimate("chunked", batch=batch, heads=passes, kv_heads=kvc, seq_len=block, head_dim=head_dim,
+                          dtype=dtype, training=True, causal=causal, **options)
+    # The pair's own inputs are not new: its queries are the block's (counted), its keys views of k, v.
+    return 2 * seq_bytes + 4 * full_kv + 4 * block_q + pair.peak_bytes - pair.inputs_bytes
 
 
 def _passes_rank_peak(scheme: str, local_estimate: LocalEstimate, passes: int, *, batch: int, hq: int, hkv: int,
                       n: int, n_ring: int, seq_len: int, head_dim: int, dtype: torch.dtype, causal: bool, method: str,
                       seq_bytes: int, out_bytes: int, threads_per_rank: int, heads_per_pass: int | None,
-                      options: dict) -> int:
+                      options: dict, kv_blocks: int = 1) -> int:
     """Per-rank peak of Ulysses (or the hybrid) run ``passes`` query heads per rank at a time."""
-    group = hq // hkv
-    if passes <= 0 or hq % passes or (passes % group and group % passes):
-        raise ValueError(f"ulysses_heads_per_pass must be a positive int dividing the {hq} query heads of each rank "
-                         f"and a multiple or a divisor of the {group} query heads per key/value head; got {passes!r}")
-    kvc = passes // group if passes >= group else 1
+    kvc = _kv_per_pass(passes, hq, hkv)
     e = torch.empty((), dtype=dtype).element_size()
     if scheme == "ulysses":
         local = local_estimate(method, batch=batch, heads=passes, kv_heads=kvc, seq_len=seq_len, head_dim=head_dim,
@@ -181,7 +226,7 @@ def _passes_rank_peak(scheme: str, local_estimate: LocalEstimate, passes: int, *
     else:
         hpp = heads_per_pass or default_heads_per_pass(kvc, batch, threads_per_rank)
         local = _ring_peak(local_estimate, batch=batch, heads=passes, kv_heads=kvc, n=n_ring, head_dim=head_dim,
-                           dtype=dtype, heads_per_pass=hpp)
+                           dtype=dtype, heads_per_pass=hpp, kv_blocks=kv_blocks)
     position = batch * n_ring * head_dim * e  # one head over the positions a pass sees
     return _passes_peak(local, seq_bytes=seq_bytes, out_bytes=out_bytes,
                         pass_bytes=position * (passes + 2 * kvc), dout_pass_bytes=position * passes)

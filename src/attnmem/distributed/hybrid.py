@@ -118,7 +118,8 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
                                 layout: str = "contiguous", causal: bool = False, mask: Any = None,
                                 documents: Tensor | None = None, group: Any = None, scale: float | None = None,
                                 heads_per_pass: int | None = None, ulysses_heads_per_pass: int | None = None,
-                                q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto") -> Tensor:
+                                q_tile: int = 256, kv_tile: int = 256, kernel: str = "auto",
+                                kv_blocks: int | None = None) -> Tensor:
     """Exact attention over a U × R grid of ranks (module docstring); every rank calls it.
 
     Args:
@@ -137,6 +138,11 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
             rings all Hq/U heads of a rank at once; an int c rings them c at a time, saving only
             the inputs and recomputing each pass's ring forward in the backward (per-rank memory
             of one pass's heads; one more ring forward; more q, k, v traffic).
+        kv_blocks: ``ring_attention``'s: pieces every ring rank's key/value block travels in
+            (same bytes, more messages; the ring's buffers in flight shrink by that factor).
+            With passes those buffers are most of what a pass holds (about 12 of its ~17
+            tensors of the ring part; the queries' side is about 5), so they, not the queries,
+            are what is cut. None (default): 2 with ``ulysses_heads_per_pass``, else 1.
 
     Returns:
         This rank's output (B, Hq, N_local, D); differentiable.
@@ -160,12 +166,14 @@ def sequence_parallel_attention(q: Tensor, k: Tensor, v: Tensor, *, ulysses: int
             raise ValueError("layout='documents' needs documents=, the (N,) document id of every token")
         ring_layout = ring_partition("documents", int(L.check_ids(documents).numel()), ring, documents)
     first = plan.rank * plan.hq  # my first global query head
+    pieces = kv_blocks if kv_blocks is not None else (1 if ulysses_heads_per_pass is None else 2)
 
     def run(qh: Tensor, kh: Tensor, vh: Tensor, p: HeadPass) -> Tensor:
         """Ring attention over my ring group on one pass's heads of ring part j: (B, h, N_ring, D)."""
         return ring_attention(qh, kh, vh, causal=causal, mask=heads_slice(user_mask, first + p.q[0], first + p.q[1]),
                               group=grid.ring_group, layout=ring_layout, scale=inp.scale,
-                              heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel)
+                              heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel,
+                              kv_blocks=pieces)
 
     if ulysses_heads_per_pass is not None:
         return run_in_passes(q, k, v, run, plan, ulysses_heads_per_pass, grid.ulysses_group, SCHEME)

@@ -40,7 +40,8 @@ class SequenceParallel:
     Masks passed to the modules are masks of the whole sequence (global positions).
     ``heads_per_pass`` is the ring's (KV heads per pass: "ring" and the hybrid's ring);
     ``ulysses_heads_per_pass`` is Ulysses' (query heads per rank per pass, recomputed in the
-    backward: "ulysses" and the hybrid's Ulysses level).
+    backward: "ulysses" and the hybrid's Ulysses level). ``query_blocks`` is Ulysses' and
+    ``kv_blocks`` the ring's ("ring" and the hybrid's ring); None keeps each function's default.
     """
 
     scheme: str = "ring"
@@ -51,6 +52,8 @@ class SequenceParallel:
     ulysses: int | None = None
     ring: int | None = None
     documents: Tensor | None = None
+    query_blocks: int | None = None
+    kv_blocks: int | None = None
 
     def __post_init__(self):
         if self.scheme not in SCHEMES:
@@ -65,6 +68,10 @@ class SequenceParallel:
             raise ValueError("heads_per_pass= is the ring's; scheme='ulysses' takes ulysses_heads_per_pass=")
         if self.ulysses_heads_per_pass is not None and self.scheme == "ring":
             raise ValueError("ulysses_heads_per_pass= is Ulysses'; scheme='ring' takes heads_per_pass=")
+        if self.query_blocks is not None and self.scheme != "ulysses":
+            raise ValueError(f"query_blocks= is Ulysses'; scheme={self.scheme!r} takes kv_blocks=")
+        if self.kv_blocks is not None and self.scheme == "ulysses":
+            raise ValueError("kv_blocks= is the ring's; scheme='ulysses' takes query_blocks=")
 
     def grid(self, heads: int, kv_heads: int) -> tuple[int, int]:
         """(U, R) of the hybrid scheme for these heads."""
@@ -91,7 +98,8 @@ class SequenceParallel:
         if self.scheme == "ulysses":
             part = self._layout_for(q)
             return ulysses_attention(q, k, v, causal=causal, mask=mask, method=method, group=self.group,
-                                     layout=part, scale=scale, heads_per_pass=self.ulysses_heads_per_pass, **options)
+                                     layout=part, scale=scale, heads_per_pass=self.ulysses_heads_per_pass,
+                                     query_blocks=self.query_blocks, **options)
         if method == "linear" and self.scheme == "ring":
             return self._linear(q, k, v, causal, mask, options)
         if method not in _EXACT:
@@ -105,12 +113,14 @@ class SequenceParallel:
                              f"got {', '.join(unknown)}")
         if self.scheme == "ring":
             return ring_attention(q, k, v, causal=causal, mask=mask, group=self.group, layout=self._layout_for(q),
-                                  scale=scale, heads_per_pass=self.heads_per_pass, **options)
+                                  scale=scale, heads_per_pass=self.heads_per_pass, kv_blocks=self.kv_blocks or 1,
+                                  **options)
         u, r = self.grid(q.shape[1], k.shape[1])
         return sequence_parallel_attention(q, k, v, ulysses=u, ring=r, layout=self.layout, causal=causal,
                                            mask=mask, documents=self.documents, group=self.group, scale=scale,
                                            heads_per_pass=self.heads_per_pass,
-                                           ulysses_heads_per_pass=self.ulysses_heads_per_pass, **options)
+                                           ulysses_heads_per_pass=self.ulysses_heads_per_pass,
+                                           kv_blocks=self.kv_blocks, **options)
 
     def _layout_for(self, q: Tensor) -> str | L.Partition:
         if self.layout != "documents":

@@ -22,6 +22,12 @@ backward, two travelling gradients), the ring runs once per group of ``heads_per
 heads; in the backward they add about 11 · heads_per_pass / Hkv times the size of the local q
 (for Hq = Hkv) to the local q, k, v, out, dq, dk, dv.
 
+``kv_blocks`` = m cuts each rank's block into m pieces of positions and turns the ring once
+per piece (in each head pass): the buffers in flight are a piece's, 1/m of the block's, and the
+bytes sent are the same (``traffic``). The causal pairs below are cut to the piece: in the own
+block, the queries before the piece skip it, those in it take the causal square, those after
+take it whole.
+
 Causal masks per (local queries, visiting keys) pair are full, empty (skipped) or the local
 causal diagonal — see ``_Ring.pairs``. With the ``contiguous`` layout the last rank does P times
 the work of the first; ``layout="zigzag"`` (see ``attnmem.distributed.layout``) balances it.
@@ -78,6 +84,48 @@ class _Ring:
     # The general path: the global mask (causal included) and every rank's global positions.
     mask: M.Mask | None = None
     positions: tuple[Tensor, ...] | None = None
+    # Pieces every rank's key/value block travels in (one rotation of the ring per piece).
+    kv_blocks: int = 1
+
+    def piece(self, src: int, i: int) -> tuple[int, int]:
+        """Local positions [a, b) of piece ``i`` of rank ``src``'s block (``tensor_split`` sizes)."""
+        n, m = self.lengths[src], self.kv_blocks
+        return i * (n // m) + min(i, n % m), (i + 1) * (n // m) + min(i + 1, n % m)
+
+    def piece_len(self, step: int, i: int) -> int:
+        """Length of piece ``i`` of the block this rank holds at ``step``."""
+        a, b = self.piece((self.rank - step) % self.world, i)
+        return b - a
+
+    def piece_pairs(self, src: int, i: int, n_local: int, h0: int = 0,
+                    h1: int = 0) -> list[tuple[slice, slice, M.Mask | None]]:
+        """``pairs`` for piece ``i`` of the block from ``src``: key slices relative to the piece."""
+        if self.kv_blocks == 1:
+            return self.pairs(src, n_local, h0, h1)
+        pa, pb = self.piece(src, i)
+        if self.positions is not None:
+            q_pos, k_pos = self.positions[self.rank], self.positions[src][pa:pb]
+            if self.causal and int(k_pos.min()) > int(q_pos.max()):
+                return []
+            if self.mask is None:
+                return [(_ALL, _ALL, None)]
+            n = sum(p.numel() for p in self.positions)
+            return [(_ALL, _ALL, AtPositions(heads_slice(self.mask, h0, h1), q_pos, k_pos, n))]
+        out = []
+        for qs, ks, mask in self.pairs(src, n_local):
+            lo, hi = max(ks.start or 0, pa), min(self.lengths[src] if ks.stop is None else ks.stop, pb)
+            if lo >= hi:
+                continue
+            rel = _ALL if (lo, hi) == (pa, pb) else slice(lo - pa, hi - pa)
+            if mask is None:
+                out.append((qs, rel, None))
+                continue
+            # The own block's causal diagonal (queries and keys are the same positions): queries
+            # before the piece see none of it, those in it its causal square, those after all.
+            out.append((slice(pa, pb), rel, M.causal()))
+            if pb < n_local:
+                out.append((slice(pb, None), rel, None))
+        return out
 
     def pairs(self, src: int, n_local: int, h0: int = 0, h1: int = 0) -> list[tuple[slice, slice, M.Mask | None]]:
         """(query slice, key slice, mask) pieces of my queries × the block from rank ``src``.
@@ -113,10 +161,6 @@ class _Ring:
         mask = heads_slice(self.mask, h0, h1)
         n = sum(p.numel() for p in self.positions)
         return [(_ALL, _ALL, AtPositions(mask, q_pos, k_pos, n))]
-
-    def block_len(self, step: int) -> int:
-        """Length of the block this rank holds at ``step`` (the slice of rank ``me - step``)."""
-        return self.lengths[(self.rank - step) % self.world]
 
     def exchange(self, tensors: list[Tensor], recv_len: int, tag: int, what: str) -> tuple[list[Tensor], list]:
         """Post sends of ``tensors`` to the next rank and receives of the same shapes (with
@@ -168,17 +212,19 @@ def _ring_forward(r: _Ring, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Te
         direct = out.dtype == acc
         out_h = out[:, ha * G:hb * G] if direct else torch.zeros(q_h.shape, dtype=acc, device=q.device)
         lse_h = lse[:, ha * G:hb * G]
-        kv = [k[:, ha:hb].contiguous(), v[:, ha:hb].contiguous()]  # (B, h, N_block, D)
-        for step in range(r.world):
-            if step < r.world - 1:
-                nxt, works = r.exchange(kv, r.block_len(step + 1), _KV_TAG, "key/value blocks (forward)")
-            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n, ha * G, hb * G):
-                o, l_ = tiled_attention_lse(q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask=mask,
-                                            **r.kernel_opts())
-                merge_partials(out_h[:, :, qs], lse_h[:, :, qs], o, l_, inplace=True)
-            if step < r.world - 1:
-                r.wait(works, f"receiving key/value block {step + 1} of {r.world - 1} (forward)")
-                kv = nxt
+        for i in range(r.kv_blocks):
+            pa, pb = r.piece(r.rank, i)
+            kv = [k[:, ha:hb, pa:pb].contiguous(), v[:, ha:hb, pa:pb].contiguous()]  # (B, h, N_piece, D)
+            for step in range(r.world):
+                if step < r.world - 1:
+                    nxt, works = r.exchange(kv, r.piece_len(step + 1, i), _KV_TAG, "key/value blocks (forward)")
+                for qs, ks, mask in r.piece_pairs((r.rank - step) % r.world, i, n, ha * G, hb * G):
+                    o, l_ = tiled_attention_lse(q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], mask=mask,
+                                                **r.kernel_opts())
+                    merge_partials(out_h[:, :, qs], lse_h[:, :, qs], o, l_, inplace=True)
+                if step < r.world - 1:
+                    r.wait(works, f"receiving key/value block {step + 1} of {r.world - 1} (forward)")
+                    kv = nxt
         if not direct:
             out[:, ha * G:hb * G] = out_h.to(q.dtype)
     return out, lse
@@ -196,49 +242,51 @@ def _ring_backward(r: _Ring, dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out:
         q_h, do_h, o_h, l_h = q[:, qh], dout[:, qh], out[:, qh], lse[:, qh]
         direct = dq.dtype == acc
         dq_h = dq[:, qh] if direct else torch.zeros(q_h.shape, dtype=acc, device=q.device)
-        kv = [k[:, ha:hb].contiguous(), v[:, ha:hb].contiguous()]  # (B, h, N_block, D)
-        dkv: list[Tensor] = []
-        dkv_recv: list[Tensor] = []
-        dkv_works: list = []
-        for step in range(r.world):
-            last = step == r.world - 1
-            if not last:
-                nxt, kv_works = r.exchange(kv, r.block_len(step + 1), _KV_TAG, "key/value blocks (backward)")
-            # Gradients of the visiting block from my queries (None where nothing is attended).
-            share: list[Tensor] | None = None
-            for qs, ks, mask in r.pairs((r.rank - step) % r.world, n, ha * G, hb * G):
-                dq_p, dk_p, dv_p = tiled_backward_lse(
-                    do_h[:, :, qs], q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], o_h[:, :, qs],
-                    l_h[:, :, qs], mask=mask, **r.kernel_opts())
-                dq_h[:, :, qs] += dq_p
-                if ks == _ALL and share is None:
-                    share = [dk_p, dv_p]
+        for i in range(r.kv_blocks):
+            pa, pb = r.piece(r.rank, i)
+            kv = [k[:, ha:hb, pa:pb].contiguous(), v[:, ha:hb, pa:pb].contiguous()]  # (B, h, N_piece, D)
+            dkv: list[Tensor] = []
+            dkv_recv: list[Tensor] = []
+            dkv_works: list = []
+            for step in range(r.world):
+                last = step == r.world - 1
+                if not last:
+                    nxt, kv_works = r.exchange(kv, r.piece_len(step + 1, i), _KV_TAG, "key/value blocks (backward)")
+                # Gradients of the visiting block from my queries (None where nothing is attended).
+                share: list[Tensor] | None = None
+                for qs, ks, mask in r.piece_pairs((r.rank - step) % r.world, i, n, ha * G, hb * G):
+                    dq_p, dk_p, dv_p = tiled_backward_lse(
+                        do_h[:, :, qs], q_h[:, :, qs], kv[0][:, :, ks], kv[1][:, :, ks], o_h[:, :, qs],
+                        l_h[:, :, qs], mask=mask, **r.kernel_opts())
+                    dq_h[:, :, qs] += dq_p
+                    if ks == _ALL and share is None:
+                        share = [dk_p, dv_p]
+                    else:
+                        share = share or [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
+                        share[0][:, :, ks] += dk_p
+                        share[1][:, :, ks] += dv_p
+                    del dq_p, dk_p, dv_p
+                if step == 0:
+                    dkv = share or [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
                 else:
-                    share = share or [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
-                    share[0][:, :, ks] += dk_p
-                    share[1][:, :, ks] += dv_p
-                del dq_p, dk_p, dv_p
-            if step == 0:
-                dkv = share or [torch.zeros_like(kv[0]), torch.zeros_like(kv[1])]
-            else:
-                r.wait(dkv_works, f"receiving the key/value gradients of step {step} (backward)")
-                dkv = dkv_recv
-                if share is not None:
-                    dkv[0] += share[0]
-                    dkv[1] += share[1]
-            del share
+                    r.wait(dkv_works, f"receiving the key/value gradients of step {step} (backward)")
+                    dkv = dkv_recv
+                    if share is not None:
+                        dkv[0] += share[0]
+                        dkv[1] += share[1]
+                del share
+                if r.world > 1:
+                    # Pass the block's gradients on; after the last step they reach their owner.
+                    dkv_recv, dkv_works = r.exchange(dkv, r.piece_len(step + 1, i), _DKV_TAG,
+                                                     "key/value gradients (backward)")
+                if not last:
+                    r.wait(kv_works, f"receiving key/value block {step + 1} of {r.world - 1} (backward)")
+                    kv = nxt
             if r.world > 1:
-                # Pass the block's gradients on; after the last step they reach their owner.
-                dkv_recv, dkv_works = r.exchange(dkv, r.block_len(step + 1), _DKV_TAG,
-                                                 "key/value gradients (backward)")
-            if not last:
-                r.wait(kv_works, f"receiving key/value block {step + 1} of {r.world - 1} (backward)")
-                kv = nxt
-        if r.world > 1:
-            r.wait(dkv_works, "receiving the gradients of its own key/value block (backward)")
-            dkv = dkv_recv
-        dk[:, ha:hb] = dkv[0]
-        dv[:, ha:hb] = dkv[1]
+                r.wait(dkv_works, "receiving the gradients of its own key/value block (backward)")
+                dkv = dkv_recv
+            dk[:, ha:hb, pa:pb] = dkv[0]
+            dv[:, ha:hb, pa:pb] = dkv[1]
         if not direct:
             dq[:, qh] = dq_h.to(dq.dtype)
     return dq, dk, dv
@@ -248,7 +296,7 @@ _LAYOUT_CODES = (*L.LAYOUTS, "partition")
 
 
 def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str | L.Partition, masked: bool, scale: float,
-                        heads_per_pass: int, group) -> tuple[list[int], int]:
+                        heads_per_pass: int, group, kv_blocks: int = 1) -> tuple[list[int], int]:
     """All-gather each rank's configuration; the same ValueError on every rank if they differ.
 
     Returns every rank's local sequence length and the heads per pass all ranks use (the
@@ -259,9 +307,9 @@ def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str | L.Part
     code = _LAYOUT_CODES.index("partition" if isinstance(layout, L.Partition) else layout)
     with _peer_errors(rank, world, "exchanging shapes with the other ranks"):
         table = gather_ints([B, Hq, k.shape[1], D, int(causal), code, int(masked), int(round(scale * 2**40)),
-                             heads_per_pass, n], group, q, "exchanging shapes with the other ranks",
+                             kv_blocks, heads_per_pass, n], group, q, "exchanging shapes with the other ranks",
                             scheme="ring_attention", error=RingAttentionError)
-    names = ["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale"]
+    names = ["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale", "kv_blocks"]
     for i, name in enumerate(names):
         values = [row[i] for row in table]
         if len(set(values)) > 1:
@@ -272,6 +320,9 @@ def _check_across_ranks(q: Tensor, k: Tensor, causal: bool, layout: str | L.Part
     lengths = [row[-1] for row in table]
     if min(lengths) < 1:
         raise ValueError(f"ring_attention: every rank must hold at least one token, got lengths {lengths}")
+    if kv_blocks > min(lengths):
+        raise ValueError(f"ring_attention: kv_blocks must be at most the shortest local length {min(lengths)}, "
+                         f"got {kv_blocks}")
     if layout == "zigzag" and (len(set(lengths)) > 1 or lengths[0] % 2):
         raise ValueError(
             f"ring_attention: layout='zigzag' needs one even local length on every rank (two equal chunks "
@@ -297,7 +348,7 @@ def _global_positions(layout: str | L.Partition, lengths: list[int], device) -> 
 def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None, group: Any = None,
                    layout: str | L.Partition = "contiguous", scale: float | None = None,
                    heads_per_pass: int | None = None, q_tile: int = 256, kv_tile: int = 256,
-                   kernel: str = "auto") -> Tensor:
+                   kernel: str = "auto", kv_blocks: int = 1) -> Tensor:
     """Exact attention over a sequence split across the ranks of ``group``.
 
     Every rank of the group calls this with its own slice of the one sequence.
@@ -324,6 +375,10 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mas
             (N=2048: 9.4 s for 1 head, 0.74 s for 2); all heads on other devices. Ranks that
             ask for different values use the smallest.
         q_tile, kv_tile, kernel: options of the local ``chunked`` kernel.
+        kv_blocks: pieces every rank's key/value block travels in: the ring turns once per piece
+            (in each head pass), so the buffers in flight (the block, the next, the travelling
+            dk/dv and this rank's share) are 1/kv_blocks as large, for the same bytes sent in
+            kv_blocks times as many messages. At most the shortest local length.
 
     Returns:
         This rank's output (B, Hq, N_local, D); differentiable (dq, dk, dv for this rank's slice).
@@ -353,9 +408,11 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mas
             heads_per_pass = min(k.shape[1], max(1, math.ceil(torch.get_num_threads() / q.shape[0])))
     elif not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass <= 0:
         raise ValueError(f"heads_per_pass must be a positive int or None, got {heads_per_pass!r}")
+    if not isinstance(kv_blocks, int) or isinstance(kv_blocks, bool) or kv_blocks <= 0:
+        raise ValueError(f"ring_attention: kv_blocks must be a positive int, got {kv_blocks!r}")
     user_mask = None if mask is None else M.as_mask(mask, "mask")
     lengths, heads_per_pass = _check_across_ranks(q, k, causal, layout, user_mask is not None, inp.scale,
-                                                  heads_per_pass, group)
+                                                  heads_per_pass, group, kv_blocks)
     general = user_mask is not None or isinstance(layout, L.Partition)
     global_mask = positions = None
     if general:
@@ -372,6 +429,6 @@ def ring_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mas
         recv_from=dist.get_global_rank(group, (rank - 1) % world) if group is not None else (rank - 1) % world,
         lengths=tuple(lengths), layout=layout if isinstance(layout, str) else "partition", causal=causal,
         scale=inp.scale, heads_per_pass=heads_per_pass, q_tile=q_tile, kv_tile=kv_tile, kernel=kernel,
-        mask=global_mask, positions=positions,
+        mask=global_mask, positions=positions, kv_blocks=kv_blocks,
     )
     return LseAttention.apply(q, k, v, ring, _ring_forward, _ring_backward)

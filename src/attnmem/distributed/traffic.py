@@ -22,9 +22,15 @@ int64 per rank and call, are left out). ``lengths`` are every rank's local seque
 
       B·D·e · ((P-1)·n_r·(3h + 4h'_kv) + (N - n_r)·(2h + 2h'_kv))
 
+  Query blocks (``query_blocks`` > 1) send each of those elements once too, in more
+  messages: the same bytes as the passes path (without ``heads_per_pass`` they are one pass
+  of all h heads).
+
 * hybrid (U × R): the Ulysses terms inside my group of U, plus the ring terms over R with
   Hkv/U (or 1) key/value heads on the ring parts' lengths; with Ulysses passes, the ring's
-  forward runs twice (``3·Σ_{t<R-1}`` blocks instead of 2) on h'_kv key/value heads;
+  forward runs twice (``3·Σ_{t<R-1}`` blocks instead of 2) on h'_kv key/value heads. The
+  ring's ``kv_blocks`` (pieces of each block, one rotation each) change no byte: at every step
+  the pieces of one block sum to the block;
 * linear context parallel: the state (B, Hkv, F, D+1) all-gathered forward and its gradient
   backward: ``2·(P-1)·B·Hkv·F·(D+1)·e`` (F = D for elu/relu features).
 """
@@ -63,9 +69,15 @@ def sent_kv_heads(heads: int, kv_heads: int, world: int, heads_per_pass: int | N
 
 
 def ulysses_bytes(*, lengths: Sequence[int], rank: int, batch: int, heads: int, kv_heads: int, head_dim: int,
-                  element_size: int, heads_per_pass: int | None = None) -> int:
-    """Bytes rank ``rank`` sends in one ulysses_attention forward + backward."""
+                  element_size: int, heads_per_pass: int | None = None, query_blocks: int = 1) -> int:
+    """Bytes rank ``rank`` sends in one ulysses_attention forward + backward.
+
+    Query blocks send every element of the passes path once, in more messages: the same bytes
+    (``query_blocks`` > 1 without passes is one pass of all Hq/P heads).
+    """
     world = len(lengths)
+    if query_blocks > 1 and heads_per_pass is None:
+        heads_per_pass = heads // world
     h, h_kv = heads // world, sent_kv_heads(heads, kv_heads, world, heads_per_pass)
     mine, others = lengths[rank], sum(lengths) - lengths[rank]
     # forward: q, k, v out (my positions to P-1 ranks), out back (their positions, my heads);

@@ -17,6 +17,11 @@ exchanges; the local method's own backward in between). Per step (forward + back
 rank sends ``2·(P-1)/P · B·N_r·D·(2·Hq + 2·Hkv)`` elements (q, k, v and out; then dout, dq, dk,
 dv) — see ``attnmem.distributed.traffic``.
 
+With ``heads_per_pass`` (passes of c heads, recomputed in the backward) a rank holds one
+pass's full-sequence heads at a time; with ``query_blocks`` as well (by default P blocks when
+passes run on the tiled kernel) only the pass's k and v are full-sequence, and its queries,
+output and their gradients go a block of positions at a time (``query_blocks``).
+
 Heads: Hq must be a multiple of P. Key/value heads are sharded when Hkv is a multiple of P;
 when Hkv < P and P is a multiple of Hkv (GQA/MQA), each KV head is **replicated** to the
 P/Hkv ranks whose query heads read it (sent P/Hkv times: more traffic, never wrong), and their
@@ -26,7 +31,7 @@ gradients are summed on the way back. Any other Hkv is refused.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -36,149 +41,31 @@ from torch import Tensor
 from .. import masks as M
 from ..api import attention, validate
 from . import layout as L
-from .comm import Rows, all_to_all, check_initialised, gather_ints
+from .comm import check_initialised, gather_ints
+from .heads import (
+    SCHEME,
+    HeadPass,
+    HeadPlan,
+    add_to_sequence,
+    check_heads,
+    head_passes,
+    one_to_heads,
+    to_heads,
+    to_sequence,
+)
 from .masking import heads_slice
-
-SCHEME = "ulysses_attention"
-
-
-@dataclass(frozen=True)
-class HeadPlan:
-    """Which heads go to which rank, and every rank's sequence length, for one call."""
-
-    rank: int
-    world: int
-    hq: int  # query heads per rank
-    kv_heads: int  # Hkv of the inputs
-    lengths: tuple[int, ...]
-    # Global position of every rank's tokens, when the layout is not contiguous in rank order:
-    # the exchanges then place them straight into sequence order (no reordering copies).
-    positions: tuple[Tensor, ...] | None = None
-
-    @property
-    def kv_replicas(self) -> int:
-        """Ranks reading each KV head (1 when KV heads are sharded)."""
-        return 1 if self.kv_heads % self.world == 0 else self.world // self.kv_heads
-
-    def kv_range(self, s: int) -> tuple[int, int]:
-        """KV heads rank ``s`` attends with."""
-        if self.kv_replicas == 1:
-            per = self.kv_heads // self.world
-            return s * per, (s + 1) * per
-        return s // self.kv_replicas, s // self.kv_replicas + 1
-
-    @property
-    def hkv(self) -> int:
-        a, b = self.kv_range(0)
-        return b - a
-
-
-@dataclass(frozen=True)
-class HeadPass:
-    """One pass: local query heads ``q`` = [a, b) of every rank and the local KV heads ``kv`` they read."""
-
-    q: tuple[int, int]
-    kv: tuple[int, int]
-
-
-def head_passes(plan: HeadPlan, heads_per_pass: int, scheme: str = SCHEME) -> list[HeadPass]:
-    """The passes of ``heads_per_pass`` local query heads; ValueError unless they split evenly
-    and each pass reads whole KV heads (a multiple of the query heads per KV head, or a divisor)."""
-    group = plan.hq // plan.hkv  # local query heads per local KV head
-    if (not isinstance(heads_per_pass, int) or isinstance(heads_per_pass, bool) or heads_per_pass <= 0
-            or plan.hq % heads_per_pass or (heads_per_pass % group and group % heads_per_pass)):
-        raise ValueError(
-            f"{scheme}: heads_per_pass must be a positive int dividing the {plan.hq} query heads of each rank and "
-            f"a multiple or a divisor of the {group} query heads per key/value head; got {heads_per_pass!r}")
-    passes = []
-    for a in range(0, plan.hq, heads_per_pass):
-        b = a + heads_per_pass
-        passes.append(HeadPass((a, b), (a // group, (b - 1) // group + 1)))
-    return passes
-
-
-def check_heads(hq: int, hkv: int, world: int, scheme: str = SCHEME) -> None:
-    """ValueError unless Hq and Hkv can be split over ``world`` ranks (module docstring)."""
-    if hq % world:
-        raise ValueError(
-            f"{scheme} splits the query heads over the group: Hq={hq} is not a multiple of the group size "
-            f"P={world}; use a group whose size divides {hq}, or ring attention (any number of heads)"
-        )
-    if hkv % world and world % hkv:
-        raise ValueError(
-            f"{scheme} shards key/value heads when Hkv is a multiple of the group size and replicates them when "
-            f"the group size is a multiple of Hkv; got Hkv={hkv} and P={world}, neither"
-        )
-
-
-def _head_starts(plan: HeadPlan, is_kv: bool) -> list[int]:
-    """First global head of every rank's share of q (or of k/v)."""
-    return [plan.kv_range(s)[0] if is_kv else s * plan.hq for s in range(plan.world)]
-
-
-def _to_heads(plan: HeadPlan, tensors: list[Tensor], kv: list[bool], group: Any) -> list[Tensor]:
-    """Sequence shards (B, H, N_r, D) -> head shards (B, h, N, D), in sequence order when
-    ``plan.positions`` is set, else in rank order.
-
-    One all-to-all per tensor, so that the send and receive buffers of only one are alive.
-    """
-    return [_one_to_heads(plan, t, (0, plan.hkv if is_kv else plan.hq), is_kv, group) for t, is_kv in zip(tensors, kv)]
-
-
-def _one_to_heads(plan: HeadPlan, t: Tensor, local: tuple[int, int], is_kv: bool, group: Any) -> Tensor:
-    """Local heads ``local`` = [a, b) of every rank's share, over every position: (B, b-a, N, D)."""
-    a, b = local
-    parts = [t[:, st + a:st + b] for st in _head_starts(plan, is_kv)]  # (B, b-a, N_r, D) for rank s
-    shapes = [(t.shape[0], b - a, plan.lengths[s], t.shape[3]) for s in range(plan.world)]  # (B, b-a, N_s, D)
-    pieces = all_to_all(parts, shapes, group, "exchanging sequence shards for head shards",
-                        kind="ulysses", scheme=SCHEME)
-    if plan.positions is None:
-        return torch.cat(pieces, 2)  # (B, b-a, N, D)
-    full = pieces[0].new_empty(t.shape[0], b - a, sum(plan.lengths), t.shape[3])  # (B, b-a, N, D)
-    for pos, piece in zip(plan.positions, pieces):
-        full.index_copy_(2, pos, piece)
-    return full
-
-
-def _to_sequence(plan: HeadPlan, tensors: list[Tensor], kv: list[bool], full_heads: list[int],
-                 group: Any) -> list[Tensor]:
-    """The inverse: head shards (B, h, N, D) -> sequence shards (B, H, N_r, D); a KV head that
-    was replicated comes back from every reader and is summed. One tensor at a time."""
-    out = []
-    for t, is_kv, heads in zip(tensors, kv, full_heads):
-        seq = t.new_zeros(t.shape[0], heads, plan.lengths[plan.rank], t.shape[3])  # (B, H, N_r, D)
-        _add_to_sequence(plan, t, (0, t.shape[1]), is_kv, seq, group)
-        out.append(seq)
-    return out
-
-
-def _add_to_sequence(plan: HeadPlan, t: Tensor, local: tuple[int, int], is_kv: bool, seq: Tensor,
-                     group: Any) -> None:
-    """Add head shard ``t`` (B, b-a, N, D), local heads ``local`` of every rank, into this rank's
-    sequence shard ``seq`` (B, H, N_r, D) in place."""
-    a, b = local
-    starts = [sum(plan.lengths[:s]) for s in range(plan.world)]
-    n = plan.lengths[plan.rank]
-    if plan.positions is None:
-        parts = [t[:, :, starts[s]:starts[s] + plan.lengths[s]] for s in range(plan.world)]  # (B, b-a, N_s, D)
-    else:
-        parts = [Rows(t, 2, pos) for pos in plan.positions]  # (B, b-a, N_s, D), gathered into the buffer
-    shapes = [(t.shape[0], b - a, n, t.shape[3])] * plan.world  # (B, b-a, N_r, D) from every rank
-    pieces = all_to_all(parts, shapes, group, "returning head shards to sequence shards", kind="ulysses",
-                        scheme=SCHEME)
-    for st, piece in zip(_head_starts(plan, is_kv), pieces):
-        seq[:, st + a:st + b] += piece
+from .query_blocks import check_block_count, resolve_query_blocks, run_query_blocks
 
 
 class _SeqToHeads(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, plan: HeadPlan, group):
         ctx.plan, ctx.group, ctx.heads = plan, group, (q.shape[1], k.shape[1], v.shape[1])
-        return tuple(_to_heads(plan, [q, k, v], [False, True, True], group))
+        return tuple(to_heads(plan, [q, k, v], [False, True, True], group))
 
     @staticmethod
     def backward(ctx, dq, dk, dv):
-        grads = _to_sequence(ctx.plan, [dq, dk, dv],
+        grads = to_sequence(ctx.plan, [dq, dk, dv],
                              [False, True, True], list(ctx.heads), ctx.group)
         return (*grads, None, None)
 
@@ -187,11 +74,11 @@ class _HeadsToSeq(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, plan: HeadPlan, group, heads: int):
         ctx.plan, ctx.group = plan, group
-        return _to_sequence(plan, [out], [False], [heads], group)[0]
+        return to_sequence(plan, [out], [False], [heads], group)[0]
 
     @staticmethod
     def backward(ctx, dout):
-        return _to_heads(ctx.plan, [dout], [False], ctx.group)[0], None, None, None
+        return to_heads(ctx.plan, [dout], [False], ctx.group)[0], None, None, None
 
 
 # A pass's local attention: (q, k, v) head shards of the pass -> its output (B, b-a, N, D).
@@ -200,7 +87,7 @@ LocalRun = Callable[[Tensor, Tensor, Tensor, HeadPass], Tensor]
 
 def _pass_inputs(plan: HeadPlan, q: Tensor, k: Tensor, v: Tensor, p: HeadPass, group: Any) -> list[Tensor]:
     """The pass's head shards of q (B, b-a, N, D), k and v (B, kv_b-kv_a, N, D), one all-to-all each."""
-    return [_one_to_heads(plan, t, rng, is_kv, group) for t, rng, is_kv in ((q, p.q, False), (k, p.kv, True),
+    return [one_to_heads(plan, t, rng, is_kv, group) for t, rng, is_kv in ((q, p.q, False), (k, p.kv, True),
                                                                            (v, p.kv, True))]
 
 
@@ -213,7 +100,7 @@ class _Passes(torch.autograd.Function):
     def forward(ctx, q, k, v, run: LocalRun, plan: HeadPlan, passes: list[HeadPass], group):
         out = q.new_zeros(q.shape)  # (B, Hq, N_r, D)
         for p in passes:
-            _add_to_sequence(plan, run(*_pass_inputs(plan, q, k, v, p, group), p), p.q, False, out, group)
+            add_to_sequence(plan, run(*_pass_inputs(plan, q, k, v, p, group), p), p.q, False, out, group)
         ctx.save_for_backward(q, k, v)
         ctx.run, ctx.plan, ctx.passes, ctx.group = run, plan, passes, group
         return out
@@ -225,13 +112,13 @@ class _Passes(torch.autograd.Function):
         grads = [torch.zeros_like(t) for t in (q, k, v)]  # (B, H, N_r, D), filled pass by pass
         for p in ctx.passes:
             heads = [t.requires_grad_() for t in _pass_inputs(plan, q, k, v, p, group)]
-            dout_heads = _one_to_heads(plan, dout, p.q, False, group)  # (B, b-a, N, D)
+            dout_heads = one_to_heads(plan, dout, p.q, False, group)  # (B, b-a, N, D)
             with torch.enable_grad():
                 out_heads = ctx.run(*heads, p)
             local = list(torch.autograd.grad(out_heads, heads, dout_heads))
             del heads, dout_heads, out_heads
             for grad, rng, is_kv in zip(grads, (p.q, p.kv, p.kv), (False, True, True)):
-                _add_to_sequence(plan, local.pop(0), rng, is_kv, grad, group)
+                add_to_sequence(plan, local.pop(0), rng, is_kv, grad, group)
         return (*grads, None, None, None, None)
 
 
@@ -243,7 +130,7 @@ def run_in_passes(q: Tensor, k: Tensor, v: Tensor, run: LocalRun, plan: HeadPlan
 
 
 def heads_plan(q: Tensor, k: Tensor, causal: bool, layout: Any, masked: bool, scale: float, group: Any,
-               scheme: str = SCHEME, heads_per_pass: int | None = None) -> HeadPlan:
+               scheme: str = SCHEME, heads_per_pass: int | None = None, query_blocks: int = 1) -> HeadPlan:
     """Handshake: every rank's shapes (and passes) must agree (the same ValueError on every rank if not)."""
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     B, Hq, n, D = q.shape
@@ -251,9 +138,10 @@ def heads_plan(q: Tensor, k: Tensor, causal: bool, layout: Any, masked: bool, sc
     # Passes decide how many exchanges a call makes: ranks that disagree would wait on each other.
     passes = heads_per_pass if isinstance(heads_per_pass, int) and not isinstance(heads_per_pass, bool) else -1
     table = gather_ints([B, Hq, k.shape[1], D, int(causal), code, int(masked), int(round(scale * 2**40)),
-                         0 if heads_per_pass is None else passes, n],
+                         0 if heads_per_pass is None else passes, query_blocks, n],
                         group, q, "exchanging shapes with the other ranks", scheme=scheme)
-    for i, name in enumerate(["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale", "heads_per_pass"]):
+    for i, name in enumerate(["B", "Hq", "Hkv", "D", "causal", "layout", "mask", "scale", "heads_per_pass",
+                              "query_blocks"]):
         values = [row[i] for row in table]
         if len(set(values)) > 1:
             raise ValueError(f"{scheme}: every rank must pass the same {name}, got {values} (by rank)")
@@ -277,7 +165,8 @@ def heads_to_seq(out: Tensor, plan: HeadPlan, group: Any, heads: int) -> Tensor:
 
 def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, mask: Any = None,
                       method: str = "auto", group: Any = None, layout: str | L.Partition = "contiguous",
-                      scale: float | None = None, heads_per_pass: int | None = None, **options: Any) -> Tensor:
+                      scale: float | None = None, heads_per_pass: int | None = None, query_blocks: int | None = None,
+                      **options: Any) -> Tensor:
     """Exact (or the method's own) attention over a sequence split across ``group``, by heads.
 
     Every rank of the group calls this with its slice of the one sequence.
@@ -303,6 +192,14 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
             Hq/P, for one more local forward and ``(P-1)/P`` more q, k, v traffic
             (``attnmem.distributed.traffic``). c must divide Hq/P and be a multiple or a
             divisor of Hq/Hkv.
+        query_blocks: Q > 1 splits every pass's queries into Q contiguous blocks of positions
+            (``attnmem.distributed.query_blocks``): the full-sequence k, v of the pass stay, the
+            queries, output and their gradients are exchanged and attended a block at a time
+            (the tiled exact kernel, so ``method`` "chunked" or "auto"; the same bytes sent,
+            more messages). Per pass a rank then holds about 4 + 6/Q full-sequence tensors of
+            the pass's heads instead of 8. None (default): P when ``heads_per_pass`` is given
+            and the method is "chunked" or "auto" with at most the tile options, else 1. With
+            ``heads_per_pass=None`` and Q > 1 one pass holds all Hq/P heads.
         **options: the method's own options (``window=``, ``q_tile=``, ...).
 
     Returns:
@@ -312,7 +209,8 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
         RuntimeError: torch.distributed is not initialised.
         ValueError: heads that do not split over the group, bad shapes, ranks that disagree
             (raised on every rank alike), a ``heads_per_pass`` that does not split the heads,
-            or what the method refuses.
+            ``query_blocks`` not a positive int at most N or with a method other than the tiled
+            kernel, or what the method refuses.
         SequenceParallelError: a peer failed, exited or timed out.
     """
     check_initialised(SCHEME)
@@ -323,8 +221,11 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
     if not isinstance(layout, L.Partition):
         L.check_layout(layout)
     user_mask = None if mask is None else M.as_mask(mask, "mask")
-    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, group, heads_per_pass=heads_per_pass)
+    blocks = resolve_query_blocks(query_blocks, heads_per_pass, method, options, dist.get_world_size(group))
+    plan = heads_plan(q, k, causal, layout, user_mask is not None, inp.scale, group, heads_per_pass=heads_per_pass,
+                      query_blocks=blocks)
     n = sum(plan.lengths)
+    check_block_count(blocks, n)
     if user_mask is not None:
         user_mask.check(q.shape[0], q.shape[1], n, n)
     order = _rank_order(layout, plan)
@@ -337,6 +238,9 @@ def ulysses_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = False, 
         local_mask = heads_slice(user_mask, first + p.q[0], first + p.q[1])
         return attention(qh, kh, vh, method=method, causal=causal, mask=local_mask, scale=inp.scale, **options)
 
+    if blocks > 1:
+        return run_query_blocks(q, k, v, plan=plan, heads_per_pass=heads_per_pass or plan.hq, query_blocks=blocks,
+                                causal=causal, mask=user_mask, scale=inp.scale, tiles=options, group=group)
     if heads_per_pass is not None:
         return run_in_passes(q, k, v, run, plan, heads_per_pass, group)
     qh, kh, vh = seq_to_heads(q, k, v, plan, group)  # (B, Hq/P, N, D) in sequence order
