@@ -2,7 +2,7 @@
 target), each in a fresh process, and attnmem.plan("llama3-8b", "80GB") (≤ 30 s).
 
 python benchmarks/estimate_million.py [--seq-len N] [--dtypes float32,bfloat16,float16]
-                                      [--timeout S] [--skip-plan]
+                                      [--methods a,b,...] [--timeout S] [--skip-plan]
 
 B=1, H=8, D=64, training where the method has a backward; causal where the method supports it.
 Each row runs ``python -c`` in a new interpreter, timing the estimate call alone (import apart),
@@ -65,6 +65,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--seq-len", type=int, default=2**20)
     ap.add_argument("--dtypes", default="float32,bfloat16,float16")
+    ap.add_argument("--methods", default=None, help="comma-separated methods (default: every registered one)")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--skip-plan", action="store_true")
     args = ap.parse_args()
@@ -74,7 +75,11 @@ def main() -> None:
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     env = environment()
     print("| method | dtype | seconds | source | predicted peak GiB |\n|---|---|---|---|---|", flush=True)
-    for name in registry.names():
+    names = registry.names() if args.methods is None else args.methods.split(",")
+    unknown = sorted(set(names) - set(registry.names()))
+    if unknown:
+        ap.error(f"--methods: unknown {', '.join(unknown)}; registered: {', '.join(registry.names())}")
+    for name in names:
         for dtype in args.dtypes.split(","):
             # A finished row names its method and dtype itself; a timeout or crash does not.
             row = {"method": name, "dtype": dtype} | run(ONE.format(name=name, dtype=dtype, n=args.seq_len),

@@ -106,6 +106,8 @@ KNN_SMALL = dict(segment=32, capacity=64, topk=4, search_chunk=32)
     dict(seq_len=1280, causal=True, batch=2),
     # A store of 512 searched 128 at a time, filled over 32 segments; a shorter last segment.
     dict(seq_len=1241, causal=True, heads=2, head_dim=16, segment=16, capacity=512, topk=8, search_chunk=128),
+    # Half precision (issue 16: no closed form in bfloat16/float16 before): the same terms at s = 2.
+    dict(seq_len=1275, causal=True, kv_heads=2, dtype=torch.bfloat16),
 ], ids=str)
 def test_knn_memory_formula_agrees_with_trace(case):
     kw = {**dict(batch=1, heads=4, head_dim=24), **KNN_SMALL, **case}

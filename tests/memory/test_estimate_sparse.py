@@ -72,10 +72,27 @@ def test_options_change_the_closed_form():
 
 def test_cases_without_a_closed_form_are_traced():
     kw = dict(batch=1, heads=2, seq_len=128, head_dim=16)
-    assert estimate("sliding_window", kernel="torch", **kw).source == "trace"
+    assert estimate("sliding_window", mask=M.sliding_window(4), **kw).source == "trace"
     assert estimate("hard", mode="stochastic", **kw).source == "trace"
     with pytest.raises(ValueError, match="no closed-form estimate"):
-        estimate("sliding_window", how="formula", dtype=torch.float16, **kw)  # the torch kernel
+        estimate("sliding_window", how="formula", dtype=torch.float16, mask=M.sliding_window(4), **kw)
+
+
+@pytest.mark.parametrize("name, case", [
+    ("sliding_window", dict(kv_heads=2, window=24)), ("longformer", dict(training=False, window=16)),
+    ("bigbird", dict(kv_heads=2, block=16, seq_len=96)),
+], ids=str)
+def test_plain_kernel_closed_form_agrees_with_trace(name, case):
+    # The plain-PyTorch tile kernel (kernel="torch"; float16 runs it under "auto"): one key tile
+    # per call (kernels/tile.py's ``torch_tile_bytes``) in the loop of sparse_memory's
+    # ``_torch_work``, global rows and GQA stacking included; float16 causal at N = 1024 is
+    # tests/memory/test_estimate_dtypes.py's.
+    kw = {**dict(batch=1, heads=4, seq_len=160, head_dim=16, causal=True, kernel="torch", q_tile=16, kv_tile=16,
+                 dtype=torch.float16), **case}
+    traced = estimate(name, how="trace", **kw)
+    closed = estimate(name, **kw)
+    assert closed.source == "formula"
+    assert abs(closed.peak_bytes - traced.peak_bytes) <= 0.05 * traced.peak_bytes, (closed, traced)
 
 
 @pytest.mark.parametrize("name", ["adaptive_span", "adaptive_span_fixed"])
@@ -95,3 +112,20 @@ def test_adaptive_span_width_follows_its_spans():
     fixed = estimate("adaptive_span_fixed", spans=128, training=False, **kw).peak_bytes
     learned = estimate("adaptive_span", max_span=1024, init_span=128.0, training=False, **kw).peak_bytes
     assert fixed == learned  # without training both run the fused kernel over the same band
+
+
+@pytest.mark.parametrize("name", ["chunked", "sliding_window", "dilated", "longformer", "bigbird", "strided"])
+def test_plain_kernel_closed_form_counts_like_tiles_once(monkeypatch, name):
+    # At N = 2**20 a row lists up to 4096 like key tiles; the closed form drops those that would
+    # repeat a counted one (``_like_tiles_dropped``). The answer must be that of every tile.
+    import attnmem.mechanisms.sparse_memory as sm
+
+    cases = [dict(seq_len=700, q_tile=64, kv_tile=128, causal=False), dict(seq_len=1000, kv_heads=2, causal=True),
+             dict(seq_len=900, q_tile=64, kv_tile=64, causal=True, training=False),
+             dict(seq_len=2000, q_tile=128, kv_tile=64, causal=True, kv_heads=1)]
+    for case in cases:
+        kw = dict(batch=1, heads=4, head_dim=32, dtype=torch.float16, how="formula", **case)
+        fast = estimate(name, **kw).peak_bytes
+        with monkeypatch.context() as m:
+            m.setattr(sm, "_like_tiles_dropped", lambda row, n_k, kv_tile: row)
+            assert estimate(name, **kw).peak_bytes == fast, case

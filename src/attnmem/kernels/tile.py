@@ -179,6 +179,37 @@ def torch_backward(dout, q, k, v, out, lse, allowed, scale, tm: TileMods | None 
     return dq, dk, dv, d_captured
 
 
+def torch_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int, itemsize: int,
+                     causal_tile: bool = False, mask_bytes: int = 0) -> tuple[int, int]:
+    """The memory of one call of ``torch_forward`` / ``torch_backward`` (no score_mod or
+    dropout): (forward, backward) peak bytes alive inside the call beyond its arguments, its
+    outputs included, read off the two functions line by line. The memory models of every tiled
+    method on this kernel (``mechanisms.sparse_memory``) add what their loop keeps around it.
+
+    ``batch_heads`` = B·Hkv, ``rows`` = M = G·Tq stacked query rows, ``keys`` = n; in the
+    accumulation dtype (a bytes: 4, 8 for float64) ta = e·M·D·a is a query tile, tk = e·n·D·a
+    a key tile, S = e·M·n·a the score tile, r = e·M·a one value per row; ``cast``: the inputs'
+    dtype is not the accumulation one (bfloat16, float16), so q, k, v, dO tiles are copied to
+    float32 first. ``causal_tile``: the diagonal tile builds its own (M × n) bools;
+    ``mask_bytes``: the bools of the segment's mask, whose negation is made once per pass.
+
+    Forward: S with the float32 q and k (the scores' matmul), or with the negated mask, or with
+    row max and sum, the float32 v and the output (ta), then the lse's log and sum (2·r).
+    Backward: the float32 q, dO, k, v (2·ta + 2·tk) and S, then (with dV = tk and dP = S)
+    either the float32 O and dO∘O (rowsum(dO∘O)) or dQ (ta) and dK (tk) beside the rowsum (r).
+    """
+    a = 8 if itemsize == 8 else 4
+    cast = itemsize != a
+    e, m, n, d = batch_heads, rows, keys, head_dim
+    ta, tk, sc, r = e * m * d * a, e * n * d * a, e * m * n * a, e * m * a
+    bools = m * n if causal_tile else 0
+    neg = bools or mask_bytes
+    fwd = sc + max(cast * (ta + tk), neg, 2 * r + ta + max(cast * tk, 2 * r))
+    operands = cast * (2 * ta + 2 * tk)
+    bwd = operands + max(sc + neg, 2 * sc + tk + max(cast * ta + ta, ta + r), 2 * sc + 2 * tk + ta + r)
+    return bools + fwd, bools + bwd
+
+
 def fused_backward_acc(dout, q, k, v, out, lse, allowed, scale, tm=None, delta=None):
     """The fused backward with gradients in the accumulation dtype: half-precision segments
     run in float32, so no partial sum is rounded to bfloat16 before it is added."""

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 
 from ..masks import And, KeyPadding, Mask, SlidingWindow, eval_mask
 from .autograd import LseAttention
@@ -88,15 +89,17 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
     # internally in O(N) memory: one call over everything is fastest (every extra call
     # pays the intra-op threads' synchronisation), and its outputs need no copying.
     causal_call = pure_causal and fused and nq == nk
-    # Causal GQA, or causal & key padding, on a square problem: one fused call per KV head,
-    # its G query heads against the KV head expanded to G heads (a stride-0 view, no copy),
-    # with the padding as a (B, 1, 1, Nk) additive bias (also a view when expanded), so the
-    # kernel's own is_causal applies and no tile loop runs. The backward's expanded dK/dV
-    # are transient, G heads at a time.
+    # Causal GQA, or causal & key padding, on a square problem: one fused call over every head
+    # where the operator takes K/V with fewer heads (``native_gqa``), else one per KV head, its
+    # G query heads against the KV head expanded to G heads (a stride-0 view, no copy); the
+    # padding is a (B, 1, 1, Nk) additive bias (also a view when expanded), so the kernel's own
+    # is_causal applies and no tile loop runs. Only the per-KV-head loop has expanded dK/dV
+    # (transient, G heads at a time), so only it is bounded by ``grouped_causal_fits``.
     causal, padding = _causal_and_padding(mask)
     grouped_causal = (causal and fused and nq == nk
                       and ((q_heads > kv_heads
-                            and grouped_causal_fits(batch, q_heads, kv_heads, nq, head_dim, dtype.itemsize))
+                            and (native_gqa()
+                                 or grouped_causal_fits(batch, q_heads, kv_heads, nq, head_dim, dtype.itemsize)))
                            or (q_heads == kv_heads and padding is not None)))
     if mods is not None:
         # A tile's bias is a (G·Tq × Tk) tensor: one call over everything would be N².
@@ -220,17 +223,18 @@ def allowed_bool(c: TileContext, qa: int, qb: int, seg: Segment) -> Tensor | Non
     return a
 
 
-# One head group's expanded dQ, dK, dV and their copies are about six (B, G, N, D) buffers,
-# transient in the backward. Past this many bytes they would outweigh the inputs themselves
-# (1 GiB each at N = 2**20, B = 1, G = 4, D = 64), so the tile loop, whose working set is a
-# few tiles, runs instead: the one-call path is a speed path for moderate N only.
+# Without native GQA, one head group's expanded dQ, dK, dV and their copies are about six
+# (B, G, N, D) buffers, transient in the backward. Past this many bytes they would outweigh the
+# inputs themselves (1 GiB each at N = 2**20, B = 1, G = 4, D = 64), so the tile loop, whose
+# working set is a few tiles, runs instead: the per-KV-head loop is a speed path for moderate N
+# only. The one call of native GQA has no such buffers and is not bounded.
 GROUPED_CAUSAL_MAX_BYTES = 256 * 2**20
 
 
 def grouped_causal_fits(batch: int, q_heads: int, kv_heads: int, seq_len: int, head_dim: int,
                         itemsize: int) -> bool:
-    """Whether causal GQA runs as one fused call per KV head (else tile by tile); the
-    kernel and its memory model both ask this."""
+    """Without native GQA, whether causal GQA runs as one fused call per KV head (else tile by
+    tile); ``plan_call`` asks this, for the kernel and its memory model both."""
     group_bytes = batch * (q_heads // kv_heads) * seq_len * head_dim * itemsize
     return 6 * group_bytes <= GROUPED_CAUSAL_MAX_BYTES
 
@@ -279,13 +283,18 @@ def _key_bias(c: TileContext, q: Tensor, heads: int):
 @functools.cache
 def native_gqa() -> bool:
     """Whether the CPU flash operator takes K/V with fewer heads than Q (torch >= 2.5 does, in
-    both passes): then causal GQA is one call, as SDPA's ``enable_gqa``, with no head loop."""
-    q, kv = torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)
-    try:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, True)
-        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(out, q, kv, kv, out, lse, 0.0, True)
-    except RuntimeError:
-        return False
+    both passes): then causal GQA is one call, as SDPA's ``enable_gqa``, with no head loop.
+
+    The answer is cached at the first call, which may come inside ``attnmem.estimate``'s trace
+    or a memory measurement: the probe runs outside every dispatch mode, on real tensors, so
+    it is the real kernels that answer and no mode sees (or counts) its tensors."""
+    with _disable_current_modes():
+        q, kv = torch.zeros(1, 2, 1, 1), torch.zeros(1, 1, 1, 1)
+        try:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, kv, kv, 0.0, True)
+            torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(out, q, kv, kv, out, lse, 0.0, True)
+        except RuntimeError:
+            return False
     return True
 
 

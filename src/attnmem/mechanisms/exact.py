@@ -24,6 +24,7 @@ from ..masks import Dense
 from ..memory.model import Footprint, Shape
 from ..reference import reference_attention
 from ..registry import Capabilities, Inputs, Method, Style, register
+from .sparse_memory import sparse_footprint
 
 
 @register
@@ -163,8 +164,9 @@ class Chunked(Method):
                                **mods_kwargs(inp))
 
     def memory_domain_reasons(self, shape: Shape, opts) -> list[str]:
-        if _chunked_plan(shape, opts).kernel == "torch":
-            return ["the plain-PyTorch tile kernel (kernel='torch', or float16) is not modelled (traced)"]
+        if _chunked_plan(shape, opts).kernel == "torch" and shape.masked:
+            return ["a user mask on the plain-PyTorch tile kernel (kernel='torch', or float16) is not "
+                    "modelled (traced)"]
         if shape.half and shape.masked:
             # The tiled form bounds any mask's segments by 2048 keys: 15-35 % above the trace
             # in bfloat16 at N = 1024 (a window, documents), past the 5 % the tests hold it to.
@@ -253,9 +255,14 @@ def chunked_footprint(s: Shape, opts) -> Footprint:
     (2·B·Hkv·R·D) + the masked tile's bias (q_tile·W); for G > 1 also dK, dV of the masked
     segment and the G-stacked bias and bools (G·q_tile·W·(itemsize + 1)).
     Linear in N. Forward only: O + lse + five tile buffers in the accumulation dtype.
-    Domain: the fused kernel (float32, float64, bfloat16 on CPU). These terms were read off
+    The plain-PyTorch kernel (kernel="torch", float16) runs tile by tile, one key tile per call:
+    ``sparse_memory.sparse_footprint`` with every key (or the causal ones) as the pattern.
+    Domain: no user mask on that kernel, none in half precision. These terms were read off
     traces of the tiled code (tests check formula ≈ trace)."""
     plan = _chunked_plan(s, opts)
+    if plan.kernel == "torch":
+        # Tile by tile, one key tile per call: the loop the sparse patterns share.
+        return sparse_footprint(s, opts, None, None, None)
     if plan.grouped_causal:
         return grouped_causal_footprint(s)
     if plan.single_call:
@@ -301,7 +308,7 @@ def _tiled_half_footprint(s: Shape, opts, q_tile: int, width: int) -> Footprint:
     bound: 2·r·p·k1, p ≤ 2048 keys), and on the masked segment its float32 bias and bools
     (G·Tq·n·(4 + 1)); for G > 1 the G-stacked q and O tiles and their lse (2t + B·Hq·Tq·4). At the
     end the float32 gradients and their casts back are alive together, with the last tile's
-    names: that term is the peak at long N. Domain: causal GQA past ``grouped_causal_fits`` (no
+    names: that term is the peak at long N. Domain: causal GQA without native GQA past ``grouped_causal_fits`` (no
     user mask), whose last query tile has N − kv_tile full keys in 2048-key calls, then the
     diagonal tile (n = kv_tile)."""
     r = s.acc_itemsize // s.itemsize

@@ -512,10 +512,13 @@ def knn_footprint(s: Shape, opts) -> Footprint | str:
     search = B·H·S·min(search_chunk, C)·s its search scores: beyond, one segment's own working
     set (its saved terms, the local scores, the gathers and the search) is smaller than the
     full-length terms above. Shorter calls are traced (None), and so are the options not read
-    off here (a fixed gate, the faiss backend, dtypes other than float32 and float64)."""
+    off here (a fixed gate, the faiss backend). Every dtype alike: the segments run in the
+    inputs' dtype with no float32 accumulator (the saved log g is the float32 log-sigmoid of the
+    gate in every dtype), so bfloat16 and float16 are the same terms at s = 2 (tests check them
+    against the trace)."""
     b, h, hkv, n, d, e = s.batch, s.heads, s.kv_heads, s.seq_len, s.head_dim, s.itemsize
-    if opts.gate is not None or opts.backend != "torch" or s.dtype not in ("float32", "float64"):
-        return "a fixed gate, the faiss backend or half precision is not modelled (traced)"
+    if opts.gate is not None or opts.backend != "torch":
+        return "a fixed gate or the faiss backend is not modelled (traced)"
     seg, cap = opts.segment, opts.capacity
     g = h // hkv
     bh = b * hkv

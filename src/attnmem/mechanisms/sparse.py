@@ -196,17 +196,15 @@ class _Sparse(Method):
         return None
 
     def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
-        reasons = []
+        # Both tile kernels are modelled (the fused one, and the plain-PyTorch one that
+        # kernel="torch" and float16 run): ``sparse_footprint`` asks ``kernels.plan_call`` which.
         if s.masked:
-            reasons.append("a user mask besides the pattern is not modelled (traced)")
-        kernel = resolve_kernel(opts.kernel, "cpu", getattr(torch, s.dtype))
-        if kernel != "fused":
-            reasons.append(f"the {kernel} tile kernel in {s.dtype} is not modelled (traced)")
+            return ["a user mask besides the pattern is not modelled (traced)"]
         band = self._band(s, opts)
         if band is not None:
-            reasons.append(f"sliding_window({band}, 0) without causal=True runs one fused call per query segment "
-                           f"(kernels.banded), not modelled (traced)")
-        return reasons
+            return [f"sliding_window({band}, 0) without causal=True runs one fused call per query segment "
+                    f"(kernels.banded), not modelled (traced)"]
+        return []
 
     def _band(self, s: Shape, opts) -> int | None:
         """``left`` when the kernel runs this call as a causal band (``kernels.plan_call``), else None."""

@@ -30,7 +30,8 @@ import math
 import torch
 
 from .. import masks as M
-from ..kernels import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, plan_segments
+from ..kernels import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, plan_call, plan_segments
+from ..kernels.tile import torch_tile_bytes
 from ..memory.model import Footprint, Shape
 
 # Tiles sampled at each end and in the middle of a long sequence (all tiles when fewer).
@@ -177,7 +178,7 @@ def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int
     fwd = bwd = tail = 0
     for run in plan_rows:
         prev_f = prev_b = None  # (tile rows, segment) of the call before
-        for tq, fsegs, bsegs, lead in run:
+        for tq, fsegs, bsegs, lead, _ in run:
             t = qrow * tq
             ta = t * acc // s.itemsize  # one query tile in the accumulation dtype
             stack = 0 if g1 else 2 * t + lrow * tq  # dO is an expanded scalar: its tile is a view
@@ -212,14 +213,102 @@ def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int
     return fwd, bwd, tail
 
 
-def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int):
-    """``(Tq, forward segments, backward segments)`` per sampled tile, grouped as the code does."""
+def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool,
+                dout_view: bool = True) -> tuple[int, int, int]:
+    """``_tiled_work`` for the plain-PyTorch tile kernel (``kernel="torch"``, and float16 under
+    "auto"): every segment is one key tile, the same in both passes, and each call's own peak
+    is ``kernels.tile.torch_tile_bytes``. Around a call of n keys (M = G·Tq stacked rows, ta =
+    B·Hkv·M·D·a one query tile in the accumulation dtype, tk the same for n keys, r one value
+    per row):
+
+    Backward, at segment j: the previous call's dK, dV (2·tk) and the tile's dQ so far (as in
+    ``_tiled_work``: the last dQ of the tile before when j = 0, the running dQ when j = 1, it and
+    the last call's when j ≥ 2) + for G > 1 the stacked q and O tiles and their lse (2·t + r;
+    dO is an expanded scalar: a view, unless ``dout_view`` is False, as for the global rows'
+    own pass, whose dO rows are picked) + the segment's mask bools (m, absent on a diagonal tile
+    of plain causal, which the kernel builds itself) + the call.
+    Forward, at segment j: the last output and lse of the tile before (j = 0), the running
+    output (j = 1: the first call's), it and the last call's (j ≥ 2) + for G > 1 the stacked q
+    tile + the mask bools + the call; merging holds both outputs, the two weighted ones and
+    their sum (5·ta). Evaluating a mask holds its own temporaries (``_seg_terms``).
+    Third: what the last tile's backward leaves bound at the loop's end, as ``_tiled_work``.
+    """
+    acc = s.acc_itemsize
+    e = s.batch * s.kv_heads
+    g = s.heads // s.kv_heads
+    qrow = s.batch * s.heads * s.head_dim * s.itemsize  # one query row of Q
+    lrow = s.batch * s.heads * acc  # one row of lse
+    fwd = bwd = tail = 0
+    seen = set()  # segments whose terms are already counted: a row lists thousands of like ones
+    for run in plan_rows:
+        prev = None  # (Tq, keys) of the call before
+        for tq, segs, _, lead, qa in run:
+            ta = qrow * tq * acc // s.itemsize
+            stack_f = 0 if g == 1 else qrow * tq
+            stack_b = 0 if g == 1 else (2 if dout_view else 3) * qrow * tq + lrow * tq
+            for j, seg in enumerate(segs):
+                n = seg.size
+                tk = e * n * s.head_dim * acc
+                tail = (2 * ta if len(segs) > 1 else ta) + stack_b + 2 * tk
+                diagonal = pure_causal and seg.masked and seg.contiguous and seg.ranges[0] == (qa, qa + tq)
+                key = (tq, n, seg.masked, diagonal, min(j, 2), prev, lead)
+                prev = (tq, n)
+                if key in seen:
+                    continue
+                seen.add(key)
+                bools = _mask_rows(s, per_head) * tq * n if seg.masked and not diagonal else 0
+                ev = 0 if diagonal else _seg_terms(s, seg, tq, per_head, evb)[3]
+                call_f, call_b = torch_tile_bytes(batch_heads=e, rows=g * tq, keys=n, head_dim=s.head_dim,
+                                                  itemsize=s.itemsize, causal_tile=diagonal, mask_bytes=bools)
+                before = key[5]
+                if before is None:
+                    hold_f = hold_b = 0
+                else:
+                    p_ta = qrow * before[0] * acc // s.itemsize
+                    p_tk = e * before[1] * s.head_dim * acc
+                    hold_f = p_ta + lrow * prev[0] if j == 0 else (ta + lrow * tq) * min(j, 2)
+                    hold_b = 2 * p_tk + (p_ta if j == 0 else ta * min(j, 2))
+                if not lead:
+                    bwd = max(bwd, hold_b + stack_b + bools + call_b, hold_b + stack_b + ev)
+                    fwd = max(fwd, hold_f + stack_f + bools + call_f, hold_f + stack_f + ev)
+                    if j:
+                        fwd = max(fwd, stack_f + 5 * ta + 6 * lrow * tq)
+    return fwd, bwd, tail
+
+
+def _like_tiles_dropped(row: list[tuple[int, bool]], n_k: int, kv_tile: int) -> list[tuple[int, bool]]:
+    """A block row for one-key-tile segments without what ``_torch_work`` would count twice:
+    past the second of a run of like tiles (same kind and size), a tile's call and what the loop
+    holds around it repeat the second's once both sit at positions j ≥ 2 (the tile before them
+    alike). The first three tiles and the last (the loop's end) stay, so every position class is
+    kept: a kept tile at j ≥ 2 stays at a position ≥ 2."""
+    out: list[tuple[int, bool]] = []
+    last, run = None, 0
+    for i, (j, full) in enumerate(row):
+        kind = (full, min((j + 1) * kv_tile, n_k) - j * kv_tile)
+        run = run + 1 if kind == last else 1
+        last = kind
+        if run <= 2 or i <= 2:
+            out.append((j, full))
+    if row and out[-1] != row[-1]:
+        out.append(row[-1])
+    return out
+
+
+def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int, merge: bool = True):
+    """``(Tq, forward segments, backward segments, lead, first query row)`` per sampled tile,
+    grouped as the code does (``merge``: the fused kernel's segments; else one key tile each,
+    the same in both passes)."""
     out = []
     for i, row in zip(tiles, rows):
         tq = min(q_tile, n_q - i * q_tile)
-        fwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, gather=MAX_GATHER)[0][2]
-        bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)[0][2]
-        out.append((tq, fwd, bwd, i == tiles[0] and i > 0))
+        if merge:
+            fwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, gather=MAX_GATHER)[0][2]
+            bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)[0][2]
+        else:
+            fwd = bwd = plan_segments([_like_tiles_dropped(row, n_k, kv_tile)], n_q, n_k, q_tile, kv_tile,
+                                      merge=False)[0][2]
+        out.append((tq, fwd, bwd, i == tiles[0] and i > 0, i * q_tile))
     return out
 
 
@@ -250,29 +339,42 @@ def _class_work(s: Shape, stride: int) -> tuple[int, int]:
 
 
 
-def _sampled_plan(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None, band: M.Mask | None):
+def _sampled_plan(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | None, band: M.Mask | None):
     """The sampled plan of one call: (local runs, per-head?, rest runs or None, global rows,
     mask evaluation bytes per pair). ``band``: the pattern runs as band + residue classes."""
-    mask = M.causal() & local if s.causal else local
+    if local is None:  # chunked: every key, or the causal ones
+        mask = M.causal() if s.causal else None
+    else:
+        mask = M.causal() & local if s.causal else local
     if band is not None:
         local = mask = band
+    merge = tile_plan(s, opts, mask).kernel == "fused"
     q_tile = max(opts.q_tile, MIN_Q_TILE)
     nqt = math.ceil(s.seq_len / q_tile)
     runs = []
     for tiles in _sample_groups(nqt):
-        rows_ = _tile_rows(mask, s, q_tile, opts.kv_tile, tiles)
-        runs.append(_plan_rows(rows_, tiles, s.seq_len, s.seq_len, q_tile, opts.kv_tile))
+        if mask is None:
+            rows_ = [[(j, True) for j in range(math.ceil(s.seq_len / opts.kv_tile))]] * len(tiles)
+        else:
+            rows_ = _tile_rows(mask, s, q_tile, opts.kv_tile, tiles)
+        runs.append(_plan_rows(rows_, tiles, s.seq_len, s.seq_len, q_tile, opts.kv_tile, merge))
     per_head = isinstance(local, M.Dilated) and local.per_head
     rest = None
     g = 0
     if rows is not None and rows.numel():
         g = rows.numel()
         rest_rows = _rest_rows(local, s, rows, q_tile, opts.kv_tile)
-        rest = [_plan_rows(rest_rows, list(range(len(rest_rows))), g, s.seq_len, q_tile, opts.kv_tile)]
-    return runs, per_head, rest, g, _eval_bytes(mask, s.heads)
+        rest = [_plan_rows(rest_rows, list(range(len(rest_rows))), g, s.seq_len, q_tile, opts.kv_tile, merge)]
+    return runs, per_head, rest, g, _eval_bytes(mask, s.heads) if mask is not None else 0
 
 
-def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
+def tile_plan(s: Shape, opts, mask: M.Mask | None):
+    """``kernels.plan_call`` of this call's tiled pass on CPU (``mask``: its effective mask)."""
+    return plan_call(opts.kernel, device="cpu", dtype=getattr(torch, s.dtype), mask=mask, batch=s.batch,
+                     nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
+
+
+def sparse_footprint(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | None,
                      band: M.Mask | None) -> Footprint:
     """The closed form shared by the sparse patterns (see the module docstring for symbols).
 
@@ -293,7 +395,9 @@ def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
     the larger of that pass's and of the residue-class loop's (``_class_work``: O(N/stride)
     rows per class). Half inputs (bfloat16 on the fused kernel) keep float32 accumulators: the
     running output of a tile, its dQ, and dK, dV for the whole call (cast back at the end, both
-    alive then). Domain: the fused CPU kernel (float32, float64, bfloat16), no user mask.
+    alive then). The plain-PyTorch tile kernel (``kernels.plan_call``'s choice for kernel="torch"
+    and float16) has the same O(N·D) terms around its own working set (``_torch_work``).
+    ``local`` None: chunked's every key (or the causal ones). Domain: no user mask.
     """
     # Its tensors have a few thousand elements: intra-op threads only cost synchronisation
     # (on a loaded 2-core machine, 100x the work itself).
@@ -306,14 +410,28 @@ def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
     lse = s.lse_bytes
     qrow = s.batch * s.heads * s.head_dim * s.itemsize
     lrow = lse // s.seq_len
-    fwd, bwd, tail = _tiled_work(s, runs, per_head, evb)
+    mask = M.causal() if s.causal else None
+    if local is not None:
+        mask = local if mask is None else mask & local
+    plan = tile_plan(s, opts, mask if band is None else band)
+    if plan.kernel == "torch":
+        fwd, bwd, tail = _torch_work(s, runs, per_head, evb, plan.pure_causal)
+    else:
+        fwd, bwd, tail = _tiled_work(s, runs, per_head, evb)
     out_lse = s.q_bytes + lse
     rows_bytes = 8 * g
     peak_fwd = out_lse + fwd
     if rest is not None:
-        rest_fwd, rest_bwd, _ = _tiled_work(s, rest, False, evb + 2)
+        if plan.kernel == "torch":
+            rest_fwd, rest_bwd, _ = _torch_work(s, rest, False, evb + 2, False, dout_view=False)
+        else:
+            rest_fwd, rest_bwd, _ = _tiled_work(s, rest, False, evb + 2)
         # index_select of the g rows of q; the rows' own output and lse
         peak_fwd = max(peak_fwd, out_lse + rows_bytes + 2 * qrow * g + lrow * g + rest_fwd)
+        # Their merge into the local pass's rows: the rows' output, the local rows picked in the
+        # accumulation dtype, both weighted and their sum (4 such rows), and a few lse rows.
+        wide = qrow * g * s.acc_itemsize // s.itemsize
+        peak_fwd = max(peak_fwd, out_lse + rows_bytes + qrow * g + 4 * wide + 8 * lrow * g)
     # Half inputs: dQ, dK, dV accumulate in float32 and are cast back at the end (both kept then).
     r = s.acc_itemsize // s.itemsize
     kv_acc = 2 * s.kv_bytes * r
@@ -324,7 +442,9 @@ def sparse_footprint(s: Shape, opts, local: M.Mask, rows: torch.Tensor | None,
         peak_bwd = max(peak_bwd, out_lse + rows_bytes + lse + grads + casts + tail)
     if rest is not None:
         # The local pass's gradients stay in the accumulation dtype until the end.
-        peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + 4 * qrow * g + 2 * lrow * g
+        # The rows' pass: dO, q and O of the g rows picked, its dQ (in the accumulation dtype),
+        # lse rows, a whole dK, dV, and its working set.
+        peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + (3 + r) * qrow * g + 2 * lrow * g
                        + kv_acc + rest_bwd)
         if s.half:  # the casts back, with the rows' pass's dQ, dK, dV still bound
             peak_bwd = max(peak_bwd, out_lse + rows_bytes + grads + r * qrow * g + kv_acc + casts)
