@@ -11,12 +11,13 @@ tracker: every live tensor, parameters and optimizer state included). Padded cas
 
 Times (``--timing``, or only those with ``--timing-only``) are the issue's target ratios, each
 pair interleaved in one process (A, B, A, B, ...), medians of the per-pair ratios, with
-/proc/loadavg before and after: Llama unpadded attnmem vs HF sdpa, and padded vs unpadded
-attnmem for both models.
+/proc/loadavg before and after: unpadded attnmem vs HF sdpa, and padded vs unpadded attnmem,
+for both models (``--models``).
 
     PYTHONPATH=src python benchmarks/hf.py                                  # memory table
     PYTHONPATH=src python benchmarks/hf.py --timing-only --seq-lens 8192 --repeats 5
     PYTHONPATH=src python benchmarks/hf.py --mask-build                     # mask construction
+    PYTHONPATH=src python benchmarks/hf.py --band --seq-lens 8192,32768     # banded window vs tile loop
 """
 
 from __future__ import annotations
@@ -94,11 +95,13 @@ def memory_rows(args) -> list[dict]:
 
 
 def timing_rows(args) -> list[dict]:
-    """The issue's time targets: Llama unpadded attnmem / sdpa; padded / unpadded attnmem."""
+    """The issue's time targets: unpadded attnmem / sdpa (Llama's is a target; Mistral's runs the
+    banded window, kernels.banded); padded / unpadded attnmem."""
     cfgs = configs(args.window)
     rows = []
     for n in args.seq_lens:
-        pairs = [("llama", "attnmem / sdpa, unpadded", (cfgs["llama"], "attnmem", n, 0), (cfgs["llama"], "sdpa", n, 0))]
+        pairs = [(m, "attnmem / sdpa, unpadded", (cfgs[m], "attnmem", n, 0), (cfgs[m], "sdpa", n, 0))
+                 for m in args.models]
         pairs += [(m, "attnmem padded / unpadded", (cfgs[m], "attnmem", n, n // 64), (cfgs[m], "attnmem", n, 0))
                   for m in args.models]
         for model_name, what, a, b in pairs:
@@ -107,6 +110,54 @@ def timing_rows(args) -> list[dict]:
                    "loadavg_before": before, "loadavg_after": loadavg()}
             rows.append(row)
             print(json.dumps(row), flush=True)
+    return rows
+
+
+def _timed_call(q, k, v, mask) -> float:
+    """Seconds of one chunked attention call, forward and backward."""
+    from attnmem import attention
+
+    t0 = time.perf_counter()
+    torch.autograd.grad(attention(q, k, v, method="chunked", mask=mask).sum(), (q, k, v))
+    return time.perf_counter() - t0
+
+
+def band_rows(args) -> list[dict]:
+    """Mistral's attention call alone (forward + backward, its shape: 4 query heads of 32, 2 KV
+    heads), the window run banded (``sliding_window(W - 1, 0)``, kernels.banded) against the
+    same window through the tile loop, as before kernels.banded (``masks.Band(1 - W, 0)``: the
+    same mask function and tile states, a class ``plan_call`` leaves to the tile loop), and banded
+    with the step's N // 64 left pads, interleaved."""
+    from attnmem import masks as M
+
+    rows = []
+    for n in args.seq_lens:
+        g = torch.Generator().manual_seed(0)
+        q = torch.randn(1, n, 4, 32, generator=g).transpose(1, 2).requires_grad_()  # (B, H, N, D) as HF lays it
+        k, v = (torch.randn(1, n, 2, 32, generator=g).transpose(1, 2).requires_grad_() for _ in range(2))
+        valid = torch.ones(1, n, dtype=torch.bool)
+        valid[0, :n // 64] = False  # the step benchmark's left padding
+        masks = {"banded": M.sliding_window(args.window - 1, 0),
+                 "tile loop": M.Band(1 - args.window, 0),
+                 "banded padded": M.sliding_window(args.window - 1, 0) & M.key_padding(valid)}
+
+        for mask in masks.values():
+            _timed_call(q, k, v, mask)  # warm-up
+        before = loadavg()
+        times = {name: [] for name in masks}
+        for _ in range(args.repeats):
+            for name, mask in masks.items():
+                times[name].append(_timed_call(q, k, v, mask))
+        row = {"N": n, "window": args.window, "banded_s": statistics.median(times["banded"]),
+               "tile_loop_s": statistics.median(times["tile loop"]),
+               "banded_padded_s": statistics.median(times["banded padded"]),
+               "ratio_banded_over_tile_loop": statistics.median(a / b for a, b in zip(times["banded"],
+                                                                                      times["tile loop"])),
+               "ratio_padded_over_unpadded": statistics.median(a / b for a, b in zip(times["banded padded"],
+                                                                                     times["banded"])),
+               "pairs": args.repeats, "loadavg_before": before, "loadavg_after": loadavg()}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
     return rows
 
 
@@ -178,6 +229,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="Interleaved pairs per time ratio.")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--mask-build", action="store_true", help="Only the mask-construction benchmark.")
+    p.add_argument("--band", action="store_true", help="Only Mistral's attention call: banded vs the tile loop.")
     args = p.parse_args()
     args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
     args.models, args.impls = args.models.split(","), args.impls.split(",")
@@ -189,6 +241,9 @@ def main() -> None:
                       "loadavg": loadavg()}), flush=True)
     if args.mask_build:
         mask_build()
+        return
+    if args.band:
+        band_rows(args)
         return
     if not args.timing_only:
         print(markdown(memory_rows(args)), flush=True)

@@ -52,6 +52,7 @@ from _common import append_row, load_rows, log
 from attnmem.bench.cases import approx_error
 from attnmem.bench.frontier import cost_rows, measure_points, summarize
 from attnmem.bench.quality import (
+    bpb_by_position,
     capture_attention_inputs,
     captured_error,
     context_margin,
@@ -104,7 +105,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained_methods": ["sdpa", "sliding_window:window={w}"],
         "seeds": [0],
     },
-    "target": {  # the issue's text target, with a recipe that learns within the budget (notes/quality.md)
+    "target": {  # the issue's text target, session 5's recipe (benchmarks/notes/quality.md)
+        "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
+                "rotary positions, tied embeddings, 8192 tokens per step (8 windows of 1024, 64 of 128), 300 "
+                "steps (603-831 s of training steps per context-1024 run at load 14-19, two runs side by side), "
+                "lr 1e-2 (warm-up 50, cosine), 1 torch thread",
+        "exact": "chunked",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
+        "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 300, "lr": 1e-2, "warmup_steps": 50,
+                 "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024},
+        "trained_methods": ["chunked"],
+        "seeds": [0, 1, 2],
+    },
+    "target-long": {  # the target's recipe with the steps 15 minutes allow on quieter cores (one seed: a probe)
+        "note": "the target's recipe, 900 steps (0.89 s per context-1024 step at load 10, two side by side: "
+                "about 13 minutes), seed 0 only",
+        "exact": "chunked",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
+        "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 900, "lr": 1e-2, "warmup_steps": 50,
+                 "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024},
+        "trained_methods": ["chunked"],
+        "seeds": [0],
+    },
+    "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
                 "under load average 17, under 15 minutes on quiet cores), lr 1e-2 (warm-up 50, cosine), "
@@ -200,6 +223,44 @@ def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int]
         log(f"  {time.perf_counter() - t0:.0f} s")
 
 
+def throughput(preset_name: str, out: Path, shard: tuple[int, int], probe_steps: int) -> None:
+    """Seconds per training step of the text task's exact runs, one per context (seed 0), timed
+    over ``probe_steps`` steps after two untimed ones: what a fixed-steps preset's runs cost,
+    in a few minutes (``--jobs 2``: the contexts side by side, as the runs are trained)."""
+    preset = PRESETS[preset_name]
+    exact = exact_run(preset)
+    plan = [cfg for spec, cfg in train_configs(preset, "text") if spec == exact and cfg.seed == preset["seeds"][0]]
+    for cfg in plan[shard[0]::shard[1]]:
+        fit(dataclasses.replace(cfg, steps=2, eval_every=2, eval_examples=1))  # first-call costs, untimed
+        timed = fit(dataclasses.replace(cfg, eval_every=cfg.steps, eval_examples=1), stop_at=probe_steps)
+        per_step = timed.metrics["train_time_s"] / probe_steps
+        append_row(out, {"preset": preset_name, "task": "text", "mode": "throughput", "method": exact,
+                         "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "probe_steps": probe_steps,
+                         "s_per_step": per_step, "steps": cfg.steps, "projected_train_s": per_step * cfg.steps,
+                         **machine()})
+        log(f"throughput N={cfg.seq_len}: {per_step:.3f} s per step -> {per_step * cfg.steps:.0f} s for "
+            f"{cfg.steps} steps (load {os.getloadavg()[0]:.1f})")
+
+
+def in_processes(stage: str, preset_name: str, tasks: str, runs: str, out: str, threads: int, jobs: int,
+                 probe_steps: int) -> None:
+    """``stage`` (train, throughput) as ``jobs`` processes, shard i of jobs each; returns when
+    all have ended.
+
+    Raises:
+        RuntimeError: a process that exited with an error.
+    """
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, __file__, stage, "--preset", preset_name, "--tasks", tasks, "--runs", runs,
+           "--out", out, "--threads", str(threads), "--probe-steps", str(probe_steps)]
+    procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{jobs}"]) for i in range(jobs)]
+    failed = [i for i, p in enumerate(procs) if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"{stage} shards {failed} of {jobs} failed; see their output above")
+
+
 def equal_steps(preset_name: str, runs: Path, out: Path) -> None:
     """The text task's shorter contexts again, stopped at the step the longest context's run
     reached (same schedule, same tokens): under a time budget the short context gets more
@@ -273,6 +334,8 @@ def evaluate(preset_name: str, tasks: list[str], runs: Path, out: Path, *, swap:
                        **_quality(task, score(model, task_obj, inputs, labels))}
                 if task == "text" and "scored_offset" in t:
                     row.update(full_context_bpb(model, task_obj, t))
+                if task == "text":  # does the model read its context? (better with position if so)
+                    row["bpb_by_position"] = bpb_by_position(model, inputs, labels)
                 append_row(out, row)
                 log(f"{task} N={config.seq_len} {spec} seed {config.seed}: trained row")
             if not swap or "swapped" in done or spec != exact_run(preset) or config.seq_len != t["seq_lens"][0]:
@@ -364,7 +427,7 @@ def summary(preset_name: str, out: Path) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "summary", "all"])
+    ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "summary", "all", "throughput"])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="reduced")
     ap.add_argument("--tasks", default="text,mqar", help="comma-separated: text, mqar")
     ap.add_argument("--runs", default="runs/quality", help="checkpoints of the training runs")
@@ -372,16 +435,39 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-swap", action="store_true", help="evaluate: the trained rows only")
     ap.add_argument("--shard", default="0/1", help="I/N: train every N-th run from the I-th (N processes)")
+    ap.add_argument("--jobs", type=int, default=1, help="train: run the shards as this many processes at once "
+                                                        "(each with --threads threads)")
+    ap.add_argument("--probe-steps", type=int, default=20, help="throughput: timed steps per context")
+    ap.add_argument("--seeds", default=None, help="comma-separated: only these of the preset's seeds (e.g. to "
+                                                  "evaluate two seeds in two processes)")
     args = ap.parse_args()
+    if args.seeds is not None:
+        wanted = [int(x) for x in args.seeds.split(",")]
+        unknown = sorted(set(wanted) - set(PRESETS[args.preset]["seeds"]))
+        if unknown:
+            raise ValueError(f"--seeds {unknown} are not seeds of preset {args.preset!r}: "
+                             f"{PRESETS[args.preset]['seeds']}")
+        PRESETS[args.preset] = {**PRESETS[args.preset], "seeds": wanted}
     torch.set_num_threads(args.threads)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    if args.stage in ("train", "all"):
-        i, n = (int(x) for x in args.shard.split("/"))
+    i, n = (int(x) for x in args.shard.split("/"))
+    if args.stage == "throughput" and args.jobs > 1:
+        in_processes("throughput", args.preset, args.tasks, args.runs, args.out, args.threads, args.jobs,
+                     args.probe_steps)
+    elif args.stage == "throughput":
+        throughput(args.preset, Path(args.out), (i, n), args.probe_steps)
+    if args.stage in ("train", "all") and args.jobs > 1:
+        in_processes("train", args.preset, args.tasks, args.runs, args.out, args.threads, args.jobs,
+                     args.probe_steps)
+    elif args.stage in ("train", "all"):
         train(args.preset, tasks, Path(args.runs), (i, n))
     if args.stage in ("evaluate", "all"):
         evaluate(args.preset, tasks, Path(args.runs), Path(args.out), swap=not args.no_swap)
     if args.stage in ("equal-steps", "all") and "text" in tasks:
-        equal_steps(args.preset, Path(args.runs), Path(args.out))
+        if PRESETS[args.preset]["text"].get("max_time_s"):
+            equal_steps(args.preset, Path(args.runs), Path(args.out))
+        else:
+            log(f"equal-steps: preset {args.preset!r} trains every context for the same fixed steps already")
     if args.stage in ("summary", "all") and "text" in tasks:
         summary(args.preset, Path(args.out))
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import attnmem
 from attnmem.bench.quality import (
+    bpb_by_position,
     capture_attention_inputs,
     captured_error,
     context_margin,
@@ -60,3 +62,32 @@ def test_context_margin_against_hand_computed_spreads():
     assert not context_margin([2.6], [2.5], baseline=3.0)["beats_short"]  # the short context won
     with pytest.raises(ValueError, match="at least one"):
         seed_stats([])
+
+
+def test_captures_of_a_rotary_model_are_the_rotated_q_and_k_it_attends_with():
+    torch.manual_seed(0)
+    model = Transformer(64, 32, 2, 2, method="chunked", positions="rotary").eval()
+    tokens = torch.randint(64, (2, 40), generator=torch.Generator().manual_seed(3))
+    outputs = []
+    handles = [b.attn.register_forward_hook(lambda m, a, o: outputs.append(o)) for b in model.blocks]
+    caps = capture_attention_inputs(model, tokens)
+    for h in handles:
+        h.remove()
+    for cap, out, block in zip(caps, outputs, model.blocks):
+        o = attnmem.attention(cap.q, cap.k, cap.v, method="reference", causal=True)  # (B, H, N, D)
+        torch.testing.assert_close(block.attn.o_proj(o.transpose(1, 2).reshape(2, 40, 32)), out,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_bpb_by_position_is_the_cross_entropy_of_each_bucket():
+    torch.manual_seed(0)
+    model = Transformer(256, 32, 2, 1, method="chunked").eval()
+    gen = torch.Generator().manual_seed(4)
+    inputs, labels = torch.randint(256, (3, 40), generator=gen), torch.randint(256, (3, 40), generator=gen)
+    got = bpb_by_position(model, inputs, labels, edges=(0, 8, 32, 64), batch_size=2)
+    assert list(got) == ["0-8", "8-32", "32-40"]  # the last bucket stops at the window
+    with torch.no_grad():
+        nats = torch.nn.functional.cross_entropy(model(inputs).double().transpose(1, 2), labels, reduction="none")
+    assert got["8-32"] == pytest.approx(float(nats[:, 8:32].mean()) / 0.6931471805599453, rel=1e-9)
+    with pytest.raises(ValueError, match="edges"):
+        bpb_by_position(model, inputs, labels, edges=(1, 8))

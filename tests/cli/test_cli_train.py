@@ -76,3 +76,11 @@ def test_train_bad_options_clear_error(tmp_path, args, word):
 def test_parse_bytes():
     assert parse_bytes("512MiB") == 512 * 2**20 and parse_bytes("2GiB") == 2**31
     assert parse_bytes("1e9") == 10**9 and parse_bytes("1.5 GB") == 1_500_000_000
+
+
+def test_train_positions_option_reaches_the_model(tmp_path):
+    r = CliRunner().invoke(main, ["train", *TINY, "--steps", "1", "--positions", "rotary", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert load_checkpoint(tmp_path / CHECKPOINT)["config"]["positions"] == "rotary"
+    r = CliRunner().invoke(main, ["train", *TINY, "--steps", "1", "--positions", "learned", "--out", str(tmp_path)])
+    assert r.exit_code != 0 and "learned" in r.output

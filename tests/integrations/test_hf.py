@@ -444,6 +444,31 @@ def test_estimate_step_equals_measured_peak(impl, pad):
     assert abs(est.peak_bytes - peak) <= 0.02 * peak
 
 
+def test_estimate_step_of_a_sliding_window_model_is_its_measured_peak(monkeypatch):
+    """Mistral's window runs banded (kernels.banded: one fused call per query segment over the
+    keys it sees), in the trace and in the real step; with left padding (segments with and
+    without padded keys) the traced step allocates what the real one does, to the byte."""
+    import attnmem.kernels.tiled as tiled
+    from attnmem.memory.measure import track_peak
+
+    calls = []
+    banded_forward = tiled.banded_forward
+    monkeypatch.setattr(tiled, "banded_forward", lambda *a, **k: calls.append(1) or banded_forward(*a, **k))
+    amhf.register(name="attnmem_band", q_tile=16)
+    cfg = transformers.MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                     sliding_window=24)
+    est = amhf.estimate_step(cfg, 96, batch=2, attn_implementation="attnmem_band", pad=9)
+    traced = len(calls)
+    torch.manual_seed(0)
+    model, opt, inputs = amhf.prepare_step(cfg, "attnmem_band", 96, 2, pad=9)
+    peak, base = track_peak(lambda state, inp: amhf.train_step(model, opt, inp), amhf.state_tensors(model, opt),
+                            inputs)
+    assert traced and len(calls) > traced  # both ran the banded path
+    assert est.state_bytes == base
+    assert est.peak_bytes == peak
+
+
 @pytest.mark.parametrize("arch, pad", [("llama", 9), ("qwen2", 0)])
 def test_estimate_step_replay_equals_tracing_every_layer(arch, pad):
     """Each distinct attention call traced once and replayed in every layer gives the bytes of

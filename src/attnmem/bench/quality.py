@@ -98,7 +98,7 @@ def capture_attention_inputs(model: nn.Module, tokens: Tensor, **forward_kwargs:
     captured: list[Captured] = []
 
     def hook(module: MultiHeadAttention, args: tuple, kwargs: dict, output: Tensor) -> None:
-        q, k, v = module.project(args[0])  # (B, Hq, N, D), (B, Hkv, N, D) ×2
+        q, k, v = module.project(args[0], kwargs.get("positions"))  # (B, Hq, N, D), (B, Hkv, N, D) ×2
         captured.append(Captured(layer=len(captured), q=q, k=k, v=v, causal=module.causal,
                                  mask=kwargs.get("mask")))
 
@@ -273,3 +273,33 @@ def context_margin(long: list[float], short: list[float], baseline: float, *, fa
             "beats_short": margin >= factor * spread and margin > 0,
             "baseline": baseline, "beats_baseline": max(long) < baseline,
             "short_beats_baseline": max(short) < baseline}
+
+
+POSITION_EDGES = (0, 8, 32, 64, 128, 256, 512, 1024)  # the buckets of BENCHMARKS.md's by-position table
+
+
+@torch.no_grad()
+def bpb_by_position(model: nn.Module, inputs: Tensor, labels: Tensor, edges: tuple[int, ...] = POSITION_EDGES,
+                    batch_size: int = 8) -> dict[str, float]:
+    """Bits per byte of a byte-level ``TaskModel`` by position in its window: ``"a-b"`` is the
+    mean over predictions at positions a .. b - 1 of every window (buckets past the window are
+    left out). A model that reads its context gets better with position; one at bigram quality
+    does not.
+
+    Raises:
+        ValueError: edges that are not increasing from 0.
+    """
+    from ..tasks.text import LN2
+
+    if edges[0] != 0 or any(b <= a for a, b in zip(edges, edges[1:])):
+        raise ValueError(f"edges must increase from 0, got {edges!r}")
+    model.eval()
+    N = inputs.shape[1]
+    nats = torch.zeros(N, dtype=torch.float64)
+    for a in range(0, inputs.shape[0], batch_size):
+        _reset(model)
+        logits = model(inputs[a:a + batch_size]).double()  # (b, N, 256)
+        nats += nn.functional.cross_entropy(logits.transpose(1, 2), labels[a:a + batch_size],
+                                            reduction="none").sum(0)  # (N,)
+    nats /= inputs.shape[0]
+    return {f"{lo}-{min(hi, N)}": float(nats[lo:hi].mean()) / LN2 for lo, hi in zip(edges, edges[1:]) if lo < N}

@@ -49,6 +49,8 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--d-model", default=64, type=click.IntRange(min=1), show_default=True)
 @click.option("--heads", default=2, type=click.IntRange(min=1), show_default=True)
 @click.option("--layers", default=2, type=click.IntRange(min=1), show_default=True)
+@click.option("--positions", default="sinusoidal", type=click.Choice(["sinusoidal", "rotary"]), show_default=True,
+              help="Sinusoidal embeddings added to the input, or rotary q and k in every layer.")
 @click.option("--tie-embeddings", is_flag=True, help="Read out with the token embedding (language-model tasks).")
 @click.option("--batch", default=32, type=click.IntRange(min=1), show_default=True)
 @click.option("--steps", default=1000, type=click.IntRange(min=1), show_default=True)
@@ -76,7 +78,8 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint(s).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, seq_len, d_model, heads, layers,
-              tie_embeddings, batch, steps, lr, weight_decay, warmup, window_warmup, eval_every, eval_examples,
+              positions, tie_embeddings, batch, steps, lr, weight_decay, warmup, window_warmup, eval_every,
+              eval_examples,
               checkpoint_every,
               checkpointing, stop_at, target_accuracy, max_time_s, budget, seed, threads, out_dir, resume,
               no_progress) -> None:
@@ -100,7 +103,7 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
     config = TrainConfig(task=task, task_options=parse_options(task_items, "--task-option"), train_mix=mix,
                          seq_len=seq_len,
                          method=name, method_options=method_options, d_model=d_model, n_heads=heads,
-                         n_layers=layers, tie_embeddings=tie_embeddings,
+                         n_layers=layers, positions=positions, tie_embeddings=tie_embeddings,
                          batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
                          warmup_steps=warmup, window_warmup=window_warmup, eval_every=eval_every,
                          eval_examples=eval_examples,

@@ -8,6 +8,8 @@
 - ``mods``: score_mod, dropout and the tensors a score_mod captures (``Mods``, ``make_mods``).
 - ``autograd``: ``LseAttention``, the autograd function that saves only out and lse.
 - ``segments``: ``block_rows`` and ``plan_segments``, which keys each query tile computes.
+- ``banded``: a causal sliding window as one fused-operator call per query segment over the keys
+  it sees (``plan_call`` decides when).
 - ``tile``: the two tile kernels (``fused`` CPU operator, ``torch``) and ``resolve_kernel``.
 - ``flex``: the FlexAttention adapter (``flex_block_mask``, ``flex_attention``) for CUDA.
 """

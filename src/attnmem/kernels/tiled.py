@@ -44,6 +44,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 
 from ..masks import And, KeyPadding, Mask, SlidingWindow, eval_mask
 from .autograd import LseAttention
+from .banded import band_of, banded_backward, banded_forward
 from .merge import merge_partials
 from .mods import Mods, ScoreMod, TileMods, make_mods
 from .segments import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, block_rows, plan_segments
@@ -64,6 +65,9 @@ class CallPlan:
     grouped_causal: bool
     single_call: bool
     key_padding: KeyPadding | None
+    # ``left`` of a causal sliding window run as one fused call per query segment
+    # (``kernels.banded``), else None.
+    band: int | None = None
 
 
 def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
@@ -101,6 +105,13 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
         # A tile's bias is a (G·Tq × Tk) tensor: one call over everything would be N².
         causal_call = grouped_causal = False
     single_call = (mask is None or causal_call or grouped_causal) and fused and mods is None
+    band = band_of(mask)
+    # A causal window on a square problem: one fused call per query segment over the keys it
+    # sees (``kernels.banded``), where the operator takes the heads as they are. Half precision
+    # keeps the tile loop, whose backward accumulates in float32.
+    if (band is not None and fused and mods is None and nq == nk > 0 and dtype in (torch.float32, torch.float64)
+            and (q_heads == kv_heads or native_gqa())):
+        return CallPlan(kernel, False, False, False, False, band[1], band[0])
     return CallPlan(kernel, pure_causal, causal_call, grouped_causal, single_call, padding)
 
 
@@ -153,7 +164,14 @@ class TileContext:
                          mods=self.mods.fast if self.mods is not None else None)
         self.kernel, self.pure_causal, self.causal_call = call.kernel, call.pure_causal, call.causal_call
         self.grouped_causal, self.single_call = call.grouped_causal, call.single_call
+        self.key_padding = call.key_padding
         self.key_valid = call.key_padding.valid if call.key_padding is not None else None
+        self.band = call.band
+        self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
+        self.device = q.device
+        if self.band is not None:
+            self.plan = self.plan_bwd = None  # no block map: the band's segments are its own
+            return
         fused = self.kernel == "fused"
         cap = {"fused": BIAS_SEGMENT, "softcap": SOFTCAP_SEGMENT}.get(self.kernel) if self.mods is not None else None
         if fused and cap is not None and self.row_bias_tiles(mask):
@@ -171,8 +189,6 @@ class TileContext:
             self.plan = plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=fused, gather=MAX_GATHER)
             self.plan_bwd = (plan_segments(rows, self.nq, self.nk, q_tile, kv_tile, merge=True,
                                            max_segment=MAX_SEGMENT) if fused else self.plan)
-        self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
-        self.device = q.device
 
     def row_bias_tiles(self, mask: Mask | None) -> bool:
         """Whether the larger tiles of a ``row_bias`` score_mod apply (see ``ROW_BIAS_Q_TILE``)."""
@@ -353,6 +369,8 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tens
     acc = acc_dtype(q.dtype)
     if c.grouped_causal and c.nq:
         return _grouped_causal_forward(c, q, k, v)
+    if c.band is not None and c.nq:
+        return banded_forward(q, k, v, left=c.band, scale=c.scale, q_tile=c.tiles[0], padding=c.key_padding)
     if c.single_call and c.nq and c.nk:
         whole = CAUSAL_TILE if c.causal_call else None
         o_all, lse = fwd(c.q_view(q, 0, c.nq), k, v, whole, c.scale)  # (B, Hkv, G·Nq, ·)
@@ -409,6 +427,9 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | N
     d_captured: list[Tensor | None] = []
     if c.grouped_causal and c.nq:
         dq, dk, dv = _grouped_causal_backward(c, dout, q, k, v, out, lse_b)
+    elif c.band is not None and c.nq:
+        dq, dk, dv = banded_backward(dout, q, k, v, out, lse_b, left=c.band, scale=c.scale, q_tile=c.tiles[0],
+                                     padding=c.key_padding)
     elif c.single_call and kernel == "fused" and c.nq and c.nk:
         dq, dk, dv, _ = bwd(c.q_view(dout, 0, c.nq), c.q_view(q, 0, c.nq), k, v,
                             c.q_view(out, 0, c.nq), c.q_view(lse_b, 0, c.nq),

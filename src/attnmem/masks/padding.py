@@ -45,6 +45,18 @@ class KeyPadding(Mask):
 
         return mask_mod
 
+    def all_valid(self, starts: list[int], stops: list[int]) -> list[bool]:
+        """Per range ``[starts[i], stops[i])``: whether all its keys are valid in every batch row
+        (from the host prefix counts: no device sync, a few operators for all ranges)."""
+        a, b = torch.tensor(starts, dtype=torch.int64), torch.tensor(stops, dtype=torch.int64)
+        return (self._counts[:, b] - self._counts[:, a] == b - a).all(0).tolist()
+
+    def empty_rows(self, left: int) -> Tensor:
+        """(Bm, Nk) bools, on the host: queries of a square problem whose window ``[q - left, q]``
+        holds no valid key."""
+        stop = torch.arange(1, self._counts.shape[1])
+        return self._counts[:, stop] == self._counts[:, (stop - 1 - left).clamp_min(0)]
+
     def _tile_counts(self, g: Grid, ki: Tensor) -> tuple[Tensor, Tensor]:
         ka = ki * g.kv_tile
         kb = torch.clamp(ka + g.kv_tile, max=g.nk)

@@ -123,8 +123,10 @@ class ChunkedOptions:
     it applies, else plain PyTorch), "fused" or "torch".
 
     With the fused operator, no mask, or plain causal on a square problem without GQA, is one
-    operator call over everything (the operator tiles and skips empty blocks itself); other
-    masks run tile by tile over their block map.
+    operator call over everything (the operator tiles and skips empty blocks itself); a causal
+    window ``sliding_window(left, 0)`` (with or without key padding) on a square problem in
+    float32/float64 is one call per ``q_tile`` queries over the keys they see
+    (``kernels.banded``); other masks run tile by tile over their block map.
     """
 
     q_tile: int = 256

@@ -39,6 +39,7 @@ from ..kernels import (
     fused_forward,
     make_mods,
     merge_partials,
+    plan_call,
     resolve_kernel,
     run_exact,
     tiled_attention,
@@ -199,7 +200,21 @@ class _Sparse(Method):
         # kernel="torch" and float16 run): ``sparse_footprint`` asks ``kernels.plan_call`` which.
         if s.masked:
             return ["a user mask besides the pattern is not modelled (traced)"]
+        band = self._band(s, opts)
+        if band is not None:
+            return [f"sliding_window({band}, 0) without causal=True runs one fused call per query segment "
+                    f"(kernels.banded), not modelled (traced)"]
         return []
+
+    def _band(self, s: Shape, opts) -> int | None:
+        """``left`` when the kernel runs this call as a causal band (``kernels.plan_call``), else None."""
+        local, rows = self.split(opts, s.seq_len)
+        if rows is not None and rows.numel():
+            return None
+        mask = M.causal() & local if s.causal else local
+        return plan_call(opts.kernel, device="cpu", dtype=getattr(torch, s.dtype), mask=mask, batch=s.batch,
+                         nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                         mods=s.mods).band
 
     def memory_model(self, s: Shape, opts) -> Footprint:
         local, rows = self.split(opts, s.seq_len)

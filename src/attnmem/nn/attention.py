@@ -11,6 +11,42 @@ from .. import registry
 from ..api import attention
 from ..checks import check_positive_int
 
+ROTARY_BASE = 10000.0  # RoFormer's: at head_dim 32 the slowest pair turns once in ~35k positions
+
+
+def rotary(x: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor:
+    """Rotary position embedding (Su et al., RoFormer), GPT-NeoX's half-split layout.
+
+    Channel ``i`` and channel ``i + D/2`` of every head form a pair, rotated by the angle
+    ``p · base^(-2i/D)`` at position ``p``:
+    ``(x_i, x_{i+D/2}) -> (x_i cos a - x_{i+D/2} sin a, x_i sin a + x_{i+D/2} cos a)``.
+    Applied to q and k alike, it makes ``q_p · k_p'`` a function of the contents and of
+    ``p - p'`` only (a relative position, and a locality prior every method can honour: it
+    changes q and k, not the attention call).
+
+    Args:
+        x: (B, H, N, D) with D even.
+        positions: (N,) or (B, N) int positions of the N tokens.
+
+    Raises:
+        ValueError: an odd head dimension, or positions that do not match x's tokens.
+    """
+    D = x.shape[-1]
+    if D % 2:
+        raise ValueError(f"rotary needs an even head dimension, got head_dim={D}")
+    if positions.shape[-1] != x.shape[-2] or positions.dim() not in (1, 2):
+        raise ValueError(f"positions must have shape (N,) or (B, N) with N = {x.shape[-2]}, got "
+                         f"{tuple(positions.shape)}")
+    half = D // 2
+    freq = base ** (-torch.arange(half, device=x.device, dtype=torch.float64) / half)  # (D/2,) = base^(-2i/D)
+    angle = positions.double()[..., None] * freq  # (N, D/2) or (B, N, D/2)
+    if angle.dim() == 3:
+        angle = angle[:, None]  # (B, 1, N, D/2): the same angles for every head
+    # cos and sin in float64, then cast: an angle rounded to bf16 at position 1000 is off by radians
+    cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
+    a, b = x[..., :half], x[..., half:]  # (B, H, N, D/2) each
+    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
 
 class MultiHeadAttention(nn.Module):
     """Projections around ``attnmem.attention``; every registered method is reachable here.
@@ -34,6 +70,9 @@ class MultiHeadAttention(nn.Module):
         dropout: attention dropout on the probabilities, applied only while ``self.training``;
             its pattern is drawn from torch's global generator (``torch.manual_seed`` makes it
             reproducible).
+        rotary: rotate q and k by their positions (``rotary``) before the attention call, so
+            every method (sparse, top-k, linear, stateful) sees them; ``forward`` then takes the
+            tokens' ``positions`` (default 0 .. N - 1). Decoding caches store the rotated keys.
         **options: the method's options.
 
     Shapes: ``forward(x)`` takes (B, N, d_model) and returns (B, N, d_model).
@@ -45,8 +84,10 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, *, kv_heads: int | None = None,
                  method: str = "auto", causal: bool = False, bias: bool = False,
                  sequence_parallel: Any = None, score_mod: Any = None, sinks: bool = False,
-                 dropout: float = 0.0, **options: Any):
+                 dropout: float = 0.0, rotary: bool = False, **options: Any):
         super().__init__()
+        if not isinstance(rotary, bool):
+            raise TypeError(f"rotary must be a bool, got {type(rotary).__name__}")
         kv_heads = n_heads if kv_heads is None else kv_heads
         for name, val in (("d_model", d_model), ("n_heads", n_heads), ("kv_heads", kv_heads)):
             check_positive_int(name, val)
@@ -56,6 +97,9 @@ class MultiHeadAttention(nn.Module):
             raise ValueError(f"n_heads={n_heads} is not divisible by kv_heads={kv_heads}")
         self.d_model, self.n_heads, self.kv_heads = d_model, n_heads, kv_heads
         self.head_dim = d_model // n_heads
+        if rotary and self.head_dim % 2:
+            raise ValueError(f"rotary needs an even head dimension, got d_model / n_heads = {self.head_dim}")
+        self.rotary = rotary
         self.method, self.causal, self.options = method, causal, dict(options)
         self.sequence_parallel = sequence_parallel
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -90,11 +134,17 @@ class MultiHeadAttention(nn.Module):
         B, N, _ = x.shape
         return x.view(B, N, heads, self.head_dim).transpose(1, 2)  # (B, H, N, D)
 
-    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, N, d_model) -> q (B, Hq, N, D), k and v (B, Hkv, N, D)."""
-        return (self.split_heads(self.q_proj(x), self.n_heads),
-                self.split_heads(self.k_proj(x), self.kv_heads),
-                self.split_heads(self.v_proj(x), self.kv_heads))
+    def project(self, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, d_model) -> q (B, Hq, N, D), k and v (B, Hkv, N, D); with ``rotary``, q and k
+        rotated by ``positions`` ((N,) or (B, N); default 0 .. N - 1)."""
+        q = self.split_heads(self.q_proj(x), self.n_heads)
+        k = self.split_heads(self.k_proj(x), self.kv_heads)
+        v = self.split_heads(self.v_proj(x), self.kv_heads)
+        if self.rotary:
+            if positions is None:
+                positions = torch.arange(x.shape[1], device=x.device)
+            q, k = rotary(q, positions), rotary(k, positions)
+        return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any = None) -> Tensor:
         if self.sequence_parallel is not None:
@@ -111,20 +161,21 @@ class MultiHeadAttention(nn.Module):
             mods["dropout_p"] = self.dropout
         return attention(q, k, v, method=self.method, causal=self.causal, mask=mask, **mods, **self.options)
 
-    def forward(self, x: Tensor, *, mask: Any = None, cache: Any = None) -> Tensor:
+    def forward(self, x: Tensor, *, mask: Any = None, cache: Any = None, positions: Tensor | None = None) -> Tensor:
         """``cache``: an ``attnmem.nn.cache.LayerCache``; x then holds the new tokens only, which
-        attend to the cached ones and are stored (decoding). Masks do not combine with a cache."""
+        attend to the cached ones and are stored (decoding). Masks do not combine with a cache.
+        ``positions``: the tokens' positions, (N,) or (B, N), used by ``rotary`` only."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must have shape (B, N, {self.d_model}), got {tuple(x.shape)}")
         if cache is not None and mask is not None:
             raise ValueError("mask and cache do not combine; the cache kind sets the decoding pattern")
-        q, k, v = self.project(x)
+        q, k, v = self.project(x, positions)
         out = self.attend(q, k, v, mask) if cache is None else cache.attend(self, q, k, v)  # (B, Hq, N, D)
         B, _, N, _ = out.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, N, self.d_model))
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, kv_heads={self.kv_heads}, "
-                f"method={self.method!r}, causal={self.causal}")
+                f"method={self.method!r}, causal={self.causal}" + (", rotary=True" if self.rotary else ""))
 
 

@@ -34,9 +34,12 @@ class Block(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d_model, ffn_mult * d_model), nn.GELU(),
                                  nn.Linear(ffn_mult * d_model, d_model))
 
-    def forward(self, x: Tensor, mask: Any = None, cache: Any = None) -> Tensor:
-        x = x + self.attn(self.ln1(x), mask=mask, cache=cache)
+    def forward(self, x: Tensor, mask: Any = None, cache: Any = None, positions: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.ln1(x), mask=mask, cache=cache, positions=positions)
         return x + self.ffn(self.ln2(x))
+
+
+POSITIONS = ("sinusoidal", "rotary")
 
 
 class Transformer(nn.Module):
@@ -49,6 +52,13 @@ class Transformer(nn.Module):
         ffn_mult: hidden width of the feed-forward block, in multiples of d_model.
         num_outputs: output classes per position (default: vocab_size).
         method, causal, **options: passed to every ``MultiHeadAttention``.
+        positions: how the model knows where a token is. "sinusoidal" (the default, kept for
+            the models and caches built before the option existed): fixed sinusoidal
+            embeddings added to the input. "rotary": nothing added to the input; every
+            attention layer rotates its q and k by the tokens' positions
+            (``attnmem.nn.attention.rotary``), so attention scores depend on relative
+            positions. On the byte-level text task at context 1024 it learns to read the
+            context where sinusoidal stayed at bigram quality (benchmarks/notes/quality.md).
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
         sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or
@@ -65,8 +75,10 @@ class Transformer(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_heads: int, n_layers: int, *,
                  kv_heads: int | None = None, ffn_mult: int = 4, num_outputs: int | None = None,
                  method: str = "auto", causal: bool = True, checkpointing: bool = False,
-                 sequence_parallel: Any = False, **options: Any):
+                 sequence_parallel: Any = False, positions: str = "sinusoidal", **options: Any):
         super().__init__()
+        if positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
         for name, val in (("vocab_size", vocab_size), ("n_layers", n_layers), ("ffn_mult", ffn_mult)):
             check_positive_int(name, val)
         if checkpointing and method != "auto":
@@ -82,8 +94,9 @@ class Transformer(nn.Module):
                                  "already bounded)")
         self.d_model = d_model
         self.checkpointing = checkpointing
+        self.positions = positions
         self.embed = nn.Embedding(vocab_size, d_model)
-        attn_kwargs = dict(kv_heads=kv_heads, method=method, causal=causal, **options)
+        attn_kwargs = dict(kv_heads=kv_heads, method=method, causal=causal, rotary=positions == "rotary", **options)
         self.sequence_parallel = None
         if sequence_parallel:
             from ..distributed import SequenceParallel
@@ -118,14 +131,16 @@ class Transformer(nn.Module):
                                                    kv_heads=attn.kv_heads) + position_offset
         else:
             pos = torch.arange(position_offset, position_offset + tokens.shape[1], device=tokens.device)
-        x = self.embed(tokens) + sinusoidal_positions(pos, self.d_model).to(self.embed.weight.dtype)
+        x = self.embed(tokens)  # (B, N, d_model)
+        if self.positions == "sinusoidal":
+            x = x + sinusoidal_positions(pos, self.d_model).to(x.dtype)
         for i, block in enumerate(self.blocks):
             if cache is not None:
-                x = block(x, mask, cache.layers[i])
+                x = block(x, mask, cache.layers[i], pos)
             elif self.checkpointing and torch.is_grad_enabled():
-                x = checkpoint(block, x, mask, use_reentrant=False)
+                x = checkpoint(block, x, mask, None, pos, use_reentrant=False)
             else:
-                x = block(x, mask)
+                x = block(x, mask, None, pos)
         if cache is not None:
             cache.advance(tokens.shape[1])
         return self.ln_f(x)

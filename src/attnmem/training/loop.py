@@ -31,6 +31,7 @@ from .. import registry
 from ..checks import check_positive_fields, check_positive_int
 from ..memory.measure import MiB, measure
 from ..nn import Transformer
+from ..nn.transformer import POSITIONS
 from ..tasks import IGNORE, make_task
 from .checkpoint import load_checkpoint, save_atomic
 
@@ -43,7 +44,7 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 # unchanged ``steps`` reproduces an uninterrupted run exactly.
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
 # Fields added after checkpoints were already written, with the value that reproduces those runs.
-ADDED_FIELDS = {"window_warmup": 0, "window_start": 32}
+ADDED_FIELDS = {"window_warmup": 0, "window_start": 32, "positions": "sinusoidal"}
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
             and each doubling adds keys the heads have not yet seen at most twice over.
             Evaluation always uses the run's own mask. 0 (the default) turns it off.
         d_model, n_heads, n_layers: model shape.
+        positions: "sinusoidal" (added to the input) or "rotary" (q and k rotated in every
+            attention layer); see ``attnmem.nn.Transformer``. The text ``target`` preset uses rotary:
+            with sinusoidal positions its context-1024 byte model stayed at bigram quality.
         tie_embeddings: read out with the token embedding (scaled by d_model^-1/2) instead of a
             separate output matrix (language-model tasks only).
         batch_size, steps, lr, weight_decay, warmup_steps, grad_clip: optimisation.
@@ -97,6 +101,7 @@ class TrainConfig:
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
+    positions: str = "sinusoidal"
     tie_embeddings: bool = False
     batch_size: int = 32
     steps: int = 1000
@@ -125,6 +130,8 @@ class TrainConfig:
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {val!r}")
         check_positive_int("window_start", self.window_start)
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
                                                      and 0 < self.target_accuracy <= 1):
             raise ValueError(f"target_accuracy must be in (0, 1], got {self.target_accuracy!r}")
@@ -198,7 +205,8 @@ class TaskModel(nn.Module):
         self.kind = task.kind
         self.net = Transformer(task.vocab_size, config.d_model, config.n_heads, config.n_layers,
                                num_outputs=task.num_outputs, method=config.method, causal=True,
-                               checkpointing=config.checkpointing, **config.attention_options())
+                               checkpointing=config.checkpointing, positions=config.positions,
+                               **config.attention_options())
         self.attn_mask = config.mask()
         self.tied = config.tie_embeddings
         if self.tied:  # the readout is the token embedding, scaled; the head keeps only its bias
