@@ -69,6 +69,15 @@ from attnmem.training.loop import CHECKPOINT
 
 EXACT_RUN = "sdpa"  # the method of the runs every other method is swapped into (a preset's "exact" overrides it)
 
+# Session 5's text-target recipe, shared by "target" and its longer probe "target-long".
+TARGET_RECIPE: dict[str, Any] = {
+    "exact": "chunked",
+    "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
+    "trained_methods": ["chunked"],
+}
+TARGET_TEXT: dict[str, Any] = {"seq_lens": [1024, 128], "batch_tokens": 8192, "lr": 1e-2, "warmup_steps": 50,
+                               "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024}
+
 # Each preset: the model, the optimiser budget, the contexts and what to score on.
 PRESETS: dict[str, dict[str, Any]] = {
     "reduced": {
@@ -110,21 +119,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "rotary positions, tied embeddings, 8192 tokens per step (8 windows of 1024, 64 of 128), 300 "
                 "steps (603-831 s of training steps per context-1024 run at load 14-19, two runs side by side), "
                 "lr 1e-2 (warm-up 50, cosine), 1 torch thread",
-        "exact": "chunked",
-        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
-        "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 300, "lr": 1e-2, "warmup_steps": 50,
-                 "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024},
-        "trained_methods": ["chunked"],
+        **TARGET_RECIPE,
+        "text": {**TARGET_TEXT, "steps": 300},
         "seeds": [0, 1, 2],
     },
     "target-long": {  # the target's recipe with the steps 15 minutes allow on quieter cores (one seed: a probe)
         "note": "the target's recipe, 900 steps (0.89 s per context-1024 step at load 10, two side by side: "
                 "about 13 minutes), seed 0 only",
-        "exact": "chunked",
-        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True, "positions": "rotary"},
-        "text": {"seq_lens": [1024, 128], "batch_tokens": 8192, "steps": 900, "lr": 1e-2, "warmup_steps": 50,
-                 "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024},
-        "trained_methods": ["chunked"],
+        **TARGET_RECIPE,
+        "text": {**TARGET_TEXT, "steps": 900},
         "seeds": [0],
     },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
