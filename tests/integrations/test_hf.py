@@ -428,6 +428,23 @@ def test_register_names_both_interfaces_and_can_be_replaced():
 # --- memory of a step ---------------------------------------------------------------------------
 
 
+def test_models_prepared_from_one_config_keep_their_own_attention_and_leave_the_config_alone():
+    # from_config keeps the config object and set_attn_implementation writes into it: without a
+    # copy, preparing an sdpa model switched an attnmem model built earlier to sdpa as well (a
+    # benchmark then timed sdpa against itself) and changed the caller's config.
+    amhf.register()
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    before = cfg._attn_implementation
+    ours, _, _ = amhf.prepare_step(cfg, "attnmem", 16, 1)
+    theirs, _, _ = amhf.prepare_step(cfg, "sdpa", 16, 1)
+    assert ours.config._attn_implementation == "attnmem"
+    assert theirs.config._attn_implementation == "sdpa"
+    assert cfg._attn_implementation == before
+    amhf.estimate_step(cfg, 16, attn_implementation="sdpa")
+    assert cfg._attn_implementation == before
+
+
 @pytest.mark.parametrize("impl, pad", [("sdpa", 0), ("attnmem", 0), ("attnmem", 9), ("eager", 9)])
 def test_estimate_step_equals_measured_peak(impl, pad):
     from attnmem.memory.measure import track_peak

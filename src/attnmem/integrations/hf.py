@@ -39,6 +39,7 @@ not know.
 from __future__ import annotations
 
 import contextvars
+import copy
 import inspect
 import math
 import re
@@ -744,9 +745,14 @@ def _config_of(model_or_config: Any) -> Any:
 
 
 def build_model(config: Any, dtype: torch.dtype | None = None) -> Any:
-    """A causal-LM (or masked-LM, or base) model of ``config`` with random weights."""
+    """A causal-LM (or masked-LM, or base) model of a copy of ``config`` with random weights.
+
+    The copy matters: ``from_config`` keeps the object it is given as ``model.config``, and
+    ``set_attn_implementation`` writes into it, so two models built from one config would share
+    one attention implementation (and the caller's config would be changed)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM
 
+    config = copy.deepcopy(config)
     for auto in (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModel):
         try:
             model = auto.from_config(config)
