@@ -114,7 +114,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained_methods": ["sdpa", "sliding_window:window={w}"],
         "seeds": [0],
     },
-    "target": {  # the issue's text target, session 5's recipe (benchmarks/notes/quality.md)
+    "target": {  # the issue's text target, session 5's recipe (BENCHMARKS.md, session 5, issue 19)
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "rotary positions, tied embeddings, 8192 tokens per step (8 windows of 1024, 64 of 128), 300 "
                 "steps (603-831 s of training steps per context-1024 run at load 14-19, two runs side by side), "

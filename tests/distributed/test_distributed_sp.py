@@ -283,7 +283,7 @@ def _check_peaks(tmp_path: Path):
     assert peaks["ulysses_blocks"] < peaks["ulysses_unblocked"], peaks
     assert peaks["hybrid_kv_blocks"] < peaks["hybrid_unblocked"], peaks
     # ... and estimate(world_size=...)'s closed forms follow the measurement within 15 % (the
-    # standard N = 2048 figures are in benchmarks/notes/dist.md).
+    # standard N = 2048 figures are in BENCHMARKS.md, session 5).
     for name, (scheme, kw) in PEAK_RUNS.items():
         u = 2 if scheme == "hybrid" else None
         want = per_rank(scheme, local_estimate=attnmem.estimate, world_size=4, ulysses=u, batch=1, heads=PEAK_H,

@@ -58,7 +58,7 @@ class Transformer(nn.Module):
             attention layer rotates its q and k by the tokens' positions
             (``attnmem.nn.attention.rotary``), so attention scores depend on relative
             positions. On the byte-level text task at context 1024 it learns to read the
-            context where sinusoidal stayed at bigram quality (benchmarks/notes/quality.md).
+            context where sinusoidal stayed at bigram quality (BENCHMARKS.md, session 5, issue 19).
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
         sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or
