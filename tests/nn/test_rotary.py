@@ -31,17 +31,19 @@ def rotary_by_hand(x: torch.Tensor, positions: list[int], base: float = 10000.0)
 def test_rotary_matches_its_definition_for_shared_and_per_row_positions():
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     pos = [0, 1, 7, 300, 1023]
-    assert rel_err(rotary(x, torch.tensor(pos)), rotary_by_hand(x, pos)) <= 1e-12
+    assert rel_err(rotary(x, positions=torch.tensor(pos)), rotary_by_hand(x, pos)) <= 1e-12
     per_row = torch.tensor([pos, [4, 5, 6, 7, 8]])  # (B, N): paged caches give each sequence its own
     want = torch.stack([rotary_by_hand(x[0], pos), rotary_by_hand(x[1], [4, 5, 6, 7, 8])])
-    assert rel_err(rotary(x, per_row), want) <= 1e-12
+    assert rel_err(rotary(x, positions=per_row), want) <= 1e-12
 
 
 def test_rotary_scores_depend_on_the_offset_only():
     q, k = torch.randn(2, 1, 1, 16, dtype=torch.float64).unbind(0)  # (1, 1, 16) each
 
     def score(pq: int, pk: int) -> float:
-        return float((rotary(q[None], torch.tensor([pq])) * rotary(k[None], torch.tensor([pk]))).sum())
+        rq = rotary(q[None], positions=torch.tensor([pq]))
+        rk = rotary(k[None], positions=torch.tensor([pk]))
+        return float((rq * rk).sum())
 
     assert score(10, 3) == pytest.approx(score(900, 893), rel=1e-9)
     assert score(10, 3) != pytest.approx(score(10, 4), rel=1e-3)
@@ -53,7 +55,7 @@ def test_rotary_layer_is_any_method_on_rotated_q_and_k():
     x = torch.randn(2, 24, 32, dtype=torch.float64)
     pos = torch.arange(5, 29)
     q, k, v = (layer.split_heads(p(x), 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
-    ref = attnmem.attention(rotary(q, pos), rotary(k, pos), v, method="linear", causal=True)
+    ref = attnmem.attention(rotary(q, positions=pos), rotary(k, positions=pos), v, method="linear", causal=True)
     assert rel_err(layer(x, positions=pos), layer.o_proj(ref.transpose(1, 2).reshape(2, 24, 32))) <= 1e-12
 
 
@@ -93,7 +95,7 @@ def test_bad_position_options_are_refused():
     with pytest.raises(TypeError, match="rotary must be a bool"):
         MultiHeadAttention(8, 2, rotary=1)
     with pytest.raises(ValueError, match="positions must have shape"):
-        rotary(torch.randn(1, 1, 4, 8), torch.arange(5))
+        rotary(torch.randn(1, 1, 4, 8), positions=torch.arange(5))
     with pytest.raises(ValueError, match="positions must be one of"):
         TrainConfig(task="text", seq_len=64, positions="learned")
 
@@ -101,6 +103,13 @@ def test_bad_position_options_are_refused():
 def test_rotary_in_bfloat16_keeps_the_angles_of_far_positions():
     x = torch.randn(1, 1, 3, 8, dtype=torch.float64)
     pos = torch.tensor([1000, 3000, 9000])
-    want = rotary(x, pos)
-    got = rotary(x.bfloat16(), pos).double()
+    want = rotary(x, positions=pos)
+    got = rotary(x.bfloat16(), positions=pos).double()
     assert rel_err(got, want) <= 2e-2  # bf16 rounding of x and the result only, not of the angles
+
+
+def test_several_tensors_share_one_table_and_equal_one_call_each():
+    q, k = torch.randn(2, 2, 3, 9, 8, dtype=torch.float64).unbind(0)  # (2, 3, 9, 8) each
+    pos = torch.randint(0, 500, (2, 9))
+    rq, rk = rotary(q, k, positions=pos)
+    assert torch.equal(rq, rotary(q, positions=pos)) and torch.equal(rk, rotary(k, positions=pos))

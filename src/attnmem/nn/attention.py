@@ -14,7 +14,7 @@ from ..checks import check_positive_int
 ROTARY_BASE = 10000.0  # RoFormer's: at head_dim 32 the slowest pair turns once in ~35k positions
 
 
-def rotary(x: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor:
+def rotary(*xs: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor | tuple[Tensor, ...]:
     """Rotary position embedding (Su et al., RoFormer), GPT-NeoX's half-split layout.
 
     Channel ``i`` and channel ``i + D/2`` of every head form a pair, rotated by the angle
@@ -25,12 +25,17 @@ def rotary(x: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor:
     changes q and k, not the attention call).
 
     Args:
-        x: (B, H, N, D) with D even.
+        xs: one or more (B, H, N, D) tensors of one dtype (q and k: the angles are computed
+            once for all of them), D even.
         positions: (N,) or (B, N) int positions of the N tokens.
 
+    Returns:
+        The rotated tensor, or a tuple of them for several ``xs``.
+
     Raises:
-        ValueError: an odd head dimension, or positions that do not match x's tokens.
+        ValueError: an odd head dimension, or positions that do not match the tokens.
     """
+    x = xs[0]
     D = x.shape[-1]
     if D % 2:
         raise ValueError(f"rotary needs an even head dimension, got head_dim={D}")
@@ -44,8 +49,13 @@ def rotary(x: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor:
         angle = angle[:, None]  # (B, 1, N, D/2): the same angles for every head
     # cos and sin in float64, then cast: an angle rounded to bf16 at position 1000 is off by radians
     cos, sin = angle.cos().to(x.dtype), angle.sin().to(x.dtype)
-    a, b = x[..., :half], x[..., half:]  # (B, H, N, D/2) each
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+    def rotate(t: Tensor) -> Tensor:
+        a, b = t[..., :half], t[..., half:]  # (B, H, N, D/2) each
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+
+    out = tuple(rotate(t) for t in xs)
+    return out[0] if len(out) == 1 else out
 
 
 class MultiHeadAttention(nn.Module):
@@ -143,7 +153,7 @@ class MultiHeadAttention(nn.Module):
         if self.rotary:
             if positions is None:
                 positions = torch.arange(x.shape[1], device=x.device)
-            q, k = rotary(q, positions), rotary(k, positions)
+            q, k = rotary(q, k, positions=positions)  # one table of angles for both
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any = None) -> Tensor:
