@@ -18,8 +18,9 @@ operator in each pass, over views of q, k, v: no mask evaluation, no gathered ke
 Key padding adds its (B, 1, 1, K) bias to the strip of a segment whose keys hold padding (one
 (B, 1, T, K) tensor, transient; segments without padding keep the view). The operator computes
 the band's whole T × (T + left) rectangle, (T + left) / (left + 1) times the allowed pairs (1.25
-at T = 256, left = 1023); it was still 1.9x faster than the tile loop at N = 8192, left = 1023
-(BENCHMARKS.md, session 5, Hugging Face integration), which evaluates the mask on two partial tiles per query tile.
+at T = 256, left = 1023); it still took 0.72 x the tile loop's time at N = 8192, left = 1023
+(benchmarks/hf.py --band, quiet machine, BENCHMARKS.md session 5), which evaluates the mask on
+two partial tiles per query tile.
 
 GQA takes K/V with fewer heads directly (``native_gqa``); ``kernels.plan_call`` sends a call here
 only then (or without GQA), in float32 or float64, with no score modification.
