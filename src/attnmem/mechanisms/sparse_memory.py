@@ -266,7 +266,7 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
                 else:
                     p_ta = qrow * before[0] * acc // s.itemsize
                     p_tk = e * before[1] * s.head_dim * acc
-                    hold_f = p_ta + lrow * prev[0] if j == 0 else (ta + lrow * tq) * min(j, 2)
+                    hold_f = p_ta + lrow * before[0] if j == 0 else (ta + lrow * tq) * min(j, 2)
                     hold_b = 2 * p_tk + (p_ta if j == 0 else ta * min(j, 2))
                 if not lead:
                     bwd = max(bwd, hold_b + stack_b + bools + call_b, hold_b + stack_b + ev)
