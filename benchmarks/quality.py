@@ -130,6 +130,14 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {**TARGET_TEXT, "steps": 900},
         "seeds": [0],
     },
+    "target-warm": {  # the target's recipe, 900 steps, the context-1024 runs with a context warm-up (session 6)
+        "note": "the target's recipe at 900 steps; the context-1024 runs train their first 600 steps on shorter "
+                "windows of the same 8192 tokens per step (128, 256, 512: 200 steps each, TrainConfig."
+                "context_warmup), then 300 at 1024; the context-128 runs are target-long's",
+        **TARGET_RECIPE,
+        "text": {**TARGET_TEXT, "steps": 900, "context_warmup": 600, "context_start": 128},
+        "seeds": [0, 1, 2],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
