@@ -229,3 +229,19 @@ def test_hard_takes_the_first_argmax_under_exact_ties():
         out = attnmem.attention(q, k, v, method="hard", causal=causal, scale=1.0, kv_tile=64)
         want = attnmem.mechanisms.selective.hard_definition(q, k, v, mask=M.combine(causal, None), scale=1.0)
         assert torch.equal(out, want)
+
+
+def test_first_max_is_max_with_its_first_index():
+    # hard's merge finds each row's max through segment maxima; index and value must be
+    # torch.max's (the first index of the maximum, NaN ranked first) under ties, NaN and -inf.
+    from attnmem.mechanisms.selective import _first_max
+
+    g = torch.Generator().manual_seed(0)
+    for tk in (64, 96, 200, 1000, 1024):
+        s = torch.randint(-3, 4, (1, 2, 17, tk), generator=g).float()  # many exact ties
+        s[0, 0, 3, 50] = float("nan")
+        s[0, 1, 5, tk - 1] = float("nan")
+        s[0, 0, 4] = -math.inf
+        got, want = _first_max(s), s.max(-1, keepdim=True)
+        assert torch.equal(got[1], want[1]), tk
+        assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num()), tk
