@@ -6,8 +6,9 @@ A query at position p recalls the value written right after its key in the openi
 recall distance is p − (position of that value). A method that keeps only the last W keys of a
 query cannot read a value further back than W (here W = 32, the preset's window), so its
 accuracy should hold below the window and fall to chance above it; this is what the overall
-accuracy of ``quality.py`` averages away. One row per (seed, method, distance bucket), written
-as it is made; rows already in ``--out`` are skipped.
+accuracy of ``quality.py`` averages away. The runs trained with a method of their own
+(``mode=trained_by_distance``) are scored on the same queries. One row per (seed, mode, method,
+distance bucket), written as it is made; rows already in ``--out`` are skipped.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from torch import Tensor
 from _common import append_row, load_rows, log
 from attnmem.bench.quality import held_out_inputs, load_trained, parse_spec, swap_attention
 from attnmem.tasks import IGNORE, make_task
-from quality import PRESETS, exact_run, machine, run_dir
+from quality import PRESETS, exact_run, machine, run_dir, trained_specs
 
 BUCKETS = ((1, 32), (33, 64), (65, 128), (129, 255))  # recall distances, inclusive
 METHODS = ["sdpa", "sliding_window:window=32", "longformer:window=32", "strided:stride=32", "bigbird:block=16",
@@ -53,6 +54,23 @@ def correct_by_query(model: torch.nn.Module, inputs: Tensor, labels: Tensor, bat
     return torch.cat(out)
 
 
+def bucket_rows(right: Tensor, dist: Tensor, base: dict) -> list[dict]:
+    """One row per distance bucket: the queries in it and the accuracy on them."""
+    rows = []
+    for lo, hi in BUCKETS:
+        sel = (dist >= lo) & (dist <= hi)
+        rows.append({**base, "distance": [lo, hi], "queries": int(sel.sum()),
+                     "accuracy": float(right[sel].float().mean())})
+    return rows
+
+
+def record(out: Path, rows: list[dict], t0: float) -> None:
+    for row in rows:
+        append_row(out, {**row, "eval_s": time.perf_counter() - t0, **machine()})
+    log(f"seed {rows[0]['seed']} {rows[0]['mode']} {rows[0]['method']}: "
+        + ", ".join(f"{r['distance'][0]}-{r['distance'][1]}: {r['accuracy']:.3f}" for r in rows))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="the mqar preset's checkpoints (quality.py train --runs)")
@@ -63,7 +81,7 @@ def main() -> None:
     preset, out = PRESETS["mqar"], Path(args.out)
     t = preset["mqar"]
     n, exact = t["seq_lens"][0], exact_run(preset)
-    done = {(r["seed"], r["method"]) for r in load_rows(out)}
+    done = {(r["seed"], r["mode"], r["method"]) for r in load_rows(out)}
     for seed in preset["seeds"]:
         try:
             config, model, _ = load_trained(str(run_dir(Path(args.runs), "mqar", n, exact, seed)))
@@ -73,20 +91,30 @@ def main() -> None:
         task = make_task("mqar", seq_len=n, **config.task_options)
         inputs, labels = held_out_inputs(config, task, text_bytes=0, examples=t["examples"])
         dist = recall_distance(inputs, labels, config.task_options["num_pairs"])[labels != IGNORE]  # (M,)
+        base = {"preset": "mqar", "task": "mqar", "seq_len": n, "seed": seed}
         for spec in METHODS:
-            if (seed, spec) in done:
+            if (seed, "swapped_by_distance", spec) in done:
                 continue
             t0 = time.perf_counter()
             name, opts = parse_spec(spec)
             right = correct_by_query(swap_attention(model, name, opts, seed=seed), inputs, labels)
-            for lo, hi in BUCKETS:
-                sel = (dist >= lo) & (dist <= hi)
-                append_row(out, {"preset": "mqar", "task": "mqar", "mode": "swapped_by_distance", "seq_len": n,
-                                 "seed": seed, "trained_with": exact, "method": spec, "distance": [lo, hi],
-                                 "queries": int(sel.sum()), "accuracy": float(right[sel].float().mean()),
-                                 "eval_s": time.perf_counter() - t0, **machine()})
-            log(f"seed {seed} {spec}: " + ", ".join(
-                f"{lo}-{hi}: {float(right[(dist >= lo) & (dist <= hi)].float().mean()):.3f}" for lo, hi in BUCKETS))
+            record(out, bucket_rows(right, dist, {**base, "mode": "swapped_by_distance", "trained_with": exact,
+                                                  "method": spec}), t0)
+        for spec in trained_specs(preset, n):  # the runs trained with their own method, on the same queries
+            if spec == exact or (seed, "trained_by_distance", spec) in done:
+                continue
+            try:
+                _, trained, metrics = load_trained(str(run_dir(Path(args.runs), "mqar", n, spec, seed)))
+            except ValueError as e:
+                log(f"skip {spec} seed {seed}: {e}")
+                continue
+            if metrics["steps"] < t["steps"]:
+                log(f"skip {spec} seed {seed}: step {metrics['steps']} of {t['steps']}, unfinished")
+                continue
+            t0 = time.perf_counter()
+            record(out, bucket_rows(correct_by_query(trained, inputs, labels), dist,
+                                    {**base, "mode": "trained_by_distance", "trained_with": spec, "method": spec,
+                                     "train_steps": metrics["steps"]}), t0)
 
 
 if __name__ == "__main__":
