@@ -1,6 +1,7 @@
 """MQAR accuracy by recall distance, of methods swapped into the exact models of the ``mqar`` preset.
 
     python benchmarks/mqar_distance.py --runs runs/quality_mqar --out benchmarks/results/quality/mqar_distance.jsonl
+    python benchmarks/mqar_distance.py --runs runs/quality_mqar --table   # the rows as a markdown table
 
 A query at position p recalls the value written right after its key in the opening pairs: the
 recall distance is p − (position of that value). A method that keeps only the last W keys of a
@@ -71,12 +72,37 @@ def record(out: Path, rows: list[dict], t0: float) -> None:
         + ", ".join(f"{r['distance'][0]}-{r['distance'][1]}: {r['accuracy']:.3f}" for r in rows))
 
 
+def table(out: Path) -> str:
+    """The rows of ``out`` as a markdown table: per (mode, method), the accuracy in each distance
+    bucket, mean and range over seeds."""
+    acc: dict[tuple[str, str], dict[tuple[int, int], dict[int, float]]] = {}
+    queries: dict[tuple[int, int], dict[int, int]] = {}
+    for r in load_rows(out):
+        b = tuple(r["distance"])
+        acc.setdefault((r["mode"], r["method"]), {}).setdefault(b, {})[r["seed"]] = r["accuracy"]
+        queries.setdefault(b, {})[r["seed"]] = r["queries"]
+    head = " | ".join(f"{lo}–{hi} ({sum(queries[(lo, hi)].values()) / len(queries[(lo, hi)]):.0f} queries)"
+                      for lo, hi in BUCKETS)
+    lines = [f"| scored | method | {head} |", "|---|---|" + "---:|" * len(BUCKETS)]
+    for (mode, method), by_bucket in acc.items():
+        cells = []
+        for b in BUCKETS:
+            v = list(by_bucket.get(b, {}).values())
+            cells.append(f"{sum(v) / len(v):.3f} ({min(v):.3f}–{max(v):.3f}, {len(v)})" if v else "—")
+        lines.append(f"| {mode.removesuffix('_by_distance')} | {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", required=True, help="the mqar preset's checkpoints (quality.py train --runs)")
     ap.add_argument("--out", default="benchmarks/results/quality/mqar_distance.jsonl")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--table", action="store_true", help="print the rows of --out as a table and stop")
     args = ap.parse_args()
+    if args.table:
+        print(table(Path(args.out)))
+        return
     torch.set_num_threads(args.threads)
     preset, out = PRESETS["mqar"], Path(args.out)
     t = preset["mqar"]
