@@ -130,6 +130,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {**TARGET_TEXT, "steps": 900},
         "seeds": [0],
     },
+    "target-warm": {  # the target's recipe, 900 steps, the context-1024 runs with short windows (session 6)
+        "note": "the target's recipe at 900 steps; the context-1024 runs train their first 600 steps on shorter "
+                "windows of the same 8192 tokens per step (128, 256, 512: 200 steps each, TrainConfig."
+                "context_warmup), then 300 steps of which each draws either 8 windows of 1024 or 64 of 128 "
+                "(train_mix); the context-128 runs are target-long's",
+        **TARGET_RECIPE,
+        "text": {**TARGET_TEXT, "steps": 900,
+                 "long": {"context_warmup": 600, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "seeds": [0, 1, 2],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
@@ -212,17 +222,18 @@ def train_configs(preset: dict[str, Any], task: str) -> list[tuple[str, TrainCon
     for n, spec in plan:
         for seed in preset["seeds"]:
             name, opts = parse_spec(spec)
-            cfg = TrainConfig(task=task, task_options=dict(t.get("task_options", {})),
-                              train_mix=list(t.get("train_mix", [])), seq_len=n, method=name,
-                              method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
-                              steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
-                              window_warmup=t.get("window_warmup", 0),
-                              context_warmup=t.get("context_warmup", 0) if n > t.get("context_start", 128) else 0,
-                              context_start=t.get("context_start", 128),
-                              eval_every=t.get("eval_every", max(t["steps"] // 4, 1)),
-                              eval_examples=t.get("eval_examples", 16),
-                              checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t.get("max_time_s"), seed=seed,
-                              **preset["model"])
+            # "long": TrainConfig fields of the runs longer than the shortest context only.
+            long = t.get("long", {}) if n > min(t["seq_lens"]) else {}
+            fields = dict(task=task, task_options=dict(t.get("task_options", {})),
+                          train_mix=list(t.get("train_mix", [])), seq_len=n, method=name,
+                          method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
+                          steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
+                          window_warmup=t.get("window_warmup", 0),
+                          eval_every=t.get("eval_every", max(t["steps"] // 4, 1)),
+                          eval_examples=t.get("eval_examples", 16),
+                          checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t.get("max_time_s"), seed=seed,
+                          **preset["model"])
+            cfg = TrainConfig(**{**fields, **long})
             out.append((spec, cfg))
     if "methods_only" in preset:  # --methods: some of the preset's runs (e.g. the slow ones last)
         out = [(spec, cfg) for spec, cfg in out if spec in preset["methods_only"]]
