@@ -491,7 +491,8 @@ def mqar_summary(preset_name: str, out: Path) -> str:
              "|---|---:|---:|---:|"]
     for method in list(dict.fromkeys([*trained, *swapped, *reasons])):
         err = errors.get(method, {})
-        swap = seed_spread(swapped.get(method, {})) if method in swapped else f"n/a: {reasons.get(method, '')[:80]}"
+        why = reasons.get(method, "").split("inputs: ")[-1]  # the method's own reason, without the preamble
+        swap = seed_spread(swapped.get(method, {})) if method in swapped else f"n/a: {why[:80]}"
         lines.append(f"| {method} | {seed_spread(trained.get(method, {}))} | {swap} | "
                      f"{(sum(err.values()) / len(err)) if err else float('nan'):.3g} |")
     return "\n".join(lines)
