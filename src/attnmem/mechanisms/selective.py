@@ -120,7 +120,8 @@ def _first_max(s: Tensor) -> tuple[Tensor, Tensor]:
     return val, pos.add_(first * seg)
 
 
-def _merge_topk(best_s: Tensor, best_i: Tensor, s: Tensor, start: int, kk: int) -> tuple[Tensor, Tensor]:
+def _merge_topk(best_s: Tensor, best_i: Tensor, s: Tensor, start: int, kk: int,
+                first: bool = False) -> tuple[Tensor, Tensor]:
     """The top-``kk`` of the running best (B, Hkv, M, kk) and a score tile (B, Hkv, M, Tk).
 
     Exact by block maxima: key j of the tile's first L = nb·BLOCK keys is in block j mod nb (a
@@ -130,6 +131,7 @@ def _merge_topk(best_s: Tensor, best_i: Tensor, s: Tensor, start: int, kk: int) 
     tile's top-kk elements (an element outside them is <= the kk-th largest block maximum, and
     each chosen block holds an element >= it). So only the blocks above t, or the top-kk blocks
     when more are above t, with the running best and the L..Tk remainder, go into one topk.
+    ``first``: the running best is still empty (t = -inf): the top-kk blocks, without counting.
     """
     lead, tk = s.shape[:-1], s.shape[-1]
     nb = tk // BLOCK
@@ -140,11 +142,14 @@ def _merge_topk(best_s: Tensor, best_i: Tensor, s: Tensor, start: int, kk: int) 
     length = nb * BLOCK
     grid = s[..., :length].view(*lead, BLOCK, nb)  # (B, Hkv, M, BLOCK, nb): grid[..., r, j] is key r·nb + j
     block_max = grid.amax(-2)  # (B, Hkv, M, nb)
-    # NaN counts as above t (topk ranks NaN first); so does every block while t = -inf.
-    above = ~(block_max <= best_s.amin(-1, keepdim=True))  # (B, Hkv, M, nb)
-    n_above = above.sum(-1, keepdim=True)  # (B, Hkv, M, 1)
-    # A memory trace has no values: it takes the widest case, kk blocks per row.
-    most = kk if is_fake(s) else min(int(n_above.max()), kk)
+    above = n_above = None
+    most = kk
+    if not first:
+        # NaN counts as above t (topk ranks NaN first); so does every block while t = -inf.
+        above = ~(block_max <= best_s.amin(-1, keepdim=True))  # (B, Hkv, M, nb)
+        n_above = above.sum(-1, keepdim=True)  # (B, Hkv, M, 1)
+        # A memory trace has no values: it takes the widest case, kk blocks per row.
+        most = kk if is_fake(s) else min(int(n_above.max()), kk)
     if most == 0:  # no block of this tile beats any row's kk-th best: only the remainder may
         if length == tk:
             return best_s, best_i
@@ -208,7 +213,7 @@ def select_topk(c: TileContext, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, 
     best_s = torch.full((B, Hkv, M, kk), -math.inf, dtype=acc, device=q_t.device)
     best_i = torch.zeros((B, Hkv, M, kk), dtype=torch.int64, device=q_t.device)
     qf = q_t.to(acc)
-    for seg in segs:
+    for n, seg in enumerate(segs):
         # The "torch" kernel's plan has one key tile per segment: one contiguous range.
         start = seg.ranges[0][0]
         # The tile's scores live only inside the merge: none is held while the next is computed.
@@ -216,7 +221,7 @@ def select_topk(c: TileContext, q_t: Tensor, k: Tensor, qa: int, qb: int, segs, 
             best_s, best_i = _merge_max(best_s, best_i, _tile_scores(c, qf, k, qa, qb, seg, generator, gumbel), start)
         else:
             best_s, best_i = _merge_topk(best_s, best_i, _tile_scores(c, qf, k, qa, qb, seg, generator, gumbel),
-                                         start, kk)
+                                         start, kk, first=n == 0)
     return best_s, best_i
 
 
