@@ -25,7 +25,8 @@ def _measured(**mods) -> int:
 def test_estimate_follows_each_fast_path_to_the_byte(name):
     mods = {"alibi": {"score_mod": S.alibi(H)}, "softcap": {"score_mod": S.softcap(30.0)},
             "dropout": {"dropout_p": 0.1}}[name]
-    est = estimate("chunked", batch=1, heads=H, seq_len=N, head_dim=D, causal=True, q_tile=64, kv_tile=64, **mods)
+    est = estimate("chunked", batch=1, heads=H, seq_len=N, head_dim=D, causal=True, q_tile=64, kv_tile=64,
+                   how="trace", **mods)
     assert est.source == "trace" and est.shape.mods == {"alibi": "bias", "softcap": "softcap", "dropout": ""}[name]
     assert est.peak_bytes == _measured(**mods)
     # The plain call is a different path (one fused call): the modification is not ignored.
