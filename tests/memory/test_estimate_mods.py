@@ -41,3 +41,60 @@ def test_estimate_refuses_what_a_method_cannot_honour():
         estimate("chunked", batch=1, heads=H, seq_len=N, head_dim=D, sinks=torch.zeros(H + 1))
     with pytest.raises(ValueError, match="world_size"):
         estimate("chunked", batch=1, heads=H, seq_len=N, head_dim=D, world_size=2, dropout_p=0.1)
+
+
+# --- closed forms (issue 17, deliverable 7): each feature's formula against the trace ---------
+# The trace follows the very kernel path (checked to the byte against measure above); the
+# closed forms (kernels/tile.py's *_tile_bytes, sparse_memory's loop) must agree within 5 %.
+# Small calls (N = 384, tiles of 64) so that each trace takes well under a second.
+
+def _features(heads: int) -> dict:
+    return {"softcap": {"score_mod": S.softcap(30.0)}, "dropout": {"dropout_p": 0.1},
+            "alibi": {"score_mod": S.alibi(heads)},
+            "relative_bias": {"score_mod": S.relative_bias(torch.linspace(-1, 1, 32 * heads).view(32, heads))},
+            "sinks": {"sinks": torch.zeros(heads, requires_grad=True)}}
+
+
+FORMULA_CASES = [
+    ("chunked", "softcap", dict(causal=True), "float32"),
+    ("chunked", "softcap", dict(kv_heads=1), "bfloat16"),
+    ("chunked", "dropout", dict(causal=True), "float32"),
+    ("chunked", "dropout", dict(causal=True, kv_heads=1), "float16"),
+    ("chunked", "alibi", dict(causal=True), "float32"),  # ALiBi's row path: 512-query tiles
+    ("chunked", "alibi", dict(causal=True, kv_heads=1), "float32"),  # GQA: bias tiles, masked diagonal
+    ("chunked", "relative_bias", dict(training=False), "float64"),
+    ("chunked", "sinks", dict(causal=True), "float32"),  # one fused call, sinks learned
+    ("chunked", "sinks", dict(causal=True, kv_heads=1), "bfloat16"),
+    ("sliding_window", "alibi", dict(causal=True, window=(64, 0)), "float32"),  # a window: masked tiles
+    ("sliding_window", "softcap", dict(window=(48, 48), kv_heads=1), "float32"),
+]
+
+
+@pytest.mark.parametrize("method,feature,call,dtype", FORMULA_CASES)
+def test_closed_form_of_each_modification_against_the_trace(method, feature, call, dtype):
+    heads = 2
+    kw = dict(batch=1, heads=heads, seq_len=384, head_dim=8, dtype=dtype, q_tile=64, kv_tile=64,
+              **call, **_features(heads)[feature])
+    traced, closed = estimate(method, how="trace", **kw), estimate(method, how="formula", **kw)
+    assert closed.source == "formula" and traced.source == "trace"
+    assert abs(closed.peak_bytes / traced.peak_bytes - 1) <= 0.05, (closed.peak_bytes, traced.peak_bytes)
+    # The default how takes the closed form inside its domain.
+    assert estimate(method, **kw).source == "formula"
+
+
+@pytest.mark.parametrize("score_mod,reason", [
+    (lambda score, b, h, q_idx, kv_idx: score * 0.5, "generic score_mod"),
+    (S.relative_bias(torch.zeros(32, H, requires_grad=True)), "generic score_mod"),  # its table learns
+])
+def test_generic_score_mods_stay_traced_naming_why(score_mod, reason):
+    kw = dict(batch=1, heads=H, seq_len=N, head_dim=D, causal=True, q_tile=64, kv_tile=64, score_mod=score_mod)
+    with pytest.raises(ValueError, match=reason):
+        estimate("chunked", how="formula", **kw)
+    assert estimate("chunked", **kw).source == "trace"
+
+
+def test_half_precision_alibi_stays_traced():
+    # The fused operator would round the bias in bfloat16: the generic torch kernel runs it.
+    with pytest.raises(ValueError, match="plain-PyTorch tile kernel"):
+        estimate("chunked", batch=1, heads=H, seq_len=N, head_dim=D, dtype="bfloat16", how="formula",
+                 score_mod=S.alibi(H))
