@@ -203,6 +203,8 @@ def train_configs(preset: dict[str, Any], task: str) -> list[tuple[str, TrainCon
                               method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
                               steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
                               window_warmup=t.get("window_warmup", 0),
+                              context_warmup=t.get("context_warmup", 0) if n > t.get("context_start", 128) else 0,
+                              context_start=t.get("context_start", 128),
                               eval_every=max(t["steps"] // 4, 1), eval_examples=16,
                               checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t.get("max_time_s"), seed=seed,
                               **preset["model"])

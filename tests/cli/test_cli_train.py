@@ -55,6 +55,17 @@ def test_stop_at_ends_early_on_the_full_schedule(tmp_path):
     assert load_checkpoint(tmp_path / CHECKPOINT)["config"]["window_warmup"] == 4  # the flag reaches the run
 
 
+def test_context_warmup_flags_reach_the_run(tmp_path):
+    r = CliRunner().invoke(main, ["train", *TINY, "--steps", "4", "--stop-at", "1", "--positions", "rotary",
+                                  "--context-warmup", "2", "--context-start", "16", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    saved = load_checkpoint(tmp_path / CHECKPOINT)["config"]
+    assert (saved["context_warmup"], saved["context_start"]) == (2, 16)
+    r = CliRunner().invoke(main, ["train", *TINY, "--context-warmup", "2", "--context-start", "16",
+                                  "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "positions='rotary'" in r.output  # sinusoidal positions are refused
+
+
 @pytest.mark.parametrize("args,word", [
     (["--method", "nope"], "nope"),
     (["--task-option", "pairs=3"], "pairs"),

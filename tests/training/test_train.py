@@ -282,3 +282,36 @@ def test_window_warmup_narrows_attention_in_the_first_steps(monkeypatch):
     assert train == [(3, 0), (3, 0), (7, 0), (7, 0), (15, 0), (15, 0)] and result.model.attn_mask is None
     with pytest.raises(ValueError, match="window_warmup"):
         TrainConfig(**TINY, window_warmup=-1)
+
+
+def test_context_warmup_trains_on_shorter_windows_with_equal_tokens(monkeypatch):
+    cfg = TrainConfig(**{**TINY, "seq_len": 64, "positions": "rotary", "context_warmup": 4, "context_start": 16,
+                         "steps": 6, "eval_every": 6})
+    # Stages of equal length from 16 tokens, doubling below seq_len; the run's own length after.
+    assert [cfg.warmup_context(s) for s in range(6)] == [16, 16, 32, 32, None, None]
+    seen = []
+    forward = T.TaskModel.scored
+
+    def record(self, x, y):
+        seen.append(tuple(x.shape))
+        return forward(self, x, y)
+
+    monkeypatch.setattr(T.TaskModel, "scored", record)
+    fit(cfg)
+    peak, evaluation = [(16, 64)] * 2, [(16, 64)] * 2  # both on the task itself, in batches of batch_size
+    # 16 * 64 tokens in every training step: 64 windows of 16, 32 of 32, then the run's own 16 of 64.
+    steps = [(64, 16)] * 2 + [(32, 32)] * 2 + [(16, 64)] * 2
+    assert seen == peak + steps + evaluation
+
+
+def test_context_warmup_refuses_what_it_cannot_honour():
+    rotary = {**TINY, "positions": "rotary"}
+    with pytest.raises(ValueError, match="positions='rotary'"):
+        TrainConfig(**TINY, context_warmup=2, context_start=16)
+    with pytest.raises(ValueError, match="context_start must be below seq_len"):
+        TrainConfig(**rotary, context_warmup=2, context_start=32)
+    with pytest.raises(ValueError, match="train_mix"):
+        TrainConfig(**rotary, context_warmup=2, context_start=16, train_mix=[{"seq_len": 16}])
+    with pytest.raises(ValueError, match="context_warmup"):
+        TrainConfig(**rotary, context_warmup=-1)
+    assert ADDED_FIELDS["context_warmup"] == 0  # a checkpoint from before the field resumes as "off"

@@ -60,6 +60,12 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--window-warmup", default=0, type=click.IntRange(min=0), show_default=True,
               help="Steps at the start that attend only to the last 32 keys, doubling in equal stages up to "
                    "seq_len / 2 (TrainConfig.window_warmup).")
+@click.option("--context-warmup", default=0, type=click.IntRange(min=0), show_default=True,
+              help="Steps at the start that train on shorter windows (--context-start tokens, doubling in equal "
+                   "stages below --seq-len) with the same tokens per step; needs --positions rotary "
+                   "(TrainConfig.context_warmup).")
+@click.option("--context-start", default=128, type=click.IntRange(min=1), show_default=True,
+              help="The first window length of --context-warmup.")
 @click.option("--eval-every", default=100, type=click.IntRange(min=1), show_default=True)
 @click.option("--eval-examples", default=256, type=click.IntRange(min=1), show_default=True)
 @click.option("--checkpoint-every", default=100, type=click.IntRange(min=1), show_default=True)
@@ -78,8 +84,8 @@ def metrics_table(rows: list[dict], title: str) -> Table:
 @click.option("--resume", is_flag=True, help="Continue from OUT's checkpoint(s).")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, seq_len, d_model, heads, layers,
-              positions, tie_embeddings, batch, steps, lr, weight_decay, warmup, window_warmup, eval_every,
-              eval_examples,
+              positions, tie_embeddings, batch, steps, lr, weight_decay, warmup, window_warmup, context_warmup,
+              context_start, eval_every, eval_examples,
               checkpoint_every,
               checkpointing, stop_at, target_accuracy, max_time_s, budget, seed, threads, out_dir, resume,
               no_progress) -> None:
@@ -105,7 +111,8 @@ def train_cmd(task, task_items, train_mix, method, window, do_sweep, methods_, s
                          method=name, method_options=method_options, d_model=d_model, n_heads=heads,
                          n_layers=layers, positions=positions, tie_embeddings=tie_embeddings,
                          batch_size=batch, steps=steps, lr=lr, weight_decay=weight_decay,
-                         warmup_steps=warmup, window_warmup=window_warmup, eval_every=eval_every,
+                         warmup_steps=warmup, window_warmup=window_warmup, context_warmup=context_warmup,
+                         context_start=context_start, eval_every=eval_every,
                          eval_examples=eval_examples,
                          checkpoint_every=checkpoint_every, checkpointing=checkpointing,
                          target_accuracy=target_accuracy, max_time_s=max_time_s, seed=seed, out_dir=out_dir)

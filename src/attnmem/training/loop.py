@@ -44,7 +44,8 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 # unchanged ``steps`` reproduces an uninterrupted run exactly.
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
 # Fields added after checkpoints were already written, with the value that reproduces those runs.
-ADDED_FIELDS = {"window_warmup": 0, "window_start": 32, "positions": "sinusoidal"}
+ADDED_FIELDS = {"window_warmup": 0, "window_start": 32, "positions": "sinusoidal", "context_warmup": 0,
+                "context_start": 128}
 
 
 @dataclass
@@ -70,6 +71,15 @@ class TrainConfig:
             steps); the narrow window learns that first, at every position of the full window,
             and each doubling adds keys the heads have not yet seen at most twice over.
             Evaluation always uses the run's own mask. 0 (the default) turns it off.
+        context_warmup, context_start: sequence-length warm-up. The first ``context_warmup``
+            training steps train on shorter windows of the same text: ``context_start`` tokens,
+            then doubling in equal stages, below seq_len; a stage of length L draws
+            batch_size · seq_len / L windows, so every step has the same tokens. At equal tokens a
+            long window is fewer, more correlated examples per step (8 windows of 1024 bytes
+            against 64 of 128): the short stages learn the local statistics from many places
+            first, and the model then learns to read further back. It needs positions that carry
+            over to longer windows (``positions="rotary"``: scores depend only on offsets).
+            Evaluation is always at seq_len. 0 (the default) turns it off.
         d_model, n_heads, n_layers: model shape.
         positions: "sinusoidal" (added to the input) or "rotary" (q and k rotated in every
             attention layer); see ``attnmem.nn.Transformer``. The text ``target`` preset uses rotary:
@@ -98,6 +108,8 @@ class TrainConfig:
     method_options: dict[str, Any] = field(default_factory=dict)
     window_warmup: int = 0
     window_start: int = 32
+    context_warmup: int = 0
+    context_start: int = 128
     d_model: int = 64
     n_heads: int = 2
     n_layers: int = 2
@@ -125,11 +137,20 @@ class TrainConfig:
             raise ValueError(f"lr must be a positive number, got {self.lr!r}")
         if not (isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay must be a number >= 0, got {self.weight_decay!r}")
-        for name in ("warmup_steps", "window_warmup"):
+        for name in ("warmup_steps", "window_warmup", "context_warmup"):
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {val!r}")
         check_positive_int("window_start", self.window_start)
+        check_positive_int("context_start", self.context_start)
+        if self.context_warmup and self.context_start >= self.seq_len:
+            raise ValueError(f"context_start must be below seq_len ({self.seq_len}) for a context warm-up, "
+                             f"got {self.context_start}")
+        if self.context_warmup and self.positions != "rotary":
+            raise ValueError("context_warmup needs positions='rotary' (sinusoidal positions beyond the "
+                             f"warm-up's windows would be unseen in training), got positions={self.positions!r}")
+        if self.context_warmup and self.train_mix:
+            raise ValueError("context_warmup and train_mix both choose the training windows; use one")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
@@ -169,6 +190,16 @@ class TrainConfig:
             n = getattr(task, "seq_len", None) or getattr(task, "max_length", self.seq_len)
             sources.append((task, max(1, self.batch_size * self.seq_len // n)))
         return sources
+
+    def warmup_context(self, step: int) -> int | None:
+        """The window length of training step ``step`` (0-based) under ``context_warmup``; None
+        once it is over (the run's own seq_len)."""
+        if step >= self.context_warmup:
+            return None
+        lengths = [self.context_start]
+        while lengths[-1] * 2 < self.seq_len:
+            lengths.append(lengths[-1] * 2)
+        return lengths[step * len(lengths) // self.context_warmup]
 
     def attention_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.method_options.items() if k != MASK_WINDOW}
@@ -412,7 +443,14 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
 
     sources = config.training_sources()
 
+    short_tasks: dict[int, Any] = {}  # the context warm-up's tasks, by window length
+
     def next_batch() -> tuple[Tensor, Tensor]:
+        length = config.warmup_context(step)
+        if length is not None:
+            if length not in short_tasks:
+                short_tasks[length] = config.mix_task({"seq_len": length})
+            return short_tasks[length].sample(config.batch_size * config.seq_len // length, data_gen)
         if len(sources) == 1:
             return task.sample(config.batch_size, data_gen)
         src, n = sources[int(torch.randint(len(sources), (1,), generator=data_gen))]
