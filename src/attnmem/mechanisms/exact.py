@@ -263,7 +263,10 @@ def chunked_footprint(s: Shape, opts) -> Footprint:
     segment and the G-stacked bias and bools (G·q_tile·W·(itemsize + 1)).
     Linear in N. Forward only: O + lse + five tile buffers in the accumulation dtype.
     The plain-PyTorch kernel (kernel="torch", float16) runs tile by tile, one key tile per call:
-    ``sparse_memory.sparse_footprint`` with every key (or the causal ones) as the pattern.
+    ``sparse_memory.sparse_footprint`` with every key (or the causal ones) as the pattern. So
+    does every call with a score_mod or dropout (``s.mods``), on the kernel ``plan_call`` picks
+    for them: softcap's own, the plain-PyTorch one with dropout, the fused one with each
+    segment's bias (ALiBi, a fixed T5 table); sinks wrap any schedule (``with_sinks``).
     Domain: no user mask on that kernel, none in half precision. These terms were read off
     traces of the tiled code (tests check formula ≈ trace)."""
     plan = _chunked_plan(s, opts)

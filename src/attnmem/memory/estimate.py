@@ -16,7 +16,10 @@ Two ways to the same number:
   for). It answers where tracing would be slow — the tile loop of ``chunked`` runs
   O((N/tile)²) Python iterations even on fake tensors — and is tested against the trace inside
   its domain. ``how="auto"`` uses the closed form wherever the method declares one for the
-  call, and traces otherwise. A trace stops past ``TRACE_OP_LIMIT`` operator calls with an
+  call, and traces otherwise. Score modifications (``Shape.mods``, ``Shape.sinks``) are in the
+  closed forms of the methods that declare ``Method.models_mods`` (chunked, the sparse
+  patterns), which name in their domain reasons what they leave to the trace (a generic
+  score_mod, whose temporaries are its own). A trace stops past ``TRACE_OP_LIMIT`` operator calls with an
   error that says so (``how="trace"`` of a tiled method at N = 2**20 would run for minutes).
 
 The breakdown splits the peak into ``inputs`` (q, k, v), ``saved`` (held between forward and
