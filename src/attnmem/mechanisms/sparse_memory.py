@@ -237,10 +237,11 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
                 dout_view: bool = True, kernel: str = "torch") -> tuple[int, int, int]:
     """``_tiled_work`` for the torch-ops tile kernels (``kernel="torch"``, and float16 under
     "auto"; dropout; "softcap", whose segments merge up to ``SOFTCAP_SEGMENT`` keys): each
-    segment is the same in both passes, and each call's own peak
-    is ``kernels.tile.torch_tile_bytes`` (``softcap_tile_bytes``). Around a call of n keys (M = G·Tq stacked rows, ta =
-    B·Hkv·M·D·a one query tile in the accumulation dtype, tk the same for n keys, r one value
-    per row):
+    segment is the same in both passes, and each call's own peak is
+    ``kernels.tile.torch_tile_bytes`` (``softcap_tile_bytes``), plus the segment's
+    ``TileMods`` indices with a score_mod or dropout. Around a call of n keys (M = G·Tq
+    stacked rows, ta = B·Hkv·M·D·a one query tile in the accumulation dtype, tk the same for n
+    keys, r one value per row):
 
     Backward, at segment j: the previous call's dK, dV (2·tk) and the tile's dQ so far (as in
     ``_tiled_work``: the last dQ of the tile before when j = 0, the running dQ when j = 1, it and
