@@ -130,6 +130,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {**TARGET_TEXT, "steps": 900},
         "seeds": [0],
     },
+    "target-warm": {  # the target's recipe, 900 steps, the context-1024 runs with short windows (session 6)
+        "note": "the target's recipe at 900 steps; the context-1024 runs train their first 600 steps on shorter "
+                "windows of the same 8192 tokens per step (128, 256, 512: 200 steps each, TrainConfig."
+                "context_warmup), then 300 steps of which each draws either 8 windows of 1024 or 64 of 128 "
+                "(train_mix); the context-128 runs are target-long's",
+        **TARGET_RECIPE,
+        "text": {**TARGET_TEXT, "steps": 900,
+                 "long": {"context_warmup": 600, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "seeds": [0, 1, 2],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
@@ -198,16 +208,17 @@ def train_configs(preset: dict[str, Any], task: str) -> list[tuple[str, TrainCon
     for n, spec in plan:
         for seed in preset["seeds"]:
             name, opts = parse_spec(spec)
-            cfg = TrainConfig(task=task, task_options=dict(t.get("task_options", {})),
-                              train_mix=list(t.get("train_mix", [])), seq_len=n, method=name,
-                              method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
-                              steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
-                              window_warmup=t.get("window_warmup", 0),
-                              context_warmup=t.get("context_warmup", 0) if n > t.get("context_start", 128) else 0,
-                              context_start=t.get("context_start", 128),
-                              eval_every=max(t["steps"] // 4, 1), eval_examples=16,
-                              checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t.get("max_time_s"), seed=seed,
-                              **preset["model"])
+            # "long": TrainConfig fields of the runs longer than the shortest context only.
+            long = t.get("long", {}) if n > min(t["seq_lens"]) else {}
+            fields = dict(task=task, task_options=dict(t.get("task_options", {})),
+                          train_mix=list(t.get("train_mix", [])), seq_len=n, method=name,
+                          method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
+                          steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
+                          window_warmup=t.get("window_warmup", 0),
+                          eval_every=max(t["steps"] // 4, 1), eval_examples=16,
+                          checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t.get("max_time_s"), seed=seed,
+                          **preset["model"])
+            cfg = TrainConfig(**{**fields, **long})
             out.append((spec, cfg))
     return out
 
@@ -228,22 +239,46 @@ def train(preset_name: str, tasks: list[str], runs: Path, shard: tuple[int, int]
         log(f"  {time.perf_counter() - t0:.0f} s")
 
 
+def window_schedule(cfg: TrainConfig) -> dict[int, float]:
+    """Expected training steps at each window length of a run: the context warm-up's stages (equal
+    steps each), then the task and its ``train_mix`` entries (uniform draws) for the rest."""
+    steps: dict[int, float] = {}
+    for step in range(min(cfg.context_warmup, cfg.steps)):
+        length = cfg.warmup_context(step)
+        steps[length] = steps.get(length, 0) + 1
+    rest = cfg.steps - min(cfg.context_warmup, cfg.steps)
+    lengths = [cfg.seq_len] + [m.get("seq_len", cfg.seq_len) for m in cfg.train_mix]
+    for length in lengths:
+        steps[length] = steps.get(length, 0) + rest / len(lengths)
+    return steps
+
+
 def throughput(preset_name: str, out: Path, shard: tuple[int, int], probe_steps: int) -> None:
     """Seconds per training step of the text task's exact runs, one per context (seed 0), timed
-    over ``probe_steps`` steps after two untimed ones: what a fixed-steps preset's runs cost,
-    in a few minutes (``--jobs 2``: the contexts side by side, as the runs are trained)."""
+    over ``probe_steps`` steps after two untimed ones at every window length the run trains on
+    (the context warm-up's and ``train_mix``'s too, with the run's tokens per step): what a
+    fixed-steps preset's runs cost, in a few minutes (``--jobs 2``: the contexts side by side, as
+    the runs are trained)."""
     preset = PRESETS[preset_name]
     exact = exact_run(preset)
     plan = [cfg for spec, cfg in train_configs(preset, "text") if spec == exact and cfg.seed == preset["seeds"][0]]
     for cfg in plan[shard[0]::shard[1]]:
-        fit(dataclasses.replace(cfg, steps=2, eval_every=2, eval_examples=1))  # first-call costs, untimed
-        timed = fit(dataclasses.replace(cfg, eval_every=cfg.steps, eval_examples=1), stop_at=probe_steps)
-        per_step = timed.metrics["train_time_s"] / probe_steps
+        schedule = window_schedule(cfg)
+        per_length = {}
+        for length in sorted(schedule):
+            plain = dataclasses.replace(cfg, seq_len=length, batch_size=cfg.batch_size * cfg.seq_len // length,
+                                        context_warmup=0, train_mix=[], eval_examples=1)
+            fit(dataclasses.replace(plain, steps=2, eval_every=2))  # first-call costs, untimed
+            timed = fit(dataclasses.replace(plain, eval_every=cfg.steps), stop_at=probe_steps)
+            per_length[length] = timed.metrics["train_time_s"] / probe_steps
+        projected = sum(schedule[n] * per_length[n] for n in schedule)
+        per_step = projected / cfg.steps
         append_row(out, {"preset": preset_name, "task": "text", "mode": "throughput", "method": exact,
                          "seq_len": cfg.seq_len, "batch_size": cfg.batch_size, "probe_steps": probe_steps,
-                         "s_per_step": per_step, "steps": cfg.steps, "projected_train_s": per_step * cfg.steps,
-                         **machine()})
-        log(f"throughput N={cfg.seq_len}: {per_step:.3f} s per step -> {per_step * cfg.steps:.0f} s for "
+                         "s_per_step": per_step, "steps": cfg.steps, "projected_train_s": projected,
+                         "s_per_step_by_window": per_length, "steps_by_window": schedule, **machine()})
+        log(f"throughput N={cfg.seq_len}: {per_step:.3f} s per step on average "
+            f"({', '.join(f'{n}: {t:.3f}' for n, t in sorted(per_length.items()))}) -> {projected:.0f} s for "
             f"{cfg.steps} steps (load {os.getloadavg()[0]:.1f})")
 
 

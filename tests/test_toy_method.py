@@ -119,7 +119,8 @@ def test_estimate_and_plan(toy):
 def test_compare_cli_measures_it(toy, tmp_path):
     out = tmp_path / "report"
     result = CliRunner().invoke(main, ["compare", "--methods", "toy_window,chunked", "--seq-lens", "64",
-                                       "--heads", "2", "--head-dim", "16", "--repeats", "0", "--out", str(out)])
+                                       "--heads", "2", "--head-dim", "16", "--repeats", "0", "--no-plots",
+                                       "--out", str(out)])
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     toy_rows = [r for r in rows if r["method"] == "toy_window"]

@@ -16,6 +16,7 @@ from attnmem.cli import main
 from attnmem.registry import Method
 
 TINY = ["--seq-lens", "32,64", "--heads", "2", "--head-dim", "8", "--repeats", "0"]
+FAST = [*TINY, "--no-plots"]  # drawing the plots is most of a tiny sweep's time
 
 
 def _rows(path):
@@ -38,13 +39,15 @@ def test_tiny_sweep_writes_report_and_plots(tmp_path):
 def test_over_budget_case_is_marked_and_not_run(tmp_path):
     r = CliRunner().invoke(main, ["compare", "--methods", "reference,chunked", "--seq-lens", "64,512",
                                   "--heads", "2", "--head-dim", "8", "--repeats", "0", "--budget", "1MiB",
-                                  "--out", str(tmp_path)])
+                                  "--no-plots", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     rows = {(row["method"], row["seq_len"]): row for row in _rows(tmp_path / "results.jsonl")}
     over = rows[("reference", 512)]
     assert over["status"] == "over budget" and "peak_bytes" not in over
     assert over["predicted_bytes"] > 2**20
     assert rows[("chunked", 64)]["status"] == "ok"
+    report = (tmp_path / "report.md").read_text()
+    assert not list(tmp_path.glob("*.png")) and "_Plots not drawn (--no-plots)._" in report
 
 
 @dataclass(frozen=True)
@@ -70,7 +73,7 @@ def broken_method():
 
 
 def test_failing_method_is_recorded_and_sweep_continues(tmp_path, broken_method):
-    r = CliRunner().invoke(main, ["compare", "--methods", f"{broken_method},chunked", *TINY, "--out", str(tmp_path)])
+    r = CliRunner().invoke(main, ["compare", "--methods", f"{broken_method},chunked", *FAST, "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     rows = _rows(tmp_path / "results.jsonl")
     assert [row["status"] for row in rows] == ["error", "ok", "error", "ok"]
@@ -79,7 +82,7 @@ def test_failing_method_is_recorded_and_sweep_continues(tmp_path, broken_method)
 
 def test_unsupported_method_is_marked_with_its_reasons_and_not_run(tmp_path):
     # adaptive_span_fixed is causal by definition; the default sweep is not causal.
-    r = CliRunner().invoke(main, ["compare", "--methods", "adaptive_span_fixed,chunked", *TINY,
+    r = CliRunner().invoke(main, ["compare", "--methods", "adaptive_span_fixed,chunked", *FAST,
                                   "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     rows = {(row["method"], row["seq_len"]): row for row in _rows(tmp_path / "results.jsonl")}
@@ -123,7 +126,7 @@ def test_resume_after_kill_redoes_nothing_and_loses_nothing(tmp_path):
     out = tmp_path / "rep"
     cmd = [sys.executable, "-m", "attnmem", "compare", "--methods", "chunked,sdpa",
            "--seq-lens", "64,128,256,512,1024,2048", "--heads", "2", "--head-dim", "16", "--repeats", "3",
-           "--out", str(out)]
+           "--no-plots", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     results = out / "results.jsonl"
     deadline = time.time() + 120
@@ -134,7 +137,8 @@ def test_resume_after_kill_redoes_nothing_and_loses_nothing(tmp_path):
     before = _rows(results)
     assert 3 <= len(before) < 12, "the sweep should have been interrupted midway"
     r = CliRunner().invoke(main, ["compare", "--methods", "chunked,sdpa", "--seq-lens", "64,128,256,512,1024,2048",
-                                  "--heads", "2", "--head-dim", "16", "--repeats", "3", "--out", str(out), "--resume"])
+                                  "--heads", "2", "--head-dim", "16", "--repeats", "3", "--out", str(out), "--resume",
+                                  "--no-plots"])
     assert r.exit_code == 0, r.output
     after = _rows(results)
     keys = [row["key"] for row in after]

@@ -12,7 +12,7 @@ from attnmem.bench import Row
 from attnmem.bench.sweep import SweepConfig, load_results, run_sweep
 from attnmem.cli import main
 
-TINY = ["--seq-lens", "32,64", "--heads", "2", "--head-dim", "8", "--repeats", "0"]
+TINY = ["--seq-lens", "32,64", "--heads", "2", "--head-dim", "8", "--repeats", "0", "--no-plots"]
 
 
 def _compare(out, *args):
@@ -53,7 +53,7 @@ def test_empty_or_unwritable_out_is_one_line(tmp_path):
 
 def test_resume_with_a_larger_budget_redoes_over_budget_rows(tmp_path):
     args = ["compare", "--methods", "reference,chunked", "--seq-lens", "64,512", "--heads", "2", "--head-dim", "8",
-            "--repeats", "0", "--out", str(tmp_path)]
+            "--repeats", "0", "--no-plots", "--out", str(tmp_path)]
     assert CliRunner().invoke(main, [*args, "--budget", "1MiB"]).exit_code == 0
     rows = {(r["method"], r["seq_len"]): r for r in _rows(tmp_path / "results.jsonl")}
     assert rows[("reference", 512)]["status"] == "over budget"

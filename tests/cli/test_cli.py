@@ -18,7 +18,7 @@ def test_methods_table_and_json():
 
 def test_compare_writes_results(tmp_path):
     r = CliRunner().invoke(main, ["compare", "--methods", "chunked,reference", "--seq-lens", "64,128",
-                                  "--heads", "2", "--head-dim", "16", "--repeats", "0",
+                                  "--heads", "2", "--head-dim", "16", "--repeats", "0", "--no-plots",
                                   "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]

@@ -78,7 +78,8 @@ def _invoke(args: list[str], tmp_path):
 
 
 COMMANDS = {
-    ("compare", "--budget"): ["compare", "--methods", "chunked", "--seq-lens", "64", "--overwrite", "--out"],
+    ("compare", "--budget"): ["compare", "--methods", "chunked", "--seq-lens", "64", "--no-plots", "--overwrite",
+                              "--out"],
     ("plan", "--budget"): ["plan", "--config", "tiny", "--methods", "chunked"],
     ("train", "--max-batch-under"): ["train", "--seq-len", "64", "--out"],
 }

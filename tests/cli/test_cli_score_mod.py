@@ -32,7 +32,7 @@ def test_compare_runs_the_score_mod_and_rows_say_it(tmp_path, monkeypatch):
     # The prediction would trace on fake tensors (seconds to import): the budget check is not tested here.
     monkeypatch.setattr(sweep, "predict_peak", lambda case: (0, "not predicted (test)"))
     # The report's plots import matplotlib (seconds): its header line is checked on the rows below.
-    monkeypatch.setattr(compare_mod, "write_report", lambda rows, out, budget, quality: out / "report.md")
+    monkeypatch.setattr(compare_mod, "write_report", lambda rows, out, budget, quality, plots: out / "report.md")
     out = tmp_path / "c"
     r = CliRunner().invoke(main, ["compare", "--methods", "chunked,reference", "--seq-lens", "48", "--heads", "2",
                                   "--head-dim", "8", "--causal", "--score-mod", "softcap:20", "--repeats", "0",

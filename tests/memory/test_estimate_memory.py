@@ -90,24 +90,25 @@ def test_linformer_at_a_million_tokens_uses_the_formula(monkeypatch, training):
 
 
 # knn_memory with a small store and search chunk so that the closed form's range (nseg ≥ 3 and
-# N·q ≥ 3·(one segment's saved terms + its search scores)) starts near 1056 tokens; S ≠ D
-# tells the S·S terms from the S·D ones.
-KNN_SMALL = dict(segment=32, capacity=64, topk=4, search_chunk=32)
+# N·q ≥ 3·(one segment's saved terms + its search scores)) starts near 656-760 tokens (a short
+# trace: 25 segments); S ≠ D tells the S·S terms from the S·D ones.
+KNN_SMALL = dict(segment=32, capacity=64, topk=2, search_chunk=32)
 
 
 @pytest.mark.parametrize("case", [
-    dict(seq_len=1280, causal=True),
-    dict(seq_len=1275, causal=True, kv_heads=2),  # a shorter last segment; GQA
-    dict(seq_len=1280, causal=False),
-    dict(seq_len=1280, causal=False, kv_heads=1),
-    dict(seq_len=1280, causal=True, dtype=torch.float64),
-    dict(seq_len=1280, causal=True, training=False),
-    dict(seq_len=1280, causal=False, training=False, kv_heads=2),
-    dict(seq_len=1280, causal=True, batch=2),
-    # A store of 512 searched 128 at a time, filled over 32 segments; a shorter last segment.
-    dict(seq_len=1241, causal=True, heads=2, head_dim=16, segment=16, capacity=512, topk=8, search_chunk=128),
+    dict(seq_len=800, causal=True),
+    dict(seq_len=795, causal=True, kv_heads=2),  # a shorter last segment; GQA
+    dict(seq_len=800, causal=False),
+    dict(seq_len=800, causal=False, kv_heads=1),
+    dict(seq_len=800, causal=True, dtype=torch.float64),
+    dict(seq_len=800, causal=True, training=False),
+    dict(seq_len=800, causal=False, training=False, kv_heads=2),
+    dict(seq_len=800, causal=True, batch=2),
+    # A store of 128 searched 32 at a time (4 chunks), filled over 8 segments; a shorter last
+    # segment. N = 553 is just inside the closed form's range (N·q >= 3·(P + search)).
+    dict(seq_len=553, causal=True, heads=2, head_dim=16, segment=16, capacity=128, topk=4, search_chunk=32),
     # Half precision (issue 16: no closed form in bfloat16/float16 before): the same terms at s = 2.
-    dict(seq_len=1275, causal=True, kv_heads=2, dtype=torch.bfloat16),
+    dict(seq_len=795, causal=True, kv_heads=2, dtype=torch.bfloat16),
 ], ids=str)
 def test_knn_memory_formula_agrees_with_trace(case):
     kw = {**dict(batch=1, heads=4, head_dim=24), **KNN_SMALL, **case}
@@ -124,7 +125,7 @@ def test_knn_memory_short_calls_and_other_options_are_traced():
     with pytest.raises(ValueError, match="no closed-form"):
         estimate("knn_memory", how="formula", **kw)
     with pytest.raises(ValueError, match="no closed-form"):  # a fixed gate keeps no log g: not read off
-        estimate("knn_memory", how="formula", **{**kw, "seq_len": 1280, "gate": 0.5})
+        estimate("knn_memory", how="formula", **{**kw, "seq_len": 800, "gate": 0.5})
 
 
 @pytest.mark.parametrize("training", [True, False])

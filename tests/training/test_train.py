@@ -310,8 +310,6 @@ def test_context_warmup_refuses_what_it_cannot_honour():
         TrainConfig(**TINY, context_warmup=2, context_start=16)
     with pytest.raises(ValueError, match="context_start must be below seq_len"):
         TrainConfig(**rotary, context_warmup=2, context_start=32)
-    with pytest.raises(ValueError, match="train_mix"):
-        TrainConfig(**rotary, context_warmup=2, context_start=16, train_mix=[{"seq_len": 16}])
     with pytest.raises(ValueError, match="context_warmup"):
         TrainConfig(**rotary, context_warmup=-1)
     assert ADDED_FIELDS["context_warmup"] == 0  # a checkpoint from before the field resumes as "off"

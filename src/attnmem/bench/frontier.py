@@ -261,10 +261,10 @@ def ranking_table(points: list[QualityPoint], task: str) -> str:
     return "\n".join(lines)
 
 
-def quality_section(path: Path, out_dir: Path, *, measure: bool = False) -> list[str]:
-    """The report's "which method should I use" section (markdown lines) and its plot. Peak
-    memory and time come from the file's ``mode=cost`` rows, or are measured now when it has
-    none or ``measure`` is set."""
+def quality_section(path: Path, out_dir: Path, *, measure: bool = False, plot: bool = True) -> list[str]:
+    """The report's "which method should I use" section (markdown lines) and, with ``plot``, its
+    plot. Peak memory and time come from the file's ``mode=cost`` rows, or are measured now when
+    it has none or ``measure`` is set."""
     rows = load_quality(path)
     by_task = summarize(rows)
     if not by_task:
@@ -289,7 +289,7 @@ def quality_section(path: Path, out_dir: Path, *, measure: bool = False) -> list
              "method at that N, not `reference`. Errors are relative Frobenius errors against full exact "
              "attention under the model's causal mask, on the q, k, v captured from the trained exact model; "
              "random inputs are the secondary column.", ""]
-    if plot_frontier(by_task, out_dir / "quality_frontier.png"):
+    if plot and plot_frontier(by_task, out_dir / "quality_frontier.png"):
         parts += ["![quality against peak memory and time](quality_frontier.png)", ""]
     contexts = short_context(rows)
     if len(contexts) > 1:

@@ -197,20 +197,22 @@ def _plot_error_vs_memory(rows, path: Path) -> bool:
 
 
 def write_report(rows: list[Row] | list[dict[str, Any]], out_dir: Path, budget: int | None = None,
-                 quality: Path | None = None) -> Path:
+                 quality: Path | None = None, plots: bool = True) -> Path:
     """Write ``report.md`` and the PNG plots into ``out_dir``; return the report's path. Rows
     are ``Row``s or their JSON objects (as ``results.jsonl`` holds them). ``quality``: a file of
-    cached training results (``benchmarks/quality.py``) for the "which method" section."""
+    cached training results (``benchmarks/quality.py``) for the "which method" section.
+    ``plots=False``: the tables only (no PNG is drawn, and the report says so)."""
     rows = [r.as_dict() if isinstance(r, Row) else r for r in rows]
     out_dir.mkdir(parents=True, exist_ok=True)
     if not rows:
         raise ValueError("no results to report")
-    _plot_vs_n(rows, lambda r: r["peak_mib"], "peak memory (MiB)",
-               "The memory wall: peak memory against sequence length", out_dir / "peak_memory.png", budget,
-               floor=True)
-    _plot_vs_n(rows, lambda r: r["time_s"], "time per forward + backward (s)",
-               "Time against sequence length", out_dir / "time.png")
-    has_err = _plot_error_vs_memory(rows, out_dir / "error_vs_memory.png")
+    if plots:
+        _plot_vs_n(rows, lambda r: r["peak_mib"], "peak memory (MiB)",
+                   "The memory wall: peak memory against sequence length", out_dir / "peak_memory.png", budget,
+                   floor=True)
+        _plot_vs_n(rows, lambda r: r["time_s"], "time per forward + backward (s)",
+                   "Time against sequence length", out_dir / "time.png")
+    has_err = plots and _plot_error_vs_memory(rows, out_dir / "error_vs_memory.png")
     over = [r for r in rows if r.get("status") == "over budget"]
     failed = [r for r in rows if r.get("status") == "error"]
     parts = [
@@ -220,14 +222,15 @@ def write_report(rows: list[Row] | list[dict[str, Any]], out_dir: Path, budget: 
         "(+ dq, dk, dv when training). Times are medians of the timed repeats, which run after the "
         "tracked (peak-memory) run that warms them up; a case gets up to `--repeats` of them within "
         "`--repeat-budget` seconds (a slow case, one).", "",
-        "![peak memory](peak_memory.png)", "", "![time](time.png)", "",
+        *(["![peak memory](peak_memory.png)", "", "![time](time.png)", ""] if plots
+          else ["_Plots not drawn (--no-plots)._", ""]),
     ]
     if has_err:
         parts += ["![error against memory saved](error_vs_memory.png)", ""]
     if quality is not None:
         from .frontier import quality_section
 
-        parts += quality_section(quality, out_dir)
+        parts += quality_section(quality, out_dir, plot=plots)
     parts += ["## All cases", "", "Memory saved is against the best exact method at the same N "
               f"({' / '.join(BEST_EXACT)}); errors are against full attention under the case's mask, on random "
               "inputs (a sparse method's dropped keys count).", "", results_table(rows), ""]

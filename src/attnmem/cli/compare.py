@@ -76,9 +76,11 @@ def refuse_without_score_mod(names: list[str], spec: str) -> None:
 @click.option("--quality", "quality", default="auto", show_default=True,
               help="Cached training results (benchmarks/quality.py) for the report's quality-against-memory "
                    f"section; 'auto' reads {DEFAULT_QUALITY} when it exists, 'none' leaves the section out.")
+@click.option("--no-plots", is_flag=True, help="Write report.md with its tables only, no PNG plots (drawing "
+                                                "them takes a few seconds).")
 def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, device, causal, mask_spec,
                 score_mod, forward_only, budget, repeats, repeat_budget, out_dir, resume, retry_failed, overwrite,
-                quality) -> None:
+                quality, no_plots) -> None:
     """Sweep methods × sequence lengths: peak memory, peak/floor, time and error per case.
 
     Cases predicted above the budget are recorded as over budget (the memory wall) instead of
@@ -120,7 +122,7 @@ def compare_cmd(methods_, seq_lens, batch, heads, kv_heads, head_dim, dtype, dev
         rows = run_sweep(cfg, out / "results.jsonl", resume=resume, overwrite=overwrite,
                          retry_failed=retry_failed, on_case=on_case, on_row=on_row)
     console.print(summary_table(rows))
-    report = write_report(rows, out, budget_bytes, quality=quality_path)
+    report = write_report(rows, out, budget_bytes, quality=quality_path, plots=not no_plots)
     console.print(f"results: {out / 'results.jsonl'}\nreport: {report}")
 
 

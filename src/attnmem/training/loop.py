@@ -79,7 +79,8 @@ class TrainConfig:
             against 64 of 128): the short stages learn the local statistics from many places
             first, and the model then learns to read further back. It needs positions that carry
             over to longer windows (``positions="rotary"``: scores depend only on offsets).
-            Evaluation is always at seq_len. 0 (the default) turns it off.
+            After the warm-up, ``train_mix`` (if any) applies. Evaluation is always at seq_len.
+            0 (the default) turns it off.
         d_model, n_heads, n_layers: model shape.
         positions: "sinusoidal" (added to the input) or "rotary" (q and k rotated in every
             attention layer); see ``attnmem.nn.Transformer``. The text ``target`` preset uses rotary:
@@ -149,8 +150,6 @@ class TrainConfig:
         if self.context_warmup and self.positions != "rotary":
             raise ValueError("context_warmup needs positions='rotary' (sinusoidal positions beyond the "
                              f"warm-up's windows would be unseen in training), got positions={self.positions!r}")
-        if self.context_warmup and self.train_mix:
-            raise ValueError("context_warmup and train_mix both choose the training windows; use one")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
