@@ -7,6 +7,7 @@ import torch
 
 import attnmem
 from attnmem import scores as S
+from attnmem.memory import estimate as est_mod
 from attnmem.memory.estimate import estimate
 
 N, H, D = 128, 2, 8
@@ -58,8 +59,9 @@ def _features(heads: int) -> dict:
 FORMULA_CASES = [
     ("chunked", "softcap", dict(causal=True), "float32"),
     ("chunked", "softcap", dict(causal=True, kv_heads=1), "bfloat16"),
-    ("chunked", "dropout", dict(causal=True), "float32"),
-    ("chunked", "dropout", dict(causal=True, kv_heads=1), "float16"),
+    # Dropout hashes every pair in torch ops: larger tiles keep its trace short.
+    ("chunked", "dropout", dict(causal=True, q_tile=128), "float32"),
+    ("chunked", "dropout", dict(causal=True, kv_heads=1, q_tile=128), "float16"),
     ("chunked", "alibi", dict(causal=True), "float32"),  # ALiBi's row path: 512-query tiles
     ("chunked", "alibi", dict(causal=True, kv_heads=1), "float32"),  # GQA: bias tiles, masked diagonal
     ("chunked", "relative_bias", dict(training=False), "float64"),
@@ -72,8 +74,8 @@ FORMULA_CASES = [
 @pytest.mark.parametrize("method,feature,call,dtype", FORMULA_CASES)
 def test_closed_form_of_each_modification_against_the_trace(method, feature, call, dtype):
     heads = 2
-    kw = dict(batch=1, heads=heads, seq_len=256, head_dim=8, dtype=dtype, q_tile=64, kv_tile=128,
-              **call, **_features(heads)[feature])
+    kw = dict(batch=1, heads=heads, seq_len=256, head_dim=8, dtype=dtype, **{"q_tile": 64, "kv_tile": 128, **call},
+              **_features(heads)[feature])
     traced, closed = estimate(method, how="trace", **kw), estimate(method, how="formula", **kw)
     assert closed.source == "formula" and traced.source == "trace"
     assert abs(closed.peak_bytes / traced.peak_bytes - 1) <= 0.05, (closed.peak_bytes, traced.peak_bytes)
@@ -85,10 +87,12 @@ def test_closed_form_of_each_modification_against_the_trace(method, feature, cal
     (lambda score, b, h, q_idx, kv_idx: score * 0.5, "generic score_mod"),
     (S.relative_bias(torch.zeros(32, H, requires_grad=True)), "generic score_mod"),  # its table learns
 ])
-def test_generic_score_mods_stay_traced_naming_why(score_mod, reason):
+def test_generic_score_mods_stay_traced_naming_why(score_mod, reason, monkeypatch):
     kw = dict(batch=1, heads=H, seq_len=N, head_dim=D, causal=True, q_tile=64, kv_tile=64, score_mod=score_mod)
     with pytest.raises(ValueError, match=reason):
         estimate("chunked", how="formula", **kw)
+    # The default how traces them (the trace itself is checked above): a stub stands in for it.
+    monkeypatch.setattr(est_mod, "trace_peak", lambda call, q, k, v, training: (1, 0, 0))
     assert estimate("chunked", **kw).source == "trace"
 
 
