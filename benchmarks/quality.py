@@ -152,6 +152,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "trained_methods": ["chunked"],
         "seeds": [0, 1, 2],
     },
+    "mqar": {  # MQAR only: a recipe the exact model learns (BENCHMARKS.md, "MQAR (Zoology), N = 256, 16 pairs")
+        "note": "MQAR at N = 256, 16 pairs, vocabulary 64, filler 0, Zoology's mixture (N 64 / 4 pairs twice, "
+                "N 128 / 8 pairs), d_model 64, 2 layers, 2 heads, tied embeddings, 16 sequences of 256 per step, "
+                "2000 steps, lr 3e-3 (warm-up 100, cosine), 1 torch thread",
+        "model": {"d_model": 64, "n_heads": 2, "n_layers": 2, "tie_embeddings": True},
+        "mqar": {"seq_lens": [256], "task_options": {"num_pairs": 16, "vocab_size": 64,
+                                                     "random_non_queries": False},
+                 "train_mix": [{"seq_len": 64, "num_pairs": 4}, {"seq_len": 64, "num_pairs": 4},
+                               {"seq_len": 128, "num_pairs": 8}],
+                 "batch_tokens": 4096, "steps": 2000, "lr": 3e-3, "warmup_steps": 100, "max_time_s": None,
+                 "eval_every": 100, "eval_examples": 64, "examples": 256},
+        "trained_methods": ["sdpa", "sliding_window:window={w}", "linear", "topk:topk={w}"],
+        "seeds": [0, 1, 2],
+    },
     "full": {
         "note": "the issue's configuration: context 1024 vs 128, 15 minutes of training per run",
         "model": {"d_model": 128, "n_heads": 4, "n_layers": 4, "tie_embeddings": True},
@@ -215,11 +229,14 @@ def train_configs(preset: dict[str, Any], task: str) -> list[tuple[str, TrainCon
                           method_options=opts, batch_size=max(t["batch_tokens"] // n, 1),
                           steps=t["steps"], lr=t["lr"], warmup_steps=t["warmup_steps"],
                           window_warmup=t.get("window_warmup", 0),
-                          eval_every=max(t["steps"] // 4, 1), eval_examples=16,
+                          eval_every=t.get("eval_every", max(t["steps"] // 4, 1)),
+                          eval_examples=t.get("eval_examples", 16),
                           checkpoint_every=max(t["steps"] // 4, 1), max_time_s=t.get("max_time_s"), seed=seed,
                           **preset["model"])
             cfg = TrainConfig(**{**fields, **long})
             out.append((spec, cfg))
+    if "methods_only" in preset:  # --methods: some of the preset's runs (e.g. the slow ones last)
+        out = [(spec, cfg) for spec, cfg in out if spec in preset["methods_only"]]
     return out
 
 
@@ -465,6 +482,46 @@ def summary(preset_name: str, out: Path) -> None:
             f"beats short by 3x spread: {result['beats_short']}, beats n-gram: {result['beats_baseline']}")
 
 
+def seed_spread(values: dict[int, float]) -> str:
+    """``mean (min–max, n seeds)`` of one figure per seed, or ``—`` for none."""
+    if not values:
+        return "—"
+    v = [values[k] for k in sorted(values)]
+    return f"{sum(v) / len(v):.3f} ({min(v):.3f}–{max(v):.3f}, {len(v)} seeds)"
+
+
+def mqar_summary(preset_name: str, out: Path) -> str:
+    """The MQAR table from the rows in ``out``: per method, held-out accuracy trained with it
+    from scratch and swapped into the exact runs, mean and range over seeds (the latest row of
+    each seed), and the mean error on the q, k, v captured from the exact models."""
+    preset = PRESETS[preset_name]
+    rows = [r for r in load_rows(out) if r.get("preset") == preset_name and r.get("task") == "mqar"
+            and r.get("seq_len") == preset["mqar"]["seq_lens"][0]]
+    trained: dict[str, dict[int, float]] = {}
+    swapped: dict[str, dict[int, float]] = {}
+    errors: dict[str, dict[int, float]] = {}
+    reasons: dict[str, str] = {}
+    for r in rows:
+        if r.get("mode") == "trained":
+            trained.setdefault(r["method"], {})[r["seed"]] = r["accuracy"]
+        elif r.get("mode") == "swapped" and r.get("trained_with") == exact_run(preset):
+            if r.get("status") == "ok":
+                swapped.setdefault(r["method"], {})[r["seed"]] = r["accuracy"]
+            else:
+                reasons[r["method"]] = r.get("reason", "")
+            if "captured_error_mean" in r:
+                errors.setdefault(r["method"], {})[r["seed"]] = r["captured_error_mean"]
+    lines = ["| method | accuracy trained with it | accuracy swapped into exact | error on captured q, k, v |",
+             "|---|---:|---:|---:|"]
+    for method in list(dict.fromkeys([*trained, *swapped, *reasons])):
+        err = errors.get(method, {})
+        why = reasons.get(method, "").split("inputs: ")[-1]  # the method's own reason, without the preamble
+        swap = seed_spread(swapped.get(method, {})) if method in swapped else f"n/a: {why[:80]}"
+        lines.append(f"| {method} | {seed_spread(trained.get(method, {}))} | {swap} | "
+                     f"{(sum(err.values()) / len(err)) if err else float('nan'):.3g} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("stage", choices=["train", "evaluate", "equal-steps", "summary", "all", "throughput"])
@@ -480,7 +537,11 @@ def main() -> None:
     ap.add_argument("--probe-steps", type=int, default=20, help="throughput: timed steps per context")
     ap.add_argument("--seeds", default=None, help="comma-separated: only these of the preset's seeds (e.g. to "
                                                   "evaluate two seeds in two processes)")
+    ap.add_argument("--methods", default=None, help="semicolon-separated specs as the run directories name them "
+                                                    "(e.g. 'sdpa;linear'): only these of the preset's runs")
     args = ap.parse_args()
+    if args.methods is not None:
+        PRESETS[args.preset] = {**PRESETS[args.preset], "methods_only": set(args.methods.split(";"))}
     if args.seeds is not None:
         wanted = [int(x) for x in args.seeds.split(",")]
         unknown = sorted(set(wanted) - set(PRESETS[args.preset]["seeds"]))
@@ -510,6 +571,8 @@ def main() -> None:
             log(f"equal-steps: preset {args.preset!r} trains every context for the same fixed steps already")
     if args.stage in ("summary", "all") and "text" in tasks:
         summary(args.preset, Path(args.out))
+    if args.stage in ("summary", "all") and "mqar" in tasks:
+        print(mqar_summary(args.preset, Path(args.out)))
 
 
 if __name__ == "__main__":
