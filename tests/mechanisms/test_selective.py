@@ -175,3 +175,73 @@ def test_reachable_through_multihead_attention(method, opts):
     assert y.shape == x.shape
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def _tied_qkv(nq, nk, hq, hkv, near):
+    """Small integer q, k (scores are exact integers: many exact ties); ``near`` moves k by
+    ~1e-9, far above float64's rounding of the scores, so ties become near-ties."""
+    g = torch.Generator().manual_seed(7)
+    q = torch.randint(-2, 3, (1, hq, nq, 8), generator=g).double()
+    k = torch.randint(-2, 3, (1, hkv, nk, 8), generator=g).double()
+    if near:
+        k = k + 1e-9 * torch.randn(k.shape, generator=g, dtype=k.dtype)
+    return q, k
+
+
+@pytest.mark.parametrize("near", [False, True])
+@pytest.mark.parametrize("topk,hq,hkv,causal,mask,kv_tile", [
+    (4, 2, 2, False, None, 44),              # blocks of 8 with a 4-key remainder per tile
+    (3, 4, 2, True, None, 32),               # GQA, causal: partial tiles and rows with < k keys
+    (2, 2, 1, True, M.sliding_window(70, 5), 24),
+    (3, 2, 2, False, M.document(torch.arange(300) // 90), 40),
+])
+def test_selection_equals_the_definition_under_ties(near, topk, hq, hkv, causal, mask, kv_tile):
+    # select_topk's chosen scores, per row, are exactly the dense definition's top-k scores
+    # (any order among ties), and each index points at the score it reports.
+    from attnmem.kernels import TileContext
+    from attnmem.mechanisms.selective import _dense_scores, select_topk
+
+    n = 300
+    q, k = _tied_qkv(n, n, hq, hkv, near)
+    eff = M.combine(causal, mask)
+    dense = _dense_scores(q, k, eff, 1.0)  # (B, Hq, N, N)
+    want_all = dense.topk(topk, dim=-1).values.sort(-1).values  # (B, Hq, N, k)
+    # Few rows per query tile: more tiles where fewer than k blocks can improve any row.
+    c = TileContext(q, k, eff, 1.0, 32, kv_tile, "torch")
+    seen = 0
+    for qa, qb, segs in c.plan:
+        if not segs:
+            continue
+        got_s, got_i = select_topk(c, c.q_view(q, qa, qb), k, qa, qb, segs, topk)
+        want = c.q_view(want_all, qa, qb)
+        assert torch.equal(got_s.sort(-1).values, want), (qa, qb)
+        at_idx = c.q_view(dense, qa, qb).gather(-1, got_i)
+        finite = torch.isfinite(got_s)
+        assert torch.equal(at_idx[finite], got_s[finite]), (qa, qb)
+        seen += 1
+    assert seen > 1
+
+
+def test_hard_takes_the_first_argmax_under_exact_ties():
+    q, k = _tied_qkv(200, 200, 4, 2, near=False)
+    v = torch.randn(1, 2, 200, 8, dtype=torch.float64)
+    for causal in (False, True):
+        out = attnmem.attention(q, k, v, method="hard", causal=causal, scale=1.0, kv_tile=64)
+        want = attnmem.mechanisms.selective.hard_definition(q, k, v, mask=M.combine(causal, None), scale=1.0)
+        assert torch.equal(out, want)
+
+
+def test_first_max_is_max_with_its_first_index():
+    # hard's merge finds each row's max through segment maxima; index and value must be
+    # torch.max's (the first index of the maximum, NaN ranked first) under ties, NaN and -inf.
+    from attnmem.mechanisms.selective import _first_max
+
+    g = torch.Generator().manual_seed(0)
+    for tk in (64, 96, 200, 1000, 1024):
+        s = torch.randint(-3, 4, (1, 2, 17, tk), generator=g).float()  # many exact ties
+        s[0, 0, 3, 50] = float("nan")
+        s[0, 1, 5, tk - 1] = float("nan")
+        s[0, 0, 4] = -math.inf
+        got, want = _first_max(s), s.max(-1, keepdim=True)
+        assert torch.equal(got[1], want[1]), tk
+        assert torch.equal(got[0].nan_to_num(), want[0].nan_to_num()), tk
