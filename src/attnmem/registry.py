@@ -217,6 +217,10 @@ class Method:
         return inp.mask
     # --- memory model: what attnmem.estimate asks (attnmem.memory.model) ----------------------
 
+    # Whether ``memory_model`` models score_mod, sinks and dropout (``Shape.mods``, ``Shape.sinks``,
+    # naming in ``memory_domain_reasons`` the ones it does not); else estimate traces every such call.
+    models_mods = False
+
     def memory_domain_reasons(self, shape: Shape, opts: Any) -> list[str]:
         """Why ``memory_model`` does not hold for this call; empty inside its declared domain
         (the dtypes, options and shapes its closed form was read off and checked for).

@@ -103,6 +103,15 @@ class ALiBi:
         neg_slopes = -self.slopes.detach().to(device=distance.device, dtype=dtype)[h]  # (1, Hq, 1, 1)
         return distance * neg_slopes
 
+    @staticmethod
+    def bias_bytes(heads: int, rows: int, keys: int, itemsize: int) -> tuple[int, int]:
+        """(peak while ``additive_bias`` runs, its result) in bytes on a tile of ``rows`` queries
+        and ``keys`` keys, read off it: the int64 distances beside their cast, then the cast
+        beside the (1, Hq, Tq, Tk) product (the memory models of the tiled kernel use it)."""
+        pairs = rows * keys
+        result = heads * pairs * itemsize
+        return max(8 * pairs + itemsize * pairs, itemsize * pairs + result), result
+
     def row_bias(self, h: Tensor, q_first: int, q_last: int, kv_idx: Tensor, kv_first: int, kv_last: int,
                  dtype: torch.dtype) -> tuple[Tensor, Tensor] | None:
         """The bias of a block whose keys lie all on one side of every query's diagonal, as a
@@ -219,6 +228,16 @@ class RelativeBias:
         bucket = relative_position_bucket(distinct, self.bidirectional, self.num_buckets, self.max_distance)
         per_head = self.table.detach().to(device=offsets.device, dtype=dtype).t()[:, bucket]  # (H, L)
         return per_head[h[0, :, 0, 0]][:, offsets[0, 0] - low].unsqueeze(0)  # (1, Hq, Tq, Tk)
+
+    @staticmethod
+    def bias_bytes(heads: int, rows: int, keys: int, itemsize: int) -> tuple[int, int]:
+        """(peak while ``additive_bias`` runs, its result) in bytes on a tile of ``rows`` queries
+        and ``keys`` keys, read off it: the int64 offsets and their shifted copy (the gather's
+        index) beside the gathered (1, Hq, Tq, Tk) result, with the L = Tq + Tk - 1 distinct
+        offsets, their buckets (int64) and the table's two (H, L) gathers."""
+        pairs, distinct = rows * keys, rows + keys - 1
+        result = heads * pairs * itemsize
+        return 16 * pairs + result + 2 * heads * distinct * itemsize + 16 * distinct, result
 
     def __repr__(self) -> str:
         return (f"relative_bias(H={self.table.shape[1]}, num_buckets={self.num_buckets}, "

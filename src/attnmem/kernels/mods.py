@@ -73,6 +73,17 @@ def dropout_keep(seed: int, p: float, b: Tensor, h: Tensor, q_idx: Tensor, kv_id
     return keep * (2 ** _DROP_BITS / (2 ** _DROP_BITS - t))
 
 
+def dropout_keep_bytes(pairs: int, rows: int, acc_itemsize: int) -> tuple[int, int]:
+    """The memory of ``TileMods.keep`` on a tile of ``pairs`` (query, key) pairs and ``rows``
+    query rows (B·Hq·Tq): (peak while it runs, the factor Z it returns), read off
+    ``dropout_keep``. The hash runs on int64 at the full (B, Hq, Tq, Tk) shape once the keys
+    join: each ``_mix32`` step holds its input, a shift or product and the result (3 · 8 bytes
+    a pair) while the (B, Hq, Tq, 1) hash of the rows before it is still bound (8 a row). Z is
+    float32 (4 a pair); for float64 its copy (8 a pair) is made beside it."""
+    z = pairs * acc_itemsize
+    return max(24 * pairs + 8 * rows, 4 * pairs + z if acc_itemsize != 4 else 0), z
+
+
 class _Collect(TorchFunctionMode):
     """Records the tensors requiring grad that a function reads but did not make."""
 
@@ -142,6 +153,11 @@ class TileMods:
         self.kv_idx = seg.positions(dev)[None, None, None, :]
         self.tq, self.tk = qb - qa, seg.size
         self.qa, self.seg = qa, seg
+
+    @staticmethod
+    def index_bytes(batch: int, heads: int, rows: int, keys: int) -> int:
+        """Bytes of the int64 indices one ``TileMods`` holds (b, h, q_idx, kv_idx)."""
+        return 8 * (batch + heads + rows + keys)
 
     def scores(self, s: Tensor) -> Tensor:
         c = self.c

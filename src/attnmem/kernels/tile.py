@@ -223,9 +223,10 @@ def torch_backward(dout, q, k, v, out, lse, allowed, scale, tm: TileMods | None 
 
 
 def torch_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int, itemsize: int,
-                     causal_tile: bool = False, mask_bytes: int = 0) -> tuple[int, int]:
-    """The memory of one call of ``torch_forward`` / ``torch_backward`` (no score_mod or
-    dropout): (forward, backward) peak bytes alive inside the call beyond its arguments, its
+                     causal_tile: bool = False, mask_bytes: int = 0,
+                     keep: tuple[int, int] = (0, 0)) -> tuple[int, int]:
+    """The memory of one call of ``torch_forward`` / ``torch_backward`` (no score_mod; dropout
+    through ``keep``): (forward, backward) peak bytes alive inside the call beyond its arguments, its
     outputs included, read off the two functions line by line. The memory models of every tiled
     method on this kernel (``mechanisms.sparse_memory``) add what their loop keeps around it.
 
@@ -240,6 +241,11 @@ def torch_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int, i
     row max and sum, the float32 v and the output (ta), then the lse's log and sum (2·r).
     Backward: the float32 q, dO, k, v (2·ta + 2·tk) and S, then (with dV = tk and dP = S)
     either the float32 O and dO∘O (rowsum(dO∘O)) or dQ (ta) and dK (tk) beside the rowsum (r).
+
+    ``keep``: with dropout, (the peak while ``TileMods.keep`` builds the factor Z, Z's own
+    bytes), ``kernels.mods.dropout_keep_bytes``. Z is built beside S and the row max and sum
+    in the forward (then held while the output is computed), beside S in the backward, where
+    it stays to the end beside P and dP (P∘Z for dV is an S-sized temporary, freed before dP).
     """
     a = 8 if itemsize == 8 else 4
     cast = itemsize != a
@@ -247,10 +253,70 @@ def torch_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int, i
     ta, tk, sc, r = e * m * d * a, e * n * d * a, e * m * n * a, e * m * a
     bools = m * n if causal_tile else 0
     neg = bools or mask_bytes
-    fwd = sc + max(cast * (ta + tk), neg, 2 * r + ta + max(cast * tk, 2 * r))
+    making, z = keep
+    fwd = sc + max(cast * (ta + tk), neg, 2 * r + making, 2 * r + z + ta + max(cast * tk, 2 * r))
     operands = cast * (2 * ta + 2 * tk)
-    bwd = operands + max(sc + neg, 2 * sc + tk + max(cast * ta + ta, ta + r), 2 * sc + 2 * tk + ta + r)
+    bwd = operands + max(sc + neg, sc + making, 2 * sc + z + tk + max(cast * ta + ta, ta + r),
+                         2 * sc + z + 2 * tk + ta + r)
     return bools + fwd, bools + bwd
+
+
+def softcap_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int, itemsize: int,
+                       causal_tile: bool = False, mask_bytes: int = 0) -> tuple[int, int]:
+    """``torch_tile_bytes`` of ``softcap_forward`` / ``softcap_backward``, read off them line by
+    line (same symbols: ta a query tile, tk a key tile, S the score tile, r one value per row,
+    all in the accumulation dtype; ``cast`` for half inputs).
+
+    Forward: the scaled query tile (ta; half: its float32 copy first, and the keys' tk) beside
+    T = tanh(S); the row max with its isinf flags, zeros and result (3r + bools); P = exp(cap·T
+    - max) is a second S beside T (the max scaled, r), then the row sum, the output (ta; half: the
+    float32 values, tk) and the lse's two terms and sum (3r). Backward: the float32 q, dO, k, v
+    (half: 2·ta + 2·tk), the scaled query tile beside T, -lse (r) beside T and P; dV (tk), the
+    float32 O and dO∘O and their rowsum (ta + ta + r) or dP = a third S, then dQ (ta) and dK (tk).
+    """
+    a = 8 if itemsize == 8 else 4
+    cast = itemsize != a
+    e, m, n, d = batch_heads, rows, keys, head_dim
+    ta, tk, sc, r = e * m * d * a, e * n * d * a, e * m * n * a, e * m * a
+    bools = m * n if causal_tile else 0
+    neg = bools or mask_bytes
+    fwd = max(cast * 2 * ta, ta + cast * tk + sc, sc + neg, sc + 3 * r + e * m,
+              2 * sc + 2 * r + ta + max(cast * tk, 3 * r))
+    operands = cast * (2 * ta + 2 * tk)
+    bwd = operands + max(ta + sc, 2 * sc + max(r, neg), 2 * sc + tk + cast * ta + ta + r,
+                         3 * sc + 2 * tk + ta + r)
+    return bools + max(bools, fwd), bools + max(bools, bwd)
+
+
+def fused_bias_tile_bytes(*, batch_heads: int, kv_heads: int, rows: int, keys: int, head_dim: int,
+                          itemsize: int, bias: tuple[int, int], masked: bool, row: bool) -> tuple[int, int]:
+    """The memory of one call of ``fused_forward`` / ``fused_backward`` with a ``"bias"``
+    score_mod (float32 / float64 inputs: the operator adds the bias in their dtype), beside its
+    arguments, its outputs included, read off the code: (forward, backward) bytes.
+
+    ``batch_heads`` = B·Hkv (e), ``rows`` = M = G·Tq, ``keys`` = n; t = e·M·D·a the output (or
+    dQ) tile, tk = e·n·D·a a dK (or dV) tile, r = e·M·a one value per row; ``bias`` = (peak
+    while the score_mod's ``additive_bias`` builds it, its (1, Hkv, M, n) result b);
+    ``masked``: the segment's mask is a bool tensor (not the kernel's own causal tile), so the
+    bias is copied with -inf where it disallows (2·b at the ``where``) and the forward's lse
+    masked once more (r); ``row``: ALiBi's broadcast row of keys (``_row_bias_forward``): the
+    forward builds only the row and the per-query shift (Hkv·(M + n)·a), then the bound on the
+    scores (``_reach``: the rows' and keys' norms) and out + lse + the shifted lse (t + 2r); the
+    backward builds b as ``row - shift``. Every backward bounds its scores the same way beside
+    b (``_drop_negligible_``: the norms, then the reach and lse - reach, 2r) and ends with dQ,
+    dK, dV (t + 2·tk).
+    """
+    e, m, n, a = batch_heads, rows, keys, itemsize
+    t, tk, r = e * m * head_dim * a, e * n * head_dim * a, e * m * a
+    building, b = bias
+    reach = max(r + e * n * a + 2 * e * a, 2 * r)
+    end = t + 2 * tk
+    if row:
+        small = kv_heads * (m + n) * a
+        return small + max(reach, t + 2 * r), small + b + max(reach, end)
+    fwd = max(building, 2 * b * masked, b + t + r + r * masked)
+    bwd = max(building, 2 * b * masked, b + reach, b + end)
+    return fwd, bwd
 
 
 def fused_backward_acc(dout, q, k, v, out, lse, allowed, scale, tm=None, delta=None):

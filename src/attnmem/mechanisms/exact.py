@@ -24,7 +24,7 @@ from ..masks import Dense
 from ..memory.model import Footprint, Shape
 from ..reference import reference_attention
 from ..registry import Capabilities, Inputs, Method, Style, register
-from .sparse_memory import sparse_footprint
+from .sparse_memory import TORCH_OPS_KERNELS, mods_domain_reasons, sparse_footprint, with_sinks
 
 
 @register
@@ -163,8 +163,14 @@ class Chunked(Method):
                                q_tile=opts.q_tile, kv_tile=opts.kv_tile, kernel=opts.kernel,
                                **mods_kwargs(inp))
 
+    models_mods = True
+
     def memory_domain_reasons(self, shape: Shape, opts) -> list[str]:
-        if _chunked_plan(shape, opts).kernel == "torch" and shape.masked:
+        kernel = _chunked_plan(shape, opts).kernel
+        mods = mods_domain_reasons(shape, kernel)
+        if mods:
+            return mods
+        if kernel == "torch" and shape.masked:
             return ["a user mask on the plain-PyTorch tile kernel (kernel='torch', or float16) is not "
                     "modelled (traced)"]
         if shape.half and shape.masked:
@@ -174,7 +180,7 @@ class Chunked(Method):
         return []
 
     def memory_model(self, s: Shape, opts) -> Footprint:
-        return chunked_footprint(s, opts)
+        return with_sinks(s, lambda s: chunked_footprint(s, opts))
 
 
 def mods_kwargs(inp: Inputs) -> dict:
@@ -238,7 +244,8 @@ def _chunked_plan(s: Shape, opts):
     """``kernels.plan_call`` for this call on CPU, as ``tiled_attention`` decides it."""
     mask = _USER_MASK if s.masked else (M.causal() if s.causal else None)
     return plan_call(opts.kernel, device="cpu", dtype=getattr(torch, s.dtype), mask=mask, batch=s.batch,
-                     nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
+                     nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                     mods=s.mods)
 
 
 def chunked_footprint(s: Shape, opts) -> Footprint:
@@ -256,11 +263,14 @@ def chunked_footprint(s: Shape, opts) -> Footprint:
     segment and the G-stacked bias and bools (G·q_tile·W·(itemsize + 1)).
     Linear in N. Forward only: O + lse + five tile buffers in the accumulation dtype.
     The plain-PyTorch kernel (kernel="torch", float16) runs tile by tile, one key tile per call:
-    ``sparse_memory.sparse_footprint`` with every key (or the causal ones) as the pattern.
+    ``sparse_memory.sparse_footprint`` with every key (or the causal ones) as the pattern. So
+    does every call with a score_mod or dropout (``s.mods``), on the kernel ``plan_call`` picks
+    for them: softcap's own, the plain-PyTorch one with dropout, the fused one with each
+    segment's bias (ALiBi, a fixed T5 table); sinks wrap any schedule (``with_sinks``).
     Domain: no user mask on that kernel, none in half precision. These terms were read off
     traces of the tiled code (tests check formula ≈ trace)."""
     plan = _chunked_plan(s, opts)
-    if plan.kernel == "torch":
+    if plan.kernel in TORCH_OPS_KERNELS or s.mods is not None:
         # Tile by tile, one key tile per call: the loop the sparse patterns share.
         return sparse_footprint(s, opts, None, None, None)
     if plan.grouped_causal:

@@ -49,7 +49,7 @@ from ..kernels import (
 from ..memory.model import Footprint, Shape
 from ..registry import Capabilities, Inputs, Method, Style, register
 from .exact import fused_reasons, mods_kwargs
-from .sparse_memory import sparse_footprint
+from .sparse_memory import mods_domain_reasons, sparse_footprint, tile_plan, with_sinks
 
 
 def _check_window(window: object) -> tuple[int, int]:
@@ -195,11 +195,19 @@ class _Sparse(Method):
         """The band the tiled pass covers when the pattern runs split (strided), else None."""
         return None
 
+    models_mods = True
+
     def memory_domain_reasons(self, s: Shape, opts) -> list[str]:
         # Both tile kernels are modelled (the fused one, and the plain-PyTorch one that
         # kernel="torch" and float16 run): ``sparse_footprint`` asks ``kernels.plan_call`` which.
         if s.masked:
             return ["a user mask besides the pattern is not modelled (traced)"]
+        local, rows = self.split(opts, s.seq_len)
+        if s.mods is not None and rows is not None and rows.numel():
+            return ["a score_mod or dropout on the global rows' own pass is not modelled (traced)"]
+        mods = mods_domain_reasons(s, tile_plan(s, opts, M.causal() & local if s.causal else local).kernel)
+        if mods:
+            return mods
         band = self._band(s, opts)
         if band is not None:
             return [f"sliding_window({band}, 0) without causal=True runs one fused call per query segment "
@@ -218,7 +226,7 @@ class _Sparse(Method):
 
     def memory_model(self, s: Shape, opts) -> Footprint:
         local, rows = self.split(opts, s.seq_len)
-        return sparse_footprint(s, opts, local, rows, self.split_band(opts, s))
+        return with_sinks(s, lambda s: sparse_footprint(s, opts, local, rows, self.split_band(opts, s)))
 
     def forward(self, inp: Inputs, opts) -> Tensor:
         plain = inp.sinks is None and not inp.dropout_p and not inp.return_lse
@@ -459,6 +467,8 @@ class StridedAttention(_Sparse):
         return _StridedSplit.apply(inp.q, inp.k, inp.v, c_band, opts.stride, causal, inp.scale)
 
     def split_band(self, opts, s: Shape) -> M.Mask | None:
+        if s.mods is not None or s.sinks:
+            return None  # as ``forward``: score modifications tile the whole pattern
         call_mask = _USER_MASK if s.masked else (M.causal() if s.causal else None)
         if self.splits(opts, device="cpu", dtype=getattr(torch, s.dtype), call_mask=call_mask, nq=s.seq_len,
                        nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads):

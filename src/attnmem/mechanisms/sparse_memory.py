@@ -26,16 +26,25 @@ The terms per segment follow ``tiled_forward``/``tiled_backward`` line by line.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
 from .. import masks as M
 from ..kernels import MAX_GATHER, MAX_SEGMENT, MIN_Q_TILE, Segment, plan_call, plan_segments
-from ..kernels.tile import torch_tile_bytes
+from ..kernels.mods import TileMods, dropout_keep_bytes
+from ..kernels.tile import fused_bias_tile_bytes, softcap_tile_bytes, torch_tile_bytes
+from ..kernels.tiled import BIAS_SEGMENT, ROW_BIAS_Q_TILE, ROW_BIAS_SEGMENT, SOFTCAP_SEGMENT
 from ..memory.model import Footprint, Shape
+from ..scores import ALiBi, RelativeBias
 
 # Tiles sampled at each end and in the middle of a long sequence (all tiles when fewer).
 _EDGE_TILES = 4
+# The built-in additive biases whose memory per tile is known (``Shape.bias``).
+_BIAS_BYTES = {"alibi": ALiBi.bias_bytes, "relative_bias": RelativeBias.bias_bytes}
+# The tile kernels written in torch ops, modelled call by call (``_torch_work``).
+TORCH_OPS_KERNELS = ("torch", "softcap")
 
 
 # --- block-map rows of a few query tiles ---------------------------------------------------
@@ -213,13 +222,26 @@ def _tiled_work(s: Shape, plan_rows, per_head: bool, evb: int) -> tuple[int, int
     return fwd, bwd, tail
 
 
+def _call_bytes(s: Shape, kernel: str, e: int, rows: int, keys: int, diagonal: bool, bools: int) -> tuple[int, int]:
+    """(forward, backward) bytes of one call of the torch-ops tile kernel ``kernel`` ("torch",
+    with dropout when ``s.dropout``, or "softcap"), beside its arguments."""
+    kw = dict(batch_heads=e, rows=rows, keys=keys, head_dim=s.head_dim, itemsize=s.itemsize,
+              causal_tile=diagonal, mask_bytes=bools)
+    if kernel == "softcap":
+        return softcap_tile_bytes(**kw)
+    keep = dropout_keep_bytes(e * rows * keys, e * rows, s.acc_itemsize) if s.dropout else (0, 0)
+    return torch_tile_bytes(**kw, keep=keep)
+
+
 def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool,
-                dout_view: bool = True) -> tuple[int, int, int]:
-    """``_tiled_work`` for the plain-PyTorch tile kernel (``kernel="torch"``, and float16 under
-    "auto"): every segment is one key tile, the same in both passes, and each call's own peak
-    is ``kernels.tile.torch_tile_bytes``. Around a call of n keys (M = G·Tq stacked rows, ta =
-    B·Hkv·M·D·a one query tile in the accumulation dtype, tk the same for n keys, r one value
-    per row):
+                dout_view: bool = True, kernel: str = "torch") -> tuple[int, int, int]:
+    """``_tiled_work`` for the torch-ops tile kernels (``kernel="torch"``, and float16 under
+    "auto"; dropout; "softcap", whose segments merge up to ``SOFTCAP_SEGMENT`` keys): each
+    segment is the same in both passes, and each call's own peak is
+    ``kernels.tile.torch_tile_bytes`` (``softcap_tile_bytes``), plus the segment's
+    ``TileMods`` indices with a score_mod or dropout. Around a call of n keys (M = G·Tq
+    stacked rows, ta = B·Hkv·M·D·a one query tile in the accumulation dtype, tk the same for n
+    keys, r one value per row):
 
     Backward, at segment j: the previous call's dK, dV (2·tk) and the tile's dQ so far (as in
     ``_tiled_work``: the last dQ of the tile before when j = 0, the running dQ when j = 1, it and
@@ -258,8 +280,10 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
                 seen.add(key)
                 bools = _mask_rows(s, per_head) * tq * n if seg.masked and not diagonal else 0
                 ev = 0 if diagonal else _seg_terms(s, seg, tq, per_head, evb)[3]
-                call_f, call_b = torch_tile_bytes(batch_heads=e, rows=g * tq, keys=n, head_dim=s.head_dim,
-                                                  itemsize=s.itemsize, causal_tile=diagonal, mask_bytes=bools)
+                call_f, call_b = _call_bytes(s, kernel, e, g * tq, n, diagonal, bools)
+                if s.mods is not None:  # the segment's TileMods indices, alive through its call
+                    idx = TileMods.index_bytes(s.batch, s.heads, tq, n)
+                    call_f, call_b = call_f + idx, call_b + idx
                 before = key[5]
                 if before is None:
                     hold_f = hold_b = 0
@@ -274,6 +298,63 @@ def _torch_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool
                     if j:
                         fwd = max(fwd, stack_f + 5 * ta + 6 * lrow * tq)
     return fwd, bwd, tail
+
+
+def _bias_work(s: Shape, plan_rows, per_head: bool, evb: int, pure_causal: bool) -> tuple[int, int]:
+    """``_tiled_work`` for the fused operator with a ``"bias"`` score_mod (float32 / float64):
+    every segment, full or masked, builds its bias (``kernels.tile.fused_bias_tile_bytes``, with
+    the score_mod's own ``bias_bytes``), in merged runs of at most ``BIAS_SEGMENT`` keys
+    (``ROW_BIAS_SEGMENT``), the same in both passes. ALiBi's tiles whose keys lie on one side of
+    every query's diagonal (no GQA) take the row path. Around each call the loop holds what
+    ``_tiled_work`` counts (the previous call's dK, dV, the tile's dQ so far, the running
+    output, the stacked rows of GQA, gathered keys), and a mask's bools and their evaluation."""
+    acc = s.acc_itemsize
+    qrow = s.batch * s.heads * s.head_dim * s.itemsize
+    lrow = s.batch * s.heads * acc
+    g = s.heads // s.kv_heads
+    bias_bytes = _BIAS_BYTES[s.bias]
+    fwd = bwd = 0
+    for run in plan_rows:
+        prev_f = prev_b = None
+        for tq, fsegs, bsegs, lead, qa in run:
+            t = qrow * tq
+            stack = 0 if g == 1 else 2 * t + lrow * tq
+            calls = {}
+            for seg in {*fsegs, *bsegs}:
+                # The diagonal tile of plain causal is the kernel's own is_causal: no bools.
+                masked = seg.masked and not (pure_causal and seg.contiguous and seg.ranges[0] == (qa, qa + tq))
+                first, last = min(a for a, _ in seg.ranges), max(b for _, b in seg.ranges) - 1
+                row = (s.bias == "alibi" and g == 1 and not seg.masked
+                       and (last <= qa or first >= qa + tq - 1))
+                bools = _mask_rows(s, per_head) * tq * seg.size if masked else 0
+                idx = TileMods.index_bytes(s.batch, s.heads, tq, seg.size)
+                call = fused_bias_tile_bytes(batch_heads=s.batch * s.kv_heads, kv_heads=s.kv_heads, rows=g * tq,
+                                             keys=seg.size, head_dim=s.head_dim, itemsize=s.itemsize,
+                                             bias=bias_bytes(s.heads, tq, seg.size, s.itemsize), masked=masked,
+                                             row=row)
+                calls[seg] = (bools + idx + call[0], bools + idx + call[1])
+            for j, seg in enumerate(bsegs):
+                copies, _, _, ev = _seg_terms(s, seg, tq, per_head, evb, backward=True)
+                hold = 0
+                if prev_b is not None:
+                    hold = _seg_terms(s, prev_b[1], prev_b[0], per_head, backward=True)[2]
+                    hold += qrow * prev_b[0] if j == 0 else 0
+                hold += t * min(j, 2)
+                if not lead:
+                    base = hold + stack + copies
+                    bwd = max(bwd, base + calls[seg][1], base + ev)
+                prev_b = (tq, seg)
+            for j, seg in enumerate(fsegs):
+                copies, _, _, ev = _seg_terms(s, seg, tq, per_head, evb)
+                run_out = t * min(j, 2) if len(fsegs) > 1 else 0
+                hold = run_out if j else (qrow * prev_f[0] + lrow * prev_f[0] if prev_f else 0)
+                base = hold + (0 if g == 1 else t) + copies
+                if not lead:
+                    fwd = max(fwd, base + calls[seg][0], base + ev)
+                    if j:
+                        fwd = max(fwd, hold + (0 if g == 1 else t) + 4 * t)
+                prev_f = (tq, seg)
+    return fwd, bwd
 
 
 def _like_tiles_dropped(row: list[tuple[int, bool]], n_k: int, kv_tile: int) -> list[tuple[int, bool]]:
@@ -295,14 +376,18 @@ def _like_tiles_dropped(row: list[tuple[int, bool]], n_k: int, kv_tile: int) -> 
     return out
 
 
-def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int, merge: bool = True):
+def _plan_rows(rows, tiles, n_q: int, n_k: int, q_tile: int, kv_tile: int, merge: bool = True,
+               cap: int | None = None):
     """``(Tq, forward segments, backward segments, lead, first query row)`` per sampled tile,
-    grouped as the code does (``merge``: the fused kernel's segments; else one key tile each,
-    the same in both passes)."""
+    grouped as the code does (``merge``: the fused kernel's segments; ``cap``: merged runs of at
+    most ``cap`` keys, the same in both passes, as ``TileContext`` plans a score modification;
+    else one key tile each, the same in both passes)."""
     out = []
     for i, row in zip(tiles, rows):
         tq = min(q_tile, n_q - i * q_tile)
-        if merge:
+        if cap is not None:
+            fwd = bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=cap)[0][2]
+        elif merge:
             fwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, gather=MAX_GATHER)[0][2]
             bwd = plan_segments([row], n_q, n_k, q_tile, kv_tile, merge=True, max_segment=MAX_SEGMENT)[0][2]
         else:
@@ -348,8 +433,16 @@ def _sampled_plan(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | Non
         mask = M.causal() & local if s.causal else local
     if band is not None:
         local = mask = band
-    merge = tile_plan(s, opts, mask).kernel == "fused"
+    plan = tile_plan(s, opts, mask)
+    merge = plan.kernel == "fused"
     q_tile = max(opts.q_tile, MIN_Q_TILE)
+    cap = SOFTCAP_SEGMENT if plan.kernel == "softcap" else None
+    if merge and s.mods == "bias":
+        # ``TileContext``: ALiBi's row path under no mask or plain causal takes larger tiles.
+        if s.bias == "alibi" and s.heads == s.kv_heads and (mask is None or plan.pure_causal):
+            q_tile, cap = max(q_tile, ROW_BIAS_Q_TILE), ROW_BIAS_SEGMENT
+        else:
+            cap = BIAS_SEGMENT
     nqt = math.ceil(s.seq_len / q_tile)
     runs = []
     for tiles in _sample_groups(nqt):
@@ -357,21 +450,23 @@ def _sampled_plan(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | Non
             rows_ = [[(j, True) for j in range(math.ceil(s.seq_len / opts.kv_tile))]] * len(tiles)
         else:
             rows_ = _tile_rows(mask, s, q_tile, opts.kv_tile, tiles)
-        runs.append(_plan_rows(rows_, tiles, s.seq_len, s.seq_len, q_tile, opts.kv_tile, merge))
+        runs.append(_plan_rows(rows_, tiles, s.seq_len, s.seq_len, q_tile, opts.kv_tile, merge, cap))
     per_head = isinstance(local, M.Dilated) and local.per_head
     rest = None
     g = 0
     if rows is not None and rows.numel():
         g = rows.numel()
         rest_rows = _rest_rows(local, s, rows, q_tile, opts.kv_tile)
-        rest = [_plan_rows(rest_rows, list(range(len(rest_rows))), g, s.seq_len, q_tile, opts.kv_tile, merge)]
+        rest = [_plan_rows(rest_rows, list(range(len(rest_rows))), g, s.seq_len, q_tile, opts.kv_tile, merge, cap)]
     return runs, per_head, rest, g, _eval_bytes(mask, s.heads) if mask is not None else 0
 
 
 def tile_plan(s: Shape, opts, mask: M.Mask | None):
-    """``kernels.plan_call`` of this call's tiled pass on CPU (``mask``: its effective mask)."""
+    """``kernels.plan_call`` of this call's tiled pass on CPU (``mask``: its effective mask;
+    the score modifications' kind from ``s.mods``)."""
     return plan_call(opts.kernel, device="cpu", dtype=getattr(torch, s.dtype), mask=mask, batch=s.batch,
-                     nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim)
+                     nq=s.seq_len, nk=s.seq_len, q_heads=s.heads, kv_heads=s.kv_heads, head_dim=s.head_dim,
+                     mods=s.mods)
 
 
 def sparse_footprint(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | None,
@@ -414,16 +509,20 @@ def sparse_footprint(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | 
     if local is not None:
         mask = local if mask is None else mask & local
     plan = tile_plan(s, opts, mask if band is None else band)
-    if plan.kernel == "torch":
-        fwd, bwd, tail = _torch_work(s, runs, per_head, evb, plan.pure_causal)
+    if plan.kernel in TORCH_OPS_KERNELS:
+        fwd, bwd, tail = _torch_work(s, runs, per_head, evb, plan.pure_causal, kernel=plan.kernel)
+    elif s.mods == "bias":
+        (fwd, bwd), tail = _bias_work(s, runs, per_head, evb, plan.pure_causal), 0
     else:
         fwd, bwd, tail = _tiled_work(s, runs, per_head, evb)
     out_lse = s.q_bytes + lse
     rows_bytes = 8 * g
     peak_fwd = out_lse + fwd
     if rest is not None:
-        if plan.kernel == "torch":
-            rest_fwd, rest_bwd, _ = _torch_work(s, rest, False, evb + 2, False, dout_view=False)
+        if plan.kernel in TORCH_OPS_KERNELS:
+            rest_fwd, rest_bwd, _ = _torch_work(s, rest, False, evb + 2, False, dout_view=False, kernel=plan.kernel)
+        elif s.mods == "bias":
+            rest_fwd, rest_bwd = _bias_work(s, rest, False, evb + 2, False)
         else:
             rest_fwd, rest_bwd, _ = _tiled_work(s, rest, False, evb + 2)
         # index_select of the g rows of q; the rows' own output and lse
@@ -457,3 +556,60 @@ def sparse_footprint(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | 
     if not s.training:
         return Footprint(0, peak_fwd)
     return Footprint(saved, max(peak_fwd, peak_bwd) - saved)
+
+
+# --- score modifications: which the closed forms hold for, and sinks around any schedule ----
+
+
+def mods_domain_reasons(s: Shape, kernel: str) -> list[str]:
+    """Why the tiled closed form does not hold for ``s``'s score modifications on ``kernel``
+    (``kernels.plan_call``'s choice for them); empty where it does: sinks alone (around any
+    schedule, ``with_sinks``), the softcap kernel, dropout alone on the plain-PyTorch kernel."""
+    if s.mods is None:
+        return []
+    if s.score_mod and s.mods == "":
+        return ["a generic score_mod (a Python function, one capturing a tensor that needs a gradient, or "
+                "any score_mod with dropout) runs under autograd per tile, whose temporaries are the "
+                "function's own: not modelled (traced)"]
+    if s.mods != "" and kernel == "torch":
+        return [f"a {s.mods} score_mod on the plain-PyTorch tile kernel (kernel='torch', or {s.dtype}) runs "
+                "under autograd per tile: not modelled (traced)"]
+    if s.mods == "bias" and s.bias is None:
+        return ["an additive-bias score_mod other than the built-in alibi (offset 0) and relative_bias: "
+                "its bias's own temporaries are not modelled (traced)"]
+    if s.masked:
+        return ["a user mask with a score_mod or dropout is not modelled (traced)"]
+    return []
+
+
+def with_sinks(s: Shape, footprint: Callable[[Shape], Footprint]) -> Footprint:
+    """``footprint(s)`` (the schedule's own closed form) with sinks around it, read off
+    ``kernels.tiled.apply_sinks`` and ``_ExactAttention`` (L = one lse, B·Hq·N·a bytes):
+
+    * forward: after the schedule, beside its output and lse, ``apply_sinks`` makes the new lse,
+      ``lse - new`` and its exponential (3·L; the weights' cast for half inputs comes after the
+      difference is freed). The
+      new lse replaces the old one as saved: ``saved`` does not change.
+    * backward, only when the sinks require a gradient: D = rowsum(dO ∘ O) (L) first, a block of
+      1024 rows at a time (the block's product, and for half inputs the float32 copies of dO
+      and O: 3 blocks, and its rowsum); D stays alive through the schedule's backward (+ L on
+      its peak); then, beside the finished dQ, dK, dV, exp(sink - lse') and its product with D
+      (2·L)."""
+    plain = footprint(s)
+    if not s.sinks:
+        return plain
+    lse = s.lse_bytes
+    out_lse = s.q_bytes + lse
+    fwd = max(footprint(replace(s, training=False)).transient, out_lse + 3 * lse)
+    if not s.training:
+        return Footprint(0, fwd)
+    saved, transient = plain
+    peak = max(saved + transient, fwd)
+    if s.sinks_grad:
+        rows = min(s.seq_len, 1024)
+        row_block = s.batch * s.heads * rows * s.acc_itemsize
+        block = row_block * s.head_dim
+        row_dot = saved + lse + (3 if s.half else 1) * block + row_block
+        end = saved + 3 * lse + s.q_bytes + 2 * s.kv_bytes
+        peak = max(peak + lse, row_dot, end)
+    return Footprint(saved, peak - saved)

@@ -16,7 +16,10 @@ Two ways to the same number:
   for). It answers where tracing would be slow — the tile loop of ``chunked`` runs
   O((N/tile)²) Python iterations even on fake tensors — and is tested against the trace inside
   its domain. ``how="auto"`` uses the closed form wherever the method declares one for the
-  call, and traces otherwise. A trace stops past ``TRACE_OP_LIMIT`` operator calls with an
+  call, and traces otherwise. Score modifications (``Shape.mods``, ``Shape.sinks``) are in the
+  closed forms of the methods that declare ``Method.models_mods`` (chunked, the sparse
+  patterns), which name in their domain reasons what they leave to the trace (a generic
+  score_mod, whose temporaries are its own). A trace stops past ``TRACE_OP_LIMIT`` operator calls with an
   error that says so (``how="trace"`` of a tiled method at N = 2**20 would run for minutes).
 
 The breakdown splits the peak into ``inputs`` (q, k, v), ``saved`` (held between forward and
@@ -187,6 +190,16 @@ def mods_kind(score_mod: Any, dropout_p: float, dtype: torch.dtype) -> str | Non
     return fast_kind(score_mod, captured, dropout_p)
 
 
+def bias_kind(score_mod: Any) -> str | None:
+    """``Shape.bias``: which built-in additive bias ``score_mod`` is (its memory per tile is
+    known), else None (no score_mod, or one of another kind or class)."""
+    from ..scores import ALiBi, RelativeBias
+
+    if type(score_mod) is ALiBi:
+        return "alibi" if score_mod.offset == 0 else None  # the row path's tiles assume offset 0
+    return "relative_bias" if type(score_mod) is RelativeBias else None
+
+
 def _attention_fn(name: str, causal: bool, mask: Any, opts_dict: dict[str, Any], module,
                   mods: dict[str, Any] | None = None):
     from ..api import attention
@@ -305,16 +318,19 @@ def estimate(method: str, *, batch: int, heads: int, seq_len: int, head_dim: int
         raise ValueError(f"method {method!r} has no backward; estimate it with training=False")
     shape = Shape(batch, heads, kv_heads, seq_len, head_dim, dt.itemsize, str(dt).removeprefix("torch."),
                   bool(training), bool(causal),
-                  mask is not None, mods_kind(score_mod, dropout_p, dt), sinks is not None)
+                  mask is not None, mods_kind(score_mod, dropout_p, dt), sinks is not None,
+                  score_mod is not None, bias_kind(score_mod), bool(dropout_p),
+                  sinks is not None and bool(training) and sinks.requires_grad)
     # Stateful methods state their limits too (their modules would raise them mid-trace).
     reasons = m.not_supported_reasons(inp, opts)
     if reasons and not (training and reasons == ["has no backward; call it under torch.no_grad()"]):
         raise ValueError(f"method {method!r} cannot run these inputs: {'; '.join(reasons)}")
     outside = m.memory_domain_reasons(shape, opts)
-    if shape.mods is not None or shape.sinks:
-        # No closed form models a score_mod, sinks or dropout yet: their tiles and kernel
-        # (kernels.plan_call) are traced, which follows the very path the call takes.
-        outside = [*outside, "score_mod, sinks and dropout are not in the closed form (traced)"]
+    if (shape.mods is not None or shape.sinks) and not m.models_mods:
+        # A method whose closed form does not model score_mod, sinks or dropout: its tiles and
+        # kernel (kernels.plan_call) are traced, which follows the very path the call takes.
+        # One that does (``Method.models_mods``) names what it leaves out in its domain reasons.
+        outside = [*outside, "score_mod, sinks and dropout are not in this method's closed form (traced)"]
     # A method's closed form is tested against the trace inside its declared domain (within 5 %,
     # most to the byte) and answers in milliseconds at any N, while a trace grows with the number
     # of tiles: "auto" takes the closed form wherever the method declares one, and traces the rest.

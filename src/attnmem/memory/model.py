@@ -30,6 +30,13 @@ class Shape:
     # (``kernels.mods.fast_kind``: "bias", "softcap", or "" for the generic path).
     mods: str | None = None
     sinks: bool = False
+    # What the kind alone does not tell: a score_mod is given (else "" is dropout alone), its
+    # built-in additive bias ("alibi", "relative_bias": ``Shape.mods == "bias"``, else None),
+    # dropout_p > 0, and sinks that require a gradient.
+    score_mod: bool = False
+    bias: str | None = None
+    dropout: bool = False
+    sinks_grad: bool = False
 
     @property
     def q_bytes(self) -> int:
