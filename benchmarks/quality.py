@@ -140,6 +140,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "long": {"context_warmup": 600, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
         "seeds": [0, 1, 2],
     },
+    "target-warm-long": {  # target-warm with three times the steps (what the 15 minutes allow quietly); one seed
+        "note": "target-warm at 2700 steps (1800 warm-up steps on 128/256/512 windows, then 900 mixed); "
+                "quiet throughput 0.27 s per context-1024 step on average, two runs side by side: about 12 "
+                "minutes; seed 0 only (a probe)",
+        **TARGET_RECIPE,
+        "text": {**TARGET_TEXT, "steps": 2700,
+                 "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "seeds": [0],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
