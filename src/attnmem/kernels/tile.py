@@ -247,18 +247,25 @@ def torch_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int, i
     in the forward (then held while the output is computed), beside S in the backward, where
     it stays to the end beside P and dP (P∘Z for dV is an S-sized temporary, freed before dP).
     """
-    a = 8 if itemsize == 8 else 4
-    cast = itemsize != a
-    e, m, n, d = batch_heads, rows, keys, head_dim
-    ta, tk, sc, r = e * m * d * a, e * n * d * a, e * m * n * a, e * m * a
-    bools = m * n if causal_tile else 0
-    neg = bools or mask_bytes
+    cast, ta, tk, sc, r, bools, neg = _tile_symbols(batch_heads, rows, keys, head_dim, itemsize, causal_tile,
+                                                    mask_bytes)
     making, z = keep
     fwd = sc + max(cast * (ta + tk), neg, 2 * r + making, 2 * r + z + ta + max(cast * tk, 2 * r))
     operands = cast * (2 * ta + 2 * tk)
     bwd = operands + max(sc + neg, sc + making, 2 * sc + z + tk + max(cast * ta + ta, ta + r),
                          2 * sc + z + 2 * tk + ta + r)
     return bools + fwd, bools + bwd
+
+
+def _tile_symbols(e: int, m: int, n: int, d: int, itemsize: int, causal_tile: bool,
+                  mask_bytes: int) -> tuple[bool, int, int, int, int, int, int]:
+    """The symbols of the plain tile kernels' closed forms: (cast, ta, tk, S, r, bools, neg) for
+    e = B·Hkv, m rows, n keys, head dim d; ta a query tile, tk a key tile, S the score tile, r
+    one value per row, all in the accumulation dtype (``cast``: half inputs); ``bools`` the
+    causal tile's mask, ``neg`` the mask the scores are filled with."""
+    a = 8 if itemsize == 8 else 4
+    bools = m * n if causal_tile else 0
+    return itemsize != a, e * m * d * a, e * n * d * a, e * m * n * a, e * m * a, bools, bools or mask_bytes
 
 
 def softcap_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int, itemsize: int,
@@ -274,13 +281,9 @@ def softcap_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int,
     (half: 2·ta + 2·tk), the scaled query tile beside T, -lse (r) beside T and P; dV (tk), the
     float32 O and dO∘O and their rowsum (ta + ta + r) or dP = a third S, then dQ (ta) and dK (tk).
     """
-    a = 8 if itemsize == 8 else 4
-    cast = itemsize != a
-    e, m, n, d = batch_heads, rows, keys, head_dim
-    ta, tk, sc, r = e * m * d * a, e * n * d * a, e * m * n * a, e * m * a
-    bools = m * n if causal_tile else 0
-    neg = bools or mask_bytes
-    fwd = max(cast * 2 * ta, ta + cast * tk + sc, sc + neg, sc + 3 * r + e * m,
+    cast, ta, tk, sc, r, bools, neg = _tile_symbols(batch_heads, rows, keys, head_dim, itemsize, causal_tile,
+                                                    mask_bytes)
+    fwd = max(cast * 2 * ta, ta + cast * tk + sc, sc + neg, sc + 3 * r + batch_heads * rows,
               2 * sc + 2 * r + ta + max(cast * tk, 3 * r))
     operands = cast * (2 * ta + 2 * tk)
     bwd = operands + max(ta + sc, 2 * sc + max(r, neg), 2 * sc + tk + cast * ta + ta + r,
