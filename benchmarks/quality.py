@@ -292,7 +292,7 @@ def throughput(preset_name: str, out: Path, shard: tuple[int, int], probe_steps:
         schedule = window_schedule(cfg)
         per_length = {}
         for length in sorted(schedule):
-            plain = dataclasses.replace(cfg, seq_len=length, batch_size=cfg.batch_size * cfg.seq_len // length,
+            plain = dataclasses.replace(cfg, seq_len=length, batch_size=cfg.batch_at(length),
                                         context_warmup=0, train_mix=[], eval_examples=1)
             fit(dataclasses.replace(plain, steps=2, eval_every=2))  # first-call costs, untimed
             timed = fit(dataclasses.replace(plain, eval_every=cfg.steps), stop_at=probe_steps)

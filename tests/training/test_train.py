@@ -312,4 +312,7 @@ def test_context_warmup_refuses_what_it_cannot_honour():
         TrainConfig(**rotary, context_warmup=2, context_start=32)
     with pytest.raises(ValueError, match="context_warmup"):
         TrainConfig(**rotary, context_warmup=-1)
+    with pytest.raises(ValueError, match="too short for num_pairs"):  # a stage the task cannot sample: at once
+        TrainConfig(**{**rotary, "seq_len": 64, "task_options": {"num_pairs": 8, "vocab_size": 32}},
+                    context_warmup=2, context_start=16)
     assert ADDED_FIELDS["context_warmup"] == 0  # a checkpoint from before the field resumes as "off"

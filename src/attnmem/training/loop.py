@@ -164,7 +164,8 @@ class TrainConfig:
         if self.tie_embeddings and (target.kind != "lm" or target.num_outputs != target.vocab_size):
             raise ValueError(f"tie_embeddings needs a language-model task with one output per token; {self.task} "
                              f"has {target.num_outputs} outputs for {target.vocab_size} tokens")
-        for overrides in self.train_mix:
+        warmup_lengths = sorted({self.warmup_context(i) for i in range(self.context_warmup)})  # validated as the mix
+        for overrides in [*self.train_mix, *({"seq_len": n} for n in warmup_lengths)]:
             mixed = self.mix_task(overrides)
             if (mixed.vocab_size, mixed.num_outputs) != (target.vocab_size, target.num_outputs):
                 raise ValueError(f"train_mix entry {overrides!r} changes the vocabulary or outputs "
@@ -187,18 +188,17 @@ class TrainConfig:
         for overrides in self.train_mix:
             task = self.mix_task(overrides)
             n = getattr(task, "seq_len", None) or getattr(task, "max_length", self.seq_len)
-            sources.append((task, max(1, self.batch_size * self.seq_len // n)))
+            sources.append((task, self.batch_at(n)))
         return sources
 
     def warmup_context(self, step: int) -> int | None:
         """The window length of training step ``step`` (0-based) under ``context_warmup``; None
         once it is over (the run's own seq_len)."""
-        if step >= self.context_warmup:
-            return None
-        lengths = [self.context_start]
-        while lengths[-1] * 2 < self.seq_len:
-            lengths.append(lengths[-1] * 2)
-        return lengths[step * len(lengths) // self.context_warmup]
+        return _doubling_stage(step, self.context_warmup, self.context_start, self.seq_len)
+
+    def batch_at(self, length: int) -> int:
+        """Windows of ``length`` tokens per batch with the run's tokens per batch (at least one)."""
+        return max(1, self.batch_size * self.seq_len // length)
 
     def attention_options(self) -> dict[str, Any]:
         return {k: v for k, v in self.method_options.items() if k != MASK_WINDOW}
@@ -210,17 +210,25 @@ class TrainConfig:
     def warmup_window(self, step: int) -> int | None:
         """The attention window (keys per query) of training step ``step`` (0-based) under
         ``window_warmup``; None once it is over (or when the window would cover the sequence)."""
-        if step >= self.window_warmup or self.window_start >= self.seq_len:
+        if self.window_start >= self.seq_len:
             return None
-        widths = [self.window_start]
-        while widths[-1] * 2 < self.seq_len:
-            widths.append(widths[-1] * 2)
-        return widths[step * len(widths) // self.window_warmup]
+        return _doubling_stage(step, self.window_warmup, self.window_start, self.seq_len)
 
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in sorted(self.method_options.items()))
         return f"{self.method}:{opts}" if opts else self.method
 
+
+
+def _doubling_stage(step: int, steps: int, start: int, limit: int) -> int | None:
+    """The stage of a warm-up of ``steps`` steps at step ``step`` (0-based): ``start``, doubling
+    below ``limit``, in equal stages; None once the warm-up is over."""
+    if step >= steps:
+        return None
+    stages = [start]
+    while stages[-1] * 2 < limit:
+        stages.append(stages[-1] * 2)
+    return stages[step * len(stages) // steps]
 
 
 # --- model -------------------------------------------------------------------------------
@@ -449,7 +457,7 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_at: int | None = None
         if length is not None:
             if length not in short_tasks:
                 short_tasks[length] = config.mix_task({"seq_len": length})
-            return short_tasks[length].sample(config.batch_size * config.seq_len // length, data_gen)
+            return short_tasks[length].sample(config.batch_at(length), data_gen)
         if len(sources) == 1:
             return task.sample(config.batch_size, data_gen)
         src, n = sources[int(torch.randint(len(sources), (1,), generator=data_gen))]
