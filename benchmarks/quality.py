@@ -140,14 +140,23 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "long": {"context_warmup": 600, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
         "seeds": [0, 1, 2],
     },
-    "target-warm-long": {  # target-warm with three times the steps (what the 15 minutes allow quietly); one seed
+    "target-warm-long": {  # target-warm with three times the steps
         "note": "target-warm at 2700 steps (1800 warm-up steps on 128/256/512 windows, then 900 mixed); "
                 "quiet throughput 0.27 s per context-1024 step on average, two runs side by side: about 12 "
-                "minutes; seed 0 only (a probe)",
+                "minutes; seed 0 (session 6), seeds 1 and 2 (session 7)",
         **TARGET_RECIPE,
         "text": {**TARGET_TEXT, "steps": 2700,
                  "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
-        "seeds": [0],
+        "seeds": [0, 1, 2],
+    },
+    "target-warm-3800": {  # target-warm-long with the steps a quiet 15 minutes allow (BENCHMARKS.md, session 7)
+        "note": "target-warm-long's 1800 warm-up steps (128/256/512 windows), then 2000 mixed steps (3800 in "
+                "all); session 7's quiet throughput, two runs side by side: 0.17 s a warm-up step, 0.25 s a "
+                "mixed step, about 800 s for a context-1024 run",
+        **TARGET_RECIPE,
+        "text": {**TARGET_TEXT, "steps": 3800,
+                 "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "seeds": [0, 1, 2],
     },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
@@ -309,9 +318,9 @@ def throughput(preset_name: str, out: Path, shard: tuple[int, int], probe_steps:
 
 
 def in_processes(stage: str, preset_name: str, tasks: str, runs: str, out: str, threads: int, jobs: int,
-                 probe_steps: int) -> None:
+                 probe_steps: int, seeds: str | None = None, methods: str | None = None) -> None:
     """``stage`` (train, throughput) as ``jobs`` processes, shard i of jobs each; returns when
-    all have ended.
+    all have ended. ``seeds`` and ``methods`` (the command line's filters) go to every process.
 
     Raises:
         RuntimeError: a process that exited with an error.
@@ -321,6 +330,10 @@ def in_processes(stage: str, preset_name: str, tasks: str, runs: str, out: str, 
 
     cmd = [sys.executable, __file__, stage, "--preset", preset_name, "--tasks", tasks, "--runs", runs,
            "--out", out, "--threads", str(threads), "--probe-steps", str(probe_steps)]
+    if seeds is not None:
+        cmd += ["--seeds", seeds]
+    if methods is not None:
+        cmd += ["--methods", methods]
     procs = [subprocess.Popen([*cmd, "--shard", f"{i}/{jobs}"]) for i in range(jobs)]
     failed = [i for i, p in enumerate(procs) if p.wait() != 0]
     if failed:
@@ -563,12 +576,12 @@ def main() -> None:
     i, n = (int(x) for x in args.shard.split("/"))
     if args.stage == "throughput" and args.jobs > 1:
         in_processes("throughput", args.preset, args.tasks, args.runs, args.out, args.threads, args.jobs,
-                     args.probe_steps)
+                     args.probe_steps, args.seeds, args.methods)
     elif args.stage == "throughput":
         throughput(args.preset, Path(args.out), (i, n), args.probe_steps)
     if args.stage in ("train", "all") and args.jobs > 1:
         in_processes("train", args.preset, args.tasks, args.runs, args.out, args.threads, args.jobs,
-                     args.probe_steps)
+                     args.probe_steps, args.seeds, args.methods)
     elif args.stage in ("train", "all"):
         train(args.preset, tasks, Path(args.runs), (i, n))
     if args.stage in ("evaluate", "all"):
