@@ -96,6 +96,12 @@ class ALiBi:
         distance = (q_idx + self.offset - kv_idx).abs().to(score.dtype)  # (1, 1, Tq, Tk)
         return score - self.slopes.to(score.device)[h].to(score.dtype) * distance
 
+    def decay(self) -> tuple[Tensor, int]:
+        """(slopes (H,), offset): the bias is 0 at key ``q_idx + offset`` and falls by
+        ``slope_h`` a key away from it, declared for the tiled kernel, which skips the key tiles
+        it makes negligible (``attnmem.kernels.tiled.reach_groups``); slopes detached."""
+        return self.slopes.detach(), self.offset
+
     def additive_bias(self, h: Tensor, q_idx: Tensor, kv_idx: Tensor, dtype: torch.dtype) -> Tensor:
         """``-slope_h · |q_idx + offset - kv_idx|`` as a (1, Hq, Tq, Tk) tensor of ``dtype``
         (the score_mod is ``score + additive_bias``); slopes detached."""

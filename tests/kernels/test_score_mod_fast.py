@@ -204,3 +204,90 @@ def test_alibi_row_path_float32_within_twice_the_generic_error(monkeypatch):
     generic = _errors(mod, "torch", q, k, v, causal=True, tile=200)
     for what, a, b in zip(("out", "dq", "dk", "dv"), fast, generic):
         assert a <= 2 * b + 1e-7, f"{what}: fast {a:.3g} > 2 x generic {b:.3g}"
+
+
+def _spy_reach(monkeypatch):
+    """Records, per call, the head groups ``reach_groups`` formed: [(first, stop, reach, keys)],
+    keys = the keys the group's forward plan computes; None where nothing was skipped."""
+    from attnmem.kernels import tiled
+
+    seen = []
+    inner = tiled.reach_groups
+
+    def spy(c, q, k):
+        groups = inner(c, q, k)
+        seen.append(None if groups is None else [
+            (hs.start, hs.stop, g.reach and g.reach[0],
+             sum(s.size * (qb - qa) for qa, qb, segs in g.plan for s in segs))
+            for hs, g in groups])
+        return groups
+
+    monkeypatch.setattr(tiled, "reach_groups", spy)
+    return seen
+
+
+STEEP = torch.tensor([8.0, 2.0, 1 / 16, 1 / 256])
+
+
+@pytest.mark.parametrize(("nq", "nk", "causal", "offset"),
+                         [(1300, 1300, True, 0), (300, 1500, True, 1200), (600, 1800, False, 600)])
+def test_alibi_skips_key_tiles_beyond_reach_float64(monkeypatch, nq, nk, causal, offset):
+    """Steep heads skip the key tiles their bias makes negligible (below exp(-200) of the row's
+    sum in float64), before the diagonal and, unmasked, after it: output and every gradient
+    still equal the definition at 1e-10, and the steep heads compute fewer keys than the flat."""
+    seen = _spy_reach(monkeypatch)
+    q, k, v = rand_qkv(Hq=4, Nq=nq, Nk=nk, D=8, seed=8)
+    mod = S.alibi(STEEP, offset=offset)
+    out = attnmem.attention(q, k, v, method="chunked", causal=causal, score_mod=mod, kv_tile=64)
+    ref, _ = dense_reference(q, k, v, allowed=allowed_of("chunked", {}, causal, nq, nk, 1, 4), score_mod=mod)
+    assert rel_err(out, ref) <= 1e-10
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    for got, want in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        assert rel_err(got, want) <= 1e-10
+    groups = seen[-1]
+    assert groups is not None, "no tile was skipped"
+    reaches = {first: reach for first, _, reach, _ in groups}
+    assert reaches[0] is not None and reaches[0] < reaches[1] and reaches[2] is None
+    keys = {first: n for first, _, _, n in groups}
+    assert keys[0] < keys[1] < keys[2]
+
+
+def test_alibi_reach_follows_the_norms(monkeypatch):
+    """Larger scores need more keys: with q, k scaled up the reach grows, down to no skipping."""
+    seen = _spy_reach(monkeypatch)
+    q, k, v = rand_qkv(Hq=4, Nq=1300, D=8, seed=8, grad=False)
+    mod = S.alibi(STEEP)
+    reach = []
+    for factor in (1.0, 3.0, 30.0):
+        attnmem.attention(q * factor, k * factor, v, method="chunked", causal=True, score_mod=mod, kv_tile=64)
+        reach.append(None if seen[-1] is None else seen[-1][0][2])
+    assert reach[0] < reach[1] and reach[2] is None, reach
+
+
+@pytest.mark.parametrize("case", ["gqa", "offset", "half"])
+def test_alibi_reach_needs_a_centre_every_row_sees(monkeypatch, case):
+    """No skipping where the bound does not hold or the path differs: GQA (no row-bias tiles), a
+    causal offset other than the mask's (the zero-bias key may be masked), half precision."""
+    seen = _spy_reach(monkeypatch)
+    Hkv = 2 if case == "gqa" else 4
+    dtype = torch.bfloat16 if case == "half" else torch.float64
+    q, k, v = rand_qkv(Hq=4, Hkv=Hkv, Nq=1300, D=8, seed=8, grad=False, dtype=dtype)
+    mod = S.alibi(STEEP, offset=5 if case == "offset" else 0)
+    attnmem.attention(q, k, v, method="chunked", causal=True, score_mod=mod)
+    assert all(g is None for g in seen)
+
+
+def test_alibi_reach_lowers_the_peak_never_raises_it(monkeypatch):
+    """The estimate (no values, so whole rows) bounds the measured peak of a call that skips."""
+    seen = _spy_reach(monkeypatch)
+    q, k, v = rand_qkv(Hq=4, Nq=1300, D=16, seed=9, dtype=torch.float32)
+    mod = S.alibi(STEEP)
+
+    def step(q, k, v):
+        attnmem.attention(q, k, v, method="chunked", causal=True, score_mod=mod).sum().backward()
+
+    measured = attnmem.measure(step, q, k, v, repeats=0, warmup=0).peak_bytes
+    assert any(g is not None for g in seen)
+    est = attnmem.estimate("chunked", batch=1, heads=4, seq_len=1300, head_dim=16, causal=True, score_mod=mod,
+                           how="trace")
+    assert measured <= est.peak_bytes

@@ -148,7 +148,7 @@ class TileMods:
         dev = c.device
         rows = torch.arange(qa, qb, device=dev) if c.q_pos is None else c.q_pos[qa:qb]
         self.b = torch.arange(c.B, device=dev)[:, None, None, None]
-        self.h = torch.arange(c.Hq, device=dev)[None, :, None, None]
+        self.h = torch.arange(c.head0, c.head0 + c.Hq, device=dev)[None, :, None, None]
         self.q_idx = rows[None, None, :, None]
         self.kv_idx = seg.positions(dev)[None, None, None, :]
         self.tq, self.tk = qb - qa, seg.size

@@ -107,7 +107,7 @@ def fused_forward(q, k, v, allowed, scale, tm: TileMods | None = None):
 # of its other terms: far below the dtypes' own rounding, as flushing subnormals to zero is.
 NEGLIGIBLE = {torch.float32: 60.0, torch.float64: 200.0}
 # Slack on the Cauchy-Schwarz bound for the rounding of the norms and of the scores themselves.
-_REACH_SLACK = 1.01
+REACH_SLACK = 1.01
 
 
 def _drop_negligible_(bias: Tensor, q: Tensor, k: Tensor, lse: Tensor, scale: float) -> Tensor:
@@ -120,7 +120,7 @@ def _drop_negligible_(bias: Tensor, q: Tensor, k: Tensor, lse: Tensor, scale: fl
 
 def _reach(q: Tensor, k: Tensor, scale: float) -> Tensor:
     """``scale·|q_i|·max_j |k_j|`` (B, Hkv, M), with slack: bounds every |s_ij| (Cauchy-Schwarz)."""
-    return q.norm(dim=-1) * (k.norm(dim=-1).amax(-1, keepdim=True) * (abs(scale) * _REACH_SLACK))
+    return q.norm(dim=-1) * (k.norm(dim=-1).amax(-1, keepdim=True) * (abs(scale) * REACH_SLACK))
 
 
 # A tile whose bias is a row of keys minus a per-query shift (``TileMods.row_bias``: ALiBi off
