@@ -252,11 +252,10 @@ def within_reach(rows: list[list[tuple[int, bool]]], nq: int, q_tile: int, kv_ti
     """``block_rows`` without the key tiles farther than ``reach`` positions from every row's
     centre key (query i's is key i + ``centre``): a tile is kept whole when any of its keys is
     within reach of any of the query tile's rows."""
-    off = centre
     kept = []
     for i, row in enumerate(rows):
-        lo = i * q_tile + off - reach  # the least key within reach of the tile's first row
-        hi = min((i + 1) * q_tile, nq) - 1 + off + reach  # the greatest, of its last row
+        lo = i * q_tile + centre - reach  # the least key within reach of the tile's first row
+        hi = min((i + 1) * q_tile, nq) - 1 + centre + reach  # the greatest, of its last row
         kept.append([(j, full) for j, full in row if (j + 1) * kv_tile - 1 >= lo and j * kv_tile <= hi])
     return kept
 
@@ -401,7 +400,7 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor,
     """Output (B, Hq, Nq, D) in q's dtype and per-row lse (B, Hq, Nq) in the accumulation dtype.
 
     ``dest``: (out, lse) to write into (zeros and -inf, e.g. views of a larger call's heads),
-    for a call that runs the tile loop (``ReachRun``)."""
+    for a call that runs the tile loop (the head groups of ``reach_groups``)."""
     fwd = TILE_KERNELS[c.kernel][0]
     acc = acc_dtype(q.dtype)
     if c.grouped_causal and c.nq:
@@ -451,7 +450,7 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | N
     """dq, dk, dv (and, when ``c.mods`` has captured tensors, their gradients as a 4th item).
 
     ``dest``: zero (dq, dk, dv) in the accumulation dtype to add into, for a call that runs the
-    tile loop (``ReachRun``).
+    tile loop (the head groups of ``reach_groups``).
 
     Every partial sum is added in the accumulation dtype (float32 for half precision) and cast
     once, at the end, unless ``cast`` is False (callers adding several passes cast themselves).
