@@ -486,22 +486,30 @@ def summary(preset_name: str, out: Path) -> None:
         if metric not in baseline:
             continue
 
-        def by_seed(n: int, metric: str = metric) -> list[float]:
-            latest = {r["seed"]: r[metric] for r in trained if r["seq_len"] == n and metric in r}
-            return [latest[s] for s in sorted(latest)]
+        def by_seed(n: int, metric: str = metric) -> dict[int, float]:
+            return {r["seed"]: r[metric] for r in trained if r["seq_len"] == n and metric in r}  # the latest
 
-        long, short = by_seed(long_n), by_seed(short_n)
+        long_by, short_by = by_seed(long_n), by_seed(short_n)
+        long, short = [long_by[k] for k in sorted(long_by)], [short_by[k] for k in sorted(short_by)]
         if not long or not short:
             continue
         result = context_margin(long, short, baseline[metric])
+        # For information, not the target (which compares the two groups, unpaired): the short
+        # minus the long model of each seed both were trained with.
+        paired = [short_by[k] - long_by[k] for k in sorted(set(long_by) & set(short_by))]
         append_row(out, {"preset": preset_name, "task": "text", "mode": "summary", "metric": metric,
                          "long_seq_len": long_n, "short_seq_len": short_n, "long_values": long,
-                         "short_values": short, **result, "corpus_sha256": baseline["corpus_sha256"], **machine()})
+                         "short_values": short, **result, "paired_differences": paired,
+                         "corpus_sha256": baseline["corpus_sha256"], **machine()})
         log(f"{metric}: N={long_n} {result['long']['mean']:.4f} (range {result['long']['range']:.4f}, "
             f"std {result['long']['std']:.4f}), N={short_n} {result['short']['mean']:.4f} (range "
             f"{result['short']['range']:.4f}, std {result['short']['std']:.4f}); margin {result['margin']:.4f} = "
             f"{result['margin_over_spread']:.1f} x spread; n-gram {baseline[metric]:.4f}; "
             f"beats short by 3x spread: {result['beats_short']}, beats n-gram: {result['beats_baseline']}")
+        if len(paired) > 1:
+            log(f"  {metric}, paired by seed (not the target's criterion): short - long = "
+                f"{', '.join(f'{d:.4f}' for d in paired)}; mean {sum(paired) / len(paired):.4f}, "
+                f"range {max(paired) - min(paired):.4f}")
 
 
 def seed_spread(values: dict[int, float]) -> str:
