@@ -158,6 +158,15 @@ PRESETS: dict[str, dict[str, Any]] = {
                  "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
         "seeds": [0, 1, 2],
     },
+    "target-warm-3800-h4": {  # a probe: target-warm-3800 with 4 heads of 16 instead of 2 of 32 (one seed)
+        "note": "target-warm-3800 with n_heads 4 (head dim 16; the same attention FLOPs): more heads to "
+                "copy from far back; seed 0 only (a probe, session 7)",
+        **TARGET_RECIPE,
+        "model": {**TARGET_RECIPE["model"], "n_heads": 4},
+        "text": {**TARGET_TEXT, "steps": 3800,
+                 "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "seeds": [0],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
