@@ -78,6 +78,14 @@ TARGET_RECIPE: dict[str, Any] = {
 TARGET_TEXT: dict[str, Any] = {"seq_lens": [1024, 128], "batch_tokens": 8192, "lr": 1e-2, "warmup_steps": 50,
                                "max_time_s": None, "text_bytes": 65536, "scored_offset": 1024}
 
+
+def warm_text(steps: int, warmup: int) -> dict[str, Any]:
+    """The target's text recipe at ``steps`` steps whose context-1024 runs warm up on windows of
+    128, 256, 512 for ``warmup`` steps, then mix windows of 1024 and 128 (``target-warm``)."""
+    return {**TARGET_TEXT, "steps": steps,
+            "long": {"context_warmup": warmup, "context_start": 128, "train_mix": [{"seq_len": 128}]}}
+
+
 # Each preset: the model, the optimiser budget, the contexts and what to score on.
 PRESETS: dict[str, dict[str, Any]] = {
     "reduced": {
@@ -136,8 +144,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "context_warmup), then 300 steps of which each draws either 8 windows of 1024 or 64 of 128 "
                 "(train_mix); the context-128 runs are target-long's",
         **TARGET_RECIPE,
-        "text": {**TARGET_TEXT, "steps": 900,
-                 "long": {"context_warmup": 600, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "text": warm_text(900, 600),
         "seeds": [0, 1, 2],
     },
     "target-warm-long": {  # target-warm with three times the steps
@@ -145,8 +152,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "quiet throughput 0.27 s per context-1024 step on average, two runs side by side: about 12 "
                 "minutes; seed 0 (session 6), seeds 1 and 2 (session 7)",
         **TARGET_RECIPE,
-        "text": {**TARGET_TEXT, "steps": 2700,
-                 "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "text": warm_text(2700, 1800),
         "seeds": [0, 1, 2],
     },
     "target-warm-3800": {  # target-warm-long with the steps a quiet 15 minutes allow (BENCHMARKS.md, session 7)
@@ -154,8 +160,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "all); session 7's quiet throughput, two runs side by side: 0.17 s a warm-up step, 0.25 s a "
                 "mixed step, about 800 s for a context-1024 run",
         **TARGET_RECIPE,
-        "text": {**TARGET_TEXT, "steps": 3800,
-                 "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "text": warm_text(3800, 1800),
         "seeds": [0, 1, 2],
     },
     "target-warm-3800-h4": {  # a probe: target-warm-3800 with 4 heads of 16 instead of 2 of 32 (one seed)
@@ -163,8 +168,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                 "copy from far back; seed 0 only (a probe, session 7)",
         **TARGET_RECIPE,
         "model": {**TARGET_RECIPE["model"], "n_heads": 4},
-        "text": {**TARGET_TEXT, "steps": 3800,
-                 "long": {"context_warmup": 1800, "context_start": 128, "train_mix": [{"seq_len": 128}]}},
+        "text": warm_text(3800, 1800),
         "seeds": [0],
     },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
