@@ -291,3 +291,26 @@ def test_alibi_reach_lowers_the_peak_never_raises_it(monkeypatch):
     est = attnmem.estimate("chunked", batch=1, heads=4, seq_len=1300, head_dim=16, causal=True, score_mod=mod,
                            how="trace")
     assert measured <= est.peak_bytes
+
+
+def test_alibi_reach_with_lse_gradient_and_sinks_float64(monkeypatch):
+    """A gradient on the returned lse replaces rowsum(dO ∘ O) in the backward, which the head
+    groups then run on the generic kernel, still reading each group's own slopes: output, lse
+    and every gradient (the sinks' included) equal the definition at 1e-10 with tiles skipped."""
+    seen = _spy_reach(monkeypatch)
+    q, k, v = rand_qkv(Hq=4, Nq=1300, D=8, seed=8)
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0], dtype=torch.float64, requires_grad=True)
+    mod = S.alibi(STEEP)
+    out, lse = attnmem.attention(q, k, v, method="chunked", causal=True, score_mod=mod, sinks=sinks, kv_tile=64,
+                                 return_lse=True)
+    assert seen[-1] is not None, "no tile was skipped"
+    ref, ref_lse = dense_reference(q, k, v, allowed=allowed_of("chunked", {}, True, 1300, 1300, 1, 4),
+                                   score_mod=mod, sinks=sinks)
+    assert rel_err(out, ref) <= 1e-10 and rel_err(lse, ref_lse) <= 1e-10
+    gen = torch.Generator().manual_seed(3)
+    g, gl = torch.randn(out.shape, dtype=torch.float64, generator=gen), torch.randn(lse.shape, dtype=torch.float64,
+                                                                                    generator=gen)
+    got = torch.autograd.grad((out * g).sum() + (lse * gl).sum(), (q, k, v, sinks))
+    want = torch.autograd.grad((ref * g).sum() + (ref_lse * gl).sum(), (q, k, v, sinks))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-10
