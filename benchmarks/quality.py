@@ -173,7 +173,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
     "target-h4-full": {  # target-warm-3800-h4 with three seeds, scored on the whole validation split (session 8)
         "note": "target-warm-3800 with n_heads 4 (head dim 16), seeds 0-2, scored on the whole validation split "
-                "(1046528 bytes of its 1048576, 83 files: the full-context scoring starts 1024 bytes in and needs one more) rather than its first 64 KiB: a 600-step probe at context 128 "
+                "(1046528 bytes of its 1048576, 83 files: the full-context scoring starts 1024 bytes in and "
+                "needs one more) rather than its first 64 KiB: a 600-step probe at context 128 "
                 "(session 8) put most of the seed range in the model's initialisation and found the 64 KiB "
                 "set added to it (range 0.080 against 0.053 on the whole split; 4 heads: 0.066 against 0.034). "
                 "Chosen before these runs were trained; the 64 KiB figures are reported beside them",
