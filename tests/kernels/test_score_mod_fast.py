@@ -314,3 +314,76 @@ def test_alibi_reach_with_lse_gradient_and_sinks_float64(monkeypatch):
     want = torch.autograd.grad((ref * g).sum() + (ref_lse * gl).sum(), (q, k, v, sinks))
     for a, b in zip(got, want):
         assert rel_err(a, b) <= 1e-10
+
+
+# --- softcap's fixed reference: rows whose terms underflow run again with their row max ------
+
+def _spy_softcap_max(monkeypatch):
+    import attnmem.kernels.tile as tile
+
+    calls = []
+    real = tile._softcap_forward_max
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(tile, "_softcap_forward_max", spy)
+    return calls
+
+
+def _far_below_cap(dtype, cap, depth):
+    """q, k, v whose query 5 scores every key at about -depth·cap (the rest standard normal)."""
+    q, k, v = rand_qkv(Hq=2, Hkv=2, Nq=40, Nk=40, D=8, seed=11, grad=False)
+    k = k * 0.2 + torch.tensor([1.0] + [0.0] * 7, dtype=k.dtype)  # every key near e0
+    q = q.clone()
+    q[:, :, 5] = 0.0
+    q[:, :, 5, 0] = -depth * cap * math.sqrt(8)  # score = -depth·cap·(k·e0) ≈ -depth·cap
+    return (t.to(dtype).requires_grad_() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype,cap", [(torch.float64, 400.0), (torch.float32, 60.0)])
+def test_softcap_underflowing_rows_run_with_their_max(monkeypatch, dtype, cap):
+    """2·cap past the exp's normal range (float64 700, float32 80) and a row scored far below
+    -cap: the fixed reference underflows there, so that tile runs again with its row max; the
+    result still meets the definition (float64 1e-10) or the generic path's error (float32)."""
+    calls = _spy_softcap_max(monkeypatch)
+    q, k, v = _far_below_cap(dtype, cap, depth=3.0)
+    mod = S.softcap(cap)
+    if dtype == torch.float64:
+        out, lse = attnmem.attention(q, k, v, method="chunked", causal=True, score_mod=mod, return_lse=True,
+                                     q_tile=16, kv_tile=16)
+        ref, ref_lse = dense_reference(q, k, v, allowed=allowed_of("chunked", {}, True, 40, 40, 1, 2),
+                                       score_mod=mod)
+        assert rel_err(out, ref) <= 1e-10 and (lse - ref_lse).abs().max() <= 1e-10
+        g = torch.randn_like(out)
+        got = torch.autograd.grad((out * g).sum(), (q, k, v))
+        for a, b in zip(got, torch.autograd.grad((ref * g).sum(), (q, k, v))):
+            assert rel_err(a, b) <= 1e-10
+    else:
+        q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+        fast = _errors(mod, "auto", q64, k64, v64, causal=True, tile=16)
+        generic = _errors(mod, "torch", q64, k64, v64, causal=True, tile=16)
+        for what, a, b in zip(("out", "dq", "dk", "dv"), fast, generic):
+            assert a <= 2 * b + 1e-7, f"{what}: fast {a:.3g} > 2 x generic {b:.3g}"
+    assert calls, "the row far below the cap did not run with its row max"
+
+
+def test_softcap_typical_rows_keep_the_fixed_reference(monkeypatch):
+    """Gemma 2's cap (50) on standard normal inputs, causal: no tile runs twice. A row with no
+    key allowed sums to exactly 0 and is not taken for an underflow: it stays empty (lse -inf)."""
+    from types import SimpleNamespace
+
+    import attnmem.kernels.tile as tile
+
+    calls = _spy_softcap_max(monkeypatch)
+    q, k, v = rand_qkv(Hq=2, Hkv=2, Nq=64, Nk=64, D=8, seed=12, dtype=torch.float32)
+    attnmem.attention(q, k, v, method="chunked", causal=True, score_mod=S.softcap(50.0), q_tile=16, kv_tile=16)
+    assert calls == []
+    allowed = torch.ones(64, 64, dtype=torch.bool).tril()
+    allowed[7] = False  # row 7 sees no key in this tile
+    tm = SimpleNamespace(mods=SimpleNamespace(score_mod=S.softcap(50.0)))
+    out, lse = tile.softcap_forward(q.detach(), k.detach(), v.detach(), allowed, 8 ** -0.5, tm)
+    assert calls == []
+    assert torch.isneginf(lse[..., 7]).all() and (out[..., 7, :] == 0).all()
+    assert torch.isfinite(lse[..., :7]).all() and torch.isfinite(lse[..., 8:]).all()

@@ -59,6 +59,7 @@ def _features(heads: int) -> dict:
 FORMULA_CASES = [
     ("chunked", "softcap", dict(causal=True), "float32"),
     ("chunked", "softcap", dict(causal=True, kv_heads=1), "bfloat16"),
+    ("chunked", "softcap", dict(causal=True, training=False), "float32"),  # the forward's own peak
     # Dropout hashes every pair in torch ops: larger tiles keep its trace short.
     ("chunked", "dropout", dict(causal=True, q_tile=128), "float32"),
     ("chunked", "dropout", dict(causal=True, kv_heads=1, q_tile=128), "float16"),

@@ -275,16 +275,16 @@ def softcap_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int,
     all in the accumulation dtype; ``cast`` for half inputs).
 
     Forward: the scaled query tile (ta; half: its float32 copy first, and the keys' tk) beside
-    T = tanh(S); the row max with its isinf flags, zeros and result (3r + bools); P = exp(cap·T
-    - max) is a second S beside T (the max scaled, r), then the row sum, the output (ta; half: the
-    float32 values, tk) and the lse's two terms and sum (3r). Backward: the float32 q, dO, k, v
-    (half: 2·ta + 2·tk), the scaled query tile beside T, -lse (r) beside T and P; dV (tk), the
-    float32 O and dO∘O and their rowsum (ta + ta + r) or dP = a third S, then dQ (ta) and dK (tk).
+    T = tanh(S); P = exp(cap·T - cap) overwrites T; the row sum (r) and its underflow flags (one
+    byte a row), the output (ta; half: the float32 values, tk) and the clamped sum or the lse's
+    two terms (2r). Backward: the float32 q, dO, k, v (half: 2·ta + 2·tk), the scaled query tile
+    beside T, -lse (r) beside T and P; dV (tk), the float32 O and dO∘O and their rowsum (ta + ta
+    + r) or dP - D = a third S (-D, r), then dQ (ta) and dK (tk).
     """
     cast, ta, tk, sc, r, bools, neg = _tile_symbols(batch_heads, rows, keys, head_dim, itemsize, causal_tile,
                                                     mask_bytes)
-    fwd = max(cast * 2 * ta, ta + cast * tk + sc, sc + neg, sc + 3 * r + batch_heads * rows,
-              2 * sc + 2 * r + ta + max(cast * tk, 3 * r))
+    fwd = max(cast * 2 * ta, ta + cast * tk + sc, sc + neg,
+              sc + r + batch_heads * rows + ta + max(cast * tk, 2 * r))
     operands = cast * (2 * ta + 2 * tk)
     bwd = operands + max(ta + sc, 2 * sc + max(r, neg), 2 * sc + tk + cast * ta + ta + r,
                          3 * sc + 2 * tk + ta + r)
@@ -337,21 +337,58 @@ def fused_backward_acc(dout, q, k, v, out, lse, allowed, scale, tm=None, delta=N
 # With t = tanh(s/cap): P = exp(cap·t - lse), and dS_raw = dS' · (1 - t²). The scale and 1/cap
 # fold into the (Tq × D) query tile, so the (M × Tk) score tile sees one tanh and one fused
 # multiply-add before its exp, and the backward records no autograd graph.
+#
+# Every pass over an (M × Tk) tile costs about as much as the next (they stream the tile from
+# the last-level cache), so the kernel makes as few as it can:
+# * the forward needs no row max: t ≤ 1, so cap·t − cap ≤ 0 and exp never overflows with the
+#   fixed reference cap. Only where 2·cap exceeds SOFTCAP_SAFE (the widest span exp keeps in
+#   normal numbers) can a row's terms underflow; a tile with a row whose sum falls below
+#   SOFTCAP_TINY, that row allowed some key, runs again with the row max (``_softcap_forward_max``);
+# * the backward's dP − D comes out of the product itself (``baddbmm`` with -D as its input),
+#   and dS' · (1 − t²) is aten's ``tanh_backward``, in place: one pass rather than two.
+SOFTCAP_SAFE = {torch.float32: 80.0, torch.float64: 700.0}
+# A row sum at or above these lost at most 0.1 ε of itself to underflow: each of up to 10**6
+# terms (keys in one tile) below the smallest normal number is off by at most that number
+# (1.2e-38, 2.2e-308), and 10**6 · 1.2e-38 / 1e-24 = 1.2e-8, 10**6 · 2.2e-308 / 1e-280 = 2.2e-22.
+SOFTCAP_TINY = {torch.float32: 1e-24, torch.float64: 1e-280}
 
 
-def softcap_forward(q, k, v, allowed, scale, tm: TileMods):
-    cap = tm.mods.score_mod.softcap
-    allowed = _causal_bool(q, k) if allowed is CAUSAL_TILE else allowed
-    acc = acc_dtype(q.dtype)
-    t = torch.matmul(q.to(acc) * (scale / cap), k.to(acc).transpose(-1, -2)).tanh_()  # (B, Hkv, M, Tk)
+def _softcap_scores(q, k, allowed, scale, cap, acc):
+    """t = tanh(scale·q·kᵀ / cap), -inf where ``allowed`` is False: (B, Hkv, M, Tk)."""
+    t = torch.matmul(q.to(acc) * (scale / cap), k.to(acc).transpose(-1, -2)).tanh_()
     if allowed is not None:
         t.masked_fill_(~allowed, -math.inf)
+    return t
+
+
+def _softcap_forward_max(q, k, v, allowed, scale, cap, acc):
+    """The forward with the row max as the exp's reference: any cap, any row."""
+    t = _softcap_scores(q, k, allowed, scale, cap, acc)
     t_max = t.amax(-1, keepdim=True)
     t_max = torch.where(torch.isinf(t_max), torch.zeros_like(t_max), t_max)
     p = torch.add(t_max * -cap, t, alpha=cap).exp_()  # exp(cap·(t - t_max))
     row_sum = p.sum(-1, keepdim=True)
     out = torch.matmul(p, v.to(acc)).div_(row_sum.clamp_min(torch.finfo(acc).tiny))
     lse = (t_max * cap + row_sum.log()).squeeze(-1)  # -inf where nothing was allowed
+    return out, lse
+
+
+def softcap_forward(q, k, v, allowed, scale, tm: TileMods):
+    cap = tm.mods.score_mod.softcap
+    allowed = _causal_bool(q, k) if allowed is CAUSAL_TILE else allowed
+    acc = acc_dtype(q.dtype)
+    t = _softcap_scores(q, k, allowed, scale, cap, acc)
+    p = torch.add(t.new_full((), -cap), t, alpha=cap, out=t).exp_()  # exp(cap·t - cap), in place
+    row_sum = p.sum(-1, keepdim=True)
+    if 2 * cap > SOFTCAP_SAFE[acc]:  # terms may have underflowed: rows whose sum is too small run again
+        low = row_sum < SOFTCAP_TINY[acc]
+        if allowed is not None and bool(low.any()):
+            low = low & allowed.any(-1, keepdim=True)  # a row with no key allowed is exact at 0
+        if bool(low.any()):
+            del t, p
+            return _softcap_forward_max(q, k, v, allowed, scale, cap, acc)
+    out = torch.matmul(p, v.to(acc)).div_(row_sum.clamp_min(torch.finfo(acc).tiny))
+    lse = (row_sum.log() + cap).squeeze(-1)  # -inf where nothing was allowed
     return out, lse
 
 
@@ -367,8 +404,10 @@ def softcap_backward(dout, q, k, v, out, lse, allowed, scale, tm: TileMods, delt
     p.exp_()
     dv = torch.matmul(p.transpose(-1, -2), da)
     delta = (da * out.to(acc)).sum(-1, keepdim=True) if delta is None else delta.to(acc).unsqueeze(-1)
-    ds = torch.matmul(da, va.transpose(-1, -2)).sub_(delta).mul_(p)  # dS' = P ∘ (dP - D)
-    ds.addcmul_(ds, t.mul_(t), value=-1.0)  # dS_raw = dS' · (1 - t²)
+    # dS' = P ∘ (dP - D), with dP - D = -D + dO·Vᵀ in one product
+    ds = torch.baddbmm(delta.neg().flatten(0, 1), da.flatten(0, 1),
+                       va.flatten(0, 1).transpose(-1, -2)).view_as(p).mul_(p)
+    torch.ops.aten.tanh_backward.grad_input(ds, t, grad_input=ds)  # dS_raw = dS' · (1 - t²), one pass
     dq = torch.matmul(ds, ka).mul_(scale)
     dk = torch.matmul(ds.transpose(-1, -2), qa).mul_(scale)
     return dq, dk, dv, ()
