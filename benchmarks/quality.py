@@ -183,6 +183,17 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {**warm_text(3800, 1800), "text_bytes": 1046528},
         "seeds": [0, 1, 2],
     },
+    "target-d128": {  # target-h4-full on a model twice as wide, in the steps 15 minutes allow (session 9)
+        "note": "d_model 128, 8 heads of 16, 2 layers (about 4 x the dense FLOPs and 2 x the attention's of "
+                "target-h4-full), lr 5e-3 (half the narrow model's, for twice the width), 2200 steps: 1050 "
+                "warm-up steps on windows of 128, 256, 512, then 1150 mixed 1024/128 steps (throughput, session "
+                "9's Intel Xeon, two runs side by side: 0.392 s a context-1024 step on average, about 860 s); "
+                "seeds 0-2, scored on the whole validation split. Chosen before its runs were trained",
+        **TARGET_RECIPE,
+        "model": {**TARGET_RECIPE["model"], "d_model": 128, "n_heads": 8},
+        "text": {**warm_text(2200, 1050), "lr": 5e-3, "text_bytes": 1046528},
+        "seeds": [0, 1, 2],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
