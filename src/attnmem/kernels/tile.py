@@ -289,8 +289,10 @@ def softcap_tile_bytes(*, batch_heads: int, rows: int, keys: int, head_dim: int,
               sc + r + batch_heads * rows + ta + max(cast * tk, 2 * r))
     operands = cast * (2 * ta + 2 * tk)
     col = batch_heads * keys * (8 if itemsize == 8 else 4)  # e·n·a: the widened V's extra column
-    bwd = operands + max(ta + sc, 2 * sc + max(r, neg), 2 * sc + tk + cast * ta + ta + r, 2 * sc + tk + ta + 3 * r,
-                         3 * sc + 2 * tk + ta + 2 * r + col, sc + 2 * tk + ta + r)
+    # (the widened tiles' stage, 2·S + tk + ta + 3r, and the dQ/dK stage after the frees, S + 2·tk + ta + r,
+    # lie below the third S's)
+    bwd = operands + max(ta + sc, 2 * sc + max(r, neg), 2 * sc + tk + cast * ta + ta + r,
+                         3 * sc + 2 * tk + ta + 2 * r + col)
     return bools + max(bools, fwd), bools + max(bools, bwd)
 
 
