@@ -20,6 +20,19 @@ import attnmem.kernels.tile as T
 from attnmem import scores as S
 
 
+def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v of the standard shape (B 1, H 8, D 64, float32), seed 0, requiring grad."""
+    torch.manual_seed(0)
+    return tuple(torch.randn(1, 8, n, 64).requires_grad_() for _ in range(3))
+
+
+def fwd_bwd(q, k, v, **kw) -> float:
+    """Seconds of one causal ``chunked`` forward and backward."""
+    t0 = time.perf_counter()
+    attnmem.attention(q, k, v, method="chunked", causal=True, **kw).sum().backward()
+    return time.perf_counter() - t0
+
+
 def old_backward(ref: str):
     src = subprocess.run(["git", "show", f"{ref}:src/attnmem/kernels/tile.py"], capture_output=True, text=True,
                          check=True).stdout
@@ -35,13 +48,10 @@ def main() -> None:
     ref = sys.argv[3] if len(sys.argv) > 3 else "d1aa93b"
     new_pair = T.TILE_KERNELS["softcap"]
     old_pair = (T.softcap_forward, old_backward(ref))
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 8, n, 64).requires_grad_() for _ in range(3))
+    q, k, v = inputs(n)
 
     def timed(**kw) -> float:
-        t0 = time.perf_counter()
-        attnmem.attention(q, k, v, method="chunked", causal=True, **kw).sum().backward()
-        return time.perf_counter() - t0
+        return fwd_bwd(q, k, v, **kw)
 
     def softcap(pair) -> float:
         T.TILE_KERNELS["softcap"] = pair

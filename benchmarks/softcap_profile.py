@@ -13,9 +13,9 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-import attnmem
 import attnmem.kernels.tile as T
 from attnmem import scores as S
+from softcap_ab import fwd_bwd, inputs
 
 
 def main() -> None:
@@ -33,13 +33,10 @@ def main() -> None:
 
     fwd, bwd = T.TILE_KERNELS["softcap"]
     T.TILE_KERNELS["softcap"] = (timed_kernel("forward", fwd), timed_kernel("backward", bwd))
-    torch.manual_seed(0)
-    q, k, v = (torch.randn(1, 8, n, 64).requires_grad_() for _ in range(3))
+    q, k, v = inputs(n)
 
     def run(**kw) -> float:
-        t0 = time.perf_counter()
-        attnmem.attention(q, k, v, method="chunked", causal=True, **kw).sum().backward()
-        return time.perf_counter() - t0
+        return fwd_bwd(q, k, v, **kw)
 
     softcap = S.softcap(50.0)
     run(), run(score_mod=softcap)
