@@ -62,3 +62,12 @@ def compare_or_refused(method, q, k, v, *, causal=False, mask=None, **options):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def torch_ops_softcap(monkeypatch):
+    """Softcap calls on the torch-ops tile kernels (``kernels.tile.softcap_forward``), as on a
+    machine where the native kernel cannot be built."""
+    from attnmem.kernels import native
+
+    monkeypatch.setattr(native, "available", lambda: False)

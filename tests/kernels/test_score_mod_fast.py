@@ -42,7 +42,15 @@ def test_builtins_take_their_fast_path(name):
     assert mods.fast == want
     kw = dict(device="cpu", mask=M.causal(), batch=1, nq=64, nk=64, q_heads=4, kv_heads=4, head_dim=8)
     plan = plan_call("auto", dtype=torch.float32, mods=mods.fast, **kw)
-    assert plan.kernel == ("softcap" if name == "softcap" else "fused") and not plan.single_call
+    if name == "softcap":
+        # the native kernel (one call, plain causal on a square problem), else the torch-ops tiles
+        assert plan.kernel == "softcap_native" and plan.single_call and plan.causal_call
+        plan = plan_call("auto", dtype=torch.float32, mods=mods.fast, native=False, **kw)
+        assert plan.kernel == "softcap" and not plan.single_call
+        window = plan_call("auto", dtype=torch.float32, mods=mods.fast, **{**kw, "mask": M.sliding_window(8, 0)})
+        assert window.kernel == "softcap" and not window.single_call  # the tile loop skips what the window leaves out
+    else:
+        assert plan.kernel == "fused" and not plan.single_call
     # An explicit kernel="torch" runs the generic path; bfloat16 never adds a rounded bias.
     assert plan_call("torch", dtype=torch.float32, mods=mods.fast, **kw).kernel == "torch"
     bf16 = plan_call("auto", dtype=torch.bfloat16, mods=mods.fast, **kw).kernel
@@ -342,11 +350,15 @@ def _far_below_cap(dtype, cap, depth):
     return (t.to(dtype).requires_grad_() for t in (q, k, v))
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["torch-ops", "native"])
 @pytest.mark.parametrize("dtype,cap", [(torch.float64, 400.0), (torch.float32, 60.0)])
-def test_softcap_underflowing_rows_run_with_their_max(monkeypatch, dtype, cap):
+def test_softcap_underflowing_rows_run_with_their_max(monkeypatch, dtype, cap, native):
     """2·cap past the exp's normal range (float64 700, float32 80) and a row scored far below
-    -cap: the fixed reference underflows there, so that tile runs again with its row max; the
-    result still meets the definition (float64 1e-10) or the generic path's error (float32)."""
+    -cap: the torch-ops kernel's fixed reference underflows there, so that tile runs again with
+    its row max (the native kernel always keeps a running row max); the result still meets the
+    definition (float64 1e-10) or the generic path's error (float32)."""
+    if not native:
+        monkeypatch.setattr("attnmem.kernels.native.available", lambda: False)
     calls = _spy_softcap_max(monkeypatch)
     q, k, v = _far_below_cap(dtype, cap, depth=3.0)
     mod = S.softcap(cap)
@@ -366,10 +378,13 @@ def test_softcap_underflowing_rows_run_with_their_max(monkeypatch, dtype, cap):
         generic = _errors(mod, "torch", q64, k64, v64, causal=True, tile=16)
         for what, a, b in zip(("out", "dq", "dk", "dv"), fast, generic):
             assert a <= 2 * b + 1e-7, f"{what}: fast {a:.3g} > 2 x generic {b:.3g}"
-    assert calls, "the row far below the cap did not run with its row max"
+    if native:
+        assert not calls, "the native kernel ran the torch-ops tiles"
+    else:
+        assert calls, "the row far below the cap did not run with its row max"
 
 
-def test_softcap_typical_rows_keep_the_fixed_reference(monkeypatch):
+def test_softcap_typical_rows_keep_the_fixed_reference(monkeypatch, torch_ops_softcap):
     """Gemma 2's cap (50) on standard normal inputs, causal: no tile runs twice. A row with no
     key allowed sums to exactly 0 and is not taken for an underflow: it stays empty (lse -inf)."""
     from types import SimpleNamespace

@@ -44,6 +44,7 @@ from torch._subclasses.fake_tensor import is_fake
 from torch.utils._python_dispatch import _disable_current_modes
 
 from ..masks import And, KeyPadding, Mask, SlidingWindow, eval_mask
+from . import native
 from .autograd import LseAttention
 from .banded import band_of, banded_backward, banded_forward
 from .merge import merge_partials
@@ -82,13 +83,18 @@ class CallPlan:
 
 def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
               batch: int, nq: int, nk: int, q_heads: int, kv_heads: int, head_dim: int,
-              mods: str | None = None) -> CallPlan:
+              mods: str | None = None, native: bool = True) -> CallPlan:
     """The one decision of how a call is computed, for the kernel (``TileContext``) and the
     memory models alike. ``mods``: None (no score_mod or dropout), or the ``Mods.fast`` kind of
     the active ones: "bias" (the fused operator with a per-tile bias, where it takes the dtype),
     "softcap" (its own torch-ops tile kernel), "" (the generic torch kernel). An explicit
-    ``kernel="torch"`` always runs the generic torch kernel."""
+    ``kernel="torch"`` always runs the generic torch kernel. ``native``: a softcap call may take
+    the native kernel (``softcap_native_call``); False where the caller's rows are a subset."""
     kernel = mods_kernel(kernel, device, dtype, mods)
+    if kernel == "softcap" and native and softcap_native_call(device=device, dtype=dtype, mask=mask, nq=nq, nk=nk):
+        # One native call over everything (``kernels.native``): no tile loop, no per-tile tensors.
+        causal = mask is not None
+        return CallPlan("softcap_native", False, causal, False, True, None)
     fused = kernel == "fused"
     # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
     # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
@@ -123,6 +129,19 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
             and (q_heads == kv_heads or native_gqa())):
         return CallPlan(kernel, False, False, False, False, band[1], band[0])
     return CallPlan(kernel, pure_causal, causal_call, grouped_causal, single_call, padding)
+
+
+def softcap_native_call(*, device: str | torch.device, dtype: torch.dtype, mask: Mask | None, nq: int,
+                        nk: int) -> bool:
+    """Whether a softcap call runs as one call of the native C++ kernel (``kernels.native``):
+    on the CPU, float32 or float64, under no mask or plain causal on a square problem (the
+    kernel's top-left causal alignment is then ours), with the kernel built. Any other mask
+    keeps the tile loop of torch-ops softcap kernels, which skips the tiles it disallows."""
+    dev = device.type if isinstance(device, torch.device) else str(device)
+    if dev != "cpu" or dtype not in native.NATIVE_DTYPES or not nq or not nk:
+        return False
+    causal = isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0 and nq == nk
+    return (mask is None or causal) and native.available()
 
 
 def mods_kernel(kernel: str, device: str | torch.device, dtype: torch.dtype, mods: str | None) -> str:
@@ -176,7 +195,7 @@ class TileContext:
         self.mask = mask
         call = plan_call(kernel, device=q.device, dtype=q.dtype, mask=mask, batch=self.B, nq=self.nq, nk=self.nk,
                          q_heads=self.Hq, kv_heads=self.Hkv, head_dim=self.D,
-                         mods=self.mods.fast if self.mods is not None else None)
+                         mods=self.mods.fast if self.mods is not None else None, native=q_pos is None)
         self.kernel, self.pure_causal, self.causal_call = call.kernel, call.pure_causal, call.causal_call
         self.grouped_causal, self.single_call = call.grouped_causal, call.single_call
         self.key_padding = call.key_padding
@@ -184,8 +203,9 @@ class TileContext:
         self.band = call.band
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.device = q.device
-        if self.band is not None:
-            self.plan = self.plan_bwd = None  # no block map: the band's segments are its own
+        if self.band is not None or self.kernel == "softcap_native":
+            # no block map: the band's segments are its own; the native kernel blocks internally
+            self.plan = self.plan_bwd = None
             return
         fused = self.kernel == "fused"
         cap = {"fused": BIAS_SEGMENT, "softcap": SOFTCAP_SEGMENT}.get(self.kernel) if self.mods is not None else None
@@ -401,6 +421,13 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor,
 
     ``dest``: (out, lse) to write into (zeros and -inf, e.g. views of a larger call's heads),
     for a call that runs the tile loop (the head groups of ``reach_groups``)."""
+    if c.kernel == "softcap_native":
+        out, lse = native.softcap_forward(q, k, v, c.scale, c.mods.score_mod.softcap, c.causal_call)
+        if dest is not None:
+            dest[0].copy_(out)
+            dest[1].copy_(lse)
+            return dest
+        return out, lse
     fwd = TILE_KERNELS[c.kernel][0]
     acc = acc_dtype(q.dtype)
     if c.grouped_causal and c.nq:
@@ -460,14 +487,19 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | N
         # The fused operator computes D itself: the torch kernel, on the original tiles.
         c = TileContext(q, k, c.mask, c.scale, *c.tiles, "torch", c.mods, c.q_pos, c.head0, c.reach)
     kernel = c.kernel
-    bwd = TILE_KERNELS[kernel][1]
+    bwd = TILE_KERNELS[kernel][1] if kernel in TILE_KERNELS else None
     acc = acc_dtype(q.dtype)
     # A row that attends to nothing has lse -inf; +inf makes every recomputed P exactly 0.
     lse_b = torch.where(torch.isneginf(lse), torch.full_like(lse, math.inf), lse)
     if kernel == "fused":
         lse_b = lse_b.float() if q.dtype in (torch.bfloat16, torch.float16) else lse_b.to(q.dtype)
     d_captured: list[Tensor | None] = []
-    if c.grouped_causal and c.nq:
+    if kernel == "softcap_native":
+        dq, dk, dv = native.softcap_backward(dout, q, k, v, out, lse_b, c.scale, c.mods.score_mod.softcap,
+                                             c.causal_call, delta=delta)
+        if dest is not None:
+            dq, dk, dv = dest[0].add_(dq), dest[1].add_(dk), dest[2].add_(dv)
+    elif c.grouped_causal and c.nq:
         dq, dk, dv = _grouped_causal_backward(c, dout, q, k, v, out, lse_b)
     elif c.band is not None and c.nq:
         dq, dk, dv = banded_backward(dout, q, k, v, out, lse_b, left=c.band, scale=c.scale, q_tile=c.tiles[0],

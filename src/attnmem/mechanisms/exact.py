@@ -217,6 +217,19 @@ def sdpa_footprint(s: Shape) -> Footprint:
     return Footprint(s.q_bytes + s.lse_bytes, 2 * s.q_bytes + 2 * s.kv_bytes - s.lse_bytes)
 
 
+def native_softcap_footprint(s: Shape) -> Footprint:
+    """Softcap as one call of the native kernel (``kernels.native``, float32/float64, no mask or
+    plain causal): forward only, O + lse; training, saved = O + lse, transient = the lse with
+    +inf for empty rows (L) + dQ + dK + dV + two scalars. The kernel's own buffers are a few
+    blocks per thread (threads · (3·64·512 + 4·64·D)·itemsize, 0.8 MiB at 2 threads, D = 64,
+    float32), outside torch's allocator, as aten's flash kernel's are; it copies no input
+    whole (an expanded dO is read a block of rows at a time). Read off traces (tests check
+    formula == trace)."""
+    if not s.training:
+        return Footprint(0, s.q_bytes + s.lse_bytes)
+    return Footprint(s.q_bytes + s.lse_bytes, s.lse_bytes + s.q_bytes + 2 * s.kv_bytes + 2 * s.itemsize)
+
+
 def grouped_causal_footprint(s: Shape) -> Footprint:
     """Causal GQA, fused kernel. Where the operator takes K/V with fewer heads (``native_gqa``):
     one call over every head, SDPA's terms (forward only: O and lse) plus two scalars. Else one
@@ -270,6 +283,8 @@ def chunked_footprint(s: Shape, opts) -> Footprint:
     Domain: no user mask on that kernel, none in half precision. These terms were read off
     traces of the tiled code (tests check formula ≈ trace)."""
     plan = _chunked_plan(s, opts)
+    if plan.kernel == "softcap_native":
+        return native_softcap_footprint(s)
     if plan.kernel in TORCH_OPS_KERNELS or s.mods is not None:
         # Tile by tile, one key tile per call: the loop the sparse patterns share.
         return sparse_footprint(s, opts, None, None, None)

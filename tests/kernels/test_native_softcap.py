@@ -1,0 +1,100 @@
+"""The native softcap kernel (``attnmem.kernels.native``): built on this machine, taken where
+``plan_call`` says, exact in float64 against the written-out definition (outputs, lse and every
+gradient, sinks and the lse's own gradient included), within FlashAttention's rule in float32,
+and no different from the torch-ops tile kernels it replaces."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import attnmem
+from attnmem import masks as M
+from attnmem import scores as S
+from attnmem.kernels import TileContext, make_mods, native
+
+from ..conftest import rand_qkv, rel_err
+from .test_score_mod import check, dense_reference
+
+
+def test_the_native_kernel_builds_here():
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no C++ compiler on this machine: softcap runs on the torch-ops tile kernels")
+    assert native.available(), native.why_unavailable()
+
+
+def _context(q, k, mask, score_mod, q_pos=None):
+    return TileContext(q, k, mask, 8 ** -0.5, 16, 16, "auto", make_mods(score_mod, 0.0, None, q), q_pos=q_pos)
+
+
+def test_native_is_taken_for_no_mask_and_square_causal_only():
+    q, k, _ = rand_qkv(Hq=4, Hkv=2, Nq=40, Nk=40, D=8, dtype=torch.float32, grad=False)
+    cap = S.softcap(5.0)
+    assert _context(q, k, None, cap).kernel == "softcap_native"
+    assert _context(q, k, M.causal(), cap).kernel == "softcap_native"  # GQA: native, heads unstacked
+    assert _context(q, k, M.sliding_window(8, 0), cap).kernel == "softcap"  # the tile loop skips tiles
+    assert _context(q, k[:, :, :30], M.causal(), cap).kernel == "softcap"  # Nq != Nk: bottom-right causal
+    assert _context(q, k, M.causal(), cap, q_pos=torch.arange(40)).kernel == "softcap"  # a subset of rows
+    assert _context(q.half(), k.half(), None, cap).kernel == "softcap"  # float16: the tile kernels
+    alibi = TileContext(q, k, None, 0.35, 16, 16, "auto", make_mods(S.alibi(4), 0.0, None, q))
+    assert alibi.kernel == "fused"
+
+
+CASES = [
+    dict(causal=True, Hq=4, Hkv=4, Nq=70),
+    dict(causal=True, Hq=4, Hkv=1, Nq=70),  # GQA
+    dict(causal=False, Hq=4, Hkv=2, Nq=33, Nk=90),  # Nq != Nk without a mask
+    dict(causal=True, B=2, Hq=2, Hkv=2, Nq=600),  # several query and key blocks (64 x 512)
+    dict(causal=False, Hq=2, Hkv=2, Nq=1, Nk=530),  # one query row, a key block and a bit
+]
+
+
+@pytest.mark.parametrize("shape", CASES, ids=[str(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("cap", [0.9, 50.0])
+def test_float64_against_the_definition(shape, cap, monkeypatch):
+    """Outputs, lse and dQ, dK, dV (and the lse's own gradient: return_lse) at 1e-10."""
+    calls = []
+    for name in ("softcap_forward", "softcap_backward"):
+        real = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
+    check("chunked", {}, score_mod=S.softcap(cap), **shape)
+    assert calls == ["softcap_forward", "softcap_backward"]  # one native call per pass, nothing else
+
+
+def test_float64_with_learned_sinks():
+    sinks = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(2)).requires_grad_()
+    check("chunked", {}, causal=True, Hq=4, Hkv=2, Nq=70, score_mod=S.softcap(2.0), sinks=sinks)
+
+
+def _errors(q64, k64, v64, causal, cap):
+    """The float32 call's (out, dq, dk, dv) errors against the float64 definition."""
+    mod = S.softcap(cap)
+    allowed = torch.ones(q64.shape[2], k64.shape[2], dtype=torch.bool).tril() if causal else None
+    ref, _ = dense_reference(q64, k64, v64, allowed=allowed, score_mod=mod)
+    g = torch.randn_like(ref)
+    want = torch.autograd.grad((ref * g).sum(), (q64, k64, v64))
+    q, k, v = (t.detach().float().requires_grad_() for t in (q64, k64, v64))
+    out = attnmem.attention(q, k, v, method="chunked", causal=causal, score_mod=mod)
+    got = torch.autograd.grad((out * g.float()).sum(), (q, k, v))
+    return [rel_err(out.double(), ref)] + [rel_err(a.double(), b) for a, b in zip(got, want)]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_float32_within_twice_the_torch_ops_kernels_error(causal, monkeypatch):
+    q64, k64, v64 = rand_qkv(Hq=4, Hkv=2, Nq=300, Nk=300, D=32, seed=3)
+    q64, k64, v64 = (t.detach().mul(2).requires_grad_() for t in (q64, k64, v64))
+    native_err = _errors(q64, k64, v64, causal, 5.0)
+    monkeypatch.setattr(native, "available", lambda: False)  # the torch-ops tile kernels from here
+    plain_err = _errors(q64, k64, v64, causal, 5.0)
+    for what, a, b in zip(("out", "dq", "dk", "dv"), native_err, plain_err):
+        assert a <= 2 * b + 1e-7, f"{what}: native {a:.3g} > 2 x torch-ops {b:.3g}"
+
+
+def test_bad_inputs_are_refused_by_name():
+    q, k, v = rand_qkv(Hq=4, Hkv=3, Nq=8, Nk=8, D=4, dtype=torch.float32, grad=False)
+    with pytest.raises(RuntimeError, match="multiple of Hkv"):
+        native.softcap_forward(q, k, v, 0.5, 1.0, False)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        native.softcap_forward(q.half(), k.half(), v.half(), 0.5, 1.0, False)
