@@ -12,7 +12,8 @@ them.
 The fast paths of the tiled kernel (``attnmem.kernels.mods``) read two declarations here:
 ``alibi`` and ``relative_bias`` are additive biases of the indices alone
 (``additive_bias(h, q_idx, kv_idx, dtype)``: each tile's bias goes to the fused CPU operator),
-and ``softcap`` declares its cap (``softcap``: a tile kernel with the derivative written out).
+and ``softcap`` declares its cap (``softcap``: the native C++ kernel, ``attnmem.kernels.native``,
+or a torch-ops tile kernel with the derivative written out).
 With a learned table or slopes (requiring grad) the generic path runs, which computes their
 gradients.
 

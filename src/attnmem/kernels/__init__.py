@@ -12,6 +12,7 @@
   it sees (``plan_call`` decides when).
 - ``tile``: the two tile kernels (``fused`` CPU operator, ``torch``) and ``resolve_kernel``.
 - ``flex``: the FlexAttention adapter (``flex_block_mask``, ``flex_attention``) for CUDA.
+- ``native``: attnmem's own C++ CPU kernel (softcap), compiled on first use.
 """
 
 from .autograd import LseAttention

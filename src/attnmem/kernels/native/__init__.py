@@ -9,9 +9,9 @@ product and its softmax; without this one, a soft-capped call runs as torch ops 
 The library is built once per source, torch version and CPU (``-march=native``) with the C++
 compiler that builds any torch extension (``g++``, or ``$CXX``), against torch's own headers and
 libraries, into ``$ATTNMEM_CACHE`` (default ``~/.cache/attnmem``), then loaded with
-``torch.ops.load_library``. No ninja, no Python headers, no network. The build takes about a
-minute; it runs at most once per process (a lock file keeps two processes from building at
-once). Where it cannot be built (no compiler, another BLAS than the torch wheel's MKL), the
+``torch.ops.load_library``. No ninja, no Python headers, no network. The build takes about 20
+seconds on a 2-core CPU, once per machine; a lock file keeps two processes from building at
+once. Where it cannot be built (no compiler, another BLAS than the torch wheel's MKL), the
 torch-ops kernels run instead: ``available()`` says which, and ``ATTNMEM_NATIVE=0`` turns
 the native kernels off.
 """
@@ -85,7 +85,7 @@ def _build(out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".{os.getpid()}.tmp.so")
     log.info("attnmem: building the native softcap kernel (once per torch version and CPU): %s", out)
-    print(f"attnmem: building the native softcap kernel once, into {out} (about a minute)", file=sys.stderr)
+    print(f"attnmem: building the native softcap kernel once, into {out} (about 20 s)", file=sys.stderr)
     res = subprocess.run(_command(cxx, SOURCE, tmp), capture_output=True, text=True)
     if res.returncode != 0:
         tmp.unlink(missing_ok=True)

@@ -38,8 +38,14 @@ void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 
 namespace {
 
-constexpr int64_t BQ = 64;   // query rows per block
-constexpr int64_t BK = 512;  // keys per block
+#ifndef ATTNMEM_BQ
+#define ATTNMEM_BQ 64
+#endif
+#ifndef ATTNMEM_BK
+#define ATTNMEM_BK 256
+#endif
+constexpr int64_t BQ = ATTNMEM_BQ;  // query rows per block
+constexpr int64_t BK = ATTNMEM_BK;  // keys per block (64 x 256 measured best of 32-128 x 128-1024 at N = 8192)
 
 // Row-major C (m x n) = alpha * op(A) op(B) + beta * C, where op(X) is X or X^T ('T').
 // Column-major BLAS sees the row-major C as C^T, so it computes op(B)^T op(A)^T.
