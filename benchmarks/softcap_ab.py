@@ -1,6 +1,7 @@
-"""A/B of the softcap tile backward: the version at git REF (default d1aa93b, before session 9's
-change) against the working tree's, interleaved with plain chunked; causal fwd+bwd, B 1, H 8,
-D 64, float32, medians.
+"""A/B of softcap's kernels: the torch-ops tile backward at git REF (default d1aa93b, before
+session 9's change) and the working tree's, and the native C++ kernel (``attnmem.kernels.native``,
+what a causal softcap call runs where it is built), interleaved with plain chunked; causal
+fwd+bwd, B 1, H 8, D 64, float32, medians.
 
     python benchmarks/softcap_ab.py [N] [repeats] [REF]
 """
@@ -18,6 +19,7 @@ import torch
 import attnmem
 import attnmem.kernels.tile as T
 from attnmem import scores as S
+from attnmem.kernels import native
 
 
 def inputs(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,11 +55,19 @@ def main() -> None:
     def timed(**kw) -> float:
         return fwd_bwd(q, k, v, **kw)
 
+    built = native.available()
+    assert built, f"the native kernel did not build: {native.why_unavailable()}"
+
     def softcap(pair) -> float:
         T.TILE_KERNELS["softcap"] = pair
-        return timed(score_mod=S.softcap(50.0))
+        native.available = lambda: pair is None  # None: the native kernel; else these torch-ops tiles
+        try:
+            return timed(score_mod=S.softcap(50.0))
+        finally:
+            native.available = lambda: built
 
-    runs = {"plain": timed, "old": lambda: softcap(old_pair), "new": lambda: softcap(new_pair)}
+    runs = {"plain": timed, "old": lambda: softcap(old_pair), "new": lambda: softcap(new_pair),
+            "native": lambda: softcap(None)}
     for f in runs.values():
         f()
     times: dict[str, list[float]] = {name: [] for name in runs}

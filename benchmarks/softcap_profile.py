@@ -1,5 +1,7 @@
 """Where softcap's time goes: the whole causal fwd+bwd call against plain chunked, the share
-inside the softcap tile kernels, and torch.profiler's op table (B 1, H 8, D 64, float32).
+inside the softcap torch-ops tile kernels, and torch.profiler's op table (B 1, H 8, D 64,
+float32). The native kernel, which a causal softcap call runs where it is built, is turned off
+here: this profiles the torch-ops path (``softcap_ab.py`` times both).
 
     python benchmarks/softcap_profile.py [N] [repeats]
 """
@@ -15,12 +17,14 @@ from torch.profiler import ProfilerActivity, profile
 
 import attnmem.kernels.tile as T
 from attnmem import scores as S
+from attnmem.kernels import native
 from softcap_ab import fwd_bwd, inputs
 
 
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 8192
     repeats = int(sys.argv[2]) if len(sys.argv) > 2 else 3
+    native.available = lambda: False  # the torch-ops tile kernels
     inside: dict[str, float] = collections.defaultdict(float)
 
     def timed_kernel(name, f):
