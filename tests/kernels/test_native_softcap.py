@@ -29,13 +29,18 @@ def _context(q, k, mask, score_mod, q_pos=None):
     return TileContext(q, k, mask, 8 ** -0.5, 16, 16, "auto", make_mods(score_mod, 0.0, None, q), q_pos=q_pos)
 
 
-def test_native_is_taken_for_no_mask_and_square_causal_only():
+def test_native_is_taken_for_no_mask_and_windows_only():
     q, k, _ = rand_qkv(Hq=4, Hkv=2, Nq=40, Nk=40, D=8, dtype=torch.float32, grad=False)
     cap = S.softcap(5.0)
-    assert _context(q, k, None, cap).kernel == "softcap_native"
-    assert _context(q, k, M.causal(), cap).kernel == "softcap_native"  # GQA: native, heads unstacked
-    assert _context(q, k, M.sliding_window(8, 0), cap).kernel == "softcap"  # the tile loop skips tiles
-    assert _context(q, k[:, :, :30], M.causal(), cap).kernel == "softcap"  # Nq != Nk: bottom-right causal
+    assert _context(q, k, None, cap).native_window == (None, None)
+    assert _context(q, k, M.causal(), cap).native_window == (None, 0)  # GQA: native, heads unstacked
+    assert _context(q, k, M.sliding_window(8, 0), cap).native_window == (8, 0)
+    assert _context(q, k, M.causal() & M.sliding_window(8, 3), cap).native_window == (8, 0)  # the tighter side
+    assert _context(q, k[:, :, :30], M.causal(), cap).native_window == (None, 0)  # Nq != Nk: bottom-right
+    for c in (_context(q, k, None, cap), _context(q, k, M.sliding_window(8, 0), cap)):
+        assert c.kernel == "softcap_native" and c.single_call
+    padding = M.causal() & M.key_padding(torch.ones(1, 40, dtype=torch.bool))
+    assert _context(q, k, padding, cap).kernel == "softcap"  # any other mask: the torch-ops tiles
     assert _context(q, k, M.causal(), cap, q_pos=torch.arange(40)).kernel == "softcap"  # a subset of rows
     assert _context(q.half(), k.half(), None, cap).kernel == "softcap"  # float16: the tile kernels
     alibi = TileContext(q, k, None, 0.35, 16, 16, "auto", make_mods(S.alibi(4), 0.0, None, q))
@@ -44,6 +49,8 @@ def test_native_is_taken_for_no_mask_and_square_causal_only():
 
 CASES = [
     dict(causal=True, Hq=4, Hkv=4, Nq=70),
+    dict(causal=True, Hq=4, Hkv=2, Nq=40, Nk=300),  # Nq != Nk causal: bottom-right, as attnmem's masks
+    dict(causal=True, Hq=2, Hkv=2, Nq=300, Nk=40),  # more queries than keys: the first rows see nothing
     dict(causal=True, Hq=4, Hkv=1, Nq=70),  # GQA
     dict(causal=False, Hq=4, Hkv=2, Nq=33, Nk=90),  # Nq != Nk without a mask
     dict(causal=True, B=2, Hq=2, Hkv=2, Nq=600),  # several query and key blocks (64 x 512)
@@ -61,6 +68,25 @@ def test_float64_against_the_definition(shape, cap, monkeypatch):
         monkeypatch.setattr(native, name, lambda *a, real=real, name=name, **kw: calls.append(name) or real(*a, **kw))
     check("chunked", {}, score_mod=S.softcap(cap), **shape)
     assert calls == ["softcap_forward", "softcap_backward"]  # one native call per pass, nothing else
+
+
+WINDOWS = [
+    ("sliding_window", {"window": (9, 0)}, dict(causal=True, Nq=300)),  # Gemma 2's local layers, in small
+    ("sliding_window", {"window": (20, 7)}, dict(causal=False, Nq=300, Hkv=1)),
+    ("sliding_window", {"window": (600, 0)}, dict(causal=True, Nq=700)),  # a window wider than a key block
+    ("sliding_window", {"window": (30, 0)}, dict(causal=False, Nq=90, Nk=600)),  # Nq != Nk: bottom-right
+]
+
+
+@pytest.mark.parametrize(("method", "options", "shape"), WINDOWS, ids=[str(i) for i in range(len(WINDOWS))])
+def test_float64_windows_against_the_definition(method, options, shape, monkeypatch):
+    """Windows run natively, only the key blocks each query block reaches: outputs, lse and every
+    gradient at 1e-10 against the dense definition under the window."""
+    calls = []
+    real = native.softcap_forward
+    monkeypatch.setattr(native, "softcap_forward", lambda *a, **kw: calls.append(a[5:]) or real(*a, **kw))
+    check(method, options, score_mod=S.softcap(2.0), **shape)
+    assert calls and all(w is not None for w in calls)
 
 
 def test_float64_with_learned_sinks():

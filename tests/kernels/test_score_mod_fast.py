@@ -43,12 +43,14 @@ def test_builtins_take_their_fast_path(name):
     kw = dict(device="cpu", mask=M.causal(), batch=1, nq=64, nk=64, q_heads=4, kv_heads=4, head_dim=8)
     plan = plan_call("auto", dtype=torch.float32, mods=mods.fast, **kw)
     if name == "softcap":
-        # the native kernel (one call, plain causal on a square problem), else the torch-ops tiles
-        assert plan.kernel == "softcap_native" and plan.single_call and plan.causal_call
+        # the native kernel (one call over the causal window), else the torch-ops tiles
+        assert plan.kernel == "softcap_native" and plan.single_call and plan.window == (None, 0)
         plan = plan_call("auto", dtype=torch.float32, mods=mods.fast, native=False, **kw)
         assert plan.kernel == "softcap" and not plan.single_call
         window = plan_call("auto", dtype=torch.float32, mods=mods.fast, **{**kw, "mask": M.sliding_window(8, 0)})
-        assert window.kernel == "softcap" and not window.single_call  # the tile loop skips what the window leaves out
+        assert window.kernel == "softcap_native" and window.window == (8, 0)  # it skips what the window leaves out
+        padded = M.causal() & M.key_padding(torch.ones(1, 64, dtype=torch.bool))
+        assert plan_call("auto", dtype=torch.float32, mods=mods.fast, **{**kw, "mask": padded}).kernel == "softcap"
     else:
         assert plan.kernel == "fused" and not plan.single_call
     # An explicit kernel="torch" runs the generic path; bfloat16 never adds a rounded bias.

@@ -69,6 +69,8 @@ FORMULA_CASES = [
     ("chunked", "sinks", dict(causal=True), "float32"),  # one fused call, sinks learned
     ("chunked", "sinks", dict(causal=True, kv_heads=1), "bfloat16"),
     ("sliding_window", "alibi", dict(causal=True, window=(96, 0)), "float32"),  # a window: masked tiles
+    ("sliding_window", "softcap", dict(causal=True, window=(96, 0)), "float32"),  # the native kernel's window
+    ("sliding_window", "softcap", dict(causal=True, window=(96, 0)), "bfloat16"),  # half: the torch-ops tiles
 ]
 
 

@@ -79,6 +79,8 @@ class CallPlan:
     # ``left`` of a causal sliding window run as one fused call per query segment
     # (``kernels.banded``), else None.
     band: int | None = None
+    # The native softcap kernel's window (left, right; None unbounded), for kernel "softcap_native".
+    window: tuple[int | None, int | None] | None = None
 
 
 def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
@@ -91,10 +93,12 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
     ``kernel="torch"`` always runs the generic torch kernel. ``native``: a softcap call may take
     the native kernel (``softcap_native_call``); False where the caller's rows are a subset."""
     kernel = mods_kernel(kernel, device, dtype, mods)
-    if kernel == "softcap" and native and softcap_native_call(device=device, dtype=dtype, mask=mask, nq=nq, nk=nk):
-        # One native call over everything (``kernels.native``): no tile loop, no per-tile tensors.
-        causal = mask is not None
-        return CallPlan("softcap_native", False, causal, False, True, None)
+    window = native_window(mask)
+    if kernel == "softcap" and native and window is not None and softcap_native_call(device=device, dtype=dtype,
+                                                                                     nq=nq, nk=nk):
+        # One native call over everything (``kernels.native``): no tile loop, no per-tile tensors;
+        # it computes only the key blocks each query block's window reaches.
+        return CallPlan("softcap_native", False, False, False, True, None, window=window)
     fused = kernel == "fused"
     # Plain causal attention: partial tiles are square diagonal tiles (when aligned), which
     # the kernel's own is_causal handles. Stacked GQA rows would break its alignment.
@@ -131,17 +135,35 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
     return CallPlan(kernel, pure_causal, causal_call, grouped_causal, single_call, padding)
 
 
-def softcap_native_call(*, device: str | torch.device, dtype: torch.dtype, mask: Mask | None, nq: int,
-                        nk: int) -> bool:
-    """Whether a softcap call runs as one call of the native C++ kernel (``kernels.native``):
-    on the CPU, float32 or float64, under no mask or plain causal on a square problem (the
-    kernel's top-left causal alignment is then ours), with the kernel built. Any other mask
-    keeps the tile loop of torch-ops softcap kernels, which skips the tiles it disallows."""
+def native_window(mask: Mask | None) -> tuple[int | None, int | None] | None:
+    """``mask`` as the native kernel's window (left, right; None unbounded): no mask, a
+    ``SlidingWindow`` (causal, windows, their ``Band`` pieces) or an ``&`` of them (the tighter
+    bound on each side); None for any other mask."""
+    if mask is None:
+        return None, None
+    if isinstance(mask, SlidingWindow):
+        return mask.left, mask.right
+    if isinstance(mask, And):
+        a, b = native_window(mask.a), native_window(mask.b)
+        if a is None or b is None:
+            return None
+
+        def tighter(x: int | None, y: int | None) -> int | None:
+            return y if x is None else x if y is None else min(x, y)
+
+        return tighter(a[0], b[0]), tighter(a[1], b[1])
+    return None
+
+
+def softcap_native_call(*, device: str | torch.device, dtype: torch.dtype, nq: int, nk: int) -> bool:
+    """Whether a softcap call whose mask is a window (``native_window``) runs as one call of the
+    native C++ kernel (``kernels.native``): on the CPU, float32 or float64, with the kernel
+    built. Any other mask (key padding, dilated, a user function) keeps the tile loop of
+    torch-ops softcap kernels, which also skips the tiles the mask leaves out."""
     dev = device.type if isinstance(device, torch.device) else str(device)
     if dev != "cpu" or dtype not in native.NATIVE_DTYPES or not nq or not nk:
         return False
-    causal = isinstance(mask, SlidingWindow) and mask.left is None and mask.right == 0 and nq == nk
-    return (mask is None or causal) and native.available()
+    return native.available()
 
 
 def mods_kernel(kernel: str, device: str | torch.device, dtype: torch.dtype, mods: str | None) -> str:
@@ -200,7 +222,7 @@ class TileContext:
         self.grouped_causal, self.single_call = call.grouped_causal, call.single_call
         self.key_padding = call.key_padding
         self.key_valid = call.key_padding.valid if call.key_padding is not None else None
-        self.band = call.band
+        self.band, self.native_window = call.band, call.window
         self.mask_mod = mask.mask_fn(self.nq, self.nk) if mask is not None else None
         self.device = q.device
         if self.band is not None or self.kernel == "softcap_native":
@@ -422,7 +444,7 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor,
     ``dest``: (out, lse) to write into (zeros and -inf, e.g. views of a larger call's heads),
     for a call that runs the tile loop (the head groups of ``reach_groups``)."""
     if c.kernel == "softcap_native":
-        out, lse = native.softcap_forward(q, k, v, c.scale, c.mods.score_mod.softcap, c.causal_call)
+        out, lse = native.softcap_forward(q, k, v, c.scale, c.mods.score_mod.softcap, *c.native_window)
         if dest is not None:
             dest[0].copy_(out)
             dest[1].copy_(lse)
@@ -496,7 +518,7 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | N
     d_captured: list[Tensor | None] = []
     if kernel == "softcap_native":
         dq, dk, dv = native.softcap_backward(dout, q, k, v, out, lse_b, c.scale, c.mods.score_mod.softcap,
-                                             c.causal_call, delta=delta)
+                                             *c.native_window, delta=delta)
         if dest is not None:
             dq, dk, dv = dest[0].add_(dq), dest[1].add_(dk), dest[2].add_(dv)
     elif c.grouped_causal and c.nq:

@@ -24,7 +24,13 @@ from ..masks import Dense
 from ..memory.model import Footprint, Shape
 from ..reference import reference_attention
 from ..registry import Capabilities, Inputs, Method, Style, register
-from .sparse_memory import TORCH_OPS_KERNELS, mods_domain_reasons, sparse_footprint, with_sinks
+from .sparse_memory import (
+    TORCH_OPS_KERNELS,
+    mods_domain_reasons,
+    native_softcap_footprint,
+    sparse_footprint,
+    with_sinks,
+)
 
 
 @register
@@ -215,19 +221,6 @@ def sdpa_footprint(s: Shape) -> Footprint:
     if not s.training:
         return Footprint(0, s.q_bytes)
     return Footprint(s.q_bytes + s.lse_bytes, 2 * s.q_bytes + 2 * s.kv_bytes - s.lse_bytes)
-
-
-def native_softcap_footprint(s: Shape) -> Footprint:
-    """Softcap as one call of the native kernel (``kernels.native``, float32/float64, no mask or
-    plain causal): forward only, O + lse; training, saved = O + lse, transient = the lse with
-    +inf for empty rows (L) + dQ + dK + dV + two scalars. The kernel's own buffers are a few
-    blocks per thread (threads · (3·64·256 + 4·64·D)·itemsize, 0.5 MiB at 2 threads, D = 64,
-    float32), outside torch's allocator, as aten's flash kernel's are; it copies no input
-    whole (an expanded dO is read a block of rows at a time). Read off traces (tests check
-    formula == trace)."""
-    if not s.training:
-        return Footprint(0, s.q_bytes + s.lse_bytes)
-    return Footprint(s.q_bytes + s.lse_bytes, s.lse_bytes + s.q_bytes + 2 * s.kv_bytes + 2 * s.itemsize)
 
 
 def grouped_causal_footprint(s: Shape) -> Footprint:

@@ -469,6 +469,19 @@ def tile_plan(s: Shape, opts, mask: M.Mask | None):
                      mods=s.mods)
 
 
+def native_softcap_footprint(s: Shape) -> Footprint:
+    """Softcap as one call of the native kernel (``kernels.native``, float32/float64, no mask or a
+    window: ``kernels.tiled.native_window``): forward only, O + lse; training, saved = O + lse, transient = the lse with
+    +inf for empty rows (L) + dQ + dK + dV + two scalars. The kernel's own buffers are a few
+    blocks per thread (threads · (3·64·256 + 4·64·D)·itemsize, 0.5 MiB at 2 threads, D = 64,
+    float32), outside torch's allocator, as aten's flash kernel's are; it copies no input
+    whole (an expanded dO is read a block of rows at a time). Read off traces (tests check
+    formula == trace)."""
+    if not s.training:
+        return Footprint(0, s.q_bytes + s.lse_bytes)
+    return Footprint(s.q_bytes + s.lse_bytes, s.lse_bytes + s.q_bytes + 2 * s.kv_bytes + 2 * s.itemsize)
+
+
 def sparse_footprint(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | None,
                      band: M.Mask | None) -> Footprint:
     """The closed form shared by the sparse patterns (see the module docstring for symbols).
@@ -494,6 +507,12 @@ def sparse_footprint(s: Shape, opts, local: M.Mask | None, rows: torch.Tensor | 
     and float16) has the same O(N·D) terms around its own working set (``_torch_work``).
     ``local`` None: chunked's every key (or the causal ones). Domain: no user mask.
     """
+    if band is None and (rows is None or not rows.numel()):
+        whole = M.causal() if s.causal else None
+        if local is not None:
+            whole = local if whole is None else whole & local
+        if tile_plan(s, opts, whole).kernel == "softcap_native":
+            return native_softcap_footprint(s)
     # Its tensors have a few thousand elements: intra-op threads only cost synchronisation
     # (on a loaded 2-core machine, 100x the work itself).
     threads = torch.get_num_threads()

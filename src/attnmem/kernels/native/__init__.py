@@ -2,9 +2,11 @@
 
 ``softcap.cpp``: soft-capped exact attention (``cap·tanh(s/cap)``, Gemma 2), forward and backward,
 one fused kernel call per pass in O(N) memory (``torch.ops.attnmem_native.softcap_fwd`` /
-``softcap_bwd``). PyTorch's own CPU flash kernel cannot apply a score modification between its
-product and its softmax; without this one, a soft-capped call runs as torch ops per tile
-(``kernels.tile.softcap_forward``), about twice the time of plain attention.
+``softcap_bwd``), under no mask or a window (``masks.SlidingWindow``: causal, Gemma 2's local
+layers), computing only the key blocks each block of query rows reaches. PyTorch's own CPU
+flash kernel cannot apply a score modification between its product and its softmax; without
+this one, a soft-capped call runs as torch ops per tile (``kernels.tile.softcap_forward``),
+about twice the time of plain attention.
 
 The library is built once per source, torch version and CPU (``-march=native``) with the C++
 compiler that builds any torch extension (``g++``, or ``$CXX``), against torch's own headers and
@@ -134,11 +136,11 @@ def _register_fakes() -> None:
     """Shapes for tracing (``attnmem.estimate`` runs the code on fake tensors)."""
 
     @torch.library.register_fake("attnmem_native::softcap_fwd")
-    def _fwd(q, k, v, scale, cap, causal):
+    def _fwd(q, k, v, scale, cap, left, right, offset):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3])
 
     @torch.library.register_fake("attnmem_native::softcap_bwd")
-    def _bwd(dout, q, k, v, out, lse, delta, scale, cap, causal):
+    def _bwd(dout, q, k, v, out, lse, delta, scale, cap, left, right, offset):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
@@ -150,15 +152,19 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] else t.contiguous()
 
 
-def softcap_forward(q, k, v, scale: float, cap: float, causal: bool):
+def softcap_forward(q, k, v, scale: float, cap: float, left: int | None = None, right: int | None = None):
     """(out, lse) of soft-capped attention: q (B, Hq, M, D), k, v (B, Hkv, N, D), float32/float64;
-    out contiguous, lse (B, Hq, M), -inf on rows that attend to nothing."""
-    return torch.ops.attnmem_native.softcap_fwd(q, _rows(k), _rows(v), float(scale), float(cap), bool(causal))
+    out contiguous, lse (B, Hq, M), -inf on rows that attend to nothing. ``left``, ``right``:
+    attnmem's window (``masks.SlidingWindow``: key j for row i iff -left <= j - (i + N - M) <=
+    right; None is unbounded; causal is (None, 0), no mask (None, None))."""
+    return torch.ops.attnmem_native.softcap_fwd(q, _rows(k), _rows(v), float(scale), float(cap), left, right,
+                                                k.shape[-2] - q.shape[-2])
 
 
-def softcap_backward(dout, q, k, v, out, lse, scale: float, cap: float, causal: bool, delta=None):
+def softcap_backward(dout, q, k, v, out, lse, scale: float, cap: float, left: int | None = None,
+                     right: int | None = None, delta=None):
     """(dq, dk, dv), contiguous; ``lse`` +inf on rows that attend to nothing; ``delta`` (B, Hq, M)
     replaces rowsum(dO ∘ O). dO, O and q may have any strides (the kernel copies a block of rows
     at a time), k and v are copied here unless BLAS can read their rows."""
     return torch.ops.attnmem_native.softcap_bwd(dout, q, _rows(k), _rows(v), out, lse, delta, float(scale),
-                                                float(cap), bool(causal))
+                                                float(cap), left, right, k.shape[-2] - q.shape[-2])

@@ -10,8 +10,10 @@
 // in cache, between the products, instead of in separate passes over a large tile.
 //
 // Layout: q (B, Hq, M, D), k and v (B, Hkv, N, D), each with unit stride in D; Hq a multiple of
-// Hkv (GQA: query head h reads key head h / (Hq / Hkv)). causal: key j is allowed for query row i
-// iff j <= i (top-left aligned; the Python side uses it on square problems only). Outputs are
+// Hkv (GQA: query head h reads key head h / (Hq / Hkv)). The mask is a window, as attnmem's
+// SlidingWindow: key j is allowed for query row i iff -left <= j - (i + offset) <= right (causal:
+// left unbounded, right 0, offset N - M; no mask: both unbounded). Blocks of keys outside a query
+// block's window are never computed. Outputs are
 // contiguous, in the inputs' dtype (float32 or float64, which is also the accumulation dtype).
 // The products are BLAS calls (MKL's sgemm_/dgemm_, which libtorch_cpu exports), one thread
 // each inside at::parallel_for, as in the aten kernel.
@@ -115,15 +117,25 @@ Geometry<T> geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   return g;
 }
 
-// Allowed keys of query row i in the key block starting at j0 (nb keys): a prefix of the block.
-inline int64_t allowed_in_block(bool causal, int64_t i, int64_t j0, int64_t nb) {
-  if (!causal) return nb;
-  return std::max<int64_t>(0, std::min<int64_t>(nb, i - j0 + 1));
-}
+// The window: key j is allowed for row i iff lo(i) <= j <= hi(i), lo(i) = i + offset - left,
+// hi(i) = i + offset + right. Bounds are saturated so that "unbounded" (a huge left or right)
+// cannot overflow.
+struct Window {
+  int64_t left, right, offset, N;
+  int64_t lo(int64_t i) const { return std::max<int64_t>(0, i + offset - left); }
+  int64_t hi(int64_t i) const { return std::min<int64_t>(N - 1, i + offset + right); }  // may be < lo
+  // Allowed keys [a, b) of row i within the key block [j0, j0 + nb), relative to j0 (a >= b: none).
+  void in_block(int64_t i, int64_t j0, int64_t nb, int64_t& a, int64_t& b) const {
+    a = std::min<int64_t>(nb, std::max<int64_t>(0, lo(i) - j0));
+    b = std::max<int64_t>(a, std::min<int64_t>(nb, hi(i) - j0 + 1));
+  }
+};
+
+inline int64_t clamp_bound(int64_t x, int64_t cap) { return std::max<int64_t>(-cap, std::min<int64_t>(x, cap)); }
 
 template <typename T>
 void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale, double cap,
-                  bool causal, at::Tensor& out, at::Tensor& lse) {
+                  const Window& w, at::Tensor& out, at::Tensor& lse) {
   const auto g = geometry<T>(q, k, v);
   const T* Q = q.data_ptr<T>();
   const T* K = k.data_ptr<T>();
@@ -146,33 +158,36 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(mx.begin(), mx.end(), neg_inf);
       std::fill(sum.begin(), sum.end(), T(0));
-      const int64_t kend = causal ? std::min(g.N, r0 + mb) : g.N;
-      for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+      // the keys any row of this block sees: [lo of its first row, hi of its last row]
+      const int64_t kbeg = w.lo(r0), kend = w.hi(r0 + mb - 1) + 1;
+      for (int64_t j0 = kbeg; j0 < kend; j0 += BK) {
         const int64_t nb = std::min(BK, kend - j0);
         gemm('N', 'T', mb, nb, D, T(1), qs.data(), D, k0 + j0 * g.kn, g.kn, T(0), s.data(), BK);
         for (int64_t i = 0; i < mb; ++i) {
           T* row = s.data() + i * BK;
-          const int64_t lim = allowed_in_block(causal, r0 + i, j0, nb);
+          int64_t ja, jb;
+          w.in_block(r0 + i, j0, nb, ja, jb);
+          if (ja == jb) {
+            std::fill(row, row + nb, T(0));
+            continue;
+          }
           T m = mx[i];
 #pragma omp simd reduction(max : m)
-          for (int64_t j = 0; j < lim; ++j) {
+          for (int64_t j = ja; j < jb; ++j) {
             T t = tcap * tanh_t(row[j]);
             row[j] = t;
             m = std::max(m, t);
           }
-          if (lim == 0) {
-            std::fill(row, row + nb, T(0));
-            continue;
-          }
           const T alpha = mx[i] == neg_inf ? T(0) : exp_t(mx[i] - m);
           T rs = 0;
 #pragma omp simd reduction(+ : rs)
-          for (int64_t j = 0; j < lim; ++j) {
+          for (int64_t j = ja; j < jb; ++j) {
             T p = exp_t(row[j] - m);
             row[j] = p;
             rs += p;
           }
-          std::fill(row + lim, row + nb, T(0));
+          std::fill(row, row + ja, T(0));
+          std::fill(row + jb, row + nb, T(0));
           sum[i] = sum[i] * alpha + rs;
           mx[i] = m;
           if (alpha != T(1)) {
@@ -199,7 +214,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 template <typename T>
 void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                    const at::Tensor& out, const at::Tensor& lse, const at::Tensor& delta, double scale, double cap,
-                   bool causal, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+                   const Window& w, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const auto g = geometry<T>(q, k, v);
   const T* Q = q.data_ptr<T>();
   const T* K = k.data_ptr<T>();
@@ -245,23 +260,26 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             rowd[i] = Dl ? Dl[bh * g.M + r0 + i] : s;
           }
           std::fill(dqa.begin(), dqa.end(), T(0));
-          const int64_t kend = causal ? std::min(g.N, r0 + mb) : g.N;
-          for (int64_t j0 = 0; j0 < kend; j0 += BK) {
+          const int64_t kbeg = w.lo(r0), kend = w.hi(r0 + mb - 1) + 1;
+          for (int64_t j0 = kbeg; j0 < kend; j0 += BK) {
             const int64_t nb = std::min(BK, kend - j0);
             gemm('N', 'T', mb, nb, D, T(1), qs.data(), D, k0 + j0 * g.kn, g.kn, T(0), p.data(), BK);
             for (int64_t i = 0; i < mb; ++i) {
               T* prow = p.data() + i * BK;
               T* grow = gt.data() + i * BK;
-              const int64_t lim = allowed_in_block(causal, r0 + i, j0, nb);
+              int64_t ja, jb;
+              w.in_block(r0 + i, j0, nb, ja, jb);
               const T li = l0[i];
 #pragma omp simd
-              for (int64_t j = 0; j < lim; ++j) {
+              for (int64_t j = ja; j < jb; ++j) {
                 T t = tanh_t(prow[j]);
                 grow[j] = T(1) - t * t;
                 prow[j] = exp_t(tcap * t - li);
               }
-              std::fill(prow + lim, prow + nb, T(0));
-              std::fill(grow + lim, grow + nb, T(0));
+              std::fill(prow, prow + ja, T(0));
+              std::fill(grow, grow + ja, T(0));
+              std::fill(prow + jb, prow + nb, T(0));
+              std::fill(grow + jb, grow + nb, T(0));
             }
             // dV[j0:] += P^T dO
             gemm('T', 'N', nb, D, mb, T(1), p.data(), BK, dob.data(), D, T(1), dv0 + j0 * D, D);
@@ -299,13 +317,23 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
     TORCH_CHECK(t->stride(3) == 1 && t->stride(2) >= t->size(3), "softcap: k, v need unit stride in D, rows apart");
 }
 
+// left, right: the window's bounds (None: unbounded); offset: N - M for attnmem's bottom-right alignment.
+Window window(const at::Tensor& q, const at::Tensor& k, std::optional<int64_t> left, std::optional<int64_t> right,
+              int64_t offset) {
+  const int64_t big = 4 * (q.size(2) + k.size(2)) + 4;  // past any row's reach: unbounded
+  return Window{left ? clamp_bound(*left, big) : big, right ? clamp_bound(*right, big) : big,
+                clamp_bound(offset, big), k.size(2)};
+}
+
 std::tuple<at::Tensor, at::Tensor> softcap_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                               double scale, double cap, bool causal) {
+                                               double scale, double cap, std::optional<int64_t> left,
+                                               std::optional<int64_t> right, int64_t offset) {
   check(q, k, v);
+  const Window w = window(q, k, left, right, offset);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softcap_fwd",
-                             [&] { forward_impl<scalar_t>(q, k, v, scale, cap, causal, out, lse); });
+                             [&] { forward_impl<scalar_t>(q, k, v, scale, cap, w, out, lse); });
   return {out, lse};
 }
 
@@ -313,8 +341,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softcap_bwd(const at::Tensor& dou
                                                            const at::Tensor& k, const at::Tensor& v,
                                                            const at::Tensor& out, const at::Tensor& lse,
                                                            const std::optional<at::Tensor>& delta, double scale,
-                                                           double cap, bool causal) {
+                                                           double cap, std::optional<int64_t> left,
+                                                           std::optional<int64_t> right, int64_t offset) {
   check(q, k, v);
+  const Window w = window(q, k, left, right, offset);
   const auto& d_o = dout;
   const auto& o = out;
   auto l = lse.contiguous();
@@ -329,7 +359,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softcap_bwd(const at::Tensor& dou
   auto dk = at::zeros(k.sizes(), k.options());
   auto dv = at::zeros(v.sizes(), v.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softcap_bwd", [&] {
-    backward_impl<scalar_t>(d_o, q, k, v, o, l, dl, scale, cap, causal, dq, dk, dv);
+    backward_impl<scalar_t>(d_o, q, k, v, o, l, dl, scale, cap, w, dq, dk, dv);
   });
   return {dq, dk, dv};
 }
@@ -337,10 +367,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softcap_bwd(const at::Tensor& dou
 }  // namespace
 
 TORCH_LIBRARY(attnmem_native, m) {
-  m.def("softcap_fwd(Tensor q, Tensor k, Tensor v, float scale, float cap, bool causal) -> (Tensor, Tensor)");
+  m.def(
+      "softcap_fwd(Tensor q, Tensor k, Tensor v, float scale, float cap, int? left, int? right, int offset) -> "
+      "(Tensor, Tensor)");
   m.def(
       "softcap_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? delta, float scale, "
-      "float cap, bool causal) -> (Tensor, Tensor, Tensor)");
+      "float cap, int? left, int? right, int offset) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attnmem_native, CPU, m) {
