@@ -29,18 +29,24 @@ def _context(q, k, mask, score_mod, q_pos=None):
     return TileContext(q, k, mask, 8 ** -0.5, 16, 16, "auto", make_mods(score_mod, 0.0, None, q), q_pos=q_pos)
 
 
-def test_native_is_taken_for_no_mask_and_windows_only():
+def test_native_is_taken_for_no_mask_windows_and_key_padding_only():
     q, k, _ = rand_qkv(Hq=4, Hkv=2, Nq=40, Nk=40, D=8, dtype=torch.float32, grad=False)
     cap = S.softcap(5.0)
-    assert _context(q, k, None, cap).native_window == (None, None)
-    assert _context(q, k, M.causal(), cap).native_window == (None, 0)  # GQA: native, heads unstacked
-    assert _context(q, k, M.sliding_window(8, 0), cap).native_window == (8, 0)
-    assert _context(q, k, M.causal() & M.sliding_window(8, 3), cap).native_window == (8, 0)  # the tighter side
-    assert _context(q, k[:, :, :30], M.causal(), cap).native_window == (None, 0)  # Nq != Nk: bottom-right
+    assert _context(q, k, None, cap).native_window == (None, None, None)
+    assert _context(q, k, M.causal(), cap).native_window == (None, 0, None)  # GQA: native, heads unstacked
+    assert _context(q, k, M.sliding_window(8, 0), cap).native_window == (8, 0, None)
+    assert _context(q, k, M.causal() & M.sliding_window(8, 3), cap).native_window == (8, 0, None)  # the tighter side
+    assert _context(q, k[:, :, :30], M.causal(), cap).native_window == (None, 0, None)  # Nq != Nk: bottom-right
     for c in (_context(q, k, None, cap), _context(q, k, M.sliding_window(8, 0), cap)):
         assert c.kernel == "softcap_native" and c.single_call
-    padding = M.causal() & M.key_padding(torch.ones(1, 40, dtype=torch.bool))
-    assert _context(q, k, padding, cap).kernel == "softcap"  # any other mask: the torch-ops tiles
+    valid = torch.ones(1, 40, dtype=torch.bool)
+    padded = _context(q, k, M.causal() & M.key_padding(valid), cap)
+    assert padded.kernel == "softcap_native" and padded.native_window[:2] == (None, 0)
+    assert torch.equal(padded.native_window[2], valid)
+    two = M.key_padding(valid) & M.causal() & M.key_padding(valid)
+    assert _context(q, k, two, cap).kernel == "softcap"  # two paddings: the torch-ops tiles
+    other = M.from_mod(lambda b, h, q_idx, kv_idx: kv_idx % 2 == 0, name="even keys")
+    assert _context(q, k, other, cap).kernel == "softcap"  # any other mask: the torch-ops tiles
     assert _context(q, k, M.causal(), cap, q_pos=torch.arange(40)).kernel == "softcap"  # a subset of rows
     assert _context(q.half(), k.half(), None, cap).kernel == "softcap"  # float16: the tile kernels
     alibi = TileContext(q, k, None, 0.35, 16, 16, "auto", make_mods(S.alibi(4), 0.0, None, q))
@@ -87,6 +93,39 @@ def test_float64_windows_against_the_definition(method, options, shape, monkeypa
     monkeypatch.setattr(native, "softcap_forward", lambda *a, **kw: calls.append(a[5:]) or real(*a, **kw))
     check(method, options, score_mod=S.softcap(2.0), **shape)
     assert calls and all(w is not None for w in calls)
+
+
+@pytest.mark.parametrize("window", [None, (None, 0), (25, 0)], ids=["unmasked", "causal", "window"])
+def test_float64_key_padding_against_the_definition(window, monkeypatch):
+    """Key padding (HF's padded batches), alone or with causal or a window, per batch row, one
+    row of keys padded so far that its first queries see nothing (lse -inf, output 0)."""
+    B, Hq, Hkv, N = 2, 4, 2, 300
+    q, k, v = rand_qkv(B=B, Hq=Hq, Hkv=Hkv, Nq=N, D=8, seed=4)
+    valid = torch.rand(B, N, generator=torch.Generator().manual_seed(5)) > 0.3
+    valid[0, :40] = False
+    mask = M.key_padding(valid)
+    i, j = torch.arange(N)[:, None], torch.arange(N)[None, :]
+    allowed = valid[:, None, None, :].expand(B, 1, N, N)
+    if window is not None:
+        left, right = window
+        mask = M.sliding_window(left, right) & mask if left is not None else M.causal() & mask
+        allowed = allowed & (j <= i) & ((j >= i - left) if left is not None else True)
+    calls = []
+    real = native.softcap_forward
+    monkeypatch.setattr(native, "softcap_forward", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    mod = S.softcap(2.0)
+    out, lse = attnmem.attention(q, k, v, method="chunked", mask=mask, score_mod=mod, return_lse=True)
+    assert calls == [1]
+    ref, ref_lse = dense_reference(q, k, v, allowed=allowed, score_mod=mod)
+    assert rel_err(out, ref) <= 1e-10
+    finite = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), finite) and (~finite).any() == (window is not None)
+    assert (lse[finite] - ref_lse[finite]).abs().max() <= 1e-10
+    g, gl = torch.randn_like(out), torch.randn_like(lse).masked_fill(~finite, 0)
+    got = torch.autograd.grad((out * g).sum() + (lse.masked_fill(~finite, 0) * gl).sum(), (q, k, v))
+    want = torch.autograd.grad((ref * g).sum() + (ref_lse.masked_fill(~finite, 0) * gl).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-10
 
 
 def test_float64_with_learned_sinks():

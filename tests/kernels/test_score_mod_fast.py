@@ -44,13 +44,17 @@ def test_builtins_take_their_fast_path(name):
     plan = plan_call("auto", dtype=torch.float32, mods=mods.fast, **kw)
     if name == "softcap":
         # the native kernel (one call over the causal window), else the torch-ops tiles
-        assert plan.kernel == "softcap_native" and plan.single_call and plan.window == (None, 0)
+        assert plan.kernel == "softcap_native" and plan.single_call and plan.window == (None, 0, None)
         plan = plan_call("auto", dtype=torch.float32, mods=mods.fast, native=False, **kw)
         assert plan.kernel == "softcap" and not plan.single_call
-        window = plan_call("auto", dtype=torch.float32, mods=mods.fast, **{**kw, "mask": M.sliding_window(8, 0)})
-        assert window.kernel == "softcap_native" and window.window == (8, 0)  # it skips what the window leaves out
-        padded = M.causal() & M.key_padding(torch.ones(1, 64, dtype=torch.bool))
-        assert plan_call("auto", dtype=torch.float32, mods=mods.fast, **{**kw, "mask": padded}).kernel == "softcap"
+        def kernel_under(mask):
+            return plan_call("auto", dtype=torch.float32, mods=mods.fast, **{**kw, "mask": mask})
+
+        window = kernel_under(M.sliding_window(8, 0))
+        assert window.kernel == "softcap_native" and window.window == (8, 0, None)  # skips what it leaves out
+        assert kernel_under(M.causal() & M.key_padding(torch.ones(1, 64, dtype=torch.bool))).kernel == "softcap_native"
+        even = M.from_mod(lambda b, h, q_idx, kv_idx: kv_idx % 2 == 0, name="even keys")
+        assert kernel_under(even).kernel == "softcap"
     else:
         assert plan.kernel == "fused" and not plan.single_call
     # An explicit kernel="torch" runs the generic path; bfloat16 never adds a rounded bias.

@@ -79,8 +79,8 @@ class CallPlan:
     # ``left`` of a causal sliding window run as one fused call per query segment
     # (``kernels.banded``), else None.
     band: int | None = None
-    # The native softcap kernel's window (left, right; None unbounded), for kernel "softcap_native".
-    window: tuple[int | None, int | None] | None = None
+    # The native softcap kernel's mask (left, right, key_valid: ``native_window``), for "softcap_native".
+    window: tuple[int | None, int | None, Tensor | None] | None = None
 
 
 def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, mask: Mask | None,
@@ -135,31 +135,34 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
     return CallPlan(kernel, pure_causal, causal_call, grouped_causal, single_call, padding)
 
 
-def native_window(mask: Mask | None) -> tuple[int | None, int | None] | None:
-    """``mask`` as the native kernel's window (left, right; None unbounded): no mask, a
-    ``SlidingWindow`` (causal, windows, their ``Band`` pieces) or an ``&`` of them (the tighter
-    bound on each side); None for any other mask."""
+def native_window(mask: Mask | None) -> tuple[int | None, int | None, Tensor | None] | None:
+    """``mask`` as the native kernel's (left, right, key_valid): a window's bounds (None
+    unbounded) and key padding's (Bm, Nk) flags (None: no padding). Taken: no mask, a
+    ``SlidingWindow`` (causal, windows, their ``Band`` pieces), ``key_padding``, and an ``&`` of
+    them (the tighter bound on each side; one key padding at most); None for any other mask."""
     if mask is None:
-        return None, None
+        return None, None, None
     if isinstance(mask, SlidingWindow):
-        return mask.left, mask.right
+        return mask.left, mask.right, None
+    if isinstance(mask, KeyPadding):
+        return None, None, mask.valid
     if isinstance(mask, And):
         a, b = native_window(mask.a), native_window(mask.b)
-        if a is None or b is None:
+        if a is None or b is None or (a[2] is not None and b[2] is not None):
             return None
 
         def tighter(x: int | None, y: int | None) -> int | None:
             return y if x is None else x if y is None else min(x, y)
 
-        return tighter(a[0], b[0]), tighter(a[1], b[1])
+        return tighter(a[0], b[0]), tighter(a[1], b[1]), a[2] if a[2] is not None else b[2]
     return None
 
 
 def softcap_native_call(*, device: str | torch.device, dtype: torch.dtype, nq: int, nk: int) -> bool:
-    """Whether a softcap call whose mask is a window (``native_window``) runs as one call of the
+    """Whether a softcap call whose mask the kernel takes (``native_window``) runs as one call of the
     native C++ kernel (``kernels.native``): on the CPU, float32 or float64, with the kernel
-    built. Any other mask (key padding, dilated, a user function) keeps the tile loop of
-    torch-ops softcap kernels, which also skips the tiles the mask leaves out."""
+    built. Any other mask (dilated, a user function) keeps the tile loop of torch-ops softcap
+    kernels, which also skips the tiles the mask leaves out."""
     dev = device.type if isinstance(device, torch.device) else str(device)
     if dev != "cpu" or dtype not in native.NATIVE_DTYPES or not nq or not nk:
         return False

@@ -136,15 +136,19 @@ def _register_fakes() -> None:
     """Shapes for tracing (``attnmem.estimate`` runs the code on fake tensors)."""
 
     @torch.library.register_fake("attnmem_native::softcap_fwd")
-    def _fwd(q, k, v, scale, cap, left, right, offset):
+    def _fwd(q, k, v, scale, cap, left, right, offset, key_valid):
         return q.new_empty(q.shape), q.new_empty(q.shape[:3])
 
     @torch.library.register_fake("attnmem_native::softcap_bwd")
-    def _bwd(dout, q, k, v, out, lse, delta, scale, cap, left, right, offset):
+    def _bwd(dout, q, k, v, out, lse, delta, scale, cap, left, right, offset, key_valid):
         return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 NATIVE_DTYPES = (torch.float32, torch.float64)
+
+
+def _flags(valid):
+    return None if valid is None else valid.to(device="cpu", dtype=torch.bool).contiguous()
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -152,19 +156,21 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] else t.contiguous()
 
 
-def softcap_forward(q, k, v, scale: float, cap: float, left: int | None = None, right: int | None = None):
+def softcap_forward(q, k, v, scale: float, cap: float, left: int | None = None, right: int | None = None,
+                    key_valid=None):
     """(out, lse) of soft-capped attention: q (B, Hq, M, D), k, v (B, Hkv, N, D), float32/float64;
     out contiguous, lse (B, Hq, M), -inf on rows that attend to nothing. ``left``, ``right``:
     attnmem's window (``masks.SlidingWindow``: key j for row i iff -left <= j - (i + N - M) <=
-    right; None is unbounded; causal is (None, 0), no mask (None, None))."""
+    right; None is unbounded; causal is (None, 0), no mask (None, None)); ``key_valid``: (1 or B, N)
+    bools of ``masks.key_padding``, or None."""
     return torch.ops.attnmem_native.softcap_fwd(q, _rows(k), _rows(v), float(scale), float(cap), left, right,
-                                                k.shape[-2] - q.shape[-2])
+                                                k.shape[-2] - q.shape[-2], _flags(key_valid))
 
 
 def softcap_backward(dout, q, k, v, out, lse, scale: float, cap: float, left: int | None = None,
-                     right: int | None = None, delta=None):
+                     right: int | None = None, key_valid=None, delta=None):
     """(dq, dk, dv), contiguous; ``lse`` +inf on rows that attend to nothing; ``delta`` (B, Hq, M)
     replaces rowsum(dO ∘ O). dO, O and q may have any strides (the kernel copies a block of rows
     at a time), k and v are copied here unless BLAS can read their rows."""
     return torch.ops.attnmem_native.softcap_bwd(dout, q, _rows(k), _rows(v), out, lse, delta, float(scale),
-                                                float(cap), left, right, k.shape[-2] - q.shape[-2])
+                                                float(cap), left, right, k.shape[-2] - q.shape[-2], _flags(key_valid))

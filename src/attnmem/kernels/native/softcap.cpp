@@ -13,7 +13,8 @@
 // Hkv (GQA: query head h reads key head h / (Hq / Hkv)). The mask is a window, as attnmem's
 // SlidingWindow: key j is allowed for query row i iff -left <= j - (i + offset) <= right (causal:
 // left unbounded, right 0, offset N - M; no mask: both unbounded). Blocks of keys outside a query
-// block's window are never computed. Outputs are
+// block's window are never computed. Key padding (key_valid, attnmem's key_padding) removes keys
+// from every row of a batch. Outputs are
 // contiguous, in the inputs' dtype (float32 or float64, which is also the accumulation dtype).
 // The products are BLAS calls (MKL's sgemm_/dgemm_, which libtorch_cpu exports), one thread
 // each inside at::parallel_for, as in the aten kernel.
@@ -122,6 +123,10 @@ Geometry<T> geometry(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
 // cannot overflow.
 struct Window {
   int64_t left, right, offset, N;
+  const uint8_t* valid = nullptr;  // key padding: (Bm, N) flags, 1 = a real key; nullptr: none
+  int64_t valid_bs = 0;            // its batch stride (0 when one row serves every batch)
+  // The flags of batch b's keys from j0 on, or nullptr without key padding.
+  const uint8_t* keys(int64_t b, int64_t j0) const { return valid ? valid + b * valid_bs + j0 : nullptr; }
   int64_t lo(int64_t i) const { return std::max<int64_t>(0, i + offset - left); }
   int64_t hi(int64_t i) const { return std::min<int64_t>(N - 1, i + offset + right); }  // may be < lo
   // Allowed keys [a, b) of row i within the key block [j0, j0 + nb), relative to j0 (a >= b: none).
@@ -163,6 +168,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       for (int64_t j0 = kbeg; j0 < kend; j0 += BK) {
         const int64_t nb = std::min(BK, kend - j0);
         gemm('N', 'T', mb, nb, D, T(1), qs.data(), D, k0 + j0 * g.kn, g.kn, T(0), s.data(), BK);
+        const uint8_t* kv = w.keys(b, j0);
         for (int64_t i = 0; i < mb; ++i) {
           T* row = s.data() + i * BK;
           int64_t ja, jb;
@@ -172,11 +178,24 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             continue;
           }
           T m = mx[i];
+          if (kv) {
 #pragma omp simd reduction(max : m)
-          for (int64_t j = ja; j < jb; ++j) {
-            T t = tcap * tanh_t(row[j]);
-            row[j] = t;
-            m = std::max(m, t);
+            for (int64_t j = ja; j < jb; ++j) {
+              T t = kv[j] ? tcap * tanh_t(row[j]) : neg_inf;  // padding: exp(-inf) = 0 below
+              row[j] = t;
+              m = std::max(m, t);
+            }
+            if (m == neg_inf) {  // no real key for this row yet: nothing to add
+              std::fill(row, row + nb, T(0));
+              continue;
+            }
+          } else {
+#pragma omp simd reduction(max : m)
+            for (int64_t j = ja; j < jb; ++j) {
+              T t = tcap * tanh_t(row[j]);
+              row[j] = t;
+              m = std::max(m, t);
+            }
           }
           const T alpha = mx[i] == neg_inf ? T(0) : exp_t(mx[i] - m);
           T rs = 0;
@@ -264,6 +283,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
           for (int64_t j0 = kbeg; j0 < kend; j0 += BK) {
             const int64_t nb = std::min(BK, kend - j0);
             gemm('N', 'T', mb, nb, D, T(1), qs.data(), D, k0 + j0 * g.kn, g.kn, T(0), p.data(), BK);
+            const uint8_t* kv = w.keys(b, j0);
             for (int64_t i = 0; i < mb; ++i) {
               T* prow = p.data() + i * BK;
               T* grow = gt.data() + i * BK;
@@ -276,6 +296,8 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
                 grow[j] = T(1) - t * t;
                 prow[j] = exp_t(tcap * t - li);
               }
+              if (kv)
+                for (int64_t j = ja; j < jb; ++j) prow[j] = kv[j] ? prow[j] : T(0);
               std::fill(prow, prow + ja, T(0));
               std::fill(grow, grow + ja, T(0));
               std::fill(prow + jb, prow + nb, T(0));
@@ -318,18 +340,30 @@ void check(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
 }
 
 // left, right: the window's bounds (None: unbounded); offset: N - M for attnmem's bottom-right alignment.
+// key_valid: (Bm, N) bool (Bm 1 or B), contiguous, or undefined: attnmem's key_padding.
 Window window(const at::Tensor& q, const at::Tensor& k, std::optional<int64_t> left, std::optional<int64_t> right,
-              int64_t offset) {
+              int64_t offset, const std::optional<at::Tensor>& key_valid) {
   const int64_t big = 4 * (q.size(2) + k.size(2)) + 4;  // past any row's reach: unbounded
-  return Window{left ? clamp_bound(*left, big) : big, right ? clamp_bound(*right, big) : big,
-                clamp_bound(offset, big), k.size(2)};
+  Window w{left ? clamp_bound(*left, big) : big, right ? clamp_bound(*right, big) : big,
+           clamp_bound(offset, big), k.size(2)};
+  if (key_valid.has_value()) {
+    const auto& kv = *key_valid;
+    TORCH_CHECK(kv.scalar_type() == at::kBool && kv.dim() == 2 && kv.is_contiguous() && kv.device().is_cpu(),
+                "softcap: key_valid must be a contiguous (Bm, N) bool CPU tensor");
+    TORCH_CHECK(kv.size(1) == k.size(2) && (kv.size(0) == 1 || kv.size(0) == q.size(0)),
+                "softcap: key_valid must be (1 or B, N)");
+    w.valid = reinterpret_cast<const uint8_t*>(kv.data_ptr<bool>());
+    w.valid_bs = kv.size(0) == 1 ? 0 : kv.size(1);
+  }
+  return w;
 }
 
 std::tuple<at::Tensor, at::Tensor> softcap_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                double scale, double cap, std::optional<int64_t> left,
-                                               std::optional<int64_t> right, int64_t offset) {
+                                               std::optional<int64_t> right, int64_t offset,
+                                               const std::optional<at::Tensor>& key_valid) {
   check(q, k, v);
-  const Window w = window(q, k, left, right, offset);
+  const Window w = window(q, k, left, right, offset, key_valid);
   auto out = at::empty(q.sizes(), q.options());
   auto lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options());
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "softcap_fwd",
@@ -342,9 +376,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softcap_bwd(const at::Tensor& dou
                                                            const at::Tensor& out, const at::Tensor& lse,
                                                            const std::optional<at::Tensor>& delta, double scale,
                                                            double cap, std::optional<int64_t> left,
-                                                           std::optional<int64_t> right, int64_t offset) {
+                                                           std::optional<int64_t> right, int64_t offset,
+                                                           const std::optional<at::Tensor>& key_valid) {
   check(q, k, v);
-  const Window w = window(q, k, left, right, offset);
+  const Window w = window(q, k, left, right, offset, key_valid);
   const auto& d_o = dout;
   const auto& o = out;
   auto l = lse.contiguous();
@@ -368,11 +403,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> softcap_bwd(const at::Tensor& dou
 
 TORCH_LIBRARY(attnmem_native, m) {
   m.def(
-      "softcap_fwd(Tensor q, Tensor k, Tensor v, float scale, float cap, int? left, int? right, int offset) -> "
-      "(Tensor, Tensor)");
+      "softcap_fwd(Tensor q, Tensor k, Tensor v, float scale, float cap, int? left, int? right, int offset, "
+      "Tensor? key_valid) -> (Tensor, Tensor)");
   m.def(
       "softcap_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? delta, float scale, "
-      "float cap, int? left, int? right, int offset) -> (Tensor, Tensor, Tensor)");
+      "float cap, int? left, int? right, int offset, Tensor? key_valid) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(attnmem_native, CPU, m) {
