@@ -2,8 +2,8 @@
 
 ``softcap.cpp``: soft-capped exact attention (``cap·tanh(s/cap)``, Gemma 2), forward and backward,
 one fused kernel call per pass in O(N) memory (``torch.ops.attnmem_native.softcap_fwd`` /
-``softcap_bwd``), under no mask or a window (``masks.SlidingWindow``: causal, Gemma 2's local
-layers), computing only the key blocks each block of query rows reaches. PyTorch's own CPU
+``softcap_bwd``), under no mask, a window (``masks.SlidingWindow``: causal, Gemma 2's local
+layers) and/or key padding, computing only the key blocks each block of query rows reaches. PyTorch's own CPU
 flash kernel cannot apply a score modification between its product and its softmax; without
 this one, a soft-capped call runs as torch ops per tile (``kernels.tile.softcap_forward``),
 about twice the time of plain attention.
