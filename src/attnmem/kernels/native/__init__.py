@@ -10,10 +10,10 @@ about twice the time of plain attention.
 
 The library is built once per source, torch version and CPU (``-march=native``) with the C++
 compiler that builds any torch extension (``g++``, or ``$CXX``), against torch's own headers and
-libraries, into ``$ATTNMEM_CACHE`` (default ``~/.cache/attnmem``), then loaded with
-``torch.ops.load_library``. No ninja, no Python headers, no network. The build takes about 20
-seconds on a 2-core CPU, once per machine; a lock file keeps two processes from building at
-once. Where it cannot be built (no compiler, another BLAS than the torch wheel's MKL), the
+libraries, into ``$ATTNMEM_CACHE`` (default ``~/.cache/attnmem``, or a temporary folder where
+that is read-only), then loaded with ``torch.ops.load_library``. No ninja, no Python headers,
+no network. The build takes about 20 seconds on a 2-core CPU, once per machine; a lock file
+keeps two processes from building at once. Where it cannot be built (no compiler, another BLAS than the torch wheel's MKL), the
 torch-ops kernels run instead: ``available()`` says which, and ``ATTNMEM_NATIVE=0`` turns
 the native kernels off.
 """
@@ -40,8 +40,21 @@ _state: dict[str, object] = {}
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("ATTNMEM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "attnmem")
-    return Path(root)
+    """``$ATTNMEM_CACHE``, else ``~/.cache/attnmem``; where that cannot be written (a read-only
+    home), a folder of this user's in the system's temporary directory."""
+    root = os.environ.get("ATTNMEM_CACHE")
+    if root:
+        return Path(root)
+    home = Path(os.path.expanduser("~")) / ".cache" / "attnmem"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        if os.access(home, os.W_OK):
+            return home
+    except OSError:
+        pass
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"attnmem-{os.getuid()}"
 
 
 def _cpu_key() -> str:
