@@ -160,6 +160,11 @@ def test_float32_within_twice_the_torch_ops_kernels_error(causal, monkeypatch):
 def test_bad_inputs_are_refused_by_name():
     q, k, v = rand_qkv(Hq=4, Hkv=3, Nq=8, Nk=8, D=4, dtype=torch.float32, grad=False)
     with pytest.raises(RuntimeError, match="multiple of Hkv"):
-        native.softcap_forward(q, k, v, 0.5, 1.0, False)
+        native.softcap_forward(q, k, v, 0.5, 1.0)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        native.softcap_forward(q.half(), k.half(), v.half(), 0.5, 1.0, False)
+        native.softcap_forward(q.half(), k.half(), v.half(), 0.5, 1.0)
+    with pytest.raises(TypeError):
+        native.softcap_forward(q, k, v, 0.5, 1.0, True)  # the window is keyword-only: no causal=True by position
+    q, k, v = rand_qkv(Hq=2, Nq=8, Nk=8, D=4, dtype=torch.float32, grad=False)
+    with pytest.raises(RuntimeError, match="key_valid must be"):
+        native.softcap_forward(q, k, v, 0.5, 1.0, key_valid=torch.ones(1, 7, dtype=torch.bool))

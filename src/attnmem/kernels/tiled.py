@@ -447,7 +447,9 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor,
     ``dest``: (out, lse) to write into (zeros and -inf, e.g. views of a larger call's heads),
     for a call that runs the tile loop (the head groups of ``reach_groups``)."""
     if c.kernel == "softcap_native":
-        out, lse = native.softcap_forward(q, k, v, c.scale, c.mods.score_mod.softcap, *c.native_window)
+        left, right, valid = c.native_window
+        out, lse = native.softcap_forward(q, k, v, c.scale, c.mods.score_mod.softcap, left=left, right=right,
+                                          key_valid=valid)
         if dest is not None:
             dest[0].copy_(out)
             dest[1].copy_(lse)
@@ -520,8 +522,9 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | N
         lse_b = lse_b.float() if q.dtype in (torch.bfloat16, torch.float16) else lse_b.to(q.dtype)
     d_captured: list[Tensor | None] = []
     if kernel == "softcap_native":
+        left, right, valid = c.native_window
         dq, dk, dv = native.softcap_backward(dout, q, k, v, out, lse_b, c.scale, c.mods.score_mod.softcap,
-                                             *c.native_window, delta=delta)
+                                             left=left, right=right, key_valid=valid, delta=delta)
         if dest is not None:
             dq, dk, dv = dest[0].add_(dq), dest[1].add_(dk), dest[2].add_(dv)
     elif c.grouped_causal and c.nq:

@@ -13,9 +13,9 @@ compiler that builds any torch extension (``g++``, or ``$CXX``), against torch's
 libraries, into ``$ATTNMEM_CACHE`` (default ``~/.cache/attnmem``, or a temporary folder where
 that is read-only), then loaded with ``torch.ops.load_library``. No ninja, no Python headers,
 no network. The build takes about 20 seconds on a 2-core CPU, once per machine; a lock file
-keeps two processes from building at once. Where it cannot be built (no compiler, another BLAS than the torch wheel's MKL), the
-torch-ops kernels run instead: ``available()`` says which, and ``ATTNMEM_NATIVE=0`` turns
-the native kernels off.
+keeps two processes from building at once. Where it cannot be built (no compiler, another
+BLAS than the torch wheel's MKL), the torch-ops kernels run instead: ``available()`` says
+which, and ``ATTNMEM_NATIVE=0`` turns the native kernels off.
 """
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 and t.stride(-2) >= t.shape[-1] else t.contiguous()
 
 
-def softcap_forward(q, k, v, scale: float, cap: float, left: int | None = None, right: int | None = None,
+def softcap_forward(q, k, v, scale: float, cap: float, *, left: int | None = None, right: int | None = None,
                     key_valid=None):
     """(out, lse) of soft-capped attention: q (B, Hq, M, D), k, v (B, Hkv, N, D), float32/float64;
     out contiguous, lse (B, Hq, M), -inf on rows that attend to nothing. ``left``, ``right``:
@@ -180,7 +180,7 @@ def softcap_forward(q, k, v, scale: float, cap: float, left: int | None = None, 
                                                 k.shape[-2] - q.shape[-2], _flags(key_valid))
 
 
-def softcap_backward(dout, q, k, v, out, lse, scale: float, cap: float, left: int | None = None,
+def softcap_backward(dout, q, k, v, out, lse, scale: float, cap: float, *, left: int | None = None,
                      right: int | None = None, key_valid=None, delta=None):
     """(dq, dk, dv), contiguous; ``lse`` +inf on rows that attend to nothing; ``delta`` (B, Hq, M)
     replaces rowsum(dO ∘ O). dO, O and q may have any strides (the kernel copies a block of rows

@@ -136,6 +136,28 @@ struct Window {
   }
 };
 
+// f(j0, nb) for each block of at most BK keys that some row of the query block [r0, r0 + mb)
+// sees: from the first row's lo to the last row's hi (both grow with the row).
+template <typename F>
+inline void for_key_blocks(const Window& w, int64_t r0, int64_t mb, F&& f) {
+  const int64_t kbeg = w.lo(r0), kend = w.hi(r0 + mb - 1) + 1;
+  for (int64_t j0 = kbeg; j0 < kend; j0 += BK) f(j0, std::min(BK, kend - j0));
+}
+
+// One block of scores: out (mb x nb, row stride BK) = qs K[j0 : j0 + nb]^T, then
+// f(i, row i, [ja, jb) its allowed keys relative to j0, key padding flags from j0 or nullptr).
+template <typename T, typename F>
+inline void score_rows(const Window& w, int64_t b, int64_t r0, int64_t mb, int64_t j0, int64_t nb, int64_t D,
+                       const T* qs, const T* k0, int64_t kn, T* out, F&& f) {
+  gemm('N', 'T', mb, nb, D, T(1), qs, D, k0 + j0 * kn, kn, T(0), out, BK);
+  const uint8_t* kv = w.keys(b, j0);
+  for (int64_t i = 0; i < mb; ++i) {
+    int64_t ja, jb;
+    w.in_block(r0 + i, j0, nb, ja, jb);
+    f(i, out + i * BK, ja, jb, kv);
+  }
+}
+
 inline int64_t clamp_bound(int64_t x, int64_t cap) { return std::max<int64_t>(-cap, std::min<int64_t>(x, cap)); }
 
 template <typename T>
@@ -163,19 +185,12 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
       std::fill(acc.begin(), acc.end(), T(0));
       std::fill(mx.begin(), mx.end(), neg_inf);
       std::fill(sum.begin(), sum.end(), T(0));
-      // the keys any row of this block sees: [lo of its first row, hi of its last row]
-      const int64_t kbeg = w.lo(r0), kend = w.hi(r0 + mb - 1) + 1;
-      for (int64_t j0 = kbeg; j0 < kend; j0 += BK) {
-        const int64_t nb = std::min(BK, kend - j0);
-        gemm('N', 'T', mb, nb, D, T(1), qs.data(), D, k0 + j0 * g.kn, g.kn, T(0), s.data(), BK);
-        const uint8_t* kv = w.keys(b, j0);
-        for (int64_t i = 0; i < mb; ++i) {
-          T* row = s.data() + i * BK;
-          int64_t ja, jb;
-          w.in_block(r0 + i, j0, nb, ja, jb);
+      for_key_blocks(w, r0, mb, [&](int64_t j0, int64_t nb) {
+        score_rows(w, b, r0, mb, j0, nb, D, qs.data(), k0, g.kn, s.data(),
+                   [&](int64_t i, T* row, int64_t ja, int64_t jb, const uint8_t* kv) {
           if (ja == jb) {
             std::fill(row, row + nb, T(0));
-            continue;
+            return;
           }
           T m = mx[i];
           if (kv) {
@@ -187,7 +202,7 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             }
             if (m == neg_inf) {  // no real key for this row yet: nothing to add
               std::fill(row, row + nb, T(0));
-              continue;
+              return;
             }
           } else {
 #pragma omp simd reduction(max : m)
@@ -213,9 +228,9 @@ void forward_impl(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
             T* a = acc.data() + i * D;
             for (int64_t d = 0; d < D; ++d) a[d] *= alpha;
           }
-        }
+        });
         gemm('N', 'N', mb, D, nb, T(1), s.data(), BK, v0 + j0 * g.vn, g.vn, T(1), acc.data(), D);
-      }
+      });
       T* o0 = O + ((b * g.Hq + h) * g.M + r0) * D;
       T* l0 = L + (b * g.Hq + h) * g.M + r0;
       for (int64_t i = 0; i < mb; ++i) {
@@ -279,16 +294,10 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             rowd[i] = Dl ? Dl[bh * g.M + r0 + i] : s;
           }
           std::fill(dqa.begin(), dqa.end(), T(0));
-          const int64_t kbeg = w.lo(r0), kend = w.hi(r0 + mb - 1) + 1;
-          for (int64_t j0 = kbeg; j0 < kend; j0 += BK) {
-            const int64_t nb = std::min(BK, kend - j0);
-            gemm('N', 'T', mb, nb, D, T(1), qs.data(), D, k0 + j0 * g.kn, g.kn, T(0), p.data(), BK);
-            const uint8_t* kv = w.keys(b, j0);
-            for (int64_t i = 0; i < mb; ++i) {
-              T* prow = p.data() + i * BK;
+          for_key_blocks(w, r0, mb, [&](int64_t j0, int64_t nb) {
+            score_rows(w, b, r0, mb, j0, nb, D, qs.data(), k0, g.kn, p.data(),
+                       [&](int64_t i, T* prow, int64_t ja, int64_t jb, const uint8_t* kv) {
               T* grow = gt.data() + i * BK;
-              int64_t ja, jb;
-              w.in_block(r0 + i, j0, nb, ja, jb);
               const T li = l0[i];
 #pragma omp simd
               for (int64_t j = ja; j < jb; ++j) {
@@ -302,7 +311,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
               std::fill(grow, grow + ja, T(0));
               std::fill(prow + jb, prow + nb, T(0));
               std::fill(grow + jb, grow + nb, T(0));
-            }
+            });
             // dV[j0:] += P^T dO
             gemm('T', 'N', nb, D, mb, T(1), p.data(), BK, dob.data(), D, T(1), dv0 + j0 * D, D);
             // dP = dO V^T, then dS = P (dP - D_i) (1 - t^2), in place
@@ -318,7 +327,7 @@ void backward_impl(const at::Tensor& dout, const at::Tensor& q, const at::Tensor
             // dQ += scale dS K, dK[j0:] += scale dS^T q
             gemm('N', 'N', mb, D, nb, tscale, dp.data(), BK, k0 + j0 * g.kn, g.kn, T(1), dqa.data(), D);
             gemm('T', 'N', nb, D, mb, tscale, dp.data(), BK, qr.data(), D, T(1), dk0 + j0 * D, D);
-          }
+          });
           T* dq0 = dQ + (bh * g.M + r0) * D;
           std::copy(dqa.begin(), dqa.begin() + mb * D, dq0);
         }
