@@ -93,9 +93,8 @@ def plan_call(kernel: str, *, device: str | torch.device, dtype: torch.dtype, ma
     ``kernel="torch"`` always runs the generic torch kernel. ``native``: a softcap call may take
     the native kernel (``softcap_native_call``); False where the caller's rows are a subset."""
     kernel = mods_kernel(kernel, device, dtype, mods)
-    window = native_window(mask)
-    if kernel == "softcap" and native and window is not None and softcap_native_call(device=device, dtype=dtype,
-                                                                                     nq=nq, nk=nk):
+    window = native_window(mask) if kernel == "softcap" and native else None
+    if window is not None and softcap_native_call(device=device, dtype=dtype, nq=nq, nk=nk):
         # One native call over everything (``kernels.native``): no tile loop, no per-tile tensors;
         # it computes only the key blocks each query block's window reaches.
         return CallPlan("softcap_native", False, False, False, True, None, window=window)
@@ -446,15 +445,11 @@ def tiled_forward(c: TileContext, q: Tensor, k: Tensor, v: Tensor,
 
     ``dest``: (out, lse) to write into (zeros and -inf, e.g. views of a larger call's heads),
     for a call that runs the tile loop (the head groups of ``reach_groups``)."""
-    if c.kernel == "softcap_native":
+    if c.kernel == "softcap_native":  # one call; ``dest`` is only for the fused kernel's head groups
+        assert dest is None, "the native softcap kernel runs no head groups"
         left, right, valid = c.native_window
-        out, lse = native.softcap_forward(q, k, v, c.scale, c.mods.score_mod.softcap, left=left, right=right,
-                                          key_valid=valid)
-        if dest is not None:
-            dest[0].copy_(out)
-            dest[1].copy_(lse)
-            return dest
-        return out, lse
+        return native.softcap_forward(q, k, v, c.scale, c.mods.score_mod.softcap, left=left, right=right,
+                                      key_valid=valid)
     fwd = TILE_KERNELS[c.kernel][0]
     acc = acc_dtype(q.dtype)
     if c.grouped_causal and c.nq:
@@ -522,11 +517,10 @@ def tiled_backward(c: TileContext, dout, q, k, v, out, lse, *, delta: Tensor | N
         lse_b = lse_b.float() if q.dtype in (torch.bfloat16, torch.float16) else lse_b.to(q.dtype)
     d_captured: list[Tensor | None] = []
     if kernel == "softcap_native":
+        assert dest is None, "the native softcap kernel runs no head groups"
         left, right, valid = c.native_window
         dq, dk, dv = native.softcap_backward(dout, q, k, v, out, lse_b, c.scale, c.mods.score_mod.softcap,
                                              left=left, right=right, key_valid=valid, delta=delta)
-        if dest is not None:
-            dq, dk, dv = dest[0].add_(dq), dest[1].add_(dk), dest[2].add_(dv)
     elif c.grouped_causal and c.nq:
         dq, dk, dv = _grouped_causal_backward(c, dout, q, k, v, out, lse_b)
     elif c.band is not None and c.nq:

@@ -27,7 +27,6 @@ from ..registry import Capabilities, Inputs, Method, Style, register
 from .sparse_memory import (
     TORCH_OPS_KERNELS,
     mods_domain_reasons,
-    native_softcap_footprint,
     sparse_footprint,
     with_sinks,
 )
@@ -276,8 +275,6 @@ def chunked_footprint(s: Shape, opts) -> Footprint:
     Domain: no user mask on that kernel, none in half precision. These terms were read off
     traces of the tiled code (tests check formula ≈ trace)."""
     plan = _chunked_plan(s, opts)
-    if plan.kernel == "softcap_native":
-        return native_softcap_footprint(s)
     if plan.kernel in TORCH_OPS_KERNELS or s.mods is not None:
         # Tile by tile, one key tile per call: the loop the sparse patterns share.
         return sparse_footprint(s, opts, None, None, None)

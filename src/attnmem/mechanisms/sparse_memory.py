@@ -470,9 +470,10 @@ def tile_plan(s: Shape, opts, mask: M.Mask | None):
 
 
 def native_softcap_footprint(s: Shape) -> Footprint:
-    """Softcap as one call of the native kernel (``kernels.native``, float32/float64, no mask or a
-    window: ``kernels.tiled.native_window``): forward only, O + lse; training, saved = O + lse, transient = the lse with
-    +inf for empty rows (L) + dQ + dK + dV + two scalars. The kernel's own buffers are a few
+    """Softcap as one call of the native kernel (``kernels.native``, float32/float64, no mask, a
+    window or key padding: ``kernels.tiled.native_window``; ``sparse_footprint`` takes it for
+    chunked and sliding_window): forward only, O + lse; training, saved = O + lse, transient =
+    the lse with +inf for empty rows (L) + dQ + dK + dV + two scalars. The kernel's own buffers are a few
     blocks per thread (threads · (3·64·256 + 4·64·D)·itemsize, 0.5 MiB at 2 threads, D = 64,
     float32), outside torch's allocator, as aten's flash kernel's are; it copies no input
     whole (an expanded dO is read a block of rows at a time). Read off traces (tests check
