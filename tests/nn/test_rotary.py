@@ -113,3 +113,32 @@ def test_several_tensors_share_one_table_and_equal_one_call_each():
     pos = torch.randint(0, 500, (2, 9))
     rq, rk = rotary(q, k, positions=pos)
     assert torch.equal(rq, rotary(q, positions=pos)) and torch.equal(rk, rotary(k, positions=pos))
+
+
+def test_rotary_base_reaches_the_angles_and_the_caches():
+    torch.manual_seed(0)
+    layer = MultiHeadAttention(16, 2, method="chunked", causal=True, rotary=True, rotary_base=1e6).double()
+    x = torch.randn(1, 7, 16, dtype=torch.float64)
+    pos = torch.arange(7)
+    q, k, v = (layer.split_heads(p(x), 2) for p in (layer.q_proj, layer.k_proj, layer.v_proj))
+    rq, rk = rotary_by_hand(q, pos.tolist(), base=1e6), rotary_by_hand(k, pos.tolist(), base=1e6)
+    ref = attnmem.attention(rq, rk, v, method="chunked", causal=True)
+    assert rel_err(layer(x), layer.o_proj(ref.transpose(1, 2).reshape(1, 7, 16))) <= 1e-12
+    plain = MultiHeadAttention(16, 2, method="chunked", causal=True, rotary=True).double()
+    plain.load_state_dict(layer.state_dict())
+    assert rel_err(plain(x), layer(x)) > 1e-6  # the base is not ignored
+    model = Transformer(50, 32, 2, 2, method="chunked", positions="rotary", rotary_base=5e5).double().eval()
+    tokens = torch.randint(50, (2, 10))
+    with torch.no_grad():
+        cache = model.new_cache("full")
+        steps = [model(tokens[:, :4], cache=cache)] + [model(tokens[:, t:t + 1], cache=cache) for t in range(4, 10)]
+        assert rel_err(torch.cat(steps, 1), model(tokens)) <= 1e-10
+
+
+def test_bad_rotary_base_is_refused_by_name():
+    with pytest.raises(ValueError, match="rotary_base must be a number > 1"):
+        MultiHeadAttention(8, 2, rotary=True, rotary_base=1)
+    with pytest.raises(ValueError, match="rotary_base must be a number > 1"):
+        TrainConfig(task="text", seq_len=64, positions="rotary", rotary_base="big")
+    with pytest.raises(ValueError, match="rotary_base needs positions='rotary'"):
+        TrainConfig(task="text", seq_len=64, rotary_base=5e5)

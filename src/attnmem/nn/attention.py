@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -12,6 +13,9 @@ from ..api import attention
 from ..checks import check_positive_int
 
 ROTARY_BASE = 10000.0  # RoFormer's: at head_dim 32 the slowest pair turns once in ~35k positions
+# length_scale's initial s: s·log(n) = 1 at n = 128 keys, so a query that sees 128 keys starts as
+# plain softmax does; one that sees 1024 starts 1.43 × sharper.
+LENGTH_SCALE_INIT_KEYS = 128
 
 
 def rotary(*xs: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor | tuple[Tensor, ...]:
@@ -83,6 +87,14 @@ class MultiHeadAttention(nn.Module):
         rotary: rotate q and k by their positions (``rotary``) before the attention call, so
             every method (sparse, top-k, linear, stateful) sees them; ``forward`` then takes the
             tokens' ``positions`` (default 0 .. N - 1). Decoding caches store the rotated keys.
+        rotary_base: the rotary angles' base (RoFormer's 10000; Llama 3 uses 500000). A larger
+            base turns more channel pairs so slowly that they match content at any distance.
+        length_scale: Scalable-Softmax (SSMax, Nakanishi 2025): multiply each query by
+            ``s_h · log n``, where n is the number of keys it sees (position + 1 when causal,
+            the sequence length otherwise) and ``s_h`` is learned per head, initialised to
+            ``1 / log 128``. Softmax over n keys flattens as n grows ("attention fading");
+            this keeps a head equally sharp at every context length. Applied to q before the
+            attention call, so every method, cache and sequence-parallel scheme honours it.
         **options: the method's options.
 
     Shapes: ``forward(x)`` takes (B, N, d_model) and returns (B, N, d_model).
@@ -94,10 +106,12 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, *, kv_heads: int | None = None,
                  method: str = "auto", causal: bool = False, bias: bool = False,
                  sequence_parallel: Any = None, score_mod: Any = None, sinks: bool = False,
-                 dropout: float = 0.0, rotary: bool = False, **options: Any):
+                 dropout: float = 0.0, rotary: bool = False, rotary_base: float = ROTARY_BASE,
+                 length_scale: bool = False, **options: Any):
         super().__init__()
-        if not isinstance(rotary, bool):
-            raise TypeError(f"rotary must be a bool, got {type(rotary).__name__}")
+        for name, val in (("rotary", rotary), ("length_scale", length_scale)):
+            if not isinstance(val, bool):
+                raise TypeError(f"{name} must be a bool, got {type(val).__name__}")
         kv_heads = n_heads if kv_heads is None else kv_heads
         for name, val in (("d_model", d_model), ("n_heads", n_heads), ("kv_heads", kv_heads)):
             check_positive_int(name, val)
@@ -109,7 +123,11 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads
         if rotary and self.head_dim % 2:
             raise ValueError(f"rotary needs an even head dimension, got d_model / n_heads = {self.head_dim}")
-        self.rotary = rotary
+        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)) or not rotary_base > 1:
+            raise ValueError(f"rotary_base must be a number > 1, got {rotary_base!r}")
+        self.rotary, self.rotary_base = rotary, float(rotary_base)
+        self.length_scale = (nn.Parameter(torch.full((n_heads,), 1.0 / math.log(LENGTH_SCALE_INIT_KEYS)))
+                             if length_scale else None)
         self.method, self.causal, self.options = method, causal, dict(options)
         self.sequence_parallel = sequence_parallel
         self.q_proj = nn.Linear(d_model, d_model, bias=bias)
@@ -146,15 +164,28 @@ class MultiHeadAttention(nn.Module):
 
     def project(self, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, d_model) -> q (B, Hq, N, D), k and v (B, Hkv, N, D); with ``rotary``, q and k
-        rotated by ``positions`` ((N,) or (B, N); default 0 .. N - 1)."""
+        rotated by ``positions`` ((N,) or (B, N); default 0 .. N - 1); with ``length_scale``, q
+        multiplied by ``s_h · log n``."""
         q = self.split_heads(self.q_proj(x), self.n_heads)
         k = self.split_heads(self.k_proj(x), self.kv_heads)
         v = self.split_heads(self.v_proj(x), self.kv_heads)
+        if positions is None and (self.rotary or self.length_scale is not None):
+            positions = torch.arange(x.shape[1], device=x.device)
         if self.rotary:
-            if positions is None:
-                positions = torch.arange(x.shape[1], device=x.device)
-            q, k = rotary(q, k, positions=positions)  # one table of angles for both
+            q, k = rotary(q, k, positions=positions, base=self.rotary_base)  # one table of angles for both
+        if self.length_scale is not None:
+            q = q * self.length_factor(positions, x.shape[1]).to(q.dtype)
         return q, k, v
+
+    def length_factor(self, positions: Tensor, n: int) -> Tensor:
+        """``s_h · log(keys seen)`` per head and query: (1, H, N, 1), or (B, H, N, 1) for (B, N)
+        positions. A causal query at position p sees p + 1 keys; otherwise all n."""
+        keys = positions.double() + 1 if self.causal else torch.full(positions.shape, float(n),
+                                                                          dtype=torch.float64,
+                                                                          device=positions.device)
+        logn = keys.log()
+        logn = logn[None, None] if logn.dim() == 1 else logn[:, None]  # (1 or B, 1, N)
+        return (self.length_scale.double()[:, None] * logn)[..., None]
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Any = None) -> Tensor:
         if self.sequence_parallel is not None:
@@ -186,6 +217,8 @@ class MultiHeadAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, n_heads={self.n_heads}, kv_heads={self.kv_heads}, "
-                f"method={self.method!r}, causal={self.causal}" + (", rotary=True" if self.rotary else ""))
+                f"method={self.method!r}, causal={self.causal}"
+                + (f", rotary=True, rotary_base={self.rotary_base:g}" if self.rotary else "")
+                + (", length_scale=True" if self.length_scale is not None else ""))
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import check_positive_int
-from .attention import MultiHeadAttention
+from .attention import ROTARY_BASE, MultiHeadAttention
 from .cache import ModelCache, default_kind, make_model_cache
 from .sampling import generate
 
@@ -59,6 +59,9 @@ class Transformer(nn.Module):
             (``attnmem.nn.attention.rotary``), so attention scores depend on relative
             positions. On the byte-level text task at context 1024 it learns to read the
             context where sinusoidal stayed at bigram quality (BENCHMARKS.md, session 5, issue 19).
+        rotary_base: the base of the rotary angles (``MultiHeadAttention``'s ``rotary_base``).
+        length_scale: Scalable-Softmax in every attention layer (``MultiHeadAttention``'s
+            ``length_scale``): queries multiplied by a learned ``s_h · log(keys seen)``.
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
         sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or
@@ -75,7 +78,9 @@ class Transformer(nn.Module):
     def __init__(self, vocab_size: int, d_model: int, n_heads: int, n_layers: int, *,
                  kv_heads: int | None = None, ffn_mult: int = 4, num_outputs: int | None = None,
                  method: str = "auto", causal: bool = True, checkpointing: bool = False,
-                 sequence_parallel: Any = False, positions: str = "sinusoidal", **options: Any):
+                 sequence_parallel: Any = False, positions: str = "sinusoidal", rotary_base: float = ROTARY_BASE,
+                 length_scale: bool = False,
+                 **options: Any):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -96,7 +101,8 @@ class Transformer(nn.Module):
         self.checkpointing = checkpointing
         self.positions = positions
         self.embed = nn.Embedding(vocab_size, d_model)
-        attn_kwargs = dict(kv_heads=kv_heads, method=method, causal=causal, rotary=positions == "rotary", **options)
+        attn_kwargs = dict(kv_heads=kv_heads, method=method, causal=causal, rotary=positions == "rotary",
+                           rotary_base=rotary_base, length_scale=length_scale, **options)
         self.sequence_parallel = None
         if sequence_parallel:
             from ..distributed import SequenceParallel

@@ -45,7 +45,8 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
 # Fields added after checkpoints were already written, with the value that reproduces those runs.
 ADDED_FIELDS = {"window_warmup": 0, "window_start": 32, "positions": "sinusoidal", "context_warmup": 0,
-                "context_start": 128}
+                "context_start": 128, "length_scale": False,
+                "rotary_base": 10000.0}
 
 
 @dataclass
@@ -85,6 +86,8 @@ class TrainConfig:
         positions: "sinusoidal" (added to the input) or "rotary" (q and k rotated in every
             attention layer); see ``attnmem.nn.Transformer``. The text ``target`` preset uses rotary:
             with sinusoidal positions its context-1024 byte model stayed at bigram quality.
+        rotary_base: the base of the rotary angles (10000, RoFormer's; positions="rotary" only).
+        length_scale: Scalable-Softmax in every attention layer (``attnmem.nn.Transformer``).
         tie_embeddings: read out with the token embedding (scaled by d_model^-1/2) instead of a
             separate output matrix (language-model tasks only).
         batch_size, steps, lr, weight_decay, warmup_steps, grad_clip: optimisation.
@@ -115,6 +118,8 @@ class TrainConfig:
     n_heads: int = 2
     n_layers: int = 2
     positions: str = "sinusoidal"
+    rotary_base: float = 10000.0
+    length_scale: bool = False
     tie_embeddings: bool = False
     batch_size: int = 32
     steps: int = 1000
@@ -150,6 +155,13 @@ class TrainConfig:
         if self.context_warmup and self.positions != "rotary":
             raise ValueError("context_warmup needs positions='rotary' (sinusoidal positions beyond the "
                              f"warm-up's windows would be unseen in training), got positions={self.positions!r}")
+        if isinstance(self.rotary_base, bool) or not isinstance(self.rotary_base, (int, float)) \
+                or not self.rotary_base > 1:
+            raise ValueError(f"rotary_base must be a number > 1, got {self.rotary_base!r}")
+        if self.rotary_base != 10000.0 and self.positions != "rotary":
+            raise ValueError(f"rotary_base needs positions='rotary', got positions={self.positions!r}")
+        if not isinstance(self.length_scale, bool):
+            raise ValueError(f"length_scale must be a bool, got {self.length_scale!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
@@ -244,6 +256,7 @@ class TaskModel(nn.Module):
         self.net = Transformer(task.vocab_size, config.d_model, config.n_heads, config.n_layers,
                                num_outputs=task.num_outputs, method=config.method, causal=True,
                                checkpointing=config.checkpointing, positions=config.positions,
+                               rotary_base=config.rotary_base, length_scale=config.length_scale,
                                **config.attention_options())
         self.attn_mask = config.mask()
         self.tied = config.tie_embeddings
