@@ -80,7 +80,8 @@ class LayerCache:
 
     # --- checks shared by every kind ------------------------------------------------------
     def check_module(self, mha: Any) -> None:
-        """ValueError when this cache was built for another layer shape or a non-causal layer."""
+        """ValueError when this cache was built for another layer shape, a non-causal layer, or a
+        layer with a ``score_mod`` or ``sinks`` (the decode step would leave them out)."""
         if (mha.kv_heads, mha.head_dim) != (self.kv_heads, self.head_dim):
             raise ValueError(
                 f"cache was built for kv_heads={self.kv_heads}, head_dim={self.head_dim}; this layer has "
@@ -88,6 +89,11 @@ class LayerCache:
             )
         if not mha.causal:
             raise ValueError("decoding with a cache needs a causal layer (causal=True)")
+        mods = [n for n, on in (("score_mod", getattr(mha, "score_mod", None) is not None),
+                                ("sinks", getattr(mha, "sinks", None) is not None)) if on]
+        if mods:  # the decode step attends without them: refuse rather than decode another model
+            raise ValueError(f"the {self.kind!r} cache cannot apply this layer's {' and '.join(mods)} when "
+                             "decoding; run the model on the whole sequence without a cache")
 
     def check_stateless_module(self, mha: Any) -> None:
         """``check_module``, and ValueError when the layer's method has learned state, which a
