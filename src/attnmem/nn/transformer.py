@@ -62,6 +62,10 @@ class Transformer(nn.Module):
         rotary_base: the base of the rotary angles (``MultiHeadAttention``'s ``rotary_base``).
         length_scale: Scalable-Softmax in every attention layer (``MultiHeadAttention``'s
             ``length_scale``): queries multiplied by a learned ``s_h · log(keys seen)``.
+        alibi: add ALiBi's fixed linear distance penalty (``attnmem.scores.alibi(n_heads)``:
+            slopes 1/2 … 1/256 for 8 heads) to every attention layer's scores, alone or on top
+            of ``positions``. It is a ``score_mod``, so it needs an exact method that takes one
+            (not sequence parallelism, not a decoding cache: both refuse it).
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
         sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or
@@ -79,11 +83,16 @@ class Transformer(nn.Module):
                  kv_heads: int | None = None, ffn_mult: int = 4, num_outputs: int | None = None,
                  method: str = "auto", causal: bool = True, checkpointing: bool = False,
                  sequence_parallel: Any = False, positions: str = "sinusoidal", rotary_base: float = ROTARY_BASE,
-                 length_scale: bool = False,
+                 length_scale: bool = False, alibi: bool = False,
                  **options: Any):
         super().__init__()
         if positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
+        if not isinstance(alibi, bool):
+            raise TypeError(f"alibi must be a bool, got {type(alibi).__name__}")
+        if alibi and options.get("score_mod") is not None:
+            raise ValueError("alibi=True and a score_mod both set the scores' modification; compose them in "
+                             "one score_mod instead")
         for name, val in (("vocab_size", vocab_size), ("n_layers", n_layers), ("ffn_mult", ffn_mult)):
             check_positive_int(name, val)
         if checkpointing and method != "auto":
@@ -116,6 +125,11 @@ class Transformer(nn.Module):
                                 f"attnmem.distributed.SequenceParallel, got {type(sequence_parallel).__name__}")
             self.sequence_parallel = sequence_parallel
             attn_kwargs["sequence_parallel"] = self.sequence_parallel
+        if alibi:  # every layer the same fixed slopes (Press et al.); a score_mod, so exact methods only
+            from ..scores import alibi as alibi_mod
+
+            attn_kwargs["score_mod"] = alibi_mod(n_heads)
+        self.alibi = alibi
         self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_mult, attn_kwargs) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_outputs or vocab_size)

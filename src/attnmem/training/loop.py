@@ -45,7 +45,7 @@ MASK_WINDOW = "mask_window"  # a method-spec key handled here: a causal sliding-
 RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "max_time_s")
 # Fields added after checkpoints were already written, with the value that reproduces those runs.
 ADDED_FIELDS = {"window_warmup": 0, "window_start": 32, "positions": "sinusoidal", "context_warmup": 0,
-                "context_start": 128, "length_scale": False,
+                "context_start": 128, "length_scale": False, "alibi": False,
                 "rotary_base": 10000.0}
 
 
@@ -88,6 +88,7 @@ class TrainConfig:
             with sinusoidal positions its context-1024 byte model stayed at bigram quality.
         rotary_base: the base of the rotary angles (10000, RoFormer's; positions="rotary" only).
         length_scale: Scalable-Softmax in every attention layer (``attnmem.nn.Transformer``).
+        alibi: ALiBi's fixed distance penalty in every attention layer (``attnmem.nn.Transformer``).
         tie_embeddings: read out with the token embedding (scaled by d_model^-1/2) instead of a
             separate output matrix (language-model tasks only).
         batch_size, steps, lr, weight_decay, warmup_steps, grad_clip: optimisation.
@@ -120,6 +121,7 @@ class TrainConfig:
     positions: str = "sinusoidal"
     rotary_base: float = 10000.0
     length_scale: bool = False
+    alibi: bool = False
     tie_embeddings: bool = False
     batch_size: int = 32
     steps: int = 1000
@@ -162,6 +164,8 @@ class TrainConfig:
             raise ValueError(f"rotary_base needs positions='rotary', got positions={self.positions!r}")
         if not isinstance(self.length_scale, bool):
             raise ValueError(f"length_scale must be a bool, got {self.length_scale!r}")
+        if not isinstance(self.alibi, bool):
+            raise ValueError(f"alibi must be a bool, got {self.alibi!r}")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
         if self.target_accuracy is not None and not (isinstance(self.target_accuracy, (int, float))
@@ -257,6 +261,7 @@ class TaskModel(nn.Module):
                                num_outputs=task.num_outputs, method=config.method, causal=True,
                                checkpointing=config.checkpointing, positions=config.positions,
                                rotary_base=config.rotary_base, length_scale=config.length_scale,
+                               alibi=config.alibi,
                                **config.attention_options())
         self.attn_mask = config.mask()
         self.tied = config.tie_embeddings
