@@ -194,6 +194,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "text": {**warm_text(2200, 1050), "lr": 5e-3, "text_bytes": 1046528},
         "seeds": [0, 1, 2],
     },
+    "target-d128-alibi": {  # target-d128 with ALiBi on top of rotary, the one change (session 13's probe)
+        "note": "target-d128 (d_model 128, 8 heads of 16, 2 layers, lr 5e-3, 2200 steps: 1050 warm-up steps on "
+                "windows of 128, 256, 512, then 1150 mixed 1024/128 steps) with alibi=True (fixed slopes "
+                "1/2 .. 1/256) in both contexts; session 13's one-seed probe at 800 steps had it 0.024 bpb "
+                "ahead at context 1024. Seeds 0-2, whole validation split. Chosen before its runs were trained",
+        **TARGET_RECIPE,
+        "model": {**TARGET_RECIPE["model"], "d_model": 128, "n_heads": 8, "alibi": True},
+        "text": {**warm_text(2200, 1050), "lr": 5e-3, "text_bytes": 1046528},
+        "seeds": [0, 1, 2],
+    },
     "target-s4": {  # session 4's target recipe (sinusoidal positions; its rows in target.jsonl say "target"); missed
         "note": "the text target: context 1024 vs 128, exact attention (chunked), d_model 64, 2 layers, 2 heads, "
                 "tied embeddings, 2048 tokens per step, 1200 steps (875-1013 s of training per context-1024 run "
