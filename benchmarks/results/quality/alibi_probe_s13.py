@@ -4,7 +4,8 @@ target-d128's context-1024 model, 800 steps (context warm-up 380 steps, then the
 seed 0: baseline (rotary) against rotary + ALiBi (fixed slopes 1/2 .. 1/256), scored with bpb on
 the first 64 KiB of validation. Two side by side, one thread each:
 
-    python benchmarks/results/quality/alibi_probe_s13.py VARIANT (base|alibi) [OUT_DIR]
+    python benchmarks/results/quality/alibi_probe_s13.py VARIANT (base|alibi, or base-128|alibi-128
+        for the same model at context 128) [OUT_DIR]
 
 appends a row to OUT_DIR/probe.jsonl (default runs/alibi_probe_s13)."""
 import dataclasses
@@ -25,7 +26,7 @@ torch.set_num_threads(1)
 OUT = Path(sys.argv[2]) if len(sys.argv) > 2 else Path("runs/alibi_probe_s13")
 
 variant = sys.argv[1]
-if variant == "alibi":
+if variant.startswith("alibi"):
     orig = L.TaskModel.__init__
     def init(self, config, task):
         orig(self, config, task)
@@ -36,8 +37,8 @@ if variant == "alibi":
 
 preset = {**Q.PRESETS["target-d128"], "seeds": [0]}
 preset["text"] = {**Q.warm_text(800, 380), "lr": 5e-3, "text_bytes": 65536}
-spec, cfg = Q.train_configs(preset, "text")[0]
-assert cfg.seq_len == 1024, cfg
+spec, cfg = Q.train_configs(preset, "text")[1 if variant.endswith("-128") else 0]
+assert cfg.seq_len == (128 if variant.endswith("-128") else 1024), cfg
 cfg = dataclasses.replace(cfg, out_dir=str(OUT / variant))
 t0 = time.perf_counter()
 L.fit(cfg, resume=False)
