@@ -20,10 +20,7 @@ def test_a_cache_refuses_score_mod_and_sinks(kind, mod):
     else:
         attn.sinks = torch.nn.Parameter(torch.zeros(4))
     options = {"window": 8} if kind == "sliding_window" else {}
-    try:
-        cache = model.new_cache(kind, max_len=32, **options)
-    except (ValueError, TypeError) as e:
-        pytest.fail(f"cache kind {kind!r} not built: {e}")
+    cache = model.new_cache(kind, max_len=32, **options)
     with pytest.raises(ValueError, match=mod):
         model(torch.randint(0, 256, (1, 6)), cache=cache)
 

@@ -75,7 +75,7 @@ def test_decoding_with_a_cache_matches_the_full_forward(kind):
     assert rel_err(torch.cat(steps, 1), full) <= 1e-10
 
 
-def test_a_train_config_trains_resumes_and_reloads_it(tmp_path):
+def test_a_train_config_trains_and_reloads_it(tmp_path):
     cfg = TrainConfig(task="text", seq_len=32, d_model=16, n_heads=2, n_layers=1, positions="rotary",
                       length_scale=True, batch_size=2, steps=4, eval_every=2, eval_examples=2,
                       checkpoint_every=2, out_dir=str(tmp_path))
@@ -94,3 +94,5 @@ def test_bad_length_scale_is_refused_by_name():
         MultiHeadAttention(8, 2, length_scale=1)
     with pytest.raises(ValueError, match="length_scale must be a bool"):
         TrainConfig(task="text", seq_len=64, length_scale="yes")
+    with pytest.raises(ValueError, match="length_scale with sequence_parallel needs causal=True"):
+        MultiHeadAttention(8, 2, length_scale=True, sequence_parallel=object())

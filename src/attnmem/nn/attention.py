@@ -18,6 +18,13 @@ ROTARY_BASE = 10000.0  # RoFormer's: at head_dim 32 the slowest pair turns once 
 LENGTH_SCALE_INIT_KEYS = 128
 
 
+def check_rotary_base(base: Any) -> float:
+    """``base`` as a float; ValueError naming ``rotary_base`` unless it is a number > 1."""
+    if isinstance(base, bool) or not isinstance(base, (int, float)) or not base > 1:
+        raise ValueError(f"rotary_base must be a number > 1, got {base!r}")
+    return float(base)
+
+
 def rotary(*xs: Tensor, positions: Tensor, base: float = ROTARY_BASE) -> Tensor | tuple[Tensor, ...]:
     """Rotary position embedding (Su et al., RoFormer), GPT-NeoX's half-split layout.
 
@@ -90,11 +97,13 @@ class MultiHeadAttention(nn.Module):
         rotary_base: the rotary angles' base (RoFormer's 10000; Llama 3 uses 500000). A larger
             base turns more channel pairs so slowly that they match content at any distance.
         length_scale: Scalable-Softmax (SSMax, Nakanishi 2025): multiply each query by
-            ``s_h · log n``, where n is the number of keys it sees (position + 1 when causal,
-            the sequence length otherwise) and ``s_h`` is learned per head, initialised to
-            ``1 / log 128``. Softmax over n keys flattens as n grows ("attention fading");
-            this keeps a head equally sharp at every context length. Applied to q before the
-            attention call, so every method, cache and sequence-parallel scheme honours it.
+            ``s_h · log n``, where n is the query's context length (position + 1 when causal,
+            whatever window or mask the method then applies; the sequence length otherwise)
+            and ``s_h`` is learned per head, initialised to ``1 / log 128``. Softmax over n
+            keys flattens as n grows ("attention fading"); this keeps a head equally sharp at
+            every context length. Applied to q before the attention call, so every method and
+            cache sees it; with ``sequence_parallel`` it needs ``causal=True`` (a non-causal
+            query's n would be one rank's share of the sequence).
         **options: the method's options.
 
     Shapes: ``forward(x)`` takes (B, N, d_model) and returns (B, N, d_model).
@@ -123,9 +132,10 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads
         if rotary and self.head_dim % 2:
             raise ValueError(f"rotary needs an even head dimension, got d_model / n_heads = {self.head_dim}")
-        if isinstance(rotary_base, bool) or not isinstance(rotary_base, (int, float)) or not rotary_base > 1:
-            raise ValueError(f"rotary_base must be a number > 1, got {rotary_base!r}")
-        self.rotary, self.rotary_base = rotary, float(rotary_base)
+        self.rotary, self.rotary_base = rotary, check_rotary_base(rotary_base)
+        if length_scale and sequence_parallel is not None and not causal:
+            raise ValueError("length_scale with sequence_parallel needs causal=True: a non-causal query's "
+                             "context length would be read off one rank's share of the sequence")
         self.length_scale = (nn.Parameter(torch.full((n_heads,), 1.0 / math.log(LENGTH_SCALE_INIT_KEYS)))
                              if length_scale else None)
         self.method, self.causal, self.options = method, causal, dict(options)

@@ -89,8 +89,7 @@ class LayerCache:
             )
         if not mha.causal:
             raise ValueError("decoding with a cache needs a causal layer (causal=True)")
-        mods = [n for n, on in (("score_mod", getattr(mha, "score_mod", None) is not None),
-                                ("sinks", getattr(mha, "sinks", None) is not None)) if on]
+        mods = [n for n, mod in (("score_mod", mha.score_mod), ("sinks", mha.sinks)) if mod is not None]
         if mods:  # the decode step attends without them: refuse rather than decode another model
             raise ValueError(f"the {self.kind!r} cache cannot apply this layer's {' and '.join(mods)} when "
                              "decoding; run the model on the whole sequence without a cache")

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..checks import check_positive_int
+from ..scores import alibi as alibi_mod
 from .attention import ROTARY_BASE, MultiHeadAttention
 from .cache import ModelCache, default_kind, make_model_cache
 from .sampling import generate
@@ -126,10 +127,7 @@ class Transformer(nn.Module):
             self.sequence_parallel = sequence_parallel
             attn_kwargs["sequence_parallel"] = self.sequence_parallel
         if alibi:  # every layer the same fixed slopes (Press et al.); a score_mod, so exact methods only
-            from ..scores import alibi as alibi_mod
-
             attn_kwargs["score_mod"] = alibi_mod(n_heads)
-        self.alibi = alibi
         self.blocks = nn.ModuleList(Block(d_model, n_heads, ffn_mult, attn_kwargs) for _ in range(n_layers))
         self.ln_f = nn.LayerNorm(d_model)
         self.head = nn.Linear(d_model, num_outputs or vocab_size)

@@ -31,6 +31,7 @@ from .. import registry
 from ..checks import check_positive_fields, check_positive_int
 from ..memory.measure import MiB, measure
 from ..nn import Transformer
+from ..nn.attention import ROTARY_BASE, check_rotary_base
 from ..nn.transformer import POSITIONS
 from ..tasks import IGNORE, make_task
 from .checkpoint import load_checkpoint, save_atomic
@@ -46,7 +47,7 @@ RESUMABLE_FIELDS = ("steps", "out_dir", "checkpoint_every", "target_accuracy", "
 # Fields added after checkpoints were already written, with the value that reproduces those runs.
 ADDED_FIELDS = {"window_warmup": 0, "window_start": 32, "positions": "sinusoidal", "context_warmup": 0,
                 "context_start": 128, "length_scale": False, "alibi": False,
-                "rotary_base": 10000.0}
+                "rotary_base": ROTARY_BASE}
 
 
 @dataclass
@@ -119,7 +120,7 @@ class TrainConfig:
     n_heads: int = 2
     n_layers: int = 2
     positions: str = "sinusoidal"
-    rotary_base: float = 10000.0
+    rotary_base: float = ROTARY_BASE
     length_scale: bool = False
     alibi: bool = False
     tie_embeddings: bool = False
@@ -157,10 +158,8 @@ class TrainConfig:
         if self.context_warmup and self.positions != "rotary":
             raise ValueError("context_warmup needs positions='rotary' (sinusoidal positions beyond the "
                              f"warm-up's windows would be unseen in training), got positions={self.positions!r}")
-        if isinstance(self.rotary_base, bool) or not isinstance(self.rotary_base, (int, float)) \
-                or not self.rotary_base > 1:
-            raise ValueError(f"rotary_base must be a number > 1, got {self.rotary_base!r}")
-        if self.rotary_base != 10000.0 and self.positions != "rotary":
+        check_rotary_base(self.rotary_base)
+        if self.rotary_base != ROTARY_BASE and self.positions != "rotary":
             raise ValueError(f"rotary_base needs positions='rotary', got positions={self.positions!r}")
         if not isinstance(self.length_scale, bool):
             raise ValueError(f"length_scale must be a bool, got {self.length_scale!r}")
