@@ -38,6 +38,7 @@ from torch import Tensor
 from .. import masks, registry
 from ..api import attention
 from ..checks import check_positive_int
+from ..scores import shift_queries
 
 
 def default_kind(method: str) -> str | None:
@@ -69,6 +70,9 @@ class LayerCache:
     """Base class of one layer's cache. Subclasses implement ``append``, ``attend``, ``nbytes``."""
 
     kind = ""
+    # The layer modifications ("score_mod", "sinks") this kind's decode step applies; a layer
+    # with any other is refused (``check_module``).
+    decodes_mods: tuple[str, ...] = ()
 
     def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
         check_positive_int("kv_heads", kv_heads)
@@ -81,7 +85,8 @@ class LayerCache:
     # --- checks shared by every kind ------------------------------------------------------
     def check_module(self, mha: Any) -> None:
         """ValueError when this cache was built for another layer shape, a non-causal layer, or a
-        layer with a ``score_mod`` or ``sinks`` (the decode step would leave them out)."""
+        layer with a ``score_mod`` or ``sinks`` this kind's decode step would leave out (only
+        ``full`` applies them)."""
         if (mha.kv_heads, mha.head_dim) != (self.kv_heads, self.head_dim):
             raise ValueError(
                 f"cache was built for kv_heads={self.kv_heads}, head_dim={self.head_dim}; this layer has "
@@ -89,10 +94,12 @@ class LayerCache:
             )
         if not mha.causal:
             raise ValueError("decoding with a cache needs a causal layer (causal=True)")
-        mods = [n for n, mod in (("score_mod", mha.score_mod), ("sinks", mha.sinks)) if mod is not None]
+        mods = [n for n, mod in (("score_mod", mha.score_mod), ("sinks", mha.sinks))
+                if mod is not None and n not in self.decodes_mods]
         if mods:  # the decode step attends without them: refuse rather than decode another model
             raise ValueError(f"the {self.kind!r} cache cannot apply this layer's {' and '.join(mods)} when "
-                             "decoding; run the model on the whole sequence without a cache")
+                             "decoding; use the 'full' cache, or run the model on the whole sequence "
+                             "without a cache")
 
     def check_stateless_module(self, mha: Any) -> None:
         """``check_module``, and ValueError when the layer's method has learned state, which a
@@ -203,9 +210,14 @@ class KVCache(LayerCache):
     ``max_len`` preallocates that many tokens and makes going past it an error; without it the
     buffers grow by doubling. Steps attend with ``attnmem.attention(q, K, V, causal=True)``,
     whose bottom-right alignment lets the new tokens see every cached token and each other causally.
+
+    A layer's ``score_mod`` and ``sinks`` apply at every step: the score_mod sees the new
+    tokens at their positions in the sequence (``attnmem.scores.shift_queries``), so decoding
+    reproduces the model's full forward (ALiBi, soft-capping, T5's bias, gpt-oss's sinks).
     """
 
     kind = "full"
+    decodes_mods = ("score_mod", "sinks")
 
     def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
@@ -232,11 +244,23 @@ class KVCache(LayerCache):
         if prefill:
             # The method's full-sequence path, on the float keys/values as given.
             return mha.attend(q, k, v)
+        if mha.score_mod is not None or mha.sinks is not None:
+            return self._decode_mods(q, mha)
         return self._decode(q)
 
     def _decode(self, q: Tensor) -> Tensor:
         """New queries (B, Hq, n, D) against everything cached."""
         return attend_new(q, *self.keys_values())
+
+    def _decode_mods(self, q: Tensor, mha: Any) -> Tensor:
+        """``_decode`` with the layer's score_mod (queries at their sequence positions) and sinks.
+        The query heads stay heads (no folding into rows): a score_mod reads the head index."""
+        mods: dict[str, Any] = {}
+        if mha.score_mod is not None:
+            mods["score_mod"] = shift_queries(mha.score_mod, self.length - q.shape[2])
+        if mha.sinks is not None:
+            mods["sinks"] = mha.sinks.to(q.dtype)
+        return attention(q, *self.keys_values(), causal=True, **mods)
 
     def nbytes(self):
         return buffers_nbytes(self.k, self.v)
@@ -263,6 +287,7 @@ class Int8KVCache(KVCache):
     """
 
     kind = "int8"
+    decodes_mods = ()  # its blockwise decode applies neither
 
     def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
