@@ -32,7 +32,7 @@ from .checks import check_positive_int
 from .kernels import dropout_keep
 
 __all__ = ["softcap", "alibi", "alibi_slopes", "relative_bias", "relative_position_bucket", "dropout_mask",
-           "shift_queries"]
+           "shift_positions"]
 
 
 class SoftCap:
@@ -270,48 +270,51 @@ def relative_bias(table: Tensor, num_buckets: int = 32, max_distance: int = 128,
     return RelativeBias(table, num_buckets, max_distance, bidirectional)
 
 
-class QueryShifted:
-    """``score_mod`` with its queries ``shift`` positions later: ``q_idx -> q_idx + shift``
-    (see ``shift_queries``). It keeps the ``additive_bias`` fast path of a score_mod that
+class PositionShifted:
+    """``score_mod`` with its queries ``q_shift`` and its keys ``kv_shift`` positions later
+    (see ``shift_positions``). It keeps the ``additive_bias`` fast path of a score_mod that
     declares one."""
 
-    def __init__(self, score_mod, shift: int):
-        self.score_mod, self.shift = score_mod, shift
+    def __init__(self, score_mod, q_shift: int, kv_shift: int = 0):
+        self.score_mod, self.q_shift, self.kv_shift = score_mod, q_shift, kv_shift
         if callable(getattr(score_mod, "additive_bias", None)):
             self.additive_bias = self._additive_bias
 
     def __call__(self, score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return self.score_mod(score, b, h, q_idx + self.shift, kv_idx)
+        return self.score_mod(score, b, h, q_idx + self.q_shift, kv_idx + self.kv_shift)
 
     def _additive_bias(self, h: Tensor, q_idx: Tensor, kv_idx: Tensor, dtype: torch.dtype) -> Tensor:
-        return self.score_mod.additive_bias(h, q_idx + self.shift, kv_idx, dtype)
+        return self.score_mod.additive_bias(h, q_idx + self.q_shift, kv_idx + self.kv_shift, dtype)
 
     def __repr__(self) -> str:
-        return f"shift_queries({self.score_mod!r}, {self.shift})"
+        return f"shift_positions({self.score_mod!r}, {self.q_shift}, {self.kv_shift})"
 
 
-def shift_queries(score_mod, shift: int):
-    """``score_mod`` as it applies to queries at positions ``shift .. shift + Nq - 1``: the
-    score_mod called with ``q_idx + shift`` for raw ``q_idx`` in [0, Nq).
+def shift_positions(score_mod, q_shift: int, kv_shift: int = 0):
+    """``score_mod`` as it applies to queries at positions ``q_shift .. q_shift + Nq - 1`` and
+    keys at ``kv_shift .. kv_shift + Nk - 1``: called with ``q_idx + q_shift`` and
+    ``kv_idx + kv_shift`` for the raw indices of a call.
 
     Decoding needs it: the n new tokens after L cached ones are queries 0 .. n - 1 of their call
-    but positions L - n .. L - 1 of the sequence the score_mod was written for (a decoding
-    cache passes ``shift = L - n``). ``softcap`` reads no index and is returned as is; ``alibi``
-    becomes ``alibi`` with its offset moved (its fast paths unchanged); any other score_mod is
-    wrapped (``QueryShifted``), keeping an ``additive_bias`` it declares.
+    but positions L - n .. L - 1 of the sequence the score_mod was written for (a ``full``
+    cache passes ``q_shift = L - n``; a sliding window, whose oldest held key is at position
+    L - w, also ``kv_shift = L - w``). ``softcap`` reads no index and is returned as is;
+    ``alibi`` becomes ``alibi`` with its offset moved (its fast paths unchanged); any other
+    score_mod is wrapped (``PositionShifted``), keeping an ``additive_bias`` it declares.
 
     Raises:
-        TypeError: ``shift`` not an int, or ``score_mod`` not callable.
+        TypeError: a shift not an int, or ``score_mod`` not callable.
     """
-    if isinstance(shift, bool) or not isinstance(shift, int):
-        raise TypeError(f"shift must be an int, got {type(shift).__name__}")
+    for name, shift in (("q_shift", q_shift), ("kv_shift", kv_shift)):
+        if isinstance(shift, bool) or not isinstance(shift, int):
+            raise TypeError(f"{name} must be an int, got {type(shift).__name__}")
     if not callable(score_mod):
         raise TypeError(f"score_mod must be a callable, got {type(score_mod).__name__}")
-    if shift == 0 or isinstance(score_mod, SoftCap):
+    if (q_shift == 0 and kv_shift == 0) or isinstance(score_mod, SoftCap):
         return score_mod
     if type(score_mod) is ALiBi:
-        return ALiBi(score_mod.slopes, score_mod.offset + shift)
-    return QueryShifted(score_mod, shift)
+        return ALiBi(score_mod.slopes, score_mod.offset + q_shift - kv_shift)
+    return PositionShifted(score_mod, q_shift, kv_shift)
 
 
 def dropout_mask(seed: int, p: float, batch: int, heads: int, nq: int, nk: int,

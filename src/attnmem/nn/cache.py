@@ -20,6 +20,11 @@ and ``linear_state`` is causal linear attention ``φ(q)ᵀS / φ(q)ᵀz`` (Katha
 (``Method.decode_cache``, read by ``default_kind``; ``linear`` and ``performer`` use
 ``linear_state``; pass the method's own feature map as ``feature_map``).
 
+A layer's ``score_mod`` and ``sinks`` apply at every step of ``full``, ``int8`` and
+``sliding_window`` (and of ``paged``, ``int4``, ``int2``), the new tokens at their sequence
+positions (``attnmem.scores.shift_positions``), so a decode reproduces the layer's own
+forward; ``linear_state`` and the eviction kinds refuse such a layer (``LayerCache.decodes_mods``).
+
 Every layer cache takes ``attend(mha, q, k, v)`` — queries (B, Hq, n, D) of ``n`` new tokens and
 their keys/values (B, Hkv, n, D) — stores the new tokens and returns (B, Hq, n, D). The first call
 on an empty cache (the prefill) runs the method's full-sequence path.
@@ -38,7 +43,7 @@ from torch import Tensor
 from .. import masks, registry
 from ..api import attention
 from ..checks import check_positive_int
-from ..scores import shift_queries
+from ..scores import shift_positions
 
 
 def default_kind(method: str) -> str | None:
@@ -85,8 +90,8 @@ class LayerCache:
     # --- checks shared by every kind ------------------------------------------------------
     def check_module(self, mha: Any) -> None:
         """ValueError when this cache was built for another layer shape, a non-causal layer, or a
-        layer with a ``score_mod`` or ``sinks`` this kind's decode step would leave out (only
-        ``full`` applies them)."""
+        layer with a ``score_mod`` or ``sinks`` this kind's decode step would leave out (not in
+        its ``decodes_mods``)."""
         if (mha.kv_heads, mha.head_dim) != (self.kv_heads, self.head_dim):
             raise ValueError(
                 f"cache was built for kv_heads={self.kv_heads}, head_dim={self.head_dim}; this layer has "
@@ -159,21 +164,63 @@ def grow_buffer(buf: Tensor | None, like: Tensor, need: int, max_len: int | None
     return out
 
 
-def attend_new(q: Tensor, keys: Tensor, values: Tensor, **window: Any) -> Tensor:
-    """Causal attention of the last n tokens q (B, Hq, n, D) over keys/values (B, Hkv, L, D).
+def layer_mods(mha: Any, q: Tensor, q_shift: int, kv_shift: int = 0) -> dict[str, Any]:
+    """The layer's ``score_mod`` (shifted to the positions of its queries and keys,
+    ``attnmem.scores.shift_positions``) and ``sinks``, as ``attnmem.attention`` keywords."""
+    mods: dict[str, Any] = {}
+    if mha.score_mod is not None:
+        mods["score_mod"] = shift_positions(mha.score_mod, q_shift, kv_shift)
+    if mha.sinks is not None:
+        mods["sinks"] = mha.sinks.to(q.dtype)
+    return mods
+
+
+def attend_new(q: Tensor, keys: Tensor, values: Tensor, *, mods: dict[str, Any] | None = None,
+               **window: Any) -> Tensor:
+    """Causal attention of the last n tokens q (B, Hq, n, D) over keys/values (B, Hkv, L, D),
+    with the layer's ``mods`` (``layer_mods``) if any.
 
     One new token sees every key it is given, so causality (and the window, whose keys the
-    caller already cut) is a no-op; the query heads of a KV group then fold into rows, so SDPA
-    serves GQA without repeating K/V.
+    caller already cut) is a no-op; without mods the query heads of a KV group then fold into
+    rows, so SDPA serves GQA without repeating K/V (a score_mod reads the head: no folding).
     """
     B, Hq, n, D = q.shape
     Hkv = keys.shape[1]
-    if n == 1:
+    mods = mods or {}
+    if n == 1 and not mods:
         out = attention(q.reshape(B, Hkv, Hq // Hkv, D), keys, values)  # (B, Hkv, G, D)
         return out.reshape(B, Hq, 1, D)
     if window:
-        return attention(q, keys, values, method="chunked", causal=True, **window)
-    return attention(q, keys, values, causal=True)
+        return attention(q, keys, values, method="chunked", causal=True, **window, **mods)
+    return attention(q, keys, values, causal=True, **mods)
+
+
+class FoldedMods:
+    """A layer's score_mod and sinks on the rows of a blockwise decode, which stacks the G
+    query heads of a KV group as rows: scores (B, Hkv, G·n, t), row g·n + i being query head
+    kv·G + g of new token i, at sequence position ``q_first + i``."""
+
+    def __init__(self, mha: Any, q: Tensor, q_first: int):
+        B, Hq, n, _ = q.shape
+        Hkv, dev = mha.kv_heads, q.device
+        self.shape = (B, Hq, n)
+        self.score_mod = None if mha.score_mod is None else shift_positions(mha.score_mod, q_first)
+        self.b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+        self.h = torch.arange(Hq, device=dev).view(1, Hq, 1, 1)
+        self.q_idx = torch.arange(n, device=dev).view(1, 1, n, 1)
+        self.sinks = None  # (Hkv, G·n, 1): each row's sink logit
+        if mha.sinks is not None:
+            self.sinks = mha.sinks.to(q.dtype).view(Hkv, Hq // Hkv, 1, 1).expand(-1, -1, n, 1).reshape(Hkv, -1, 1)
+
+    def scores(self, s: Tensor, kv_first: int) -> Tensor:
+        """The scaled scores ``s`` (B, Hkv, G·n, t) of keys at positions kv_first .. kv_first + t - 1,
+        modified (before any mask, as ``attnmem.attention`` orders them)."""
+        if self.score_mod is None:
+            return s
+        B, Hq, n = self.shape
+        t = s.shape[-1]
+        kv_idx = torch.arange(kv_first, kv_first + t, device=s.device).view(1, 1, 1, t)
+        return self.score_mod(s.reshape(B, Hq, n, t), self.b, self.h, self.q_idx, kv_idx).reshape(s.shape)
 
 
 class RunningSoftmax:
@@ -187,17 +234,25 @@ class RunningSoftmax:
 
     def add(self, s: Tensor, values: Tensor, p_scale: Tensor | None = None) -> None:
         """Scores ``s`` (B, Hkv, R, t) of one block and its values (B, Hkv, t, D); ``p_scale``
-        multiplies the probabilities (a per-token value scale that factors out of ``p @ V``)."""
+        multiplies the probabilities (a per-token value scale that factors out of ``p @ V``).
+        A row whose scores so far are all -inf (a score_mod may mask) adds nothing."""
         new_max = torch.maximum(self.row_max, s.amax(-1, keepdim=True))
+        new_max = new_max.masked_fill(new_max == -math.inf, 0.0)
         p = torch.exp(s - new_max)
         correction = torch.exp(self.row_max - new_max)
         self.row_sum = self.row_sum * correction + p.sum(-1, keepdim=True)
         self.acc = self.acc * correction + (p if p_scale is None else p * p_scale) @ values
         self.row_max = new_max
 
-    def output(self) -> Tensor:
-        """(B, Hkv, R, D); every row must have seen a key (row_sum > 0)."""
-        return self.acc / self.row_sum
+    def output(self, sinks: Tensor | None = None) -> Tensor:
+        """(B, Hkv, R, D); without ``sinks`` every row must have seen a key (row_sum > 0).
+        ``sinks`` (Hkv, R, 1): each row's sink logit, added to its denominator as
+        ``exp(sink)`` (``attnmem.attention(sinks=...)``)."""
+        if sinks is None:
+            return self.acc / self.row_sum
+        top = torch.maximum(self.row_max, sinks)
+        correction = torch.exp(self.row_max - top)
+        return self.acc * correction / (self.row_sum * correction + torch.exp(sinks - top))
 
 
 def buffers_nbytes(*bufs: Tensor | None) -> int:
@@ -212,12 +267,12 @@ class KVCache(LayerCache):
     whose bottom-right alignment lets the new tokens see every cached token and each other causally.
 
     A layer's ``score_mod`` and ``sinks`` apply at every step: the score_mod sees the new
-    tokens at their positions in the sequence (``attnmem.scores.shift_queries``), so decoding
+    tokens at their positions in the sequence (``attnmem.scores.shift_positions``), so decoding
     reproduces the model's full forward (ALiBi, soft-capping, T5's bias, gpt-oss's sinks).
     """
 
     kind = "full"
-    decodes_mods = ("score_mod", "sinks")
+    decodes_mods = ("score_mod", "sinks")  # Int8KVCache inherits them (``FoldedMods``)
 
     def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
@@ -244,23 +299,11 @@ class KVCache(LayerCache):
         if prefill:
             # The method's full-sequence path, on the float keys/values as given.
             return mha.attend(q, k, v)
-        if mha.score_mod is not None or mha.sinks is not None:
-            return self._decode_mods(q, mha)
-        return self._decode(q)
+        return self._decode(q, mha)
 
-    def _decode(self, q: Tensor) -> Tensor:
-        """New queries (B, Hq, n, D) against everything cached."""
-        return attend_new(q, *self.keys_values())
-
-    def _decode_mods(self, q: Tensor, mha: Any) -> Tensor:
-        """``_decode`` with the layer's score_mod (queries at their sequence positions) and sinks.
-        The query heads stay heads (no folding into rows): a score_mod reads the head index."""
-        mods: dict[str, Any] = {}
-        if mha.score_mod is not None:
-            mods["score_mod"] = shift_queries(mha.score_mod, self.length - q.shape[2])
-        if mha.sinks is not None:
-            mods["sinks"] = mha.sinks.to(q.dtype)
-        return attention(q, *self.keys_values(), causal=True, **mods)
+    def _decode(self, q: Tensor, mha: Any) -> Tensor:
+        """New queries (B, Hq, n, D) against everything cached, with the layer's mods."""
+        return attend_new(q, *self.keys_values(), mods=layer_mods(mha, q, self.length - q.shape[2]))
 
     def nbytes(self):
         return buffers_nbytes(self.k, self.v)
@@ -287,7 +330,6 @@ class Int8KVCache(KVCache):
     """
 
     kind = "int8"
-    decodes_mods = ()  # its blockwise decode applies neither
 
     def __init__(self, *, kv_heads: int, head_dim: int, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
@@ -307,11 +349,13 @@ class Int8KVCache(KVCache):
             setattr(self, f"{name}_scale", sbuf)
         self.length = end
 
-    def _decode(self, q: Tensor) -> Tensor:
-        """Causal softmax attention of q (B, Hq, n, D), the last n tokens, over the int8 cache."""
+    def _decode(self, q: Tensor, mha: Any) -> Tensor:
+        """Causal softmax attention of q (B, Hq, n, D), the last n tokens, over the int8 cache,
+        with the layer's score_mod and sinks."""
         B, Hq, n, D = q.shape
         Hkv, L = self.kv_heads, self.length
         G = Hq // Hkv
+        mods = FoldedMods(mha, q, L - n)
         # Query heads of one group share a key head: fold them into rows instead of expanding K/V.
         qg = q.reshape(B, Hkv, G * n, D)  # (B, Hkv, G·n, D)
         scale = 1.0 / math.sqrt(D)
@@ -324,12 +368,12 @@ class Int8KVCache(KVCache):
             # scores and probabilities rather than to the (blk, D) keys and values.
             k_scale = self.k_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :] * scale  # (B, Hkv, 1, blk)
             v_scale = self.v_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :]
-            s = (qg @ self.k[:, :, a:b].to(q.dtype).transpose(-1, -2)) * k_scale  # (B, Hkv, G·n, blk)
+            s = mods.scores((qg @ self.k[:, :, a:b].to(q.dtype).transpose(-1, -2)) * k_scale, a)  # (B, Hkv, G·n, blk)
             if b - 1 > L - n:  # only the tail block holds keys some new token must not see
                 keep = torch.arange(a, b, device=q.device)[None, :] <= row_pos[:, None]
                 s = s.masked_fill(~keep, -math.inf)
             run.add(s, self.v[:, :, a:b].to(q.dtype), v_scale)
-        return run.output().reshape(B, Hq, n, D)  # every row sees key 0
+        return run.output(mods.sinks).reshape(B, Hq, n, D)  # every row sees key 0
 
     def nbytes(self):
         return buffers_nbytes(self.k, self.v, self.k_scale, self.v_scale)
@@ -344,6 +388,7 @@ class SlidingWindowCache(LayerCache):
     """
 
     kind = "sliding_window"
+    decodes_mods = ("score_mod", "sinks")
 
     def __init__(self, *, kv_heads: int, head_dim: int, window: int, max_len: int | None = None):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
@@ -380,7 +425,9 @@ class SlidingWindowCache(LayerCache):
         else:
             past_k, past_v = self._ordered()
             keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, ≤w+n, D)
-        out = attend_new(q, keys, values, mask=self.mask)
+        # The queries are at positions length .. length + n - 1, the held keys from length - held.
+        held = keys.shape[2] - k.shape[2]
+        out = attend_new(q, keys, values, mods=layer_mods(mha, q, self.length, self.length - held), mask=self.mask)
         self.append(k, v)
         return out
 

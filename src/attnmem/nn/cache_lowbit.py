@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_positive_int
-from .cache import LayerCache, RunningSoftmax, buffers_nbytes, grow_buffer, register_kind
+from .cache import FoldedMods, LayerCache, RunningSoftmax, buffers_nbytes, grow_buffer, register_kind
 
 # Quantised tokens dequantised at a time while decoding (rounded up to whole key groups).
 LOWBIT_KV_BLOCK = 4096
@@ -79,6 +79,7 @@ class LowBitKVCache(LayerCache):
     """
 
     bits = 0
+    decodes_mods = ("score_mod", "sinks")
 
     def __init__(self, *, kv_heads: int, head_dim: int, group: int = 32, value_group: int | None = None,
                  residual: int = 128, max_len: int | None = None):
@@ -180,21 +181,25 @@ class LowBitKVCache(LayerCache):
         outs = []
         for i in range(q.shape[2]):  # one token at a time: each sees the cache as it then is
             self.append(k[:, :, i:i + 1], v[:, :, i:i + 1])
-            outs.append(self._decode(q[:, :, i:i + 1]))
+            outs.append(self._decode(q[:, :, i:i + 1], mha))
         return torch.cat(outs, dim=2)
 
-    def _decode(self, q: Tensor) -> Tensor:
-        """One new query (B, Hq, 1, D) over every held token, block by block (online softmax)."""
+    def _decode(self, q: Tensor, mha: Any) -> Tensor:
+        """One new query (B, Hq, 1, D) over every held token, block by block (online softmax),
+        with the layer's score_mod and sinks."""
         B, Hq, _, D = q.shape
         qg = q.reshape(B, self.kv_heads, Hq // self.kv_heads, D) / math.sqrt(D)  # (B, Hkv, G, D)
+        mods = FoldedMods(mha, q, self.length - 1)
         run = RunningSoftmax(qg)
         blocks = self.dequantized_blocks()
+        first = 0  # position of the block's first key
         for keys, values in (*blocks, (self.k_res, self.v_res)):
             if keys.shape[2] == 0:
                 continue
-            s = qg @ keys.to(q.dtype).transpose(-1, -2)  # (B, Hkv, G, t)
+            s = mods.scores(qg @ keys.to(q.dtype).transpose(-1, -2), first)  # (B, Hkv, G, t)
             run.add(s, values.to(q.dtype))
-        return run.output().reshape(B, Hq, 1, D)
+            first += keys.shape[2]
+        return run.output(mods.sinks).reshape(B, Hq, 1, D)
 
     def nbytes(self) -> int:
         return buffers_nbytes(self.k_codes, self.v_codes, self.k_step, self.k_lo, self.v_step, self.v_lo,

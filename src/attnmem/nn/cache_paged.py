@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_positive_int
-from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, register_kind
+from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, layer_mods, register_kind
 
 # A pool that must grow grows by at least this fraction of its blocks: few reallocations, and at
 # most this much unused capacity beyond the blocks in use.
@@ -142,9 +142,13 @@ class PagedKVCache(LayerCache):
             use: the layer then advances the table itself after each call).
         table: a table shared with the other layers of a model (``PagedModelCache``).
         max_len: most tokens per sequence.
+
+    Each sequence attends alone, prefill and decode steps alike: a layer's ``score_mod`` sees
+    its tokens at their positions in that sequence, and batch index ``b = 0``.
     """
 
     kind = "paged"
+    decodes_mods = ("score_mod", "sinks")
 
     def __init__(self, *, kv_heads: int, head_dim: int, block_size: int = 16, num_blocks: int | None = None,
                  max_len: int | None = None, table: BlockTable | None = None):
@@ -218,7 +222,8 @@ class PagedKVCache(LayerCache):
             if start == 0:  # this sequence's prefill: the method's own path over its prompt
                 outs.append(mha.attend(q[row:row + 1], k[row:row + 1], v[row:row + 1]))
             else:
-                outs.append(attend_new(q[row:row + 1], *self._held(s, start + n)))
+                outs.append(attend_new(q[row:row + 1], *self._held(s, start + n),
+                                       mods=layer_mods(mha, q, start)))  # its new tokens from ``start``
         if self.owns_table:
             self.table.advance(n)
         self.length = self.table.tokens_held()

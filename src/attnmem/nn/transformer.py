@@ -66,8 +66,8 @@ class Transformer(nn.Module):
         alibi: add ALiBi's fixed linear distance penalty (``attnmem.scores.alibi(n_heads)``:
             slopes 1/2 … 1/256 for 8 heads) to every attention layer's scores, alone or on top
             of ``positions``. It is a ``score_mod``, so it needs an exact method that takes one
-            (not sequence parallelism, which refuses it); of the decoding caches only ``full``
-            applies it.
+            (not sequence parallelism, which refuses it); every decoding cache but the
+            eviction kinds applies it.
         checkpointing: recompute each block in the backward instead of storing its
             activations (``torch.utils.checkpoint``), trading time for memory.
         sequence_parallel: run under ``torchrun`` with the sequence split across ranks: True or
