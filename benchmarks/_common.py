@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -32,3 +33,12 @@ def load_rows(path: Path) -> list[dict[str, Any]]:
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def results_args(doc: str, out: Path, quick_help: str) -> argparse.Namespace:
+    """The arguments the results-file benchmarks share: ``--quick``, ``--out``, ``--table-only``."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help=quick_help)
+    ap.add_argument("--out", type=Path, default=out)
+    ap.add_argument("--table-only", action="store_true", help="re-print the tables of an existing results file")
+    return ap.parse_args()

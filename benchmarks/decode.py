@@ -11,19 +11,12 @@ markdown tables for BENCHMARKS.md are printed at the end.
 
 from __future__ import annotations
 
-import argparse
-from pathlib import Path
-
-from _common import RESULTS, append_row, load_rows, log
+from _common import RESULTS, append_row, load_rows, log, results_args
 from attnmem.bench.decode import DecodeConfig, int8_attention_error, int8_error, markdown_tables, plot, run_decode_bench
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="contexts 1024 and 4096 only, fewer rounds")
-    ap.add_argument("--out", type=Path, default=RESULTS / "decode.jsonl")
-    ap.add_argument("--table-only", action="store_true", help="re-print the tables of an existing results file")
-    args = ap.parse_args()
+    args = results_args(__doc__, RESULTS / "decode.jsonl", "contexts 1024 and 4096 only, fewer rounds")
     if not args.table_only:
         if args.out.exists():
             args.out.unlink()

@@ -13,16 +13,14 @@ appended as they finish; the markdown table for BENCHMARKS.md is printed at the 
 
 from __future__ import annotations
 
-import argparse
 import copy
 import statistics
 import time
 from dataclasses import asdict
-from pathlib import Path
 
 import torch
 
-from _common import RESULTS, append_row, load_rows, log
+from _common import RESULTS, append_row, load_rows, log, results_args
 from attnmem.bench.decode import DecodeConfig, bench_model, filled_cache
 from attnmem.bench.rows import environment
 from attnmem.scores import alibi
@@ -56,11 +54,7 @@ def agreement(models, cfg: DecodeConfig, prompt: int = 192, steps: int = 64) -> 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="context 1024 only, 3 rounds")
-    ap.add_argument("--out", type=Path, default=RESULTS / "decode_mods.jsonl")
-    ap.add_argument("--table-only", action="store_true", help="re-print the table of an existing results file")
-    args = ap.parse_args()
+    args = results_args(__doc__, RESULTS / "decode_mods.jsonl", "context 1024 only, 3 rounds")
     if not args.table_only:
         run(args)
     print(table(load_rows(args.out)))
