@@ -114,7 +114,7 @@ def test_int8_cache_exact_when_values_are_representable():
 
 def test_int8_cache_blocks_and_error(monkeypatch):
     # Small key blocks exercise the online softmax across blocks and the masked tail block.
-    monkeypatch.setattr("attnmem.nn.cache.INT8_KV_BLOCK", 3)
+    monkeypatch.setattr("attnmem.nn.cache.KV_BLOCK", 3)
     q, k, v = rand_qkv(B=2, Hq=4, Hkv=2, Nq=N, D=16, grad=False)
     mha = mha_for(4, 2, 16)
     full = decode_layer(KVCache(kv_heads=2, head_dim=16), mha, q, k, v)

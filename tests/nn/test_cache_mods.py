@@ -23,6 +23,7 @@ from attnmem.nn import (
     SlidingWindowCache,
     Transformer,
 )
+from attnmem.nn.cache import FoldedMods, folded_attention
 from attnmem.scores import ALiBi, PositionShifted, alibi, relative_bias, shift_positions, softcap
 
 H, HKV, D = 4, 2, 8
@@ -103,8 +104,12 @@ def layer(mod, sinks):
     return mha
 
 
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "tiled"])
 @pytest.mark.parametrize(("mod", "sinks"), CASES)
-def test_full_and_paged_caches_apply_a_layer_mod_and_sinks(mod, sinks):
+def test_full_and_paged_caches_apply_a_layer_mod_and_sinks(mod, sinks, folded, monkeypatch):
+    if not folded:  # every step through attnmem.attention's tiled path, as many new tokens at once take
+        monkeypatch.setattr("attnmem.nn.cache.FOLDED_ROWS", 0)
+    monkeypatch.setattr("attnmem.nn.cache.KV_BLOCK", 4)  # several key blocks per step
     torch.manual_seed(1)
     mha = layer(mod, sinks)
     x = torch.randn(2, N, H * D, dtype=torch.float64)
@@ -114,8 +119,12 @@ def test_full_and_paged_caches_apply_a_layer_mod_and_sinks(mod, sinks):
             torch.testing.assert_close(in_pieces(mha, x, cache), full, atol=1e-10, rtol=1e-10)
 
 
+@pytest.mark.parametrize("folded", [True, False], ids=["folded", "tiled"])
 @pytest.mark.parametrize(("mod", "sinks"), CASES)
-def test_sliding_window_cache_applies_a_layer_mod_and_sinks(mod, sinks):
+def test_sliding_window_cache_applies_a_layer_mod_and_sinks(mod, sinks, folded, monkeypatch):
+    if not folded:
+        monkeypatch.setattr("attnmem.nn.cache.FOLDED_ROWS", 0)
+    monkeypatch.setattr("attnmem.nn.cache.KV_BLOCK", 4)  # several key blocks per step
     torch.manual_seed(2)
     mha, w = layer(mod, sinks), 5
     x = torch.randn(2, N, H * D, dtype=torch.float64)
@@ -136,7 +145,7 @@ def dequantised(cache, length):
 @pytest.mark.parametrize("cls", [Int8KVCache, Int4KVCache, Int2KVCache])
 @pytest.mark.parametrize(("mod", "sinks"), CASES)
 def test_quantised_caches_apply_a_layer_mod_and_sinks_to_their_keys(cls, mod, sinks, monkeypatch):
-    monkeypatch.setattr("attnmem.nn.cache.INT8_KV_BLOCK", 4)  # several blocks, the mod at each's positions
+    monkeypatch.setattr("attnmem.nn.cache.KV_BLOCK", 4)  # several blocks, the mod at each's positions
     monkeypatch.setattr("attnmem.nn.cache_lowbit.LOWBIT_KV_BLOCK", 4)
     torch.manual_seed(3)
     mha = layer(mod, sinks)
@@ -153,6 +162,16 @@ def test_quantised_caches_apply_a_layer_mod_and_sinks_to_their_keys(cls, mod, si
     torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
     if cls is not Int8KVCache:
         assert cache.quantized == 12  # three groups quantised, three tokens in the residual
+
+
+def test_a_folded_row_that_sees_no_key_is_zeros_as_in_attention():
+    torch.manual_seed(5)
+    mha = layer("masking", False)
+    q, k, v = (torch.randn(1, HKV if i else H, 5, D, dtype=torch.float64) for i in range(3))
+    got = folded_attention(q[:, :, 1:], k, v, FoldedMods(mha, q[:, :, 1:], 1), block=2)
+    want = attention(q, k, v, causal=True, score_mod=masking_mod)[:, :, 1:]  # position 1 sees keys 0, 1: none
+    assert torch.equal(got[:, :, 0], torch.zeros_like(got[:, :, 0]))
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
 
 
 def test_shift_positions_is_the_mod_at_later_positions():

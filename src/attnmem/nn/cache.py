@@ -61,8 +61,11 @@ def default_kind(method: str) -> str | None:
 
 
 # Keys of the int8 cache are dequantised this many at a time, so a step never holds a float
-# copy of the whole cache.
-INT8_KV_BLOCK = 4096
+# copy of the whole cache; ``folded_attention`` reads any cache this many keys at a time.
+KV_BLOCK = 4096
+# A decode step with a score_mod or sinks folds its rows (``folded_attention``) up to this many
+# query rows (G·n); more new tokens at once take ``attnmem.attention``'s tiled path.
+FOLDED_ROWS = 256
 INT8_MAX = 127.0
 
 
@@ -223,6 +226,46 @@ class FoldedMods:
         return self.score_mod(s.reshape(B, Hq, n, t), self.b, self.h, self.q_idx, kv_idx).reshape(s.shape)
 
 
+def folded_attention(q: Tensor, keys: Tensor, values: Tensor, mods: FoldedMods, *, kv_first: int = 0,
+                     window: int | None = None, k_scale: Tensor | None = None, v_scale: Tensor | None = None,
+                     block: int | None = None) -> Tensor:
+    """Causal softmax attention of the last n tokens q (B, Hq, n, D) over keys/values
+    (B, Hkv, L, D) at positions kv_first .. kv_first + L - 1, with the layer's ``mods``
+    (``FoldedMods``), ``block`` keys at a time (online softmax; default ``KV_BLOCK``).
+
+    The G query heads of a KV group fold into rows (no repeated K/V). ``window``: a new token
+    at position p also skips keys before p - window (``masks.sliding_window(window, 0)``).
+    ``k_scale``/``v_scale`` (B, Hkv, L, 1): per-token scales of quantised keys/values, applied
+    to the (G·n, block) scores and probabilities rather than to the (block, D) keys and values.
+    """
+    B, Hq, n, D = q.shape
+    Hkv, L = keys.shape[1], keys.shape[2]
+    G, block = Hq // Hkv, block or KV_BLOCK
+    qg = q.reshape(B, Hkv, G * n, D)  # (B, Hkv, G·n, D)
+    scale = 1.0 / math.sqrt(D)
+    if k_scale is None:
+        qg = qg * scale
+    # Row r is token r % n, at key index L - n + r % n; it sees keys at indices <= that.
+    row = (L - n) + torch.arange(G * n, device=q.device) % n  # (G·n,)
+    run = RunningSoftmax(qg)
+    for a in range(0, L, block):
+        b = min(a + block, L)
+        s = qg @ keys[:, :, a:b].to(q.dtype).transpose(-1, -2)  # (B, Hkv, G·n, blk)
+        if k_scale is not None:
+            s = s * (k_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :] * scale)
+        s = mods.scores(s, kv_first + a)
+        # Only the tail block holds keys a new token must not see, and a window's first keys.
+        if b - 1 > L - n or (window is not None and a < L - 1 - window):
+            j = torch.arange(a, b, device=q.device)[None, :]
+            keep = j <= row[:, None]
+            if window is not None:
+                keep &= j >= row[:, None] - window
+            s = s.masked_fill(~keep, -math.inf)
+        p_scale = None if v_scale is None else v_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :]
+        run.add(s, values[:, :, a:b].to(q.dtype), p_scale)
+    return run.output(mods.sinks).reshape(B, Hq, n, D)  # every row sees a key (its own)
+
+
 class RunningSoftmax:
     """``softmax(s) @ V`` over key blocks seen one at a time (online softmax): the running row
     max, row sum and unnormalised output of query rows ``like`` (B, Hkv, R, D)."""
@@ -245,11 +288,11 @@ class RunningSoftmax:
         self.row_max = new_max
 
     def output(self, sinks: Tensor | None = None) -> Tensor:
-        """(B, Hkv, R, D); without ``sinks`` every row must have seen a key (row_sum > 0).
+        """(B, Hkv, R, D); a row that saw no key is zeros.
         ``sinks`` (Hkv, R, 1): each row's sink logit, added to its denominator as
         ``exp(sink)`` (``attnmem.attention(sinks=...)``)."""
-        if sinks is None:
-            return self.acc / self.row_sum
+        if sinks is None:  # a row that saw no key (a score_mod masked all) is zeros, as attention's
+            return self.acc / self.row_sum.masked_fill(self.row_sum == 0, 1.0)
         top = torch.maximum(self.row_max, sinks)
         correction = torch.exp(self.row_max - top)
         return self.acc * correction / (self.row_sum * correction + torch.exp(sinks - top))
@@ -302,8 +345,14 @@ class KVCache(LayerCache):
         return self._decode(q, mha)
 
     def _decode(self, q: Tensor, mha: Any) -> Tensor:
-        """New queries (B, Hq, n, D) against everything cached, with the layer's mods."""
-        return attend_new(q, *self.keys_values(), mods=layer_mods(mha, q, self.length - q.shape[2]))
+        """New queries (B, Hq, n, D) against everything cached, with the layer's mods
+        (``folded_attention``: a score_mod per block of keys, no kernel set up per step)."""
+        n = q.shape[2]
+        if mha.score_mod is None and mha.sinks is None:
+            return attend_new(q, *self.keys_values())
+        if q.shape[1] // self.kv_heads * n > FOLDED_ROWS:
+            return attend_new(q, *self.keys_values(), mods=layer_mods(mha, q, self.length - n))
+        return folded_attention(q, *self.keys_values(), FoldedMods(mha, q, self.length - n))
 
     def nbytes(self):
         return buffers_nbytes(self.k, self.v)
@@ -326,7 +375,7 @@ class Int8KVCache(KVCache):
 
     About a quarter of the float32 cache: D + 4 bytes per head and token instead of 4·D. The
     prefill attends with the float keys/values it was given; later steps read the quantised
-    cache, dequantising ``INT8_KV_BLOCK`` tokens at a time with an online softmax.
+    cache, dequantising ``KV_BLOCK`` tokens at a time with an online softmax.
     """
 
     kind = "int8"
@@ -352,28 +401,9 @@ class Int8KVCache(KVCache):
     def _decode(self, q: Tensor, mha: Any) -> Tensor:
         """Causal softmax attention of q (B, Hq, n, D), the last n tokens, over the int8 cache,
         with the layer's score_mod and sinks."""
-        B, Hq, n, D = q.shape
-        Hkv, L = self.kv_heads, self.length
-        G = Hq // Hkv
-        mods = FoldedMods(mha, q, L - n)
-        # Query heads of one group share a key head: fold them into rows instead of expanding K/V.
-        qg = q.reshape(B, Hkv, G * n, D)  # (B, Hkv, G·n, D)
-        scale = 1.0 / math.sqrt(D)
-        # Row r is token r % n, at position L - n + r % n; it sees keys at positions <= that.
-        row_pos = (L - n) + torch.arange(G * n, device=q.device) % n  # (G·n,)
-        run = RunningSoftmax(qg)
-        for a in range(0, L, INT8_KV_BLOCK):
-            b = min(a + INT8_KV_BLOCK, L)
-            # The per-token scales factor out of the dot products: apply them to the (G·n, blk)
-            # scores and probabilities rather than to the (blk, D) keys and values.
-            k_scale = self.k_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :] * scale  # (B, Hkv, 1, blk)
-            v_scale = self.v_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :]
-            s = mods.scores((qg @ self.k[:, :, a:b].to(q.dtype).transpose(-1, -2)) * k_scale, a)  # (B, Hkv, G·n, blk)
-            if b - 1 > L - n:  # only the tail block holds keys some new token must not see
-                keep = torch.arange(a, b, device=q.device)[None, :] <= row_pos[:, None]
-                s = s.masked_fill(~keep, -math.inf)
-            run.add(s, self.v[:, :, a:b].to(q.dtype), v_scale)
-        return run.output(mods.sinks).reshape(B, Hq, n, D)  # every row sees key 0
+        L = self.length
+        return folded_attention(q, self.k[:, :, :L], self.v[:, :, :L], FoldedMods(mha, q, L - q.shape[2]),
+                                k_scale=self.k_scale[:, :, :L], v_scale=self.v_scale[:, :, :L])
 
     def nbytes(self):
         return buffers_nbytes(self.k, self.v, self.k_scale, self.v_scale)
@@ -426,8 +456,13 @@ class SlidingWindowCache(LayerCache):
             past_k, past_v = self._ordered()
             keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, ≤w+n, D)
         # The queries are at positions length .. length + n - 1, the held keys from length - held.
-        held = keys.shape[2] - k.shape[2]
-        out = attend_new(q, keys, values, mods=layer_mods(mha, q, self.length, self.length - held), mask=self.mask)
+        held, n = keys.shape[2] - k.shape[2], k.shape[2]
+        if (mha.score_mod is None and mha.sinks is None) or q.shape[1] // self.kv_heads * n > FOLDED_ROWS:
+            out = attend_new(q, keys, values, mods=layer_mods(mha, q, self.length, self.length - held),
+                             mask=self.mask)
+        else:
+            out = folded_attention(q, keys, values, FoldedMods(mha, q, self.length), kv_first=self.length - held,
+                                   window=self.window)
         self.append(k, v)
         return out
 
