@@ -208,9 +208,10 @@ class FoldedMods:
         Hkv, dev = mha.kv_heads, q.device
         self.shape = (B, Hq, n)
         self.score_mod = None if mha.score_mod is None else shift_positions(mha.score_mod, q_first)
-        self.b = torch.arange(B, device=dev).view(B, 1, 1, 1)
-        self.h = torch.arange(Hq, device=dev).view(1, Hq, 1, 1)
-        self.q_idx = torch.arange(n, device=dev).view(1, 1, n, 1)
+        if self.score_mod is not None:  # the broadcast indices it is called with
+            self.b = torch.arange(B, device=dev).view(B, 1, 1, 1)
+            self.h = torch.arange(Hq, device=dev).view(1, Hq, 1, 1)
+            self.q_idx = torch.arange(n, device=dev).view(1, 1, n, 1)
         self.sinks = None  # (Hkv, G·n, 1): each row's sink logit
         if mha.sinks is not None:
             self.sinks = mha.sinks.to(q.dtype).view(Hkv, Hq // Hkv, 1, 1).expand(-1, -1, n, 1).reshape(Hkv, -1, 1)
@@ -264,6 +265,25 @@ def folded_attention(q: Tensor, keys: Tensor, values: Tensor, mods: FoldedMods, 
         p_scale = None if v_scale is None else v_scale[:, :, a:b, 0].to(q.dtype)[:, :, None, :]
         run.add(s, values[:, :, a:b].to(q.dtype), p_scale)
     return run.output(mods.sinks).reshape(B, Hq, n, D)  # every row sees a key (its own)
+
+
+def decode_step(mha: Any, q: Tensor, keys: Tensor, values: Tensor, *, kv_first: int = 0,
+                window: int | None = None) -> Tensor:
+    """Causal attention of the last n tokens q (B, Hq, n, D) over keys/values (B, Hkv, L, D)
+    at positions kv_first .. kv_first + L - 1, with the layer ``mha``'s score_mod and sinks;
+    ``window``: also ``masks.sliding_window(window, 0)``.
+
+    Without mods, ``attend_new``; with them, ``folded_attention`` (no kernel set up per step)
+    up to ``FOLDED_ROWS`` query rows, else ``attend_new`` with the mods shifted to the positions.
+    """
+    n = q.shape[2]
+    mask = {} if window is None else {"mask": masks.sliding_window(window, 0)}
+    if mha.score_mod is None and mha.sinks is None:
+        return attend_new(q, keys, values, **mask)
+    q_first = kv_first + keys.shape[2] - n
+    if q.shape[1] // keys.shape[1] * n > FOLDED_ROWS:
+        return attend_new(q, keys, values, mods=layer_mods(mha, q, q_first, kv_first), **mask)
+    return folded_attention(q, keys, values, FoldedMods(mha, q, q_first), kv_first=kv_first, window=window)
 
 
 class RunningSoftmax:
@@ -345,14 +365,8 @@ class KVCache(LayerCache):
         return self._decode(q, mha)
 
     def _decode(self, q: Tensor, mha: Any) -> Tensor:
-        """New queries (B, Hq, n, D) against everything cached, with the layer's mods
-        (``folded_attention``: a score_mod per block of keys, no kernel set up per step)."""
-        n = q.shape[2]
-        if mha.score_mod is None and mha.sinks is None:
-            return attend_new(q, *self.keys_values())
-        if q.shape[1] // self.kv_heads * n > FOLDED_ROWS:
-            return attend_new(q, *self.keys_values(), mods=layer_mods(mha, q, self.length - n))
-        return folded_attention(q, *self.keys_values(), FoldedMods(mha, q, self.length - n))
+        """New queries (B, Hq, n, D) against everything cached, with the layer's mods."""
+        return decode_step(mha, q, *self.keys_values())
 
     def nbytes(self):
         return buffers_nbytes(self.k, self.v)
@@ -424,7 +438,6 @@ class SlidingWindowCache(LayerCache):
         super().__init__(kv_heads=kv_heads, head_dim=head_dim, max_len=max_len)
         check_positive_int("window", window)
         self.window = window
-        self.mask = masks.sliding_window(window, 0)
         self.k: Tensor | None = None  # (B, Hkv, window, D)
         self.v: Tensor | None = None
 
@@ -455,14 +468,8 @@ class SlidingWindowCache(LayerCache):
         else:
             past_k, past_v = self._ordered()
             keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)  # (B, Hkv, ≤w+n, D)
-        # The queries are at positions length .. length + n - 1, the held keys from length - held.
-        held, n = keys.shape[2] - k.shape[2], k.shape[2]
-        if (mha.score_mod is None and mha.sinks is None) or q.shape[1] // self.kv_heads * n > FOLDED_ROWS:
-            out = attend_new(q, keys, values, mods=layer_mods(mha, q, self.length, self.length - held),
-                             mask=self.mask)
-        else:
-            out = folded_attention(q, keys, values, FoldedMods(mha, q, self.length), kv_first=self.length - held,
-                                   window=self.window)
+        held = keys.shape[2] - k.shape[2]  # the oldest held key is at position length - held
+        out = decode_step(mha, q, keys, values, kv_first=self.length - held, window=self.window)
         self.append(k, v)
         return out
 

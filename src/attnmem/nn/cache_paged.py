@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..checks import check_positive_int
-from .cache import LayerCache, ModelCache, attend_new, buffers_nbytes, layer_mods, register_kind
+from .cache import LayerCache, ModelCache, buffers_nbytes, decode_step, register_kind
 
 # A pool that must grow grows by at least this fraction of its blocks: few reallocations, and at
 # most this much unused capacity beyond the blocks in use.
@@ -222,8 +222,7 @@ class PagedKVCache(LayerCache):
             if start == 0:  # this sequence's prefill: the method's own path over its prompt
                 outs.append(mha.attend(q[row:row + 1], k[row:row + 1], v[row:row + 1]))
             else:
-                outs.append(attend_new(q[row:row + 1], *self._held(s, start + n),
-                                       mods=layer_mods(mha, q, start)))  # its new tokens from ``start``
+                outs.append(decode_step(mha, q[row:row + 1], *self._held(s, start + n)))
         if self.owns_table:
             self.table.advance(n)
         self.length = self.table.tokens_held()
